@@ -1,0 +1,82 @@
+"""cqrskit — CQRS and the Mediator pattern for Python, from one process to many databases.
+
+The public surface is small: messages (``Command``, ``Query``, ``Event``), the ``Registry``
+of handlers and the ``Mediator`` that dispatches them. Drivers and integrations are imported
+from their own modules (``cqrskit.sqlite``, ``cqrskit.postgres``, ``cqrskit.fastapi`` ...).
+"""
+
+from cqrskit.dependencies import Dependencies, Provider, Resolver, Scope
+from cqrskit.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    ConsistencyError,
+    CqrsError,
+    DependencyError,
+    DispatchError,
+    DispatchTimeoutError,
+    FieldError,
+    IdempotencyError,
+    MissingExtraError,
+    NoHandlerError,
+    NotAuthorizedError,
+    NotFoundError,
+    PersistenceError,
+    PublishError,
+    RegistrationError,
+    SerializationError,
+    StaleReadError,
+    TokenFromFutureError,
+    TransportError,
+    ValidationError,
+    WrongMessageKindError,
+)
+from cqrskit.mediator import Mediator, Receipt, current_scope
+from cqrskit.messages import Command, Event, Message, Metadata, Query
+from cqrskit.pipeline import applies_to, for_commands, for_events, for_queries
+from cqrskit.registry import HandlerSpec, Registry, handler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Command",
+    "ConcurrencyError",
+    "ConfigurationError",
+    "ConsistencyError",
+    "CqrsError",
+    "Dependencies",
+    "DependencyError",
+    "DispatchError",
+    "DispatchTimeoutError",
+    "Event",
+    "FieldError",
+    "HandlerSpec",
+    "IdempotencyError",
+    "Mediator",
+    "Message",
+    "Metadata",
+    "MissingExtraError",
+    "NoHandlerError",
+    "NotAuthorizedError",
+    "NotFoundError",
+    "PersistenceError",
+    "Provider",
+    "PublishError",
+    "Query",
+    "Receipt",
+    "Registry",
+    "RegistrationError",
+    "Resolver",
+    "Scope",
+    "SerializationError",
+    "StaleReadError",
+    "TokenFromFutureError",
+    "TransportError",
+    "ValidationError",
+    "WrongMessageKindError",
+    "applies_to",
+    "current_scope",
+    "for_commands",
+    "for_events",
+    "for_queries",
+    "handler",
+]

@@ -1,0 +1,536 @@
+"""The asynchronous mediator: ``send`` commands, ``ask`` and ``stream`` queries, ``publish``
+events.
+
+Building a :class:`Mediator` validates every registration and compiles, per message type, a
+plan: the handler with its dependencies bound and the applicable behaviors folded around it.
+A dispatch is then one dictionary lookup and a call. A plan creates a per-dispatch
+:class:`~cqrskit.dependencies.Scope` only when something in it needs one (a scoped
+dependency, :class:`~cqrskit.messages.Metadata`, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from functools import partial
+from typing import Any, TypeVar
+
+from cqrskit._plan import Binding, Planner, behaviors_for, check_result
+from cqrskit.dependencies import Provider, Resolver, Scope
+from cqrskit.errors import (
+    ConfigurationError,
+    NoHandlerError,
+    PublishError,
+    WrongMessageKindError,
+    describe,
+)
+from cqrskit.messages import Command, Event, Metadata, Query
+from cqrskit.pipeline._core import ScopedBehavior
+from cqrskit.registry import HandlerSpec, Registry, message_kind
+
+__all__ = ["Mediator", "Receipt", "current_scope"]
+
+R = TypeVar("R")
+T = TypeVar("T")
+
+Plan = Callable[[Any], Coroutine[Any, Any, Any]]
+ScopedCall = Callable[[Any, Scope], Any]
+
+_scope_var: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
+    "cqrskit_scope", default=None
+)
+_receipt_var: contextvars.ContextVar[Receipt | None] = contextvars.ContextVar(
+    "cqrskit_receipt", default=None
+)
+
+
+def current_scope() -> Scope | None:
+    """The scope of the dispatch running in this context, if it has one."""
+    return _scope_var.get()
+
+
+class Receipt:
+    """What ``Mediator.send_tracked`` returns: the result and the consistency token.
+
+    Attributes:
+        result: the handler's result.
+        token: the event-log position of the last event committed by the command (and the
+            commands it dispatched), or ``None`` when it committed none.
+    """
+
+    __slots__ = ("result", "token")
+
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.token: int | None = None
+
+    def record(self, position: int) -> None:
+        """Raise the token to ``position`` (called by write-side drivers after commit)."""
+        if self.token is None or position > self.token:
+            self.token = position
+
+
+def record_token(position: int) -> None:
+    """Report a committed event-log position to the caller's receipt, if one is tracking."""
+    receipt = _receipt_var.get()
+    if receipt is not None:
+        receipt.record(position)
+
+
+class Mediator:
+    """Dispatches messages to their handlers through a pipeline of behaviors.
+
+    Args:
+        registry: the handlers.
+        behaviors: outermost first; plain behaviors apply to every message, ones wrapped
+            with :func:`~cqrskit.pipeline.applies_to` (or ``for_commands`` ...) to some.
+        resolver: a resolver (or several, asked in order) for dependency parameters.
+        concurrent_publish: run event handlers concurrently by default.
+
+    Raises:
+        ConfigurationError: a registration is invalid — raised here, at build time, never
+            during a dispatch.
+    """
+
+    __slots__ = (
+        "_commands",
+        "_queries",
+        "_events",
+        "_registry",
+        "_behaviors",
+        "_planner",
+        "_concurrent",
+        "_event_plans",
+    )
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        behaviors: Sequence[Callable[..., Any] | ScopedBehavior] = (),
+        resolver: Resolver | Sequence[Resolver] | None = None,
+        concurrent_publish: bool = False,
+    ) -> None:
+        if resolver is None:
+            resolvers: list[Resolver] = []
+        elif isinstance(resolver, Sequence):
+            resolvers = list(resolver)
+        else:
+            resolvers = [resolver]
+        self._registry = registry
+        self._behaviors = tuple(behaviors)
+        self._planner = Planner(self, resolvers)
+        self._concurrent = concurrent_publish
+        self._commands: dict[type, Plan] = {}
+        self._queries: dict[type, Plan] = {}
+        self._events: dict[type, tuple[Plan, ...]] = {}
+        self._event_plans: dict[int, tuple[HandlerSpec, Plan]] = {}
+        self._build()
+
+    # -- build ---------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        missing = sorted(
+            (t for t in self._registry.expected() if self._registry.handler_for(t) is None),
+            key=describe,
+        )
+        if missing:
+            names = ", ".join(describe(t) for t in missing)
+            raise ConfigurationError(
+                f"no handler registered for: {names}.",
+                message_type=missing[0],
+                hint="register one with @registry.handler for each, or remove the message.",
+            )
+        for mtype, spec in self._registry.commands().items():
+            check_result(spec)
+            self._commands[mtype] = self._compile(spec)
+        for mtype, spec in self._registry.queries().items():
+            check_result(spec)
+            self._queries[mtype] = self._compile(spec)
+        for mtype in self._registry.events():
+            self._events[mtype] = self._event_plan_for(mtype)
+
+    def _event_plan_for(self, event_type: type) -> tuple[Plan, ...]:
+        plans: list[Plan] = []
+        for cls in reversed(event_type.__mro__):
+            for spec in self._registry.event_handlers(cls):
+                key = id(spec)
+                entry = self._event_plans.get(key)
+                if entry is None:
+                    entry = (spec, self._compile(spec))
+                    self._event_plans[key] = entry
+                plans.append(entry[1])
+        return tuple(plans)
+
+    def _compile(self, spec: HandlerSpec) -> Plan:
+        planner = self._planner
+        binding = planner.bind_handler(spec)
+        behaviors = [
+            planner.bind_behavior(b, spec.message_type)
+            for b in behaviors_for(self._behaviors, spec.message_type)
+        ]
+        call = _handler_call(spec, binding)
+        if not binding.scoped and not any(b.scoped for b in behaviors):
+            plan: Plan = call
+            for b in reversed(behaviors):
+                plan = _fold_plain(b, plan)
+            return plan
+        scoped: ScopedCall = _handler_call_scoped(spec, binding)
+        for b in reversed(behaviors):
+            scoped = _fold_scoped(b, scoped)
+        return _with_scope(scoped)
+
+    # -- verbs ---------------------------------------------------------------------------
+
+    def send(self, command: Command[R]) -> Coroutine[Any, Any, R]:
+        """Dispatch a command to its handler; await the result.
+
+        Raises:
+            WrongMessageKindError: ``command`` is not a Command.
+            NoHandlerError: no handler is registered for its type.
+        """
+        try:
+            plan = self._commands[command.__class__]
+        except KeyError:
+            plan = self._route(command, "command", self._commands)
+        return plan(command)
+
+    def ask(self, query: Query[R]) -> Coroutine[Any, Any, R]:
+        """Dispatch a query to its handler; await the result.
+
+        Raises:
+            WrongMessageKindError: ``query`` is not a Query.
+            NoHandlerError: no handler is registered for its type.
+        """
+        try:
+            plan = self._queries[query.__class__]
+        except KeyError:
+            plan = self._route(query, "query", self._queries)
+        return plan(query)
+
+    async def stream(self, query: Query[AsyncIterator[T]]) -> AsyncIterator[T]:
+        """Dispatch a streaming query and iterate over what its handler yields."""
+        result: Any = await self.ask(query)
+        if hasattr(result, "__aiter__"):
+            async for item in result:
+                yield item
+        else:
+            for item in result:
+                yield item
+
+    async def publish(self, event: Event, *, concurrently: bool | None = None) -> None:
+        """Deliver an event to every handler of its type (and of its base event types).
+
+        Handlers run one after another unless ``concurrently`` (or the mediator's
+        ``concurrent_publish``) is set. Every handler runs even if some fail; failures are
+        raised together as one :class:`~cqrskit.errors.PublishError`.
+        """
+        try:
+            plans = self._events[event.__class__]
+        except KeyError:
+            plans = self._route_event(event)
+        if concurrently if concurrently is not None else self._concurrent:
+            results = await asyncio.gather(*(p(event) for p in plans), return_exceptions=True)
+            failures = [
+                (self._owner_of(p), r)
+                for p, r in zip(plans, results, strict=True)
+                if isinstance(r, BaseException)
+            ]
+            for _, exc in failures:
+                if not isinstance(exc, Exception):
+                    raise exc
+        else:
+            failures = []
+            for p in plans:
+                try:
+                    await p(event)
+                except Exception as exc:  # noqa: BLE001 - collected and re-raised
+                    failures.append((self._owner_of(p), exc))
+        if failures:
+            raise PublishError(event.__class__, failures)
+
+    async def send_tracked(self, command: Command[R]) -> Receipt:
+        """Like :meth:`send`, but also return the consistency token of what it committed.
+
+        The handler's return type is untouched: the result is ``receipt.result``.
+        """
+        receipt = Receipt()
+        token = _receipt_var.set(receipt)
+        try:
+            receipt.result = await self.send(command)
+        finally:
+            _receipt_var.reset(token)
+        return receipt
+
+    def scope(self, *, metadata: Metadata | None = None) -> _OuterScope:
+        """An outer scope (e.g. one web request) whose metadata dispatches inside inherit.
+
+        Use ``async with mediator.scope(metadata=Metadata(correlation_id=...)):``; every
+        dispatch inside gets this scope as parent, so correlation ids flow through.
+        """
+        return _OuterScope(metadata)
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        """The registry this mediator was built from."""
+        return self._registry
+
+    def _owner_of(self, plan: Plan) -> object:
+        for spec, p in self._event_plans.values():
+            if p is plan:
+                return spec.owner
+        return plan
+
+    # -- slow paths ----------------------------------------------------------------------
+
+    def _route(self, message: object, kind: str, plans: dict[type, Plan]) -> Plan:
+        cls = type(message)
+        actual = message_kind(cls)
+        verb = {"command": "send", "query": "ask"}[kind]
+        if actual != kind:
+            right = {"command": "send", "query": "ask", "event": "publish"}.get(actual or "")
+            what = f"a {actual}" if actual else "not a cqrskit message"
+            raise WrongMessageKindError(
+                f"mediator.{verb}() takes a {kind}, but {describe(cls)} is {what}.",
+                message_type=cls,
+                hint=(
+                    f"use mediator.{right}() for it."
+                    if right
+                    else f"subclass cqrskit.{kind.title()}[Result] for messages given to {verb}()."
+                ),
+            )
+        for base in cls.__mro__[1:]:
+            plan = plans.get(base)
+            if plan is not None:
+                plans[cls] = plan
+                return plan
+        raise NoHandlerError(
+            f"no handler registered for {kind} {describe(cls)}.",
+            message_type=cls,
+            hint=f"register one: @registry.handler async def handle(msg: {cls.__name__}) -> ...",
+        )
+
+    def _route_event(self, event: object) -> tuple[Plan, ...]:
+        cls = type(event)
+        if not isinstance(event, Event):
+            actual = message_kind(cls)
+            right = {"command": "send", "query": "ask"}.get(actual or "")
+            raise WrongMessageKindError(
+                f"mediator.publish() takes an event, but {describe(cls)} is "
+                f"{('a ' + actual) if actual else 'not a cqrskit message'}.",
+                message_type=cls,
+                hint=f"use mediator.{right}() for it." if right else "subclass cqrskit.Event.",
+            )
+        plans = self._event_plan_for(cls)
+        self._events[cls] = plans
+        return plans
+
+
+class _OuterScope:
+    __slots__ = ("_metadata", "_scope", "_token")
+
+    def __init__(self, metadata: Metadata | None) -> None:
+        self._metadata = metadata
+
+    async def __aenter__(self) -> Scope:
+        scope = Scope(_scope_var.get())
+        if self._metadata is not None:
+            scope.metadata = self._metadata
+        self._scope = scope
+        self._token = _scope_var.set(scope)
+        return scope
+
+    async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            await self._scope.aclose(exc)
+        finally:
+            _scope_var.reset(self._token)
+
+    def __enter__(self) -> Scope:
+        scope = Scope(_scope_var.get())
+        if self._metadata is not None:
+            scope.metadata = self._metadata
+        self._scope = scope
+        self._token = _scope_var.set(scope)
+        return scope
+
+    def __exit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            self._scope.close_sync(exc)
+        finally:
+            _scope_var.reset(self._token)
+
+
+# -- compiling ---------------------------------------------------------------------------
+
+
+def _iter_async(result: Any) -> Any:
+    if hasattr(result, "__aiter__"):
+        return result
+
+    async def gen() -> AsyncIterator[Any]:
+        for item in result:
+            yield item
+
+    return gen()
+
+
+def _handler_call(spec: HandlerSpec, binding: Binding) -> Callable[[Any], Any]:
+    """The unscoped call: ``f(message) -> awaitable``; valid when nothing is scoped."""
+    func = spec.func
+    if binding.instance is not None:
+        func = partial(func, binding.instance.value)
+    kwargs = binding.singleton_kwargs()
+    if kwargs:
+        func = partial(func, **kwargs)
+    if spec.is_generator:
+        gen_func = func
+
+        async def stream_call(message: Any) -> Any:
+            return _iter_async(gen_func(message))
+
+        return stream_call
+    if spec.is_async:
+        if inspect.isfunction(func) or isinstance(func, partial):
+            return func
+        target = func
+
+        async def call_async(message: Any) -> Any:
+            return await target(message)
+
+        return call_async
+    sync_func = func
+
+    async def call_sync(message: Any) -> Any:
+        return sync_func(message)
+
+    return call_sync
+
+
+def _resolver_for(names: tuple[str, ...], providers: tuple[Provider, ...]) -> Any:
+    """``resolve(scope) -> kwargs`` (sync) or ``async resolve(scope)`` when any is async."""
+    items = tuple(zip(names, providers, strict=True))
+    if any(p.is_async for p in providers):
+
+        async def resolve_async(scope: Scope) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for name, p in items:
+                if p.lifetime == "singleton":
+                    out[name] = p.value
+                elif p.is_async:
+                    out[name] = await p.get(scope)  # type: ignore[misc]
+                else:
+                    out[name] = p.get(scope)  # type: ignore[misc]
+            return out
+
+        return resolve_async, True
+
+    def resolve(scope: Scope) -> dict[str, Any]:
+        return {
+            name: (p.value if p.lifetime == "singleton" else p.get(scope))  # type: ignore[misc]
+            for name, p in items
+        }
+
+    return resolve, False
+
+
+def _handler_call_scoped(spec: HandlerSpec, binding: Binding) -> ScopedCall:
+    func = spec.func
+    resolve, is_async = _resolver_for(binding.names, binding.providers)
+    inst = binding.instance
+    # a single sync scoped dependency is the common case: keep it lean
+    if (
+        inst is None
+        and not is_async
+        and len(binding.providers) == 1
+        and binding.providers[0].lifetime == "scoped"
+        and spec.is_async
+        and not spec.is_generator
+    ):
+        name = binding.names[0]
+        get = binding.providers[0].get
+        assert get is not None
+
+        def call_one(message: Any, scope: Scope) -> Any:
+            return func(message, **{name: get(scope)})
+
+        return call_one
+
+    async def call(message: Any, scope: Scope) -> Any:
+        kwargs = (await resolve(scope)) if is_async else resolve(scope)
+        if inst is None:
+            target = func
+        elif inst.lifetime == "singleton":
+            target = partial(func, inst.value)
+        else:
+            obj = inst.get(scope)  # type: ignore[misc]
+            if inst.is_async:
+                obj = await obj
+            target = partial(func, obj)
+        result = target(message, **kwargs)
+        if spec.is_generator:
+            return _iter_async(result)
+        if spec.is_async:
+            return await result
+        return result
+
+    return call
+
+
+def _fold_plain(b: Binding, inner: Callable[[Any], Any]) -> Plan:
+    behavior = b.func
+
+    def step(message: Any) -> Any:
+        return behavior(message, inner)
+
+    return step
+
+
+def _fold_scoped(b: Binding, inner: ScopedCall) -> ScopedCall:
+    behavior = b.func
+    if not b.providers:
+
+        def step(message: Any, scope: Scope) -> Any:
+            return behavior(message, partial(_call_inner, inner, scope))
+
+        return step
+    resolve, is_async = _resolver_for(b.names, b.providers)
+
+    async def step_deps(message: Any, scope: Scope) -> Any:
+        kwargs = (await resolve(scope)) if is_async else resolve(scope)
+        return await behavior(message, partial(_call_inner, inner, scope), **kwargs)
+
+    return step_deps
+
+
+def _call_inner(inner: ScopedCall, scope: Scope, message: Any) -> Any:
+    return inner(message, scope)
+
+
+def _with_scope(chain: ScopedCall) -> Plan:
+    get_current = _scope_var.get
+    set_current = _scope_var.set
+    reset_current = _scope_var.reset
+
+    async def plan(message: Any) -> Any:
+        scope = Scope(get_current())
+        token = set_current(scope)
+        try:
+            result = await chain(message, scope)
+        except BaseException as exc:
+            try:
+                await scope.aclose(exc)
+            finally:
+                reset_current(token)
+            raise
+        try:
+            await scope.aclose(None)
+        finally:
+            reset_current(token)
+        return result
+
+    return plan
