@@ -1,0 +1,19 @@
+"""Bounded waiting on a projector's signal (no sleeps standing in for synchronization)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from cqrskit.projections import Signal
+
+
+async def until(
+    check: Callable[[], Awaitable[bool]], signal: Signal, timeout: float = 10.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await signal.wait(min(remaining, 0.05))
