@@ -94,7 +94,7 @@ async def test_poison_parked_then_retried(
         assert parked[0].attempts == 3
         assert "cannot apply poison" in parked[0].error
         assert "earlier event" in parked[1].error
-        assert dict((r[0], r[1]) for r in await rows(read_db)) == {"a": 1, "b": 5}
+        assert {r[0]: r[1] for r in await rows(read_db)} == {"a": 1, "b": 5}
         # the rest keeps flowing, the parked stream stays parked
         await log.append("b", Deposited("b", 5))
         await log.append("a", Deposited("a", 100))
@@ -117,7 +117,7 @@ async def test_poison_parked_then_retried(
 
         await until(drained, p.signal)
         [status] = await projection_status(read_db, log)
-    assert dict((r[0], r[1]) for r in await rows(read_db)) == {"a": 111, "b": 10}
+    assert {r[0]: r[1] for r in await rows(read_db)} == {"a": 111, "b": 10}
     assert await order_errors(read_db) == 0
     assert status.dead_letters == 0
 
@@ -170,7 +170,7 @@ async def test_move_inline_to_async_and_back(log: SqliteTestLog) -> None:
         await inline.setup(log)
         inline.attach(log)
         await log.append("a", Deposited("a", 1))
-        assert [r for r in await rows(read_db)] == [("a", 17, 17, 17)]
+        assert list(await rows(read_db)) == [("a", 17, 17, 17)]
         assert await order_errors(read_db) == 0
     finally:
         await read_db.close()
