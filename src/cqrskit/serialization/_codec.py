@@ -176,6 +176,11 @@ _KEY_RE = re.compile(r'""\s*:')
 _BIG_INT_RE = re.compile(r"(?<![\d.])-?\d{19,}(?![\d.eE])")
 
 
+def _beyond_64_bits(literal: str) -> bool:
+    # orjson reads integers in [-2**63, 2**64) exactly and turns others into floats.
+    return len(literal) > 21 or not -(2**63) <= int(literal) < 2**64
+
+
 class _OrjsonTextCodec(_TextCodec):
     """orjson text layer; payloads orjson would read differently fall back to the stdlib.
 
@@ -199,9 +204,9 @@ class _OrjsonTextCodec(_TextCodec):
             return super().parse(text)  # the stdlib gives the reference error message
         if type(tree) is dict or type(tree) is list:
             skeleton = _JSON_STRING_RE.sub('""', text)
-            if _BIG_INT_RE.search(skeleton) or len(_KEY_RE.findall(skeleton)) != _count_keys(
-                tree, self.limits.max_depth
-            ):
+            if any(_beyond_64_bits(m.group()) for m in _BIG_INT_RE.finditer(skeleton)) or len(
+                _KEY_RE.findall(skeleton)
+            ) != _count_keys(tree, self.limits.max_depth):
                 return super().parse(text)
         return tree
 
