@@ -13,6 +13,7 @@ from tests.support.sqlite_log import SqliteTestLog
 
 from cqrskit import Command, Dependencies, Mediator, Query, Registry, for_queries
 from cqrskit.errors import ConfigurationError, StaleReadError, TokenFromFutureError
+from cqrskit.eventlog import UnitOfWork
 from cqrskit.projections import (
     ConsistencyGate,
     InlineProjections,
@@ -53,8 +54,8 @@ def build(
     registry = Registry()
 
     @registry.handler
-    async def deposit(cmd: Deposit) -> None:
-        await log.append(cmd.account, Deposited(cmd.account, cmd.amount))
+    async def deposit(cmd: Deposit, uow: UnitOfWork) -> None:
+        uow.record(cmd.account, Deposited(cmd.account, cmd.amount))
 
     @registry.handler
     async def get_balance(q: GetBalance, db: ReadSession) -> int | None:
@@ -71,8 +72,8 @@ def build(
 
     deps = Dependencies()
     deps.scoped(ReadSession, read_db.session)
-    behaviors = [for_queries(gate.behavior)] if gate else []
-    return Mediator(registry, resolver=deps, behaviors=behaviors)
+    behaviors = [log.transaction(), *([for_queries(gate.behavior)] if gate else [])]
+    return Mediator(registry, resolver=[log.resolver(), deps], behaviors=behaviors)
 
 
 @pytest.fixture

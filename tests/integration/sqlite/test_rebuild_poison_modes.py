@@ -88,8 +88,8 @@ async def test_poison_parked_then_retried(
         await gate.check(["balances"], await log.head(), "wait", 10.0)
         parked = await dead_letters(read_db, "balances")
         assert [(d.stream, d.version, d.type) for d in parked] == [
-            ("a", 2, "Poison"),
-            ("a", 3, "Deposited"),
+            ("a", 2, "bank.poison"),
+            ("a", 3, "bank.deposited"),
         ]
         assert parked[0].attempts == 3
         assert "cannot apply poison" in parked[0].error
