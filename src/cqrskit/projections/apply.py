@@ -86,7 +86,8 @@ class Applier:
 
     def context(self, session: Session, generation: int) -> ProjectionContext:
         """A handler context writing ``generation``'s tables through ``session``."""
-        return ProjectionContext(session, generation, self.projection.physical_tables(generation))
+        tables = self.projection.physical_tables(generation, session.qualify)
+        return ProjectionContext(session, generation, tables)
 
     async def apply_fast(
         self, session: Session, generation: int, events: Sequence[StoredEvent]
