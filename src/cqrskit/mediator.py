@@ -180,6 +180,8 @@ class Mediator:
         scoped: ScopedCall = _handler_call_scoped(spec, binding)
         for b in reversed(behaviors):
             scoped = _fold_scoped(b, scoped)
+        if spec.is_generator:
+            return _with_stream_scope(scoped)
         return _with_scope(scoped)
 
     # -- verbs ---------------------------------------------------------------------------
@@ -483,6 +485,8 @@ def _handler_call_scoped(spec: HandlerSpec, binding: Binding) -> ScopedCall:
 
 def _fold_plain(b: Binding, inner: Callable[[Any], Any]) -> Plan:
     behavior = b.func
+    if b.providers:  # singleton dependencies only: bind them once
+        behavior = partial(behavior, **b.singleton_kwargs())
 
     def step(message: Any) -> Any:
         return behavior(message, inner)
@@ -534,3 +538,37 @@ def _with_scope(chain: ScopedCall) -> Plan:
         return result
 
     return plan
+
+
+def _with_stream_scope(chain: ScopedCall) -> Plan:
+    """Like :func:`_with_scope`, but the scope stays open until the stream is exhausted
+    or closed: a streaming handler reads from its scoped dependencies while it yields."""
+    get_current = _scope_var.get
+    set_current = _scope_var.set
+    reset_current = _scope_var.reset
+
+    async def plan(message: Any) -> Any:
+        scope = Scope(get_current())
+        token = set_current(scope)
+        try:
+            items = await chain(message, scope)
+        except BaseException as exc:
+            try:
+                await scope.aclose(exc)
+            finally:
+                reset_current(token)
+            raise
+        reset_current(token)
+        return _closing_stream(items, scope)
+
+    return plan
+
+
+async def _closing_stream(items: Any, scope: Scope) -> AsyncIterator[Any]:
+    try:
+        async for item in items:
+            yield item
+    except BaseException as exc:
+        await scope.aclose(exc)
+        raise
+    await scope.aclose(None)
