@@ -17,18 +17,20 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-from cqrskit._plan import Binding, Planner, behaviors_for, check_result
-from cqrskit.dependencies import Provider, Resolver, Scope
-from cqrskit.errors import (
-    ConfigurationError,
-    NoHandlerError,
-    PublishError,
-    WrongMessageKindError,
-    describe,
+from cqrskit._plan import (
+    Binding,
+    Planner,
+    behaviors_for,
+    check_event,
+    check_expected,
+    check_result,
+    route,
 )
+from cqrskit.dependencies import Provider, Resolver, Scope
+from cqrskit.errors import PublishError
 from cqrskit.messages import Command, Event, Metadata, Query
 from cqrskit.pipeline._core import ScopedBehavior
-from cqrskit.registry import HandlerSpec, Registry, message_kind
+from cqrskit.registry import HandlerSpec, Registry
 
 __all__ = ["Mediator", "Receipt", "current_scope"]
 
@@ -132,17 +134,7 @@ class Mediator:
     # -- build ---------------------------------------------------------------------------
 
     def _build(self) -> None:
-        missing = sorted(
-            (t for t in self._registry.expected() if self._registry.handler_for(t) is None),
-            key=describe,
-        )
-        if missing:
-            names = ", ".join(describe(t) for t in missing)
-            raise ConfigurationError(
-                f"no handler registered for: {names}.",
-                message_type=missing[0],
-                hint="register one with @registry.handler for each, or remove the message.",
-            )
+        check_expected(self._registry)
         for mtype, spec in self._registry.commands().items():
             check_result(spec)
             self._commands[mtype] = self._compile(spec)
@@ -290,43 +282,11 @@ class Mediator:
     # -- slow paths ----------------------------------------------------------------------
 
     def _route(self, message: object, kind: str, plans: dict[type, Plan]) -> Plan:
-        cls = type(message)
-        actual = message_kind(cls)
-        verb = {"command": "send", "query": "ask"}[kind]
-        if actual != kind:
-            right = {"command": "send", "query": "ask", "event": "publish"}.get(actual or "")
-            what = f"a {actual}" if actual else "not a cqrskit message"
-            raise WrongMessageKindError(
-                f"mediator.{verb}() takes a {kind}, but {describe(cls)} is {what}.",
-                message_type=cls,
-                hint=(
-                    f"use mediator.{right}() for it."
-                    if right
-                    else f"subclass cqrskit.{kind.title()}[Result] for messages given to {verb}()."
-                ),
-            )
-        for base in cls.__mro__[1:]:
-            plan = plans.get(base)
-            if plan is not None:
-                plans[cls] = plan
-                return plan
-        raise NoHandlerError(
-            f"no handler registered for {kind} {describe(cls)}.",
-            message_type=cls,
-            hint=f"register one: @registry.handler async def handle(msg: {cls.__name__}) -> ...",
-        )
+        return route(message, kind, plans)
 
     def _route_event(self, event: object) -> tuple[Plan, ...]:
+        check_event(event)
         cls = type(event)
-        if not isinstance(event, Event):
-            actual = message_kind(cls)
-            right = {"command": "send", "query": "ask"}.get(actual or "")
-            raise WrongMessageKindError(
-                f"mediator.publish() takes an event, but {describe(cls)} is "
-                f"{('a ' + actual) if actual else 'not a cqrskit message'}.",
-                message_type=cls,
-                hint=f"use mediator.{right}() for it." if right else "subclass cqrskit.Event.",
-            )
         plans = self._event_plan_for(cls)
         self._events[cls] = plans
         return plans
