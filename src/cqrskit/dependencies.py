@@ -181,8 +181,10 @@ class Resolver(Protocol):
 
 
 def _factory_params(factory: Callable[..., Any]) -> list[tuple[str, Any]]:
+    # a class's own annotations describe its attributes; its parameters are __init__'s
+    annotated = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
     try:
-        hints = typing.get_type_hints(factory)
+        hints = typing.get_type_hints(annotated)
     except NameError as exc:
         raise DependencyError(
             f"factory {describe(factory)} has an annotation that cannot be resolved: {exc}.",

@@ -17,18 +17,20 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-from cqrskit._plan import Binding, Planner, behaviors_for, check_result
-from cqrskit.dependencies import Provider, Resolver, Scope
-from cqrskit.errors import (
-    ConfigurationError,
-    NoHandlerError,
-    PublishError,
-    WrongMessageKindError,
-    describe,
+from cqrskit._plan import (
+    Binding,
+    Planner,
+    behaviors_for,
+    check_event,
+    check_expected,
+    check_result,
+    route,
 )
+from cqrskit.dependencies import Provider, Resolver, Scope
+from cqrskit.errors import PublishError
 from cqrskit.messages import Command, Event, Metadata, Query
 from cqrskit.pipeline._core import ScopedBehavior
-from cqrskit.registry import HandlerSpec, Registry, message_kind
+from cqrskit.registry import HandlerSpec, Registry
 
 __all__ = ["Mediator", "Receipt", "current_scope"]
 
@@ -136,17 +138,7 @@ class Mediator:
     # -- build ---------------------------------------------------------------------------
 
     def _build(self) -> None:
-        missing = sorted(
-            (t for t in self._registry.expected() if self._registry.handler_for(t) is None),
-            key=describe,
-        )
-        if missing:
-            names = ", ".join(describe(t) for t in missing)
-            raise ConfigurationError(
-                f"no handler registered for: {names}.",
-                message_type=missing[0],
-                hint="register one with @registry.handler for each, or remove the message.",
-            )
+        check_expected(self._registry)
         for mtype, spec in self._registry.commands().items():
             check_result(spec)
             self._commands[mtype] = self._compile(spec)
@@ -204,6 +196,8 @@ class Mediator:
         scoped: ScopedCall = _handler_call_scoped(spec, binding)
         for b in reversed(behaviors):
             scoped = _fold_scoped(b, scoped)
+        if spec.is_generator:
+            return _with_stream_scope(scoped)
         return _with_scope(scoped)
 
     # -- verbs ---------------------------------------------------------------------------
@@ -306,43 +300,11 @@ class Mediator:
     # -- slow paths ----------------------------------------------------------------------
 
     def _route(self, message: object, kind: str, plans: dict[type, Plan]) -> Plan:
-        cls = type(message)
-        actual = message_kind(cls)
-        verb = {"command": "send", "query": "ask"}[kind]
-        if actual != kind:
-            right = {"command": "send", "query": "ask", "event": "publish"}.get(actual or "")
-            what = f"a {actual}" if actual else "not a cqrskit message"
-            raise WrongMessageKindError(
-                f"mediator.{verb}() takes a {kind}, but {describe(cls)} is {what}.",
-                message_type=cls,
-                hint=(
-                    f"use mediator.{right}() for it."
-                    if right
-                    else f"subclass cqrskit.{kind.title()}[Result] for messages given to {verb}()."
-                ),
-            )
-        for base in cls.__mro__[1:]:
-            plan = plans.get(base)
-            if plan is not None:
-                plans[cls] = plan
-                return plan
-        raise NoHandlerError(
-            f"no handler registered for {kind} {describe(cls)}.",
-            message_type=cls,
-            hint=f"register one: @registry.handler async def handle(msg: {cls.__name__}) -> ...",
-        )
+        return route(message, kind, plans)
 
     def _route_event(self, event: object) -> Plan:
+        check_event(event)
         cls = type(event)
-        if not isinstance(event, Event):
-            actual = message_kind(cls)
-            right = {"command": "send", "query": "ask"}.get(actual or "")
-            raise WrongMessageKindError(
-                f"mediator.publish() takes an event, but {describe(cls)} is "
-                f"{('a ' + actual) if actual else 'not a cqrskit message'}.",
-                message_type=cls,
-                hint=f"use mediator.{right}() for it." if right else "subclass cqrskit.Event.",
-            )
         publisher = self._publisher_for(cls)
         self._events[cls] = publisher
         return publisher
@@ -637,6 +599,8 @@ def _second_positional(func: Callable[..., Any], name: str) -> bool:
 
 def _fold_plain(b: Binding, inner: Callable[[Any], Any]) -> Plan:
     behavior = b.func
+    if b.providers:  # singleton dependencies only: bind them once
+        behavior = partial(behavior, **b.singleton_kwargs())
 
     def step(message: Any) -> Any:
         return behavior(message, inner)
@@ -692,3 +656,37 @@ def _with_scope(chain: ScopedCall) -> Plan:
         return result
 
     return plan
+
+
+def _with_stream_scope(chain: ScopedCall) -> Plan:
+    """Like :func:`_with_scope`, but the scope stays open until the stream is exhausted
+    or closed: a streaming handler reads from its scoped dependencies while it yields."""
+    get_current = _scope_var.get
+    set_current = _scope_var.set
+    reset_current = _scope_var.reset
+
+    async def plan(message: Any) -> Any:
+        scope = Scope(get_current())
+        token = set_current(scope)
+        try:
+            items = await chain(message, scope)
+        except BaseException as exc:
+            try:
+                await scope.aclose(exc)
+            finally:
+                reset_current(token)
+            raise
+        reset_current(token)
+        return _closing_stream(items, scope)
+
+    return plan
+
+
+async def _closing_stream(items: Any, scope: Scope) -> AsyncIterator[Any]:
+    try:
+        async for item in items:
+            yield item
+    except BaseException as exc:
+        await scope.aclose(exc)
+        raise
+    await scope.aclose(None)
