@@ -106,7 +106,7 @@ class Scope(dict[Any, Any]):
         for callback in reversed(exits):
             try:
                 result = callback(error)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     await result
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 if first is None:
@@ -275,9 +275,7 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
 
         def close(error: BaseException | None) -> None:
             if error is None:
-                try:
-                    next(gen)
-                except StopIteration:
+                if next(gen, _MISSING) is _MISSING:
                     return
                 raise DependencyError(f"factory {describe(factory)} yielded twice.")
             try:
