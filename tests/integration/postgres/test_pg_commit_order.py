@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from cqrskit.errors import ConcurrencyError
 from cqrskit.eventlog import StoredEvent, UnitOfWork
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
 from cqrskit.testing_eventlog import Opened, wait_visible
@@ -169,3 +170,26 @@ async def test_many_interleavings_never_skip(store: PostgresEventStore) -> None:
         await wait_visible(store, full[-1].position)
         tail.extend(await store.read_after(tail[-1].position if tail else 0))
     assert [e.position for e in tail] == [e.position for e in full]
+
+
+async def test_older_transaction_cannot_append_after_a_younger_one(
+    store: PostgresEventStore,
+) -> None:
+    """Per stream, position order equals version order: the older writer must retry."""
+    old = await store.begin()
+    assert isinstance(old, PostgresUnitOfWork)
+    await old.connection.execute("SELECT pg_current_xact_id()")  # older xid, taken first
+    young = await write(store, "shared")
+    assert young is not None
+    old.record("shared", Opened("shared", "late"))
+    with pytest.raises(ConcurrencyError) as info:
+        await old.commit()
+    assert info.value.stream == "shared"
+    assert info.value.actual_version == 1
+    assert "started later" in str(info.value)
+    retried = await write(store, "shared")  # a new transaction has a younger xid
+    assert retried is not None
+    assert retried > young
+    events = await store.read_stream("shared")
+    assert [e.version for e in events] == [1, 2]
+    assert [e.position for e in events] == [young, retried]
