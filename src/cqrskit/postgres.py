@@ -83,11 +83,12 @@ CREATE TABLE IF NOT EXISTS {s}.{t} (
     recorded_at timestamptz NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS {idx} ON {s}.{t} (stream, version);
-CREATE OR REPLACE FUNCTION {s}.{fn}(stream text, expected integer, actual integer)
-RETURNS integer LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION {s}.{fn}(
+    stream text, expected integer, actual integer, reason text
+) RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'cqrskit: stream % is at version %, expected %', stream, actual, expected
-        USING ERRCODE = '{_CONFLICT_STATE}', DETAIL = actual::text;
+        USING ERRCODE = '{_CONFLICT_STATE}', DETAIL = actual::text, HINT = reason;
 END $$;
 CREATE TABLE IF NOT EXISTS {s}."cqrskit_schema" (
     name text PRIMARY KEY,
@@ -234,22 +235,28 @@ class PostgresEventStore(EventStore):
             "position, stream, version, type, schema_version, data, message_id, "
             "correlation_id, causation_id, recorded_at"
         )
-        # one statement for every stream of the command: versions come from each stream's
-        # current maximum (the unique index catches a concurrent writer), the expected
-        # version is checked by a function that raises CQ409
+        # one statement for every stream of the command. Versions continue from each
+        # stream's last event (the unique index catches a concurrent writer); the function
+        # raises CQ409 when the expected version does not hold, or when the stream's last
+        # event has a higher position than this transaction's (a younger transaction
+        # appended first): per stream, position order must equal version order.
+        base = "(pg_current_xact_id()::text::bigint << 20)"
         self._sql_insert_tpl = (
             f"INSERT INTO {s}.{t} ({cols}) "
-            "SELECT (pg_current_xact_id()::text::bigint << 20) + u.n - 1, u.stream, "
-            f"CASE WHEN u.expected IS NULL OR u.expected = cur.v + u.idx - 1 "
-            f"THEN cur.v + u.idx ELSE {s}.{fn}(u.stream, u.expected, cur.v) END, "
+            f"SELECT {base} + u.n - 1, u.stream, "
+            f"CASE WHEN coalesce(last.position, -1) >= {base} "
+            f"THEN {s}.{fn}(u.stream, u.expected, coalesce(last.version, 0), 'younger') "
+            "WHEN u.expected IS NOT NULL AND u.expected <> coalesce(last.version, 0) + u.idx - 1 "
+            f"THEN {s}.{fn}(u.stream, u.expected, coalesce(last.version, 0), 'expected') "
+            "ELSE coalesce(last.version, 0) + u.idx END, "
             "u.type, u.schema_version, u.data, u.message_id, u.correlation_id, "
             "u.causation_id, u.recorded_at::timestamptz "
             "FROM unnest({0}::text[], {1}::int[], {2}::int[], {3}::text[], {4}::int[], "
             "{5}::text[], {6}::text[], {7}::text[], {8}::text[], {9}::text[]) WITH ORDINALITY "
             "AS u(stream, idx, expected, type, schema_version, data, message_id, "
             "correlation_id, causation_id, recorded_at, n) "
-            f"CROSS JOIN LATERAL (SELECT coalesce(max(e.version), 0) AS v FROM {s}.{t} e "
-            "WHERE e.stream = u.stream) AS cur"
+            f"LEFT JOIN LATERAL (SELECT e.version, e.position FROM {s}.{t} e "
+            "WHERE e.stream = u.stream ORDER BY e.version DESC LIMIT 1) AS last ON true"
         )
         self._sql_insert_returning = (
             self._sql_insert_tpl.format(*(f"${i}" for i in range(1, 11)))
@@ -429,6 +436,16 @@ class PostgresEventStore(EventStore):
         state = getattr(exc, "sqlstate", None)
         if state == _CONFLICT_STATE:
             stream, actual, expected = _parse_conflict(exc)
+            if getattr(exc, "hint", None) == "younger":
+                return ConcurrencyError(
+                    f"stream {stream!r}: a transaction that started later appended version "
+                    f"{actual} first; this one must retry so that the stream's versions "
+                    "keep position order.",
+                    stream=stream,
+                    expected_version=expected,
+                    actual_version=actual,
+                    hint="retry the command (the retry behavior does it).",
+                )
             return ConcurrencyError(
                 f"stream {stream!r} is at version {actual}, expected {expected}.",
                 stream=stream,
