@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from cqrskit.serialization._plan import _Invalid, _shorten
+from cqrskit.serialization._plan import _Invalid, _key_label, _shorten
 
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -51,39 +51,40 @@ class _Checker:
         if not s.isascii() and _SURROGATE_RE.search(s):
             raise _Invalid("a string contains a lone surrogate (not valid Unicode)")
 
-    def walk(self, value: Any, depth: int) -> int:
+    def walk(self, value: Any, depth: int) -> None:
+        """Raise :class:`_Invalid` (with the path to the culprit) if ``value`` breaks a limit."""
         kind = type(value)
         if kind is str:
             self.string(value)
-            return 0
-        if kind is dict:
+        elif kind is dict:
             if depth >= self.max_depth:
                 raise _Invalid(f"nesting is deeper than the limit of {self.max_depth}")
-            keys = len(value)
             for k, v in value.items():
-                if type(k) is not str:
-                    raise _Invalid(f"object keys must be strings, got {type(k).__name__}")
-                self.string(k)
-                keys += self.walk(v, depth + 1)
-            return keys
-        if kind is list or kind is tuple:
+                try:
+                    if type(k) is not str:
+                        raise _Invalid(f"object keys must be strings, got {type(k).__name__}")
+                    self.string(k)
+                    self.walk(v, depth + 1)
+                except _Invalid as exc:
+                    exc.path.append(_key_label(k))
+                    raise
+        elif kind is list or kind is tuple:
             if depth >= self.max_depth:
                 raise _Invalid(f"nesting is deeper than the limit of {self.max_depth}")
-            keys = 0
-            for v in value:
-                keys += self.walk(v, depth + 1)
-            return keys
-        if kind is int:
+            for i, v in enumerate(value):
+                try:
+                    self.walk(v, depth + 1)
+                except _Invalid as exc:
+                    exc.path.append(f"[{i}]")
+                    raise
+        elif kind is int:
             if not -self.max_int < value < self.max_int:
                 raise _Invalid(f"an integer has more than {self.max_digits} digits")
-            return 0
-        if kind is float:
+        elif kind is float:
             if not math.isfinite(value):
                 raise _Invalid("NaN and Infinity are not allowed")
-            return 0
-        if kind is bool or value is None:
-            return 0
-        raise _Invalid(f"{kind.__name__} is not a JSON type")
+        elif kind is not bool and value is not None:
+            raise _Invalid(f"{kind.__name__} is not a JSON type")
 
 
 def _reject_constant(name: str) -> Any:

@@ -44,6 +44,12 @@ def _shorten(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "...'"
 
 
+def _key_label(key: object) -> str:
+    """A dict key as shown in an error path: shortened, never a whole attacker's string."""
+    text = key if type(key) is str else repr(key)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def _module_class(module: str, name: str) -> type | None:
     # Only classes from libraries the application already imported can appear in its
     # annotations, so this never imports anything.
@@ -536,7 +542,7 @@ def _dict_plan(item: tuple[_Enc, _Dec]) -> tuple[_Enc, _Dec]:
             try:
                 out[k] = item_enc(value[k])
             except _Invalid as exc:
-                exc.path.append(repr(k))
+                exc.path.append(_key_label(k))
                 raise
         return out
 
@@ -548,7 +554,7 @@ def _dict_plan(item: tuple[_Enc, _Dec]) -> tuple[_Enc, _Dec]:
             try:
                 out[k] = item_dec(v)
             except _Invalid as exc:
-                exc.path.append(repr(k))
+                exc.path.append(_key_label(k))
                 raise
         return out
 
