@@ -298,6 +298,7 @@ def test_untyped_fields_carry_any_json(serializer: JsonSerializer) -> None:
         (Tree("r", [Tree(5)]), "field 'children[0].label': expected str"),  # type: ignore[arg-type]
         (Untyped({"x": float("nan")}), "NaN and Infinity are not allowed"),
         (Untyped({"x": object()}), "object is not a JSON type"),
+        (Untyped({"x": [datetime(2024, 1, 1)]}), "field 'payload.x[0]': datetime is not a JSON"),
         (Untyped({"x": "a\x00b"}), "NUL character"),
         (Untyped({"x": "\ud800"}), "lone surrogate"),
         (Untyped({"x": 10**50}), "more than 40 digits"),
@@ -358,23 +359,25 @@ def test_orjson_missing_raises_missing_extra(
     assert info.value.extra == "orjson"
 
 
-def test_orjson_reads_ordinary_payloads_without_the_stdlib_fallback(
-    monkeypatch: pytest.MonkeyPatch, event_types: EventTypes
+def test_the_full_limit_walk_runs_only_when_the_text_shows_a_trace(
+    monkeypatch: pytest.MonkeyPatch, serializer: JsonSerializer
 ) -> None:
     from cqrskit.serialization import _codec
 
-    fallbacks: list[str] = []
-    real_parse = _codec._TextCodec.parse
+    walked: list[object] = []
+    real_walk = _codec._Checker.walk
 
-    def spy(self: _codec._TextCodec, text: str) -> Any:
-        fallbacks.append(text)
-        return real_parse(self, text)
+    def spy(self: _codec._Checker, value: Any, depth: int) -> None:
+        if depth == 0:
+            walked.append(value)
+        real_walk(self, value, depth)
 
-    monkeypatch.setattr(_codec._TextCodec, "parse", spy)
-    serializer = OrjsonSerializer(event_types)
-    encoded = serializer.encode(everything())
-    assert serializer.decode(encoded.type, 1, encoded.data) == everything()
-    assert fallbacks == []
-    with pytest.raises(SerializationError, match="duplicate key"):
-        serializer.decode("small", 1, '{"a":1,"a":2}')
-    assert fallbacks == ['{"a":1,"a":2}']
+    monkeypatch.setattr(_codec._Checker, "walk", spy)
+    encoded = serializer.encode(Small(1, "plain"))
+    assert serializer.decode("small", 1, encoded.data) == Small(1, "plain")
+    assert walked == []
+    # traces: an escaped surrogate pair (valid), a large exponent, a long digit run
+    for text in ('"\\ud83d\\ude00"', '"e123"', '"' + "1" * 41 + '"'):
+        data = '{"a":1,"b":' + text + "}"
+        assert isinstance(serializer.decode("small", 1, data), Small)
+    assert len(walked) == 3

@@ -317,3 +317,12 @@ def test_serialization_errors_are_value_errors_not_retryable_types() -> None:
     # Retry behaviors retry transient errors; a SerializationError is a data error.
     assert issubclass(SerializationError, ValueError)
     assert not issubclass(SerializationError, (TimeoutError, ConnectionError, OSError))
+
+
+def test_limit_errors_point_at_the_offending_value(serializer: JsonSerializer) -> None:
+    with pytest.raises(
+        SerializationError, match=re.escape("field 'value[1].k': a string contains")
+    ):
+        bag(serializer, '[1,{"k":"\\u0000"}]')
+    with pytest.raises(SerializationError, match=re.escape("field 'value': NaN and Infinity")):
+        serializer.encode(Bag(float("-inf")))
