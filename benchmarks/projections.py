@@ -202,6 +202,46 @@ async def p4(tmp: Path, samples: int) -> list[float]:
     return out
 
 
+async def p4_postgres(dsn: str, samples: int) -> list[float]:
+    """P4 on PostgreSQL: separate read schema, wake-ups in process (and NOTIFY)."""
+    import uuid
+
+    import asyncpg
+
+    from cqrskit.postgres import PostgresEventStore
+    from cqrskit.projections.postgres import PostgresReadDatabase
+
+    suffix = uuid.uuid4().hex[:10]
+    ws, rs = f"bench_w_{suffix}", f"bench_r_{suffix}"
+    store = await PostgresEventStore.open(dsn, schema=ws, encoder=serializer.encode)
+    db = PostgresReadDatabase(dsn, schema=rs)
+    registry = Registry()
+
+    @registry.handler
+    async def deposit(cmd: Deposit, uow: UnitOfWork) -> None:
+        uow.record(cmd.account, Deposited(cmd.account, cmd.amount))
+
+    mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+    out: list[float] = []
+    try:
+        async with Projector(store, db, [balances], serializer) as p:
+            gate = ConsistencyGate(store, db, signal=p.signal)
+            for i in range(samples):
+                start = time.perf_counter_ns()
+                receipt = await mediator.send_tracked(Deposit(f"acc-{i % 50}", 1))
+                assert receipt.token is not None
+                await gate.check(["balances"], receipt.token, "wait", 10.0)
+                out.append((time.perf_counter_ns() - start) / 1000)
+    finally:
+        await db.close()
+        await store.close()
+        conn = await asyncpg.connect(dsn)
+        for schema in (ws, rs):
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+    return out
+
+
 async def p5(tmp: Path, events: int) -> tuple[float, float]:
     """(tracemalloc peak MiB, growth of peak RSS MiB) during one catch-up."""
     store = make_log(tmp / f"p5-{events}.db", events)
@@ -220,6 +260,16 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def show_p4(lat: list[float], lat_pg: list[float]) -> None:
+    for name, values in (("SQLite", lat), ("PostgreSQL", lat_pg)):
+        if values:
+            print(
+                f"\nP4 command → async read model ({name}, in-process projector, "
+                f"{len(values)} samples): p50 {pct(values, 0.5):,.0f} µs, "
+                f"p99 {pct(values, 0.99):,.0f} µs, max {max(values):,.0f} µs"
+            )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=100_000)
@@ -227,15 +277,21 @@ async def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--p5", type=int, nargs=2, default=[50_000, 500_000])
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--pg", metavar="DSN", help="also measure P4 on this PostgreSQL")
+    parser.add_argument("--only-p4", action="store_true", help="skip P3 and P5")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         small, large = args.p5
+        lat = await p4(tmp, args.samples)
+        lat_pg = await p4_postgres(args.pg, args.samples) if args.pg else []
+        if args.only_p4:
+            show_p4(lat, lat_pg)
+            return
         mem_small = await p5(tmp, small)
         mem_large = await p5(tmp, large)
         r3 = await p3(tmp, args.events, args.rounds, "P3", serializer)
         r3b = await p3(tmp, args.events, args.rounds, "P3b", plain_decode)
-        lat = await p4(tmp, args.samples)
     print(f"\n### Projections (P3–P5)\n\nPython {sys.version.split()[0]} on {sys.platform}\n")
     print(HEADER.replace("ns/op", "ns/event"))
     print(r3.row())
@@ -246,10 +302,7 @@ async def main() -> None:
             f"events/s, projector {1e9 / statistics.median(r.candidate_ns):,.0f} events/s "
             "(ratio = projector throughput / loop throughput)"
         )
-    print(
-        f"\nP4 command → async read model (SQLite, in-process projector, {len(lat)} samples): "
-        f"p50 {pct(lat, 0.5):,.0f} µs, p99 {pct(lat, 0.99):,.0f} µs, max {max(lat):,.0f} µs"
-    )
+    show_p4(lat, lat_pg)
     print(
         f"\nP5 catch-up memory: {small:,} events → tracemalloc peak {mem_small[0]:.1f} MiB, "
         f"peak RSS +{mem_small[1]:.1f} MiB; {large:,} events → tracemalloc peak "
@@ -265,6 +318,9 @@ async def main() -> None:
                         "candidate_ns": r3.candidate_ns,
                     },
                     "P4_us": {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99)},
+                    "P4_pg_us": {"p50": pct(lat_pg, 0.5), "p99": pct(lat_pg, 0.99)}
+                    if lat_pg
+                    else None,
                     "P5": {str(small): mem_small, str(large): mem_large},
                 },
                 f,
