@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from tests.unit import future_handlers, scan_fixture
 
 from cqrskit import (
     Command,
@@ -20,6 +19,7 @@ from cqrskit import (
     Registry,
     handler,
 )
+from tests.unit import future_handlers, scan_fixture
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """Handlers found by scanning ``scan_fixture``; one is left unmarked on purpose."""
 
-from tests.unit.scan_fixture import TOTAL, Deposit, Deposited, GetTotal
-
 from cqrskit import handler
+from tests.unit.scan_fixture import TOTAL, Deposit, Deposited, GetTotal
 
 
 @handler(Deposit)
