@@ -366,3 +366,28 @@ async def test_mediator_is_injectable_and_exposes_its_registry() -> None:
         return "same" if mediator.registry is registry else "other"
 
     assert await Mediator(registry).send(OpenAccount("a")) == "same"
+
+
+async def test_unregistered_event_subclass_reaches_base_handlers() -> None:
+    @dataclass(frozen=True)
+    class AccountReopened(AccountEvent):
+        pass
+
+    mediator, log = make_mediator()
+    await mediator.publish(AccountReopened("r1"))
+    await mediator.publish(AccountReopened("r2"), concurrently=True)
+    assert log == ["any:r1", "any:r2"]
+
+
+async def test_same_function_for_two_events_is_named_in_failures() -> None:
+    registry = Registry()
+
+    async def fails(e: AccountEvent) -> None:
+        raise ValueError(type(e).__name__)
+
+    registry.add(fails, AccountEvent)
+    registry.add(fails, AccountOpened)
+    mediator = Mediator(registry)
+    with pytest.raises(PublishError) as info:
+        await mediator.publish(AccountOpened("a"))
+    assert [h for h, _ in info.value.failures] == [fails, fails]
