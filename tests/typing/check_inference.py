@@ -1,6 +1,8 @@
 """Result types ride on the message type: checked by mypy --strict and pyright (strict).
 
-Nothing here runs; ``tests/unit/test_typing.py`` runs both checkers over this folder.
+Nothing here runs; ``tests/unit/test_typing.py`` runs both checkers over this folder (and
+checks pydantic and msgspec messages in a generated file, so that this folder needs nothing
+but the standard library and cqrskit to resolve its imports).
 """
 
 from __future__ import annotations
@@ -8,9 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import assert_type
-
-import msgspec
-import pydantic
 
 from cqrskit import Command, Event, Mediator, Query, Receipt, Registry
 from cqrskit.sync import SyncMediator
@@ -47,14 +46,6 @@ class AccountOpened(Event):
     account_id: str
 
 
-class Rename(pydantic.BaseModel, Command[int]):
-    name: str
-
-
-class Close(msgspec.Struct, Command[bool], frozen=True):
-    account_id: str
-
-
 registry = Registry()
 
 
@@ -66,8 +57,6 @@ async def open_account(cmd: OpenAccount) -> str:
 async def check_async(mediator: Mediator) -> None:
     assert_type(await mediator.send(OpenAccount("ada")), str)
     assert_type(await mediator.ask(GetAccount("a1")), AccountView | None)
-    assert_type(await mediator.send(Rename(name="x")), int)
-    assert_type(await mediator.send(Close("a1")), bool)
     async for row in mediator.stream(ListAccounts(10)):
         assert_type(row, AccountView)
     assert_type(await mediator.send_tracked(OpenAccount("ada")), Receipt)
@@ -77,7 +66,6 @@ async def check_async(mediator: Mediator) -> None:
 def check_sync(mediator: SyncMediator) -> None:
     assert_type(mediator.send(OpenAccount("ada")), str)
     assert_type(mediator.ask(GetAccount("a1")), AccountView | None)
-    assert_type(mediator.send(Close("a1")), bool)
     for row in mediator.stream(ListAccountsSync(10)):
         assert_type(row, AccountView)
     assert_type(mediator.send_tracked(OpenAccount("ada")), Receipt)

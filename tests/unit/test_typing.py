@@ -63,6 +63,36 @@ def check(mediator: SyncMediator) -> None:
 """,
 }
 
+# messages built on pydantic and msgspec infer like dataclasses; both checkers must accept it
+THIRD_PARTY = """\
+from typing import assert_type
+
+import msgspec
+import pydantic
+
+from cqrskit import Command, Mediator, Query
+from cqrskit.sync import SyncMediator
+
+
+class Rename(pydantic.BaseModel, Command[int]):
+    name: str
+
+
+class Close(msgspec.Struct, Command[bool], frozen=True):
+    account_id: str
+
+
+class Count(Query[int], msgspec.Struct, frozen=True):
+    pass
+
+
+async def check(mediator: Mediator, sync: SyncMediator) -> None:
+    assert_type(await mediator.send(Rename(name="x")), int)
+    assert_type(await mediator.send(Close("a1")), bool)
+    assert_type(await mediator.ask(Count()), int)
+    assert_type(sync.send(Close("a1")), bool)
+"""
+
 
 def run(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -80,6 +110,12 @@ def pyright(paths: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mypy cache for this module's runs (warm after the first), private to the run."""
+    return tmp_path_factory.mktemp("mypy_cache")
+
+
+@pytest.fixture(scope="module")
 def wrong_files(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, int]:
     folder = tmp_path_factory.mktemp("wrong_typing")
     out: dict[Path, int] = {}
@@ -94,8 +130,8 @@ def wrong_files(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, int]:
     return out
 
 
-def test_mypy_strict_accepts_the_inference_examples(tmp_path: Path) -> None:
-    result = mypy(["tests/typing"], tmp_path / "cache")
+def test_mypy_strict_accepts_the_inference_examples(cache: Path) -> None:
+    result = mypy(["tests/typing"], cache)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Success" in result.stdout
 
@@ -107,8 +143,25 @@ def test_pyright_strict_accepts_the_inference_examples() -> None:
     assert "0 errors" in result.stdout
 
 
-def test_mypy_rejects_each_wrong_file(wrong_files: dict[Path, int], tmp_path: Path) -> None:
-    result = mypy([str(p) for p in wrong_files], tmp_path / "cache")
+@pytest.fixture(scope="module")
+def third_party_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("third_party_typing") / "check_third_party.py"
+    path.write_text(THIRD_PARTY)
+    return path
+
+
+def test_mypy_infers_pydantic_and_msgspec_messages(third_party_file: Path, cache: Path) -> None:
+    result = mypy([str(third_party_file)], cache)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_pyright_infers_pydantic_and_msgspec_messages(third_party_file: Path) -> None:
+    result = pyright([str(third_party_file)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_rejects_each_wrong_file(wrong_files: dict[Path, int], cache: Path) -> None:
+    result = mypy([str(p) for p in wrong_files], cache)
     assert result.returncode == 1, result.stdout + result.stderr
     for path, line in wrong_files.items():
         assert f"{path}:{line}: error" in result.stdout, (path.name, result.stdout)
