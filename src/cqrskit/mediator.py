@@ -483,6 +483,8 @@ def _handler_call_scoped(spec: HandlerSpec, binding: Binding) -> ScopedCall:
 
 def _fold_plain(b: Binding, inner: Callable[[Any], Any]) -> Plan:
     behavior = b.func
+    if b.providers:  # all singletons here: bind them once
+        behavior = partial(behavior, **b.singleton_kwargs())
 
     def step(message: Any) -> Any:
         return behavior(message, inner)
