@@ -22,7 +22,7 @@ _DEFAULT_LOGGER = "cqrskit.dispatch"
 
 
 class _LoggingConfig:
-    __slots__ = ("logger", "level", "failure_level", "include_message", "traceback", "_floor")
+    __slots__ = ("logger", "level", "failure_level", "include_message", "traceback", "_gate")
 
     def __init__(
         self,
@@ -40,7 +40,8 @@ class _LoggingConfig:
         self.failure_level = failure_level
         self.include_message = include_message
         self.traceback = traceback
-        self._floor = min(level, failure_level)
+        # the behavior works when either line would be emitted; the higher level decides
+        self._gate = max(level, failure_level)
 
     def _started(self, message: Any) -> tuple[str, bool]:
         name = type_name(type(message))
@@ -107,7 +108,7 @@ class LoggingBehavior(_LoggingConfig):
 
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Run ``next(message)``, logging around it when the logger is enabled."""
-        if not self.logger.isEnabledFor(self._floor):
+        if not self.logger.isEnabledFor(self._gate):
             return next(message)
         return self._logged(message, next)
 
@@ -130,7 +131,7 @@ class SyncLoggingBehavior(_LoggingConfig):
 
     def __call__(self, message: Any, next: SyncNext) -> Any:
         """Run ``next(message)``, logging around it when the logger is enabled."""
-        if not self.logger.isEnabledFor(self._floor):
+        if not self.logger.isEnabledFor(self._gate):
             return next(message)
         started = time.perf_counter()
         name, verbose = self._started(message)

@@ -52,29 +52,51 @@ def field_path(loc: Iterable[str | int]) -> str:
 # -- pydantic ------------------------------------------------------------------------------
 
 
+def _input_keys(model: Any) -> dict[str, str]:
+    """Field name -> the key the model's validator expects (its alias, if any)."""
+    keys: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias if isinstance(info.validation_alias, str) else info.alias
+        keys[name] = alias or name
+    return keys
+
+
 def _pydantic_check(message_type: type) -> _Check | None:
     pydantic = sys.modules.get("pydantic")
     if pydantic is None or not issubclass(message_type, pydantic.BaseModel):
         return None
+    base_model = pydantic.BaseModel
+    keys_cache: dict[type, dict[str, str]] = {}
+
+    def as_input(value: Any, depth: int) -> Any:
+        # nested model instances pass pydantic unchecked: turn them back into input data
+        if depth > 64:
+            return value
+        if isinstance(value, base_model):
+            cls = type(value)
+            keys = keys_cache.get(cls)
+            if keys is None:
+                keys = keys_cache[cls] = _input_keys(cls)
+            data = {keys.get(k, k): as_input(v, depth + 1) for k, v in value.__dict__.items()}
+            extra = getattr(value, "__pydantic_extra__", None)
+            if extra:
+                data.update(extra)
+            return data
+        if isinstance(value, list | tuple):
+            items = [as_input(v, depth + 1) for v in value]
+            return items if isinstance(value, list) else tuple(items)
+        if isinstance(value, dict):
+            return {k: as_input(v, depth + 1) for k, v in value.items()}
+        return value
+
     model: Any = message_type
-    fields = model.model_fields
-    by_alias: dict[str, str] = {}
-    input_key: dict[str, str] = {}
-    for name, info in fields.items():
-        alias = info.validation_alias if isinstance(info.validation_alias, str) else info.alias
-        key = alias or name
-        input_key[name] = key
-        by_alias[key] = name
+    by_alias = {key: name for name, key in _input_keys(model).items()}
     model_validate = model.model_validate
     error_type = pydantic.ValidationError
 
     def check(message: Any) -> list[FieldError]:
-        data = {input_key.get(k, k): v for k, v in message.__dict__.items()}
-        extra = getattr(message, "__pydantic_extra__", None)
-        if extra:
-            data.update(extra)
         try:
-            model_validate(data)
+            model_validate(as_input(message, 0))
         except error_type as exc:
             out: list[FieldError] = []
             for err in exc.errors(include_url=False, include_input=False):
