@@ -158,11 +158,20 @@ class AuthorizationBehavior(_AuthorizationConfig):
 
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Authorize ``message``, then continue with ``next(message)``."""
-        cls = message.__class__
-        policy = self._plan(cls)
+        try:
+            policy = self._plans[message.__class__]
+        except KeyError:
+            policy = self._plan_for(message.__class__)
         if policy is None:
             return next(message)
-        return self.authorize(message, next, self._principal(), policy)
+        if policy.__class__ is _Missing:
+            return failed(self._missing(message.__class__))
+        verdict = policy(self._principal(), message)  # type: ignore[operator]
+        if verdict is True:
+            return next(message)
+        if inspect.isawaitable(verdict):
+            return self._awaiting(verdict, message, next)
+        return failed(self._denied(message.__class__, verdict))
 
     def authorize(
         self,

@@ -63,7 +63,10 @@ class TimeoutBehavior:
 
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Run ``next(message)`` within the message type's time limit."""
-        limit = self.limit_for(message.__class__)
+        try:
+            limit = self._limits[message.__class__]
+        except KeyError:
+            limit = self.limit_for(message.__class__)
         if limit is None:
             return next(message)
         return self._bounded(message, next, limit)

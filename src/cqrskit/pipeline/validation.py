@@ -262,9 +262,15 @@ class ValidationBehavior(_ValidationConfig):
 
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Validate ``message``, then continue with ``next(message)``."""
-        error = self._errors(message)
-        if error is not None:
-            return failed(error)
+        try:
+            plan = self._plans[message.__class__]
+        except KeyError:
+            plan = self._plan_for(message.__class__)
+        if plan is None:
+            return next(message)
+        errors = plan(message)
+        if errors:
+            return failed(ValidationError(errors, message_type=message.__class__))
         return next(message)
 
 
@@ -275,7 +281,12 @@ class SyncValidationBehavior(_ValidationConfig):
 
     def __call__(self, message: Any, next: SyncNext) -> Any:
         """Validate ``message``, then continue with ``next(message)``."""
-        error = self._errors(message)
-        if error is not None:
-            raise error
+        try:
+            plan = self._plans[message.__class__]
+        except KeyError:
+            plan = self._plan_for(message.__class__)
+        if plan is not None:
+            errors = plan(message)
+            if errors:
+                raise ValidationError(errors, message_type=message.__class__)
         return next(message)
