@@ -25,7 +25,7 @@ from typing import Any
 from cqrskit.errors import NotAuthorizedError
 from cqrskit.messages import Event
 from cqrskit.pipeline._core import Next
-from cqrskit.pipeline._support import SyncNext, failed, type_name
+from cqrskit.pipeline._support import SyncNext, failed, returns_awaitable, type_name
 
 __all__ = [
     "AuthorizationBehavior",
@@ -156,6 +156,7 @@ class AuthorizationBehavior(_AuthorizationConfig):
 
     __slots__ = ()
 
+    @returns_awaitable
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Authorize ``message``, then continue with ``next(message)``."""
         try:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from cqrskit.pipeline._core import Next
-from cqrskit.pipeline._support import SyncNext, type_name
+from cqrskit.pipeline._support import SyncNext, returns_awaitable, type_name
 
 __all__ = ["LoggingBehavior", "SyncLoggingBehavior"]
 
@@ -115,6 +115,7 @@ class LoggingBehavior(_LoggingConfig):
 
     __slots__ = ()
 
+    @returns_awaitable
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Run ``next(message)``, logging around it when the logger is enabled."""
         if not self._enabled(self._gate):

@@ -26,7 +26,7 @@ from typing import Any
 
 from cqrskit.errors import FieldError, ValidationError
 from cqrskit.pipeline._core import Next
-from cqrskit.pipeline._support import SyncNext, failed
+from cqrskit.pipeline._support import SyncNext, failed, returns_awaitable
 
 __all__ = ["SyncValidationBehavior", "ValidationBehavior", "Validator", "field_path"]
 
@@ -260,6 +260,7 @@ class ValidationBehavior(_ValidationConfig):
 
     __slots__ = ()
 
+    @returns_awaitable
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Validate ``message``, then continue with ``next(message)``."""
         try:
