@@ -6,12 +6,13 @@
 * :class:`RecordingMediator` stands in for a :class:`~cqrskit.mediator.Mediator`: it records
   every command sent, query asked and event published, answers from per-type stubs or
   delegates to a real mediator, and offers assertion helpers.
+  :class:`SyncRecordingMediator` is its twin for :class:`~cqrskit.sync.SyncMediator`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 from cqrskit.dependencies import Scope
@@ -19,10 +20,12 @@ from cqrskit.errors import DependencyError, NoHandlerError, WrongMessageKindErro
 from cqrskit.mediator import Mediator, Receipt
 from cqrskit.messages import Command, Event, Message, Metadata, Query
 from cqrskit.registry import HandlerSpec, Registry
+from cqrskit.sync import SyncMediator
 
 __all__ = [
     "HandlerHarness",
     "RecordingMediator",
+    "SyncRecordingMediator",
     "call_handler",
     "call_handler_sync",
 ]
@@ -54,24 +57,27 @@ class _Stub:
             return out
         return self.result
 
+    def run_sync(self, message: Any) -> Any:
+        if self.error is not None:
+            raise self.error
+        if self.handler is not None:
+            out = self.handler(message)
+            if inspect.isawaitable(out):
+                close = getattr(out, "close", None)
+                if close is not None:
+                    close()  # never awaited by design: free it quietly
+                raise TypeError(
+                    f"the stub for {type(message).__name__} is async; a "
+                    "SyncRecordingMediator needs a plain function"
+                )
+            return out
+        return self.result
 
-class RecordingMediator:
-    """A mediator double that records dispatches, answering from stubs or a delegate.
 
-    Args:
-        delegate: a real mediator to forward every dispatch to after recording it (stubs
-            take precedence). Without one, an un-stubbed ``send``/``ask`` raises
-            :class:`~cqrskit.errors.NoHandlerError` and ``publish`` only records.
+class _Recorder:
+    """What both recording mediators share: the recording, the stubs, the assertions."""
 
-    Attributes:
-        dispatched: every message in dispatch order.
-        sent: commands given to ``send`` / ``send_tracked``.
-        asked: queries given to ``ask`` / ``stream``.
-        published: events given to ``publish``.
-    """
-
-    def __init__(self, delegate: Mediator | None = None) -> None:
-        self._delegate = delegate
+    def __init__(self) -> None:
         self._stubs: dict[type, _Stub] = {}
         self.dispatched: list[Message] = []
         self.sent: list[Command[Any]] = []
@@ -90,9 +96,8 @@ class RecordingMediator:
     ) -> None:
         """Answer messages of ``message_type`` (and its subclasses) without a handler.
 
-        Give ``result`` to return it, ``handler`` to compute the result from the message
-        (sync or async), or ``error`` to raise it. A later stub for a type replaces the
-        earlier one.
+        Give ``result`` to return it, ``handler`` to compute the result from the message,
+        or ``error`` to raise it. A later stub for a type replaces the earlier one.
         """
         if handler is not None and error is not None:
             raise TypeError("stub() takes a handler or an error, not both")
@@ -105,78 +110,19 @@ class RecordingMediator:
                 return stub
         return None
 
-    # -- the mediator verbs --------------------------------------------------------------
+    def _record(self, message: Any, kind: type, verb: str, what: str, into: list[Any]) -> None:
+        _check_kind(message, kind, verb, what)
+        self.dispatched.append(message)
+        into.append(message)
 
-    async def send(self, command: Command[R]) -> R:
-        """Record ``command``; return its stubbed result or the delegate's."""
-        _check_kind(command, Command, "send", "command")
-        self.dispatched.append(command)
-        self.sent.append(command)
-        return cast(R, await self._answer(command, "send"))
-
-    async def send_tracked(self, command: Command[R]) -> Receipt:
-        """Record ``command`` like :meth:`send`; return a receipt (token from the delegate)."""
-        _check_kind(command, Command, "send", "command")
-        self.dispatched.append(command)
-        self.sent.append(command)
-        stub = self._stub_for(type(command))
-        if stub is None and self._delegate is not None:
-            return await self._delegate.send_tracked(command)
-        receipt = Receipt()
-        receipt.result = await self._answer(command, "send")
-        return receipt
-
-    async def ask(self, query: Query[R]) -> R:
-        """Record ``query``; return its stubbed result or the delegate's."""
-        _check_kind(query, Query, "ask", "query")
-        self.dispatched.append(query)
-        self.asked.append(query)
-        return cast(R, await self._answer(query, "ask"))
-
-    async def stream(self, query: Query[AsyncIterator[R]]) -> AsyncIterator[R]:
-        """Record ``query``; iterate over its stubbed result (any iterable) or the
-        delegate's stream."""
-        _check_kind(query, Query, "ask", "query")
-        self.dispatched.append(query)
-        self.asked.append(query)
-        stub = self._stub_for(type(query))
-        if stub is None and self._delegate is not None:
-            async for item in self._delegate.stream(query):
-                yield item
-            return
-        result: Any = await self._answer(query, "ask")
-        if hasattr(result, "__aiter__"):
-            async for item in result:
-                yield item
-        else:
-            for item in result:
-                yield item
-
-    async def publish(self, event: Event, *, concurrently: bool | None = None) -> None:
-        """Record ``event``; run its stub if any, then forward it to the delegate if any."""
-        _check_kind(event, Event, "publish", "event")
-        self.dispatched.append(event)
-        self.published.append(event)
-        stub = self._stub_for(type(event))
-        if stub is not None:
-            await stub.run(event)
-        elif self._delegate is not None:
-            await self._delegate.publish(event, concurrently=concurrently)
-
-    async def _answer(self, message: Any, verb: str) -> Any:
-        stub = self._stub_for(type(message))
-        if stub is not None:
-            return await stub.run(message)
-        if self._delegate is not None:
-            forward: Callable[[Any], Awaitable[Any]] = getattr(self._delegate, verb)
-            return await forward(message)
+    @staticmethod
+    def _no_answer(message: Any) -> NoHandlerError:
         name = type(message).__name__
-        raise NoHandlerError(
-            f"RecordingMediator has no stub for {describe(type(message))} and no delegate.",
+        return NoHandlerError(
+            f"the recording mediator has no stub for {describe(type(message))} and no delegate.",
             message_type=type(message),
             hint=(
-                f"stub it: recorder.stub({name}, result), or pass "
-                "RecordingMediator(delegate=real_mediator)."
+                f"stub it: recorder.stub({name}, result), or pass a real mediator as its delegate."
             ),
         )
 
@@ -231,6 +177,140 @@ class RecordingMediator:
         self.published.clear()
 
 
+class RecordingMediator(_Recorder):
+    """A mediator double that records dispatches, answering from stubs or a delegate.
+
+    Args:
+        delegate: a real :class:`~cqrskit.mediator.Mediator` to forward every dispatch to
+            after recording it (stubs take precedence). Without one, an un-stubbed
+            ``send``/``ask`` raises :class:`~cqrskit.errors.NoHandlerError` and ``publish``
+            only records.
+
+    Attributes:
+        dispatched: every message in dispatch order.
+        sent: commands given to ``send`` / ``send_tracked``.
+        asked: queries given to ``ask`` / ``stream``.
+        published: events given to ``publish``.
+
+    Stub handlers may be sync or async.
+    """
+
+    def __init__(self, delegate: Mediator | None = None) -> None:
+        super().__init__()
+        self._delegate = delegate
+
+    async def send(self, command: Command[R]) -> R:
+        """Record ``command``; return its stubbed result or the delegate's."""
+        self._record(command, Command, "send", "command", self.sent)
+        return cast(R, await self._answer(command, "send"))
+
+    async def send_tracked(self, command: Command[R]) -> Receipt:
+        """Record ``command`` like :meth:`send`; return a receipt (token from the delegate)."""
+        self._record(command, Command, "send", "command", self.sent)
+        if self._stub_for(type(command)) is None and self._delegate is not None:
+            return await self._delegate.send_tracked(command)
+        receipt = Receipt()
+        receipt.result = await self._answer(command, "send")
+        return receipt
+
+    async def ask(self, query: Query[R]) -> R:
+        """Record ``query``; return its stubbed result or the delegate's."""
+        self._record(query, Query, "ask", "query", self.asked)
+        return cast(R, await self._answer(query, "ask"))
+
+    async def stream(self, query: Query[AsyncIterator[R]]) -> AsyncIterator[R]:
+        """Record ``query``; iterate over its stubbed result (any iterable) or the
+        delegate's stream."""
+        self._record(query, Query, "ask", "query", self.asked)
+        if self._stub_for(type(query)) is None and self._delegate is not None:
+            async for item in self._delegate.stream(query):
+                yield item
+            return
+        result: Any = await self._answer(query, "ask")
+        if hasattr(result, "__aiter__"):
+            async for item in result:
+                yield item
+        else:
+            for item in result:
+                yield item
+
+    async def publish(self, event: Event, *, concurrently: bool | None = None) -> None:
+        """Record ``event``; run its stub if any, else forward it to the delegate if any."""
+        self._record(event, Event, "publish", "event", self.published)
+        stub = self._stub_for(type(event))
+        if stub is not None:
+            await stub.run(event)
+        elif self._delegate is not None:
+            await self._delegate.publish(event, concurrently=concurrently)
+
+    async def _answer(self, message: Any, verb: str) -> Any:
+        stub = self._stub_for(type(message))
+        if stub is not None:
+            return await stub.run(message)
+        if self._delegate is not None:
+            forward: Callable[[Any], Awaitable[Any]] = getattr(self._delegate, verb)
+            return await forward(message)
+        raise self._no_answer(message)
+
+
+class SyncRecordingMediator(_Recorder):
+    """The twin of :class:`RecordingMediator` for code that uses a
+    :class:`~cqrskit.sync.SyncMediator`: the same recording, stubs and assertions, with
+    blocking verbs. Stub handlers must be plain functions.
+
+    Args:
+        delegate: a real :class:`~cqrskit.sync.SyncMediator` to forward to.
+    """
+
+    def __init__(self, delegate: SyncMediator | None = None) -> None:
+        super().__init__()
+        self._delegate = delegate
+
+    def send(self, command: Command[R]) -> R:
+        """Record ``command``; return its stubbed result or the delegate's."""
+        self._record(command, Command, "send", "command", self.sent)
+        return cast(R, self._answer(command, "send"))
+
+    def send_tracked(self, command: Command[R]) -> Receipt:
+        """Record ``command`` like :meth:`send`; return a receipt (token from the delegate)."""
+        self._record(command, Command, "send", "command", self.sent)
+        if self._stub_for(type(command)) is None and self._delegate is not None:
+            return self._delegate.send_tracked(command)
+        receipt = Receipt()
+        receipt.result = self._answer(command, "send")
+        return receipt
+
+    def ask(self, query: Query[R]) -> R:
+        """Record ``query``; return its stubbed result or the delegate's."""
+        self._record(query, Query, "ask", "query", self.asked)
+        return cast(R, self._answer(query, "ask"))
+
+    def stream(self, query: Query[Iterator[R]]) -> Iterator[R]:
+        """Record ``query``; iterate over its stubbed result or the delegate's stream."""
+        self._record(query, Query, "ask", "query", self.asked)
+        if self._stub_for(type(query)) is None and self._delegate is not None:
+            return self._delegate.stream(query)
+        return iter(self._answer(query, "ask"))
+
+    def publish(self, event: Event) -> None:
+        """Record ``event``; run its stub if any, else forward it to the delegate if any."""
+        self._record(event, Event, "publish", "event", self.published)
+        stub = self._stub_for(type(event))
+        if stub is not None:
+            stub.run_sync(event)
+        elif self._delegate is not None:
+            self._delegate.publish(event)
+
+    def _answer(self, message: Any, verb: str) -> Any:
+        stub = self._stub_for(type(message))
+        if stub is not None:
+            return stub.run_sync(message)
+        if self._delegate is not None:
+            forward: Callable[[Any], Any] = getattr(self._delegate, verb)
+            return forward(message)
+        raise self._no_answer(message)
+
+
 def _check_kind(message: object, kind: type, verb: str, what: str) -> None:
     if not isinstance(message, kind):
         raise WrongMessageKindError(
@@ -262,14 +342,17 @@ class HandlerHarness:
     Each parameter after the message (and each ``__init__`` parameter of a handler class) is
     taken, in this order, from: a keyword given to the call by parameter name; ``deps`` by
     annotated type; the built-ins — a fresh :class:`~cqrskit.messages.Metadata` and
-    :class:`~cqrskit.dependencies.Scope` per call, and :attr:`mediator` for a parameter
-    annotated :class:`~cqrskit.mediator.Mediator`. Anything else is a
+    :class:`~cqrskit.dependencies.Scope` per call, :attr:`mediator` for a parameter
+    annotated :class:`~cqrskit.mediator.Mediator` and :attr:`sync_mediator` for one
+    annotated :class:`~cqrskit.sync.SyncMediator`. Anything else is a
     :class:`~cqrskit.errors.DependencyError` naming the parameter.
 
     Args:
         deps: fakes by type.
         mediator: what handlers that dispatch further messages get; default a fresh
             :class:`RecordingMediator`, so the test can assert on what they dispatched.
+        sync_mediator: the same for ``SyncMediator`` parameters; default a fresh
+            :class:`SyncRecordingMediator`.
     """
 
     def __init__(
@@ -277,9 +360,11 @@ class HandlerHarness:
         deps: Mapping[Any, object] | None = None,
         *,
         mediator: RecordingMediator | Mediator | None = None,
+        sync_mediator: SyncRecordingMediator | SyncMediator | None = None,
     ) -> None:
         self.deps: dict[Any, object] = dict(deps or {})
         self.mediator = mediator if mediator is not None else RecordingMediator()
+        self.sync_mediator = sync_mediator if sync_mediator is not None else SyncRecordingMediator()
         self._specs: dict[int, HandlerSpec] = {}
 
     def _spec(self, handler: Any, message: Message) -> HandlerSpec:
@@ -304,6 +389,8 @@ class HandlerHarness:
             return Scope()
         if tp is Mediator or tp is RecordingMediator:
             return self.mediator
+        if tp is SyncMediator or tp is SyncRecordingMediator:
+            return self.sync_mediator
         raise DependencyError(
             f"{spec.name} needs parameter {name!r} of type {describe(tp)}, and no fake "
             "was given for it.",
@@ -374,8 +461,9 @@ def call_handler_sync(
     /,
     *,
     deps: Mapping[Any, object] | None = None,
-    mediator: RecordingMediator | Mediator | None = None,
+    mediator: SyncRecordingMediator | SyncMediator | None = None,
     **by_name: Any,
 ) -> Any:
-    """The twin of :func:`call_handler` for plain ``def`` handlers."""
-    return HandlerHarness(deps, mediator=mediator).call_sync(handler, message, **by_name)
+    """The twin of :func:`call_handler` for plain ``def`` handlers; ``mediator`` fills
+    parameters annotated ``SyncMediator``."""
+    return HandlerHarness(deps, sync_mediator=mediator).call_sync(handler, message, **by_name)

@@ -18,7 +18,14 @@ from cqrskit import (
     Registry,
     WrongMessageKindError,
 )
-from cqrskit.testing import HandlerHarness, RecordingMediator, call_handler, call_handler_sync
+from cqrskit.sync import SyncMediator
+from cqrskit.testing import (
+    HandlerHarness,
+    RecordingMediator,
+    SyncRecordingMediator,
+    call_handler,
+    call_handler_sync,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,3 +278,92 @@ async def test_stream_from_a_stub() -> None:
     recorder = RecordingMediator()
     recorder.stub(ListAccounts, handler=lambda q: rows())
     assert [r async for r in recorder.stream(ListAccounts())] == ["x", "y"]
+
+
+# -- the sync twin -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ListOwners(Query[Iterator[str]]):
+    pass
+
+
+def open_account_blocking(cmd: OpenAccount, accounts: Accounts, mediator: SyncMediator) -> str:
+    account_id = accounts.add(cmd.owner)
+    mediator.publish(AccountOpened(account_id, cmd.owner))
+    return account_id
+
+
+def test_sync_harness_gives_a_sync_recorder_for_sync_mediator_parameters() -> None:
+    accounts = FakeAccounts()
+    harness = HandlerHarness({Accounts: accounts})
+    assert harness.call_sync(open_account_blocking, OpenAccount("ada")) == "acc-1"
+    assert isinstance(harness.sync_mediator, SyncRecordingMediator)
+    harness.sync_mediator.assert_published(AccountOpened, owner="ada")
+
+    recorder = SyncRecordingMediator()
+    call_handler_sync(
+        open_account_blocking, OpenAccount("bob"), accounts=accounts, mediator=recorder
+    )
+    assert recorder.published_of(AccountOpened) == [AccountOpened("acc-2", "bob")]
+
+
+def test_sync_recorder_stubs_delegates_and_refuses_async_stubs() -> None:
+    registry = Registry()
+
+    @registry.handler
+    def open_(cmd: OpenAccount) -> str:
+        return f"real-{cmd.owner}"
+
+    @registry.handler
+    def owners(q: ListOwners) -> Iterator[str]:
+        yield from ("x", "y")
+
+    seen: list[object] = []
+
+    @registry.handler
+    def opened(e: AccountOpened) -> None:
+        seen.append(e)
+
+    recorder = SyncRecordingMediator(SyncMediator(registry))
+    assert recorder.send(OpenAccount("a")) == "real-a"
+    assert recorder.send_tracked(OpenAccount("b")).result == "real-b"
+    assert list(recorder.stream(ListOwners())) == ["x", "y"]
+    recorder.publish(AccountOpened("a", "b"))
+    assert seen == [AccountOpened("a", "b")]
+
+    recorder.stub(GetOwner, handler=lambda q: q.account_id.upper())
+    assert recorder.ask(GetOwner("abc")) == "ABC"
+    recorder.stub(ListOwners, ["s"])
+    assert list(recorder.stream(ListOwners())) == ["s"]
+    recorder.stub(OpenAccount, "stubbed")
+    assert recorder.send_tracked(OpenAccount("c")).result == "stubbed"
+    recorder.stub(AccountOpened, error=RuntimeError("projection down"))
+    with pytest.raises(RuntimeError, match="projection down"):
+        recorder.publish(AccountOpened("z", "z"))
+    assert seen == [AccountOpened("a", "b")]  # the stub replaced delivery
+
+    async def async_stub(q: GetOwner) -> str:
+        return "never"
+
+    recorder.stub(GetOwner, handler=async_stub)
+    with pytest.raises(TypeError, match="is async"):
+        recorder.ask(GetOwner("a"))
+    recorder.assert_sent(OpenAccount, owner="c")
+    assert [type(m).__name__ for m in recorder.dispatched] == [
+        "OpenAccount",
+        "OpenAccount",
+        "ListOwners",
+        "AccountOpened",
+        "GetOwner",
+        "ListOwners",
+        "OpenAccount",
+        "AccountOpened",
+        "GetOwner",
+    ]
+
+    bare = SyncRecordingMediator()
+    with pytest.raises(NoHandlerError):
+        bare.ask(GetOwner("a"))
+    with pytest.raises(WrongMessageKindError):
+        bare.send(AccountOpened("a", "b"))  # type: ignore[arg-type]
