@@ -21,6 +21,7 @@ message type; a type with nothing to check costs one dictionary lookup per dispa
 from __future__ import annotations
 
 import sys
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ Validator = Callable[[Any], "Iterable[FieldError] | None"]
 """``validator(message)``: the failing fields (or ``None``), or raise ValidationError."""
 
 _Check = Callable[[Any], list[FieldError]]
+_MAX_DEPTH = 64  # nesting beyond this is not walked (guards against cyclic containers)
 
 
 def field_path(loc: Iterable[str | int]) -> str:
@@ -70,7 +72,7 @@ def _pydantic_check(message_type: type) -> _Check | None:
 
     def as_input(value: Any, depth: int) -> Any:
         # nested model instances pass pydantic unchecked: turn them back into input data
-        if depth > 64:
+        if depth > _MAX_DEPTH:
             return value
         if isinstance(value, base_model):
             cls = type(value)
@@ -117,8 +119,6 @@ def _msgspec_check(message_type: type) -> _Check | None:
     msgspec = sys.modules.get("msgspec")
     if msgspec is None or not issubclass(message_type, msgspec.Struct):
         return None
-    import typing
-
     struct_type = msgspec.Struct
     to_builtins = msgspec.to_builtins
     convert = msgspec.convert
@@ -137,21 +137,26 @@ def _msgspec_check(message_type: type) -> _Check | None:
             out.append(FieldError(path + suffix, text))
         except (TypeError, ValueError):  # to_builtins refuses values it cannot encode
             out.append(FieldError(path, f"unsupported value of type {type(value).__name__}"))
+        except RecursionError:  # a container that holds itself
+            out.append(FieldError(path, "nested too deeply to validate"))
 
-    def walk(value: Any, tp: Any, path: str, out: list[FieldError]) -> None:
+    def walk(value: Any, tp: Any, path: str, out: list[FieldError], depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            out.append(FieldError(path, "nested too deeply to validate"))
+            return
         if isinstance(value, struct_type):
             expected = [t for t in (typing.get_args(tp) or (tp,)) if isinstance(t, type)] or [
                 type(value)
             ]
             if any(isinstance(value, t) for t in expected):
                 for f in fields_of(type(value)):
-                    walk(getattr(value, f.name), f.type, f"{path}.{f.name}", out)
+                    walk(getattr(value, f.name), f.type, f"{path}.{f.name}", out, depth + 1)
                 return
         elif isinstance(value, list | tuple) and typing.get_origin(tp) in (list, Sequence):
             args = typing.get_args(tp)
             if len(args) == 1:
                 for i, item in enumerate(value):
-                    walk(item, args[0], f"{path}[{i}]", out)
+                    walk(item, args[0], f"{path}[{i}]", out, depth + 1)
                 return
         leaf(value, tp, path, out)
 
