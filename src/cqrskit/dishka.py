@@ -158,34 +158,27 @@ class DishkaResolver:
 
     # -- per dispatch --------------------------------------------------------------------
 
-    def _child_args(self, scope: Scope) -> dict[str, Any]:
+    def _child(self, scope: Scope) -> Any:
+        container: Any = self._container
+        if self._context is None and self._scope is None:
+            return container()
         args: dict[str, Any] = {}
         if self._context is not None:
             args["context"] = dict(self._context(scope))
         if self._scope is not None:
             args["scope"] = self._scope
-        return args
+        return container(**args)
 
     async def _enter_async(self, scope: Scope) -> Any:
-        container: Any = self._container
-        child = await container(**self._child_args(scope)).__aenter__()
+        child = await self._child(scope).__aenter__()
         scope.items[self._key] = child
-
-        async def close(error: BaseException | None) -> None:
-            await child.close(error)
-
-        scope.on_exit(close)
+        scope.on_exit(child.close)  # close(exception) runs dishka's finalizers with the error
         return child
 
     def _enter_sync(self, scope: Scope) -> Any:
-        container: Any = self._container
-        child = container(**self._child_args(scope)).__enter__()
+        child = self._child(scope).__enter__()
         scope.items[self._key] = child
-
-        def close(error: BaseException | None) -> None:
-            child.close(error)
-
-        scope.on_exit(close)
+        scope.on_exit(child.close)
         return child
 
 
