@@ -24,9 +24,17 @@ class EncodedEvent(NamedTuple):
     data: str
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _fields(event: Event) -> Any:
+    names = _FIELD_NAMES.get(type(event))
+    if names is not None:
+        return {name: getattr(event, name) for name in names}
     if dataclasses.is_dataclass(event):
-        return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+        names = _FIELD_NAMES[type(event)] = tuple(f.name for f in dataclasses.fields(event))
+        return {name: getattr(event, name) for name in names}
     dump = getattr(event, "model_dump", None)
     if dump is not None:
         return dump(mode="json")
@@ -47,9 +55,7 @@ def encode_event(event: Event) -> EncodedEvent:
     """
     cls = type(event)
     try:
-        data = json.dumps(
-            _fields(event), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str
-        )
+        data = _ENCODER.encode(_fields(event))
     except (TypeError, ValueError) as exc:
         raise SerializationError(
             f"cannot encode event {cls.__name__} as JSON: {exc}.", message_type=cls

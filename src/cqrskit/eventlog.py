@@ -21,6 +21,7 @@ import asyncio
 import logging
 import re
 import uuid
+from datetime import UTC, datetime
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -210,20 +211,25 @@ class UnitOfWork(ABC):
         return self._active
 
     def pending_rows(self, encode: Callable[[Event], EncodedEvent]) -> list[PendingRow]:
-        """The recorded events encoded, with their metadata (for drivers)."""
+        """The recorded events encoded, with their metadata (for drivers).
+
+        An event's ``message_id`` is ``<command message id>-<n>`` (``n`` counts the unit of
+        work's events from 0): unique as long as command ids are, stable across a relay's
+        retries, and one uuid per command instead of one per event.
+        """
         md = self.metadata
         if md is not None:
-            correlation: str | None = md.correlation_id
             causation: str | None = md.message_id
+            correlation: str | None = md.correlation_id
             timestamp = md.timestamp.isoformat()
+            prefix = causation
         else:
             correlation = causation = None
-            from datetime import UTC, datetime
-
             timestamp = datetime.now(UTC).isoformat()
+            prefix = uuid.uuid4().hex
         seen: dict[str, int] = {}
         rows: list[PendingRow] = []
-        for stream, e in self._events:
+        for n, (stream, e) in enumerate(self._events):
             i = seen.get(stream, 0)
             seen[stream] = i + 1
             base = self._base.get(stream)
@@ -234,7 +240,7 @@ class UnitOfWork(ABC):
                     None if base is None else base + i,
                     encode(e),
                     {
-                        "message_id": uuid.uuid4().hex,
+                        "message_id": f"{prefix}-{n}",
                         "correlation_id": correlation,
                         "causation_id": causation,
                         "timestamp": timestamp,
