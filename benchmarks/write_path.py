@@ -27,15 +27,15 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cqrskit import Command, Event, Mediator, Registry  # noqa: E402
-from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork, sqlite_ddl  # noqa: E402
+from cqrskit import Command, Event, Mediator, Registry
+from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork, sqlite_ddl
 
 Run = Callable[[int], Awaitable[None]]
 
@@ -334,8 +334,12 @@ async def main() -> None:
     for c in cases:
         print(c.row())
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump([asdict(c) | {"ratio": c.ratio} for c in cases], f, indent=2)
+        _write_json(args.json, cases)
+
+
+def _write_json(path: str, cases: list[Case]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump([asdict(c) | {"ratio": c.ratio} for c in cases], f, indent=2)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ import asyncio
 import logging
 import re
 import uuid
-from datetime import UTC, datetime
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from cqrskit._encoding import EncodedEvent, encode_event
