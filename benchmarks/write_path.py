@@ -37,6 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from cqrskit import Command, Event, Mediator, Registry
 from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork, sqlite_ddl
 
+try:
+    import asyncpg
+    import psycopg
+
+    from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
+except ImportError:  # the SQLite case still runs (--no-pg)
+    pass
+
 Run = Callable[[int], Awaitable[None]]
 
 
@@ -179,11 +187,6 @@ async def p2a(n: int, rounds: int, synchronous: str) -> Case:
 
 async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
     """PostgreSQL: mediator + transaction behavior vs raw asyncpg (and psycopg for reference)."""
-    import asyncpg
-    import psycopg
-
-    from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
-
     schema = f"cqrskit_bench_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(dsn)
     await admin.execute(
