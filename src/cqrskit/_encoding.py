@@ -1,19 +1,45 @@
 """How the write side turns an event into a log row's type name, schema version and JSON.
 
-A stand-in kept behind one function until ``cqrskit.serialization`` lands; the stores take
-any ``encoder`` with the same signature.
+The default needs no registration (type name = class name); pass
+``encoder=JsonSerializer(event_types).encode`` from :mod:`cqrskit.serialization` for stable
+registered names, schema versions and limits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 from cqrskit.errors import SerializationError
 from cqrskit.messages import Event
 
-__all__ = ["EncodedEvent", "encode_event"]
+__all__ = ["Encoded", "EncodedEvent", "Encoder", "encode_event"]
+
+
+class Encoded(Protocol):
+    """What an encoder returns: the log row's type name, schema version and JSON text
+    (``cqrskit.serialization.EncodedEvent`` and :class:`EncodedEvent` both fit)."""
+
+    @property
+    def type(self) -> str:
+        """The event's stable type name."""
+        ...
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the payload."""
+        ...
+
+    @property
+    def data(self) -> str:
+        """The JSON payload."""
+        ...
+
+
+Encoder = Callable[[Event], Encoded]
+"""An event encoder, e.g. ``JsonSerializer(event_types).encode``."""
 
 
 class EncodedEvent(NamedTuple):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from cqrskit._encoding import EncodedEvent, encode_event
+from cqrskit._encoding import Encoded, Encoder, encode_event
 from cqrskit.dependencies import Provider, Scope
 from cqrskit.errors import ConcurrencyError, ConfigurationError, DependencyError, PersistenceError
 from cqrskit.mediator import Mediator, _receipt_var, record_token
@@ -122,7 +122,7 @@ class PendingRow:
     stream: str
     index: int
     expected_version: int | None
-    encoded: EncodedEvent
+    encoded: Encoded
     metadata: dict[str, Any]
     event: Event
 
@@ -210,7 +210,7 @@ class UnitOfWork(ABC):
         """``True`` until the unit of work commits or rolls back."""
         return self._active
 
-    def pending_rows(self, encode: Callable[[Event], EncodedEvent]) -> list[PendingRow]:
+    def pending_rows(self, encode: Encoder) -> list[PendingRow]:
         """The recorded events encoded, with their metadata (for drivers).
 
         An event's ``message_id`` is ``<command message id>-<n>`` (``n`` counts the unit of
@@ -281,7 +281,7 @@ class EventStore(ABC):
     #: The driver's unit-of-work class; handlers may ask for it or for :class:`UnitOfWork`.
     unit_of_work_type: ClassVar[type[UnitOfWork]]
 
-    def __init__(self, *, encoder: Callable[[Event], EncodedEvent] | None = None) -> None:
+    def __init__(self, *, encoder: Encoder | None = None) -> None:
         self._hooks: list[InlineHook] = []
         self._encode = encoder or encode_event
         self._waiters: set[asyncio.Future[None]] = set()
@@ -517,7 +517,7 @@ class InMemoryEventStore(EventStore):
 
     unit_of_work_type = InMemoryUnitOfWork
 
-    def __init__(self, *, encoder: Callable[[Event], EncodedEvent] | None = None) -> None:
+    def __init__(self, *, encoder: Encoder | None = None) -> None:
         super().__init__(encoder=encoder)
         self._log: list[StoredEvent] = []
         self._streams: dict[str, list[StoredEvent]] = {}

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from cqrskit._encoding import EncodedEvent
+from cqrskit._encoding import Encoder
 from cqrskit.errors import (
     ConcurrencyError,
     ConfigurationError,
@@ -41,7 +41,7 @@ from cqrskit.eventlog import (
     UnitOfWork,
     validate_identifier,
 )
-from cqrskit.messages import Event, Metadata
+from cqrskit.messages import Metadata
 
 try:
     import asyncpg
@@ -214,7 +214,7 @@ class PostgresEventStore(EventStore):
         schema: str = "public",
         table: str = "cqrskit_events",
         notify: bool = True,
-        encoder: Callable[[Event], EncodedEvent] | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
         super().__init__(encoder=encoder)
         self.pool = pool
@@ -287,7 +287,7 @@ class PostgresEventStore(EventStore):
         notify: bool = True,
         min_size: int = 1,
         max_size: int = 10,
-        encoder: Callable[[Event], EncodedEvent] | None = None,
+        encoder: Encoder | None = None,
     ) -> PostgresEventStore:
         """Connect a pool to ``dsn`` and prepare (or check) the tables.
 

@@ -19,11 +19,10 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from cqrskit._encoding import EncodedEvent
+from cqrskit._encoding import Encoded, Encoder
 from cqrskit.errors import ConcurrencyError, ConfigurationError, PersistenceError
 from cqrskit.eventlog import (
     EventStore,
@@ -31,7 +30,7 @@ from cqrskit.eventlog import (
     UnitOfWork,
     validate_identifier,
 )
-from cqrskit.messages import Event, Metadata
+from cqrskit.messages import Metadata
 
 __all__ = ["SCHEMA_VERSION", "SqliteEventStore", "SqliteUnitOfWork", "sqlite_ddl"]
 
@@ -129,7 +128,7 @@ class SqliteUnitOfWork(UnitOfWork):
             self.store._release()
 
 
-_Row = tuple[int, str, int, EncodedEvent, dict[str, Any]]
+_Row = tuple[int, str, int, Encoded, dict[str, Any]]
 
 
 class SqliteEventStore(EventStore):
@@ -157,7 +156,7 @@ class SqliteEventStore(EventStore):
         synchronous: Synchronous = "NORMAL",
         create_tables: bool = True,
         lock_timeout: float = 5.0,
-        encoder: Callable[[Event], EncodedEvent] | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
         super().__init__(encoder=encoder)
         if sqlite3.sqlite_version_info < (3, 35):
