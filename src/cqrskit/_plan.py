@@ -11,13 +11,23 @@ import inspect
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cqrskit.dependencies import Provider, Resolver, Scope, compile_factory
-from cqrskit.errors import DependencyError, RegistrationError, describe
-from cqrskit.messages import Message, Metadata
+from cqrskit.errors import (
+    ConfigurationError,
+    DependencyError,
+    NoHandlerError,
+    RegistrationError,
+    WrongMessageKindError,
+    describe,
+)
+from cqrskit.messages import Event, Message, Metadata
 from cqrskit.pipeline._core import ScopedBehavior
-from cqrskit.registry import HandlerSpec
+from cqrskit.registry import HandlerSpec, Registry, message_kind
+
+P = TypeVar("P")
+_VERBS = {"command": "send", "query": "ask", "event": "publish"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,3 +233,70 @@ def _get_scope(scope: Scope) -> Scope:
 
 def _short(tp: Any) -> str:
     return getattr(tp, "__name__", repr(tp))
+
+
+# -- shared by both mediators: build-time checks and slow-path routing ---------------------
+
+
+def check_expected(registry: Registry) -> None:
+    """Fail when a command or query the registry expects has no handler."""
+    missing = sorted(
+        (t for t in registry.expected() if registry.handler_for(t) is None), key=describe
+    )
+    if missing:
+        names = ", ".join(describe(t) for t in missing)
+        raise ConfigurationError(
+            f"no handler registered for: {names}.",
+            message_type=missing[0],
+            hint="register one with @registry.handler for each, or remove the message.",
+        )
+
+
+def _wrong_kind(verb: str, kind: str, cls: type) -> WrongMessageKindError:
+    actual = message_kind(cls)
+    right = _VERBS.get(actual or "")
+    what = f"a {actual}" if actual else "not a cqrskit message"
+    article = "an" if kind == "event" else "a"
+    base = "Event" if kind == "event" else f"{kind.title()}[Result]"
+    return WrongMessageKindError(
+        f"mediator.{verb}() takes {article} {kind}, but {describe(cls)} is {what}.",
+        message_type=cls,
+        hint=(
+            f"use mediator.{right}() for it."
+            if right
+            else f"subclass cqrskit.{base} for messages given to {verb}()."
+        ),
+    )
+
+
+def route(
+    message: object, kind: str, plans: dict[type, P], *, verb: str | None = None, sync: bool = False
+) -> P:
+    """Slow path of ``send``/``ask``: check the kind, then find a plan by base class.
+
+    A plan found for a base class is cached under the message's own class.
+
+    Raises:
+        WrongMessageKindError: the message is not of ``kind``.
+        NoHandlerError: neither its class nor a base class has a handler.
+    """
+    cls = type(message)
+    if message_kind(cls) != kind:
+        raise _wrong_kind(verb or _VERBS[kind], kind, cls)
+    for base in cls.__mro__[1:]:
+        plan = plans.get(base)
+        if plan is not None:
+            plans[cls] = plan
+            return plan
+    prefix = "def" if sync else "async def"
+    raise NoHandlerError(
+        f"no handler registered for {kind} {describe(cls)}.",
+        message_type=cls,
+        hint=f"register one: @registry.handler {prefix} handle(msg: {cls.__name__}) -> ...",
+    )
+
+
+def check_event(event: object) -> None:
+    """Slow path of ``publish``: refuse anything that is not an Event."""
+    if not isinstance(event, Event):
+        raise _wrong_kind("publish", "event", type(event))

@@ -28,27 +28,51 @@ if TYPE_CHECKING:
 __all__ = ["Dependencies", "Provider", "Resolver", "Scope"]
 
 T = TypeVar("T")
+_MISSING: Any = object()
 Lookup = Callable[[Any], "Provider"]
 
 
-class Scope:
+class Scope(dict[Any, Any]):
     """State of one dispatch: cached scoped values and the cleanups to run at its end.
 
+    The scope *is* the mapping of scoped values created so far (keyed by their type), so
+    creating one per dispatch costs no more than an empty dict.
+
     Attributes:
-        values: scoped values created so far, keyed by their type.
         metadata: the dispatch's :class:`~cqrskit.messages.Metadata` (created lazily).
         parent: the scope of the dispatch that caused this one, if nested.
         items: free slots for integrations (e.g. a DI container's request scope).
     """
 
-    __slots__ = ("values", "_exits", "_metadata", "parent", "items")
+    parent: Scope | None = None
+    _exits: list[Callable[[BaseException | None], Any]] | None = None
+    _metadata: Metadata | None = None
+    _items: dict[str, Any] | None = None
 
     def __init__(self, parent: Scope | None = None) -> None:
-        self.values: dict[Any, Any] = {}
-        self._exits: list[Callable[[BaseException | None], Any]] | None = None
-        self._metadata: Metadata | None = None
-        self.parent = parent
-        self.items: dict[str, Any] = {}
+        if parent is not None:
+            self.parent = parent
+
+    def __repr__(self) -> str:
+        return f"<Scope values={list(self)!r} parent={self.parent is not None}>"
+
+    @property
+    def values(self) -> dict[Any, Any]:  # type: ignore[override]
+        """Scoped values created so far, keyed by their type (the scope itself)."""
+        return self
+
+    @property
+    def items(self) -> dict[str, Any]:  # type: ignore[override]
+        """Free slots for integrations (e.g. a DI container's request scope)."""
+        items = self._items
+        if items is None:
+            items = self._items = {}
+        return items
+
+    @property
+    def has_exits(self) -> bool:
+        """Whether any exit callback is registered."""
+        return bool(self._exits)
 
     @property
     def metadata(self) -> Metadata:
@@ -82,7 +106,7 @@ class Scope:
         for callback in reversed(exits):
             try:
                 result = callback(error)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     await result
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 if first is None:
@@ -117,12 +141,15 @@ class Provider:
         value: the singleton object.
         get: the scoped getter.
         is_async: ``get`` returns an awaitable.
+        factory: for a scoped value made by a plain call with no arguments and no cleanup,
+            that callable; lets a plan that has a single consumer of it skip the scope.
     """
 
     lifetime: Literal["singleton", "scoped"]
     value: Any = None
     get: Callable[[Scope], Any] | None = None
     is_async: bool = False
+    factory: Callable[[], Any] | None = None
 
     @staticmethod
     def singleton(value: Any) -> Provider:
@@ -130,9 +157,14 @@ class Provider:
         return Provider("singleton", value=value)
 
     @staticmethod
-    def scoped(get: Callable[[Scope], Any], *, is_async: bool = False) -> Provider:
+    def scoped(
+        get: Callable[[Scope], Any],
+        *,
+        is_async: bool = False,
+        factory: Callable[[], Any] | None = None,
+    ) -> Provider:
         """A provider computed per dispatch by ``get(scope)``."""
-        return Provider("scoped", get=get, is_async=is_async)
+        return Provider("scoped", get=get, is_async=is_async, factory=factory)
 
 
 class Resolver(Protocol):
@@ -149,8 +181,10 @@ class Resolver(Protocol):
 
 
 def _factory_params(factory: Callable[..., Any]) -> list[tuple[str, Any]]:
+    # a class's own annotations describe its attributes; its parameters are __init__'s
+    annotated = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
     try:
-        hints = typing.get_type_hints(factory)
+        hints = typing.get_type_hints(annotated)
     except NameError as exc:
         raise DependencyError(
             f"factory {describe(factory)} has an annotation that cannot be resolved: {exc}.",
@@ -241,9 +275,7 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
 
         def close(error: BaseException | None) -> None:
             if error is None:
-                try:
-                    next(gen)
-                except StopIteration:
+                if next(gen, _MISSING) is _MISSING:
                     return
                 raise DependencyError(f"factory {describe(factory)} yielded twice.")
             try:
@@ -284,21 +316,19 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
         if not subs and not is_gen:
 
             def get(scope: Scope) -> Any:
-                values = scope.values
-                try:
-                    return values[key]
-                except KeyError:
+                values = scope
+                value = values.get(key, _MISSING)
+                if value is _MISSING:
                     value = values[key] = factory()
-                    return value
+                return value
 
-            return Provider.scoped(get)
+            return Provider.scoped(get, factory=factory)
 
         def get_sync(scope: Scope) -> Any:
-            values = scope.values
-            try:
-                return values[key]
-            except KeyError:
-                pass
+            values = scope
+            cached = values.get(key, _MISSING)
+            if cached is not _MISSING:
+                return cached
             result = factory(**resolve_sync(scope))
             if is_gen:
                 result = finish_gen(result, scope)
@@ -308,11 +338,10 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
         return Provider.scoped(get_sync)
 
     async def get_async(scope: Scope) -> Any:
-        values = scope.values
-        try:
-            return values[key]
-        except KeyError:
-            pass
+        values = scope
+        cached = values.get(key, _MISSING)
+        if cached is not _MISSING:
+            return cached
         kwargs = await resolve_async(scope) if any_async else resolve_sync(scope)
         if is_agen:
             result = await finish_agen(factory(**kwargs), scope)
