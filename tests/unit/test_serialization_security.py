@@ -80,7 +80,7 @@ def bag(serializer: JsonSerializer, value_json: str) -> Any:
         "antigravity",
         "this.s",
         "__main__.Opened",
-        "test_serialization_security.Opened",
+        f"{__name__}.Opened",
         "cqrskit.messages.Event",
         "",
         "a" * 10_000,
@@ -284,8 +284,8 @@ def test_missing_required_field_names_type_and_field(serializer: JsonSerializer)
     with pytest.raises(SerializationError) as info:
         serializer.decode("account.opened", 1, '{"account_id":"a"}')
     assert str(info.value).startswith(
-        "cannot decode event 'account.opened' (schema version 1, "
-        "test_serialization_security.Opened): field 'owner': required field is missing."
+        f"cannot decode event 'account.opened' (schema version 1, {__name__}.Opened): "
+        "field 'owner': required field is missing."
     )
     assert info.value.message_type is Opened
 
