@@ -326,3 +326,12 @@ def test_limit_errors_point_at_the_offending_value(serializer: JsonSerializer) -
         bag(serializer, '[1,{"k":"\\u0000"}]')
     with pytest.raises(SerializationError, match=re.escape("field 'value': NaN and Infinity")):
         serializer.encode(Bag(float("-inf")))
+
+
+@pytest.mark.parametrize("field", ["max_bytes", "max_depth", "max_string_length", "max_int_digits"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, None])
+def test_limits_must_be_positive_ints(field: str, value: object) -> None:
+    from cqrskit.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=f"Limits.{field} must be an int >= 1"):
+        Limits(**{field: value})  # type: ignore[arg-type]
