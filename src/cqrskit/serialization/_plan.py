@@ -77,19 +77,24 @@ class _Planner:
 
     def plan(self, tp: Any, ignore_unknown: bool, where: str) -> tuple[_Enc, _Dec]:
         key = (tp, ignore_unknown)
-        cached = self._plans.get(key)
+        try:
+            cached = self._plans.get(key)
+        except TypeError:  # unhashable annotation metadata: plan it without caching
+            return self._value_plan(tp, ignore_unknown, where)
         if cached is not None:
             return cached
         if isinstance(tp, type) and (
             dataclasses.is_dataclass(tp) or _is_pydantic(tp) or _is_msgspec(tp)
         ):
             # Classes may refer to themselves: register trampolines before planning fields.
+            # If planning fails, plans made meanwhile may hold the dead trampoline: roll back.
+            snapshot = dict(self._plans)
             slot: list[tuple[_Enc, _Dec]] = []
             self._plans[key] = (lambda v: slot[0][0](v), lambda v: slot[0][1](v))
             try:
                 built = self._class_plan(tp, ignore_unknown)
             except BaseException:
-                del self._plans[key]
+                self._plans = snapshot
                 raise
             slot.append(built)
             self._plans[key] = built
