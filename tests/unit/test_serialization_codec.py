@@ -372,12 +372,32 @@ def test_the_full_limit_walk_runs_only_when_the_text_shows_a_trace(
             walked.append(value)
         real_walk(self, value, depth)
 
+    encoded = serializer.encode(Small(1, "plain e123 " + "1" * 50))
     monkeypatch.setattr(_codec._Checker, "walk", spy)
-    encoded = serializer.encode(Small(1, "plain"))
-    assert serializer.decode("small", 1, encoded.data) == Small(1, "plain")
+    assert serializer.decode("small", 1, encoded.data) == Small(1, "plain e123 " + "1" * 50)
     assert walked == []
-    # traces: an escaped surrogate pair (valid), a large exponent, a long digit run
-    for text in ('"\\ud83d\\ude00"', '"e123"', '"' + "1" * 41 + '"'):
+    # false alarms: an escaped (valid) surrogate pair, brackets inside a string
+    for text in ('"\\ud83d\\ude00"', '"' + "[" * 40 + '"'):
         data = '{"a":1,"b":' + text + "}"
         assert isinstance(serializer.decode("small", 1, data), Small)
-    assert len(walked) == 3
+    assert len(walked) == 2
+
+
+@dataclass(frozen=True, slots=True)
+class Holder(Event):
+    opened: PydanticOpened
+    struct: MsgspecOpened | None = None
+
+
+def test_pydantic_and_msgspec_nested_in_a_dataclass(event_types: EventTypes) -> None:
+    event_types.register(Holder, "holder")
+    at = datetime(2024, 1, 1, tzinfo=UTC)
+    event = Holder(
+        PydanticOpened(account_id=uuid.UUID(int=1), owner="a", at=at),
+        MsgspecOpened(uuid.UUID(int=2), "b", at),
+    )
+    for serializer in (JsonSerializer(event_types), OrjsonSerializer(event_types)):
+        encoded = serializer.encode(event)
+        assert serializer.decode("holder", 1, encoded.data) == event
+        with pytest.raises(SerializationError, match=r"field 'opened': .*owner: Input should be"):
+            serializer.decode("holder", 1, encoded.data.replace('"owner":"a"', '"owner":[]'))
