@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--decoder", required=True)
     run.add_argument("--batch-size", type=int, default=500)
     run.add_argument("--lease-ttl", type=float, default=5.0)
+    run.add_argument("--poll-interval", type=float, default=1.0)
     run.add_argument("--owner")
     status = sub.add_parser("status", help="checkpoint, lag and dead letters")
     _connection_args(status)
@@ -149,6 +150,7 @@ async def _run(args: argparse.Namespace) -> int:
         load_object(args.decoder),
         batch_size=args.batch_size,
         lease_ttl=args.lease_ttl,
+        poll_interval=args.poll_interval,
         owner=args.owner,
     )
     loop = asyncio.get_running_loop()
