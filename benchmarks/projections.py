@@ -279,10 +279,20 @@ async def main() -> None:
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--pg", metavar="DSN", help="also measure P4 on this PostgreSQL")
     parser.add_argument("--only-p4", action="store_true", help="skip P3 and P5")
+    parser.add_argument("--only-p3", action="store_true", help="skip P4 and P5")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         small, large = args.p5
+        if args.only_p3:
+            results = [
+                await p3(tmp, args.events, args.rounds, "P3", serializer),
+                await p3(tmp, args.events, args.rounds, "P3b", plain_decode),
+            ]
+            print(HEADER.replace("ns/op", "ns/event"))
+            for r in results:
+                print(r.row())
+            return
         lat = await p4(tmp, args.samples)
         lat_pg = await p4_postgres(args.pg, args.samples) if args.pg else []
         if args.only_p4:
