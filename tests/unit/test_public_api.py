@@ -35,10 +35,6 @@ def own_doc(obj: Any) -> str | None:
     return doc.strip() if doc else None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: cqrskit.__all__ lists 'Registry' before 'RegistrationError' (lead owns it)",
-)
 def test_all_is_sorted() -> None:
     assert cqrskit.__all__ == sorted(cqrskit.__all__)
 
