@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from cqrskit._encoding import EncodedEvent, encode_event
 from cqrskit.dependencies import Provider, Scope
 from cqrskit.errors import ConcurrencyError, ConfigurationError, DependencyError, PersistenceError
-from cqrskit.mediator import Mediator, record_token
+from cqrskit.mediator import Mediator, _receipt_var, record_token
 from cqrskit.messages import Event, Metadata
 from cqrskit.pipeline._core import ScopedBehavior, for_commands
 
@@ -251,7 +251,8 @@ class UnitOfWork(ABC):
     async def commit(self) -> int | None:
         """Append the recorded events, run inline hooks, commit; return the last position.
 
-        Returns ``None`` when no event was recorded. Raises
+        Returns ``None`` when no event was recorded (or the unit of work was opened with
+        ``positions=False`` and the driver did not read them back). Raises
         :class:`~cqrskit.errors.ConcurrencyError` (after rolling back) when an expected
         version does not hold or another writer appended the same stream version.
         """
@@ -282,8 +283,15 @@ class EventStore(ABC):
     # -- write side ----------------------------------------------------------------------
 
     @abstractmethod
-    async def begin(self, metadata: Metadata | None = None) -> UnitOfWork:
-        """Open a unit of work (a write transaction) on this store."""
+    async def begin(
+        self, metadata: Metadata | None = None, *, positions: bool = True
+    ) -> UnitOfWork:
+        """Open a unit of work (a write transaction) on this store.
+
+        ``metadata`` supplies the events' correlation and causation ids. With
+        ``positions=False`` a driver may skip reading back the positions at commit (saving a
+        round trip on PostgreSQL); :meth:`UnitOfWork.commit` then returns ``None``.
+        """
 
     def transaction(self, *, on_publish_error: PublishErrorHandler | None = None) -> ScopedBehavior:
         """The transaction behavior for commands: one unit of work per command.
@@ -385,7 +393,7 @@ class _TransactionBehavior:
         if outer is not None:
             scope.values[store] = outer
             return await next(message)
-        uow = await store.begin(scope.metadata)
+        uow = await store.begin(scope.metadata, positions=_receipt_var.get() is not None)
         scope.values[store] = uow
         try:
             result = await next(message)
@@ -403,6 +411,7 @@ class _TransactionBehavior:
             raise
         if position is not None:
             record_token(position)
+        if events:
             for event in events:
                 try:
                     await mediator.publish(event)
@@ -509,7 +518,9 @@ class InMemoryEventStore(EventStore):
         self._lock = asyncio.Lock()
         self.state: dict[str, Any] = {}
 
-    async def begin(self, metadata: Metadata | None = None) -> InMemoryUnitOfWork:
+    async def begin(
+        self, metadata: Metadata | None = None, *, positions: bool = True
+    ) -> InMemoryUnitOfWork:
         """See :meth:`EventStore.begin`."""
         return InMemoryUnitOfWork(self, metadata)
 

@@ -262,7 +262,9 @@ class SqliteEventStore(EventStore):
 
     # -- write side ----------------------------------------------------------------------
 
-    async def begin(self, metadata: Metadata | None = None) -> SqliteUnitOfWork:
+    async def begin(
+        self, metadata: Metadata | None = None, *, positions: bool = True
+    ) -> SqliteUnitOfWork:
         """See :meth:`EventStore.begin`; waits for the in-process write lock first."""
         await self._write_lock.acquire()
         try:
