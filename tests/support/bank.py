@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
-from cqrskit.eventlog import StoredEvent
 from cqrskit.messages import Event
 from cqrskit.projections import Projection, ProjectionContext
+from cqrskit.serialization import EventTypes, JsonSerializer
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +26,12 @@ class Unrelated(Event):
     note: str
 
 
-EVENTS: dict[str, type[Event]] = {c.__name__: c for c in (Deposited, Poison, Unrelated)}
-
-
-def decode(stored: StoredEvent) -> Event:
-    return EVENTS[stored.type](**json.loads(stored.data))
+event_types = EventTypes()
+event_types.register(Deposited, "bank.deposited")
+event_types.register(Poison, "bank.poison")
+event_types.register(Unrelated, "bank.unrelated")
+serializer = JsonSerializer(event_types)
+decode = serializer
 
 
 balances = Projection(

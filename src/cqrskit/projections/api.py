@@ -192,11 +192,13 @@ class Projection:
         """The event types with a handler."""
         return tuple(self._handlers)
 
-    def physical_tables(self, generation: int) -> dict[str, str]:
-        """Logical table name -> quoted physical name in ``generation``."""
-        return {t: quote(physical_table(t, generation)) for t in self.tables}
+    def physical_tables(
+        self, generation: int, qualify: Callable[[str], str] = quote
+    ) -> dict[str, str]:
+        """Logical table name -> quoted (and qualified) physical name in ``generation``."""
+        return {t: qualify(physical_table(t, generation)) for t in self.tables}
 
-    def ddl(self, generation: int) -> list[str]:
+    def ddl(self, generation: int, qualify: Callable[[str], str] = quote) -> list[str]:
         """The DDL statements creating ``generation``'s tables."""
-        names = self.physical_tables(generation)
+        names = self.physical_tables(generation, qualify)
         return [stmt.format(**names) for stmts in self.tables.values() for stmt in stmts]

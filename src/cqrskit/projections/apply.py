@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cqrskit.errors import SerializationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.messages import Event
 from cqrskit.projections.api import Handler, Projection, ProjectionContext
@@ -46,6 +47,9 @@ class Applier:
     def __init__(self, projection: Projection, decoder: Any, *, max_attempts: int = 3) -> None:
         self.projection = projection
         self._decode = as_decoder(decoder)
+        # a serializer's registry lets unhandled types be skipped without decoding them
+        types = getattr(decoder, "event_types", None)
+        self._type_for: Callable[[str], type] | None = getattr(types, "type_for", None)
         self.max_attempts = max(1, max_attempts)
         # stored type name -> handler, or None for types this projection ignores
         self._by_name: dict[str, Handler | None] = {}
@@ -59,6 +63,11 @@ class Applier:
             if handler is None:
                 return
             event = self._decode(stored)
+        elif self._type_for is not None:
+            handler = self._by_name[name] = self._handler_by_name(name)
+            if handler is None:
+                return
+            event = self._decode(stored)
         else:
             event = self._decode(stored)
             handler = self._by_name[name] = self.projection.handler_for(type(event))
@@ -67,9 +76,18 @@ class Applier:
         ctx.stored = stored
         await handler(event, ctx)
 
+    def _handler_by_name(self, name: str) -> Handler | None:
+        assert self._type_for is not None
+        try:
+            cls = self._type_for(name)
+        except SerializationError:
+            return None  # a type nobody registered cannot have a handler here
+        return self.projection.handler_for(cls)
+
     def context(self, session: Session, generation: int) -> ProjectionContext:
         """A handler context writing ``generation``'s tables through ``session``."""
-        return ProjectionContext(session, generation, self.projection.physical_tables(generation))
+        tables = self.projection.physical_tables(generation, session.qualify)
+        return ProjectionContext(session, generation, tables)
 
     async def apply_fast(
         self, session: Session, generation: int, events: Sequence[StoredEvent]

@@ -101,6 +101,10 @@ class Session(ABC):
         row = await self.fetchone(sql, *params)
         return None if row is None else row[0]
 
+    def qualify(self, name: str) -> str:
+        """The quoted name of read-model table ``name`` (schema-qualified on PostgreSQL)."""
+        return quote(name)
+
     @abstractmethod
     def savepoint(self) -> AbstractAsyncContextManager[None]:
         """A nested transaction: rolled back alone if the block raises."""

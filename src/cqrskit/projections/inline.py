@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cqrskit.errors import ConfigurationError
-from cqrskit.eventlog import StoredEvent
+from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
 from cqrskit.projections.api import Projection
 from cqrskit.projections.apply import Applier
@@ -45,8 +45,17 @@ class InlineProjections:
         self._appliers = [Applier(p, decoder) for p in self.projections]
         self._generations: dict[str, int] | None = None
 
-    async def setup(self) -> None:
-        """Create the bookkeeping and the tables; mark the projections ``inline``."""
+    async def setup(self, store: EventStore | None = None) -> None:
+        """Create the bookkeeping and the tables; mark the projections ``inline``.
+
+        Given the ``store``, also check that each projection is caught up with the log
+        (needed when moving a projection from async to inline: events between its
+        checkpoint and the head would otherwise never be applied).
+
+        Raises:
+            ConfigurationError: a rebuild is in progress, or the projection lags the log.
+        """
+        head = await store.head() if store is not None else None
         generations: dict[str, int] = {}
         async with self.read_db.transaction() as s:
             for p in self.projections:
@@ -58,6 +67,14 @@ class InlineProjections:
                         hint="let the projector finish the rebuild, then switch to inline.",
                     )
                 generations[p.name] = row.active_generation
+                if head is not None:
+                    checkpoint = await schema.get_checkpoint(s, p.name, row.active_generation)
+                    if checkpoint < head:
+                        raise ConfigurationError(
+                            f"projection {p.name!r} is at {checkpoint}, behind the log "
+                            f"({head}); running it inline now would skip those events.",
+                            hint="let its projector catch up (lag 0), stop it, then switch.",
+                        )
         self._generations = generations
 
     def attach(self, store: Any) -> None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from cqrskit.projections.api import Projection, physical_table
-from cqrskit.projections.db import Session, quote
+from cqrskit.projections.db import Session
 
 __all__ = ["ProjectionRow", "install", "ensure_projection"]
 
@@ -82,7 +82,7 @@ async def load(session: Session, name: str) -> ProjectionRow | None:
 
 async def create_generation(session: Session, projection: Projection, generation: int) -> None:
     """Create ``generation``'s tables and its checkpoint (at 0)."""
-    for stmt in projection.ddl(generation):
+    for stmt in projection.ddl(generation, session.qualify):
         await session.execute(stmt)
     await session.execute(
         "INSERT INTO cqrskit_checkpoints (projection, generation, position, updated_at) "
@@ -96,10 +96,11 @@ async def create_generation(session: Session, projection: Projection, generation
 async def point_views(session: Session, projection: Projection, generation: int) -> None:
     """(Re)create one view per logical table, reading ``generation``'s physical table."""
     for table in projection.tables:
-        await session.execute(f"DROP VIEW IF EXISTS {quote(table)}")
+        view = session.qualify(table)
+        await session.execute(f"DROP VIEW IF EXISTS {view}")
         await session.execute(
-            f"CREATE VIEW {quote(table)} AS SELECT * FROM "
-            f"{quote(physical_table(table, generation))}"
+            f"CREATE VIEW {view} AS SELECT * FROM "
+            f"{session.qualify(physical_table(table, generation))}"
         )
 
 
@@ -211,7 +212,7 @@ async def switch_over(session: Session, projection: Projection, old: int, new: i
         projection.name,
     )
     for table in projection.tables:
-        await session.execute(f"DROP TABLE IF EXISTS {quote(physical_table(table, old))}")
+        await session.execute(f"DROP TABLE IF EXISTS {session.qualify(physical_table(table, old))}")
     await session.execute(
         "DELETE FROM cqrskit_checkpoints WHERE projection = ? AND generation = ?",
         projection.name,

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from cqrskit.serialization._plan import _Invalid, _shorten
+from cqrskit.serialization._plan import _Invalid, _key_label, _shorten
 
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -51,39 +51,40 @@ class _Checker:
         if not s.isascii() and _SURROGATE_RE.search(s):
             raise _Invalid("a string contains a lone surrogate (not valid Unicode)")
 
-    def walk(self, value: Any, depth: int) -> int:
+    def walk(self, value: Any, depth: int) -> None:
+        """Raise :class:`_Invalid` (with the path to the culprit) if ``value`` breaks a limit."""
         kind = type(value)
         if kind is str:
             self.string(value)
-            return 0
-        if kind is dict:
+        elif kind is dict:
             if depth >= self.max_depth:
                 raise _Invalid(f"nesting is deeper than the limit of {self.max_depth}")
-            keys = len(value)
             for k, v in value.items():
-                if type(k) is not str:
-                    raise _Invalid(f"object keys must be strings, got {type(k).__name__}")
-                self.string(k)
-                keys += self.walk(v, depth + 1)
-            return keys
-        if kind is list or kind is tuple:
+                try:
+                    if type(k) is not str:
+                        raise _Invalid(f"object keys must be strings, got {type(k).__name__}")
+                    self.string(k)
+                    self.walk(v, depth + 1)
+                except _Invalid as exc:
+                    exc.path.append(_key_label(k))
+                    raise
+        elif kind is list or kind is tuple:
             if depth >= self.max_depth:
                 raise _Invalid(f"nesting is deeper than the limit of {self.max_depth}")
-            keys = 0
-            for v in value:
-                keys += self.walk(v, depth + 1)
-            return keys
-        if kind is int:
+            for i, v in enumerate(value):
+                try:
+                    self.walk(v, depth + 1)
+                except _Invalid as exc:
+                    exc.path.append(f"[{i}]")
+                    raise
+        elif kind is int:
             if not -self.max_int < value < self.max_int:
                 raise _Invalid(f"an integer has more than {self.max_digits} digits")
-            return 0
-        if kind is float:
+        elif kind is float:
             if not math.isfinite(value):
                 raise _Invalid("NaN and Infinity are not allowed")
-            return 0
-        if kind is bool or value is None:
-            return 0
-        raise _Invalid(f"{kind.__name__} is not a JSON type")
+        elif kind is not bool and value is not None:
+            raise _Invalid(f"{kind.__name__} is not a JSON type")
 
 
 def _reject_constant(name: str) -> Any:
@@ -108,17 +109,39 @@ _STDLIB_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), al
 
 
 class _TextCodec:
-    """Stdlib JSON text layer with the limits applied on both sides."""
+    """Stdlib JSON text layer with the limits applied on both sides.
+
+    The precise check walks the whole tree, which costs about as much as parsing. Most
+    payloads cannot break any limit, and that is visible on the text in C-speed passes: no
+    string can be longer than the text, nesting cannot exceed the number of brackets, and
+    NUL, surrogates, long digit runs and large exponents leave traces (``\\u0000``,
+    ``\\udXXX``, raw characters, ``\\d{n}``, ``e308``). Only text with a trace is walked;
+    a trace inside a string merely costs the walk.
+    """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.checker = _Checker(limits)
+        # 300: a longer digit run could also be a float mantissa overflowing to infinity.
+        digits = min(limits.max_int_digits, 300) + 1
+        self._trace = re.compile(
+            rf"\\u(?:0000|[dD][89a-fA-F])|[\x00\ud800-\udfff]|[eE][+-]?\d{{3}}|\d{{{digits}}}"
+        )
 
     def dumps(self, tree: Any) -> str:
         return _STDLIB_ENCODER.encode(tree)
 
     def parse(self, text: str) -> Any:
         return _STDLIB_DECODER.decode(text)
+
+    def _check(self, text: str, tree: Any) -> None:
+        limits = self.limits
+        if (
+            len(text) > limits.max_string_length
+            or text.count("[") + text.count("{") > limits.max_depth
+            or self._trace.search(text) is not None
+        ):
+            self.checker.walk(tree, 0)
 
     def loads(self, data: str | bytes) -> Any:
         """Parse untrusted ``data`` into a checked JSON tree; raises :class:`_Invalid`."""
@@ -131,7 +154,7 @@ class _TextCodec:
             raise _Invalid(f"nesting is deeper than the limit of {self.limits.max_depth}") from None
         except ValueError as exc:  # JSONDecodeError, int digits beyond Python's own limit
             raise _Invalid(f"not valid JSON: {exc}") from None
-        self.checker.walk(tree, 0)
+        self._check(text, tree)
         return tree
 
     def _text(self, data: str | bytes) -> str:
@@ -154,64 +177,39 @@ class _TextCodec:
         raise _Invalid(f"payload must be str or bytes, got {type(data).__name__}")
 
     def dump_checked(self, tree: Any) -> str:
-        """Check ``tree`` against the limits, then serialize it; raises :class:`_Invalid`."""
-        self.checker.walk(tree, 0)
+        """Serialize ``tree`` and check it against the limits; raises :class:`_Invalid`.
+
+        ``tree`` holds only JSON types (the plan guarantees it), so the same text checks as
+        for decoding apply.
+        """
         try:
             text = self.dumps(tree)
         except (TypeError, ValueError) as exc:
+            self.checker.walk(tree, 0)  # names the offending value, if a limit explains it
             raise _Invalid(f"not JSON-serializable: {exc}") from None
         max_bytes = self.limits.max_bytes
         if len(text) > max_bytes // 4 and not text.isascii():
-            size = len(text.encode("utf-8"))
+            size = len(text.encode("utf-8", "surrogatepass"))
         else:
             size = len(text)
         if size > max_bytes:
             raise _Invalid(f"encoded size of {size} bytes exceeds the limit of {max_bytes}")
+        self._check(text, tree)
         return text
 
 
-# Every string in (valid) JSON text, so that what is left can be searched for structure.
-_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_KEY_RE = re.compile(r'""\s*:')
-_BIG_INT_RE = re.compile(r"(?<![\d.])-?\d{19,}(?![\d.eE])")
-
-
 class _OrjsonTextCodec(_TextCodec):
-    """orjson text layer; payloads orjson would read differently fall back to the stdlib.
+    """orjson for writing; reading stays with the stdlib decoder.
 
-    orjson silently keeps the last of duplicate keys and turns integers beyond 64 bits into
-    floats. Both are detected on the text with its strings blanked out, and such payloads
-    are parsed by the stdlib decoder, which rejects or keeps them exactly.
+    orjson's reader silently keeps the last of duplicate keys and turns integers beyond
+    64 bits into floats; detecting that in Python costs more than orjson saves, so
+    payloads are parsed by the stdlib decoder, whose hooks reject such input exactly.
     """
 
     def __init__(self, limits: Limits, orjson: Any) -> None:
         super().__init__(limits)
-        self._orjson = orjson
+        self._dumps = orjson.dumps
 
     def dumps(self, tree: Any) -> str:
-        text: str = self._orjson.dumps(tree).decode("utf-8")
+        text: str = self._dumps(tree).decode("utf-8")
         return text
-
-    def parse(self, text: str) -> Any:
-        try:
-            tree = self._orjson.loads(text)
-        except self._orjson.JSONDecodeError:
-            return super().parse(text)  # the stdlib gives the reference error message
-        if type(tree) is dict or type(tree) is list:
-            skeleton = _JSON_STRING_RE.sub('""', text)
-            if _BIG_INT_RE.search(skeleton) or len(_KEY_RE.findall(skeleton)) != _count_keys(
-                tree, self.limits.max_depth
-            ):
-                return super().parse(text)
-        return tree
-
-
-def _count_keys(value: Any, depth: int) -> int:
-    if depth < 0:
-        return -1  # deeper than allowed: make the caller fall back; the walk rejects it
-    kind = type(value)
-    if kind is dict:
-        return len(value) + sum(_count_keys(v, depth - 1) for v in value.values())
-    if kind is list:
-        return sum(_count_keys(v, depth - 1) for v in value)
-    return 0

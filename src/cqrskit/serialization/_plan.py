@@ -44,6 +44,12 @@ def _shorten(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "...'"
 
 
+def _key_label(key: object) -> str:
+    """A dict key as shown in an error path: shortened, never a whole attacker's string."""
+    text = key if type(key) is str else repr(key)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def _module_class(module: str, name: str) -> type | None:
     # Only classes from libraries the application already imported can appear in its
     # annotations, so this never imports anything.
@@ -155,7 +161,7 @@ class _Planner:
 
     def _value_plan(self, tp: Any, ignore_unknown: bool, where: str) -> tuple[_Enc, _Dec]:
         if tp is Any or tp is object:
-            return _identity, _identity
+            return _enc_any, _identity
         supertype = getattr(tp, "__supertype__", None)  # typing.NewType
         if supertype is not None:
             return self.plan(supertype, ignore_unknown, where)
@@ -184,9 +190,9 @@ class _Planner:
                 raise _unsupported(tp, where, "dict keys must be str")
             return _dict_plan(self.plan(args[1] if args else Any, ignore_unknown, where))
         if tp in (list, tuple):
-            return _list_plan((_identity, _identity), tp)
+            return _list_plan((_enc_any, _identity), tp)
         if tp is dict:
-            return _dict_plan((_identity, _identity))
+            return _dict_plan((_enc_any, _identity))
         if tp is type(None) or tp is None:
             return _none_plan()
         if isinstance(tp, type):
@@ -241,6 +247,42 @@ def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def _enc_any(value: Any) -> Any:
+    _json_only(value, 0)
+    return value
+
+
+def _json_only(value: Any, depth: int) -> None:
+    """Raise unless ``value`` holds only JSON types (orjson would write others silently)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return
+    if kind is float:
+        if not math.isfinite(value):
+            raise _Invalid("NaN and Infinity are not allowed")
+        return
+    if depth > 1000:
+        raise _Invalid("nesting is too deep")
+    if kind is dict:
+        for k, v in value.items():
+            try:
+                if type(k) is not str:
+                    raise _Invalid(f"object keys must be strings, got {type(k).__name__}")
+                _json_only(v, depth + 1)
+            except _Invalid as exc:
+                exc.path.append(_key_label(k))
+                raise
+    elif kind is list or kind is tuple:
+        for i, v in enumerate(value):
+            try:
+                _json_only(v, depth + 1)
+            except _Invalid as exc:
+                exc.path.append(f"[{i}]")
+                raise
+    else:
+        raise _Invalid(f"{kind.__name__} is not a JSON type")
 
 
 def _none_plan() -> tuple[_Enc, _Dec]:
@@ -536,7 +578,7 @@ def _dict_plan(item: tuple[_Enc, _Dec]) -> tuple[_Enc, _Dec]:
             try:
                 out[k] = item_enc(value[k])
             except _Invalid as exc:
-                exc.path.append(repr(k))
+                exc.path.append(_key_label(k))
                 raise
         return out
 
@@ -548,7 +590,7 @@ def _dict_plan(item: tuple[_Enc, _Dec]) -> tuple[_Enc, _Dec]:
             try:
                 out[k] = item_dec(v)
             except _Invalid as exc:
-                exc.path.append(repr(k))
+                exc.path.append(_key_label(k))
                 raise
         return out
 
@@ -566,7 +608,7 @@ def _pydantic_plan(cls: type, ignore_unknown: bool) -> tuple[_Enc, _Dec]:
         if type(value) is not cls:
             raise _Invalid(f"expected {describe(cls)}, got {type(value).__name__}")
         dumped: Any = value.model_dump(mode="json")  # type: ignore[attr-defined]
-        return dumped
+        return _enc_any(dumped)
 
     def decode(obj: Any) -> Any:
         if type(obj) is not dict:
@@ -600,7 +642,7 @@ def _msgspec_plan(cls: type, ignore_unknown: bool) -> tuple[_Enc, _Dec]:
     def encode(value: Any) -> Any:
         if type(value) is not cls:
             raise _Invalid(f"expected {describe(cls)}, got {type(value).__name__}")
-        return msgspec.to_builtins(value)
+        return _enc_any(msgspec.to_builtins(value))
 
     def decode(obj: Any) -> Any:
         if type(obj) is not dict:

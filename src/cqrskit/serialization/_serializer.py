@@ -76,7 +76,7 @@ class JsonSerializer:
         try:
             data = self._codec.dump_checked(entry.encode(event))
         except _Invalid as exc:
-            raise _error("encode", entry.name, entry.version, entry.cls, exc) from exc
+            raise _error("encode", entry.name, entry.version, entry.cls, exc) from exc.__cause__
         return EncodedEvent(entry.name, entry.version, data)
 
     def decode(self, type_name: str, schema_version: int, data: str | bytes) -> Event:
@@ -115,7 +115,7 @@ class JsonSerializer:
         try:
             event: Event = entry.decode(obj)
         except _Invalid as exc:
-            raise _error("decode", entry.name, schema_version, entry.cls, exc) from exc
+            raise _error("decode", entry.name, schema_version, entry.cls, exc) from exc.__cause__
         return event
 
     def decode_stored(self, stored: StoredEvent) -> Event:

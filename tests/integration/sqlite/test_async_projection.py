@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+from collections.abc import Callable
 
 import pytest
 from tests.support.bank import Deposited, Unrelated, balances, decode
-from tests.support.sqlite_log import SqliteTestLog
+from tests.support.logs import AppendLog
+from tests.support.waiting import visible
 
 from cqrskit.projections import (
     ConsistencyGate,
     Projector,
-    SqliteReadDatabase,
+    ReadDatabase,
     projection_status,
 )
 
@@ -21,13 +22,13 @@ async def wait_checkpoint(gate: ConsistencyGate, position: int) -> None:
     await gate.check(["balances"], position, "wait", 5.0)
 
 
-async def balances_of(db: SqliteReadDatabase) -> dict[str, int]:
+async def balances_of(db: ReadDatabase) -> dict[str, int]:
     async with db.read_only() as s:
         rows = await s.fetchall("SELECT id, balance FROM accounts ORDER BY id")
     return {r[0]: r[1] for r in rows}
 
 
-async def test_catches_up_and_follows(log: SqliteTestLog, read_db: SqliteReadDatabase) -> None:
+async def test_catches_up_and_follows(log: AppendLog, read_db: ReadDatabase) -> None:
     for i in range(30):
         await log.append(f"acc-{i % 3}", Deposited(f"acc-{i % 3}", i))
     await log.append("misc", Unrelated("ignored"))
@@ -51,7 +52,7 @@ async def test_catches_up_and_follows(log: SqliteTestLog, read_db: SqliteReadDat
 
 
 async def test_resumes_from_checkpoint_without_reapplying(
-    log: SqliteTestLog, read_db: SqliteReadDatabase
+    log: AppendLog, read_db: ReadDatabase
 ) -> None:
     for _i in range(10):
         await log.append("a", Deposited("a", 1))
@@ -68,12 +69,13 @@ async def test_resumes_from_checkpoint_without_reapplying(
     assert errors == 0
 
 
-async def test_lag_reported_while_stopped(log: SqliteTestLog, read_db: SqliteReadDatabase) -> None:
+async def test_lag_reported_while_stopped(log: AppendLog, read_db: ReadDatabase) -> None:
     async with Projector(log, read_db, [balances], decode) as p:
         first = (await log.append("a", Deposited("a", 1)))[-1]
         await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), first.position)
     for _ in range(4):
-        await log.append("a", Deposited("a", 1))
+        [last] = await log.append("a", Deposited("a", 1))
+    await visible(log, last.position)
     [status] = await projection_status(read_db, log)
     assert status.checkpoint == first.position
     assert status.lag_events == 4
@@ -81,29 +83,31 @@ async def test_lag_reported_while_stopped(log: SqliteTestLog, read_db: SqliteRea
     assert status.lease_owner is None
 
 
-async def test_query_session_is_read_only(read_db: SqliteReadDatabase, log: SqliteTestLog) -> None:
+async def test_query_session_is_read_only(
+    read_db: ReadDatabase, log: AppendLog, read_only_error: type[Exception]
+) -> None:
     async with Projector(log, read_db, [balances], decode) as p:
-        await log.append("a", Deposited("a", 1))
-        await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), 1)
+        [e] = await log.append("a", Deposited("a", 1))
+        await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), e.position)
     async with read_db.read_only() as s:
-        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        with pytest.raises(read_only_error, match=r"read.?only"):
             await s.execute("DELETE FROM accounts__g1")
 
 
 async def test_second_projector_stands_by_and_takes_over(
-    log: SqliteTestLog, read_db: SqliteReadDatabase, tmp_path: object
+    log: AppendLog, read_db: ReadDatabase, open_read_db: Callable[..., ReadDatabase]
 ) -> None:
-    other_db = SqliteReadDatabase(read_db.path)
+    other_db = open_read_db()
     first = Projector(log, read_db, [balances], decode, lease_ttl=0.4, owner="first")
     second = Projector(log, other_db, [balances], decode, lease_ttl=0.4, owner="second")
     await first.start()
     try:
         gate = ConsistencyGate(log, read_db, signal=first.signal)
-        await log.append("a", Deposited("a", 1))
-        await wait_checkpoint(gate, 1)
+        [e] = await log.append("a", Deposited("a", 1))
+        await wait_checkpoint(gate, e.position)
         await second.start()
-        await log.append("a", Deposited("a", 2))
-        await wait_checkpoint(gate, 2)
+        [e] = await log.append("a", Deposited("a", 2))
+        await wait_checkpoint(gate, e.position)
         assert first.leading("balances")
         assert not second.leading("balances")
         await first.stop()
@@ -118,9 +122,7 @@ async def test_second_projector_stands_by_and_takes_over(
     assert (await balances_of(read_db))["a"] == 7
 
 
-async def test_fenced_projector_cannot_commit(
-    log: SqliteTestLog, read_db: SqliteReadDatabase
-) -> None:
+async def test_fenced_projector_cannot_commit(log: AppendLog, read_db: ReadDatabase) -> None:
     from cqrskit.projections import schema
 
     async with read_db.transaction() as s:
@@ -138,9 +140,9 @@ async def test_fenced_projector_cannot_commit(
         assert await schema.fence(s, "balances", epoch + 1)
 
 
-async def test_stop_is_prompt_when_idle(log: SqliteTestLog, read_db: SqliteReadDatabase) -> None:
+async def test_stop_is_prompt_when_idle(log: AppendLog, read_db: ReadDatabase) -> None:
     p = Projector(log, read_db, [balances], decode, lease_ttl=30.0)
     await p.start()
-    await log.append("a", Deposited("a", 1))
-    await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), 1)
+    [e] = await log.append("a", Deposited("a", 1))
+    await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), e.position)
     await asyncio.wait_for(p.stop(), 2.0)
