@@ -15,6 +15,7 @@ import contextvars
 import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from functools import partial
+from types import MethodType
 from typing import Any, TypeVar
 
 from cqrskit._plan import (
@@ -597,8 +598,17 @@ def _second_positional(func: Callable[..., Any], name: str) -> bool:
     )
 
 
+def _direct(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """An instance whose class defines ``__call__`` in Python is called through its bound
+    method: CPython specializes that call, while calling the instance does not (~2x)."""
+    call = inspect.getattr_static(type(behavior), "__call__", None)
+    if inspect.isfunction(call) and not inspect.isfunction(behavior):
+        return MethodType(call, behavior)
+    return behavior
+
+
 def _fold_plain(b: Binding, inner: Callable[[Any], Any]) -> Plan:
-    behavior = b.func
+    behavior = _direct(b.func)
     if b.providers:  # singleton dependencies only: bind them once
         behavior = partial(behavior, **b.singleton_kwargs())
 
@@ -609,7 +619,7 @@ def _fold_plain(b: Binding, inner: Callable[[Any], Any]) -> Plan:
 
 
 def _fold_scoped(b: Binding, inner: ScopedCall) -> ScopedCall:
-    behavior = b.func
+    behavior = _direct(b.func)
     if not b.providers:
 
         def step(message: Any, scope: Scope) -> Any:

@@ -272,3 +272,30 @@ def test_sync_twin() -> None:
     mixed = SyncAuthorizationBehavior({CloseAccount: async_policy}, principal=lambda: None)
     with pytest.raises(NotAuthorizedError, match="is async"):
         mixed(CloseAccount("a"), lambda m: None)
+
+
+def test_sync_resolving_principal_from_a_dependency() -> None:
+    from cqrskit.sync import SyncMediator
+
+    registry = Registry()
+
+    @registry.handler
+    def close(cmd: CloseAccount) -> None:
+        pass
+
+    def admin_principal(p: Principal, message: object) -> bool:
+        return p.user is not None and "admin" in p.user.roles
+
+    deps = Dependencies()
+    deps.scoped(Principal, current_principal)
+    behavior = SyncAuthorizationBehavior.resolving(Principal, {CloseAccount: admin_principal})
+    mediator = SyncMediator(registry, behaviors=[behavior], resolver=deps)
+    with pytest.raises(NotAuthorizedError):
+        mediator.send(CloseAccount("a"))
+    with pytest.raises(NotAuthorizedError, match="no authorization policy"):
+        behavior(Unpoliced(), lambda m: None, Principal(None))
+    token = request_user.set(User("root", frozenset({"admin"})))
+    try:
+        mediator.send(CloseAccount("a"))
+    finally:
+        request_user.reset(token)

@@ -232,3 +232,18 @@ def test_pydantic_and_msgspec_are_not_imported_for_plain_messages() -> None:
         env={"PYTHONPATH": "src"},
     )
     assert out.stdout.strip() == "False False"
+
+
+def test_msgspec_walk_is_bounded_on_cyclic_containers() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+
+    class Cyclic(msgspec.Struct, Command[None]):
+        items: list[list[Any]]
+
+    behavior = SyncValidationBehavior()
+    with pytest.raises(ValidationError) as info:
+        behavior(Cyclic(items=loop), lambda m: None)
+    assert len(info.value.errors) == 1
+    assert info.value.errors[0].field == "items[0][0]"
+    assert info.value.errors[0].message == "nested too deeply to validate"

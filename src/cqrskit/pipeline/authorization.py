@@ -25,7 +25,7 @@ from typing import Any
 from cqrskit.errors import NotAuthorizedError
 from cqrskit.messages import Event
 from cqrskit.pipeline._core import Next
-from cqrskit.pipeline._support import SyncNext, failed, type_name
+from cqrskit.pipeline._support import SyncNext, failed, returns_awaitable, type_name
 
 __all__ = [
     "AuthorizationBehavior",
@@ -156,25 +156,28 @@ class AuthorizationBehavior(_AuthorizationConfig):
 
     __slots__ = ()
 
+    @returns_awaitable
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Authorize ``message``, then continue with ``next(message)``."""
-        cls = message.__class__
-        policy = self._plan(cls)
+        try:
+            policy = self._plans[message.__class__]
+        except KeyError:
+            policy = self._plan_for(message.__class__)
         if policy is None:
             return next(message)
-        return self.authorize(message, next, self._principal(), policy)
+        if policy.__class__ is _Missing:
+            return failed(self._missing(message.__class__))
+        verdict = policy(self._principal(), message)  # type: ignore[operator]
+        if verdict is True:
+            return next(message)
+        if inspect.isawaitable(verdict):
+            return self._awaiting(verdict, message, next)
+        return failed(self._denied(message.__class__, verdict))
 
-    def authorize(
-        self,
-        message: Any,
-        next: Next,
-        principal: Any,
-        policy: Policy | _Missing | None = _MISSING,
-    ) -> Awaitable[Any]:
+    def authorize(self, message: Any, next: Next, principal: Any) -> Awaitable[Any]:
         """Authorize ``message`` for an explicitly given ``principal``, then run ``next``."""
         cls = message.__class__
-        if policy is _MISSING:
-            policy = self._plan(cls)
+        policy = self._plan(cls)
         if policy is None:
             return next(message)
         if isinstance(policy, _Missing):
@@ -226,20 +229,52 @@ class SyncAuthorizationBehavior(_AuthorizationConfig):
 
     def __call__(self, message: Any, next: SyncNext) -> Any:
         """Authorize ``message``, then continue with ``next(message)``."""
+        try:
+            policy = self._plans[message.__class__]
+        except KeyError:
+            policy = self._plan_for(message.__class__)
+        if policy is None:
+            return next(message)
+        return self.authorize(message, next, self._principal())
+
+    def authorize(self, message: Any, next: SyncNext, principal: Any) -> Any:
+        """Authorize ``message`` for an explicitly given ``principal``, then run ``next``."""
         cls = message.__class__
         policy = self._plan(cls)
         if policy is None:
             return next(message)
         if isinstance(policy, _Missing):
             raise self._missing(cls)
-        verdict = policy(self._principal(), message)
+        verdict = policy(principal, message)
         if verdict is True:
             return next(message)
-        if inspect.iscoroutine(verdict):
-            verdict.close()  # never awaited by design: close it to free it quietly
+        if inspect.isawaitable(verdict):
+            close = getattr(verdict, "close", None)
+            if close is not None:
+                close()  # never awaited by design: free it quietly
             raise NotAuthorizedError(
                 f"the policy for {type_name(cls)} is async, which the sync mediator cannot await.",
                 message_type=cls,
                 hint="make the policy a plain def for SyncAuthorizationBehavior.",
             )
         raise self._denied(cls, verdict)
+
+    @classmethod
+    def resolving(
+        cls,
+        principal_type: Any,
+        policies: Mapping[type, Policy],
+        *,
+        strict: bool = True,
+    ) -> Callable[..., Any]:
+        """The sync twin of :meth:`AuthorizationBehavior.resolving`."""
+        checker = cls(policies, principal=_no_principal, strict=strict)
+
+        def authorization(message: Any, next: SyncNext, principal: Any) -> Any:
+            return checker.authorize(message, next, principal)
+
+        authorization.__annotations__ = {"principal": principal_type}
+        authorization.__qualname__ = (
+            f"SyncAuthorizationBehavior.resolving({type_name(principal_type)})"
+        )
+        return authorization

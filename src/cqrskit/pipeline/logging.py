@@ -14,7 +14,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from cqrskit.pipeline._core import Next
-from cqrskit.pipeline._support import SyncNext, type_name
+from cqrskit.pipeline._support import SyncNext, returns_awaitable, type_name
 
 __all__ = ["LoggingBehavior", "SyncLoggingBehavior"]
 
@@ -22,7 +22,15 @@ _DEFAULT_LOGGER = "cqrskit.dispatch"
 
 
 class _LoggingConfig:
-    __slots__ = ("logger", "level", "failure_level", "include_message", "traceback", "_gate")
+    __slots__ = (
+        "logger",
+        "level",
+        "failure_level",
+        "include_message",
+        "traceback",
+        "_gate",
+        "_enabled",
+    )
 
     def __init__(
         self,
@@ -42,6 +50,7 @@ class _LoggingConfig:
         self.traceback = traceback
         # the behavior works when either line would be emitted; the higher level decides
         self._gate = max(level, failure_level)
+        self._enabled = logger.isEnabledFor
 
     def _started(self, message: Any) -> tuple[str, bool]:
         name = type_name(type(message))
@@ -106,9 +115,10 @@ class LoggingBehavior(_LoggingConfig):
 
     __slots__ = ()
 
+    @returns_awaitable
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Run ``next(message)``, logging around it when the logger is enabled."""
-        if not self.logger.isEnabledFor(self._gate):
+        if not self._enabled(self._gate):
             return next(message)
         return self._logged(message, next)
 
@@ -131,7 +141,7 @@ class SyncLoggingBehavior(_LoggingConfig):
 
     def __call__(self, message: Any, next: SyncNext) -> Any:
         """Run ``next(message)``, logging around it when the logger is enabled."""
-        if not self.logger.isEnabledFor(self._gate):
+        if not self._enabled(self._gate):
             return next(message)
         started = time.perf_counter()
         name, verbose = self._started(message)

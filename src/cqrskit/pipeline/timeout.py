@@ -14,7 +14,7 @@ from typing import Any
 
 from cqrskit.errors import DispatchTimeoutError
 from cqrskit.pipeline._core import Next
-from cqrskit.pipeline._support import type_name
+from cqrskit.pipeline._support import returns_awaitable, type_name
 
 __all__ = ["TimeoutBehavior"]
 
@@ -61,9 +61,13 @@ class TimeoutBehavior:
         self._limits[message_type] = limit
         return limit
 
+    @returns_awaitable
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Run ``next(message)`` within the message type's time limit."""
-        limit = self.limit_for(message.__class__)
+        try:
+            limit = self._limits[message.__class__]
+        except KeyError:
+            limit = self.limit_for(message.__class__)
         if limit is None:
             return next(message)
         return self._bounded(message, next, limit)

@@ -21,12 +21,13 @@ message type; a type with nothing to check costs one dictionary lookup per dispa
 from __future__ import annotations
 
 import sys
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cqrskit.errors import FieldError, ValidationError
 from cqrskit.pipeline._core import Next
-from cqrskit.pipeline._support import SyncNext, failed
+from cqrskit.pipeline._support import SyncNext, failed, returns_awaitable
 
 __all__ = ["SyncValidationBehavior", "ValidationBehavior", "Validator", "field_path"]
 
@@ -34,6 +35,7 @@ Validator = Callable[[Any], "Iterable[FieldError] | None"]
 """``validator(message)``: the failing fields (or ``None``), or raise ValidationError."""
 
 _Check = Callable[[Any], list[FieldError]]
+_MAX_DEPTH = 64  # nesting beyond this is not walked (guards against cyclic containers)
 
 
 def field_path(loc: Iterable[str | int]) -> str:
@@ -70,7 +72,7 @@ def _pydantic_check(message_type: type) -> _Check | None:
 
     def as_input(value: Any, depth: int) -> Any:
         # nested model instances pass pydantic unchecked: turn them back into input data
-        if depth > 64:
+        if depth > _MAX_DEPTH:
             return value
         if isinstance(value, base_model):
             cls = type(value)
@@ -117,8 +119,6 @@ def _msgspec_check(message_type: type) -> _Check | None:
     msgspec = sys.modules.get("msgspec")
     if msgspec is None or not issubclass(message_type, msgspec.Struct):
         return None
-    import typing
-
     struct_type = msgspec.Struct
     to_builtins = msgspec.to_builtins
     convert = msgspec.convert
@@ -137,21 +137,26 @@ def _msgspec_check(message_type: type) -> _Check | None:
             out.append(FieldError(path + suffix, text))
         except (TypeError, ValueError):  # to_builtins refuses values it cannot encode
             out.append(FieldError(path, f"unsupported value of type {type(value).__name__}"))
+        except RecursionError:  # a container that holds itself
+            out.append(FieldError(path, "nested too deeply to validate"))
 
-    def walk(value: Any, tp: Any, path: str, out: list[FieldError]) -> None:
+    def walk(value: Any, tp: Any, path: str, out: list[FieldError], depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            out.append(FieldError(path, "nested too deeply to validate"))
+            return
         if isinstance(value, struct_type):
             expected = [t for t in (typing.get_args(tp) or (tp,)) if isinstance(t, type)] or [
                 type(value)
             ]
             if any(isinstance(value, t) for t in expected):
                 for f in fields_of(type(value)):
-                    walk(getattr(value, f.name), f.type, f"{path}.{f.name}", out)
+                    walk(getattr(value, f.name), f.type, f"{path}.{f.name}", out, depth + 1)
                 return
         elif isinstance(value, list | tuple) and typing.get_origin(tp) in (list, Sequence):
             args = typing.get_args(tp)
             if len(args) == 1:
                 for i, item in enumerate(value):
-                    walk(item, args[0], f"{path}[{i}]", out)
+                    walk(item, args[0], f"{path}[{i}]", out, depth + 1)
                 return
         leaf(value, tp, path, out)
 
@@ -260,11 +265,18 @@ class ValidationBehavior(_ValidationConfig):
 
     __slots__ = ()
 
+    @returns_awaitable
     def __call__(self, message: Any, next: Next) -> Awaitable[Any]:
         """Validate ``message``, then continue with ``next(message)``."""
-        error = self._errors(message)
-        if error is not None:
-            return failed(error)
+        try:
+            plan = self._plans[message.__class__]
+        except KeyError:
+            plan = self._plan_for(message.__class__)
+        if plan is None:
+            return next(message)
+        errors = plan(message)
+        if errors:
+            return failed(ValidationError(errors, message_type=message.__class__))
         return next(message)
 
 
@@ -275,7 +287,12 @@ class SyncValidationBehavior(_ValidationConfig):
 
     def __call__(self, message: Any, next: SyncNext) -> Any:
         """Validate ``message``, then continue with ``next(message)``."""
-        error = self._errors(message)
-        if error is not None:
-            raise error
+        try:
+            plan = self._plans[message.__class__]
+        except KeyError:
+            plan = self._plan_for(message.__class__)
+        if plan is not None:
+            errors = plan(message)
+            if errors:
+                raise ValidationError(errors, message_type=message.__class__)
         return next(message)
