@@ -10,7 +10,7 @@ Handlers never touch a database driver, so the same code runs on SQLite and Post
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cqrskit import FieldError, NotFoundError, Registry
 from cqrskit.eventlog import EventStore, UnitOfWork
@@ -59,16 +59,26 @@ class Account:
 
 
 class Accounts:
-    """Loads accounts from the event log."""
+    """Loads accounts from the event log.
+
+    It remembers each account as of the last event it read and reads only newer events
+    next time. That is safe because it learns only from committed events: a command that
+    rolls back never reached the log, and another process's commits are read as usual.
+    """
+
+    MAX_CACHED = 10_000
 
     def __init__(self, store: EventStore, serializer: Serializer) -> None:
         self.store = store
         self.serializer = serializer
+        self._known: dict[str, Account] = {}
 
     async def load(self, account_id: str) -> Account:
         """The account ``account_id``; raises ``NotFoundError`` if it was never opened."""
-        account = Account(account_id)
-        for stored in await self.store.read_stream(stream_of(account_id)):
+        known = self._known.get(account_id)
+        account = replace(known) if known is not None else Account(account_id)
+        stream = stream_of(account_id)
+        for stored in await self.store.read_stream(stream, after_version=account.version):
             event = self.serializer.decode_stored(stored)
             account.version = stored.version
             if isinstance(event, AccountOpened):
@@ -79,6 +89,9 @@ class Accounts:
                 account.balance -= event.amount
         if account.version == 0:
             raise NotFoundError(f"no account {account_id!r}", message_type=type(self))
+        if len(self._known) >= self.MAX_CACHED:
+            self._known.clear()
+        self._known[account_id] = replace(account)
         return account
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from examples.bank.app import Bank
+from examples.bank.app import Bank, open_sqlite_bank
 from examples.bank.domain import (
     Customer,
     Deposit,
@@ -121,3 +123,17 @@ async def test_history_read_your_writes_with_token(bank: Bank) -> None:
     [status] = await projection_status(bank.read_db, bank.store, ["history"])
     assert status.mode == "async"
     assert status.checkpoint >= receipt.token
+
+
+async def test_accounts_see_commits_of_another_process(bank: Bank, tmp_path: Path) -> None:
+    ada = await open_with(bank, ADA, 1_000)
+    with acting_as(ADA), pytest.raises(InsufficientFunds):
+        await bank.mediator.send(Withdraw(ada, 5_000))  # rolled back: learns nothing
+    async with open_sqlite_bank(tmp_path / "bank") as other:  # the same files
+        with acting_as(ADA):
+            assert await other.mediator.send(Withdraw(ada, 600)) == 400
+    with acting_as(ADA):
+        with pytest.raises(InsufficientFunds) as info:
+            await bank.mediator.send(Withdraw(ada, 401))
+        assert info.value.balance == 400
+        assert await bank.mediator.send(Withdraw(ada, 400)) == 0
