@@ -67,6 +67,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 __all__ = [
     "CORRELATION_HEADER",
+    "DEFAULT_PROBLEMS",
     "STALE_HEADER",
     "TOKEN_HEADER",
     "Cqrs",
@@ -156,6 +157,8 @@ DEFAULT_PROBLEMS: dict[type[Exception], Problem] = {
         "The request could not be completed. Quote the correlation id when reporting this.",
     ),
 }
+"""The built-in mapping of cqrskit errors to problem responses (``install(problems=...)``
+adds to it or overrides entries; the most derived registered class of an error wins)."""
 
 
 class Cqrs:
