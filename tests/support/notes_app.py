@@ -71,6 +71,12 @@ class ListNotesNow(Query[list[str]]):
     stream: str
 
 
+@reads("notes", policy="stale", timeout=0.0)
+@dataclass(frozen=True, slots=True)
+class ListNotesAnyway(Query[list[str]]):
+    stream: str
+
+
 @dataclass(frozen=True, slots=True)
 class Lookup(Query[str]):
     key: str
@@ -112,6 +118,11 @@ async def list_notes(q: ListNotes, session: ReadSession) -> list[str]:
 
 @registry.handler
 async def list_notes_now(q: ListNotesNow, session: ReadSession) -> list[str]:
+    return await list_notes(ListNotes(q.stream), session)
+
+
+@registry.handler
+async def list_notes_anyway(q: ListNotesAnyway, session: ReadSession) -> list[str]:
     return await list_notes(ListNotes(q.stream), session)
 
 
@@ -187,6 +198,7 @@ class Harness:
         deps = Dependencies()
         deps.scoped(ReadSession, self.read_db.session)
         policies = {AddNote: allow_all, ListNotes: allow_all, ListNotesNow: allow_all}
+        policies[ListNotesAnyway] = allow_all
         policies.update({Lookup: allow_all, Explode: allow_all, Refuse: allow_all})
         self.mediator = Mediator(
             registry,
@@ -237,6 +249,10 @@ class Harness:
         @app.get("/notes/{stream}/now")
         async def get_notes_now(stream: str, cqrs: CqrsDep) -> list[str]:
             return await cqrs.ask(ListNotesNow(stream))
+
+        @app.get("/notes/{stream}/anyway")
+        async def get_notes_anyway(stream: str, cqrs: CqrsDep) -> list[str]:
+            return await cqrs.ask(ListNotesAnyway(stream))
 
         @app.get("/lookup/{key}")
         async def get_lookup(key: str, mediator: MediatorDep) -> str:

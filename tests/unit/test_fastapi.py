@@ -114,6 +114,21 @@ async def test_stale_read_error_is_503_with_retry_after(
     harness.release.set()
 
 
+async def test_stale_policy_answers_and_flags_the_response(
+    client: httpx.AsyncClient, harness: Harness
+) -> None:
+    harness.release.clear()
+    token = (await client.post("/notes/s", json={"text": "x"})).headers[TOKEN_HEADER]
+    r = await client.get("/notes/s/anyway", headers={TOKEN_HEADER: token})
+    assert r.status_code == 200
+    assert r.json() == []
+    assert r.headers[STALE_HEADER] == "true"
+    harness.release.set()
+    fresh = await client.get("/notes/s", headers={TOKEN_HEADER: token})
+    assert fresh.json() == ["x"]
+    assert STALE_HEADER not in fresh.headers
+
+
 async def test_token_from_the_future_is_400(client: httpx.AsyncClient) -> None:
     await client.post("/notes/e", json={"text": "x"})
     r = await client.get("/notes/e", headers={TOKEN_HEADER: "999999"})
