@@ -76,21 +76,24 @@ class DishkaResolver:
 
         Returns ``None`` when the container provides no factory for ``dependency``.
         """
-        level = self._level_of(dependency)
-        if level is None:
+        found = self._level_of(dependency)
+        if found is None:
             return None
+        level, cached = found
         if level == "app":
-            return self._app_provider(dependency)
+            return self._app_provider(dependency, cached)
         return self._request_provider(dependency)
 
     # -- build-time analysis -------------------------------------------------------------
 
-    def _level_of(self, dependency: Any) -> str | None:
+    def _level_of(self, dependency: Any) -> tuple[str, bool] | None:
+        """``(level, cached)`` of the factory providing ``dependency``, ``None`` if none."""
         if self._levels is None:  # registries not inspectable: let dishka decide per call
-            return "request"
+            return "request", False
         key = dishka.DependencyKey(dependency, dishka.DEFAULT_COMPONENT)
         for level, registry in self._levels:
-            if registry.get_factory(key) is not None:
+            factory = registry.get_factory(key)
+            if factory is not None:
                 if level == "deeper":
                     raise DependencyError(
                         f"{describe(dependency)} is provided in dishka scope "
@@ -101,22 +104,33 @@ class DishkaResolver:
                             f"DishkaResolver(container, scope={registry.scope})."
                         ),
                     )
-                return level
+                return level, getattr(factory, "cache", False) is True
         return None
 
-    def _app_provider(self, dependency: Any) -> Provider:
-        container = self._container
+    def _app_provider(self, dependency: Any, cached: bool) -> Provider:
+        container: Any = self._container
+        # dishka caches an app-scoped value for the container's life; keeping our own copy
+        # skips its lock and lookup on every dispatch after the first
+        memo: list[Any] = []
         if self._is_async:
-            async_container: Any = container
 
             async def get_app(scope: Scope) -> Any:
-                return await async_container.get(dependency)
+                if memo:
+                    return memo[0]
+                value = await container.get(dependency)
+                if cached:
+                    memo.append(value)
+                return value
 
             return Provider.scoped(get_app, is_async=True)
-        sync_container: Any = container
 
         def get_app_sync(scope: Scope) -> Any:
-            return sync_container.get(dependency)
+            if memo:
+                return memo[0]
+            value = container.get(dependency)
+            if cached:
+                memo.append(value)
+            return value
 
         return Provider.scoped(get_app_sync)
 
@@ -144,34 +158,27 @@ class DishkaResolver:
 
     # -- per dispatch --------------------------------------------------------------------
 
-    def _child_args(self, scope: Scope) -> dict[str, Any]:
+    def _child(self, scope: Scope) -> Any:
+        container: Any = self._container
+        if self._context is None and self._scope is None:
+            return container()
         args: dict[str, Any] = {}
         if self._context is not None:
             args["context"] = dict(self._context(scope))
         if self._scope is not None:
             args["scope"] = self._scope
-        return args
+        return container(**args)
 
     async def _enter_async(self, scope: Scope) -> Any:
-        container: Any = self._container
-        child = await container(**self._child_args(scope)).__aenter__()
+        child = await self._child(scope).__aenter__()
         scope.items[self._key] = child
-
-        async def close(error: BaseException | None) -> None:
-            await child.close(error)
-
-        scope.on_exit(close)
+        scope.on_exit(child.close)  # close(exception) runs dishka's finalizers with the error
         return child
 
     def _enter_sync(self, scope: Scope) -> Any:
-        container: Any = self._container
-        child = container(**self._child_args(scope)).__enter__()
+        child = self._child(scope).__enter__()
         scope.items[self._key] = child
-
-        def close(error: BaseException | None) -> None:
-            child.close(error)
-
-        scope.on_exit(close)
+        scope.on_exit(child.close)
         return child
 
 

@@ -97,19 +97,6 @@ class Mediator:
             during a dispatch.
     """
 
-    __slots__ = (
-        "_commands",
-        "_queries",
-        "_events",
-        "_registry",
-        "_behaviors",
-        "_planner",
-        "_concurrent",
-        "_event_plans",
-        "_event_plans_by_type",
-        "_owners",
-    )
-
     def __init__(
         self,
         registry: Registry,
@@ -148,6 +135,13 @@ class Mediator:
             self._queries[mtype] = self._compile(spec)
         for mtype in self._registry.events():
             self._events[mtype] = self._publisher_for(mtype)
+        if not self._concurrent and self._events:
+            # Shadow the publish method with code generated for this mediator's event types.
+            self.publish = _generate_publish(  # type: ignore[method-assign]
+                [(t, self._event_plans_by_type[t]) for t in self._events],
+                self._owners,
+                self._publish_any,
+            )
 
     def _event_plan_for(self, event_type: type) -> tuple[Plan, ...]:
         plans: list[Plan] = []
@@ -258,6 +252,8 @@ class Mediator:
         if concurrently:
             return self._publish_concurrently(event, plans)
         return _publish_in_order(event, plans, self._owners)
+
+    _publish_any = publish
 
     async def _publish_concurrently(self, event: Event, plans: tuple[Plan, ...]) -> None:
         results = await asyncio.gather(*(p(event) for p in plans), return_exceptions=True)
@@ -520,6 +516,56 @@ def _generate_publisher(
     )
     publisher: Plan = namespace["publish_event"]
     return publisher
+
+
+_MAX_INLINED_TYPES = 32
+
+
+def _generate_publish(
+    entries: list[tuple[type, tuple[Plan, ...]]],
+    owners: dict[Plan, object],
+    fallback: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    """Compile ``publish`` for one mediator: one branch per event type, one call site per
+    handler, so a publish costs one coroutine and the handlers' own awaits.
+
+    Types beyond the first few dozen, subclasses and ``concurrently=...`` calls take the
+    ``fallback`` (the generic method). The source holds only fixed text and indices.
+    """
+    lines = [
+        "async def publish(event, concurrently=None):",
+        "    cls = event.__class__",
+        "    if concurrently is None:",
+    ]
+    namespace: dict[str, Any] = {
+        "_failed": _failed,
+        "_PublishError": PublishError,
+        "_fallback": fallback,
+    }
+    for t, (event_type, plans) in enumerate(entries[:_MAX_INLINED_TYPES]):
+        if len(plans) > _MAX_UNROLLED:
+            continue
+        namespace[f"_E{t}"] = event_type
+        lines += [f"        if cls is _E{t}:", "            failures = None"]
+        for i, plan in enumerate(plans):
+            namespace[f"_p{t}_{i}"] = plan
+            namespace[f"_o{t}_{i}"] = owners[plan]
+            lines += [
+                "            try:",
+                f"                await _p{t}_{i}(event)",
+                "            except Exception as exc:",
+                f"                failures = _failed(failures, _o{t}_{i}, exc)",
+            ]
+        lines += [
+            "            if failures:",
+            "                raise _PublishError(cls, failures)",
+            "            return",
+        ]
+    lines += ["    await _fallback(event, concurrently=concurrently)"]
+    exec(compile("\n".join(lines), "<cqrskit publish>", "exec"), namespace)
+    publish: Callable[..., Coroutine[Any, Any, None]] = namespace["publish"]
+    publish.__doc__ = Mediator.publish.__doc__
+    return publish
 
 
 def _failed(

@@ -299,3 +299,22 @@ def test_sync_resolving_principal_from_a_dependency() -> None:
         mediator.send(CloseAccount("a"))
     finally:
         request_user.reset(token)
+
+
+async def test_authorize_with_an_explicit_principal() -> None:
+    behavior = AuthorizationBehavior(
+        {CloseAccount: is_admin, GetBalance: forbid_async}, principal=lambda: None
+    )
+    admin = User("root", frozenset({"admin"}))
+    assert await behavior.authorize(CloseAccount("a"), ok, admin) == "done"
+    assert await behavior.authorize(AccountClosed("a"), ok, None) == "done"  # events pass
+    with pytest.raises(NotAuthorizedError, match="no authorization policy"):
+        await behavior.authorize(Unpoliced(), ok, admin)
+    with pytest.raises(NotAuthorizedError):
+        await behavior.authorize(CloseAccount("a"), ok, User("eve"))
+    with pytest.raises(NotAuthorizedError):
+        await behavior.authorize(GetBalance("a"), ok, admin)
+
+
+async def forbid_async(user: Any, message: Any) -> bool:
+    return False

@@ -247,3 +247,43 @@ def test_msgspec_walk_is_bounded_on_cyclic_containers() -> None:
     assert len(info.value.errors) == 1
     assert info.value.errors[0].field == "items[0][0]"
     assert info.value.errors[0].message == "nested too deeply to validate"
+
+
+class Extra(pydantic.BaseModel, Command[None]):
+    model_config = pydantic.ConfigDict(extra="allow")
+
+    by_key: dict[str, Line]
+    pair: tuple[Line, Line]
+
+
+def test_pydantic_nested_in_dicts_tuples_and_extra_fields() -> None:
+    bad = Extra.model_construct(
+        by_key={"a": Line.model_construct(sku="", qty=1)},
+        pair=(Line(sku="ok", qty=1), Line.model_construct(sku="x", qty=-5)),
+    )
+    object.__setattr__(bad, "__pydantic_extra__", {"note": "kept"})
+    behavior = ValidationBehavior()
+    with pytest.raises(ValidationError) as info:
+        behavior.check(bad)
+    assert [e.field for e in info.value.errors] == ["by_key.a.sku", "pair[1].qty"]
+    good = Extra(by_key={}, pair=(Line(sku="a", qty=1), Line(sku="b", qty=2)))
+    behavior.check(good)  # returns None: valid
+
+
+class Wrapper(msgspec.Struct, Command[None]):
+    inner: SLine | None
+    blob: Any = None
+
+
+def test_msgspec_optional_struct_and_unencodable_values() -> None:
+    behavior = SyncValidationBehavior({Wrapper: lambda m: [FieldError("blob", "custom")]})
+    with pytest.raises(ValidationError) as info:
+        behavior(Wrapper(inner=SLine(sku="", qty=1), blob=object()), lambda m: None)
+    assert [(e.field, e.message) for e in info.value.errors] == [
+        ("inner.sku", "Expected `str` of length >= 1"),
+        ("blob", "unsupported value of type object"),
+    ]
+    # the model is well-formed: the registered callable runs
+    with pytest.raises(ValidationError) as info2:
+        behavior(Wrapper(inner=None), lambda m: None)
+    assert info2.value.errors == [FieldError("blob", "custom")]

@@ -264,3 +264,38 @@ def test_missing_dishka_raises_missing_extra_error() -> None:
     )
     assert out.stdout.startswith("dishka |")
     assert "pip install 'cqrskit[dishka]'" in out.stdout
+
+
+class Counter:
+    made = 0
+
+    def __init__(self) -> None:
+        type(self).made += 1
+        self.n = type(self).made
+
+
+class Fresh:
+    pass
+
+
+async def test_app_scoped_values_respect_dishka_cache_flag() -> None:
+    provider = Provider()
+    provider.provide(Counter, scope=dishka.Scope.APP)  # cached by default
+    provider.provide(Fresh, scope=dishka.Scope.APP, cache=False)
+    container = make_async_container(provider)
+    registry = Registry()
+    seen: list[tuple[Counter, Fresh]] = []
+
+    @registry.handler
+    async def open_account(cmd: Open, counter: Counter, fresh: Fresh) -> str:
+        seen.append((counter, fresh))
+        return ""
+
+    Counter.made = 0
+    mediator = Mediator(registry, resolver=DishkaResolver(container))
+    for _ in range(3):
+        await mediator.send(Open("x"))
+    assert Counter.made == 1
+    assert seen[0][0] is seen[1][0] is seen[2][0]
+    assert len({id(f) for _, f in seen}) == 3  # cache=False: a new one each time
+    await container.close()
