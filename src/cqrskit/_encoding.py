@@ -1,19 +1,45 @@
 """How the write side turns an event into a log row's type name, schema version and JSON.
 
-A stand-in kept behind one function until ``cqrskit.serialization`` lands; the stores take
-any ``encoder`` with the same signature.
+The default needs no registration (type name = class name); pass
+``encoder=JsonSerializer(event_types).encode`` from :mod:`cqrskit.serialization` for stable
+registered names, schema versions and limits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 from cqrskit.errors import SerializationError
 from cqrskit.messages import Event
 
-__all__ = ["EncodedEvent", "encode_event"]
+__all__ = ["Encoded", "EncodedEvent", "Encoder", "encode_event"]
+
+
+class Encoded(Protocol):
+    """What an encoder returns: the log row's type name, schema version and JSON text
+    (``cqrskit.serialization.EncodedEvent`` and :class:`EncodedEvent` both fit)."""
+
+    @property
+    def type(self) -> str:
+        """The event's stable type name."""
+        ...
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the payload."""
+        ...
+
+    @property
+    def data(self) -> str:
+        """The JSON payload."""
+        ...
+
+
+Encoder = Callable[[Event], Encoded]
+"""An event encoder, e.g. ``JsonSerializer(event_types).encode``."""
 
 
 class EncodedEvent(NamedTuple):
@@ -24,9 +50,17 @@ class EncodedEvent(NamedTuple):
     data: str
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _fields(event: Event) -> Any:
+    names = _FIELD_NAMES.get(type(event))
+    if names is not None:
+        return {name: getattr(event, name) for name in names}
     if dataclasses.is_dataclass(event):
-        return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+        names = _FIELD_NAMES[type(event)] = tuple(f.name for f in dataclasses.fields(event))
+        return {name: getattr(event, name) for name in names}
     dump = getattr(event, "model_dump", None)
     if dump is not None:
         return dump(mode="json")
@@ -47,9 +81,7 @@ def encode_event(event: Event) -> EncodedEvent:
     """
     cls = type(event)
     try:
-        data = json.dumps(
-            _fields(event), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str
-        )
+        data = _ENCODER.encode(_fields(event))
     except (TypeError, ValueError) as exc:
         raise SerializationError(
             f"cannot encode event {cls.__name__} as JSON: {exc}.", message_type=cls

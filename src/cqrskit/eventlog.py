@@ -24,9 +24,10 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from cqrskit._encoding import EncodedEvent, encode_event
+from cqrskit._encoding import Encoded, Encoder, encode_event
 from cqrskit.dependencies import Provider, Scope
 from cqrskit.errors import ConcurrencyError, ConfigurationError, DependencyError, PersistenceError
 from cqrskit.mediator import Mediator, _receipt_var, record_token
@@ -121,7 +122,7 @@ class PendingRow:
     stream: str
     index: int
     expected_version: int | None
-    encoded: EncodedEvent
+    encoded: Encoded
     metadata: dict[str, Any]
     event: Event
 
@@ -209,21 +210,26 @@ class UnitOfWork(ABC):
         """``True`` until the unit of work commits or rolls back."""
         return self._active
 
-    def pending_rows(self, encode: Callable[[Event], EncodedEvent]) -> list[PendingRow]:
-        """The recorded events encoded, with their metadata (for drivers)."""
+    def pending_rows(self, encode: Encoder) -> list[PendingRow]:
+        """The recorded events encoded, with their metadata (for drivers).
+
+        An event's ``message_id`` is ``<command message id>-<n>`` (``n`` counts the unit of
+        work's events from 0): unique as long as command ids are, stable across a relay's
+        retries, and one uuid per command instead of one per event.
+        """
         md = self.metadata
         if md is not None:
-            correlation: str | None = md.correlation_id
             causation: str | None = md.message_id
+            correlation: str | None = md.correlation_id
             timestamp = md.timestamp.isoformat()
+            prefix = causation
         else:
             correlation = causation = None
-            from datetime import UTC, datetime
-
             timestamp = datetime.now(UTC).isoformat()
+            prefix = uuid.uuid4().hex
         seen: dict[str, int] = {}
         rows: list[PendingRow] = []
-        for stream, e in self._events:
+        for n, (stream, e) in enumerate(self._events):
             i = seen.get(stream, 0)
             seen[stream] = i + 1
             base = self._base.get(stream)
@@ -234,7 +240,7 @@ class UnitOfWork(ABC):
                     None if base is None else base + i,
                     encode(e),
                     {
-                        "message_id": uuid.uuid4().hex,
+                        "message_id": f"{prefix}-{n}",
                         "correlation_id": correlation,
                         "causation_id": causation,
                         "timestamp": timestamp,
@@ -275,7 +281,7 @@ class EventStore(ABC):
     #: The driver's unit-of-work class; handlers may ask for it or for :class:`UnitOfWork`.
     unit_of_work_type: ClassVar[type[UnitOfWork]]
 
-    def __init__(self, *, encoder: Callable[[Event], EncodedEvent] | None = None) -> None:
+    def __init__(self, *, encoder: Encoder | None = None) -> None:
         self._hooks: list[InlineHook] = []
         self._encode = encoder or encode_event
         self._waiters: set[asyncio.Future[None]] = set()
@@ -511,7 +517,7 @@ class InMemoryEventStore(EventStore):
 
     unit_of_work_type = InMemoryUnitOfWork
 
-    def __init__(self, *, encoder: Callable[[Event], EncodedEvent] | None = None) -> None:
+    def __init__(self, *, encoder: Encoder | None = None) -> None:
         super().__init__(encoder=encoder)
         self._log: list[StoredEvent] = []
         self._streams: dict[str, list[StoredEvent]] = {}

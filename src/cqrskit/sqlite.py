@@ -19,11 +19,10 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from cqrskit._encoding import EncodedEvent
+from cqrskit._encoding import Encoded, Encoder
 from cqrskit.errors import ConcurrencyError, ConfigurationError, PersistenceError
 from cqrskit.eventlog import (
     EventStore,
@@ -31,7 +30,7 @@ from cqrskit.eventlog import (
     UnitOfWork,
     validate_identifier,
 )
-from cqrskit.messages import Event, Metadata
+from cqrskit.messages import Metadata
 
 __all__ = ["SCHEMA_VERSION", "SqliteEventStore", "SqliteUnitOfWork", "sqlite_ddl"]
 
@@ -129,7 +128,7 @@ class SqliteUnitOfWork(UnitOfWork):
             self.store._release()
 
 
-_Row = tuple[int, str, int, EncodedEvent, dict[str, Any]]
+_Row = tuple[int, str, int, Encoded, dict[str, Any]]
 
 
 class SqliteEventStore(EventStore):
@@ -157,7 +156,7 @@ class SqliteEventStore(EventStore):
         synchronous: Synchronous = "NORMAL",
         create_tables: bool = True,
         lock_timeout: float = 5.0,
-        encoder: Callable[[Event], EncodedEvent] | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
         super().__init__(encoder=encoder)
         if sqlite3.sqlite_version_info < (3, 35):
@@ -186,12 +185,18 @@ class SqliteEventStore(EventStore):
         self._check_durability(self._writer)
         self._prepare_tables(create_tables)
         t = self._t
-        self._sql_insert = (
+        insert = (
             f"INSERT INTO {t} (stream, version, type, schema_version, data, message_id, "
             "correlation_id, causation_id, recorded_at) "
-            "SELECT ?1, coalesce(max(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
-            f"FROM {t} WHERE stream = ?1 HAVING coalesce(max(version), 0) = coalesce(?9, "
-            "coalesce(max(version), 0)) RETURNING position, version"
+        )
+        self._sql_insert_next = (
+            insert + "SELECT ?1, coalesce(max(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
+            f"FROM {t} WHERE stream = ?1 RETURNING position, version"
+        )
+        self._sql_insert_new = insert + "VALUES (?1, ?9 + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        self._sql_insert_after = (
+            insert + "SELECT ?1, ?9 + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
+            f"WHERE EXISTS (SELECT 1 FROM {t} WHERE stream = ?1 AND version = ?9)"
         )
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {t} WHERE stream = ?"
         cols = (
@@ -299,31 +304,40 @@ class SqliteEventStore(EventStore):
         self._write_lock.release()
 
     def _append(self, conn: sqlite3.Connection, uow: SqliteUnitOfWork) -> list[_Row]:
-        sql = self._sql_insert
         out: list[_Row] = []
         for row in uow.pending_rows(self._encode):
             enc = row.encoded
             md = row.metadata
+            expected = row.expected_version
+            values = (
+                row.stream,
+                enc.type,
+                enc.schema_version,
+                enc.data,
+                md["message_id"],
+                md["correlation_id"],
+                md["causation_id"],
+                md["timestamp"],
+            )
             try:
-                got = conn.execute(
-                    sql,
-                    (
-                        row.stream,
-                        enc.type,
-                        enc.schema_version,
-                        enc.data,
-                        md["message_id"],
-                        md["correlation_id"],
-                        md["causation_id"],
-                        md["timestamp"],
-                        row.expected_version,
-                    ),
-                ).fetchone()
+                if expected is None:
+                    got = conn.execute(self._sql_insert_next, values).fetchone()
+                    if got is None:  # pragma: no cover - the HAVING clause always holds
+                        raise self._conflict(conn, row.stream, expected)
+                    position, version = got
+                else:
+                    # versions are contiguous, so "version `expected` exists and version
+                    # `expected + 1` does not" (the unique index) means "stream is at
+                    # `expected`"; a plain INSERT costs less than a max() aggregate
+                    sql = self._sql_insert_new if expected == 0 else self._sql_insert_after
+                    cur = conn.execute(sql, (*values, expected))
+                    if cur.rowcount != 1:
+                        raise self._conflict(conn, row.stream, expected)
+                    position, version = cur.lastrowid, expected + 1
             except sqlite3.IntegrityError as exc:
-                raise self._conflict(conn, row.stream, row.expected_version) from exc
-            if got is None:
-                raise self._conflict(conn, row.stream, row.expected_version)
-            out.append((got[0], row.stream, got[1], enc, md))
+                raise self._conflict(conn, row.stream, expected) from exc
+            assert position is not None
+            out.append((position, row.stream, version, enc, md))
         return out
 
     def _conflict(

@@ -116,3 +116,21 @@ async def test_two_stores_on_one_file_take_turns(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_serializer_from_cqrskit_serialization_plugs_in(tmp_path: Path) -> None:
+    from cqrskit.serialization import EventTypes, JsonSerializer
+
+    types = EventTypes()
+    types.register(Opened, "account.opened", version=2)
+    serializer = JsonSerializer(types)
+    store = SqliteEventStore(tmp_path / "ser.db", encoder=serializer.encode)
+    try:
+        uow = await store.begin()
+        uow.record("s", Opened("s", "ada"))
+        await uow.commit()
+        [stored] = await store.read_after(0)
+        assert (stored.type, stored.schema_version) == ("account.opened", 2)
+        assert serializer.decode_stored(stored) == Opened("s", "ada")
+    finally:
+        store.close()

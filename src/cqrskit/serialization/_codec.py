@@ -102,44 +102,70 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_STDLIB_DECODER = json.JSONDecoder(
-    parse_constant=_reject_constant, object_pairs_hook=_unique_pairs, strict=True
-)
 _STDLIB_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_ESCAPED_NUL_OR_SURROGATE_RE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _TextCodec:
     """Stdlib JSON text layer with the limits applied on both sides.
 
-    The precise check walks the whole tree, which costs about as much as parsing. Most
-    payloads cannot break any limit, and that is visible on the text in C-speed passes: no
-    string can be longer than the text, nesting cannot exceed the number of brackets, and
-    NUL, surrogates, long digit runs and large exponents leave traces (``\\u0000``,
-    ``\\udXXX``, raw characters, ``\\d{n}``, ``e308``). Only text with a trace is walked;
-    a trace inside a string merely costs the walk.
+    Decoding: the parser's hooks reject NaN and Infinity, duplicate keys, integers with too
+    many digits and floats that overflow, while parsing. Walking the whole tree for the
+    other limits would cost as much as parsing, and most payloads visibly cannot break
+    them: no string is longer than the text, nesting is at most the number of brackets, and
+    a NUL or lone surrogate needs a raw character or a ``\\u0000``/``\\udXXX`` escape. Those
+    C-speed checks on the text decide whether the precise walk runs; a false alarm (an
+    escaped emoji, say) only costs the walk.
+
+    Encoding walks the tree before writing it (there is no text to screen yet).
     """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.checker = _Checker(limits)
-        # 300: a longer digit run could also be a float mantissa overflowing to infinity.
-        digits = min(limits.max_int_digits, 300) + 1
-        self._trace = re.compile(
-            rf"\\u(?:0000|[dD][89a-fA-F])|[\x00\ud800-\udfff]|[eE][+-]?\d{{3}}|\d{{{digits}}}"
+        max_digits = limits.max_int_digits
+
+        def parse_int(literal: str) -> int:
+            if len(literal) - literal.startswith("-") > max_digits:
+                raise _Invalid(f"an integer has more than {max_digits} digits")
+            return int(literal)
+
+        def parse_float(literal: str) -> float:
+            value = float(literal)
+            if not math.isfinite(value):
+                raise _Invalid("NaN and Infinity are not allowed (a number overflows)")
+            return value
+
+        self._decoder = json.JSONDecoder(
+            parse_int=parse_int,
+            parse_float=parse_float,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_unique_pairs,
+            strict=True,
         )
 
     def dumps(self, tree: Any) -> str:
         return _STDLIB_ENCODER.encode(tree)
 
     def parse(self, text: str) -> Any:
-        return _STDLIB_DECODER.decode(text)
+        return self._decoder.decode(text)
 
     def _check(self, text: str, tree: Any) -> None:
         limits = self.limits
         if (
             len(text) > limits.max_string_length
             or text.count("[") + text.count("{") > limits.max_depth
-            or self._trace.search(text) is not None
+            or "\x00" in text
+            or ("\\u" in text and _ESCAPED_NUL_OR_SURROGATE_RE.search(text) is not None)
+            or (not text.isascii() and not _is_valid_unicode(text))
         ):
             self.checker.walk(tree, 0)
 
@@ -177,15 +203,11 @@ class _TextCodec:
         raise _Invalid(f"payload must be str or bytes, got {type(data).__name__}")
 
     def dump_checked(self, tree: Any) -> str:
-        """Serialize ``tree`` and check it against the limits; raises :class:`_Invalid`.
-
-        ``tree`` holds only JSON types (the plan guarantees it), so the same text checks as
-        for decoding apply.
-        """
+        """Check ``tree`` against the limits, then serialize it; raises :class:`_Invalid`."""
+        self.checker.walk(tree, 0)
         try:
             text = self.dumps(tree)
-        except (TypeError, ValueError) as exc:
-            self.checker.walk(tree, 0)  # names the offending value, if a limit explains it
+        except (TypeError, ValueError) as exc:  # e.g. orjson and integers beyond 64 bits
             raise _Invalid(f"not JSON-serializable: {exc}") from None
         max_bytes = self.limits.max_bytes
         if len(text) > max_bytes // 4 and not text.isascii():
@@ -194,7 +216,6 @@ class _TextCodec:
             size = len(text)
         if size > max_bytes:
             raise _Invalid(f"encoded size of {size} bytes exceeds the limit of {max_bytes}")
-        self._check(text, tree)
         return text
 
 

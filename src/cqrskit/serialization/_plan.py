@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import keyword
 import math
 import sys
 import types
@@ -157,11 +158,13 @@ class _Planner:
                     raise _Invalid(f"unknown field(s) {', '.join(map(repr, extra))}")
             return _construct(cls, kwargs)
 
-        return encode, decode
+        if not all(name.isidentifier() and not keyword.iskeyword(name) for name in names):
+            return encode, decode
+        return _compile_fast_paths(cls, fields, ignore_unknown, encode, decode)
 
     def _value_plan(self, tp: Any, ignore_unknown: bool, where: str) -> tuple[_Enc, _Dec]:
         if tp is Any or tp is object:
-            return _enc_any, _identity
+            return _identity, _identity
         supertype = getattr(tp, "__supertype__", None)  # typing.NewType
         if supertype is not None:
             return self.plan(supertype, ignore_unknown, where)
@@ -190,9 +193,9 @@ class _Planner:
                 raise _unsupported(tp, where, "dict keys must be str")
             return _dict_plan(self.plan(args[1] if args else Any, ignore_unknown, where))
         if tp in (list, tuple):
-            return _list_plan((_enc_any, _identity), tp)
+            return _list_plan((_identity, _identity), tp)
         if tp is dict:
-            return _dict_plan((_enc_any, _identity))
+            return _dict_plan((_identity, _identity))
         if tp is type(None) or tp is None:
             return _none_plan()
         if isinstance(tp, type):
@@ -229,6 +232,75 @@ class _Planner:
         return encode, decode
 
 
+_INLINE_CHECKS: dict[object, str] = {}  # filled below, once the primitive plans exist
+
+
+def _compile_fast_paths(
+    cls: type,
+    fields: list[tuple[str, _Enc, _Dec, bool]],
+    ignore_unknown: bool,
+    slow_encode: _Enc,
+    slow_decode: _Dec,
+) -> tuple[_Enc, _Dec]:
+    """Generate straight-line encode/decode functions for one dataclass.
+
+    The loops in the slow functions cost about half the time of a whole encode or decode;
+    generated code does the same work without them (as ``dataclasses`` itself does). Any
+    failure on the fast path re-runs the slow function, which raises the precise error with
+    the field path; so the fast path only has to be right for valid input.
+    """
+    namespace: dict[str, Any] = {
+        "_cls": cls,
+        "_Invalid": _Invalid,
+        "_slow_encode": slow_encode,
+        "_slow_decode": slow_decode,
+    }
+    enc_items = []
+    dec_items = []
+    for i, (name, enc, dec, _) in enumerate(fields):
+        namespace[f"_e{i}"] = enc
+        namespace[f"_d{i}"] = dec
+        key = repr(name)
+        checked = _INLINE_CHECKS.get(enc)
+        if enc is _identity:
+            enc_items.append(f"{key}: value.{name}")
+        elif checked is not None:
+            enc_items.append(f"{key}: (_v if type(_v := value.{name}) is {checked} else _e{i}(_v))")
+        else:
+            enc_items.append(f"{key}: _e{i}(value.{name})")
+        checked = _INLINE_CHECKS.get(dec)
+        if dec is _identity:
+            dec_items.append(f"{name}=obj[{key}]")
+        elif checked is not None:
+            dec_items.append(f"{name}=(_v if type(_v := obj[{key}]) is {checked} else _d{i}(_v))")
+        else:
+            dec_items.append(f"{name}=_d{i}(obj[{key}])")
+    shape = (
+        "type(obj) is dict"
+        if ignore_unknown
+        else f"type(obj) is dict and len(obj) == {len(fields)}"
+    )
+    source = f"""
+def encode(value):
+    if type(value) is _cls:
+        try:
+            return {{{", ".join(enc_items)}}}
+        except _Invalid:
+            pass
+    return _slow_encode(value)
+
+def decode(obj):
+    if {shape}:
+        try:
+            return _cls({", ".join(dec_items)})
+        except Exception:
+            pass
+    return _slow_decode(obj)
+"""
+    exec(compile(source, f"<cqrskit serialization plan for {describe(cls)}>", "exec"), namespace)
+    return namespace["encode"], namespace["decode"]
+
+
 def _unsupported(tp: object, where: str, why: str | None = None) -> ConfigurationError:
     return ConfigurationError(
         f"{where}: type {tp!r} cannot be serialized" + (f" ({why})." if why else "."),
@@ -247,42 +319,6 @@ def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
 
 def _identity(value: Any) -> Any:
     return value
-
-
-def _enc_any(value: Any) -> Any:
-    _json_only(value, 0)
-    return value
-
-
-def _json_only(value: Any, depth: int) -> None:
-    """Raise unless ``value`` holds only JSON types (orjson would write others silently)."""
-    kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
-        return
-    if kind is float:
-        if not math.isfinite(value):
-            raise _Invalid("NaN and Infinity are not allowed")
-        return
-    if depth > 1000:
-        raise _Invalid("nesting is too deep")
-    if kind is dict:
-        for k, v in value.items():
-            try:
-                if type(k) is not str:
-                    raise _Invalid(f"object keys must be strings, got {type(k).__name__}")
-                _json_only(v, depth + 1)
-            except _Invalid as exc:
-                exc.path.append(_key_label(k))
-                raise
-    elif kind is list or kind is tuple:
-        for i, v in enumerate(value):
-            try:
-                _json_only(v, depth + 1)
-            except _Invalid as exc:
-                exc.path.append(f"[{i}]")
-                raise
-    else:
-        raise _Invalid(f"{kind.__name__} is not a JSON type")
 
 
 def _none_plan() -> tuple[_Enc, _Dec]:
@@ -438,6 +474,18 @@ _SIMPLE_PLANS: dict[type, tuple[_Enc, _Dec]] = {
     Decimal: (_enc_decimal, _dec_decimal),
     bytes: (_enc_bytes, _dec_bytes),
 }
+
+
+_INLINE_CHECKS.update(
+    {
+        _enc_str: "str",
+        _dec_str: "str",
+        _enc_int: "int",
+        _dec_int: "int",
+        _enc_bool: "bool",
+        _dec_bool: "bool",
+    }
+)
 
 
 def _enum_plan(cls: type[enum.Enum], where: str) -> tuple[_Enc, _Dec]:
@@ -608,7 +656,7 @@ def _pydantic_plan(cls: type, ignore_unknown: bool) -> tuple[_Enc, _Dec]:
         if type(value) is not cls:
             raise _Invalid(f"expected {describe(cls)}, got {type(value).__name__}")
         dumped: Any = value.model_dump(mode="json")  # type: ignore[attr-defined]
-        return _enc_any(dumped)
+        return dumped
 
     def decode(obj: Any) -> Any:
         if type(obj) is not dict:
@@ -642,7 +690,7 @@ def _msgspec_plan(cls: type, ignore_unknown: bool) -> tuple[_Enc, _Dec]:
     def encode(value: Any) -> Any:
         if type(value) is not cls:
             raise _Invalid(f"expected {describe(cls)}, got {type(value).__name__}")
-        return _enc_any(msgspec.to_builtins(value))
+        return msgspec.to_builtins(value)
 
     def decode(obj: Any) -> Any:
         if type(obj) is not dict:
