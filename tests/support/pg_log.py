@@ -32,3 +32,12 @@ async def open_pg_log(dsn: str, schema: str) -> PgTestLog:
     store = await PgTestLog.open(dsn, schema=schema, encoder=serializer.encode)
     assert isinstance(store, PgTestLog)
     return store
+
+
+async def from_env() -> PgTestLog:
+    """Store factory for projector subprocesses (DSN and schema from the environment)."""
+    import os
+
+    return await open_pg_log(
+        os.environ["CQRSKIT_TEST_PG_DSN"], os.environ["CQRSKIT_TEST_PG_SCHEMA"]
+    )

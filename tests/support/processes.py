@@ -16,43 +16,39 @@ ROOT = Path(__file__).resolve().parents[2]
 def start_projector(
     log_path: str, read_path: str, owner: str, *, lease_ttl: float = 0.3, batch_size: int = 7
 ) -> subprocess.Popen[bytes]:
-    err_path = Path(read_path).with_name(f"projector-{owner}.log")
-    with err_path.open("ab") as err:
-        return _popen(log_path, read_path, owner, lease_ttl, batch_size, err)
-
-
-def _popen(
-    log_path: str, read_path: str, owner: str, lease_ttl: float, batch_size: int, err: object
-) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["CQRSKIT_TEST_LOG"] = log_path
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cqrskit.projections",
-            "run",
-            "--store",
-            "tests.support.sqlite_log:from_env",
-            "--read",
-            f"sqlite:///{read_path}",
-            "--projection",
-            "tests.support.bank:balances",
-            "--decoder",
-            "tests.support.bank:serializer",
-            "--batch-size",
-            str(batch_size),
-            "--lease-ttl",
-            str(lease_ttl),
-            "--owner",
-            owner,
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=err,
+    """A projector process on the SQLite test log (``log_path``) and read file."""
+    return spawn(
+        ["--store", "tests.support.sqlite_log:from_env", "--read", f"sqlite:///{read_path}"],
+        {"CQRSKIT_TEST_LOG": log_path},
+        Path(read_path).with_name(f"projector-{owner}.log"),
+        owner,
+        lease_ttl=lease_ttl,
+        batch_size=batch_size,
     )
+
+
+def spawn(
+    connection_args: list[str],
+    env_extra: dict[str, str],
+    log_file: Path,
+    owner: str,
+    *,
+    lease_ttl: float,
+    batch_size: int,
+) -> subprocess.Popen[bytes]:
+    """``python -m cqrskit.projections run`` for the test bank projection; stderr to a file."""
+    env = dict(os.environ) | env_extra
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    args = [
+        sys.executable, "-m", "cqrskit.projections", "run", *connection_args,
+        "--projection", "tests.support.bank:balances",
+        "--decoder", "tests.support.bank:serializer",
+        "--batch-size", str(batch_size),
+        "--lease-ttl", str(lease_ttl),
+        "--owner", owner,
+    ]  # fmt: skip
+    with log_file.open("ab") as err:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def read_state(read_path: str) -> tuple[int, str | None, int]:

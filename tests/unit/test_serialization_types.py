@@ -208,3 +208,36 @@ def test_duplicate_or_invalid_upcaster_is_rejected() -> None:
         types.register_upcaster("a", 1, lambda d: d)
     with pytest.raises(ConfigurationError, match="from_version must be an int >= 1"):
         types.register_upcaster("a", 0, lambda d: d)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    children: list[Node]
+    bad: set[int]
+
+
+@dataclass(frozen=True, slots=True)
+class GoodNode:
+    children: list[GoodNode]
+
+
+@dataclass(frozen=True, slots=True)
+class UsesNodes(Event):
+    nodes: list[Node]
+
+
+@dataclass(frozen=True, slots=True)
+class UsesGoodNodes(Event):
+    nodes: list[GoodNode]
+
+
+def test_a_failed_registration_leaves_no_half_built_plans() -> None:
+    types = EventTypes()
+    with pytest.raises(ConfigurationError, match="set"):
+        types.register(UsesNodes, "uses.nodes")
+    types.register(UsesGoodNodes, "uses.good")
+    serializer = JsonSerializer(types)
+    event = UsesGoodNodes([GoodNode([GoodNode([])])])
+    assert serializer.decode("uses.good", 1, serializer.encode(event).data) == event
+    with pytest.raises(SerializationError, match="unknown event type"):
+        serializer.decode("uses.nodes", 1, "{}")

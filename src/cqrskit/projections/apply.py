@@ -21,6 +21,7 @@ from cqrskit.projections.db import Session
 __all__ = ["Applier", "as_decoder"]
 
 _MAX_ERROR = 2000
+_UNSEEN: Any = object()
 
 
 def as_decoder(decoder: Any) -> Callable[[StoredEvent], Event]:
@@ -58,10 +59,10 @@ class Applier:
     async def apply_one(self, ctx: ProjectionContext, stored: StoredEvent) -> None:
         """Decode ``stored`` and run its handler (events of other types are skipped)."""
         name = stored.type
-        if name in self._by_name:
-            handler = self._by_name[name]
-            if handler is None:
-                return
+        handler = self._by_name.get(name, _UNSEEN)
+        if handler is None:
+            return
+        if handler is not _UNSEEN:
             event = self._decode(stored)
         elif self._type_for is not None:
             handler = self._by_name[name] = self._handler_by_name(name)

@@ -102,6 +102,7 @@ class _Worker:
         building: tuple[int, Applier] | None = None
         bcp = 0
         last_beat = next_check = time.monotonic()
+        backoff: float | None = None
         while not p._stop.is_set():
             now = time.monotonic()
             if now >= next_check:
@@ -157,14 +158,24 @@ class _Worker:
                     p.signal.notify()
                 progressed = True
             if progressed:
+                backoff = None
                 continue
             if time.monotonic() - last_beat >= p.lease_ttl / 3:
                 async with p.read_db.transaction() as s:
                     await self._fence(s, epoch)
                 last_beat = time.monotonic()
-            woke = await p._wait_for_events(self.checkpoint, p.lease_ttl / 3)
-            if not woke:
+            # after a wake-up that found nothing readable (on PostgreSQL, a commit can stay
+            # above the readable horizon while an older transaction is open; nobody signals
+            # when that one ends) poll with a short, growing backoff instead of a full wait
+            limit = p.lease_ttl / 3
+            woke = await p._wait_for_events(self.checkpoint, backoff or limit)
+            if woke:
+                backoff = 0.001 if backoff is None else min(backoff * 2, limit)
+            elif backoff is None or backoff >= limit:
+                backoff = None
                 next_check = 0.0
+            else:
+                backoff = min(backoff * 2, limit)
 
     async def _fence(self, s: Any, epoch: int) -> None:
         if not await schema.fence(s, self.name, epoch):
