@@ -125,7 +125,7 @@ def open_sqlite_bank(directory: Path, *, batch_size: int = 100) -> Bank:
 
     directory.mkdir(parents=True, exist_ok=True)
     serializer = JsonSerializer(event_types)
-    store = SqliteEventStore(directory / "bank.db", encoder=serializer.encode)  # type: ignore[arg-type]
+    store = SqliteEventStore(directory / "bank.db", encoder=serializer.encode)
     write_db = SqliteReadDatabase(str(directory / "bank.db"))
     read_db = SqliteReadDatabase(str(directory / "read.db"))
     bank = _assemble(
@@ -141,7 +141,7 @@ async def open_postgres_bank(dsn: str, schema: str, *, batch_size: int = 100) ->
     from cqrskit.projections.postgres import PostgresReadDatabase
 
     serializer = JsonSerializer(event_types)
-    store = await PostgresEventStore.open(dsn, schema=schema, encoder=serializer.encode)  # type: ignore[arg-type]
+    store = await PostgresEventStore.open(dsn, schema=schema, encoder=serializer.encode)
     write_db = PostgresReadDatabase(dsn, schema=schema)
     read_db = write_db
     bank = _assemble(

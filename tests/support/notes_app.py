@@ -169,7 +169,7 @@ class Harness:
         self.release = asyncio.Event()
         self.release.set()
         serializer = JsonSerializer(event_types)
-        self.store = SqliteEventStore(directory / "write.db", encoder=serializer.encode)  # type: ignore[arg-type]
+        self.store = SqliteEventStore(directory / "write.db", encoder=serializer.encode)
         self.read_db = SqliteReadDatabase(str(directory / "read.db"))
         notes = Projection(
             "notes",
