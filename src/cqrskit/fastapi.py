@@ -388,7 +388,15 @@ def install(
             domain errors); the most derived registered class of an exception wins.
         request_validation: also render FastAPI's own request-validation errors as
             problem+json 422 with the same ``errors`` list (default ``True``).
+
+    Raises:
+        ConfigurationError: ``install`` was already called on ``app``.
     """
+    if getattr(app.state, "cqrskit_mediator", None) is not None:
+        raise ConfigurationError(
+            "cqrskit.fastapi.install() was called twice on the same application.",
+            hint="install one mediator per application, once, when building it.",
+        )
     table = _Problems({**DEFAULT_PROBLEMS, **(problems or {})})
     app.state.cqrskit_mediator = mediator
     app.add_middleware(_RequestScopeMiddleware, mediator=mediator, problems=table)

@@ -15,7 +15,13 @@ import pytest
 from fastapi import FastAPI
 
 from cqrskit import ConfigurationError
-from cqrskit.fastapi import CORRELATION_HEADER, STALE_HEADER, TOKEN_HEADER, MediatorDep
+from cqrskit.fastapi import (
+    CORRELATION_HEADER,
+    STALE_HEADER,
+    TOKEN_HEADER,
+    MediatorDep,
+    install,
+)
 from tests.support.notes_app import Harness
 
 PROBLEM = "application/problem+json"
@@ -205,6 +211,11 @@ async def test_dependencies_without_install_name_the_fix() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         with pytest.raises(ConfigurationError, match="install"):
             await c.get("/")
+
+
+def test_install_twice_is_refused(harness: Harness) -> None:
+    with pytest.raises(ConfigurationError, match="twice"):
+        install(harness.app, harness.mediator)
 
 
 def test_missing_fastapi_names_the_extra() -> None:
