@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from cqrskit import CqrsError
 from examples.bank.app import Bank, open_postgres_bank, open_sqlite_bank
 from examples.bank.demo import run_demo
 
@@ -76,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.operations < 0:
         _parser().error("--operations must be >= 0")
-    if args.postgres or args.dir:
-        return asyncio.run(_with_bank(args, args.dir))
-    with tempfile.TemporaryDirectory(prefix="cqrskit-bank-") as tmp:
-        return asyncio.run(_with_bank(args, Path(tmp)))
+    try:
+        if args.postgres or args.dir:
+            return asyncio.run(_with_bank(args, args.dir))
+        with tempfile.TemporaryDirectory(prefix="cqrskit-bank-") as tmp:
+            return asyncio.run(_with_bank(args, Path(tmp)))
+    except (CqrsError, OSError) as exc:  # unreachable database, missing extra ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,28 @@ def test_python_m_examples_bank_runs_with_only_the_core(tmp_path: Path) -> None:
     assert "FAILED" not in proc.stdout
     assert (tmp_path / "d" / "bank.db").exists()
     assert (tmp_path / "d" / "read.db").exists()
+
+
+def test_unreachable_database_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "examples.bank",
+                "--postgres",
+                f"postgresql://x@127.0.0.1:{port}/x",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr
