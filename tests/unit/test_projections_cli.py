@@ -69,3 +69,14 @@ def test_bad_arguments_are_reported(tmp_path: Path, capsys: pytest.CaptureFixtur
     code = main(["rebuild", "--read", f"sqlite:///{tmp_path}/r.db", "--projection", "nocolon"])
     assert code == 2
     assert "module:attribute" in capsys.readouterr().err
+
+
+def test_contributes_to_the_cqrskit_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cqrskit.cli import main as cqrskit_main
+
+    store, read = prepare(tmp_path, monkeypatch)
+    assert cqrskit_main(["projections", "status", "--store", store, "--read", read, "--json"]) == 0
+    [status] = json.loads(capsys.readouterr().out)
+    assert status["dead_letters"] == 1

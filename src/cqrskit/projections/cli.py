@@ -22,7 +22,7 @@ import inspect
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from cqrskit.errors import ConfigurationError, CqrsError
@@ -38,7 +38,7 @@ from cqrskit.projections.status import (
     request_retry,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "register_cli"]
 
 
 def load_object(spec: str) -> Any:
@@ -114,28 +114,55 @@ async def _close(obj: Any) -> None:
             await result
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cqrskit.projections")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_commands(sub: Any) -> None:
     run = sub.add_parser("run", help="run projectors until SIGTERM/SIGINT")
+    run.set_defaults(run=_runner(_run))
     _connection_args(run)
     run.add_argument("--projection", action="append", required=True)
     run.add_argument("--decoder", required=True)
     run.add_argument("--batch-size", type=int, default=500)
     run.add_argument("--lease-ttl", type=float, default=5.0)
+    run.add_argument("--poll-interval", type=float, default=1.0)
     run.add_argument("--owner")
     status = sub.add_parser("status", help="checkpoint, lag and dead letters")
+    status.set_defaults(run=_runner(_status))
     _connection_args(status)
     status.add_argument("--json", action="store_true")
     rebuild = sub.add_parser("rebuild", help="rebuild a projection into a new generation")
+    rebuild.set_defaults(run=_runner(_rebuild))
     _connection_args(rebuild, store=False)
     rebuild.add_argument("--projection", required=True)
     dead = sub.add_parser("dead-letters", help="list (or --retry) parked events")
+    dead.set_defaults(run=_runner(_dead_letters))
     _connection_args(dead, store=False)
     dead.add_argument("name")
     dead.add_argument("--retry", action="store_true")
     dead.add_argument("--stream")
     dead.add_argument("--json", action="store_true")
+
+
+def _runner(
+    command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+) -> Callable[..., int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(command(args))
+        except CqrsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register_cli(sub: Any) -> None:
+    """Add ``cqrskit projections <run|status|rebuild|dead-letters>`` to the ``cqrskit`` CLI."""
+    parser = sub.add_parser("projections", help="run projectors; status, rebuild, dead letters")
+    _add_commands(parser.add_subparsers(dest="projections_command", required=True))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cqrskit.projections")
+    _add_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -149,6 +176,7 @@ async def _run(args: argparse.Namespace) -> int:
         load_object(args.decoder),
         batch_size=args.batch_size,
         lease_ttl=args.lease_ttl,
+        poll_interval=args.poll_interval,
         owner=args.owner,
     )
     loop = asyncio.get_running_loop()
@@ -222,14 +250,5 @@ async def _dead_letters(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv`` and run the command; return the exit code."""
     args = _parser().parse_args(argv)
-    handler = {
-        "run": _run,
-        "status": _status,
-        "rebuild": _rebuild,
-        "dead-letters": _dead_letters,
-    }[args.command]
-    try:
-        return asyncio.run(handler(args))
-    except CqrsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)

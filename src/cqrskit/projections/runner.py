@@ -167,7 +167,7 @@ class _Worker:
             # after a wake-up that found nothing readable (on PostgreSQL, a commit can stay
             # above the readable horizon while an older transaction is open; nobody signals
             # when that one ends) poll with a short, growing backoff instead of a full wait
-            limit = p.lease_ttl / 3
+            limit = min(p.poll_interval, p.lease_ttl / 3)
             woke = await p._wait_for_events(self.checkpoint, backoff or limit)
             if woke:
                 backoff = 0.001 if backoff is None else min(backoff * 2, limit)
@@ -230,6 +230,8 @@ class Projector:
         lease_ttl: seconds (monotonic) without a heartbeat before a standby takes over.
         max_attempts: attempts per failing event before it is parked.
         state_interval: seconds between checks for rebuild and retry requests.
+        poll_interval: the longest idle wait between reads when no wake-up comes (the
+            safety net under the store's hints; also capped at ``lease_ttl / 3``).
         owner: this projector's lease owner id (default: host, pid and a random suffix).
     """
 
@@ -244,6 +246,7 @@ class Projector:
         lease_ttl: float = 5.0,
         max_attempts: int = 3,
         state_interval: float = 0.5,
+        poll_interval: float = 1.0,
         owner: str | None = None,
     ) -> None:
         self.store = store
@@ -253,6 +256,7 @@ class Projector:
         self.lease_ttl = lease_ttl
         self.max_attempts = max_attempts
         self.state_interval = state_interval
+        self.poll_interval = poll_interval
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.signal = Signal()
         self._workers = [_Worker(self, p) for p in projections]
