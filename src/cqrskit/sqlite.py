@@ -1,0 +1,388 @@
+"""SQLite driver: the embedded default event log and unit of work (stdlib ``sqlite3``).
+
+Every ``sqlite3`` call runs directly on the event-loop thread: a statement on a local file
+takes microseconds, and a thread hop per statement (the aiosqlite way) costs several times
+more than the statement. A transaction holds the store's write lock from ``begin`` to
+``commit``/``rollback`` (SQLite has one writer anyway), so concurrent commands in one process
+queue on an ``asyncio.Lock`` instead of on SQLite's busy handler.
+
+Commit order: SQLite serializes writers (``BEGIN IMMEDIATE`` takes the write lock up
+front), and ``position`` is an ``INTEGER PRIMARY KEY AUTOINCREMENT`` assigned inside that
+exclusive section, so positions are allocated in commit order and a reader never sees a
+higher position before a lower one commits. AUTOINCREMENT also prevents reuse of the
+position of a deleted last row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from cqrskit._encoding import Encoded, Encoder
+from cqrskit.errors import ConcurrencyError, ConfigurationError, PersistenceError
+from cqrskit.eventlog import (
+    EventStore,
+    StoredEvent,
+    UnitOfWork,
+    validate_identifier,
+)
+from cqrskit.messages import Metadata
+
+__all__ = ["SCHEMA_VERSION", "SqliteEventStore", "SqliteUnitOfWork", "sqlite_ddl"]
+
+_log = logging.getLogger("cqrskit.sqlite")
+
+SCHEMA_VERSION = 1
+"""Version of the event-log table layout this module writes."""
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+_SYNC_LEVELS = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
+
+
+def sqlite_ddl(table: str = "cqrskit_events") -> str:
+    """The DDL that creates the event log ``table`` (for users who run their own migrations).
+
+    Raises:
+        ConfigurationError: ``table`` is not a valid identifier.
+    """
+    t = validate_identifier(table, "table name")
+    idx = validate_identifier(f"{table}_stream_version"[:63], "index name")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {t} (\n"
+        "    position INTEGER PRIMARY KEY AUTOINCREMENT,\n"
+        "    stream TEXT NOT NULL,\n"
+        "    version INTEGER NOT NULL,\n"
+        "    type TEXT NOT NULL,\n"
+        "    schema_version INTEGER NOT NULL,\n"
+        "    data TEXT NOT NULL,\n"
+        "    message_id TEXT NOT NULL,\n"
+        "    correlation_id TEXT,\n"
+        "    causation_id TEXT,\n"
+        "    recorded_at TEXT NOT NULL\n"
+        ");\n"
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {idx} ON {t} (stream, version);\n"
+        'CREATE TABLE IF NOT EXISTS "cqrskit_schema" (\n'
+        "    name TEXT PRIMARY KEY,\n"
+        "    version INTEGER NOT NULL\n"
+        ");\n"
+        f"INSERT OR IGNORE INTO \"cqrskit_schema\" (name, version) VALUES ('{table}', "
+        f"{SCHEMA_VERSION});\n"
+    )
+
+
+class SqliteUnitOfWork(UnitOfWork):
+    """One command's SQLite transaction.
+
+    Attributes:
+        connection: the write connection, inside ``BEGIN IMMEDIATE``; change state with
+            ordinary synchronous ``sqlite3`` calls (``uow.connection.execute(...)``).
+    """
+
+    __slots__ = ("connection",)
+
+    store: SqliteEventStore
+
+    def __init__(
+        self, store: SqliteEventStore, metadata: Metadata | None, connection: sqlite3.Connection
+    ) -> None:
+        super().__init__(store, metadata)
+        self.connection = connection
+
+    async def commit(self) -> int | None:
+        """See :meth:`UnitOfWork.commit`."""
+        store = self.store
+        conn = self.connection
+        try:
+            stored = store._append(conn, self) if self._events else None
+            if stored is not None and store._hooks:
+                events = store._stored(stored)
+                for hook in store._hooks:
+                    await hook(self, events)
+            conn.execute("COMMIT")
+        except BaseException:
+            self._finish_rollback()
+            raise
+        self._close()
+        store._release()
+        if stored is None:
+            return None
+        store._wake()
+        return stored[-1][0]
+
+    async def rollback(self) -> None:
+        """See :meth:`UnitOfWork.rollback`."""
+        self._finish_rollback()
+
+    def _finish_rollback(self) -> None:
+        if not self._active:
+            return
+        self._close()
+        try:
+            if self.connection.in_transaction:
+                self.connection.execute("ROLLBACK")
+        finally:
+            self.store._release()
+
+
+_Row = tuple[int, str, int, Encoded, dict[str, Any]]
+
+
+class SqliteEventStore(EventStore):
+    """The SQLite event log and unit-of-work factory.
+
+    Args:
+        path: the database file (``":memory:"`` is refused: the reader needs its own
+            connection to the same database).
+        table: the event-log table name (validated, quoted).
+        synchronous: ``"NORMAL"`` (default; with WAL, a power loss may drop the last
+            commits but never corrupts) or ``"FULL"`` (every commit durable).
+        create_tables: create the tables when missing (else they must exist; print the DDL
+            with :func:`sqlite_ddl`).
+        lock_timeout: seconds to wait for another process's write transaction.
+        encoder: how events become rows (default: JSON).
+    """
+
+    unit_of_work_type = SqliteUnitOfWork
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        table: str = "cqrskit_events",
+        synchronous: Synchronous = "NORMAL",
+        create_tables: bool = True,
+        lock_timeout: float = 5.0,
+        encoder: Encoder | None = None,
+    ) -> None:
+        super().__init__(encoder=encoder)
+        if sqlite3.sqlite_version_info < (3, 35):
+            raise ConfigurationError(
+                f"SqliteEventStore needs SQLite 3.35 or newer; this Python has "
+                f"{sqlite3.sqlite_version}.",
+                hint="use a Python build linked against a newer SQLite.",
+            )
+        if str(path) in ("", ":memory:") or str(path).startswith("file::memory:"):
+            raise ConfigurationError(
+                "SqliteEventStore needs a database file, not an in-memory database.",
+                hint="pass a file path (a temporary file in tests), or use InMemoryEventStore.",
+            )
+        if synchronous not in _SYNC_LEVELS:
+            raise ConfigurationError(
+                f"synchronous must be one of {sorted(_SYNC_LEVELS)}, got {synchronous!r}."
+            )
+        self.path = str(path)
+        self.table = table
+        self._t = validate_identifier(table, "table name")
+        self._synchronous = synchronous
+        self._lock_timeout = lock_timeout
+        self._write_lock = asyncio.Lock()
+        self._writer = self._connect(busy_ms=0)
+        self._reader = self._connect(busy_ms=int(lock_timeout * 1000))
+        self._check_durability(self._writer)
+        self._prepare_tables(create_tables)
+        t = self._t
+        insert = (
+            f"INSERT INTO {t} (stream, version, type, schema_version, data, message_id, "
+            "correlation_id, causation_id, recorded_at) "
+        )
+        self._sql_insert_next = (
+            insert + "SELECT ?1, coalesce(max(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
+            f"FROM {t} WHERE stream = ?1 RETURNING position, version"
+        )
+        self._sql_insert_new = insert + "VALUES (?1, ?9 + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        self._sql_insert_after = (
+            insert + "SELECT ?1, ?9 + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
+            f"WHERE EXISTS (SELECT 1 FROM {t} WHERE stream = ?1 AND version = ?9)"
+        )
+        self._sql_version = f"SELECT coalesce(max(version), 0) FROM {t} WHERE stream = ?"
+        cols = (
+            "position, stream, version, type, schema_version, data, message_id, "
+            "correlation_id, causation_id, recorded_at"
+        )
+        self._sql_after = f"SELECT {cols} FROM {t} WHERE position > ? ORDER BY position LIMIT ?"
+        self._sql_stream = (
+            f"SELECT {cols} FROM {t} WHERE stream = ? AND version > ? ORDER BY version"
+        )
+        self._sql_head = f"SELECT coalesce(max(position), 0) FROM {t}"
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _connect(self, busy_ms: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return conn
+
+    def _check_durability(self, conn: sqlite3.Connection) -> None:
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+        if str(mode).lower() != "wal":
+            _log.warning(
+                "SQLite database %s runs in journal_mode=%s, not WAL as configured: readers "
+                "will block the writer and commits are slower.",
+                self.path,
+                mode,
+            )
+        if sync != _SYNC_LEVELS[self._synchronous]:
+            _log.warning(
+                "SQLite database %s runs with synchronous=%s, not %s as configured.",
+                self.path,
+                sync,
+                self._synchronous,
+            )
+
+    def _prepare_tables(self, create: bool) -> None:
+        conn = self._writer
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (self.table,)
+        ).fetchone()
+        if exists is None:
+            if not create:
+                raise ConfigurationError(
+                    f"the event log table {self.table!r} does not exist in {self.path}.",
+                    hint="pass create_tables=True, or run the DDL from "
+                    "cqrskit.sqlite.sqlite_ddl() in your migrations.",
+                )
+            conn.executescript("BEGIN IMMEDIATE;\n" + sqlite_ddl(self.table) + "COMMIT;")
+        row = conn.execute(
+            'SELECT version FROM "cqrskit_schema" WHERE name = ?', (self.table,)
+        ).fetchone()
+        if row is None or row[0] != SCHEMA_VERSION:
+            found = "no version row" if row is None else f"version {row[0]}"
+            raise ConfigurationError(
+                f"event log table {self.table!r} has {found}; this cqrskit writes version "
+                f"{SCHEMA_VERSION}.",
+                hint="run the DDL from cqrskit.sqlite.sqlite_ddl(), or upgrade cqrskit.",
+            )
+
+    def close(self) -> None:
+        """Close both connections (an open unit of work is rolled back by SQLite)."""
+        self._writer.close()
+        self._reader.close()
+
+    # -- write side ----------------------------------------------------------------------
+
+    async def begin(
+        self, metadata: Metadata | None = None, *, positions: bool = True
+    ) -> SqliteUnitOfWork:
+        """See :meth:`EventStore.begin`; waits for the in-process write lock first."""
+        await self._write_lock.acquire()
+        try:
+            await self._begin_immediate()
+        except BaseException:
+            self._write_lock.release()
+            raise
+        return SqliteUnitOfWork(self, metadata, self._writer)
+
+    async def _begin_immediate(self) -> None:
+        conn = self._writer
+        deadline = time.monotonic() + self._lock_timeout
+        delay = 0.001
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise PersistenceError(f"BEGIN IMMEDIATE failed: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise PersistenceError(
+                        f"another process holds the write lock on {self.path} for more than "
+                        f"{self._lock_timeout} s.",
+                        hint="raise lock_timeout, or keep write transactions short.",
+                    ) from exc
+            # another process is writing: back off without blocking the event loop
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _release(self) -> None:
+        self._write_lock.release()
+
+    def _append(self, conn: sqlite3.Connection, uow: SqliteUnitOfWork) -> list[_Row]:
+        out: list[_Row] = []
+        for row in uow.pending_rows(self._encode):
+            enc = row.encoded
+            md = row.metadata
+            expected = row.expected_version
+            values = (
+                row.stream,
+                enc.type,
+                enc.schema_version,
+                enc.data,
+                md["message_id"],
+                md["correlation_id"],
+                md["causation_id"],
+                md["timestamp"],
+            )
+            try:
+                if expected is None:
+                    got = conn.execute(self._sql_insert_next, values).fetchone()
+                    if got is None:  # pragma: no cover - the HAVING clause always holds
+                        raise self._conflict(conn, row.stream, expected)
+                    position, version = got
+                else:
+                    # versions are contiguous, so "version `expected` exists and version
+                    # `expected + 1` does not" (the unique index) means "stream is at
+                    # `expected`"; a plain INSERT costs less than a max() aggregate
+                    sql = self._sql_insert_new if expected == 0 else self._sql_insert_after
+                    cur = conn.execute(sql, (*values, expected))
+                    if cur.rowcount != 1:
+                        raise self._conflict(conn, row.stream, expected)
+                    position, version = cur.lastrowid, expected + 1
+            except sqlite3.IntegrityError as exc:
+                raise self._conflict(conn, row.stream, expected) from exc
+            assert position is not None
+            out.append((position, row.stream, version, enc, md))
+        return out
+
+    def _conflict(
+        self, conn: sqlite3.Connection, stream: str, expected: int | None
+    ) -> ConcurrencyError:
+        actual = conn.execute(self._sql_version, (stream,)).fetchone()[0]
+        return ConcurrencyError(
+            f"stream {stream!r} is at version {actual}, expected {expected}.",
+            stream=stream,
+            expected_version=expected,
+            actual_version=actual,
+            hint="reload the stream and retry the command.",
+        )
+
+    @staticmethod
+    def _stored(rows: list[_Row]) -> list[StoredEvent]:
+        return [
+            StoredEvent(pos, stream, version, enc.type, enc.schema_version, enc.data, md)
+            for pos, stream, version, enc, md in rows
+        ]
+
+    # -- read side -----------------------------------------------------------------------
+
+    @staticmethod
+    def _event(r: tuple[Any, ...]) -> StoredEvent:
+        return StoredEvent(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            {"message_id": r[6], "correlation_id": r[7], "causation_id": r[8], "timestamp": r[9]},
+        )
+
+    async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
+        """See :meth:`EventStore.read_after` (reads on a separate connection)."""
+        rows = self._reader.execute(self._sql_after, (position, limit)).fetchall()
+        return [self._event(r) for r in rows]
+
+    async def head(self) -> int:
+        """See :meth:`EventStore.head`."""
+        return int(self._reader.execute(self._sql_head).fetchone()[0])
+
+    async def read_stream(self, stream: str, after_version: int = 0) -> list[StoredEvent]:
+        """See :meth:`EventStore.read_stream`."""
+        rows = self._reader.execute(self._sql_stream, (stream, after_version)).fetchall()
+        return [self._event(r) for r in rows]

@@ -1,0 +1,142 @@
+"""The PostgreSQL driver passes the conformance kit; plus DDL, literals and the token path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import asyncpg
+import pytest
+
+from cqrskit.errors import ConcurrencyError, ConfigurationError, PersistenceError
+from cqrskit.eventlog import EventStore, UnitOfWork
+from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork, postgres_ddl
+from cqrskit.testing_eventlog import Deposited, EventStoreConformance, Opened, wait_visible
+
+pytestmark = pytest.mark.postgres
+
+
+class TestPostgresEventStore(EventStoreConformance):
+    @pytest.fixture(autouse=True)
+    def _db(self, postgres_dsn: str, pg_schema: str) -> None:
+        self.dsn = postgres_dsn
+        self.schema = pg_schema
+
+    async def make_store(self) -> EventStore:
+        store = await PostgresEventStore.open(self.dsn, schema=self.schema, max_size=8)
+        async with store.pool.acquire() as conn:
+            await conn.execute(f'CREATE TABLE "{self.schema}".state (key text NOT NULL)')
+        return store
+
+    async def close_store(self, store: EventStore) -> None:
+        assert isinstance(store, PostgresEventStore)
+        await store.close()
+
+    async def write_state(self, uow: UnitOfWork, key: str) -> None:
+        assert isinstance(uow, PostgresUnitOfWork)
+        await uow.connection.execute(f'INSERT INTO "{self.schema}".state VALUES ($1)', key)
+
+    async def state_keys(self, store: EventStore) -> set[str]:
+        assert isinstance(store, PostgresEventStore)
+        async with store.pool.acquire() as conn:
+            rows = await conn.fetch(f'SELECT key FROM "{self.schema}".state')
+        return {r[0] for r in rows}
+
+
+async def test_one_round_trip_path_stores_tricky_literals(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+    try:
+        tricky = 'o\'brien \\ $$ ; COMMIT; -- \u00e9\u2603 "q"'
+        uow = await store.begin(positions=False)
+        uow.record(tricky, Opened(tricky, tricky), expected_version=0)
+        uow.record("s2", Deposited("s2", -5))
+        assert await uow.commit() is None
+        async with store.pool.acquire() as conn:
+            await wait_visible(
+                store,
+                await conn.fetchval(f'SELECT max(position) FROM "{pg_schema}".cqrskit_events'),
+            )
+        events = await store.read_after(0)
+        assert [(e.stream, e.version) for e in events] == [(tricky, 1), ("s2", 1)]
+        assert json.loads(events[0].data) == {"account": tricky, "owner": tricky}
+        assert events[0].position < events[1].position
+        bad = await store.begin(positions=False)
+        bad.record("nul\x00", Opened("x", "y"))
+        with pytest.raises(PersistenceError, match="NUL"):
+            await bad.commit()
+        conflict = await store.begin(positions=False)
+        conflict.record(tricky, Opened(tricky, "again"), expected_version=0)
+        with pytest.raises(ConcurrencyError) as info:
+            await conflict.commit()
+        assert (info.value.stream, info.value.expected_version) == (tricky, 0)
+        assert info.value.actual_version == 1
+        assert [e.version for e in await store.read_stream(tricky)] == [1]
+    finally:
+        await store.close()
+
+
+async def test_positions_derive_from_the_transaction_id(postgres_dsn: str, pg_schema: str) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+    try:
+        uow = await store.begin()
+        assert isinstance(uow, PostgresUnitOfWork)
+        xid = int(await uow.connection.fetchval("SELECT pg_current_xact_id()::text"))
+        uow.record("a", Opened("a", "x"), Deposited("a", 1))
+        uow.record("b", Opened("b", "x"))
+        last = await uow.commit()
+        assert last is not None
+        await wait_visible(store, last)
+        events = await store.read_after(0)
+        assert [e.position for e in events] == [xid << 20, (xid << 20) + 1, (xid << 20) + 2]
+        assert last == (xid << 20) + 2
+    finally:
+        await store.close()
+
+
+def test_ddl_names_are_validated_and_quoted() -> None:
+    ddl = postgres_ddl("app", "events")
+    assert 'CREATE TABLE IF NOT EXISTS "app"."events"' in ddl
+    assert "UNIQUE INDEX" in ddl
+    for schema, table in [("App", "events"), ("app", "ev; drop"), ("1a", "x")]:
+        with pytest.raises(ConfigurationError):
+            postgres_ddl(schema, table)
+
+
+async def test_own_migrations_then_no_create(postgres_dsn: str, pg_schema: str) -> None:
+    with pytest.raises(ConfigurationError, match="postgres_ddl"):
+        await PostgresEventStore.open(postgres_dsn, schema=pg_schema, create_tables=False)
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(postgres_ddl(pg_schema, "own_events"))
+    finally:
+        await conn.close()
+    store = await PostgresEventStore.open(
+        postgres_dsn, schema=pg_schema, table="own_events", create_tables=False
+    )
+    try:
+        uow = await store.begin()
+        uow.record("s", Opened("s", "x"))
+        last = await uow.commit()
+        assert last is not None
+        await wait_visible(store, last)
+        assert last == await store.head()
+    finally:
+        await store.close()
+
+
+async def test_notify_wakes_a_reader_of_another_store(postgres_dsn: str, pg_schema: str) -> None:
+    """With notify=True, a reader in another process (here: another store) wakes at once."""
+    writer = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, notify=True)
+    reader = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, notify=True)
+    try:
+        assert await reader.wait_for(0, 0.01) is False  # starts the listener
+        waiting = asyncio.ensure_future(reader.wait_for(0, 30))
+        uow = await writer.begin(positions=False)
+        uow.record("n", Opened("n", "x"))
+        await uow.commit()
+        assert await asyncio.wait_for(waiting, 30) is True
+    finally:
+        await writer.close()
+        await reader.close()

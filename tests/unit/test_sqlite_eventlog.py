@@ -1,0 +1,136 @@
+"""The SQLite driver passes the conformance kit; plus DDL, settings and multi-process checks."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cqrskit.errors import ConfigurationError
+from cqrskit.eventlog import EventStore, UnitOfWork
+from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork, sqlite_ddl
+from cqrskit.testing_eventlog import EventStoreConformance, Opened
+
+
+class TestSqliteEventStore(EventStoreConformance):
+    @pytest.fixture(autouse=True)
+    def _dir(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+
+    async def make_store(self) -> EventStore:
+        store = SqliteEventStore(self.tmp / "kit.db")
+        store._writer.execute("CREATE TABLE IF NOT EXISTS state (key TEXT NOT NULL)")
+        return store
+
+    async def close_store(self, store: EventStore) -> None:
+        assert isinstance(store, SqliteEventStore)
+        store.close()
+
+    async def write_state(self, uow: UnitOfWork, key: str) -> None:
+        assert isinstance(uow, SqliteUnitOfWork)
+        uow.connection.execute("INSERT INTO state (key) VALUES (?)", (key,))
+
+    async def state_keys(self, store: EventStore) -> set[str]:
+        assert isinstance(store, SqliteEventStore)
+        with sqlite3.connect(store.path) as conn:
+            return {r[0] for r in conn.execute("SELECT key FROM state")}
+
+
+def test_ddl_is_printable_and_creates_the_tables(tmp_path: Path) -> None:
+    ddl = sqlite_ddl("my_events")
+    assert 'CREATE TABLE IF NOT EXISTS "my_events"' in ddl
+    assert "UNIQUE INDEX" in ddl
+    conn = sqlite3.connect(tmp_path / "own.db")
+    conn.executescript(ddl)
+    conn.close()
+    store = SqliteEventStore(tmp_path / "own.db", table="my_events", create_tables=False)
+    store.close()
+
+
+def test_missing_table_without_create_names_the_ddl(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="sqlite_ddl"):
+        SqliteEventStore(tmp_path / "none.db", create_tables=False)
+
+
+def test_schema_version_mismatch_is_refused(tmp_path: Path) -> None:
+    SqliteEventStore(tmp_path / "v.db").close()
+    with sqlite3.connect(tmp_path / "v.db") as conn:
+        conn.execute("UPDATE cqrskit_schema SET version = 99")
+    with pytest.raises(ConfigurationError, match="version 99"):
+        SqliteEventStore(tmp_path / "v.db")
+
+
+@pytest.mark.parametrize("table", ["Events", "x; drop table y", "1x", ""])
+def test_table_names_are_validated(tmp_path: Path, table: str) -> None:
+    with pytest.raises(ConfigurationError, match="must match"):
+        SqliteEventStore(tmp_path / "t.db", table=table)
+    with pytest.raises(ConfigurationError):
+        sqlite_ddl(table)
+
+
+def test_memory_database_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="database file"):
+        SqliteEventStore(":memory:")
+
+
+def test_settings_applied_and_checked(tmp_path: Path) -> None:
+    store = SqliteEventStore(tmp_path / "s.db", synchronous="FULL")
+    try:
+        assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        store.close()
+
+
+async def test_reader_never_sees_uncommitted_rows(tmp_path: Path) -> None:
+    store = SqliteEventStore(tmp_path / "r.db")
+    try:
+        uow = await store.begin()
+        uow.record("s", Opened("s", "x"))
+        store._append(uow.connection, uow)
+        assert await store.read_after(0) == []
+        assert await store.head() == 0
+        await uow.rollback()
+        assert await store.read_after(0) == []
+    finally:
+        store.close()
+
+
+async def test_two_stores_on_one_file_take_turns(tmp_path: Path) -> None:
+    """A second writer (another process in real life) waits for the lock, then commits."""
+    a = SqliteEventStore(tmp_path / "two.db")
+    b = SqliteEventStore(tmp_path / "two.db", lock_timeout=5.0)
+    try:
+        ua = await a.begin()
+        ua.record("s", Opened("s", "a"), expected_version=0)
+        pending = asyncio.ensure_future(b.begin())
+        await asyncio.sleep(0)
+        assert not pending.done()
+        await ua.commit()
+        ub = await asyncio.wait_for(pending, 10)
+        ub.record("s", Opened("s", "b"), expected_version=1)
+        await ub.commit()
+        assert [e.version for e in await a.read_stream("s")] == [1, 2]
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_serializer_from_cqrskit_serialization_plugs_in(tmp_path: Path) -> None:
+    from cqrskit.serialization import EventTypes, JsonSerializer
+
+    types = EventTypes()
+    types.register(Opened, "account.opened", version=2)
+    serializer = JsonSerializer(types)
+    store = SqliteEventStore(tmp_path / "ser.db", encoder=serializer.encode)
+    try:
+        uow = await store.begin()
+        uow.record("s", Opened("s", "ada"))
+        await uow.commit()
+        [stored] = await store.read_after(0)
+        assert (stored.type, stored.schema_version) == ("account.opened", 2)
+        assert serializer.decode_stored(stored) == Opened("s", "ada")
+    finally:
+        store.close()
