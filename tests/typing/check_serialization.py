@@ -33,6 +33,12 @@ class AccountClosed(Event):
     account_id: str
 
 
+@event_types.register("account.renamed", version=3, ignore_unknown_fields=True)
+@dataclass(frozen=True, slots=True)
+class AccountRenamed(Event):
+    account_id: str
+
+
 @dataclass(frozen=True, slots=True)
 class AccountFrozen(Event):
     account_id: str
@@ -41,6 +47,7 @@ class AccountFrozen(Event):
 assert_type(event_types.register(AccountFrozen, "account.frozen"), type[AccountFrozen])
 assert_type(AccountOpened("a").account_id, str)
 assert_type(AccountClosed("a").account_id, str)
+assert_type(AccountRenamed("a").account_id, str)
 
 
 @event_types.upcaster("account.opened", 1)

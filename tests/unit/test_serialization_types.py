@@ -75,10 +75,10 @@ def test_register_directly_and_look_up_both_ways() -> None:
 def test_register_as_decorator_with_and_without_arguments() -> None:
     types = EventTypes()
     types.register("closed", version=3)(Closed)
-    types.register(name="opened")(Opened)
+    types.register(None, version=1)(Opened)
     assert types.type_for("closed") is Closed
     assert types.version_for("closed") == 3
-    assert types.type_for("opened") is Opened
+    assert types.name_for(Opened) == f"{__name__}.Opened"
 
 
 def test_default_name_is_module_and_qualname() -> None:
