@@ -255,6 +255,14 @@ async def p5(tmp: Path, events: int) -> tuple[float, float]:
     return peak / 2**20, (rss_after - rss_before) / 1024
 
 
+def best_of(r: Result) -> str:
+    """The ratio of the fastest rounds: less sensitive to a busy machine than the median."""
+    return (
+        f"{r.case} best rounds: loop {min(r.baseline_ns):,.0f} ns/event, projector "
+        f"{min(r.candidate_ns):,.0f} ns/event, ratio {min(r.baseline_ns) / min(r.candidate_ns):.2f}×"
+    )
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -292,6 +300,8 @@ async def main() -> None:
             print(HEADER.replace("ns/op", "ns/event"))
             for r in results:
                 print(r.row())
+            for r in results:
+                print(best_of(r))
             return
         lat = await p4(tmp, args.samples)
         lat_pg = await p4_postgres(args.pg, args.samples) if args.pg else []
@@ -306,6 +316,9 @@ async def main() -> None:
     print(HEADER.replace("ns/op", "ns/event"))
     print(r3.row())
     print(r3b.row())
+    print()
+    print(best_of(r3))
+    print(best_of(r3b))
     for r in (r3, r3b):
         print(
             f"\n{r.case} throughput: loop {1e9 / statistics.median(r.baseline_ns):,.0f} "
