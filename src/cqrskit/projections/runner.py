@@ -159,6 +159,9 @@ class _Worker:
                 progressed = True
             if progressed:
                 backoff = None
+                # SQLite calls and reads that need not suspend never hand the loop back:
+                # yield once per batch so the application keeps running during a catch-up
+                await asyncio.sleep(0)
                 continue
             if time.monotonic() - last_beat >= p.lease_ttl / 3:
                 async with p.read_db.transaction() as s:

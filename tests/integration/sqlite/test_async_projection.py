@@ -146,3 +146,27 @@ async def test_stop_is_prompt_when_idle(log: AppendLog, read_db: ReadDatabase) -
     [e] = await log.append("a", Deposited("a", 1))
     await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), e.position)
     await asyncio.wait_for(p.stop(), 2.0)
+
+
+async def test_catch_up_leaves_the_event_loop_running(
+    log: AppendLog, read_db: ReadDatabase
+) -> None:
+    for i in range(30):
+        await log.append(f"s-{i}", *[Deposited(f"s-{i}", 1) for _ in range(50)])
+    head = await log.head()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        for _ in range(1_000_000):
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    try:
+        async with Projector(log, read_db, [balances], decode, batch_size=50) as p:
+            await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), head)
+    finally:
+        task.cancel()
+    # 1500 events in batches of 50: the projector hands the loop back after each batch
+    assert ticks >= 20
