@@ -18,6 +18,7 @@ import inspect
 import typing
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from cqrskit.errors import DependencyError, describe
@@ -259,6 +260,24 @@ class Dependencies:
         return compile_factory(dependency, factory, lookup)
 
 
+def _close_generator(
+    gen: Generator[Any, None, None], factory: object, error: BaseException | None
+) -> None:
+    """Finish a generator factory: resume it after its ``yield`` (or throw ``error`` in)."""
+    if error is None:
+        if next(gen, _MISSING) is _MISSING:
+            return
+        raise DependencyError(f"factory {describe(factory)} yielded twice.")
+    try:
+        gen.throw(error)
+    except StopIteration:
+        return
+    except BaseException as exc:
+        if exc is error:
+            return
+        raise
+
+
 def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Provider:
     """Turn a factory into a caching scoped :class:`Provider` (used by resolvers)."""
     subs = [lookup(tp) for _, tp in _factory_params(factory)]
@@ -270,13 +289,13 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
 
     def resolve_sync(scope: Scope) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, prov in zip(names, subs, strict=True):
+        for name, prov in zip(names, subs):  # noqa: B905 - same length by construction
             out[name] = prov.value if prov.lifetime == "singleton" else prov.get(scope)  # type: ignore[misc]
         return out
 
     async def resolve_async(scope: Scope) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, prov in zip(names, subs, strict=True):
+        for name, prov in zip(names, subs):  # noqa: B905 - same length by construction
             if prov.lifetime == "singleton":
                 out[name] = prov.value
             else:
@@ -325,6 +344,19 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
 
         scope.on_exit(close)
         return value
+
+    if is_gen and not subs:
+
+        def get_generated(scope: Scope) -> Any:
+            cached = scope.get(key, _MISSING)
+            if cached is not _MISSING:
+                return cached
+            gen = factory()
+            value = scope[key] = next(gen)
+            scope.on_exit_sync(partial(_close_generator, gen, factory))
+            return value
+
+        return Provider.scoped(get_generated)
 
     if not any_async and not is_agen and not is_coro:
         if not subs and not is_gen:
