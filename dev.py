@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
         _run(PY, "-m", "ruff", "format", "--check", ".")
         _run(PY, "-m", "ruff", "check", ".")
         _run(PY, "-m", "mypy")
-        _run(BIN / "pyright")
+        _run(BIN / "pyright", "--pythonpath", PY)
         _run(PY, "-m", "pytest", *rest)
     elif cmd == "bench":
         _ensure("dev")

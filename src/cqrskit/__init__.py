@@ -34,6 +34,7 @@ from cqrskit.mediator import Mediator, Receipt, current_scope
 from cqrskit.messages import Command, Event, Message, Metadata, Query
 from cqrskit.pipeline import applies_to, for_commands, for_events, for_queries
 from cqrskit.registry import HandlerSpec, Registry, handler
+from cqrskit.sync import SyncMediator
 
 __version__ = "0.1.0"
 
@@ -63,12 +64,13 @@ __all__ = [
     "PublishError",
     "Query",
     "Receipt",
-    "Registry",
     "RegistrationError",
+    "Registry",
     "Resolver",
     "Scope",
     "SerializationError",
     "StaleReadError",
+    "SyncMediator",
     "TokenFromFutureError",
     "TransportError",
     "ValidationError",

@@ -25,7 +25,7 @@ from cqrskit._plan import (
 )
 from cqrskit.dependencies import Resolver, Scope
 from cqrskit.errors import DependencyError, PublishError, RegistrationError, describe
-from cqrskit.mediator import Receipt, _OuterScope, _receipt_var, _scope_var
+from cqrskit.mediator import Receipt, _direct, _OuterScope, _receipt_var, _scope_var
 from cqrskit.messages import Command, Event, Metadata, Query
 from cqrskit.pipeline._core import ScopedBehavior
 from cqrskit.registry import HandlerSpec, Registry
@@ -236,7 +236,11 @@ def _refuse_async_behavior(behavior: Callable[..., Any]) -> None:
     call = behavior if inspect.isfunction(behavior) or inspect.ismethod(behavior) else None
     if call is None:
         call = getattr(type(behavior), "__call__", None)  # noqa: B004 - the class's method
-    if inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
+    if (
+        inspect.iscoroutinefunction(call)
+        or inspect.isasyncgenfunction(call)
+        or getattr(call, "__cqrskit_async__", False)  # returns an awaitable (built-ins)
+    ):
         raise RegistrationError(
             f"behavior {describe(behavior)} is asynchronous; SyncMediator needs plain "
             "'def behavior(message, next)'.",
@@ -305,7 +309,7 @@ def _handler_call_scoped(spec: HandlerSpec, binding: Binding) -> ScopedCall:
 
 
 def _fold_plain(b: Binding, inner: SyncPlan) -> SyncPlan:
-    behavior = b.func
+    behavior = _direct(b.func)
     if b.providers:
         behavior = partial(behavior, **b.singleton_kwargs())
 
@@ -316,7 +320,7 @@ def _fold_plain(b: Binding, inner: SyncPlan) -> SyncPlan:
 
 
 def _fold_scoped(b: Binding, inner: ScopedCall) -> ScopedCall:
-    behavior = b.func
+    behavior = _direct(b.func)
     items = tuple(zip(b.names, b.providers, strict=True))
 
     def step(message: Any, scope: Scope) -> Any:
