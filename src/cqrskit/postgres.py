@@ -29,6 +29,7 @@ from typing import Any
 
 from cqrskit._encoding import Encoder
 from cqrskit.errors import (
+    CommitOutcomeUnknownError,
     ConcurrencyError,
     ConfigurationError,
     MissingExtraError,
@@ -144,8 +145,10 @@ class PostgresUnitOfWork(UnitOfWork):
         store = self.store
         conn = self.connection
         last: int | None = None
+        committing = False
         try:
             if not self._events:
+                committing = True
                 await conn.execute("COMMIT")
             else:
                 rows = self.pending_rows(store._encode)
@@ -157,10 +160,16 @@ class PostgresUnitOfWork(UnitOfWork):
                     stored = await store._insert_returning(conn, rows)
                     for hook in store._hooks:
                         await hook(self, stored)
+                    committing = True
                     await conn.execute(store._sql_commit)
                     last = stored[-1].position
                 else:
-                    await conn.execute(store._render_insert(rows) + store._sql_commit)
+                    sql = store._render_insert(rows) + store._sql_commit
+                    committing = True
+                    await conn.execute(sql)
+        except _CONNECTION_LOST as exc:
+            await self._abort()
+            raise _connection_lost(exc, committing) from exc
         except asyncpg.PostgresError as exc:
             await self._abort()
             raise await store._translate(exc) from exc
@@ -182,6 +191,9 @@ class PostgresUnitOfWork(UnitOfWork):
             return
         self._close()
         conn = self.connection
+        if conn.is_closed():
+            await self.store._release(conn, broken=True)
+            return
         try:
             if conn.is_in_transaction():
                 await conn.execute("ROLLBACK")
@@ -530,6 +542,23 @@ async def _no_reset(conn: Any) -> None:
     # every unit of work ends its transaction itself; the default reset (UNLISTEN, RESET
     # ALL, ...) would cost one more round trip per command
     return None
+
+
+_CONNECTION_LOST = (asyncpg.PostgresConnectionError, OSError)
+
+
+def _connection_lost(exc: BaseException, committing: bool) -> PersistenceError:
+    if committing:
+        return CommitOutcomeUnknownError(
+            f"the connection to PostgreSQL was lost while COMMIT was in flight ({exc}); the "
+            "command may or may not have committed.",
+            hint="retry with the same idempotency key (cqrskit.idempotency), which returns "
+            "the stored result if the first attempt committed.",
+        )
+    return PersistenceError(
+        f"the connection to PostgreSQL was lost before COMMIT ({exc}); nothing was committed.",
+        hint="retry the command.",
+    )
 
 
 def _parse_conflict(exc: Exception) -> tuple[str, int, int | None]:
