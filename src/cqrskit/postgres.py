@@ -191,7 +191,11 @@ class PostgresUnitOfWork(UnitOfWork):
             return
         self._close()
         conn = self.connection
-        if conn.is_closed():
+        try:
+            closed = conn.is_closed()
+        except asyncpg.InterfaceError:  # the pool already took back the dead connection
+            return
+        if closed:
             await self.store._release(conn, broken=True)
             return
         try:
