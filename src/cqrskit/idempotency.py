@@ -542,6 +542,26 @@ class _PostgresBackend:
         return int(status.rsplit(" ", 1)[-1])
 
 
+class _SessionBackend(_PostgresBackend):
+    """:class:`_PostgresBackend` through a ``cqrskit.sqlalchemy`` unit of work's session."""
+
+    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
+        conn = await uow.session.connection()  # type: ignore[attr-defined]
+        claimed = await conn.exec_driver_sql(self._sql_claim, (key,))
+        if claimed.rowcount == 1:
+            return None
+        r = (await conn.exec_driver_sql(self._sql_get, (key,))).first()
+        if r is None:  # pragma: no cover - a committed claim always has its result
+            raise _busy(key, 0.0)
+        return self._parse(r)
+
+    async def save(self, uow: UnitOfWork, row: _Row) -> None:
+        conn = await uow.session.connection()  # type: ignore[attr-defined]
+        await conn.exec_driver_sql(
+            self._sql_save, (row.key, row.command_type, row.payload_hash, row.result, row.events)
+        )
+
+
 def _backend_for(store: EventStore, table: str, wait_timeout: float) -> Any:
     if isinstance(store, InMemoryEventStore):
         return _MemoryBackend(store, wait_timeout)
@@ -550,9 +570,12 @@ def _backend_for(store: EventStore, table: str, wait_timeout: float) -> Any:
         return _SqliteBackend(store, table)
     if kind == "cqrskit.postgres":
         return _PostgresBackend(store, table)
+    if kind == "cqrskit.sqlalchemy":
+        return _SessionBackend(store.events, table)  # type: ignore[attr-defined]
     raise ConfigurationError(
         f"Idempotency does not support {describe(type(store))}.",
-        hint="use InMemoryEventStore, SqliteEventStore or PostgresEventStore.",
+        hint="use InMemoryEventStore, SqliteEventStore, PostgresEventStore or "
+        "cqrskit.sqlalchemy.SqlAlchemyEventStore.",
     )
 
 
@@ -560,7 +583,8 @@ def _backend_for(store: EventStore, table: str, wait_timeout: float) -> Any:
 
 
 class Idempotency:
-    """Idempotent commands on one event store (in-memory, SQLite or PostgreSQL).
+    """Idempotent commands on one event store (in-memory, SQLite, PostgreSQL, or the
+    SQLAlchemy store of :mod:`cqrskit.sqlalchemy`).
 
     Create it with ``idem = await Idempotency.open(store)`` (creates the table when missing)
     and use ``idem.transaction()`` in place of ``store.transaction()``::

@@ -11,8 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from cqrskit.dependencies import Dependencies
-from cqrskit.errors import ConcurrencyError, ConfigurationError
+from cqrskit.errors import ConcurrencyError, ConfigurationError, IdempotencyError
 from cqrskit.eventlog import UnitOfWork
+from cqrskit.idempotency import Idempotency, idempotency_key
 from cqrskit.mediator import Mediator
 from cqrskit.messages import Command, Event
 from cqrskit.postgres import PostgresEventStore
@@ -164,6 +165,46 @@ async def test_engine_on_another_driver_is_refused(postgres_dsn: str, pg_schema:
         store = SqlAlchemyEventStore(log, async_sessionmaker(engine))
         with pytest.raises(ConfigurationError, match="asyncpg"):
             await store.begin()
+    finally:
+        await log.close()
+        await engine.dispose()
+
+
+async def test_idempotent_commands_on_the_session(postgres_dsn: str, pg_schema: str) -> None:
+    engine = create_async_engine(_asyncpg_url(postgres_dsn), pool_size=2).execution_options(
+        schema_translate_map={"app": pg_schema}
+    )
+    log = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, max_size=2)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        store = SqlAlchemyEventStore(log, sessions)
+        idem = await Idempotency.open(store)
+        registry = Registry()
+        calls: list[str] = []
+
+        @registry.handler
+        async def open_account(cmd: OpenAccount, session: AsyncSession, uow: UnitOfWork) -> str:
+            calls.append(cmd.account_id)
+            session.add(Account(id=cmd.account_id, owner=cmd.owner))
+            uow.record(f"account-{cmd.account_id}", AccountOpened(cmd.account_id, cmd.owner))
+            return cmd.account_id
+
+        mediator = Mediator(registry, behaviors=[idem.transaction()], resolver=store.resolver())
+        with idempotency_key("open-1"):
+            first = await mediator.send_tracked(OpenAccount("1", "ada"))
+        with idempotency_key("open-1"):
+            again = await mediator.send_tracked(OpenAccount("1", "ada"))
+        assert again.result == first.result == "1"
+        assert again.token == first.token
+        [event] = await store.read_stream("account-1")
+        assert event.position == first.token
+        assert calls == ["1"]
+        with idempotency_key("open-1"), pytest.raises(IdempotencyError):
+            await mediator.send(OpenAccount("2", "bob"))
+        async with sessions() as s:
+            assert list((await s.scalars(select(Account.id))).all()) == ["1"]
     finally:
         await log.close()
         await engine.dispose()
