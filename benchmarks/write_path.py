@@ -189,15 +189,13 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
     """PostgreSQL: mediator + transaction behavior vs raw asyncpg (and psycopg for reference)."""
     schema = f"cqrskit_bench_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(dsn)
+    store = await PostgresEventStore.open(dsn, schema=schema, min_size=8, max_size=8)
     await admin.execute(
-        f'CREATE SCHEMA "{schema}"; '
         f'CREATE TABLE "{schema}".state (key text PRIMARY KEY, amount int); '
         f'CREATE TABLE "{schema}".raw_state (key text PRIMARY KEY, amount int); '
-        f'CREATE TABLE "{schema}".raw_events (position bigint GENERATED ALWAYS AS IDENTITY '
-        "PRIMARY KEY, stream text NOT NULL, version int NOT NULL, type text NOT NULL, "
-        "data text NOT NULL, UNIQUE (stream, version))"
+        f'CREATE TABLE "{schema}".raw_events (LIKE "{schema}".cqrskit_events INCLUDING ALL); '
+        f'ALTER TABLE "{schema}".raw_events ALTER position ADD GENERATED ALWAYS AS IDENTITY'
     )
-    store = await PostgresEventStore.open(dsn, schema=schema, min_size=8, max_size=8)
     raw_conns = [await asyncpg.connect(dsn) for _ in range(8)]
     st = f'"{schema}".state'
     raw_st = f'"{schema}".raw_state'
@@ -211,15 +209,23 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
 
     mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
 
+    insert_raw_event = (
+        f"INSERT INTO {raw_ev} (stream, version, type, schema_version, data, message_id, "
+        "correlation_id, causation_id, recorded_at) VALUES ($1, 1, $2, 1, $3, $4, NULL, NULL, "
+        "now())"
+    )
+
     async def raw_one(conn: asyncpg.Connection) -> None:
+        # a hand-written outbox row: same table shape, a fresh id, JSON payload
         key = _key()
         await conn.execute("BEGIN")
         await conn.execute(f"INSERT INTO {raw_st} VALUES ($1, $2)", key, 5)
         await conn.execute(
-            f"INSERT INTO {raw_ev} (stream, version, type, data) VALUES ($1, 1, $2, $3)",
+            insert_raw_event,
             key,
             "Deposited",
             json.dumps({"key": key, "amount": 5}),
+            uuid.uuid4().hex,
         )
         await conn.execute("COMMIT")
 
@@ -249,8 +255,9 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
         key = _key()
         await conn.execute(f"INSERT INTO {raw_st} VALUES (%s, %s)", (key, 5))
         await conn.execute(
-            f"INSERT INTO {raw_ev} (stream, version, type, data) VALUES (%s, 1, %s, %s)",
-            (key, "Deposited", json.dumps({"key": key, "amount": 5})),
+            f"INSERT INTO {raw_ev} (stream, version, type, schema_version, data, message_id, "
+            "recorded_at) VALUES (%s, 1, %s, 1, %s, %s, now())",
+            (key, "Deposited", json.dumps({"key": key, "amount": 5}), uuid.uuid4().hex),
         )
         await conn.commit()
 
@@ -260,9 +267,10 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
         await conn.execute(f"INSERT INTO {raw_st} VALUES (%s, %s)", (key, 5))
         async with conn.pipeline():
             await conn.execute(
-                f"INSERT INTO {raw_ev} (stream, version, type, data) VALUES (%s, 1, %s, %s) "
+                f"INSERT INTO {raw_ev} (stream, version, type, schema_version, data, "
+                "message_id, recorded_at) VALUES (%s, 1, %s, 1, %s, %s, now()) "
                 "RETURNING position",
-                (key, "Deposited", json.dumps({"key": key, "amount": 5})),
+                (key, "Deposited", json.dumps({"key": key, "amount": 5}), uuid.uuid4().hex),
             )
             await conn.commit()
 

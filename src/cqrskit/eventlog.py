@@ -40,6 +40,8 @@ __all__ = [
     "InMemoryUnitOfWork",
     "InlineHook",
     "NewEvent",
+    "PendingRow",
+    "PublishErrorHandler",
     "StoredEvent",
     "UnitOfWork",
     "validate_identifier",
@@ -54,6 +56,7 @@ InlineHook = Callable[["UnitOfWork", "list[StoredEvent]"], Awaitable[None]]
 known) and before COMMIT; an error rolls the whole command back."""
 
 PublishErrorHandler = Callable[[Event, Exception], None]
+"""``fn(event, error)``: told when an in-process event handler fails after commit."""
 
 
 def validate_identifier(name: str, what: str = "identifier") -> str:

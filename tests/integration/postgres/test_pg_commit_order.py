@@ -172,16 +172,20 @@ async def test_many_interleavings_never_skip(store: PostgresEventStore) -> None:
     assert [e.position for e in tail] == [e.position for e in full]
 
 
+@pytest.mark.parametrize("positions", [True, False])
 async def test_older_transaction_cannot_append_after_a_younger_one(
-    store: PostgresEventStore,
+    store: PostgresEventStore, positions: bool
 ) -> None:
-    """Per stream, position order equals version order: the older writer must retry."""
-    old = await store.begin()
+    """Per stream, position order equals version order: the older writer must retry.
+
+    Both commit paths: RETURNING then COMMIT, and the one-round-trip literal INSERT+COMMIT.
+    """
+    old = await store.begin(positions=positions)
     assert isinstance(old, PostgresUnitOfWork)
     await old.connection.execute("SELECT pg_current_xact_id()")  # older xid, taken first
     young = await write(store, "shared")
     assert young is not None
-    old.record("shared", Opened("shared", "late"))
+    old.record("shared", Opened("shared", "late"), expected_version=1)
     with pytest.raises(ConcurrencyError) as info:
         await old.commit()
     assert info.value.stream == "shared"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import asyncpg
@@ -123,3 +124,19 @@ async def test_own_migrations_then_no_create(postgres_dsn: str, pg_schema: str) 
         assert last == await store.head()
     finally:
         await store.close()
+
+
+async def test_notify_wakes_a_reader_of_another_store(postgres_dsn: str, pg_schema: str) -> None:
+    """With notify=True, a reader in another process (here: another store) wakes at once."""
+    writer = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, notify=True)
+    reader = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, notify=True)
+    try:
+        assert await reader.wait_for(0, 0.01) is False  # starts the listener
+        waiting = asyncio.ensure_future(reader.wait_for(0, 30))
+        uow = await writer.begin(positions=False)
+        uow.record("n", Opened("n", "x"))
+        await uow.commit()
+        assert await asyncio.wait_for(waiting, 30) is True
+    finally:
+        await writer.close()
+        await reader.close()
