@@ -31,7 +31,7 @@ this path; they find the events on their next poll.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cqrskit.dependencies import Provider, Scope
@@ -43,7 +43,7 @@ from cqrskit.errors import (
     MissingExtraError,
     PersistenceError,
 )
-from cqrskit.eventlog import EventStore, StoredEvent, UnitOfWork
+from cqrskit.eventlog import EventStore, NewEvent, StoredEvent, UnitOfWork
 from cqrskit.messages import Metadata
 
 try:
@@ -100,7 +100,7 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
             await session.commit()
         except BaseException as exc:
             await self._abort(quiet=True)
-            translated = await store._translate(exc, committing)
+            translated = await store._translate(exc, committing, self.recorded)
             if translated is exc:
                 raise
             raise translated from exc
@@ -195,7 +195,9 @@ class SqlAlchemyEventStore(EventStore):
             )
         return out
 
-    async def _translate(self, exc: BaseException, committing: bool) -> BaseException:
+    async def _translate(
+        self, exc: BaseException, committing: bool, recorded: Sequence[NewEvent]
+    ) -> BaseException:
         if not isinstance(exc, Exception) or isinstance(exc, ConcurrencyError | PersistenceError):
             return exc
         cause: BaseException | None = exc
@@ -216,7 +218,7 @@ class SqlAlchemyEventStore(EventStore):
                     hint="retry the command.",
                 )
             if isinstance(cause, asyncpg.PostgresError):
-                return await self.events._translate(cause)
+                return await self.events._translate(cause, recorded)
             cause = cause.__cause__ or cause.__context__
         return exc
 
