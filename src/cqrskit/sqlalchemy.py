@@ -31,8 +31,10 @@ this path; they find the events on their next poll.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cqrskit.dependencies import Provider, Scope
 from cqrskit.errors import (
@@ -44,24 +46,41 @@ from cqrskit.errors import (
     PersistenceError,
 )
 from cqrskit.eventlog import EventStore, NewEvent, StoredEvent, UnitOfWork
-from cqrskit.messages import Metadata
+from cqrskit.mediator import record_token
+from cqrskit.messages import Event, Metadata
+from cqrskit.pipeline._core import ScopedBehavior, for_commands
+from cqrskit.sync import SyncMediator
 
 try:
     from sqlalchemy import exc as sa_exc
     from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise MissingExtraError("sqlalchemy", "sqlalchemy") from _exc
 
-try:
-    import asyncpg
-
+if TYPE_CHECKING:
     from cqrskit.postgres import PostgresEventStore
-except ImportError as _exc:  # pragma: no cover - depends on the environment
-    raise MissingExtraError("postgres", "asyncpg") from _exc
+    from cqrskit.sqlite import SqliteEventStore
 
-__all__ = ["SqlAlchemyEventStore", "SqlAlchemyUnitOfWork"]
+__all__ = [
+    "SqlAlchemyEventStore",
+    "SqlAlchemyUnitOfWork",
+    "SyncSqlAlchemyStore",
+    "SyncSqlAlchemyUnitOfWork",
+]
+
+
+def _asyncpg() -> Any:
+    try:
+        import asyncpg
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingExtraError("postgres", "asyncpg") from exc
+    return asyncpg
+
 
 _MAX_CAUSES = 16
+_MAX_NESTING = 1000
+_log = logging.getLogger("cqrskit.sqlalchemy")
 
 
 class SqlAlchemyUnitOfWork(UnitOfWork):
@@ -143,6 +162,9 @@ class SqlAlchemyEventStore(EventStore):
     unit_of_work_type = SqlAlchemyUnitOfWork
 
     def __init__(self, events: PostgresEventStore, sessions: Callable[[], AsyncSession]) -> None:
+        _asyncpg()
+        from cqrskit.postgres import PostgresEventStore
+
         if not isinstance(events, PostgresEventStore):
             raise ConfigurationError(
                 f"SqlAlchemyEventStore needs a PostgresEventStore, got {type(events).__name__}.",
@@ -200,6 +222,7 @@ class SqlAlchemyEventStore(EventStore):
     ) -> BaseException:
         if not isinstance(exc, Exception) or isinstance(exc, ConcurrencyError | PersistenceError):
             return exc
+        asyncpg = _asyncpg()
         cause: BaseException | None = exc
         for _ in range(_MAX_CAUSES):
             if cause is None:
@@ -269,5 +292,188 @@ class _SessionResolver:
                     "their own sessions.",
                 ) from None
             return uow.session
+
+        return Provider.scoped(get)
+
+
+# -- the synchronous twin: sqlalchemy.orm.Session on SQLite, for SyncMediator ---------------
+
+
+class SyncSqlAlchemyUnitOfWork(UnitOfWork):
+    """One command's transaction on the application's ``Session`` (SQLite).
+
+    Attributes:
+        session: the session; use it as usual, never commit or close it in a handler.
+    """
+
+    __slots__ = ("session", "_sync_store")
+
+    def __init__(
+        self, store: SyncSqlAlchemyStore, metadata: Metadata | None, session: Session
+    ) -> None:
+        super().__init__(store.events, metadata)
+        self._sync_store = store
+        self.session = session
+
+    def commit_sync(self) -> int | None:
+        """Flush, insert the events through the session's connection, COMMIT; return the
+        last position (``None`` without events)."""
+        events = self._sync_store.events
+        session = self.session
+        try:
+            session.flush()
+            last: int | None = None
+            if self._events:
+                raw = session.connection().connection.dbapi_connection
+                if not isinstance(raw, sqlite3.Connection):
+                    raise ConfigurationError(
+                        "SyncSqlAlchemyStore needs an engine on the stdlib sqlite3 driver.",
+                        hint="create the engine with create_engine('sqlite:///path.db').",
+                    )
+                last = events._append(raw, self)[-1][0]
+            session.commit()
+        except BaseException:
+            self.rollback_sync()
+            raise
+        self._close()
+        session.close()
+        return last
+
+    def rollback_sync(self) -> None:
+        """Discard the ORM changes and the events."""
+        if not self._active:
+            return
+        self._close()
+        try:
+            self.session.rollback()
+        finally:
+            self.session.close()
+
+    async def commit(self) -> int | None:
+        """See :meth:`commit_sync` (this unit of work is synchronous)."""
+        return self.commit_sync()
+
+    async def rollback(self) -> None:
+        """See :meth:`rollback_sync`."""
+        self.rollback_sync()
+
+
+class SyncSqlAlchemyStore:
+    """Units of work on the application's SQLAlchemy ``Session``, for :class:`SyncMediator`.
+
+    The event log is the SQLite store's table (same DDL, same INSERT, positions allocated
+    under SQLite's single write lock, hence in commit order); its reads stay on the store::
+
+        log = SqliteEventStore("app.db")
+        store = SyncSqlAlchemyStore(log, sessionmaker(create_engine("sqlite:///app.db")))
+        mediator = SyncMediator(registry, behaviors=[store.transaction()],
+                                resolver=store.resolver())
+
+    Inline hooks (async) are not run on this path.
+
+    Args:
+        events: the SQLite store owning the event-log table (on the same file).
+        sessions: a ``sessionmaker`` on an engine using the stdlib ``sqlite3`` driver.
+    """
+
+    def __init__(self, events: SqliteEventStore, sessions: Callable[[], Session]) -> None:
+        from cqrskit.sqlite import SqliteEventStore
+
+        if not isinstance(events, SqliteEventStore):
+            raise ConfigurationError(
+                f"SyncSqlAlchemyStore needs a SqliteEventStore, got {type(events).__name__}.",
+                hint="create one with: SqliteEventStore(path)",
+            )
+        self.events = events
+        self.sessions = sessions
+
+    def begin(self, metadata: Metadata | None = None) -> SyncSqlAlchemyUnitOfWork:
+        """Open a unit of work on a new session."""
+        return SyncSqlAlchemyUnitOfWork(self, metadata, self.sessions())
+
+    def transaction(
+        self, *, on_publish_error: Callable[[Event, Exception], None] | None = None
+    ) -> ScopedBehavior:
+        """The sync transaction behavior: one session per command, events published after
+        COMMIT (a failing event handler goes to ``on_publish_error``, else a log record)."""
+        return for_commands(_SyncTransaction(self, on_publish_error))
+
+    def resolver(self) -> _SyncResolver:
+        """Gives handlers the current ``Session`` and the unit of work."""
+        return _SyncResolver(self)
+
+
+class _SyncTransaction:
+    __slots__ = ("_store", "_on_error")
+
+    def __init__(
+        self, store: SyncSqlAlchemyStore, on_error: Callable[[Event, Exception], None] | None
+    ) -> None:
+        self._store = store
+        self._on_error = on_error
+
+    def __call__(
+        self, message: Any, next: Callable[[Any], Any], scope: Scope, mediator: SyncMediator
+    ) -> Any:
+        store = self._store
+        parent = scope.parent
+        for _ in range(_MAX_NESTING):
+            if parent is None:
+                break
+            outer = parent.values.get(store)
+            if outer is not None and outer.active:
+                scope.values[store] = outer
+                return next(message)
+            parent = parent.parent
+        uow = store.begin(scope.metadata)
+        scope.values[store] = uow
+        try:
+            result = next(message)
+            events = [e for _, e in uow._events]
+            position = uow.commit_sync()
+        except BaseException:
+            uow.rollback_sync()
+            raise
+        if position is not None:
+            record_token(position)
+        for event in events:
+            try:
+                mediator.publish(event)
+            except Exception as exc:  # noqa: BLE001 - the commit stands
+                if self._on_error is not None:
+                    self._on_error(event, exc)
+                else:
+                    _log.error(
+                        "event handler failed after commit for %s: %s",
+                        type(event).__name__,
+                        exc,
+                        exc_info=exc,
+                    )
+        return result
+
+
+class _SyncResolver:
+    __slots__ = ("_store",)
+
+    def __init__(self, store: SyncSqlAlchemyStore) -> None:
+        self._store = store
+
+    def provider(self, dependency: Any, lookup: Any) -> Provider | None:
+        if dependency not in (Session, SyncSqlAlchemyUnitOfWork, UnitOfWork):
+            return None
+        store = self._store
+        want_session = dependency is Session
+
+        def get(scope: Scope) -> Any:
+            try:
+                uow: SyncSqlAlchemyUnitOfWork = scope.values[store]
+            except KeyError:
+                raise DependencyError(
+                    "no session in this dispatch: only command handlers wrapped by "
+                    "store.transaction() receive one.",
+                    dependency=dependency,
+                    hint="add behaviors=[store.transaction()] to the SyncMediator.",
+                ) from None
+            return uow.session if want_session else uow
 
         return Provider.scoped(get)
