@@ -241,7 +241,10 @@ class SqlAlchemyEventStore(EventStore):
                     hint="retry the command.",
                 )
             if isinstance(cause, asyncpg.PostgresError):
-                return await self.events._translate(cause, recorded)
+                # stream conflicts become ConcurrencyError; the application's own errors
+                # (an ORM unique violation, say) stay SQLAlchemy's
+                translated = await self.events._translate(cause, recorded)
+                return translated if isinstance(translated, ConcurrencyError) else exc
             cause = cause.__cause__ or cause.__context__
         return exc
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import String, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -208,3 +209,12 @@ async def test_idempotent_commands_on_the_session(postgres_dsn: str, pg_schema: 
     finally:
         await log.close()
         await engine.dispose()
+
+
+async def test_orm_errors_stay_sqlalchemy_errors_and_roll_back_the_events(app: App) -> None:
+    await app.mediator.send(OpenAccount("1", "ada"))
+    # same primary key, another stream: the ORM flush fails, not the event log
+    with pytest.raises(IntegrityError):
+        await app.mediator.send(OpenAccount("1", "bob", stream="other"))
+    assert await app.store.read_stream("other") == []
+    assert await app.owners() == ["ada"]
