@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-
 from tests.support.proxy import FaultProxy, Mode, _FrontendParser
 
 pytestmark = pytest.mark.postgres
