@@ -56,8 +56,8 @@ EVENT = OrderPlaced(
         Line("SKU-2000-BLUE", 1, Decimal("249.00")),
         Line("SKU-3000-GREEN", 5, Decimal("3.50")),
     ],
-    shipping_address="12 Analytical Engine Road, London NW1 2AB, United Kingdom",
-    note="Leave the parcel with the neighbour at number 14 if nobody answers the door.",
+    shipping_address="12 Engine Road, London",
+    note="Leave it with the neighbour.",
 )
 
 

@@ -244,7 +244,7 @@ class PostgresEventStore(EventStore):
         notify: send ``NOTIFY`` in each commit so readers in other processes wake up (a
             hint; readers still poll). Off by default: PostgreSQL serializes the commits of
             every transaction that notifies (a database-wide lock held through the WAL
-            flush), which cost more than half the throughput with 8 writers.
+            flush), which cost about a third of the throughput with 8 writers.
     """
 
     unit_of_work_type = PostgresUnitOfWork

@@ -381,3 +381,23 @@ def test_the_full_limit_walk_runs_only_when_the_text_shows_a_trace(
         data = '{"a":1,"b":' + text + "}"
         assert isinstance(serializer.decode("small", 1, data), Small)
     assert len(walked) == 2
+
+
+@dataclass(frozen=True, slots=True)
+class Holder(Event):
+    opened: PydanticOpened
+    struct: MsgspecOpened | None = None
+
+
+def test_pydantic_and_msgspec_nested_in_a_dataclass(event_types: EventTypes) -> None:
+    event_types.register(Holder, "holder")
+    at = datetime(2024, 1, 1, tzinfo=UTC)
+    event = Holder(
+        PydanticOpened(account_id=uuid.UUID(int=1), owner="a", at=at),
+        MsgspecOpened(uuid.UUID(int=2), "b", at),
+    )
+    for serializer in (JsonSerializer(event_types), OrjsonSerializer(event_types)):
+        encoded = serializer.encode(event)
+        assert serializer.decode("holder", 1, encoded.data) == event
+        with pytest.raises(SerializationError, match=r"field 'opened': .*owner: Input should be"):
+            serializer.decode("holder", 1, encoded.data.replace('"owner":"a"', '"owner":[]'))

@@ -80,7 +80,7 @@ def bag(serializer: JsonSerializer, value_json: str) -> Any:
         "antigravity",
         "this.s",
         "__main__.Opened",
-        "test_serialization_security.Opened",
+        f"{__name__}.Opened",
         "cqrskit.messages.Event",
         "",
         "a" * 10_000,
@@ -284,8 +284,8 @@ def test_missing_required_field_names_type_and_field(serializer: JsonSerializer)
     with pytest.raises(SerializationError) as info:
         serializer.decode("account.opened", 1, '{"account_id":"a"}')
     assert str(info.value).startswith(
-        "cannot decode event 'account.opened' (schema version 1, "
-        "test_serialization_security.Opened): field 'owner': required field is missing."
+        f"cannot decode event 'account.opened' (schema version 1, {__name__}.Opened): "
+        "field 'owner': required field is missing."
     )
     assert info.value.message_type is Opened
 
@@ -326,3 +326,12 @@ def test_limit_errors_point_at_the_offending_value(serializer: JsonSerializer) -
         bag(serializer, '[1,{"k":"\\u0000"}]')
     with pytest.raises(SerializationError, match=re.escape("field 'value': NaN and Infinity")):
         serializer.encode(Bag(float("-inf")))
+
+
+@pytest.mark.parametrize("field", ["max_bytes", "max_depth", "max_string_length", "max_int_digits"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, None])
+def test_limits_must_be_positive_ints(field: str, value: object) -> None:
+    from cqrskit.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=f"Limits.{field} must be an int >= 1"):
+        Limits(**{field: value})  # type: ignore[arg-type]

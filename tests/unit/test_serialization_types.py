@@ -75,10 +75,10 @@ def test_register_directly_and_look_up_both_ways() -> None:
 def test_register_as_decorator_with_and_without_arguments() -> None:
     types = EventTypes()
     types.register("closed", version=3)(Closed)
-    types.register(name="opened")(Opened)
+    types.register(None, version=1)(Opened)
     assert types.type_for("closed") is Closed
     assert types.version_for("closed") == 3
-    assert types.type_for("opened") is Opened
+    assert types.name_for(Opened) == f"{__name__}.Opened"
 
 
 def test_default_name_is_module_and_qualname() -> None:
@@ -208,3 +208,36 @@ def test_duplicate_or_invalid_upcaster_is_rejected() -> None:
         types.register_upcaster("a", 1, lambda d: d)
     with pytest.raises(ConfigurationError, match="from_version must be an int >= 1"):
         types.register_upcaster("a", 0, lambda d: d)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    children: list[Node]
+    bad: set[int]
+
+
+@dataclass(frozen=True, slots=True)
+class GoodNode:
+    children: list[GoodNode]
+
+
+@dataclass(frozen=True, slots=True)
+class UsesNodes(Event):
+    nodes: list[Node]
+
+
+@dataclass(frozen=True, slots=True)
+class UsesGoodNodes(Event):
+    nodes: list[GoodNode]
+
+
+def test_a_failed_registration_leaves_no_half_built_plans() -> None:
+    types = EventTypes()
+    with pytest.raises(ConfigurationError, match="set"):
+        types.register(UsesNodes, "uses.nodes")
+    types.register(UsesGoodNodes, "uses.good")
+    serializer = JsonSerializer(types)
+    event = UsesGoodNodes([GoodNode([GoodNode([])])])
+    assert serializer.decode("uses.good", 1, serializer.encode(event).data) == event
+    with pytest.raises(SerializationError, match="unknown event type"):
+        serializer.decode("uses.nodes", 1, "{}")

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from cqrskit.errors import ConfigurationError
 from cqrskit.serialization._plan import _Invalid, _key_label, _shorten
 
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
@@ -30,6 +31,12 @@ class Limits:
     max_depth: int = 32
     max_string_length: int = 100_000
     max_int_digits: int = 40
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_depth", "max_string_length", "max_int_digits"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ConfigurationError(f"Limits.{name} must be an int >= 1, got {value!r}.")
 
 
 class _Checker:

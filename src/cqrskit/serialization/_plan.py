@@ -77,19 +77,24 @@ class _Planner:
 
     def plan(self, tp: Any, ignore_unknown: bool, where: str) -> tuple[_Enc, _Dec]:
         key = (tp, ignore_unknown)
-        cached = self._plans.get(key)
+        try:
+            cached = self._plans.get(key)
+        except TypeError:  # unhashable annotation metadata: plan it without caching
+            return self._value_plan(tp, ignore_unknown, where)
         if cached is not None:
             return cached
         if isinstance(tp, type) and (
             dataclasses.is_dataclass(tp) or _is_pydantic(tp) or _is_msgspec(tp)
         ):
             # Classes may refer to themselves: register trampolines before planning fields.
+            # If planning fails, plans made meanwhile may hold the dead trampoline: roll back.
+            snapshot = dict(self._plans)
             slot: list[tuple[_Enc, _Dec]] = []
             self._plans[key] = (lambda v: slot[0][0](v), lambda v: slot[0][1](v))
             try:
                 built = self._class_plan(tp, ignore_unknown)
             except BaseException:
-                del self._plans[key]
+                self._plans = snapshot
                 raise
             slot.append(built)
             self._plans[key] = built
@@ -551,32 +556,39 @@ def _primitive_union_plan(members: frozenset[type]) -> tuple[_Enc, _Dec]:
     return encode, decode
 
 
+def _locate(fn: Callable[[Any], Any], values: Any) -> _Invalid:
+    """Re-run ``fn`` item by item to find which one failed (only on the error path)."""
+    for i, v in enumerate(values):
+        try:
+            fn(v)
+        except _Invalid as exc:
+            exc.path.append(f"[{i}]")
+            return exc
+    return _Invalid("an item failed to convert")
+
+
 def _list_plan(item: tuple[_Enc, _Dec], container: type) -> tuple[_Enc, _Dec]:
     item_enc, item_dec = item
     is_tuple = container is tuple
+    passthrough = item_dec is _identity
 
     def encode(value: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise _Invalid(f"expected {container.__name__}, got {type(value).__name__}")
-        out = []
-        for i, v in enumerate(value):
-            try:
-                out.append(item_enc(v))
-            except _Invalid as exc:
-                exc.path.append(f"[{i}]")
-                raise
-        return out
+        try:
+            return [item_enc(v) for v in value]
+        except _Invalid:
+            raise _locate(item_enc, value) from None
 
     def decode(value: Any) -> Any:
         if type(value) is not list:
             raise _Invalid(f"expected an array, got {_json_kind(value)}")
-        out = []
-        for i, v in enumerate(value):
-            try:
-                out.append(item_dec(v))
-            except _Invalid as exc:
-                exc.path.append(f"[{i}]")
-                raise
+        if passthrough:
+            return tuple(value) if is_tuple else value
+        try:
+            out = [item_dec(v) for v in value]
+        except _Invalid:
+            raise _locate(item_dec, value) from None
         return tuple(out) if is_tuple else out
 
     return encode, decode

@@ -1,0 +1,66 @@
+"""Read side: projections, checkpoints, consistency tokens, rebuilds and dead letters.
+
+One :class:`Projection` (a named set of event handlers maintaining read-model tables) runs
+either inline (:class:`InlineProjections`, inside the command's transaction) or
+asynchronously (:class:`Projector`, tailing the event log into the same or another
+database). Queries read through a read-only :class:`Session` and can wait for a command's
+consistency token with :func:`read_after` / :func:`ask_consistent` and the
+:class:`ConsistencyGate` behavior. See ``docs/projections.md``.
+"""
+
+from cqrskit.projections.api import Decoder, Projection, ProjectionContext, physical_table
+from cqrskit.projections.consistency import (
+    ConsistencyGate,
+    ConsistentRead,
+    Policy,
+    ReadAfter,
+    ReadSpec,
+    ask_consistent,
+    read_after,
+    reads,
+)
+from cqrskit.projections.db import ReadDatabase, Session
+from cqrskit.projections.inline import InlineProjections
+from cqrskit.projections.runner import LeaseLostError, Projector
+from cqrskit.projections.signal import Signal
+from cqrskit.projections.sqlite import SqliteReadDatabase
+from cqrskit.projections.status import (
+    DeadLetter,
+    ProjectionStatus,
+    dead_letters,
+    projection_status,
+    request_rebuild,
+    request_retry,
+)
+
+ReadSession = Session
+"""The type query handlers annotate to receive a read-only session (a scoped dependency)."""
+
+__all__ = [
+    "ConsistencyGate",
+    "ConsistentRead",
+    "DeadLetter",
+    "Decoder",
+    "InlineProjections",
+    "LeaseLostError",
+    "Policy",
+    "Projection",
+    "ProjectionContext",
+    "ProjectionStatus",
+    "Projector",
+    "ReadAfter",
+    "ReadDatabase",
+    "ReadSession",
+    "ReadSpec",
+    "Session",
+    "Signal",
+    "SqliteReadDatabase",
+    "ask_consistent",
+    "dead_letters",
+    "physical_table",
+    "projection_status",
+    "read_after",
+    "reads",
+    "request_rebuild",
+    "request_retry",
+]

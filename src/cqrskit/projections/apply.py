@@ -1,0 +1,226 @@
+"""Applying events to one projection generation, with poison-event parking.
+
+A batch is first applied on the fast path: every event in one transaction, no savepoints.
+If a handler raises, the caller rolls the transaction back and re-applies the batch on the
+careful path: one savepoint per event, bounded attempts, and a failing event parked in
+``cqrskit_dead_letters`` (with the later events of its stream when order matters).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cqrskit.errors import SerializationError
+from cqrskit.eventlog import EventStore, StoredEvent
+from cqrskit.messages import Event
+from cqrskit.projections.api import Handler, Projection, ProjectionContext
+from cqrskit.projections.db import Session
+
+__all__ = ["Applier", "as_decoder"]
+
+_MAX_ERROR = 2000
+_UNSEEN: Any = object()
+
+
+def as_decoder(decoder: Any) -> Callable[[StoredEvent], Event]:
+    """Accept a callable or an object with ``decode_stored`` (a serializer)."""
+    decode = getattr(decoder, "decode_stored", decoder)
+    if not callable(decode):
+        raise TypeError(f"not a decoder: {decoder!r}")
+    return decode  # type: ignore[no-any-return]
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]
+
+
+class Applier:
+    """Applies stored events to one projection; shared by inline and async modes.
+
+    Args:
+        projection: the projection.
+        decoder: stored event -> event object.
+        max_attempts: attempts of one event on the careful path before it is parked.
+    """
+
+    def __init__(self, projection: Projection, decoder: Any, *, max_attempts: int = 3) -> None:
+        self.projection = projection
+        self._decode = as_decoder(decoder)
+        # a serializer's registry lets unhandled types be skipped without decoding them
+        types = getattr(decoder, "event_types", None)
+        self._type_for: Callable[[str], type] | None = getattr(types, "type_for", None)
+        self.max_attempts = max(1, max_attempts)
+        # stored type name -> handler, or None for types this projection ignores
+        self._by_name: dict[str, Handler | None] = {}
+        self.blocked: set[str] = set()
+
+    async def apply_one(self, ctx: ProjectionContext, stored: StoredEvent) -> None:
+        """Decode ``stored`` and run its handler (events of other types are skipped)."""
+        name = stored.type
+        handler = self._by_name.get(name, _UNSEEN)
+        if handler is None:
+            return
+        if handler is not _UNSEEN:
+            event = self._decode(stored)
+        elif self._type_for is not None:
+            handler = self._by_name[name] = self._handler_by_name(name)
+            if handler is None:
+                return
+            event = self._decode(stored)
+        else:
+            event = self._decode(stored)
+            handler = self._by_name[name] = self.projection.handler_for(type(event))
+            if handler is None:
+                return
+        ctx.stored = stored
+        await handler(event, ctx)
+
+    def _handler_by_name(self, name: str) -> Handler | None:
+        assert self._type_for is not None
+        try:
+            cls = self._type_for(name)
+        except SerializationError:
+            return None  # a type nobody registered cannot have a handler here
+        return self.projection.handler_for(cls)
+
+    def context(self, session: Session, generation: int) -> ProjectionContext:
+        """A handler context writing ``generation``'s tables through ``session``."""
+        tables = self.projection.physical_tables(generation, session.qualify)
+        return ProjectionContext(session, generation, tables)
+
+    async def apply_fast(
+        self, session: Session, generation: int, events: Sequence[StoredEvent]
+    ) -> None:
+        """Apply a batch with no savepoints; raises on the first handler error."""
+        ctx = self.context(session, generation)
+        blocked = self.blocked
+        for stored in events:
+            if blocked and stored.stream in blocked:
+                await self.park(session, generation, stored, _blocked_text(stored), 0)
+                continue
+            await self.apply_one(ctx, stored)
+
+    async def apply_careful(
+        self, session: Session, generation: int, events: Sequence[StoredEvent]
+    ) -> int:
+        """Apply a batch event by event in savepoints; park failures. Return how many parked."""
+        ctx = self.context(session, generation)
+        parked = 0
+        for stored in events:
+            if self.blocked and stored.stream in self.blocked:
+                await self.park(session, generation, stored, _blocked_text(stored), 0)
+                parked += 1
+                continue
+            error = await self._attempt(session, ctx, stored)
+            if error is not None:
+                await self.park(session, generation, stored, error, self.max_attempts)
+                parked += 1
+        return parked
+
+    async def _attempt(
+        self, session: Session, ctx: ProjectionContext, stored: StoredEvent
+    ) -> str | None:
+        """Try ``max_attempts`` times; return the last error text, or ``None`` on success."""
+        error = None
+        for _ in range(self.max_attempts):
+            try:
+                async with session.savepoint():
+                    await self.apply_one(ctx, stored)
+            except Exception as exc:  # noqa: BLE001 - a handler failure is data: park it
+                error = _error_text(exc)
+                continue
+            return None
+        return error
+
+    async def park(
+        self,
+        session: Session,
+        generation: int,
+        stored: StoredEvent,
+        error: str,
+        attempts: int,
+    ) -> None:
+        """Record ``stored`` as a dead letter of this projection generation."""
+        await session.execute(
+            "INSERT INTO cqrskit_dead_letters (projection, generation, position, stream, "
+            "version, type, error, attempts, parked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            self.projection.name,
+            generation,
+            stored.position,
+            stored.stream,
+            stored.version,
+            stored.type,
+            error,
+            attempts,
+            time.time(),
+        )
+        if self.projection.ordered_streams:
+            self.blocked.add(stored.stream)
+
+    async def load_blocked(self, session: Session, generation: int) -> None:
+        """Reload the streams blocked by parked events (after a rollback or a takeover)."""
+        self.blocked = set()
+        if not self.projection.ordered_streams:
+            return
+        rows = await session.fetchall(
+            "SELECT DISTINCT stream FROM cqrskit_dead_letters "
+            "WHERE projection = ? AND generation = ?",
+            self.projection.name,
+            generation,
+        )
+        self.blocked = {r[0] for r in rows}
+
+    async def retry_requested(self, session: Session, generation: int, store: EventStore) -> int:
+        """Re-apply dead letters flagged for retry, per stream in order; return how many
+        succeeded. A stream stops at its first event that fails again."""
+        rows = await session.fetchall(
+            "SELECT position, stream, version FROM cqrskit_dead_letters "
+            "WHERE projection = ? AND generation = ? AND retry = 1 ORDER BY position",
+            self.projection.name,
+            generation,
+        )
+        ctx = self.context(session, generation)
+        done = 0
+        failed: set[str] = set()
+        name = self.projection.name
+        for position, stream, version in rows:
+            if stream in failed:
+                continue
+            found = [
+                e
+                for e in await store.read_stream(stream, int(version) - 1)
+                if e.position == position
+            ]
+            error = await self._attempt(session, ctx, found[0]) if found else "event not in the log"
+            key = (name, generation, position)
+            if error is None:
+                await session.execute(
+                    "DELETE FROM cqrskit_dead_letters "
+                    "WHERE projection = ? AND generation = ? AND position = ?",
+                    *key,
+                )
+                done += 1
+                continue
+            failed.add(stream)
+            await session.execute(
+                "UPDATE cqrskit_dead_letters SET error = ?, attempts = attempts + ?, "
+                "parked_at = ? WHERE projection = ? AND generation = ? AND position = ?",
+                error,
+                self.max_attempts,
+                time.time(),
+                *key,
+            )
+        if failed:
+            await session.execute(
+                "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND generation = ?",
+                name,
+                generation,
+            )
+        await self.load_blocked(session, generation)
+        return done
+
+
+def _blocked_text(stored: StoredEvent) -> str:
+    return f"not applied: an earlier event of stream {stored.stream!r} is parked"

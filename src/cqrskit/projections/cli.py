@@ -1,0 +1,254 @@
+"""Command line for projectors: ``python -m cqrskit.projections <command> ...``.
+
+Commands::
+
+    run           run projectors until SIGTERM/SIGINT (graceful: the batch in flight commits)
+    status        checkpoint, lag (events, seconds) and dead letters per projection
+    rebuild       start rebuilding a projection into a new generation
+    dead-letters  list parked events; --retry flags them for the projector to re-apply
+
+``--store`` is ``sqlite:///path/to/write.db`` or ``module:attr`` (an event store, or a
+function returning one); ``--read`` is ``sqlite:///path/to/read.db`` or a PostgreSQL DSN
+(``postgresql://...``); ``--projection`` and ``--decoder`` are ``module:attr``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import inspect
+import json
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from cqrskit.errors import ConfigurationError, CqrsError
+from cqrskit.eventlog import EventStore
+from cqrskit.projections.api import Projection
+from cqrskit.projections.db import ReadDatabase
+from cqrskit.projections.runner import Projector
+from cqrskit.projections.sqlite import SqliteReadDatabase
+from cqrskit.projections.status import (
+    dead_letters,
+    projection_status,
+    request_rebuild,
+    request_retry,
+)
+
+__all__ = ["main", "register_cli"]
+
+
+def load_object(spec: str) -> Any:
+    """Import ``module:attr`` (an operator-given name, never one read from data)."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigurationError(f"{spec!r} is not 'module:attribute'.")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+async def open_store(spec: str, schema: str | None = None) -> EventStore:
+    """An event store from ``sqlite:///path``, a PostgreSQL DSN or ``module:attr``."""
+    if spec.startswith("sqlite:///"):
+        from cqrskit.sqlite import SqliteEventStore
+
+        return SqliteEventStore(spec.removeprefix("sqlite:///"), create_tables=False)
+    if spec.startswith(("postgresql://", "postgres://")):
+        from cqrskit.postgres import PostgresEventStore
+
+        return await PostgresEventStore.open(spec, schema=schema or "public", create_tables=False)
+    obj = load_object(spec)
+    if not isinstance(obj, EventStore) and callable(obj):
+        obj = obj()
+        if inspect.isawaitable(obj):
+            obj = await obj
+    if not isinstance(obj, EventStore):
+        raise ConfigurationError(f"--store {spec!r} did not give an EventStore.")
+    return obj
+
+
+def open_read_db(url: str, schema: str | None = None) -> ReadDatabase:
+    """A read database from ``sqlite:///path`` or ``postgresql://...``."""
+    if url.startswith("sqlite:///"):
+        return SqliteReadDatabase(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from cqrskit.projections.postgres import PostgresReadDatabase
+
+        return PostgresReadDatabase(url, schema=schema or "public")
+    raise ConfigurationError(
+        "--read must be sqlite:///path or postgresql://... (the DSN is not echoed)."
+    )
+
+
+def load_projections(specs: Sequence[str]) -> list[Projection]:
+    """Projections from ``module:attr`` specs (a projection or a sequence of them)."""
+    out: list[Projection] = []
+    for spec in specs:
+        obj = load_object(spec)
+        items = obj if isinstance(obj, list | tuple) else [obj]
+        for item in items:
+            if not isinstance(item, Projection):
+                raise ConfigurationError(f"--projection {spec!r} is not a Projection.")
+            out.append(item)
+    return out
+
+
+def _connection_args(parser: argparse.ArgumentParser, *, store: bool = True) -> None:
+    if store:
+        parser.add_argument("--store", required=True, help="sqlite:///path, DSN or module:attr")
+        parser.add_argument("--store-schema", help="PostgreSQL schema of the event log")
+    parser.add_argument("--read", required=True, help="sqlite:///path or a PostgreSQL DSN")
+    parser.add_argument("--schema", help="PostgreSQL schema of the read models")
+
+
+async def _close(obj: Any) -> None:
+    close = getattr(obj, "close", None)
+    if close is not None:
+        result = close()
+        if inspect.isawaitable(result):
+            await result
+
+
+def _add_commands(sub: Any) -> None:
+    run = sub.add_parser("run", help="run projectors until SIGTERM/SIGINT")
+    run.set_defaults(run=_runner(_run))
+    _connection_args(run)
+    run.add_argument("--projection", action="append", required=True)
+    run.add_argument("--decoder", required=True)
+    run.add_argument("--batch-size", type=int, default=500)
+    run.add_argument("--lease-ttl", type=float, default=5.0)
+    run.add_argument("--poll-interval", type=float, default=1.0)
+    run.add_argument("--owner")
+    status = sub.add_parser("status", help="checkpoint, lag and dead letters")
+    status.set_defaults(run=_runner(_status))
+    _connection_args(status)
+    status.add_argument("--json", action="store_true")
+    rebuild = sub.add_parser("rebuild", help="rebuild a projection into a new generation")
+    rebuild.set_defaults(run=_runner(_rebuild))
+    _connection_args(rebuild, store=False)
+    rebuild.add_argument("--projection", required=True)
+    dead = sub.add_parser("dead-letters", help="list (or --retry) parked events")
+    dead.set_defaults(run=_runner(_dead_letters))
+    _connection_args(dead, store=False)
+    dead.add_argument("name")
+    dead.add_argument("--retry", action="store_true")
+    dead.add_argument("--stream")
+    dead.add_argument("--json", action="store_true")
+
+
+def _runner(
+    command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+) -> Callable[..., int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(command(args))
+        except CqrsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register_cli(sub: Any) -> None:
+    """Add ``cqrskit projections <run|status|rebuild|dead-letters>`` to the ``cqrskit`` CLI."""
+    parser = sub.add_parser("projections", help="run projectors; status, rebuild, dead letters")
+    _add_commands(parser.add_subparsers(dest="projections_command", required=True))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cqrskit.projections")
+    _add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> int:
+    store = await open_store(args.store, args.store_schema)
+    read_db = open_read_db(args.read, args.schema)
+    projector = Projector(
+        store,
+        read_db,
+        load_projections(args.projection),
+        load_object(args.decoder),
+        batch_size=args.batch_size,
+        lease_ttl=args.lease_ttl,
+        poll_interval=args.poll_interval,
+        owner=args.owner,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, projector.request_stop)
+    try:
+        await projector.run()
+    finally:
+        await read_db.close()
+        await _close(store)
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    store = await open_store(args.store, args.store_schema)
+    read_db = open_read_db(args.read, args.schema)
+    try:
+        rows = await projection_status(read_db, store)
+    finally:
+        await read_db.close()
+        await _close(store)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    print(
+        f"{'projection':20} {'mode':6} {'gen':>4} {'checkpoint':>12} {'lag':>8} "
+        f"{'lag s':>8} {'dead':>5}  lease"
+    )
+    for r in rows:
+        lag = f"{r.lag_events}{'+' if r.lag_capped else ''}"
+        gen = f"{r.generation}" + (f">{r.rebuilding}" if r.rebuilding else "")
+        print(
+            f"{r.name:20} {r.mode:6} {gen:>4} {r.checkpoint:>12} {lag:>8} "
+            f"{r.lag_seconds:>8.1f} {r.dead_letters:>5}  {r.lease_owner or '-'}"
+        )
+    return 0
+
+
+async def _rebuild(args: argparse.Namespace) -> int:
+    [projection] = load_projections([args.projection])
+    read_db = open_read_db(args.read, args.schema)
+    try:
+        generation = await request_rebuild(read_db, projection)
+    finally:
+        await read_db.close()
+    print(f"{projection.name}: rebuilding into generation {generation}")
+    return 0
+
+
+async def _dead_letters(args: argparse.Namespace) -> int:
+    read_db = open_read_db(args.read, args.schema)
+    try:
+        if args.retry:
+            flagged = await request_retry(read_db, args.name, stream=args.stream)
+            print(f"{args.name}: {flagged} parked event(s) flagged for retry")
+            return 0
+        letters = await dead_letters(read_db, args.name)
+    finally:
+        await read_db.close()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) for d in letters]))
+        return 0
+    for d in letters:
+        print(
+            f"{d.position:>12} {d.stream} v{d.version} {d.type} attempts={d.attempts} "
+            f"{'retry ' if d.retry else ''}{d.error}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse ``argv`` and run the command; return the exit code."""
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)

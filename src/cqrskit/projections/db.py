@@ -1,0 +1,144 @@
+"""The read-database port: sessions (one connection inside a transaction) and databases.
+
+Projection handlers, the projector's bookkeeping and query handlers all talk to a read
+database through a :class:`Session`. SQL uses ``?`` placeholders everywhere; the PostgreSQL
+adapter rewrites them to ``$1, $2 ...`` (once per distinct statement), so the same
+projection code runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Literal
+
+from cqrskit.errors import ConfigurationError
+
+__all__ = ["Dialect", "ReadDatabase", "Session", "check_identifier", "quote", "to_dollar"]
+
+Dialect = Literal["sqlite", "postgres"]
+Row = Sequence[Any]
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?")
+_dollar_cache: dict[str, str] = {}
+
+
+def check_identifier(name: str, what: str = "identifier") -> str:
+    """Return ``name`` if it is a safe SQL identifier (``^[a-z_][a-z0-9_]{0,62}$``).
+
+    Raises:
+        ConfigurationError: the name would need quoting tricks or is too long.
+    """
+    if not isinstance(name, str) or not _IDENT.match(name):
+        raise ConfigurationError(
+            f"invalid {what} {name!r}.",
+            hint="use lowercase letters, digits and '_' only, starting with a letter or '_', "
+            "at most 63 characters.",
+        )
+    return name
+
+
+def quote(name: str) -> str:
+    """Quote a validated identifier for SQL."""
+    return f'"{check_identifier(name)}"'
+
+
+def to_dollar(sql: str) -> str:
+    """Rewrite ``?`` placeholders (outside quoted text) to PostgreSQL's ``$n``."""
+    out = _dollar_cache.get(sql)
+    if out is not None:
+        return out
+    counter = 0
+
+    def repl(m: re.Match[str]) -> str:
+        nonlocal counter
+        if m.group(0) != "?":
+            return m.group(0)
+        counter += 1
+        return f"${counter}"
+
+    out = _TOKENS.sub(repl, sql)
+    if len(_dollar_cache) < 4096:
+        _dollar_cache[sql] = out
+    return out
+
+
+class Session(ABC):
+    """One read-database connection inside a transaction.
+
+    Statements use ``?`` placeholders. Rows are sequences indexable by column position.
+    """
+
+    dialect: Dialect
+
+    @property
+    @abstractmethod
+    def connection(self) -> Any:
+        """The driver connection (``sqlite3.Connection`` or ``asyncpg.Connection``)."""
+
+    @abstractmethod
+    async def execute(self, sql: str, *params: Any) -> int:
+        """Run one statement; return the number of rows it changed (``-1`` if unknown)."""
+
+    @abstractmethod
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run one statement once per parameter row."""
+
+    @abstractmethod
+    async def fetchall(self, sql: str, *params: Any) -> list[Row]:
+        """Run a query and return every row."""
+
+    async def fetchone(self, sql: str, *params: Any) -> Row | None:
+        """Run a query and return its first row, or ``None``."""
+        rows = await self.fetchall(sql, *params)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, *params: Any) -> Any:
+        """Run a query and return the first column of its first row, or ``None``."""
+        row = await self.fetchone(sql, *params)
+        return None if row is None else row[0]
+
+    def qualify(self, name: str) -> str:
+        """The quoted name of read-model table ``name`` (schema-qualified on PostgreSQL)."""
+        return quote(name)
+
+    @abstractmethod
+    def savepoint(self) -> AbstractAsyncContextManager[None]:
+        """A nested transaction: rolled back alone if the block raises."""
+
+
+class ReadDatabase(ABC):
+    """A database holding read models, checkpoints, leases and dead letters.
+
+    It may be the write database itself (another connection to the same SQLite file or
+    PostgreSQL database) or a separate one.
+    """
+
+    dialect: Dialect
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Session]:
+        """A read-write transaction (committed when the block exits normally)."""
+
+    @abstractmethod
+    def read_only(self) -> AbstractAsyncContextManager[Session]:
+        """A read-only transaction for queries: a statement that writes fails loudly."""
+
+    @abstractmethod
+    def inline(self, connection: Any) -> Session:
+        """Wrap a write-side driver connection that is already inside a transaction."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close every connection this object opened."""
+
+    async def session(self) -> AsyncIterator[Session]:
+        """A scoped-dependency factory: a read-only session per dispatch.
+
+        Register it with ``deps.scoped(ReadSession, read_db.session)``.
+        """
+        async with self.read_only() as s:
+            yield s

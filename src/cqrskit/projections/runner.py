@@ -1,0 +1,320 @@
+"""The projector: tails the event log and applies batches to a read database.
+
+One :class:`Projector` runs one worker task per projection. A worker first takes the
+projection's lease (standing by while another process holds a live one), then loops: read a
+batch after its checkpoint, apply it and raise the checkpoint in one read-database
+transaction that also checks the lease epoch (fencing), announce it, and when there is
+nothing to read wait on the store's wake-up hint (never a fixed sleep on that path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from cqrskit.errors import ConcurrencyError
+from cqrskit.eventlog import EventStore, StoredEvent
+from cqrskit.projections import schema
+from cqrskit.projections.api import Projection
+from cqrskit.projections.apply import Applier
+from cqrskit.projections.db import ReadDatabase
+from cqrskit.projections.signal import Signal
+
+__all__ = ["LeaseLostError", "Projector"]
+
+log = logging.getLogger("cqrskit.projections")
+
+
+class LeaseLostError(ConcurrencyError):
+    """Another projector took this projection's lease over; this one stops writing."""
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Worker:
+    def __init__(self, owner: Projector, projection: Projection) -> None:
+        self.p = owner
+        self.projection = projection
+        self.name = projection.name
+        self.epoch: int | None = None
+        self.checkpoint = 0
+
+    # -- lease ---------------------------------------------------------------------------
+
+    async def acquire(self) -> int:
+        p = self.p
+        seen: tuple[int, int] | None = None
+        since = time.monotonic()
+        while not p._stop.is_set():
+            async with p.read_db.transaction() as s:
+                row = await schema.ensure_projection(s, self.projection, "async")
+                mark = (row.lease_epoch, row.lease_beat)
+                if mark != seen:
+                    seen, since = mark, time.monotonic()
+                free = row.lease_owner is None or row.lease_owner == p.owner
+                if free or time.monotonic() - since >= p.lease_ttl:
+                    epoch = await schema.take_lease(s, self.name, p.owner, row)
+                    if epoch is not None:
+                        log.info("projection %s: lease taken (epoch %d)", self.name, epoch)
+                        return epoch
+            await p._pause(p.lease_ttl / 4)
+        raise _Stopped
+
+    # -- main loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        p = self.p
+        failures = 0
+        while not p._stop.is_set():
+            try:
+                self.epoch = await self.acquire()
+                await self.lead(self.epoch)
+                await self.release()
+            except _Stopped:
+                break
+            except LeaseLostError:
+                log.warning("projection %s: lease lost; standing by", self.name)
+            except Exception:
+                failures += 1
+                log.exception("projection %s: worker failed; restarting", self.name)
+                await p._pause(min(5.0, 0.05 * 2 ** min(failures, 7)))
+            finally:
+                self.epoch = None
+
+    async def lead(self, epoch: int) -> None:
+        p = self.p
+        async with p.read_db.transaction() as s:
+            row = await schema.load(s, self.name)
+            assert row is not None
+            active = row.active_generation
+            applier = Applier(self.projection, p.decoder, max_attempts=p.max_attempts)
+            await applier.load_blocked(s, active)
+            self.checkpoint = await schema.get_checkpoint(s, self.name, active)
+        p.signal.notify()
+        building: tuple[int, Applier] | None = None
+        bcp = 0
+        last_beat = next_check = time.monotonic()
+        backoff: float | None = None
+        while not p._stop.is_set():
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + p.state_interval
+                async with p.read_db.transaction() as s:
+                    row = await schema.load(s, self.name)
+                    if row is None or row.lease_epoch != epoch:
+                        raise LeaseLostError(f"projection {self.name}: lease epoch moved on")
+                    if building is None and row.building_generation is not None:
+                        gen = row.building_generation
+                        building = (
+                            gen,
+                            Applier(self.projection, p.decoder, max_attempts=p.max_attempts),
+                        )
+                        bcp = await schema.get_checkpoint(s, self.name, gen)
+                        await building[1].load_blocked(s, gen)
+                    retries = await s.fetchval(
+                        "SELECT count(*) FROM cqrskit_dead_letters "
+                        "WHERE projection = ? AND generation = ? AND retry = 1",
+                        self.name,
+                        active,
+                    )
+                if retries:
+                    async with p.read_db.transaction() as s:
+                        await self._fence(s, epoch)
+                        await applier.retry_requested(s, active, p.store)
+                    p.signal.notify()
+            progressed = False
+            events = await p.store.read_after(self.checkpoint, p.batch_size)
+            if events:
+                await self.commit(epoch, active, applier, events)
+                self.checkpoint = events[-1].position
+                last_beat = time.monotonic()
+                p.signal.notify()
+                progressed = True
+            if building is not None:
+                gen, bapplier = building
+                bevents = [
+                    e
+                    for e in await p.store.read_after(bcp, p.batch_size)
+                    if e.position <= self.checkpoint
+                ]
+                if bevents:
+                    await self.commit(epoch, gen, bapplier, bevents)
+                    bcp = bevents[-1].position
+                else:
+                    async with p.read_db.transaction() as s:
+                        await self._fence(s, epoch)
+                        await schema.set_checkpoint(s, self.name, gen, self.checkpoint)
+                        await schema.switch_over(s, self.projection, active, gen)
+                    log.info("projection %s: switched to generation %d", self.name, gen)
+                    active, applier, building = gen, bapplier, None
+                    p.signal.notify()
+                progressed = True
+            if progressed:
+                backoff = None
+                continue
+            if time.monotonic() - last_beat >= p.lease_ttl / 3:
+                async with p.read_db.transaction() as s:
+                    await self._fence(s, epoch)
+                last_beat = time.monotonic()
+            # after a wake-up that found nothing readable (on PostgreSQL, a commit can stay
+            # above the readable horizon while an older transaction is open; nobody signals
+            # when that one ends) poll with a short, growing backoff instead of a full wait
+            limit = min(p.poll_interval, p.lease_ttl / 3)
+            woke = await p._wait_for_events(self.checkpoint, backoff or limit)
+            if woke:
+                backoff = 0.001 if backoff is None else min(backoff * 2, limit)
+            elif backoff is None or backoff >= limit:
+                backoff = None
+                next_check = 0.0
+            else:
+                backoff = min(backoff * 2, limit)
+
+    async def _fence(self, s: Any, epoch: int) -> None:
+        if not await schema.fence(s, self.name, epoch):
+            raise LeaseLostError(f"projection {self.name}: lease epoch {epoch} was fenced off")
+
+    async def commit(
+        self, epoch: int, generation: int, applier: Applier, events: Sequence[StoredEvent]
+    ) -> None:
+        db = self.p.read_db
+        last = events[-1].position
+        try:
+            async with db.transaction() as s:
+                await self._fence(s, epoch)
+                await applier.apply_fast(s, generation, events)
+                await schema.set_checkpoint(s, self.name, generation, last)
+            return
+        except LeaseLostError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handled by the careful path below
+            log.info("projection %s: batch failed (%s); applying event by event", self.name, exc)
+        async with db.transaction() as s:
+            await self._fence(s, epoch)
+            await applier.load_blocked(s, generation)
+            parked = await applier.apply_careful(s, generation, events)
+            await schema.set_checkpoint(s, self.name, generation, last)
+        if parked:
+            log.warning("projection %s: parked %d event(s)", self.name, parked)
+
+    async def release(self) -> None:
+        epoch = self.epoch
+        if epoch is None:
+            return
+        try:
+            async with self.p.read_db.transaction() as s:
+                await schema.release_lease(s, self.name, epoch)
+        except Exception:
+            log.exception("projection %s: could not release the lease", self.name)
+
+
+class Projector:
+    """Runs projections asynchronously from an event store into a read database.
+
+    Use as an async context manager (started and stopped with the application) or
+    ``await projector.run()`` until :meth:`stop`.
+
+    Args:
+        store: the event log to read.
+        read_db: where the read models, checkpoints, leases and dead letters live.
+        projections: the projections to run (one worker each).
+        decoder: stored event -> event (a callable or a serializer's ``decode_stored``).
+        batch_size: events per read-database transaction.
+        lease_ttl: seconds (monotonic) without a heartbeat before a standby takes over.
+        max_attempts: attempts per failing event before it is parked.
+        state_interval: seconds between checks for rebuild and retry requests.
+        poll_interval: the longest idle wait between reads when no wake-up comes (the
+            safety net under the store's hints; also capped at ``lease_ttl / 3``).
+        owner: this projector's lease owner id (default: host, pid and a random suffix).
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        read_db: ReadDatabase,
+        projections: Sequence[Projection],
+        decoder: Any,
+        *,
+        batch_size: int = 500,
+        lease_ttl: float = 5.0,
+        max_attempts: int = 3,
+        state_interval: float = 0.5,
+        poll_interval: float = 1.0,
+        owner: str | None = None,
+    ) -> None:
+        self.store = store
+        self.read_db = read_db
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.lease_ttl = lease_ttl
+        self.max_attempts = max_attempts
+        self.state_interval = state_interval
+        self.poll_interval = poll_interval
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.signal = Signal()
+        self._workers = [_Worker(self, p) for p in projections]
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def leading(self, name: str) -> bool:
+        """Whether this projector currently holds the lease of projection ``name``."""
+        return any(w.name == name and w.epoch is not None for w in self._workers)
+
+    def checkpoint(self, name: str) -> int:
+        """The last position this projector committed for ``name`` (0 if not leading)."""
+        return next((w.checkpoint for w in self._workers if w.name == name), 0)
+
+    async def start(self) -> None:
+        """Set the projections up (tables, views, bookkeeping), then start one worker each."""
+        self._stop.clear()
+        async with self.read_db.transaction() as s:
+            for w in self._workers:
+                await schema.ensure_projection(s, w.projection, "async")
+        self._tasks = [
+            asyncio.create_task(w.run(), name=f"projector:{w.name}") for w in self._workers
+        ]
+
+    async def stop(self) -> None:
+        """Finish the batches in flight, release the leases and stop."""
+        self._stop.set()
+        tasks, self._tasks = self._tasks, []
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run(self) -> None:
+        """Start, then run until :meth:`stop` is called (e.g. from a signal handler)."""
+        await self.start()
+        await self._stop.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (safe to call from a signal handler)."""
+        self._stop.set()
+
+    async def __aenter__(self) -> Projector:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _wait_for_events(self, position: int, timeout: float) -> bool:
+        waiter = asyncio.ensure_future(self.store.wait_for(position, timeout))
+        stopper = asyncio.ensure_future(self._stop.wait())
+        done, pending = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return waiter in done and not waiter.cancelled() and bool(waiter.result())

@@ -1,0 +1,225 @@
+"""Bookkeeping tables in the read database and the statements on them.
+
+``cqrskit_projections``   one row per projection: active and rebuilding generation, mode,
+                          and the lease (owner, epoch, heartbeat counter).
+``cqrskit_checkpoints``   per (projection, generation): the last applied position.
+``cqrskit_dead_letters``  parked (poison) events with the error and the attempts.
+
+Every statement uses ``?`` placeholders and runs on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from cqrskit.projections.api import Projection, physical_table
+from cqrskit.projections.db import Session
+
+__all__ = ["ProjectionRow", "install", "ensure_projection"]
+
+DDL = (
+    """CREATE TABLE IF NOT EXISTS cqrskit_projections (
+        name TEXT PRIMARY KEY,
+        active_generation INTEGER NOT NULL,
+        building_generation INTEGER,
+        mode TEXT NOT NULL,
+        lease_owner TEXT,
+        lease_epoch BIGINT NOT NULL DEFAULT 0,
+        lease_beat BIGINT NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS cqrskit_checkpoints (
+        projection TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        position BIGINT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (projection, generation))""",
+    """CREATE TABLE IF NOT EXISTS cqrskit_dead_letters (
+        projection TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        position BIGINT NOT NULL,
+        stream TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        type TEXT NOT NULL,
+        error TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        parked_at DOUBLE PRECISION NOT NULL,
+        retry INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (projection, generation, position))""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionRow:
+    """A projection's bookkeeping row."""
+
+    name: str
+    active_generation: int
+    building_generation: int | None
+    mode: str
+    lease_owner: str | None
+    lease_epoch: int
+    lease_beat: int
+
+
+async def install(session: Session) -> None:
+    """Create the bookkeeping tables if missing."""
+    if session.dialect == "postgres":
+        # concurrent CREATE TABLE IF NOT EXISTS can collide in the catalog: serialize it
+        await session.execute("SELECT pg_advisory_xact_lock(7263541)")
+    for stmt in DDL:
+        await session.execute(stmt)
+
+
+async def load(session: Session, name: str) -> ProjectionRow | None:
+    """The projection's row, or ``None`` if it was never set up."""
+    row = await session.fetchone(
+        "SELECT name, active_generation, building_generation, mode, lease_owner, "
+        "lease_epoch, lease_beat FROM cqrskit_projections WHERE name = ?",
+        name,
+    )
+    return None if row is None else ProjectionRow(*row)
+
+
+async def create_generation(session: Session, projection: Projection, generation: int) -> None:
+    """Create ``generation``'s tables and its checkpoint (at 0)."""
+    for stmt in projection.ddl(generation, session.qualify):
+        await session.execute(stmt)
+    await session.execute(
+        "INSERT INTO cqrskit_checkpoints (projection, generation, position, updated_at) "
+        "VALUES (?, ?, 0, ?)",
+        projection.name,
+        generation,
+        time.time(),
+    )
+
+
+async def point_views(session: Session, projection: Projection, generation: int) -> None:
+    """(Re)create one view per logical table, reading ``generation``'s physical table."""
+    for table in projection.tables:
+        view = session.qualify(table)
+        await session.execute(f"DROP VIEW IF EXISTS {view}")
+        await session.execute(
+            f"CREATE VIEW {view} AS SELECT * FROM "
+            f"{session.qualify(physical_table(table, generation))}"
+        )
+
+
+async def ensure_projection(session: Session, projection: Projection, mode: str) -> ProjectionRow:
+    """Install the bookkeeping, set the projection up (generation 1) if new, record ``mode``."""
+    await install(session)
+    row = await load(session, projection.name)
+    if row is None:
+        await create_generation(session, projection, 1)
+        await point_views(session, projection, 1)
+        await session.execute(
+            "INSERT INTO cqrskit_projections (name, active_generation, mode) VALUES (?, 1, ?)",
+            projection.name,
+            mode,
+        )
+    elif row.mode != mode:
+        await session.execute(
+            "UPDATE cqrskit_projections SET mode = ? WHERE name = ?", mode, projection.name
+        )
+    row = await load(session, projection.name)
+    assert row is not None
+    return row
+
+
+async def get_checkpoint(session: Session, name: str, generation: int) -> int:
+    """The last applied position of (projection, generation)."""
+    value = await session.fetchval(
+        "SELECT position FROM cqrskit_checkpoints WHERE projection = ? AND generation = ?",
+        name,
+        generation,
+    )
+    return int(value or 0)
+
+
+async def set_checkpoint(session: Session, name: str, generation: int, position: int) -> None:
+    """Raise the checkpoint to ``position`` (never lowers it)."""
+    greatest = "max" if session.dialect == "sqlite" else "GREATEST"
+    await session.execute(
+        f"UPDATE cqrskit_checkpoints SET position = {greatest}(position, ?), updated_at = ? "
+        "WHERE projection = ? AND generation = ?",
+        position,
+        time.time(),
+        name,
+        generation,
+    )
+
+
+async def fence(session: Session, name: str, epoch: int) -> bool:
+    """Check the lease is still ours (and beat it); ``False`` means another took over."""
+    changed = await session.execute(
+        "UPDATE cqrskit_projections SET lease_beat = lease_beat + 1 "
+        "WHERE name = ? AND lease_epoch = ?",
+        name,
+        epoch,
+    )
+    return changed == 1
+
+
+async def take_lease(session: Session, name: str, owner: str, seen: ProjectionRow) -> int | None:
+    """Take the lease if it is still as ``seen``; return the new epoch, else ``None``."""
+    changed = await session.execute(
+        "UPDATE cqrskit_projections SET lease_owner = ?, lease_epoch = lease_epoch + 1 "
+        "WHERE name = ? AND lease_epoch = ? AND lease_beat = ?",
+        owner,
+        name,
+        seen.lease_epoch,
+        seen.lease_beat,
+    )
+    return seen.lease_epoch + 1 if changed == 1 else None
+
+
+async def release_lease(session: Session, name: str, epoch: int) -> None:
+    """Give the lease up so a standby takes over at once."""
+    await session.execute(
+        "UPDATE cqrskit_projections SET lease_owner = NULL, lease_beat = lease_beat + 1 "
+        "WHERE name = ? AND lease_epoch = ?",
+        name,
+        epoch,
+    )
+
+
+async def start_rebuild(session: Session, projection: Projection) -> int:
+    """Create the next generation's empty tables and mark it as rebuilding; return it."""
+    row = await load(session, projection.name)
+    if row is None:
+        row = await ensure_projection(session, projection, "async")
+    if row.building_generation is not None:
+        return row.building_generation
+    top = await session.fetchval(
+        "SELECT max(generation) FROM cqrskit_checkpoints WHERE projection = ?", projection.name
+    )
+    generation = int(top) + 1
+    await create_generation(session, projection, generation)
+    await session.execute(
+        "UPDATE cqrskit_projections SET building_generation = ? WHERE name = ?",
+        generation,
+        projection.name,
+    )
+    return generation
+
+
+async def switch_over(session: Session, projection: Projection, old: int, new: int) -> None:
+    """Make ``new`` the active generation, repoint the views and drop ``old``'s tables."""
+    await point_views(session, projection, new)
+    await session.execute(
+        "UPDATE cqrskit_projections SET active_generation = ?, building_generation = NULL "
+        "WHERE name = ?",
+        new,
+        projection.name,
+    )
+    for table in projection.tables:
+        await session.execute(f"DROP TABLE IF EXISTS {session.qualify(physical_table(table, old))}")
+    await session.execute(
+        "DELETE FROM cqrskit_checkpoints WHERE projection = ? AND generation = ?",
+        projection.name,
+        old,
+    )
+    await session.execute(
+        "DELETE FROM cqrskit_dead_letters WHERE projection = ? AND generation = ?",
+        projection.name,
+        old,
+    )

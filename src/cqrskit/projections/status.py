@@ -1,0 +1,208 @@
+"""Operations on projections: status (checkpoint, lag, dead letters), rebuild, retry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from cqrskit.eventlog import EventStore
+from cqrskit.projections import schema
+from cqrskit.projections.api import Projection
+from cqrskit.projections.db import ReadDatabase
+
+__all__ = [
+    "DeadLetter",
+    "ProjectionStatus",
+    "dead_letters",
+    "projection_status",
+    "request_rebuild",
+    "request_retry",
+]
+
+LAG_COUNT_CAP = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionStatus:
+    """Where a projection stands.
+
+    Attributes:
+        name: the projection.
+        mode: ``"inline"`` or ``"async"`` (whoever ran it last).
+        generation: the active generation; ``rebuilding``: the one being rebuilt, if any.
+        checkpoint: last applied position; ``head``: the log's last position.
+        lag_events: events after the checkpoint (counted up to ``LAG_COUNT_CAP``;
+            ``lag_capped`` says it is at least that).
+        lag_seconds: age of the oldest unapplied event (0 when caught up).
+        dead_letters: parked events of the active generation.
+        lease_owner, lease_epoch: who holds the lease and its epoch.
+    """
+
+    name: str
+    mode: str
+    generation: int
+    rebuilding: int | None
+    checkpoint: int
+    head: int
+    lag_events: int
+    lag_capped: bool
+    lag_seconds: float
+    dead_letters: int
+    lease_owner: str | None
+    lease_epoch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A parked event: where it is, why, and how often it was tried."""
+
+    projection: str
+    generation: int
+    position: int
+    stream: str
+    version: int
+    type: str
+    error: str
+    attempts: int
+    parked_at: float
+    retry: bool
+
+
+async def _lag(store: EventStore, checkpoint: int) -> tuple[int, bool, float]:
+    count, capped, oldest = 0, False, None
+    position = checkpoint
+    while count < LAG_COUNT_CAP:
+        batch = await store.read_after(position, min(1000, LAG_COUNT_CAP - count))
+        if not batch:
+            break
+        if oldest is None:
+            oldest = batch[0].metadata.get("timestamp")
+        count += len(batch)
+        position = batch[-1].position
+    else:
+        capped = bool(await store.read_after(position, 1))
+    seconds = 0.0
+    if oldest:
+        try:
+            seconds = max(0.0, time.time() - datetime.fromisoformat(str(oldest)).timestamp())
+        except ValueError:
+            seconds = 0.0
+    return count, capped, seconds
+
+
+async def projection_status(
+    read_db: ReadDatabase, store: EventStore, names: Sequence[str] | None = None
+) -> list[ProjectionStatus]:
+    """The status of the named projections (all set-up ones by default), by name."""
+    async with read_db.read_only() as s:
+        await _require_tables(s)
+        rows = await s.fetchall(
+            "SELECT p.name, p.mode, p.active_generation, p.building_generation, c.position, "
+            "p.lease_owner, p.lease_epoch, (SELECT count(*) FROM cqrskit_dead_letters d "
+            "WHERE d.projection = p.name AND d.generation = p.active_generation) "
+            "FROM cqrskit_projections p JOIN cqrskit_checkpoints c "
+            "ON c.projection = p.name AND c.generation = p.active_generation ORDER BY p.name"
+        )
+    head = await store.head()
+    out = []
+    for name, mode, gen, building, cp, owner, epoch, dead in rows:
+        if names is not None and name not in names:
+            continue
+        lag, capped, seconds = await _lag(store, int(cp))
+        out.append(
+            ProjectionStatus(
+                name,
+                mode,
+                int(gen),
+                building,
+                int(cp),
+                head,
+                lag,
+                capped,
+                seconds,
+                int(dead),
+                owner,
+                int(epoch),
+            )
+        )
+    return out
+
+
+async def _require_tables(s: Any) -> None:
+    # a read database nobody set up yet has no projections: say so instead of a SQL error
+    try:
+        async with s.savepoint():
+            await s.fetchall("SELECT 1 FROM cqrskit_projections WHERE 1 = 0")
+    except Exception:  # noqa: BLE001 - translated below
+        from cqrskit.errors import ConfigurationError
+
+        raise ConfigurationError(
+            "no projection was ever set up in this read database.",
+            hint="start a projector or InlineProjections.setup() against it first.",
+        ) from None
+
+
+async def dead_letters(read_db: ReadDatabase, projection: str) -> list[DeadLetter]:
+    """The parked events of ``projection``'s active generation, in position order."""
+    async with read_db.read_only() as s:
+        rows = await s.fetchall(
+            "SELECT d.projection, d.generation, d.position, d.stream, d.version, d.type, "
+            "d.error, d.attempts, d.parked_at, d.retry FROM cqrskit_dead_letters d "
+            "JOIN cqrskit_projections p ON p.name = d.projection "
+            "AND p.active_generation = d.generation WHERE d.projection = ? "
+            "ORDER BY d.position",
+            projection,
+        )
+    return [
+        DeadLetter(
+            str(r[0]),
+            int(r[1]),
+            int(r[2]),
+            str(r[3]),
+            int(r[4]),
+            str(r[5]),
+            str(r[6]),
+            int(r[7]),
+            float(r[8]),
+            bool(r[9]),
+        )
+        for r in rows
+    ]
+
+
+async def request_retry(
+    read_db: ReadDatabase, projection: str, *, stream: str | None = None
+) -> int:
+    """Flag parked events (of one stream, or all) for the projector to re-apply, in order.
+
+    Returns how many were flagged. The lease holder retries them within
+    ``state_interval``; those that fail again stay parked with more attempts.
+    """
+    sql = (
+        "UPDATE cqrskit_dead_letters SET retry = 1 WHERE projection = ? AND generation = "
+        "(SELECT active_generation FROM cqrskit_projections WHERE name = ?)"
+    )
+    params: list[Any] = [projection, projection]
+    if stream is not None:
+        sql += " AND stream = ?"
+        params.append(stream)
+    async with read_db.transaction() as s:
+        return await s.execute(sql, *params)
+
+
+async def request_rebuild(read_db: ReadDatabase, projection: Projection) -> int:
+    """Start a rebuild: create the next generation's empty tables; return its number.
+
+    The projector holding the lease replays the log into them from position 0 while the
+    active generation keeps serving queries, then switches the views over when caught up.
+    """
+    async with read_db.transaction() as s:
+        await schema.install(s)
+        return await schema.start_rebuild(s, projection)

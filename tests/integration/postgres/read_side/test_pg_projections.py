@@ -1,0 +1,36 @@
+"""The read-side suite on PostgreSQL: the same test bodies as on SQLite, with this
+directory's fixtures (own schemas per test; same-schema and separate-schema layouts)."""
+
+from __future__ import annotations
+
+import pytest
+from tests.integration.sqlite.test_async_projection import (  # noqa: F401
+    test_catches_up_and_follows,
+    test_fenced_projector_cannot_commit,
+    test_lag_reported_while_stopped,
+    test_query_session_is_read_only,
+    test_resumes_from_checkpoint_without_reapplying,
+    test_second_projector_stands_by_and_takes_over,
+    test_stop_is_prompt_when_idle,
+)
+from tests.integration.sqlite.test_consistency import (  # noqa: F401
+    projector,
+    test_fail_policy_raises_at_once,
+    test_inline_mode_is_never_stale,
+    test_misconfigurations_are_loud,
+    test_no_token_means_no_check,
+    test_query_that_writes_fails,
+    test_read_after_context,
+    test_stale_policy_flags_old_data,
+    test_token_from_future_fails_fast,
+    test_wait_policy_reads_own_write,
+    test_wait_policy_times_out,
+)
+from tests.integration.sqlite.test_rebuild_poison_modes import (  # noqa: F401
+    test_inline_failure_fails_the_command,
+    test_move_inline_to_async_and_back,
+    test_poison_parked_then_retried,
+    test_rebuild_equals_incremental,
+)
+
+pytestmark = pytest.mark.postgres

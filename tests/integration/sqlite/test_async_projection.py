@@ -1,0 +1,148 @@
+"""Async projections on SQLite: same file and separate file, checkpoints, status."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from tests.support.bank import Deposited, Unrelated, balances, decode
+from tests.support.logs import AppendLog
+from tests.support.waiting import visible
+
+from cqrskit.projections import (
+    ConsistencyGate,
+    Projector,
+    ReadDatabase,
+    projection_status,
+)
+
+
+async def wait_checkpoint(gate: ConsistencyGate, position: int) -> None:
+    await gate.check(["balances"], position, "wait", 5.0)
+
+
+async def balances_of(db: ReadDatabase) -> dict[str, int]:
+    async with db.read_only() as s:
+        rows = await s.fetchall("SELECT id, balance FROM accounts ORDER BY id")
+    return {r[0]: r[1] for r in rows}
+
+
+async def test_catches_up_and_follows(log: AppendLog, read_db: ReadDatabase) -> None:
+    for i in range(30):
+        await log.append(f"acc-{i % 3}", Deposited(f"acc-{i % 3}", i))
+    await log.append("misc", Unrelated("ignored"))
+    async with Projector(log, read_db, [balances], decode, batch_size=7) as projector:
+        gate = ConsistencyGate(log, read_db, signal=projector.signal)
+        await wait_checkpoint(gate, await log.head())
+        assert await balances_of(read_db) == {
+            "acc-0": sum(range(0, 30, 3)),
+            "acc-1": sum(range(1, 30, 3)),
+            "acc-2": sum(range(2, 30, 3)),
+        }
+        last = (await log.append("acc-9", Deposited("acc-9", 5)))[-1]
+        await wait_checkpoint(gate, last.position)
+        assert (await balances_of(read_db))["acc-9"] == 5
+        [status] = await projection_status(read_db, log)
+    assert status.checkpoint == last.position
+    assert status.lag_events == 0
+    assert status.mode == "async"
+    assert status.dead_letters == 0
+    assert status.generation == 1
+
+
+async def test_resumes_from_checkpoint_without_reapplying(
+    log: AppendLog, read_db: ReadDatabase
+) -> None:
+    for _i in range(10):
+        await log.append("a", Deposited("a", 1))
+    async with Projector(log, read_db, [balances], decode, batch_size=4) as p:
+        await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), await log.head())
+    for _i in range(5):
+        await log.append("a", Deposited("a", 1))
+    async with Projector(log, read_db, [balances], decode, batch_size=4) as p:
+        await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), await log.head())
+    async with read_db.read_only() as s:
+        row = await s.fetchone("SELECT balance, applied, last_version FROM accounts WHERE id = 'a'")
+        errors = await s.fetchval("SELECT count(*) FROM order_errors")
+    assert tuple(row or ()) == (15, 15, 15)
+    assert errors == 0
+
+
+async def test_lag_reported_while_stopped(log: AppendLog, read_db: ReadDatabase) -> None:
+    async with Projector(log, read_db, [balances], decode) as p:
+        first = (await log.append("a", Deposited("a", 1)))[-1]
+        await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), first.position)
+    for _ in range(4):
+        [last] = await log.append("a", Deposited("a", 1))
+    await visible(log, last.position)
+    [status] = await projection_status(read_db, log)
+    assert status.checkpoint == first.position
+    assert status.lag_events == 4
+    assert status.lag_seconds >= 0.0
+    assert status.lease_owner is None
+
+
+async def test_query_session_is_read_only(
+    read_db: ReadDatabase, log: AppendLog, read_only_error: type[Exception]
+) -> None:
+    async with Projector(log, read_db, [balances], decode) as p:
+        [e] = await log.append("a", Deposited("a", 1))
+        await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), e.position)
+    async with read_db.read_only() as s:
+        with pytest.raises(read_only_error, match=r"read.?only"):
+            await s.execute("DELETE FROM accounts__g1")
+
+
+async def test_second_projector_stands_by_and_takes_over(
+    log: AppendLog, read_db: ReadDatabase, open_read_db: Callable[..., ReadDatabase]
+) -> None:
+    other_db = open_read_db()
+    first = Projector(log, read_db, [balances], decode, lease_ttl=0.4, owner="first")
+    second = Projector(log, other_db, [balances], decode, lease_ttl=0.4, owner="second")
+    await first.start()
+    try:
+        gate = ConsistencyGate(log, read_db, signal=first.signal)
+        [e] = await log.append("a", Deposited("a", 1))
+        await wait_checkpoint(gate, e.position)
+        await second.start()
+        [e] = await log.append("a", Deposited("a", 2))
+        await wait_checkpoint(gate, e.position)
+        assert first.leading("balances")
+        assert not second.leading("balances")
+        await first.stop()
+        gate2 = ConsistencyGate(log, other_db, signal=second.signal)
+        last = (await log.append("a", Deposited("a", 4)))[-1]
+        await wait_checkpoint(gate2, last.position)
+        assert second.leading("balances")
+    finally:
+        await first.stop()
+        await second.stop()
+        await other_db.close()
+    assert (await balances_of(read_db))["a"] == 7
+
+
+async def test_fenced_projector_cannot_commit(log: AppendLog, read_db: ReadDatabase) -> None:
+    from cqrskit.projections import schema
+
+    async with read_db.transaction() as s:
+        await schema.ensure_projection(s, balances, "async")
+        row = await schema.load(s, "balances")
+        assert row is not None
+        epoch = await schema.take_lease(s, "balances", "old", row)
+    assert epoch is not None
+    async with read_db.transaction() as s:
+        row = await schema.load(s, "balances")
+        assert row is not None
+        assert await schema.take_lease(s, "balances", "new", row) == epoch + 1
+    async with read_db.transaction() as s:
+        assert not await schema.fence(s, "balances", epoch)
+        assert await schema.fence(s, "balances", epoch + 1)
+
+
+async def test_stop_is_prompt_when_idle(log: AppendLog, read_db: ReadDatabase) -> None:
+    p = Projector(log, read_db, [balances], decode, lease_ttl=30.0)
+    await p.start()
+    [e] = await log.append("a", Deposited("a", 1))
+    await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), e.position)
+    await asyncio.wait_for(p.stop(), 2.0)

@@ -1,0 +1,205 @@
+"""Read-your-writes through the mediator: each policy, tokens from the future, read-only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+from tests.support.bank import Deposited, balances, decode
+from tests.support.logs import AppendLog
+
+from cqrskit import Command, Dependencies, Mediator, Query, Registry, for_queries
+from cqrskit.errors import ConfigurationError, StaleReadError, TokenFromFutureError
+from cqrskit.eventlog import UnitOfWork
+from cqrskit.projections import (
+    ConsistencyGate,
+    InlineProjections,
+    Projector,
+    ReadDatabase,
+    ReadSession,
+    ask_consistent,
+    read_after,
+    reads,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit(Command[None]):
+    account: str
+    amount: int
+
+
+@reads("balances")
+@dataclass(frozen=True, slots=True)
+class GetBalance(Query[int | None]):
+    account: str
+
+
+@dataclass(frozen=True, slots=True)
+class Undeclared(Query[int]):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class WritingQuery(Query[None]):
+    pass
+
+
+def build(log: AppendLog, read_db: ReadDatabase, gate: ConsistencyGate | None) -> Mediator:
+    registry = Registry()
+
+    @registry.handler
+    async def deposit(cmd: Deposit, uow: UnitOfWork) -> None:
+        uow.record(cmd.account, Deposited(cmd.account, cmd.amount))
+
+    @registry.handler
+    async def get_balance(q: GetBalance, db: ReadSession) -> int | None:
+        value = await db.fetchval("SELECT balance FROM accounts WHERE id = ?", q.account)
+        return None if value is None else int(value)
+
+    @registry.handler
+    async def undeclared(q: Undeclared) -> int:
+        return 1
+
+    @registry.handler
+    async def writing(q: WritingQuery, db: ReadSession) -> None:
+        await db.execute("DELETE FROM accounts__g1")
+
+    deps = Dependencies()
+    deps.scoped(ReadSession, read_db.session)
+    behaviors = [log.transaction(), *([for_queries(gate.behavior)] if gate else [])]
+    return Mediator(registry, resolver=[log.resolver(), deps], behaviors=behaviors)
+
+
+@pytest.fixture
+async def projector(log: AppendLog, read_db: ReadDatabase) -> AsyncIterator[Projector]:
+    async with Projector(log, read_db, [balances], decode) as p:
+        yield p
+
+
+async def test_wait_policy_reads_own_write(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector
+) -> None:
+    gate = ConsistencyGate(log, read_db, signal=projector.signal)
+    mediator = build(log, read_db, gate)
+    for i in range(1, 20):
+        receipt = await mediator.send_tracked(Deposit("a", 1))
+        assert receipt.token is not None
+        read = await ask_consistent(mediator, GetBalance("a"), receipt.token, timeout=5.0)
+        assert read.value == i
+        assert read.stale is False
+        assert read.positions["balances"] >= receipt.token
+
+
+async def test_read_after_context(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector
+) -> None:
+    gate = ConsistencyGate(log, read_db, signal=projector.signal)
+    mediator = build(log, read_db, gate)
+    receipt = await mediator.send_tracked(Deposit("b", 7))
+    async with read_after(receipt.token, policy="wait", timeout=5.0) as consistency:
+        assert await mediator.ask(GetBalance("b")) == 7
+    assert consistency.stale is False
+
+
+async def stopped_projector_setup(log: AppendLog, read_db: ReadDatabase) -> int:
+    """Project one deposit, stop the projector, commit another: return its token."""
+    async with Projector(log, read_db, [balances], decode) as p:
+        first = (await log.append("c", Deposited("c", 1)))[-1]
+        await ConsistencyGate(log, read_db, signal=p.signal).check(
+            ["balances"], first.position, "wait", 5.0
+        )
+    return (await log.append("c", Deposited("c", 10)))[-1].position
+
+
+async def test_stale_policy_flags_old_data(log: AppendLog, read_db: ReadDatabase) -> None:
+    token = await stopped_projector_setup(log, read_db)
+    mediator = build(log, read_db, ConsistencyGate(log, read_db))
+    async with read_after(token, policy="stale", timeout=0.05) as consistency:
+        assert await mediator.ask(GetBalance("c")) == 1
+    assert consistency.stale is True
+    read = await ask_consistent(mediator, GetBalance("c"), token, policy="stale", timeout=0)
+    assert (read.value, read.stale) == (1, True)
+
+
+async def test_fail_policy_raises_at_once(log: AppendLog, read_db: ReadDatabase) -> None:
+    token = await stopped_projector_setup(log, read_db)
+    mediator = build(log, read_db, ConsistencyGate(log, read_db))
+    started = time.monotonic()
+    with pytest.raises(StaleReadError, match="balances"):
+        await ask_consistent(mediator, GetBalance("c"), token, policy="fail", timeout=10.0)
+    assert time.monotonic() - started < 2.0
+
+
+async def test_wait_policy_times_out(log: AppendLog, read_db: ReadDatabase) -> None:
+    token = await stopped_projector_setup(log, read_db)
+    mediator = build(log, read_db, ConsistencyGate(log, read_db))
+    started = time.monotonic()
+    with pytest.raises(StaleReadError):
+        await ask_consistent(mediator, GetBalance("c"), token, policy="wait", timeout=0.2)
+    assert 0.2 <= time.monotonic() - started < 5.0
+
+
+async def test_token_from_future_fails_fast(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector
+) -> None:
+    mediator = build(log, read_db, ConsistencyGate(log, read_db, signal=projector.signal))
+    await mediator.send(Deposit("d", 1))
+    started = time.monotonic()
+    with pytest.raises(TokenFromFutureError):
+        await ask_consistent(mediator, GetBalance("d"), await log.head() + (1 << 40), timeout=30.0)
+    assert time.monotonic() - started < 2.0
+
+
+async def test_no_token_means_no_check(log: AppendLog, read_db: ReadDatabase) -> None:
+    await stopped_projector_setup(log, read_db)
+    mediator = build(log, read_db, ConsistencyGate(log, read_db))
+    read = await ask_consistent(mediator, GetBalance("c"), None, policy="fail")
+    assert (read.value, read.stale) == (1, False)
+
+
+async def test_misconfigurations_are_loud(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector
+) -> None:
+    receipt = await build(log, read_db, None).send_tracked(Deposit("e", 1))
+    with pytest.raises(ConfigurationError, match="ConsistencyGate"):
+        await ask_consistent(build(log, read_db, None), GetBalance("e"), receipt.token)
+    gated = build(log, read_db, ConsistencyGate(log, read_db, signal=projector.signal))
+    with pytest.raises(ConfigurationError, match="does not declare"):
+        await ask_consistent(gated, Undeclared(), receipt.token)
+    read = await ask_consistent(
+        gated, Undeclared(), receipt.token, projections=["balances"], timeout=5.0
+    )
+    assert read.value == 1
+    with pytest.raises(ConfigurationError, match="policy"):
+        async with read_after(1, policy="maybe"):  # type: ignore[arg-type]
+            pass
+
+
+async def test_query_that_writes_fails(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector, read_only_error: type[Exception]
+) -> None:
+    mediator = build(log, read_db, ConsistencyGate(log, read_db, signal=projector.signal))
+    with pytest.raises(read_only_error, match=r"read.?only"):
+        await mediator.ask(WritingQuery())
+
+
+async def test_inline_mode_is_never_stale(
+    log: AppendLog, open_read_db: Callable[..., ReadDatabase]
+) -> None:
+    read_db = open_read_db(write=True)
+    try:
+        inline = InlineProjections(read_db, [balances], decode)
+        await inline.setup()
+        inline.attach(log)
+        mediator = build(log, read_db, ConsistencyGate(log, read_db))
+        for i in range(1, 6):
+            receipt = await mediator.send_tracked(Deposit("f", 2))
+            read = await ask_consistent(
+                mediator, GetBalance("f"), receipt.token, policy="fail", timeout=0
+            )
+            assert (read.value, read.stale) == (2 * i, False)
+    finally:
+        await read_db.close()

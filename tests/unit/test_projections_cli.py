@@ -1,0 +1,82 @@
+"""The projections CLI: status, rebuild and dead-letters on SQLite (run is tested with
+real processes in tests/integration/sqlite/test_projector_process.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from cqrskit.projections import Projector, SqliteReadDatabase
+from cqrskit.projections.cli import main
+from tests.support.bank import Deposited, Poison, balances, serializer
+from tests.support.sqlite_log import SqliteTestLog
+
+
+def prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    flag = tmp_path / "poison.flag"
+    flag.touch()
+    monkeypatch.setenv("CQRSKIT_TEST_POISON_FLAG", str(flag))
+
+    async def run() -> None:
+        log = SqliteTestLog(tmp_path / "write.db")
+        db = SqliteReadDatabase(str(tmp_path / "read.db"))
+        await log.append("a", Deposited("a", 1))
+        await log.append("a", Poison("a"))
+        [last] = await log.append("b", Deposited("b", 2))
+        async with Projector(log, db, [balances], serializer) as p:
+            for _ in range(200):  # bounded: 10 s at most
+                if p.checkpoint("balances") >= last.position:
+                    break
+                await p.signal.wait(0.05)
+            assert p.checkpoint("balances") >= last.position
+        await log.append("b", Deposited("b", 3))
+        await db.close()
+        log.close()
+
+    asyncio.run(run())
+    return f"sqlite:///{tmp_path / 'write.db'}", f"sqlite:///{tmp_path / 'read.db'}"
+
+
+def test_status_dead_letters_and_rebuild(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, read = prepare(tmp_path, monkeypatch)
+    assert main(["status", "--store", store, "--read", read, "--json"]) == 0
+    [status] = json.loads(capsys.readouterr().out)
+    assert status["name"] == "balances"
+    assert (status["lag_events"], status["dead_letters"], status["mode"]) == (1, 1, "async")
+
+    assert main(["status", "--store", store, "--read", read]) == 0
+    assert "balances" in capsys.readouterr().out
+
+    assert main(["dead-letters", "--read", read, "balances", "--json"]) == 0
+    [letter] = json.loads(capsys.readouterr().out)
+    assert (letter["stream"], letter["type"], letter["attempts"]) == ("a", "bank.poison", 3)
+
+    assert main(["dead-letters", "--read", read, "balances", "--retry", "--stream", "a"]) == 0
+    assert "1 parked event(s) flagged" in capsys.readouterr().out
+
+    assert main(["rebuild", "--read", read, "--projection", "tests.support.bank:balances"]) == 0
+    assert "generation 2" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dead-letters", "--read", "mysql://x", "balances"]) == 2
+    assert "--read must be" in capsys.readouterr().err
+    code = main(["rebuild", "--read", f"sqlite:///{tmp_path}/r.db", "--projection", "nocolon"])
+    assert code == 2
+    assert "module:attribute" in capsys.readouterr().err
+
+
+def test_contributes_to_the_cqrskit_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cqrskit.cli import main as cqrskit_main
+
+    store, read = prepare(tmp_path, monkeypatch)
+    assert cqrskit_main(["projections", "status", "--store", store, "--read", read, "--json"]) == 0
+    [status] = json.loads(capsys.readouterr().out)
+    assert status["dead_letters"] == 1
