@@ -275,7 +275,14 @@ class IdempotencyError(PersistenceError):
 class CommitOutcomeUnknownError(PersistenceError):
     """The connection was lost while COMMIT was in flight: the command may have committed
     or not, and the client cannot tell. Retry it with the same idempotency key (see
-    ``cqrskit.idempotency``); without one, check the state before retrying."""
+    ``cqrskit.idempotency``); without one, check the state before retrying.
+
+    Attributes:
+        retry_safe: ``True`` when the command carried an idempotency key, so that a retry
+            cannot apply it twice; the retry behavior retries only such errors.
+    """
+
+    retry_safe: bool = False
 
 
 class ConsistencyError(CqrsError):
