@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from cqrskit._plan import declared_result
 from cqrskit.dependencies import Scope
 from cqrskit.errors import (
+    CommitOutcomeUnknownError,
     ConcurrencyError,
     ConfigurationError,
     IdempotencyError,
@@ -742,6 +743,9 @@ class _IdempotentTransaction:
 
         try:
             result = await self._inner(message, inside, scope, mediator)
+        except CommitOutcomeUnknownError as exc:
+            exc.retry_safe = True  # a retry with this key cannot apply the command twice
+            raise
         finally:
             if claimed:
                 backend.release(key)

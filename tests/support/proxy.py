@@ -11,6 +11,7 @@ switched at run time::
     proxy.mode = Mode.DROP_COMMIT_REPLY # forward COMMIT, drop its reply, reset the client
     proxy.mode = Mode.BLACKHOLE_COMMIT  # never forward COMMIT; reset both sides
     proxy.mode = Mode.FORWARD           # back to normal
+    proxy.faults_left = 1               # a COMMIT mode for the next COMMIT only
     await proxy.close()
 
 The two COMMIT modes parse the PostgreSQL frontend protocol in the client-to-server
@@ -184,6 +185,7 @@ class FaultProxy:
         self.latency = 0.0
         self.port = 0
         self.commit_faults = 0
+        self.faults_left: int | None = None  # COMMIT faults before FORWARD again (None: all)
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
@@ -235,6 +237,11 @@ class FaultProxy:
 
     def _fault(self) -> None:
         self.commit_faults += 1
+        if self.faults_left is not None:
+            self.faults_left -= 1
+            if self.faults_left <= 0:
+                self.faults_left = None
+                self._mode = Mode.FORWARD
         task = asyncio.get_running_loop().create_task(self._notify())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

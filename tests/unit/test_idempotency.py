@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cqrskit.errors import ConfigurationError
+from cqrskit.errors import CommitOutcomeUnknownError, ConfigurationError
 from cqrskit.eventlog import (
     EventStore,
     InMemoryEventStore,
@@ -26,6 +26,7 @@ from cqrskit.idempotency import (
     sqlite_idempotency_ddl,
 )
 from cqrskit.messages import Command
+from cqrskit.pipeline.retry import is_transient
 from cqrskit.registry import Registry
 from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork
 from tests.support.idempotency_kit import Deposit, IdempotencyChecks, Probe
@@ -175,3 +176,11 @@ async def test_memory_purge() -> None:
     assert await idem.purge(timedelta(hours=1)) == 0
     assert await idem.purge(timedelta(seconds=-1)) == 1
     assert await idem.lookup("p") is None
+
+
+def test_retry_predicate_retries_unknown_commits_only_when_keyed() -> None:
+    err = CommitOutcomeUnknownError("lost during COMMIT")
+    err.__cause__ = ConnectionResetError("reset by peer")  # transient on its own
+    assert not is_transient(err)
+    err.retry_safe = True
+    assert is_transient(err)

@@ -13,9 +13,12 @@ import pytest
 from tests.support.idempotency_kit import Balance, Deposit, IdempotencyChecks, Probe
 from tests.support.proxy import FaultProxy, Mode
 
+from cqrskit.dependencies import Dependencies
 from cqrskit.errors import CommitOutcomeUnknownError
 from cqrskit.eventlog import EventStore, UnitOfWork
 from cqrskit.idempotency import Idempotency, idempotency_key, postgres_idempotency_ddl
+from cqrskit.mediator import Mediator
+from cqrskit.pipeline.retry import RetryBehavior
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
 
 pytestmark = pytest.mark.postgres
@@ -206,5 +209,42 @@ async def test_ddl_and_purge(postgres_dsn: str, pg_schema: str) -> None:
         assert await idem.purge(timedelta(hours=1)) == 0
         assert await idem.purge(timedelta(seconds=-1)) == 1
         assert await idem.lookup("p") is None
+    finally:
+        await store.close()
+
+
+def _with_retry(kit: _Kit, store: PostgresEventStore, idem: Idempotency, probe: Probe) -> Mediator:
+    plain = kit.app(store, idem, probe)
+    return Mediator(
+        plain.registry,
+        behaviors=[RetryBehavior(attempts=3, base_delay=0.0), idem.transaction()],
+        resolver=[store.resolver(), Dependencies()],
+    )
+
+
+async def test_retry_behavior_retries_a_lost_commit_reply_only_with_a_key(
+    postgres_dsn: str, pg_schema: str, proxy: FaultProxy
+) -> None:
+    store, idem = await _setup(postgres_dsn, pg_schema, proxy)
+    try:
+        probe = Probe()
+        mediator = _with_retry(_Kit(pg_schema), store, idem, probe)
+        proxy.faults_left = 1
+        proxy.mode = Mode.DROP_COMMIT_REPLY
+        with idempotency_key("auto"):
+            assert await mediator.send(Deposit("a", 5)) == Balance("a", 5)
+        assert proxy.commit_faults == 1
+        assert probe.calls == 1  # the retry found the committed key
+        assert await _counts(postgres_dsn, pg_schema) == (1, 1, 1)
+
+        # without a key the unknown outcome reaches the caller: no silent second effect
+        proxy.faults_left = 1
+        proxy.mode = Mode.DROP_COMMIT_REPLY
+        with pytest.raises(CommitOutcomeUnknownError) as info:
+            await mediator.send(Deposit("b", 5))
+        assert info.value.retry_safe is False
+        assert proxy.commit_faults == 2
+        assert probe.calls == 2
+        assert await _counts(postgres_dsn, pg_schema) == (2, 2, 1)
     finally:
         await store.close()
