@@ -10,9 +10,15 @@ from sqlalchemy import String, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from tests.support.proxy import FaultProxy, Mode
 
 from cqrskit.dependencies import Dependencies
-from cqrskit.errors import ConcurrencyError, ConfigurationError, IdempotencyError
+from cqrskit.errors import (
+    CommitOutcomeUnknownError,
+    ConcurrencyError,
+    ConfigurationError,
+    IdempotencyError,
+)
 from cqrskit.eventlog import UnitOfWork
 from cqrskit.idempotency import Idempotency, idempotency_key
 from cqrskit.mediator import Mediator
@@ -218,3 +224,47 @@ async def test_orm_errors_stay_sqlalchemy_errors_and_roll_back_the_events(app: A
         await app.mediator.send(OpenAccount("1", "bob", stream="other"))
     assert await app.store.read_stream("other") == []
     assert await app.owners() == ["ada"]
+
+
+async def test_lost_commit_reply_on_the_session_then_keyed_retry(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    proxy = FaultProxy("127.0.0.1", 5432)
+    await proxy.start()
+    url = _asyncpg_url(proxy.dsn(postgres_dsn)).replace("sslmode=", "ssl=")  # asyncpg kwarg
+    engine = create_async_engine(url).execution_options(schema_translate_map={"app": pg_schema})
+    log = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, max_size=2)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        store = SqlAlchemyEventStore(log, sessions)
+        idem = await Idempotency.open(store)
+        registry = Registry()
+        calls: list[str] = []
+
+        @registry.handler
+        async def open_account(cmd: OpenAccount, session: AsyncSession, uow: UnitOfWork) -> str:
+            calls.append(cmd.account_id)
+            session.add(Account(id=cmd.account_id, owner=cmd.owner))
+            uow.record(f"account-{cmd.account_id}", AccountOpened(cmd.account_id, cmd.owner))
+            return cmd.account_id
+
+        mediator = Mediator(registry, behaviors=[idem.transaction()], resolver=store.resolver())
+        proxy.faults_left = 1
+        proxy.mode = Mode.DROP_COMMIT_REPLY
+        with idempotency_key("sa-1"), pytest.raises(CommitOutcomeUnknownError) as info:
+            await mediator.send(OpenAccount("1", "ada"))
+        assert info.value.retry_safe
+        assert proxy.commit_faults == 1
+        assert len(await store.read_stream("account-1")) == 1  # it did commit
+        with idempotency_key("sa-1"):
+            assert await mediator.send(OpenAccount("1", "ada")) == "1"
+        assert calls == ["1"]
+        assert len(await store.read_stream("account-1")) == 1
+        async with sessions() as s:
+            assert list((await s.scalars(select(Account.id))).all()) == ["1"]
+    finally:
+        await log.close()
+        await engine.dispose()
+        await proxy.close()
