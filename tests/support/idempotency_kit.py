@@ -319,3 +319,35 @@ class IdempotencyChecks(ABC):
         finally:
             idem.close()
             await self.close_store(store)
+
+    async def test_many_duplicates_one_effect_per_key(self) -> None:
+        """5 keys x 4 concurrent attempts each (interleaved): one effect per key, and every
+        attempt of a key gets the same result and token."""
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        try:
+            probe = Probe()
+            mediator = self.app(store, idem, probe)
+
+            async def attempt(k: int) -> tuple[str, object, int | None]:
+                with idempotency_key(f"bulk-{k}"):
+                    receipt = await mediator.send_tracked(Deposit(f"a{k}", k))
+                return f"bulk-{k}", receipt.result, receipt.token
+
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*(attempt(k) for _ in range(4) for k in range(5))), 60
+            )
+            by_key: dict[str, set[tuple[object, int | None]]] = {}
+            for key, result, token in outcomes:
+                by_key.setdefault(key, set()).add((result, token))
+            assert len(by_key) == 5
+            for k in range(5):
+                [(result, token)] = by_key[f"bulk-{k}"]
+                assert result == Balance(f"a{k}", k)
+                [event] = await store.read_stream(f"acc-a{k}")
+                assert token == event.position
+            assert probe.calls == 5
+            assert sorted(await self.state_keys(store)) == sorted(f"a{k}:{k}" for k in range(5))
+        finally:
+            idem.close()
+            await self.close_store(store)
