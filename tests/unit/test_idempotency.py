@@ -25,6 +25,7 @@ from cqrskit.idempotency import (
     idempotency_key,
     sqlite_idempotency_ddl,
 )
+from cqrskit.mediator import Mediator
 from cqrskit.messages import Command
 from cqrskit.pipeline.retry import is_transient
 from cqrskit.registry import Registry
@@ -184,3 +185,35 @@ def test_retry_predicate_retries_unknown_commits_only_when_keyed() -> None:
     assert not is_transient(err)
     err.retry_safe = True
     assert is_transient(err)
+
+
+@dataclass(frozen=True, slots=True)
+class Later(Command["LaterResult"]):
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class LaterResult:
+    doubled: int
+
+
+async def test_forward_referenced_result_type_is_resolved_and_decoded() -> None:
+    store = InMemoryEventStore()
+    idem = Idempotency(store)
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.handler
+    async def later(cmd: Later) -> LaterResult:
+        runs.append(cmd.n)
+        return LaterResult(cmd.n * 2)
+
+    idem.check(registry)
+    mediator = Mediator(registry, behaviors=[idem.transaction()], resolver=store.resolver())
+    with idempotency_key("fw"):
+        first = await mediator.send(Later(4))
+    with idempotency_key("fw"):
+        again = await mediator.send(Later(4))
+    assert first == again == LaterResult(8)
+    assert type(again) is LaterResult
+    assert runs == [4]
