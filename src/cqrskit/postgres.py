@@ -379,6 +379,7 @@ class PostgresEventStore(EventStore):
             f"SELECT {cols} FROM {s}.{t} WHERE stream = $1 AND version > $2 ORDER BY version"
         )
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {s}.{t} WHERE stream = $1"
+        self._sql_last = f"SELECT coalesce(max(position), 0) FROM {s}.{t}"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -634,6 +635,11 @@ class PostgresEventStore(EventStore):
         """See :meth:`EventStore.head` (the highest position below the horizon)."""
         async with self.pool.acquire() as conn:
             return int(await conn.fetchval(self._sql_head))
+
+    async def last_position(self) -> int:
+        """See :meth:`EventStore.last_position` (no horizon)."""
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval(self._sql_last))
 
     async def read_stream(self, stream: str, after_version: int = 0) -> list[StoredEvent]:
         """See :meth:`EventStore.read_stream` (committed events, no horizon)."""
