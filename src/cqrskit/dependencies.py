@@ -46,6 +46,7 @@ class Scope(dict[Any, Any]):
 
     parent: Scope | None = None
     _exits: list[Callable[[BaseException | None], Any]] | None = None
+    _async_exits: bool = False
     _metadata: Metadata | None = None
     _items: dict[str, Any] | None = None
 
@@ -94,6 +95,19 @@ class Scope(dict[Any, Any]):
         if self._exits is None:
             self._exits = []
         self._exits.append(callback)
+        self._async_exits = True
+
+    def on_exit_sync(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Like :meth:`on_exit` for a callback known to be synchronous, which lets an async
+        dispatch close its scope without an extra coroutine."""
+        if self._exits is None:
+            self._exits = []
+        self._exits.append(callback)
+
+    @property
+    def needs_async_close(self) -> bool:
+        """Whether :meth:`aclose` is required (some exit callback may be async)."""
+        return self._async_exits
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Run the exit callbacks, last registered first. Errors of cleanups propagate
@@ -287,7 +301,7 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
                     return
                 raise
 
-        scope.on_exit(close)
+        scope.on_exit_sync(close)
         return value
 
     async def finish_agen(agen: AsyncGenerator[Any, None], scope: Scope) -> Any:

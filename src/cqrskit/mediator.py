@@ -704,7 +704,10 @@ def _with_scope(chain: ScopedCall) -> Plan:
             raise
         if scope._exits:
             try:
-                await scope.aclose(None)
+                if scope._async_exits:
+                    await scope.aclose(None)
+                else:
+                    scope.close_sync(None)
             finally:
                 reset_current(token)
         else:
