@@ -18,6 +18,7 @@ import inspect
 import typing
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from cqrskit.errors import DependencyError, describe
@@ -46,6 +47,7 @@ class Scope(dict[Any, Any]):
 
     parent: Scope | None = None
     _exits: list[Callable[[BaseException | None], Any]] | None = None
+    _async_exits: bool = False
     _metadata: Metadata | None = None
     _items: dict[str, Any] | None = None
 
@@ -94,6 +96,19 @@ class Scope(dict[Any, Any]):
         if self._exits is None:
             self._exits = []
         self._exits.append(callback)
+        self._async_exits = True
+
+    def on_exit_sync(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Like :meth:`on_exit` for a callback known to be synchronous, which lets an async
+        dispatch close its scope without an extra coroutine."""
+        if self._exits is None:
+            self._exits = []
+        self._exits.append(callback)
+
+    @property
+    def needs_async_close(self) -> bool:
+        """Whether :meth:`aclose` is required (some exit callback may be async)."""
+        return self._async_exits
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Run the exit callbacks, last registered first. Errors of cleanups propagate
@@ -245,6 +260,24 @@ class Dependencies:
         return compile_factory(dependency, factory, lookup)
 
 
+def _close_generator(
+    gen: Generator[Any, None, None], factory: object, error: BaseException | None
+) -> None:
+    """Finish a generator factory: resume it after its ``yield`` (or throw ``error`` in)."""
+    if error is None:
+        if next(gen, _MISSING) is _MISSING:
+            return
+        raise DependencyError(f"factory {describe(factory)} yielded twice.")
+    try:
+        gen.throw(error)
+    except StopIteration:
+        return
+    except BaseException as exc:
+        if exc is error:
+            return
+        raise
+
+
 def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Provider:
     """Turn a factory into a caching scoped :class:`Provider` (used by resolvers)."""
     subs = [lookup(tp) for _, tp in _factory_params(factory)]
@@ -256,13 +289,13 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
 
     def resolve_sync(scope: Scope) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, prov in zip(names, subs, strict=True):
+        for name, prov in zip(names, subs):  # noqa: B905 - same length by construction
             out[name] = prov.value if prov.lifetime == "singleton" else prov.get(scope)  # type: ignore[misc]
         return out
 
     async def resolve_async(scope: Scope) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, prov in zip(names, subs, strict=True):
+        for name, prov in zip(names, subs):  # noqa: B905 - same length by construction
             if prov.lifetime == "singleton":
                 out[name] = prov.value
             else:
@@ -287,7 +320,7 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
                     return
                 raise
 
-        scope.on_exit(close)
+        scope.on_exit_sync(close)
         return value
 
     async def finish_agen(agen: AsyncGenerator[Any, None], scope: Scope) -> Any:
@@ -311,6 +344,19 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
 
         scope.on_exit(close)
         return value
+
+    if is_gen and not subs:
+
+        def get_generated(scope: Scope) -> Any:
+            cached = scope.get(key, _MISSING)
+            if cached is not _MISSING:
+                return cached
+            gen = factory()
+            value = scope[key] = next(gen)
+            scope.on_exit_sync(partial(_close_generator, gen, factory))
+            return value
+
+        return Provider.scoped(get_generated)
 
     if not any_async and not is_agen and not is_coro:
         if not subs and not is_gen:

@@ -20,7 +20,8 @@ tests can act on them without parsing text::
     ├── ConcurrencyError              an optimistic-concurrency check failed
     ├── PersistenceError              the database refused or lost something
     │   ├── SerializationError        a message could not be encoded or decoded
-    │   └── IdempotencyError          an idempotency key was reused for another command
+    │   ├── IdempotencyError          an idempotency key was reused for another command
+    │   └── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
     ├── ConsistencyError              a read model is behind a consistency token
     │   ├── StaleReadError            ... and the policy is to fail
     │   └── TokenFromFutureError      the token lies beyond the end of the event log
@@ -33,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "CommitOutcomeUnknownError",
     "ConcurrencyError",
     "ConfigurationError",
     "ConsistencyError",
@@ -268,6 +270,19 @@ class SerializationError(PersistenceError, ValueError):
 
 class IdempotencyError(PersistenceError):
     """An idempotency key was reused for a different command."""
+
+
+class CommitOutcomeUnknownError(PersistenceError):
+    """The connection was lost while COMMIT was in flight: the command may have committed
+    or not, and the client cannot tell. Retry it with the same idempotency key (see
+    ``cqrskit.idempotency``); without one, check the state before retrying.
+
+    Attributes:
+        retry_safe: ``True`` when the command carried an idempotency key, so that a retry
+            cannot apply it twice; the retry behavior retries only such errors.
+    """
+
+    retry_safe: bool = False
 
 
 class ConsistencyError(CqrsError):

@@ -342,6 +342,16 @@ class EventStore(ABC):
     async def head(self) -> int:
         """The highest position visible to :meth:`read_after` (0 for an empty log)."""
 
+    async def last_position(self) -> int:
+        """The highest committed position, readable or not (0 for an empty log).
+
+        Equal to :meth:`head` except on PostgreSQL, where :meth:`head` stops below the
+        visibility horizon while any write transaction in the cluster is open. Use this one
+        to ask "is a reader behind the log?" and to check a token from the future; use
+        :meth:`head` for what :meth:`read_after` can return now.
+        """
+        return await self.head()
+
     async def wait_for(self, position: int, timeout: float) -> bool:
         """Wait until an event with position ``> position`` may be readable.
 

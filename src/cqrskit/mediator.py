@@ -160,10 +160,9 @@ class Mediator:
     def _publisher_for(self, event_type: type) -> Plan:
         plans = self._event_plan_for(event_type)
         self._event_plans_by_type[event_type] = plans
-        owners = tuple(self._owners[p] for p in plans)
         if self._concurrent:
             return partial(self._publish_concurrently_any, plans=plans)
-        return _generate_publisher(event_type, plans, owners)
+        return partial(_publish_in_order, plans=plans, owners=self._owners)
 
     async def _publish_concurrently_any(self, event: Event, *, plans: tuple[Plan, ...]) -> None:
         await self._publish_concurrently(event, plans)
@@ -482,42 +481,6 @@ async def _publish_in_order(
 _MAX_UNROLLED = 16
 
 
-def _generate_publisher(
-    event_type: type, plans: tuple[Plan, ...], owners: tuple[object, ...]
-) -> Plan:
-    """Compile the sequential delivery of one event type into its own function.
-
-    Each handler gets its own call site, so CPython's specializing interpreter keeps every
-    call monomorphic (a shared loop over different handlers defeats it and costs ~2x).
-    The generated source contains only fixed text and integer indices.
-    """
-    if len(plans) > _MAX_UNROLLED:
-        by_plan = dict(zip(plans, owners, strict=True))
-        return partial(_publish_in_order, plans=plans, owners=by_plan)
-    lines = ["async def publish_event(event):", "    failures = None"]
-    for i in range(len(plans)):
-        lines += [
-            "    try:",
-            f"        await _p{i}(event)",
-            "    except Exception as exc:",
-            f"        failures = _failed(failures, _o{i}, exc)",
-        ]
-    lines += ["    if failures:", "        raise _PublishError(_event_type, failures)"]
-    namespace: dict[str, Any] = {
-        "_failed": _failed,
-        "_PublishError": PublishError,
-        "_event_type": event_type,
-    }
-    for i, (plan, owner) in enumerate(zip(plans, owners, strict=True)):
-        namespace[f"_p{i}"] = plan
-        namespace[f"_o{i}"] = owner
-    exec(
-        compile("\n".join(lines), f"<cqrskit publish {event_type.__qualname__}>", "exec"), namespace
-    )
-    publisher: Plan = namespace["publish_event"]
-    return publisher
-
-
 _MAX_INLINED_TYPES = 32
 
 
@@ -704,7 +667,10 @@ def _with_scope(chain: ScopedCall) -> Plan:
             raise
         if scope._exits:
             try:
-                await scope.aclose(None)
+                if scope._async_exits:
+                    await scope.aclose(None)
+                else:
+                    scope.close_sync(None)
             finally:
                 reset_current(token)
         else:

@@ -22,13 +22,16 @@ before COMMIT (inline hooks) or by the caller (``send_tracked``), the INSERT run
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from cqrskit._encoding import Encoder
 from cqrskit.errors import (
+    CommitOutcomeUnknownError,
     ConcurrencyError,
     ConfigurationError,
     MissingExtraError,
@@ -168,8 +171,10 @@ class PostgresUnitOfWork(UnitOfWork):
         store = self.store
         conn = self.connection
         last: int | None = None
+        committing = False
         try:
             if not self._events:
+                committing = True
                 await conn.execute("COMMIT")
             else:
                 rows = self.pending_rows(store._encode)
@@ -181,10 +186,16 @@ class PostgresUnitOfWork(UnitOfWork):
                     stored = await store._insert_returning(conn, rows)
                     for hook in store._hooks:
                         await hook(self, stored)
+                    committing = True
                     await conn.execute(store._sql_commit)
                     last = stored[-1].position
                 else:
-                    await conn.execute(store._render_insert(rows) + store._sql_commit)
+                    sql = store._render_insert(rows) + store._sql_commit
+                    committing = True
+                    await conn.execute(sql)
+        except _CONNECTION_LOST as exc:
+            await self._abort()
+            raise _connection_lost(exc, committing) from exc
         except asyncpg.PostgresError as exc:
             await self._abort()
             raise await store._translate(exc, self.recorded) from exc
@@ -206,6 +217,16 @@ class PostgresUnitOfWork(UnitOfWork):
             return
         self._close()
         conn = self.connection
+        if conn.is_closed():  # lost: the server has rolled the transaction back
+            await self.store._release(conn, broken=True)
+            return
+        try:
+            closed = conn.is_closed()
+        except asyncpg.InterfaceError:  # the pool already took back the dead connection
+            return
+        if closed:
+            await self.store._release(conn, broken=True)
+            return
         try:
             if conn.is_in_transaction():
                 await conn.execute("ROLLBACK")
@@ -213,6 +234,76 @@ class PostgresUnitOfWork(UnitOfWork):
             await self.store._release(conn, broken=True)
             raise
         await self.store._release(conn)
+
+
+class _WriteConnections:
+    """Connections for units of work: idle ones reused last-in first-out, new ones opened
+    on demand up to ``size``, then callers queue. Lighter than a general pool: a unit of
+    work always ends its transaction, so a connection needs no reset between uses."""
+
+    def __init__(self, dsn: str, size: int) -> None:
+        self._dsn = dsn
+        self._size = size
+        self._idle: list[Any] = []
+        self._opened = 0
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._closed = False
+
+    async def acquire(self) -> Any:
+        if self._idle:
+            return self._idle.pop()
+        if self._closed:
+            raise PersistenceError("the PostgreSQL event store is closed.")
+        if self._opened < self._size:
+            self._opened += 1
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                await _check_connection(conn)
+            except BaseException:
+                self._opened -= 1
+                raise
+            return conn
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(fut.result())
+            raise
+
+    def release(self, conn: Any, broken: bool = False) -> None:
+        if broken or self._closed or conn.is_closed():
+            self._opened -= 1
+            conn.terminate()
+            while self._waiters:  # a queued caller may open a fresh connection now
+                fut = self._waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(_Retry())
+                    break
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._opened -= 1
+            with contextlib.suppress(Exception):
+                await conn.close()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(PersistenceError("the PostgreSQL event store is closed."))
+
+
+class _Retry(Exception):
+    """A queued caller is told to try acquiring again (a connection was discarded)."""
 
 
 class PostgresEventStore(EventStore):
@@ -245,6 +336,7 @@ class PostgresEventStore(EventStore):
         super().__init__(encoder=encoder)
         self.pool = pool
         self.dsn: str | None = None
+        self._writers: _WriteConnections | None = None
         self.schema = schema
         self.table = table
         s = validate_identifier(schema, "schema name")
@@ -303,6 +395,7 @@ class PostgresEventStore(EventStore):
             f"SELECT {cols} FROM {s}.{t} WHERE stream = $1 AND version > $2 ORDER BY version"
         )
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {s}.{t} WHERE stream = $1"
+        self._sql_last = f"SELECT coalesce(max(position), 0) FROM {s}.{t}"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -336,6 +429,7 @@ class PostgresEventStore(EventStore):
         )
         store = cls(pool, schema=schema, table=table, notify=notify, encoder=encoder)
         store.dsn = dsn
+        store._writers = _WriteConnections(dsn, max_size)
         try:
             await store._prepare_tables(create_tables)
         except BaseException:
@@ -377,7 +471,9 @@ class PostgresEventStore(EventStore):
             )
 
     async def close(self) -> None:
-        """Close the listener connection and the pool."""
+        """Close the listener connection, the write connections and the pool."""
+        if self._writers is not None:
+            await self._writers.close()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()
@@ -394,7 +490,18 @@ class PostgresEventStore(EventStore):
         With ``positions=False`` (what the transaction behavior passes unless the caller
         tracks a token) events and COMMIT go in one round trip.
         """
-        conn = await self.pool.acquire()
+        writers = self._writers
+        if writers is None:
+            conn = await self.pool.acquire()
+        else:
+            for _ in range(100):
+                try:
+                    conn = await writers.acquire()
+                    break
+                except _Retry:
+                    continue
+            else:  # pragma: no cover - would need 100 connections failing in a row
+                raise PersistenceError("could not obtain a PostgreSQL connection.")
         try:
             await conn.execute("BEGIN")
         except BaseException:
@@ -403,6 +510,9 @@ class PostgresEventStore(EventStore):
         return PostgresUnitOfWork(self, metadata, conn, positions)
 
     async def _release(self, conn: Any, broken: bool = False) -> None:
+        if self._writers is not None:
+            self._writers.release(conn, broken)
+            return
         if broken:
             conn.terminate()
         await self.pool.release(conn)
@@ -542,6 +652,11 @@ class PostgresEventStore(EventStore):
         async with self.pool.acquire() as conn:
             return int(await conn.fetchval(self._sql_head))
 
+    async def last_position(self) -> int:
+        """See :meth:`EventStore.last_position` (no horizon)."""
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval(self._sql_last))
+
     async def read_stream(self, stream: str, after_version: int = 0) -> list[StoredEvent]:
         """See :meth:`EventStore.read_stream` (committed events, no horizon)."""
         async with self.pool.acquire() as conn:
@@ -577,6 +692,23 @@ async def _no_reset(conn: Any) -> None:
     # every unit of work ends its transaction itself; the default reset (UNLISTEN, RESET
     # ALL, ...) would cost one more round trip per command
     return None
+
+
+_CONNECTION_LOST = (asyncpg.PostgresConnectionError, OSError)
+
+
+def _connection_lost(exc: BaseException, committing: bool) -> PersistenceError:
+    if committing:
+        return CommitOutcomeUnknownError(
+            f"the connection to PostgreSQL was lost while COMMIT was in flight ({exc}); the "
+            "command may or may not have committed.",
+            hint="retry with the same idempotency key (cqrskit.idempotency), which returns "
+            "the stored result if the first attempt committed.",
+        )
+    return PersistenceError(
+        f"the connection to PostgreSQL was lost before COMMIT ({exc}); nothing was committed.",
+        hint="retry the command.",
+    )
 
 
 def _parse_conflict(exc: Exception) -> tuple[str, int, int | None]:

@@ -156,6 +156,7 @@ class EventStoreConformance(ABC):
             last = await uow.commit()
             assert not uow.active
             assert last is not None
+            assert await store.last_position() == last
             await wait_visible(store, last)
             events = await self._all(store)
             assert [(e.stream, e.version) for e in events] == [

@@ -14,6 +14,10 @@ default recognizes, anywhere in the ``__cause__``/``__context__`` chain:
   so no driver is imported;
 * any exception type you list in ``retry_on``.
 
+:class:`~cqrskit.errors.CommitOutcomeUnknownError` (the connection was lost during COMMIT)
+is retried only when its ``retry_safe`` flag is set, i.e. the command carried an
+idempotency key (``cqrskit.idempotency``): without one a retry could apply it twice.
+
 :class:`~cqrskit.errors.ValidationError` and :class:`~cqrskit.errors.NotAuthorizedError` are
 never retried, whatever the predicate says. When the behavior gives up, the last error
 propagates with a note (``add_note``) telling how many attempts were made.
@@ -31,7 +35,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cqrskit.errors import ConcurrencyError, NotAuthorizedError, ValidationError
+from cqrskit.errors import (
+    CommitOutcomeUnknownError,
+    ConcurrencyError,
+    NotAuthorizedError,
+    ValidationError,
+)
 from cqrskit.pipeline._core import Next
 from cqrskit.pipeline._support import SyncNext, type_name
 
@@ -67,6 +76,9 @@ def is_transient(error: BaseException, retry_on: tuple[type[BaseException], ...]
             return False
         if isinstance(seen, _NEVER):
             return False
+        if isinstance(seen, CommitOutcomeUnknownError):
+            # the command may have committed: retrying is safe only with an idempotency key
+            return seen.retry_safe
         if _transient_one(seen, retry_on):
             return True
         seen = seen.__cause__ or seen.__context__

@@ -136,6 +136,8 @@ async def test_any_open_write_transaction_holds_the_horizon(
         blocked = await write(store, "blocked")
         assert blocked is not None
         assert await streams(store) == []
+        assert await store.head() < blocked  # readable: held back
+        assert await store.last_position() == blocked  # committed: known
         await other.execute("COMMIT")
         assert await settled(store, blocked) == ["blocked"]
     finally:

@@ -140,3 +140,29 @@ async def test_notify_wakes_a_reader_of_another_store(postgres_dsn: str, pg_sche
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_write_connections_queue_and_recover(postgres_dsn: str, pg_schema: str) -> None:
+    """With one write connection, a second unit of work waits; a broken one is replaced."""
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, max_size=1)
+    try:
+        first = await store.begin()
+        second = asyncio.ensure_future(store.begin())
+        await asyncio.sleep(0)
+        assert not second.done()
+        first.record("q", Opened("q", "1"))
+        await first.commit()
+        uow = await asyncio.wait_for(second, 10)
+        assert isinstance(uow, PostgresUnitOfWork)
+        assert uow.connection is first.connection  # reused, not reopened
+        third = asyncio.ensure_future(store.begin())
+        await asyncio.sleep(0)
+        uow.connection.terminate()  # the server connection is lost mid-transaction
+        await uow.rollback()
+        replacement = await asyncio.wait_for(third, 10)
+        assert replacement.connection is not uow.connection
+        replacement.record("q", Deposited("q", 2))
+        assert await replacement.commit() is not None
+        assert [e.version for e in await store.read_stream("q")] == [1, 2]
+    finally:
+        await store.close()

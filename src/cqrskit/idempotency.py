@@ -1,0 +1,756 @@
+"""Idempotent commands: a retried command with the same key has one effect.
+
+A command carries an **idempotency key** either from the caller's context::
+
+    with idempotency_key(request.headers["Idempotency-Key"]):
+        receipt = await mediator.send_tracked(PlaceOrder(...))
+
+or as an attribute of the command itself (``idempotency_key: str | None``). The
+:class:`Idempotency` transaction behavior (used *instead of* ``store.transaction()``) then
+stores the key, the command's type, a hash of its payload, its JSON-encoded result and its
+consistency token in a ``<table>`` row **in the same transaction** as the command's state and
+events. A retry with the same key — after a timeout, or after the connection was lost during
+COMMIT (:class:`~cqrskit.errors.CommitOutcomeUnknownError`) — finds the row and returns the
+stored result and token without running the handler; if the first attempt did not commit,
+there is no row and the retry runs the command once.
+
+Reusing a key for another command type or another payload raises
+:class:`~cqrskit.errors.IdempotencyError`. Two attempts in flight with the same key: the
+second waits until the first finishes, then returns its stored result (or runs, if the first
+rolled back).
+
+Results are encoded from the command's declared result type (``Command[R]``) with the plans
+of :mod:`cqrskit.serialization`: a type that cannot be serialized raises
+:class:`~cqrskit.errors.ConfigurationError` at :meth:`Idempotency.check` (or on the first keyed
+dispatch of that command).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hashlib
+import inspect
+import sqlite3
+import typing
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from cqrskit._plan import declared_result
+from cqrskit.dependencies import Scope
+from cqrskit.errors import (
+    CommitOutcomeUnknownError,
+    ConcurrencyError,
+    ConfigurationError,
+    IdempotencyError,
+    SerializationError,
+    ValidationError,
+    describe,
+)
+from cqrskit.eventlog import (
+    EventStore,
+    InMemoryEventStore,
+    InMemoryUnitOfWork,
+    StoredEvent,
+    UnitOfWork,
+    validate_identifier,
+)
+from cqrskit.mediator import Mediator, record_token
+from cqrskit.pipeline._core import ScopedBehavior, for_commands
+from cqrskit.registry import Registry
+from cqrskit.serialization._codec import Limits, _TextCodec
+from cqrskit.serialization._plan import _Invalid, _Planner
+
+__all__ = [
+    "Idempotency",
+    "IdempotencyRecord",
+    "IdempotentCommand",
+    "current_idempotency_key",
+    "idempotency_key",
+]
+
+_MAX_KEY = 255
+
+_key_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "cqrskit_idempotency_key", default=None
+)
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str) or not key or len(key) > _MAX_KEY or "\x00" in key:
+        raise ValidationError(
+            {
+                "idempotency_key": f"must be a non-empty string of at most {_MAX_KEY} characters "
+                "without NUL"
+            }
+        )
+    return key
+
+
+@contextlib.contextmanager
+def idempotency_key(key: str) -> Iterator[None]:
+    """Give the commands sent in this block the idempotency ``key``.
+
+    Only the outermost command sent in the block uses it (commands its handler sends join
+    its transaction and are covered by it). Works in sync and async code (a context
+    variable).
+
+    Raises:
+        ValidationError: ``key`` is empty, longer than 255 characters or contains NUL.
+    """
+    token = _key_var.set(_check_key(key))
+    try:
+        yield
+    finally:
+        _key_var.reset(token)
+
+
+def current_idempotency_key() -> str | None:
+    """The key set by the innermost :func:`idempotency_key` block, if any."""
+    key: str | None = _key_var.get()
+    return key
+
+
+class IdempotentCommand(Protocol):
+    """A command that carries its own key: a field or property ``idempotency_key``.
+
+    ``None`` means "no key" for that instance. A key from :func:`idempotency_key` wins.
+    """
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The command's idempotency key, or ``None``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """A committed idempotency row.
+
+    Attributes:
+        key: the idempotency key.
+        command_type: the command's stable name (``__command_type__`` or module.qualname).
+        payload_hash: SHA-256 of the command's JSON payload.
+        result: the handler's result as JSON text.
+        token: the consistency token of the command's commit (``None``: no event).
+        created_at: when the command committed (UTC).
+    """
+
+    key: str
+    command_type: str
+    payload_hash: str
+    result: str
+    token: int | None
+    created_at: datetime
+
+
+# -- per-command codecs --------------------------------------------------------------------
+
+
+class _Spec:
+    __slots__ = ("name", "encode_payload", "encode_result", "decode_result", "codec")
+
+    def __init__(self, cls: type, planner: _Planner, codec: _TextCodec) -> None:
+        self.name: str = getattr(cls, "__command_type__", f"{cls.__module__}.{cls.__qualname__}")
+        self.codec = codec
+        where = f"command {describe(cls)}"
+        try:
+            self.encode_payload = planner.plan(cls, False, where)[0]
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"{describe(cls)} cannot be hashed for idempotency: {exc.text}",
+                message_type=cls,
+                hint=exc.hint,
+            ) from exc
+        result_type = _resolve(declared_result(cls), cls)
+        try:
+            self.encode_result, self.decode_result = planner.plan(
+                result_type, False, f"the result of {describe(cls)}"
+            )
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"the result of {describe(cls)} must be JSON-serializable to be stored for "
+                f"idempotent retries: {exc.text}",
+                message_type=cls,
+                hint="declare a serializable result type in Command[...] "
+                "(str, int, a dataclass, ...) or send this command without a key.",
+            ) from exc
+
+    def digest(self, command: object) -> str:
+        try:
+            text = self.codec.dump_checked(self.encode_payload(command))
+        except _Invalid as exc:
+            raise SerializationError(
+                f"cannot hash {self.name} for idempotency: {exc.message}.",
+                message_type=type(command),
+            ) from exc
+        return hashlib.sha256(f"{self.name}\n{text}".encode()).hexdigest()
+
+    def dump(self, result: object, cls: type) -> str:
+        try:
+            return self.codec.dump_checked(self.encode_result(result))
+        except _Invalid as exc:
+            raise SerializationError(
+                f"cannot store the result of {describe(cls)} for idempotent retries: "
+                f"{exc.message}.",
+                message_type=cls,
+                hint="return a value of the declared result type.",
+            ) from exc
+
+    def load(self, text: str, cls: type) -> Any:
+        try:
+            return self.decode_result(self.codec.loads(text))
+        except _Invalid as exc:
+            raise SerializationError(
+                f"the stored result of {describe(cls)} cannot be decoded: {exc.message}.",
+                message_type=cls,
+                hint="the result type changed since the key was stored; use a new key.",
+            ) from exc
+
+
+def _resolve(tp: Any, cls: type) -> Any:
+    if tp is Any or tp is typing.Any or tp is _EMPTY:
+        return Any
+    if isinstance(tp, str | typing.ForwardRef):
+        holder = type("_Result", (), {"__annotations__": {"r": tp}, "__module__": cls.__module__})
+        try:
+            return typing.get_type_hints(holder)["r"]
+        except (NameError, TypeError) as exc:
+            raise ConfigurationError(
+                f"the result type of {describe(cls)} cannot be resolved: {exc}.",
+                message_type=cls,
+                hint="define the result type at module level before sending keyed commands.",
+            ) from exc
+    return tp
+
+
+_EMPTY = inspect.Parameter.empty
+
+
+# -- backends: where the rows live --------------------------------------------------------
+
+
+class _Backend(Protocol):
+    async def create(self) -> None: ...
+
+    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None: ...
+
+    async def save(self, uow: UnitOfWork, row: _Row) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+    async def lookup(self, key: str) -> IdempotencyRecord | None: ...
+
+    async def purge(self, before: datetime) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    key: str
+    command_type: str
+    payload_hash: str
+    result: str
+    events: int
+
+
+class _MemoryBackend:
+    """Rows live in ``store.state`` under ``"cqrskit_idempotency:<key>"``, applied at commit
+    with the events; in-flight keys wait for each other in this process."""
+
+    _PREFIX = "cqrskit_idempotency:"
+
+    def __init__(self, store: InMemoryEventStore, wait_timeout: float) -> None:
+        self.store = store
+        self.wait_timeout = wait_timeout
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self.waiting = 0  # attempts waiting for a duplicate in flight
+        self._pending: dict[int, tuple[InMemoryUnitOfWork, _Row]] = {}
+        store.add_inline_hook(self._hook)
+
+    async def create(self) -> None:
+        return None
+
+    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        for _ in range(1000):
+            found = self.store.state.get(self._PREFIX + key)
+            if found is not None:
+                return typing.cast(IdempotencyRecord, found)
+            other = self._inflight.get(key)
+            if other is None:
+                self._inflight[key] = loop.create_future()
+                return None
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self.waiting += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(other), left)
+            finally:
+                self.waiting -= 1
+        raise _busy(key, self.wait_timeout)
+
+    async def save(self, uow: UnitOfWork, row: _Row) -> None:
+        assert isinstance(uow, InMemoryUnitOfWork)
+        if row.events:
+            self._pending[id(uow)] = (uow, row)  # the token is known in the hook
+        else:
+            uow.changes[self._PREFIX + row.key] = _record(row, None)
+
+    async def _hook(self, uow: UnitOfWork, stored: list[StoredEvent]) -> None:
+        pending = self._pending.pop(id(uow), None)
+        if pending is not None and pending[0] is uow:
+            assert isinstance(uow, InMemoryUnitOfWork)
+            row = pending[1]
+            uow.changes[self._PREFIX + row.key] = _record(row, stored[row.events - 1].position)
+
+    def release(self, key: str) -> None:
+        fut = self._inflight.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def forget(self, uow: UnitOfWork) -> None:
+        self._pending.pop(id(uow), None)
+
+    async def lookup(self, key: str) -> IdempotencyRecord | None:
+        found = self.store.state.get(self._PREFIX + key)
+        return typing.cast("IdempotencyRecord | None", found)
+
+    async def purge(self, before: datetime) -> int:
+        state = self.store.state
+        old = [
+            k
+            for k, v in state.items()
+            if k.startswith(self._PREFIX)
+            and isinstance(v, IdempotencyRecord)
+            and v.created_at < before
+        ]
+        for k in old:
+            del state[k]
+        return len(old)
+
+
+def _record(row: _Row, token: int | None) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        row.key, row.command_type, row.payload_hash, row.result, token, datetime.now(UTC)
+    )
+
+
+def _busy(key: str, timeout: float) -> Exception:
+    return ConcurrencyError(
+        f"another attempt with idempotency key {key[:40]!r} is still running after {timeout} s.",
+        hint="retry later with the same key: it returns that attempt's result once it commits.",
+    )
+
+
+def sqlite_idempotency_ddl(table: str = "cqrskit_idempotency") -> str:
+    """The SQLite DDL of the idempotency table (for your own migrations)."""
+    t = validate_identifier(table, "table name")
+    idx = validate_identifier(f"{table}_created"[:63], "index name")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {t} (\n"
+        "    key TEXT PRIMARY KEY,\n"
+        "    command_type TEXT NOT NULL,\n"
+        "    payload_hash TEXT NOT NULL,\n"
+        "    result TEXT NOT NULL,\n"
+        "    token INTEGER,\n"
+        "    created_at TEXT NOT NULL\n"
+        ");\n"
+        f"CREATE INDEX IF NOT EXISTS {idx} ON {t} (created_at);\n"
+    )
+
+
+def postgres_idempotency_ddl(schema: str = "public", table: str = "cqrskit_idempotency") -> str:
+    """The PostgreSQL DDL of the idempotency table (for your own migrations)."""
+    s = validate_identifier(schema, "schema name")
+    t = validate_identifier(table, "table name")
+    idx = validate_identifier(f"{table}_created"[:63], "index name")
+    return f"""CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.{t} (
+    key text PRIMARY KEY,
+    command_type text NOT NULL,
+    payload_hash text NOT NULL,
+    result text,
+    token bigint,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS {idx} ON {s}.{t} (created_at);
+"""
+
+
+_COLS = "key, command_type, payload_hash, result, token, created_at"
+
+
+class _SqliteBackend:
+    """The row is inserted through the unit of work's connection, which holds SQLite's
+    write lock from BEGIN IMMEDIATE: a duplicate waits for the lock, then sees the row."""
+
+    def __init__(self, store: Any, table: str) -> None:
+        self.store = store
+        self.path: str = store.path
+        self._t = t = validate_identifier(table, "table name")
+        self._table = table
+        self._pending: dict[int, tuple[UnitOfWork, _Row]] = {}
+        self._sql_get = f"SELECT {_COLS} FROM {t} WHERE key = ?"
+        self._sql_put = f"INSERT INTO {t} ({_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
+        self._reader: sqlite3.Connection | None = None
+        store.add_inline_hook(self._hook)
+
+    async def create(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        try:
+            conn.executescript(
+                "BEGIN IMMEDIATE;\n" + sqlite_idempotency_ddl(self._table) + "COMMIT;"
+            )
+        finally:
+            conn.close()
+        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+
+    @staticmethod
+    def _parse(r: Any) -> IdempotencyRecord:
+        return IdempotencyRecord(r[0], r[1], r[2], r[3], r[4], datetime.fromisoformat(r[5]))
+
+    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
+        r = uow.connection.execute(self._sql_get, (key,)).fetchone()  # type: ignore[attr-defined]
+        return None if r is None else self._parse(r)
+
+    def _put(self, uow: UnitOfWork, row: _Row, token: int | None) -> None:
+        uow.connection.execute(  # type: ignore[attr-defined]
+            self._sql_put,
+            (
+                row.key,
+                row.command_type,
+                row.payload_hash,
+                row.result,
+                token,
+                datetime.now(UTC).isoformat(),
+            ),
+        )
+
+    async def save(self, uow: UnitOfWork, row: _Row) -> None:
+        if row.events:
+            self._pending[id(uow)] = (uow, row)
+        else:
+            self._put(uow, row, None)
+
+    async def _hook(self, uow: UnitOfWork, stored: list[StoredEvent]) -> None:
+        pending = self._pending.pop(id(uow), None)
+        if pending is not None and pending[0] is uow:
+            self._put(uow, pending[1], stored[pending[1].events - 1].position)
+
+    def release(self, key: str) -> None:
+        return None
+
+    def forget(self, uow: UnitOfWork) -> None:
+        self._pending.pop(id(uow), None)
+
+    def _read(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise ConfigurationError(
+                "the idempotency table is not ready.",
+                hint="create Idempotency with: idem = await Idempotency.open(store)",
+            )
+        return self._reader
+
+    async def lookup(self, key: str) -> IdempotencyRecord | None:
+        r = self._read().execute(self._sql_get, (key,)).fetchone()
+        return None if r is None else self._parse(r)
+
+    async def purge(self, before: datetime) -> int:
+        uow = await self.store.begin()
+        try:
+            cur = uow.connection.execute(
+                f"DELETE FROM {self._t} WHERE created_at < ?", (before.isoformat(),)
+            )
+        except BaseException:
+            await uow.rollback()
+            raise
+        await uow.commit()
+        return int(cur.rowcount)
+
+
+class _PostgresBackend:
+    """Claim first: ``INSERT ... ON CONFLICT DO NOTHING`` at the start of the transaction.
+    A duplicate in flight blocks on the key's index entry until the first attempt ends,
+    then reads its committed row (or, if it rolled back, claims the key itself)."""
+
+    def __init__(self, store: Any, table: str) -> None:
+        self.store = store
+        self.schema: str = store.schema
+        self._table = table
+        s = validate_identifier(store.schema, "schema name")
+        t = validate_identifier(table, "table name")
+        self._sql_claim = (
+            f"INSERT INTO {s}.{t} (key, command_type, payload_hash) VALUES ($1, '', '') "
+            "ON CONFLICT (key) DO NOTHING"
+        )
+        self._sql_get = f"SELECT {_COLS} FROM {s}.{t} WHERE key = $1 AND result IS NOT NULL"
+        # the token is the position of the command's last event; the PostgreSQL driver
+        # gives event n (1-based) of a transaction position (xid << 20) + n - 1
+        self._sql_save = (
+            f"UPDATE {s}.{t} SET command_type = $2, payload_hash = $3, result = $4, "
+            "token = CASE WHEN $5::int > 0 "
+            "THEN (pg_current_xact_id()::text::bigint << 20) + $5::int - 1 END, "
+            "created_at = now() WHERE key = $1"
+        )
+        self._sql_purge = f"DELETE FROM {s}.{t} WHERE created_at < $1 AND result IS NOT NULL"
+
+    async def create(self) -> None:
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"cqrskit:{self.schema}"
+            )
+            await conn.execute(postgres_idempotency_ddl(self.schema, self._table))
+
+    @staticmethod
+    def _parse(r: Any) -> IdempotencyRecord:
+        return IdempotencyRecord(r[0], r[1], r[2], r[3], r[4], r[5])
+
+    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
+        conn = uow.connection  # type: ignore[attr-defined]
+        status = await conn.execute(self._sql_claim, key)
+        if status.endswith(" 1"):
+            return None
+        r = await conn.fetchrow(self._sql_get, key)
+        if r is None:  # pragma: no cover - a committed claim always has its result
+            raise _busy(key, 0.0)
+        return self._parse(r)
+
+    async def save(self, uow: UnitOfWork, row: _Row) -> None:
+        await uow.connection.execute(  # type: ignore[attr-defined]
+            self._sql_save, row.key, row.command_type, row.payload_hash, row.result, row.events
+        )
+
+    def release(self, key: str) -> None:
+        return None
+
+    def forget(self, uow: UnitOfWork) -> None:
+        return None
+
+    async def lookup(self, key: str) -> IdempotencyRecord | None:
+        async with self.store.pool.acquire() as conn:
+            r = await conn.fetchrow(self._sql_get, key)
+        return None if r is None else self._parse(r)
+
+    async def purge(self, before: datetime) -> int:
+        async with self.store.pool.acquire() as conn:
+            status = await conn.execute(self._sql_purge, before)
+        return int(status.rsplit(" ", 1)[-1])
+
+
+class _SessionBackend(_PostgresBackend):
+    """:class:`_PostgresBackend` through a ``cqrskit.sqlalchemy`` unit of work's session."""
+
+    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
+        conn = await uow.session.connection()  # type: ignore[attr-defined]
+        claimed = await conn.exec_driver_sql(self._sql_claim, (key,))
+        if claimed.rowcount == 1:
+            return None
+        r = (await conn.exec_driver_sql(self._sql_get, (key,))).first()
+        if r is None:  # pragma: no cover - a committed claim always has its result
+            raise _busy(key, 0.0)
+        return self._parse(r)
+
+    async def save(self, uow: UnitOfWork, row: _Row) -> None:
+        conn = await uow.session.connection()  # type: ignore[attr-defined]
+        await conn.exec_driver_sql(
+            self._sql_save, (row.key, row.command_type, row.payload_hash, row.result, row.events)
+        )
+
+
+def _backend_for(store: EventStore, table: str, wait_timeout: float) -> Any:
+    if isinstance(store, InMemoryEventStore):
+        return _MemoryBackend(store, wait_timeout)
+    kind = type(store).__module__
+    if kind == "cqrskit.sqlite":
+        return _SqliteBackend(store, table)
+    if kind == "cqrskit.postgres":
+        return _PostgresBackend(store, table)
+    if kind == "cqrskit.sqlalchemy":
+        return _SessionBackend(store.events, table)  # type: ignore[attr-defined]
+    raise ConfigurationError(
+        f"Idempotency does not support {describe(type(store))}.",
+        hint="use InMemoryEventStore, SqliteEventStore, PostgresEventStore or "
+        "cqrskit.sqlalchemy.SqlAlchemyEventStore.",
+    )
+
+
+# -- the behavior --------------------------------------------------------------------------
+
+
+class Idempotency:
+    """Idempotent commands on one event store (in-memory, SQLite, PostgreSQL, or the
+    SQLAlchemy store of :mod:`cqrskit.sqlalchemy`).
+
+    Create it with ``idem = await Idempotency.open(store)`` (creates the table when missing)
+    and use ``idem.transaction()`` in place of ``store.transaction()``::
+
+        idem = await Idempotency.open(store)
+        mediator = Mediator(registry, behaviors=[idem.transaction()],
+                            resolver=store.resolver())
+
+    Args:
+        store: the event store whose transactions carry the idempotency rows.
+        table: the table name (validated, quoted; in the store's schema on PostgreSQL).
+        wait_timeout: in-memory store only: how long a duplicate in flight waits for the
+            first attempt (PostgreSQL waits on the row lock; SQLite on its write lock).
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        table: str = "cqrskit_idempotency",
+        wait_timeout: float = 10.0,
+    ) -> None:
+        validate_identifier(table, "table name")
+        self.store = store
+        self.table = table
+        self._backend = _backend_for(store, table, wait_timeout)
+        self._planner = _Planner()
+        self._codec = _TextCodec(Limits())
+        self._specs: dict[type, _Spec] = {}
+        self._has_attr: dict[type, bool] = {}
+
+    @classmethod
+    async def open(
+        cls,
+        store: EventStore,
+        *,
+        table: str = "cqrskit_idempotency",
+        create_tables: bool = True,
+        wait_timeout: float = 10.0,
+    ) -> Idempotency:
+        """Make an :class:`Idempotency` for ``store`` and create its table if missing."""
+        idem = cls(store, table=table, wait_timeout=wait_timeout)
+        if create_tables:
+            await idem._backend.create()
+        elif isinstance(idem._backend, _SqliteBackend):
+            idem._backend._reader = sqlite3.connect(
+                idem._backend.path, isolation_level=None, check_same_thread=False
+            )
+        return idem
+
+    def check(self, registry: Registry) -> None:
+        """Check now that every command's payload and result can be stored.
+
+        Raises:
+            ConfigurationError: naming the first command whose payload or declared result
+                type cannot be serialized.
+        """
+        for command_type in registry.commands():
+            self._spec(command_type)
+
+    def transaction(
+        self, *, on_publish_error: Callable[[Any, Exception], None] | None = None
+    ) -> ScopedBehavior:
+        """The store's transaction behavior, plus idempotency for commands with a key."""
+        inner = self.store.transaction(on_publish_error=on_publish_error).behavior
+        return for_commands(_IdempotentTransaction(self, inner))
+
+    async def lookup(self, key: str) -> IdempotencyRecord | None:
+        """The committed record for ``key``, if any."""
+        record: IdempotencyRecord | None = await self._backend.lookup(_check_key(key))
+        return record
+
+    async def purge(self, older_than: timedelta) -> int:
+        """Delete records older than ``older_than``; return how many. A retry with a purged
+        key runs the command again, so keep records longer than clients retry."""
+        count: int = await self._backend.purge(datetime.now(UTC) - older_than)
+        return count
+
+    def close(self) -> None:
+        """Close the SQLite lookup connection (nothing to do for other stores)."""
+        reader = getattr(self._backend, "_reader", None)
+        if reader is not None:
+            reader.close()
+
+    def _spec(self, command_type: type) -> _Spec:
+        spec = self._specs.get(command_type)
+        if spec is None:
+            spec = self._specs[command_type] = _Spec(command_type, self._planner, self._codec)
+        return spec
+
+    def _key_of(self, command: object) -> str | None:
+        key: str | None = _key_var.get()
+        if key is not None:
+            return key
+        cls = type(command)
+        has = self._has_attr.get(cls)
+        if has is None:
+            has = self._has_attr[cls] = hasattr(command, "idempotency_key")
+        if not has:
+            return None
+        own = command.idempotency_key  # type: ignore[attr-defined]
+        return None if own is None else _check_key(own)
+
+
+class _IdempotentTransaction:
+    __slots__ = ("_idem", "_inner")
+
+    def __init__(self, idem: Idempotency, inner: Callable[..., Awaitable[Any]]) -> None:
+        self._idem = idem
+        self._inner = inner
+
+    async def __call__(
+        self, message: Any, next: Callable[[Any], Awaitable[Any]], scope: Scope, mediator: Mediator
+    ) -> Any:
+        idem = self._idem
+        key = idem._key_of(message)
+        if key is None:
+            return await self._inner(message, next, scope, mediator)
+        cls = type(message)
+        spec = idem._spec(cls)
+        digest = spec.digest(message)
+        backend = idem._backend
+        store = idem.store
+        replayed: list[IdempotencyRecord] = []
+        uows: list[UnitOfWork] = []
+        claimed: list[bool] = []
+
+        async def inside(msg: Any) -> Any:
+            uow: UnitOfWork = scope.values[store]
+            uows.append(uow)
+            record = await backend.claim(uow, key)
+            if record is None:
+                claimed.append(True)
+            else:
+                if record.command_type != spec.name or record.payload_hash != digest:
+                    what = "command type" if record.command_type != spec.name else "payload"
+                    raise IdempotencyError(
+                        f"idempotency key {key[:40]!r} was used for {record.command_type} "
+                        f"with a different {what}; it cannot be reused for this "
+                        f"{spec.name}.",
+                        message_type=cls,
+                        hint="use a new key for each distinct command; reuse a key only to "
+                        "retry the very same command.",
+                    )
+                replayed.append(record)
+                return spec.load(record.result, cls)
+            reset = _key_var.set(None)  # commands sent by the handler join this one
+            try:
+                result = await next(msg)
+            finally:
+                _key_var.reset(reset)
+            text = spec.dump(result, cls)
+            await backend.save(uow, _Row(key, spec.name, digest, text, len(uow._events)))
+            return result
+
+        try:
+            result = await self._inner(message, inside, scope, mediator)
+        except CommitOutcomeUnknownError as exc:
+            exc.retry_safe = True  # a retry with this key cannot apply the command twice
+            raise
+        finally:
+            if claimed:
+                backend.release(key)
+            for uow in uows:
+                backend.forget(uow)
+        if replayed and replayed[0].token is not None:
+            record_token(replayed[0].token)
+        return result

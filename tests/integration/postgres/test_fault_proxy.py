@@ -1,0 +1,105 @@
+"""The fault proxy itself: forwarding, latency, blackhole, reset, and the COMMIT modes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from tests.support.proxy import FaultProxy, Mode, _FrontendParser
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[FaultProxy]:
+    p = FaultProxy("127.0.0.1", 5432)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def test_forward_and_latency(postgres_dsn: str, proxy: FaultProxy) -> None:
+    conn = await asyncpg.connect(proxy.dsn(postgres_dsn))
+    try:
+        assert await conn.fetchval("SELECT 41 + 1") == 42
+        proxy.latency = 0.05
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await conn.fetchval("SELECT 1") == 1
+        assert loop.time() - started >= 0.1  # one chunk each way
+        proxy.latency = 0.0
+    finally:
+        await conn.close()
+    assert proxy.connections == 1
+
+
+async def test_blackhole_then_forward(postgres_dsn: str, proxy: FaultProxy) -> None:
+    conn = await asyncpg.connect(proxy.dsn(postgres_dsn))
+    try:
+        proxy.mode = Mode.BLACKHOLE
+        with pytest.raises(TimeoutError):
+            await conn.fetchval("SELECT 1", timeout=0.3)
+    finally:
+        conn.terminate()
+    proxy.mode = Mode.FORWARD
+    again = await asyncpg.connect(proxy.dsn(postgres_dsn))
+    try:
+        assert await again.fetchval("SELECT 2") == 2
+    finally:
+        await again.close()
+
+
+async def test_reset_aborts_open_and_new_connections(postgres_dsn: str, proxy: FaultProxy) -> None:
+    conn = await asyncpg.connect(proxy.dsn(postgres_dsn))
+    proxy.mode = Mode.RESET
+    with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
+        await conn.fetchval("SELECT 1", timeout=5)
+    with pytest.raises((asyncpg.PostgresConnectionError, OSError, asyncpg.InterfaceError)):
+        await asyncpg.connect(proxy.dsn(postgres_dsn), timeout=5)
+    proxy.mode = Mode.FORWARD
+    ok = await asyncpg.connect(proxy.dsn(postgres_dsn))
+    try:
+        assert await ok.fetchval("SELECT 3") == 3
+    finally:
+        await ok.close()
+
+
+async def test_drop_commit_reply_commits_on_the_server(
+    postgres_dsn: str, pg_schema: str, proxy: FaultProxy
+) -> None:
+    direct = await asyncpg.connect(postgres_dsn)
+    try:
+        await direct.execute(f'CREATE SCHEMA "{pg_schema}"; CREATE TABLE "{pg_schema}".t (x int)')
+        conn = await asyncpg.connect(proxy.dsn(postgres_dsn))
+        await conn.execute("BEGIN")
+        await conn.execute(f'INSERT INTO "{pg_schema}".t VALUES (1)')
+        proxy.mode = Mode.DROP_COMMIT_REPLY
+        with pytest.raises(asyncpg.PostgresConnectionError):
+            await conn.execute("COMMIT")
+        await proxy.wait_fault(1)
+        assert await direct.fetchval(f'SELECT count(*) FROM "{pg_schema}".t') == 1
+    finally:
+        await direct.close()
+
+
+def test_parser_finds_commit_in_simple_and_extended_messages() -> None:
+    parser = _FrontendParser()
+    startup = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"  # SSLRequest
+    params = b"\x00\x03\x00\x00user\x00u\x00\x00"
+    startup += len(params + b"1234").to_bytes(4, "big") + params
+    query = b"INSERT INTO t VALUES (1); commit\x00"
+    q = b"Q" + (len(query) + 4).to_bytes(4, "big") + query
+    parse_body = b"\x00COMMIT\x00\x00\x00"
+    p = b"P" + (len(parse_body) + 4).to_bytes(4, "big") + parse_body
+    other = b"SELECT committed FROM t\x00"
+    o = b"Q" + (len(other) + 4).to_bytes(4, "big") + other
+    data = startup + q + p + o
+    got: list[tuple[bytes, bool]] = []
+    for i in range(0, len(data), 7):  # arbitrary chunking
+        got.extend(parser.feed(data[i : i + 7]))
+    assert [flag for _, flag in got] == [False, False, True, True, False]
+    assert b"".join(m for m, _ in got) == data

@@ -1,0 +1,353 @@
+"""Idempotency checks shared by the in-memory, SQLite and PostgreSQL tests.
+
+A test class subclasses :class:`IdempotencyChecks` and implements the store hooks (like
+``EventStoreConformance``); every ``test_*`` runs against that store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import pytest
+
+from cqrskit.dependencies import Dependencies
+from cqrskit.errors import IdempotencyError, SerializationError, ValidationError
+from cqrskit.eventlog import EventStore, UnitOfWork
+from cqrskit.idempotency import Idempotency, idempotency_key
+from cqrskit.mediator import Mediator
+from cqrskit.messages import Command, Event
+from cqrskit.registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """A structured result (stored as JSON, decoded back on replay)."""
+
+    account: str
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit(Command[Balance]):
+    account: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Withdraw(Command[int]):
+    account: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer(Command[None]):
+    """Carries its own key (the attribute protocol) and sends two nested commands."""
+
+    source: str
+    target: str
+    amount: int
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BadResult(Command[int]):
+    """Its handler returns a str although the command declares int."""
+
+    account: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deposited(Event):
+    account: str
+    amount: int
+
+
+@dataclass
+class Probe:
+    """What the handlers did, for the assertions."""
+
+    calls: int = 0
+    fail_next: bool = False
+    gate: asyncio.Event | None = None
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    published: list[Deposited] = field(default_factory=list)
+
+
+class Boom(Exception):
+    pass
+
+
+class IdempotencyChecks(ABC):
+    """Every store must pass these."""
+
+    @abstractmethod
+    async def make_store(self) -> EventStore:
+        """A new, empty store with a ``state`` table."""
+
+    @abstractmethod
+    async def close_store(self, store: EventStore) -> None:
+        """Release the store."""
+
+    @abstractmethod
+    async def write_state(self, uow: UnitOfWork, key: str) -> None:
+        """Write one state row ``key`` through ``uow``'s transaction."""
+
+    @abstractmethod
+    async def state_keys(self, store: EventStore) -> list[str]:
+        """Committed state keys (with duplicates)."""
+
+    @abstractmethod
+    async def wait_blocked(self, idem: Idempotency, store: EventStore) -> None:
+        """Return once a second attempt with the same key is waiting for the first."""
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def app(self, store: EventStore, idem: Idempotency, probe: Probe) -> Mediator:
+        registry = Registry()
+        kit = self
+
+        @registry.handler
+        async def deposit(cmd: Deposit, uow: UnitOfWork) -> Balance:
+            probe.calls += 1
+            probe.entered.set()
+            if probe.gate is not None:
+                await asyncio.wait_for(probe.gate.wait(), 10)
+            await kit.write_state(uow, f"{cmd.account}:{cmd.amount}")
+            uow.record(f"acc-{cmd.account}", Deposited(cmd.account, cmd.amount))
+            if probe.fail_next:
+                probe.fail_next = False
+                raise Boom("handler failed")
+            return Balance(cmd.account, cmd.amount)
+
+        @registry.handler
+        async def withdraw(cmd: Withdraw, uow: UnitOfWork) -> int:
+            probe.calls += 1
+            await kit.write_state(uow, f"{cmd.account}:-{cmd.amount}")
+            return -cmd.amount
+
+        @registry.handler
+        async def transfer(cmd: Transfer, mediator: Mediator) -> None:
+            probe.calls += 1
+            await mediator.send(Withdraw(cmd.source, cmd.amount))
+            await mediator.send(Deposit(cmd.target, cmd.amount))
+
+        @registry.handler
+        async def bad(cmd: BadResult, uow: UnitOfWork) -> int:
+            await kit.write_state(uow, f"bad:{cmd.account}")
+            return "not an int"  # type: ignore[return-value]
+
+        @registry.handler
+        async def on_deposited(e: Deposited) -> None:
+            probe.published.append(e)
+
+        idem.check(registry)
+        return Mediator(
+            registry, behaviors=[idem.transaction()], resolver=[store.resolver(), Dependencies()]
+        )
+
+    async def events(self, store: EventStore) -> int:
+        # read_stream, not read_after: on PostgreSQL another test's open transaction may
+        # hold the read_after horizon back for a moment
+        return sum([len(await store.read_stream(s)) for s in ("acc-a", "acc-b")])
+
+    # -- checks --------------------------------------------------------------------------
+
+    async def test_retry_with_same_key_returns_stored_result_once(self) -> None:
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        try:
+            probe = Probe()
+            mediator = self.app(store, idem, probe)
+            with idempotency_key("k-1"):
+                first = await mediator.send_tracked(Deposit("a", 5))
+            with idempotency_key("k-1"):
+                second = await mediator.send_tracked(Deposit("a", 5))
+            assert first.result == Balance("a", 5)
+            assert second.result == Balance("a", 5)
+            assert first.token is not None
+            assert second.token == first.token
+            assert probe.calls == 1
+            assert len(probe.published) == 1  # the replay publishes nothing
+            assert await self.state_keys(store) == ["a:5"]
+            assert await self.events(store) == 1
+            [event] = await store.read_stream("acc-a")
+            assert event.position == first.token
+            record = await idem.lookup("k-1")
+            assert record is not None
+            assert record.token == first.token
+            assert record.command_type.endswith("Deposit")
+            # another key is another command
+            with idempotency_key("k-2"):
+                third = await mediator.send(Deposit("a", 5))
+            assert third == Balance("a", 5)
+            assert probe.calls == 2
+            # without a key nothing is stored and nothing is deduplicated
+            await mediator.send(Deposit("a", 5))
+            assert probe.calls == 3
+            assert await self.events(store) == 3
+        finally:
+            idem.close()
+            await self.close_store(store)
+
+    async def test_reusing_a_key_for_another_command_is_refused(self) -> None:
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        try:
+            probe = Probe()
+            mediator = self.app(store, idem, probe)
+            with idempotency_key("k"):
+                await mediator.send(Deposit("a", 5))
+            for other, what in ((Deposit("a", 6), "payload"), (Withdraw("a", 5), "command type")):
+                with idempotency_key("k"), pytest.raises(IdempotencyError, match=what) as info:
+                    await mediator.send(other)
+                assert info.value.message_type is type(other)
+                assert info.value.hint
+            assert probe.calls == 1
+            assert await self.state_keys(store) == ["a:5"]
+            assert await self.events(store) == 1
+        finally:
+            idem.close()
+            await self.close_store(store)
+
+    async def test_failed_attempt_stores_nothing_and_retry_runs_once(self) -> None:
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        try:
+            probe = Probe(fail_next=True)
+            mediator = self.app(store, idem, probe)
+            with idempotency_key("k"):
+                try:
+                    await mediator.send(Deposit("a", 5))
+                except Boom:
+                    pass
+                else:
+                    raise AssertionError("the handler must fail")
+            assert await idem.lookup("k") is None
+            assert await self.state_keys(store) == []
+            with idempotency_key("k"):
+                assert await mediator.send(Deposit("a", 5)) == Balance("a", 5)
+            with idempotency_key("k"):
+                assert await mediator.send(Deposit("a", 5)) == Balance("a", 5)
+            assert probe.calls == 2
+            assert await self.state_keys(store) == ["a:5"]
+            assert await self.events(store) == 1
+        finally:
+            idem.close()
+            await self.close_store(store)
+
+    async def test_key_attribute_covers_nested_commands(self) -> None:
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        try:
+            probe = Probe()
+            mediator = self.app(store, idem, probe)
+            cmd = Transfer("a", "b", 3, idempotency_key="t-1")
+            first = await mediator.send_tracked(cmd)
+            second = await mediator.send_tracked(cmd)
+            assert first.result is None
+            assert second.result is None
+            assert second.token == first.token is not None
+            assert probe.calls == 3  # transfer + withdraw + deposit, once
+            assert sorted(await self.state_keys(store)) == ["a:-3", "b:3"]
+            # nested commands ran without a key of their own
+            assert await idem.lookup("t-1") is not None
+            # an attribute key of None means no key
+            await mediator.send(Transfer("a", "b", 1))
+            await mediator.send(Transfer("a", "b", 1))
+            assert probe.calls == 9
+        finally:
+            idem.close()
+            await self.close_store(store)
+
+    async def test_concurrent_duplicates_run_the_handler_once(self) -> None:
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        try:
+            probe = Probe(gate=asyncio.Event())
+            mediator = self.app(store, idem, probe)
+
+            async def attempt() -> object:
+                with idempotency_key("dup"):
+                    receipt = await mediator.send_tracked(Deposit("a", 7))
+                return receipt.result, receipt.token
+
+            first = asyncio.create_task(attempt())
+            await asyncio.wait_for(probe.entered.wait(), 10)
+            second = asyncio.create_task(attempt())
+            await self.wait_blocked(idem, store)
+            assert probe.calls == 1
+            probe.gate.set()  # type: ignore[union-attr]
+            a, b = await asyncio.wait_for(asyncio.gather(first, second), 20)
+            assert a == b
+            assert a[0] == Balance("a", 7)  # type: ignore[index]
+            assert probe.calls == 1
+            assert await self.state_keys(store) == ["a:7"]
+            assert await self.events(store) == 1
+        finally:
+            idem.close()
+            await self.close_store(store)
+
+    async def test_results_must_match_their_declared_type(self) -> None:
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        try:
+            mediator = self.app(store, idem, Probe())
+            with idempotency_key("bad"), pytest.raises(SerializationError, match="BadResult"):
+                await mediator.send(BadResult("x"))
+            assert await self.state_keys(store) == []  # rolled back with the command
+            assert await idem.lookup("bad") is None
+            # without a key the result is not stored, so nothing checks it
+            assert await mediator.send(BadResult("y")) == "not an int"  # type: ignore[comparison-overlap]
+        finally:
+            idem.close()
+            await self.close_store(store)
+
+    async def test_bad_keys_are_validation_errors(self) -> None:
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        try:
+            mediator = self.app(store, idem, Probe())
+            for bad in ("", "x" * 256, "a\x00b"):
+                with pytest.raises(ValidationError) as info, idempotency_key(bad):
+                    raise AssertionError("unreachable")
+                assert info.value.errors[0].field == "idempotency_key"
+            with pytest.raises(ValidationError):
+                await mediator.send(Transfer("a", "b", 1, idempotency_key=""))
+            assert await self.state_keys(store) == []
+        finally:
+            idem.close()
+            await self.close_store(store)
+
+    async def test_many_duplicates_one_effect_per_key(self) -> None:
+        """5 keys x 4 concurrent attempts each (interleaved): one effect per key, and every
+        attempt of a key gets the same result and token."""
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        try:
+            probe = Probe()
+            mediator = self.app(store, idem, probe)
+
+            async def attempt(k: int) -> tuple[str, object, int | None]:
+                with idempotency_key(f"bulk-{k}"):
+                    receipt = await mediator.send_tracked(Deposit(f"a{k}", k))
+                return f"bulk-{k}", receipt.result, receipt.token
+
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*(attempt(k) for _ in range(4) for k in range(5))), 60
+            )
+            by_key: dict[str, set[tuple[object, int | None]]] = {}
+            for key, result, token in outcomes:
+                by_key.setdefault(key, set()).add((result, token))
+            assert len(by_key) == 5
+            for k in range(5):
+                [(result, token)] = by_key[f"bulk-{k}"]
+                assert result == Balance(f"a{k}", k)
+                [event] = await store.read_stream(f"acc-a{k}")
+                assert token == event.position
+            assert probe.calls == 5
+            assert sorted(await self.state_keys(store)) == sorted(f"a{k}:{k}" for k in range(5))
+        finally:
+            idem.close()
+            await self.close_store(store)

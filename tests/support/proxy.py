@@ -1,0 +1,292 @@
+"""A switchable asyncio TCP proxy for fault tests (loopback only).
+
+It listens on ``127.0.0.1`` on a free port, forwards bytes both ways to a target, and can be
+switched at run time::
+
+    proxy = FaultProxy("127.0.0.1", 5432)
+    await proxy.start()                 # proxy.port is the port to connect to
+    proxy.latency = 0.05                # add 50 ms before each forwarded chunk
+    proxy.mode = Mode.BLACKHOLE         # swallow bytes both ways; connections stay open
+    proxy.mode = Mode.RESET             # abort every connection (and each new one) at once
+    proxy.mode = Mode.DROP_COMMIT_REPLY # forward COMMIT, drop its reply, reset the client
+    proxy.mode = Mode.BLACKHOLE_COMMIT  # never forward COMMIT; reset both sides
+    proxy.mode = Mode.FORWARD           # back to normal
+    proxy.faults_left = 1               # a COMMIT mode for the next COMMIT only
+    await proxy.close()
+
+The two COMMIT modes parse the PostgreSQL frontend protocol in the client-to-server
+direction: a simple-protocol ``Query`` ('Q') or an extended-protocol ``Parse`` ('P') whose
+SQL contains the keyword ``COMMIT`` (``INSERT ...; COMMIT`` sent as one query counts) is the
+trigger. :attr:`FaultProxy.commit_faults` counts triggers and :meth:`FaultProxy.wait_fault`
+waits (bounded) for the next one; in ``DROP_COMMIT_REPLY`` a fault is counted only after the
+server's first reply bytes arrived, i.e. after the server executed the COMMIT.
+
+Everything is bounded: reads are chunked, each wait has a timeout, and :meth:`close` aborts
+every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import re
+import struct
+
+__all__ = ["FaultProxy", "Mode"]
+
+_COMMIT = re.compile(rb"\bCOMMIT\b", re.IGNORECASE)
+_SSL_REQUEST = 80877103
+_GSS_REQUEST = 80877104
+_CHUNK = 65536
+
+
+class Mode(enum.Enum):
+    """What the proxy does with traffic."""
+
+    FORWARD = "forward"
+    BLACKHOLE = "blackhole"
+    RESET = "reset"
+    DROP_COMMIT_REPLY = "drop_commit_reply"
+    BLACKHOLE_COMMIT = "blackhole_commit"
+
+
+class _FrontendParser:
+    """Splits the PostgreSQL client-to-server byte stream into whole messages."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._started = False  # True once the StartupMessage passed (typed messages follow)
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bool]]:
+        """Return the complete messages in ``data`` (+ earlier leftovers) with a flag telling
+        whether each one carries a COMMIT."""
+        self._buf += data
+        out: list[tuple[bytes, bool]] = []
+        for _ in range(1_000_000):
+            buf = self._buf
+            if not self._started:
+                if len(buf) < 8:
+                    break
+                (length,) = struct.unpack_from("!i", buf, 0)
+                if len(buf) < length:
+                    break
+                (code,) = struct.unpack_from("!i", buf, 4)
+                if code not in (_SSL_REQUEST, _GSS_REQUEST):
+                    self._started = True
+                out.append((bytes(buf[:length]), False))
+                del buf[:length]
+                continue
+            if len(buf) < 5:
+                break
+            (length,) = struct.unpack_from("!i", buf, 1)
+            end = 1 + length
+            if len(buf) < end:
+                break
+            msg = bytes(buf[:end])
+            del buf[:end]
+            carries = msg[:1] in (b"Q", b"P") and _COMMIT.search(msg, 5) is not None
+            out.append((msg, carries))
+        return out
+
+
+class _Link:
+    """One client connection and its upstream connection."""
+
+    def __init__(
+        self,
+        proxy: FaultProxy,
+        client_r: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        server_r: asyncio.StreamReader,
+        server_w: asyncio.StreamWriter,
+    ) -> None:
+        self.proxy = proxy
+        self.client_r, self.client_w = client_r, client_w
+        self.server_r, self.server_w = server_r, server_w
+        self.parser = _FrontendParser()
+        self.commit_sent = False  # DROP_COMMIT_REPLY armed on this link
+        self.closed = False
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for w in (self.client_w, self.server_w):
+            transport = w.transport
+            if not transport.is_closing():
+                transport.abort()
+
+    async def _delay(self) -> None:
+        latency = self.proxy.latency
+        if latency > 0:
+            # injected latency, not synchronization
+            await asyncio.sleep(latency)
+
+    async def client_to_server(self) -> None:
+        proxy = self.proxy
+        while not self.closed:
+            data = await self.client_r.read(_CHUNK)
+            if not data:
+                break
+            mode = proxy.mode
+            if mode is Mode.RESET:
+                break
+            if mode is Mode.BLACKHOLE:
+                continue
+            await self._delay()
+            for msg, carries_commit in self.parser.feed(data):
+                if carries_commit and proxy.mode is Mode.BLACKHOLE_COMMIT:
+                    proxy._fault()
+                    self.abort()
+                    return
+                self.server_w.write(msg)
+                if carries_commit and proxy.mode is Mode.DROP_COMMIT_REPLY:
+                    self.commit_sent = True
+            await self.server_w.drain()
+        self.abort()
+
+    async def server_to_client(self) -> None:
+        proxy = self.proxy
+        while not self.closed:
+            data = await self.server_r.read(_CHUNK)
+            if not data:
+                break
+            if self.commit_sent:
+                # the server answered the COMMIT: it has committed; lose the answer
+                proxy._fault()
+                break
+            mode = proxy.mode
+            if mode is Mode.RESET:
+                break
+            if mode is Mode.BLACKHOLE:
+                continue
+            await self._delay()
+            self.client_w.write(data)
+            await self.client_w.drain()
+        self.abort()
+
+
+class FaultProxy:
+    """A TCP proxy between the application and one server, switchable at run time.
+
+    Attributes:
+        mode: the current :class:`Mode` (change it any time).
+        latency: seconds added before each forwarded chunk.
+        port: the listening port (after :meth:`start`).
+        commit_faults: how many COMMITs were dropped or blackholed.
+        connections: how many client connections were accepted.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self._mode = Mode.FORWARD
+        self.latency = 0.0
+        self.port = 0
+        self.commit_faults = 0
+        self.faults_left: int | None = None  # COMMIT faults before FORWARD again (None: all)
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[_Link] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Condition()
+
+    @property
+    def mode(self) -> Mode:
+        """The current :class:`Mode`; switching to ``RESET`` aborts open connections too."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: Mode) -> None:
+        self._mode = value
+        if value is Mode.RESET:
+            self.reset_all()
+
+    async def start(self) -> int:
+        """Listen on a free loopback port; return it."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    def dsn(self, dsn: str) -> str:
+        """``dsn`` (``postgresql://user@host:port/db``) rewritten to go through the proxy,
+        with TLS off so that the traffic can be parsed."""
+        scheme, rest = dsn.split("://", 1)
+        auth, _, tail = rest.rpartition("@")
+        _, _, path = tail.partition("/")
+        host = f"{auth}@" if auth else ""
+        sep = "&" if "?" in path else "?"
+        return f"{scheme}://{host}127.0.0.1:{self.port}/{path}{sep}sslmode=disable"
+
+    def reset_all(self) -> None:
+        """Abort every open connection now (whatever the mode)."""
+        for link in list(self._links):
+            link.abort()
+
+    async def wait_fault(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until :attr:`commit_faults` reaches ``count``.
+
+        Raises:
+            TimeoutError: it did not within ``timeout`` seconds.
+        """
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: self.commit_faults >= count), timeout
+            )
+
+    def _fault(self) -> None:
+        self.commit_faults += 1
+        if self.faults_left is not None:
+            self.faults_left -= 1
+            if self.faults_left <= 0:
+                self.faults_left = None
+                self._mode = Mode.FORWARD
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.mode is Mode.RESET:
+            client_w.transport.abort()
+            return
+        try:
+            server_r, server_w = await asyncio.wait_for(
+                asyncio.open_connection(self.target_host, self.target_port), 10.0
+            )
+        except (OSError, TimeoutError):
+            client_w.transport.abort()
+            return
+        link = _Link(self, client_r, client_w, server_r, server_w)
+        self._links.add(link)
+        try:
+            pumps = [
+                asyncio.ensure_future(link.client_to_server()),
+                asyncio.ensure_future(link.server_to_client()),
+            ]
+            self._tasks.update(pumps)
+            await asyncio.gather(*pumps, return_exceptions=True)
+            self._tasks.difference_update(pumps)
+        finally:
+            link.abort()
+            self._links.discard(link)
+
+    async def close(self) -> None:
+        """Stop listening and abort every connection."""
+        if self._server is not None:
+            self._server.close()
+        self.reset_all()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 5.0)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+            self._server = None
