@@ -28,8 +28,8 @@ class PgTestLog(PostgresEventStore):
         return await self.read_stream(stream, before)
 
 
-async def open_pg_log(dsn: str, schema: str) -> PgTestLog:
-    store = await PgTestLog.open(dsn, schema=schema, encoder=serializer.encode)
+async def open_pg_log(dsn: str, schema: str, *, notify: bool = False) -> PgTestLog:
+    store = await PgTestLog.open(dsn, schema=schema, encoder=serializer.encode, notify=notify)
     assert isinstance(store, PgTestLog)
     return store
 

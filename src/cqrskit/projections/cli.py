@@ -52,7 +52,7 @@ def load_object(spec: str) -> Any:
     return obj
 
 
-async def open_store(spec: str, schema: str | None = None) -> EventStore:
+async def open_store(spec: str, schema: str | None = None, *, listen: bool = False) -> EventStore:
     """An event store from ``sqlite:///path``, a PostgreSQL DSN or ``module:attr``."""
     if spec.startswith("sqlite:///"):
         from cqrskit.sqlite import SqliteEventStore
@@ -61,7 +61,9 @@ async def open_store(spec: str, schema: str | None = None) -> EventStore:
     if spec.startswith(("postgresql://", "postgres://")):
         from cqrskit.postgres import PostgresEventStore
 
-        return await PostgresEventStore.open(spec, schema=schema or "public", create_tables=False)
+        return await PostgresEventStore.open(
+            spec, schema=schema or "public", create_tables=False, notify=listen
+        )
     obj = load_object(spec)
     if not isinstance(obj, EventStore) and callable(obj):
         obj = obj()
@@ -123,6 +125,11 @@ def _add_commands(sub: Any) -> None:
     run.add_argument("--batch-size", type=int, default=500)
     run.add_argument("--lease-ttl", type=float, default=5.0)
     run.add_argument("--poll-interval", type=float, default=1.0)
+    run.add_argument(
+        "--listen",
+        action="store_true",
+        help="PostgreSQL: LISTEN for the writers' NOTIFY (writers need notify=True)",
+    )
     run.add_argument("--owner")
     status = sub.add_parser("status", help="checkpoint, lag and dead letters")
     status.set_defaults(run=_runner(_status))
@@ -167,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    store = await open_store(args.store, args.store_schema)
+    store = await open_store(args.store, args.store_schema, listen=args.listen)
     read_db = open_read_db(args.read, args.schema)
     projector = Projector(
         store,

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from tests.support.bank import Deposited
-from tests.support.pg_log import PgTestLog
+from tests.support.pg_log import PgTestLog, open_pg_log
 from tests.support.processes import spawn
 from tests.support.waiting import visible
 
@@ -24,7 +24,7 @@ CLEAN = {"lost": 0, "double": 0, "reordered": 0, "wrong_sum": 0}
 
 def start(dsn: str, write: str, read: str, owner: str, tmp: Path) -> subprocess.Popen[bytes]:
     return spawn(
-        ["--store", "tests.support.pg_log:from_env", "--read", dsn, "--schema", read],
+        ["--store", "tests.support.pg_log:from_env", "--read", dsn, "--schema", read, "--listen"],
         {"CQRSKIT_TEST_PG_DSN": dsn, "CQRSKIT_TEST_PG_SCHEMA": write},
         tmp / f"projector-{owner}.log",
         owner,
@@ -100,9 +100,21 @@ async def invariants(dsn: str, write_schema: str, read: str) -> dict[str, int]:
 
 
 async def test_sigkill_and_competition(
-    postgres_dsn: str, schemas: Callable[[str], str], log: PgTestLog, tmp_path: Path
+    postgres_dsn: str, schemas: Callable[[str], str], tmp_path: Path
 ) -> None:
     write_schema, read = schemas("w"), schemas("r")
+    # the writer NOTIFYs, the projector processes LISTEN (--listen): cross-process wake-ups
+    log = await open_pg_log(postgres_dsn, write_schema, notify=True)
+    try:
+        await run_scenario(postgres_dsn, write_schema, read, log, tmp_path)
+    finally:
+        await log.close()
+    assert await invariants(postgres_dsn, write_schema, read) == CLEAN
+
+
+async def run_scenario(
+    postgres_dsn: str, write_schema: str, read: str, log: PgTestLog, tmp_path: Path
+) -> None:
     rng = random.Random(11)
     await write(log, rng, 100)
     kills = 0
@@ -134,4 +146,3 @@ async def test_sigkill_and_competition(
         for proc in procs.values():
             stop(proc, signal.SIGTERM)
     assert kills >= 4
-    assert await invariants(postgres_dsn, write_schema, read) == CLEAN
