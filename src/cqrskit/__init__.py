@@ -7,6 +7,7 @@ from their own modules (``cqrskit.sqlite``, ``cqrskit.postgres``, ``cqrskit.fast
 
 from cqrskit.dependencies import Dependencies, Provider, Resolver, Scope
 from cqrskit.errors import (
+    CommitOutcomeUnknownError,
     ConcurrencyError,
     ConfigurationError,
     ConsistencyError,
@@ -30,6 +31,7 @@ from cqrskit.errors import (
     ValidationError,
     WrongMessageKindError,
 )
+from cqrskit.idempotency import Idempotency, idempotency_key
 from cqrskit.mediator import Mediator, Receipt, current_scope
 from cqrskit.messages import Command, Event, Message, Metadata, Query
 from cqrskit.pipeline import applies_to, for_commands, for_events, for_queries
@@ -40,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Command",
+    "CommitOutcomeUnknownError",
     "ConcurrencyError",
     "ConfigurationError",
     "ConsistencyError",
@@ -51,6 +54,7 @@ __all__ = [
     "Event",
     "FieldError",
     "HandlerSpec",
+    "Idempotency",
     "IdempotencyError",
     "Mediator",
     "Message",
@@ -81,4 +85,5 @@ __all__ = [
     "for_events",
     "for_queries",
     "handler",
+    "idempotency_key",
 ]
