@@ -31,6 +31,7 @@ from cqrskit.errors import (
     ValidationError,
     WrongMessageKindError,
 )
+from cqrskit.eventlog import EventStore, InMemoryEventStore, StoredEvent, UnitOfWork
 from cqrskit.idempotency import Idempotency, idempotency_key
 from cqrskit.mediator import Mediator, Receipt, current_scope
 from cqrskit.messages import Command, Event, Message, Metadata, Query
@@ -52,10 +53,12 @@ __all__ = [
     "DispatchError",
     "DispatchTimeoutError",
     "Event",
+    "EventStore",
     "FieldError",
     "HandlerSpec",
     "Idempotency",
     "IdempotencyError",
+    "InMemoryEventStore",
     "Mediator",
     "Message",
     "Metadata",
@@ -74,9 +77,11 @@ __all__ = [
     "Scope",
     "SerializationError",
     "StaleReadError",
+    "StoredEvent",
     "SyncMediator",
     "TokenFromFutureError",
     "TransportError",
+    "UnitOfWork",
     "ValidationError",
     "WrongMessageKindError",
     "applies_to",

@@ -4,6 +4,7 @@ Subcommands:
 
 * ``cqrskit routes module:registry`` — every route as text;
 * ``cqrskit graph module:registry`` — the same as a Mermaid flowchart;
+* ``cqrskit ddl sqlite|postgres [--schema S] [--table T]`` — the event log's DDL;
 * further subcommands are contributed by drivers and the read side (``ddl``,
   ``projections``) when their modules are importable.
 """
@@ -77,6 +78,18 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ddl(args: argparse.Namespace) -> int:
+    if args.driver == "sqlite":
+        from cqrskit.sqlite import sqlite_ddl
+
+        sys.stdout.write(sqlite_ddl(args.table).rstrip() + "\n")
+    else:
+        from cqrskit.postgres import postgres_ddl
+
+        sys.stdout.write(postgres_ddl(args.schema, args.table).rstrip() + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with every available subcommand."""
     parser = argparse.ArgumentParser(prog="cqrskit", description=__doc__.split("\n")[0])
@@ -87,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     graph = sub.add_parser("graph", help="print the application graph as Mermaid")
     graph.add_argument("target", help="module:registry (or module:mediator)")
     graph.set_defaults(run=_graph)
+    ddl = sub.add_parser("ddl", help="print the event log's DDL, for your own migrations")
+    ddl.add_argument("driver", choices=["sqlite", "postgres"])
+    ddl.add_argument("--schema", default="public", help="PostgreSQL schema (default public)")
+    ddl.add_argument("--table", default="cqrskit_events", help="event log table name")
+    ddl.set_defaults(run=_ddl)
     for module_name in ("cqrskit.ddl_cli", "cqrskit.projections.cli"):
         try:
             module = importlib.import_module(module_name)

@@ -217,11 +217,8 @@ class PostgresUnitOfWork(UnitOfWork):
             return
         self._close()
         conn = self.connection
-        if conn.is_closed():  # lost: the server has rolled the transaction back
-            await self.store._release(conn, broken=True)
-            return
         try:
-            closed = conn.is_closed()
+            closed = conn.is_closed()  # lost: the server has rolled the transaction back
         except asyncpg.InterfaceError:  # the pool already took back the dead connection
             return
         if closed:

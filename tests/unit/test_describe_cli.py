@@ -74,3 +74,16 @@ def test_load_object_raises_configuration_error() -> None:
     with pytest.raises(ConfigurationError) as info:
         load_object("tests.unit.appfixture:nothing")
     assert info.value.hint
+
+
+def test_cli_prints_ddl(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ddl", "sqlite"]) == 0
+    assert "CREATE TABLE IF NOT EXISTS" in capsys.readouterr().out
+    assert main(["ddl", "postgres", "--schema", "app"]) == 0
+    out = capsys.readouterr().out
+    assert 'CREATE SCHEMA IF NOT EXISTS "app"' in out
+
+
+def test_cli_ddl_refuses_bad_identifiers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ddl", "postgres", "--schema", "app; drop table x"]) == 2
+    assert "invalid schema name" in capsys.readouterr().err
