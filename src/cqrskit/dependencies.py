@@ -30,6 +30,22 @@ __all__ = ["Dependencies", "Provider", "Resolver", "Scope"]
 
 T = TypeVar("T")
 _MISSING: Any = object()
+
+
+class _Key:
+    """A private mapping key of :class:`Scope` (never equal to a user's type)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<scope key {self.name}>"
+
+
+EXITS: Any = _Key("exits")
+ASYNC_EXITS: Any = _Key("async exits")
 Lookup = Callable[[Any], "Provider"]
 
 
@@ -46,8 +62,6 @@ class Scope(dict[Any, Any]):
     """
 
     parent: Scope | None = None
-    _exits: list[Callable[[BaseException | None], Any]] | None = None
-    _async_exits: bool = False
     _metadata: Metadata | None = None
     _items: dict[str, Any] | None = None
 
@@ -74,7 +88,7 @@ class Scope(dict[Any, Any]):
     @property
     def has_exits(self) -> bool:
         """Whether any exit callback is registered."""
-        return bool(self._exits)
+        return bool(self.get(EXITS))
 
     @property
     def metadata(self) -> Metadata:
@@ -93,30 +107,35 @@ class Scope(dict[Any, Any]):
 
     def on_exit(self, callback: Callable[[BaseException | None], Any]) -> None:
         """Run ``callback(error_or_None)`` when the dispatch ends; it may be async."""
-        if self._exits is None:
-            self._exits = []
-        self._exits.append(callback)
-        self._async_exits = True
+        self.on_exit_sync(callback)
+        self[ASYNC_EXITS] = True
 
     def on_exit_sync(self, callback: Callable[[BaseException | None], None]) -> None:
         """Like :meth:`on_exit` for a callback known to be synchronous, which lets an async
         dispatch close its scope without an extra coroutine."""
-        if self._exits is None:
-            self._exits = []
-        self._exits.append(callback)
+        # Exit callbacks live in the mapping under private keys: no per-instance __dict__.
+        exits = self.get(EXITS)
+        if exits is None:
+            self[EXITS] = [callback]
+        else:
+            exits.append(callback)
 
     @property
     def needs_async_close(self) -> bool:
         """Whether :meth:`aclose` is required (some exit callback may be async)."""
-        return self._async_exits
+        return ASYNC_EXITS in self
+
+    def _take_exits(self) -> list[Callable[[BaseException | None], Any]] | None:
+        exits: list[Callable[[BaseException | None], Any]] | None = self.pop(EXITS, None)
+        self.pop(ASYNC_EXITS, None)
+        return exits
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Run the exit callbacks, last registered first. Errors of cleanups propagate
         after every callback has run (the first one wins)."""
-        exits = self._exits
+        exits = self._take_exits()
         if not exits:
             return
-        self._exits = None
         first: BaseException | None = None
         for callback in reversed(exits):
             try:
@@ -131,10 +150,9 @@ class Scope(dict[Any, Any]):
 
     def close_sync(self, error: BaseException | None = None) -> None:
         """Synchronous twin of :meth:`aclose` for the sync mediator."""
-        exits = self._exits
+        exits = self._take_exits()
         if not exits:
             return
-        self._exits = None
         first: BaseException | None = None
         for callback in reversed(exits):
             try:

@@ -27,7 +27,7 @@ from cqrskit._plan import (
     check_result,
     route,
 )
-from cqrskit.dependencies import Provider, Resolver, Scope
+from cqrskit.dependencies import ASYNC_EXITS, EXITS, Provider, Resolver, Scope
 from cqrskit.errors import PublishError
 from cqrskit.messages import Command, Event, Metadata, Query
 from cqrskit.pipeline._core import ScopedBehavior
@@ -649,25 +649,29 @@ def _call_inner(inner: ScopedCall, scope: Scope, message: Any) -> Any:
 
 
 def _with_scope(chain: ScopedCall) -> Plan:
+    new_scope = dict.__new__
     get_current = _scope_var.get
     set_current = _scope_var.set
     reset_current = _scope_var.reset
 
     async def plan(message: Any) -> Any:
-        scope = Scope(get_current())
+        scope = new_scope(Scope)  # an empty Scope without a Python-level __init__ call
+        parent = get_current()
+        if parent is not None:
+            scope.parent = parent
         token = set_current(scope)
         try:
             result = await chain(message, scope)
         except BaseException as exc:
             try:
-                if scope._exits:
+                if EXITS in scope:
                     await scope.aclose(exc)
             finally:
                 reset_current(token)
             raise
-        if scope._exits:
+        if EXITS in scope:
             try:
-                if scope._async_exits:
+                if ASYNC_EXITS in scope:
                     await scope.aclose(None)
                 else:
                     scope.close_sync(None)
