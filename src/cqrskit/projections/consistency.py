@@ -244,10 +244,10 @@ class ConsistencyGate:
             state.positions = positions
         if min(positions.values()) >= token:
             return False
-        head = await self.store.head()
-        if token > head and token > await _position_bound(self.store, head):
+        last = await self.store.last_position()
+        if token > last:
             raise TokenFromFutureError(
-                f"consistency token {token} is beyond the end of the event log ({head}).",
+                f"consistency token {token} is beyond the end of the event log ({last}).",
                 hint="pass the token of a committed command (receipt.token), unmodified.",
             )
         deadline = time.monotonic() + (0.0 if policy == "fail" else timeout)
@@ -271,20 +271,3 @@ class ConsistencyGate:
             f"(at {min(positions.values())}) within {timeout:g}s.",
             hint="retry later, raise the timeout, or use policy='stale'.",
         )
-
-
-async def _position_bound(store: EventStore, head: int) -> int:
-    """The highest position a transaction that already started could have written.
-
-    Above :meth:`EventStore.head` on PostgreSQL: a committed event stays above the
-    visibility horizon while an older transaction is open, and its token is still valid.
-    A store may say so with an async ``position_bound()`` method.
-    """
-    probe = getattr(store, "position_bound", None)
-    if probe is not None:
-        return int(await probe())
-    if any(c.__module__ == "cqrskit.postgres" for c in type(store).__mro__):
-        from cqrskit.projections.postgres import postgres_position_bound
-
-        return await postgres_position_bound(store)
-    return head

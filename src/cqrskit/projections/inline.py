@@ -55,7 +55,7 @@ class InlineProjections:
         Raises:
             ConfigurationError: a rebuild is in progress, or the projection lags the log.
         """
-        head = await store.head() if store is not None else None
+        head = await store.last_position() if store is not None else None
         generations: dict[str, int] = {}
         async with self.read_db.transaction() as s:
             for p in self.projections:

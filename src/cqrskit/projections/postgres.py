@@ -22,7 +22,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingExtraError("postgres", "asyncpg") from exc
 
-__all__ = ["PostgresReadDatabase", "PostgresSession", "postgres_position_bound"]
+__all__ = ["PostgresReadDatabase", "PostgresSession"]
 
 _TOKENS = re.compile(
     r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|\bcqrskit_(?:projections|checkpoints|dead_letters)\b"
@@ -171,11 +171,3 @@ class PostgresReadDatabase(ReadDatabase):
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
-
-
-async def postgres_position_bound(store: Any) -> int:
-    """For ``cqrskit.postgres.PostgresEventStore`` (positions ``(xid << 20) + n``): the
-    highest position any transaction started so far could have, from the snapshot's xmax."""
-    async with store.pool.acquire() as conn:
-        xmax = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
-    return (int(xmax) << 20) - 1

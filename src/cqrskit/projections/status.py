@@ -110,7 +110,7 @@ async def projection_status(
             "FROM cqrskit_projections p JOIN cqrskit_checkpoints c "
             "ON c.projection = p.name AND c.generation = p.active_generation ORDER BY p.name"
         )
-    head = await store.head()
+    head = await store.last_position()
     out = []
     for name, mode, gen, building, cp, owner, epoch, dead in rows:
         if names is not None and name not in names:

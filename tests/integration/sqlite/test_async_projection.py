@@ -34,7 +34,7 @@ async def test_catches_up_and_follows(log: AppendLog, read_db: ReadDatabase) -> 
     await log.append("misc", Unrelated("ignored"))
     async with Projector(log, read_db, [balances], decode, batch_size=7) as projector:
         gate = ConsistencyGate(log, read_db, signal=projector.signal)
-        await wait_checkpoint(gate, await log.head())
+        await wait_checkpoint(gate, await log.last_position())
         assert await balances_of(read_db) == {
             "acc-0": sum(range(0, 30, 3)),
             "acc-1": sum(range(1, 30, 3)),
@@ -57,11 +57,15 @@ async def test_resumes_from_checkpoint_without_reapplying(
     for _i in range(10):
         await log.append("a", Deposited("a", 1))
     async with Projector(log, read_db, [balances], decode, batch_size=4) as p:
-        await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), await log.head())
+        await wait_checkpoint(
+            ConsistencyGate(log, read_db, signal=p.signal), await log.last_position()
+        )
     for _i in range(5):
         await log.append("a", Deposited("a", 1))
     async with Projector(log, read_db, [balances], decode, batch_size=4) as p:
-        await wait_checkpoint(ConsistencyGate(log, read_db, signal=p.signal), await log.head())
+        await wait_checkpoint(
+            ConsistencyGate(log, read_db, signal=p.signal), await log.last_position()
+        )
     async with read_db.read_only() as s:
         row = await s.fetchone("SELECT balance, applied, last_version FROM accounts WHERE id = 'a'")
         errors = await s.fetchval("SELECT count(*) FROM order_errors")
@@ -153,7 +157,7 @@ async def test_catch_up_leaves_the_event_loop_running(
 ) -> None:
     for i in range(30):
         await log.append(f"s-{i}", *[Deposited(f"s-{i}", 1) for _ in range(50)])
-    head = await log.head()
+    head = await log.last_position()
     ticks = 0
 
     async def ticker() -> None:

@@ -149,7 +149,9 @@ async def test_token_from_future_fails_fast(
     await mediator.send(Deposit("d", 1))
     started = time.monotonic()
     with pytest.raises(TokenFromFutureError):
-        await ask_consistent(mediator, GetBalance("d"), await log.head() + (1 << 40), timeout=30.0)
+        await ask_consistent(
+            mediator, GetBalance("d"), await log.last_position() + (1 << 40), timeout=30.0
+        )
     assert time.monotonic() - started < 2.0
 
 

@@ -40,7 +40,7 @@ async def test_rebuild_equals_incremental(
         await log.append(f"acc-{i % 7}", Deposited(f"acc-{i % 7}", i))
     async with Projector(log, read_db, [balances], decode, batch_size=16) as p:
         await ConsistencyGate(log, read_db, signal=p.signal).check(
-            ["balances"], await log.head(), "wait", 10.0
+            ["balances"], await log.last_position(), "wait", 10.0
         )
     incremental = await rows(read_db)
     assert len(incremental) == 7
@@ -65,7 +65,7 @@ async def test_rebuild_equals_incremental(
     try:
         async with Projector(log, oracle_db, [balances], decode, batch_size=50) as p:
             await ConsistencyGate(log, oracle_db, signal=p.signal).check(
-                ["balances"], await log.head(), "wait", 10.0
+                ["balances"], await log.last_position(), "wait", 10.0
             )
         assert await rows(oracle_db) == rebuilt
     finally:
@@ -88,7 +88,7 @@ async def test_poison_parked_then_retried(
         log, read_db, [balances], decode, max_attempts=3, state_interval=0.01
     ) as p:
         gate = ConsistencyGate(log, read_db, signal=p.signal)
-        await gate.check(["balances"], await log.head(), "wait", 10.0)
+        await gate.check(["balances"], await log.last_position(), "wait", 10.0)
         parked = await dead_letters(read_db, "balances")
         assert [(d.stream, d.version, d.type) for d in parked] == [
             ("a", 2, "bank.poison"),
@@ -101,7 +101,7 @@ async def test_poison_parked_then_retried(
         # the rest keeps flowing, the parked stream stays parked
         await log.append("b", Deposited("b", 5))
         await log.append("a", Deposited("a", 100))
-        await gate.check(["balances"], await log.head(), "wait", 10.0)
+        await gate.check(["balances"], await log.last_position(), "wait", 10.0)
         assert len(await dead_letters(read_db, "balances")) == 3
         # a retry that fails again keeps them parked with more attempts
         assert await request_retry(read_db, "balances") == 3
@@ -137,7 +137,7 @@ async def test_inline_failure_fails_the_command(
         poison_flag.touch()
         with pytest.raises(RuntimeError, match="poison"):
             await log.append("a", Poison("a"))
-        assert await log.head() == first.position
+        assert await log.last_position() == first.position
         assert [r[:2] for r in await rows(read_db)] == [("a", 1)]
     finally:
         await read_db.close()
@@ -156,7 +156,7 @@ async def test_move_inline_to_async_and_back(
         [status] = await projection_status(read_db, log)
         assert (status.mode, status.checkpoint, status.lag_events) == (
             "inline",
-            await log.head(),
+            await log.last_position(),
             0,
         )
         # configuration change: the same projection object now runs asynchronously
@@ -165,7 +165,7 @@ async def test_move_inline_to_async_and_back(
             await log.append("a", Deposited("a", 1))
         async with Projector(log, read_db, [balances], decode) as p:
             await ConsistencyGate(log, read_db, signal=p.signal).check(
-                ["balances"], await log.head(), "wait", 10.0
+                ["balances"], await log.last_position(), "wait", 10.0
             )
         [status] = await projection_status(read_db, log)
         assert status.mode == "async"
@@ -176,7 +176,7 @@ async def test_move_inline_to_async_and_back(
             await inline.setup(log)
         async with Projector(log, read_db, [balances], decode) as p:
             await ConsistencyGate(log, read_db, signal=p.signal).check(
-                ["balances"], await log.head(), "wait", 10.0
+                ["balances"], await log.last_position(), "wait", 10.0
             )
         await inline.setup(log)
         inline.attach(log)
