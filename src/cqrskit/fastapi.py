@@ -56,7 +56,7 @@ from cqrskit.errors import (
 )
 from cqrskit.mediator import Mediator
 from cqrskit.messages import Command, Event, Metadata, Query
-from cqrskit.projections.consistency import ask_consistent
+from cqrskit.projections.consistency import ask_consistent, read_spec
 
 try:
     from fastapi import Depends, FastAPI, Request
@@ -198,7 +198,7 @@ class Cqrs:
         """Ask ``query``, first waiting for the request's token when the query declares
         the projections it reads (see :func:`cqrskit.projections.reads`)."""
         token = self.token
-        if token is None or getattr(type(query), "__cqrskit_reads__", None) is None:
+        if token is None or read_spec(type(query)) is None:
             return await self.mediator.ask(query)
         result = await ask_consistent(self.mediator, query, token)
         if result.stale:

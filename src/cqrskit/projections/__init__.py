@@ -17,6 +17,7 @@ from cqrskit.projections.consistency import (
     ReadSpec,
     ask_consistent,
     read_after,
+    read_spec,
     reads,
 )
 from cqrskit.projections.db import ReadDatabase, Session
@@ -60,6 +61,7 @@ __all__ = [
     "physical_table",
     "projection_status",
     "read_after",
+    "read_spec",
     "reads",
     "request_rebuild",
     "request_retry",

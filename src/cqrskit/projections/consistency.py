@@ -44,6 +44,7 @@ __all__ = [
     "ReadSpec",
     "ask_consistent",
     "read_after",
+    "read_spec",
     "reads",
 ]
 
@@ -71,6 +72,12 @@ def reads(*projections: str, policy: Policy = "wait", timeout: float = 2.0) -> C
         return cls
 
     return mark
+
+
+def read_spec(query_type: type) -> ReadSpec | None:
+    """What ``@reads(...)`` declared for ``query_type`` (or a base class), if anything."""
+    spec: ReadSpec | None = getattr(query_type, "__cqrskit_reads__", None)
+    return spec
 
 
 def _check_policy(policy: str | None) -> None:
@@ -190,7 +197,7 @@ class ConsistencyGate:
         if state is None or state.token is None:
             return await next(message)
         state.checked = True
-        spec: ReadSpec | None = getattr(type(message), "__cqrskit_reads__", None)
+        spec = read_spec(type(message))
         names = state.projections or (spec.projections if spec else ())
         if not names:
             raise ConfigurationError(
