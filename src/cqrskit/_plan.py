@@ -296,6 +296,39 @@ def route(
     )
 
 
+_MAX_CHAIN = 8
+
+
+def generate_dispatch(
+    verb: str, kind: str, plans: dict[type, Any], *, sync: bool
+) -> Callable[[Any], Any] | None:
+    """Compile ``send``/``ask`` for a mediator with few message types of ``kind``.
+
+    Up to eight types are tested with ``is`` before the dictionary lookup: cheaper than
+    hashing the type, and each plan gets its own (monomorphic) call site. Returns ``None``
+    when there are more types; the generic method is as fast then. The generated source
+    holds only fixed text and integer indices.
+    """
+    if not plans or len(plans) > _MAX_CHAIN:
+        return None
+    namespace: dict[str, Any] = {"_plans": plans, "_route": route, "_kind": kind, "_sync": sync}
+    lines = [f"def {verb}(message):", "    cls = message.__class__"]
+    for i, (mtype, plan) in enumerate(plans.items()):
+        namespace[f"_T{i}"] = mtype
+        namespace[f"_P{i}"] = plan
+        lines += [f"    if cls is _T{i}:", f"        return _P{i}(message)"]
+    lines += [
+        "    try:",
+        "        plan = _plans[cls]",
+        "    except KeyError:",
+        "        plan = _route(message, _kind, _plans, sync=_sync)",
+        "    return plan(message)",
+    ]
+    exec(compile("\n".join(lines), f"<cqrskit {verb}>", "exec"), namespace)
+    dispatch: Callable[[Any], Any] = namespace[verb]
+    return dispatch
+
+
 def check_event(event: object) -> None:
     """Slow path of ``publish``: refuse anything that is not an Event."""
     if not isinstance(event, Event):

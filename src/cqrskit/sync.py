@@ -21,6 +21,7 @@ from cqrskit._plan import (
     check_event,
     check_expected,
     check_result,
+    generate_dispatch,
     route,
 )
 from cqrskit.dependencies import Resolver, Scope
@@ -53,8 +54,6 @@ class SyncMediator:
             (``RegistrationError`` for handlers and behaviors, ``DependencyError`` for
             factories) — raised here, at build time, never during a dispatch.
     """
-
-    __slots__ = ("_commands", "_queries", "_events", "_registry", "_behaviors", "_planner")
 
     def __init__(
         self,
@@ -94,6 +93,15 @@ class SyncMediator:
             self._queries[mtype] = self._compile(spec)
         for mtype in self._registry.events():
             self._events[mtype] = self._event_plan_for(mtype, compiled)
+        # Small registries get send/ask generated for them (see generate_dispatch).
+        send = generate_dispatch("send", "command", self._commands, sync=True)
+        if send is not None:
+            send.__doc__ = SyncMediator.send.__doc__
+            self.send = send  # type: ignore[method-assign, assignment]
+        ask = generate_dispatch("ask", "query", self._queries, sync=True)
+        if ask is not None:
+            ask.__doc__ = SyncMediator.ask.__doc__
+            self.ask = ask  # type: ignore[method-assign, assignment]
 
     def _event_plan_for(
         self, event_type: type, compiled: dict[int, tuple[object, SyncPlan]]
