@@ -8,7 +8,7 @@ it from the message.
 
 from __future__ import annotations
 
-import uuid
+import os
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
@@ -45,8 +45,14 @@ class Event(Message):
     __slots__ = ()
 
 
+# the bits uuid.UUID(version=4) clears and sets: version nibble 4, variant 10xx
+_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_UUID4_SET = (0x8000 << 48) | (4 << 76)
+
+
 def _new_id() -> str:
-    return uuid.uuid4().hex
+    # the same value as uuid.uuid4().hex without building a UUID object (~3x cheaper)
+    return "%032x" % (int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET)
 
 
 class Metadata:
