@@ -19,12 +19,10 @@ import typing
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from cqrskit.errors import DependencyError, describe
-
-if TYPE_CHECKING:
-    from cqrskit.messages import Metadata
+from cqrskit.messages import Metadata
 
 __all__ = ["Dependencies", "Provider", "Resolver", "Scope"]
 
@@ -95,8 +93,6 @@ class Scope(dict[Any, Any]):
         """The metadata of this dispatch, created on first access."""
         md = self._metadata
         if md is None:
-            from cqrskit.messages import Metadata
-
             parent = self.parent.metadata if self.parent is not None else None
             md = self._metadata = Metadata(parent=parent)
         return md
