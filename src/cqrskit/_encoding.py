@@ -51,6 +51,21 @@ class EncodedEvent(NamedTuple):
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+# The C encoder behind _ENCODER, built once: JSONEncoder.encode builds it anew on every call,
+# which costs more than encoding a small event. Without a markers dict (a shared one would
+# be unsafe across threads) a container holding itself ends in RecursionError, not a loop.
+_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_encode: Callable[[Any], str]
+if _c_encoder is not None:
+    _c_encode = _c_encoder(
+        None, str, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def _encode(obj: Any) -> str:
+        return "".join(_c_encode(obj, 0))
+
+else:  # pragma: no cover - CPython always has the C accelerator
+    _encode = _ENCODER.encode
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
@@ -81,8 +96,8 @@ def encode_event(event: Event) -> EncodedEvent:
     """
     cls = type(event)
     try:
-        data = _ENCODER.encode(_fields(event))
-    except (TypeError, ValueError) as exc:
+        data = _encode(_fields(event))
+    except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(
             f"cannot encode event {cls.__name__} as JSON: {exc}.", message_type=cls
         ) from exc
