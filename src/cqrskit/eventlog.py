@@ -431,7 +431,10 @@ class _TransactionBehavior:
         if position is not None:
             record_token(position)
         if events:
+            has_handlers = mediator.has_event_handlers
             for event in events:
+                if not has_handlers(event.__class__):
+                    continue
                 try:
                     await mediator.publish(event)
                 except Exception as exc:  # noqa: BLE001 - the commit stands; reported below

@@ -254,6 +254,21 @@ class Mediator:
 
     _publish_any = publish
 
+    def has_event_handlers(self, event_type: type) -> bool:
+        """Whether :meth:`publish` of an ``event_type`` instance would run any handler
+        (registered for the type or one of its base event types).
+
+        Lets a caller skip building and awaiting a publish that would do nothing; the answer
+        is computed once per type, from the plans ``publish`` uses.
+        """
+        plans = self._event_plans_by_type.get(event_type)
+        if plans is None:
+            if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+                return False
+            self._events[event_type] = self._publisher_for(event_type)
+            plans = self._event_plans_by_type[event_type]
+        return bool(plans)
+
     async def _publish_concurrently(self, event: Event, plans: tuple[Plan, ...]) -> None:
         results = await asyncio.gather(*(p(event) for p in plans), return_exceptions=True)
         failures: list[tuple[object, BaseException]] = []
