@@ -220,16 +220,7 @@ class UnitOfWork(ABC):
         work's events from 0): unique as long as command ids are, stable across a relay's
         retries, and one uuid per command instead of one per event.
         """
-        md = self.metadata
-        if md is not None:
-            causation: str | None = md.message_id
-            correlation: str | None = md.correlation_id
-            timestamp = md.timestamp.isoformat()
-            prefix = causation
-        else:
-            correlation = causation = None
-            timestamp = datetime.now(UTC).isoformat()
-            prefix = uuid.uuid4().hex
+        prefix, correlation, causation, timestamp = self._lineage()
         seen: dict[str, int] = {}
         rows: list[PendingRow] = []
         for n, (stream, e) in enumerate(self._events):
@@ -252,6 +243,14 @@ class UnitOfWork(ABC):
                 )
             )
         return rows
+
+    def _lineage(self) -> tuple[str, str | None, str | None, str]:
+        """The events' message-id prefix, correlation id, causation id and ISO timestamp."""
+        md = self.metadata
+        if md is not None:
+            causation = md.message_id
+            return causation, md.correlation_id, causation, md.timestamp.isoformat()
+        return uuid.uuid4().hex, None, None, datetime.now(UTC).isoformat()
 
     def _close(self) -> None:
         self._active = False

@@ -128,7 +128,8 @@ class SqliteUnitOfWork(UnitOfWork):
             self.store._release()
 
 
-_Row = tuple[int, str, int, Encoded, dict[str, Any]]
+# position, stream, version, encoded event, the INSERT's values (metadata at 4..7)
+_Row = tuple[int, str, int, Encoded, tuple[Any, ...]]
 
 
 class SqliteEventStore(EventStore):
@@ -303,27 +304,36 @@ class SqliteEventStore(EventStore):
     def _release(self) -> None:
         self._write_lock.release()
 
-    def _append(self, conn: sqlite3.Connection, uow: SqliteUnitOfWork) -> list[_Row]:
+    def _append(self, conn: sqlite3.Connection, uow: UnitOfWork) -> list[_Row]:
+        # UnitOfWork.pending_rows without its per-row objects: the row values go straight
+        # into the INSERT; metadata dicts are built only for inline hooks (_stored)
+        prefix, correlation, causation, timestamp = uow._lineage()
+        encode = self._encode
+        bases = uow._base
+        seen: dict[str, int] = {}
         out: list[_Row] = []
-        for row in uow.pending_rows(self._encode):
-            enc = row.encoded
-            md = row.metadata
-            expected = row.expected_version
+        for n, (stream, event) in enumerate(uow._events):
+            i = seen.get(stream, 0)
+            seen[stream] = i + 1
+            base = bases.get(stream)
+            expected = None if base is None else base + i
+            enc = encode(event)
+            message_id = f"{prefix}-{n}"
             values = (
-                row.stream,
+                stream,
                 enc.type,
                 enc.schema_version,
                 enc.data,
-                md["message_id"],
-                md["correlation_id"],
-                md["causation_id"],
-                md["timestamp"],
+                message_id,
+                correlation,
+                causation,
+                timestamp,
             )
             try:
                 if expected is None:
                     got = conn.execute(self._sql_insert_next, values).fetchone()
                     if got is None:  # pragma: no cover - the HAVING clause always holds
-                        raise self._conflict(conn, row.stream, expected)
+                        raise self._conflict(conn, stream, expected)
                     position, version = got
                 else:
                     # versions are contiguous, so "version `expected` exists and version
@@ -332,12 +342,12 @@ class SqliteEventStore(EventStore):
                     sql = self._sql_insert_new if expected == 0 else self._sql_insert_after
                     cur = conn.execute(sql, (*values, expected))
                     if cur.rowcount != 1:
-                        raise self._conflict(conn, row.stream, expected)
+                        raise self._conflict(conn, stream, expected)
                     position, version = cur.lastrowid, expected + 1
             except sqlite3.IntegrityError as exc:
-                raise self._conflict(conn, row.stream, expected) from exc
+                raise self._conflict(conn, stream, expected) from exc
             assert position is not None
-            out.append((position, row.stream, version, enc, md))
+            out.append((position, stream, version, enc, values))
         return out
 
     def _conflict(
@@ -355,8 +365,21 @@ class SqliteEventStore(EventStore):
     @staticmethod
     def _stored(rows: list[_Row]) -> list[StoredEvent]:
         return [
-            StoredEvent(pos, stream, version, enc.type, enc.schema_version, enc.data, md)
-            for pos, stream, version, enc, md in rows
+            StoredEvent(
+                pos,
+                stream,
+                version,
+                enc.type,
+                enc.schema_version,
+                enc.data,
+                {
+                    "message_id": values[4],
+                    "correlation_id": values[5],
+                    "causation_id": values[6],
+                    "timestamp": values[7],
+                },
+            )
+            for pos, stream, version, enc, values in rows
         ]
 
     # -- read side -----------------------------------------------------------------------
