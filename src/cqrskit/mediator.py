@@ -650,6 +650,33 @@ def _fold_scoped(b: Binding, inner: ScopedCall) -> ScopedCall:
             return behavior(message, partial(_call_inner, inner, scope))
 
         return step
+    if not any(p.is_async for p in b.providers):
+        # singletons bound once; scoped values fetched per call with no dict built
+        # beyond the call's own keyword arguments, and no extra coroutine
+        fixed = {
+            n: p.value
+            for n, p in zip(b.names, b.providers, strict=True)
+            if p.lifetime == "singleton"
+        }
+        per_call = tuple(
+            (n, p.get) for n, p in zip(b.names, b.providers, strict=True) if p.lifetime == "scoped"
+        )
+        bound = partial(behavior, **fixed) if fixed else behavior
+        if len(per_call) == 1:
+            name, get = per_call[0]
+            assert get is not None
+
+            def step_one(message: Any, scope: Scope) -> Any:
+                return bound(message, partial(_call_inner, inner, scope), **{name: get(scope)})
+
+            return step_one
+
+        def step_sync_deps(message: Any, scope: Scope) -> Any:
+            kwargs = {n: get(scope) for n, get in per_call}  # type: ignore[misc]
+            return bound(message, partial(_call_inner, inner, scope), **kwargs)
+
+        return step_sync_deps
+
     resolve, is_async = _resolver_for(b.names, b.providers)
 
     async def step_deps(message: Any, scope: Scope) -> Any:
