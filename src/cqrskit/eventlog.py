@@ -407,21 +407,24 @@ class _TransactionBehavior:
         self, message: Any, next: Callable[[Any], Awaitable[Any]], scope: Scope, mediator: Mediator
     ) -> Any:
         store = self._store
-        outer = _find_active(scope.parent, store)
-        if outer is not None:
-            scope.values[store] = outer
-            return await next(message)
+        parent = scope.parent
+        if parent is not None:
+            outer = _find_active(parent, store)
+            if outer is not None:
+                scope[store] = outer
+                return await next(message)
         uow = await store.begin(scope.metadata, positions=_receipt_var.get() is not None)
-        scope.values[store] = uow
+        scope[store] = uow
         try:
             result = await next(message)
-            if not uow.active:
+            if not uow._active:
                 raise PersistenceError(
                     "the handler committed or rolled back the unit of work itself.",
                     message_type=type(message),
                     hint="let the transaction behavior commit; raise to roll back.",
                 )
-            events = [e for _, e in uow._events]
+            # what the handler recorded (an inline hook recording more is not published)
+            recorded = len(uow._events)
             position = await uow.commit()
         except BaseException:
             if uow.active:
@@ -429,9 +432,9 @@ class _TransactionBehavior:
             raise
         if position is not None:
             record_token(position)
-        if events:
+        if recorded:
             has_handlers = mediator.has_event_handlers
-            for event in events:
+            for _, event in uow._events[:recorded]:
                 if not has_handlers(event.__class__):
                     continue
                 try:

@@ -106,11 +106,12 @@ class SqliteUnitOfWork(UnitOfWork):
         except BaseException:
             self._finish_rollback()
             raise
-        self._close()
-        store._release()
+        self._active = False
+        store._write_lock.release()
         if stored is None:
             return None
-        store._wake()
+        if store._waiters:
+            store._wake()
         return stored[-1][0]
 
     async def rollback(self) -> None:
@@ -273,14 +274,19 @@ class SqliteEventStore(EventStore):
     ) -> SqliteUnitOfWork:
         """See :meth:`EventStore.begin`; waits for the in-process write lock first."""
         await self._write_lock.acquire()
+        conn = self._writer
         try:
-            await self._begin_immediate()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                await self._begin_immediate()
         except BaseException:
             self._write_lock.release()
             raise
-        return SqliteUnitOfWork(self, metadata, self._writer)
+        return SqliteUnitOfWork(self, metadata, conn)
 
     async def _begin_immediate(self) -> None:
+        """Retry ``BEGIN IMMEDIATE`` while another process holds the write lock."""
         conn = self._writer
         deadline = time.monotonic() + self._lock_timeout
         delay = 0.001
