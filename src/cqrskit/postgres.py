@@ -177,12 +177,13 @@ class PostgresUnitOfWork(UnitOfWork):
                 committing = True
                 await conn.execute("COMMIT")
             else:
-                rows = self.pending_rows(store._encode)
-                if len(rows) >= _MAX_PER_TX:
+                if len(self._events) >= _MAX_PER_TX:
                     raise PersistenceError(
-                        f"{len(rows)} events in one transaction; the limit is {_MAX_PER_TX - 1}."
+                        f"{len(self._events)} events in one transaction; the limit is "
+                        f"{_MAX_PER_TX - 1}."
                     )
                 if self._want_positions or store._hooks:
+                    rows = self.pending_rows(store._encode)
                     stored = await store._insert_returning(conn, rows)
                     for hook in store._hooks:
                         await hook(self, stored)
@@ -190,7 +191,7 @@ class PostgresUnitOfWork(UnitOfWork):
                     await conn.execute(store._sql_commit)
                     last = stored[-1].position
                 else:
-                    sql = store._render_insert(rows) + store._sql_commit
+                    sql = store._render_insert(self) + store._sql_commit
                     committing = True
                     await conn.execute(sql)
         except _CONNECTION_LOST as exc:
@@ -539,31 +540,36 @@ class PostgresEventStore(EventStore):
                 col.append(value)
         return cols
 
-    def _render_insert(self, rows: list[PendingRow]) -> str:
+    def _render_insert(self, uow: UnitOfWork) -> str:
         # A plain multi-row VALUES insert, cheap to plan: a new stream (expected version
         # 0) needs no check (the unique index refuses version 1 if the stream exists);
         # any other stream gets its next version from the next_version function, which
         # also checks the expected version and that no younger transaction appended.
+        # Rendered straight from the unit of work (UnitOfWork.pending_rows without its
+        # per-row objects); the metadata literals are the same for every row.
+        prefix, correlation, causation, timestamp = uow._lineage()
+        lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
+        prefix = _literal(prefix)[:-1]  # the message id literal without its closing quote
         base = "(pg_current_xact_id()::text::bigint << 20)"
         nv = self._next_version
+        encode = self._encode
+        bases = uow._base
+        seen: dict[str, int] = {}
         values: list[str] = []
-        for n, r in enumerate(rows):
-            enc = r.encoded
-            md = r.metadata
-            stream = _literal(r.stream)
-            first = (
-                r.expected_version if r.expected_version is None else r.expected_version - r.index
-            )
+        for n, (stream_id, event) in enumerate(uow._events):
+            i = seen.get(stream_id, 0)
+            seen[stream_id] = i + 1
+            first = bases.get(stream_id)  # the expected version before the stream's first
+            enc = encode(event)
+            stream = _literal(stream_id)
             if first == 0:
-                version = str(r.index + 1)
+                version = str(i + 1)
             else:
                 expected = "NULL" if first is None else str(int(first))
-                version = f"{nv}({stream}, {expected}, {base}) + {r.index}"
+                version = f"{nv}({stream}, {expected}, {base}) + {i}"
             values.append(
                 f"({base} + {n}, {stream}, {version}, {_literal(enc.type)}, "
-                f"{int(enc.schema_version)}, {_literal(enc.data)}, {_literal(md['message_id'])}, "
-                f"{_nullable(md['correlation_id'])}, {_nullable(md['causation_id'])}, "
-                f"{_literal(md['timestamp'])})"
+                f"{int(enc.schema_version)}, {_literal(enc.data)}, {prefix}-{n}', {lineage}"
             )
         return self._sql_values + ", ".join(values) + "; "
 

@@ -10,6 +10,7 @@ import pytest
 
 from cqrskit.errors import ConcurrencyError, ConfigurationError, PersistenceError
 from cqrskit.eventlog import EventStore, UnitOfWork
+from cqrskit.messages import Metadata
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork, postgres_ddl
 from cqrskit.testing_eventlog import Deposited, EventStoreConformance, Opened, wait_visible
 
@@ -164,5 +165,54 @@ async def test_write_connections_queue_and_recover(postgres_dsn: str, pg_schema:
         replacement.record("q", Deposited("q", 2))
         assert await replacement.commit() is not None
         assert [e.version for e in await store.read_stream("q")] == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_one_round_trip_path_writes_what_the_returning_path_writes(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+    try:
+        for round_ in (1, 2):
+            for positions in (True, False):
+                md = Metadata(message_id=f"it's {round_} {positions}", correlation_id="c'o")
+                uow = await store.begin(md, positions=positions)
+                a, b = f"a-{positions}", f"b-{positions}"
+                if round_ == 1:
+                    uow.record(a, Opened(a, "o"), expected_version=0)
+                    uow.record(a, Deposited(a, 1), Deposited(a, 2))
+                    uow.record(b, Deposited(b, 3))
+                else:  # existing streams: an expected version, then none
+                    uow.record(a, Deposited(a, 4), expected_version=3)
+                    uow.record(b, Deposited(b, 5), Deposited(b, 6))
+                await uow.commit()
+        await wait_visible(store, await store.last_position())
+        by_path: dict[bool, list[tuple[object, ...]]] = {True: [], False: []}
+        for e in await store.read_after(0):
+            path = e.stream.endswith("True")
+            md = dict(e.metadata)
+            assert md.pop("message_id").startswith("it's ")
+            assert md.pop("timestamp")
+            assert md.pop("causation_id").endswith(str(path))
+            data = json.loads(e.data)
+            data["account"] = data["account"][:1]
+            by_path[path].append((e.stream[:1], e.version, e.type, e.schema_version, data, md))
+        assert by_path[True] == by_path[False]
+        assert [row[:2] for row in by_path[False]] == [
+            ("a", 1),
+            ("a", 2),
+            ("a", 3),
+            ("b", 1),
+            ("a", 4),
+            ("b", 2),
+            ("b", 3),
+        ]
+        for e in await store.read_after(0):
+            suffix = "True" if e.stream.endswith("True") else "False"
+            assert e.metadata["correlation_id"] == "c'o"
+            assert e.metadata["message_id"] in {
+                f"it's {r} {suffix}-{n}" for r in (1, 2) for n in range(4)
+            }
     finally:
         await store.close()
