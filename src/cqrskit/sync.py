@@ -396,6 +396,9 @@ def _with_stream_scope(chain: ScopedCall) -> SyncPlan:
 def _closing_stream(items: Any, scope: Scope) -> Iterator[Any]:
     try:
         yield from items
+    except GeneratorExit:
+        scope.close_sync(None)  # closed early by the consumer: not an error
+        raise
     except BaseException as exc:
         scope.close_sync(exc)
         raise

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from cqrskit import Command, Dependencies, Mediator, Registry, ValidationError
+from cqrskit import Command, Dependencies, Mediator, Query, Registry, ValidationError
 
 
 class Session:
@@ -80,3 +81,32 @@ async def test_cleanup_error_is_raised_when_the_dispatch_succeeded() -> None:
     mediator = app(asyncio.Event())
     with pytest.raises(RuntimeError, match="cleanup failed"):
         await mediator.send(Fine())
+
+
+@dataclass(frozen=True)
+class Rows(Query[AsyncIterator[int]]):
+    pass
+
+
+async def test_closing_a_stream_early_closes_its_scope() -> None:
+    closed: list[bool] = []
+
+    def session() -> Iterator[Session]:
+        yield Session()
+        closed.append(True)
+
+    registry = Registry()
+
+    @registry.handler
+    async def rows(query: Rows, session: Session) -> AsyncIterator[int]:
+        for i in range(100):
+            yield i
+
+    deps = Dependencies()
+    deps.scoped(Session, session)
+    mediator = Mediator(registry, resolver=deps)
+    async with contextlib.aclosing(mediator.stream(Rows())) as stream:
+        async for row in stream:
+            if row == 2:
+                break
+    assert closed == [True]
