@@ -722,14 +722,10 @@ async def _closing_stream(items: Any, scope: Scope) -> AsyncIterator[Any]:
     try:
         async for item in items:
             yield item
-    except GeneratorExit:
-        # closed early by the consumer: not an error for the scoped dependencies
+    except BaseException as exc:  # GeneratorExit too: closing early is thrown in, as in Python
         close = getattr(items, "aclose", None)
-        if close is not None:
+        if close is not None and isinstance(exc, GeneratorExit):
             await close()
-        await scope.aclose(None)
-        raise
-    except BaseException as exc:
         await scope.aclose(exc)
         raise
     await scope.aclose(None)

@@ -92,8 +92,10 @@ async def test_closing_a_stream_early_closes_its_scope() -> None:
     closed: list[bool] = []
 
     def session() -> Iterator[Session]:
-        yield Session()
-        closed.append(True)
+        try:
+            yield Session()
+        finally:
+            closed.append(True)
 
     registry = Registry()
 
