@@ -14,7 +14,8 @@ metric shows it). Positions have gaps; tokens are plain ints.
 
 **One round trip for events + COMMIT.** asyncpg has no pipeline API, but a simple-protocol
 query string with several statements is one round trip: the events are rendered as SQL
-literals (only with ``standard_conforming_strings`` on, checked at connect; quotes doubled,
+literals (escape-string literals, E'...', with backslashes and quotes doubled: safe whatever
+``standard_conforming_strings`` a session sets;
 NUL refused) and sent as ``INSERT ...; COMMIT``. When the positions are needed
 before COMMIT (inline hooks) or by the caller (``send_tracked``), the INSERT runs with
 ``RETURNING`` first and COMMIT follows: one more round trip.
@@ -123,12 +124,27 @@ INSERT INTO {s}."cqrskit_schema" (name, version) VALUES ('{table}', {SCHEMA_VERS
 
 
 def _literal(value: str) -> str:
+    """``value`` as an escape-string literal: ``E'...'`` with backslashes and quotes doubled
+    means the same whatever ``standard_conforming_strings`` a session has set."""
+    if type(value) is not str:
+        raise PersistenceError(
+            f"cannot store a {type(value).__name__} in a text column of the event log.",
+            hint="stream ids, event types and metadata ids must be strings.",
+        )
     if "\x00" in value:
         raise PersistenceError(
             "a NUL character cannot be stored in a PostgreSQL text column.",
             hint="remove NUL characters from event data and stream ids.",
         )
-    return "'" + value.replace("'", "''") + "'"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PersistenceError(
+                "a string with a lone surrogate cannot be stored as UTF-8.",
+                hint="remove unpaired surrogates from event data and stream ids.",
+            ) from exc
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _nullable(value: str | None) -> str:
