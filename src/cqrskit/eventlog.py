@@ -140,7 +140,7 @@ class UnitOfWork(ABC):
     store.begin()``, then ``await uow.commit()`` or ``await uow.rollback()``.
     """
 
-    __slots__ = ("_events", "_base", "_count", "_active", "metadata", "store")
+    __slots__ = ("_events", "_base", "_count", "_active", "_failed_nested", "metadata", "store")
 
     def __init__(self, store: EventStore, metadata: Metadata | None) -> None:
         self.store = store
@@ -149,6 +149,7 @@ class UnitOfWork(ABC):
         self._base: dict[str, int | None] = {}
         self._count: dict[str, int] = {}
         self._active = True
+        self._failed_nested: BaseException | None = None
 
     def record(self, stream: str, *events: Event, expected_version: int | None = None) -> None:
         """Record events for ``stream``; they are written with the transaction.
@@ -411,7 +412,14 @@ class _TransactionBehavior:
         outer = _find_active(scope.parent, store)
         if outer is not None:
             scope.values[store] = outer
-            return await next(message)
+            try:
+                return await next(message)
+            except BaseException as exc:
+                # Its state changes share the outer transaction and cannot be undone alone:
+                # the whole unit of work may no longer commit.
+                if outer._failed_nested is None:
+                    outer._failed_nested = exc
+                raise
         uow = await store.begin(scope.metadata, positions=_receipt_var.get() is not None)
         scope.values[store] = uow
         try:
@@ -422,6 +430,15 @@ class _TransactionBehavior:
                     message_type=type(message),
                     hint="let the transaction behavior commit; raise to roll back.",
                 )
+            if uow._failed_nested is not None:
+                raise PersistenceError(
+                    f"a command sent by the handler of {type(message).__name__} failed "
+                    f"({type(uow._failed_nested).__name__}); its changes share this "
+                    "transaction, so nothing is committed.",
+                    message_type=type(message),
+                    hint="let the nested command's error propagate, or send it after this "
+                    "command (e.g. from an event handler, which runs after commit).",
+                ) from uow._failed_nested
             events = [e for _, e in uow._events]
             position = await uow.commit()
         except BaseException:
