@@ -147,6 +147,31 @@ def _literal(value: str) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+async def _commit_round_trip(conn: Any, sql: str) -> None:
+    """Send the round trip that ends in COMMIT so that a cancellation cannot cut it in half.
+
+    Once COMMIT is on the wire its outcome cannot be recalled: a cancellation that arrives
+    meanwhile waits for the outcome (the commit then completes, its token is reported) and
+    is delivered again at the caller's next await.
+    """
+    task = asyncio.ensure_future(conn.execute(sql))
+    interrupted = False
+    try:
+        while True:
+            try:
+                await asyncio.shield(task)
+                return
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    raise
+                interrupted = True
+    finally:
+        if interrupted:
+            current = asyncio.current_task()
+            if current is not None:
+                current.cancel()
+
+
 def _nullable(value: str | None) -> str:
     return "NULL" if value is None else _literal(value)
 
@@ -191,7 +216,7 @@ class PostgresUnitOfWork(UnitOfWork):
         try:
             if not self._events:
                 committing = True
-                await conn.execute("COMMIT")
+                await _commit_round_trip(conn, "COMMIT")
             else:
                 rows = self.pending_rows(store._encode)
                 if len(rows) >= _MAX_PER_TX:
@@ -203,12 +228,12 @@ class PostgresUnitOfWork(UnitOfWork):
                     for hook in store._hooks:
                         await hook(self, stored)
                     committing = True
-                    await conn.execute(store._sql_commit)
+                    await _commit_round_trip(conn, store._sql_commit)
                     last = stored[-1].position
                 else:
                     sql = store._render_insert(rows) + store._sql_commit
                     committing = True
-                    await conn.execute(sql)
+                    await _commit_round_trip(conn, sql)
         except _CONNECTION_LOST as exc:
             await self._abort()
             raise _connection_lost(exc, committing) from exc
