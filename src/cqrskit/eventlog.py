@@ -457,7 +457,16 @@ class _TransactionBehavior:
 
     def _report(self, event: Event, exc: Exception) -> None:
         if self._on_error is not None:
-            self._on_error(event, exc)
+            try:
+                self._on_error(event, exc)
+            except Exception as callback_error:  # noqa: BLE001 - the commit stands
+                _log.error(
+                    "on_publish_error failed for %s: %s (handler error: %s)",
+                    type(event).__name__,
+                    callback_error,
+                    exc,
+                    exc_info=callback_error,
+                )
         else:
             _log.error(
                 "event handler failed after commit for %s: %s",

@@ -306,7 +306,9 @@ class _WriteConnections:
         try:
             return await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            # a connection handed over just before the cancellation goes back; a _Retry
+            # handed over must not turn the cancellation into a retry
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result())
             raise
 
