@@ -150,7 +150,15 @@ async def _history_status(bank: Bank) -> ProjectionStatus:
 async def _catch_up(bank: Bank, out: TextIO) -> None:
     """Show the async read model catching up (positions may have gaps: count events)."""
     progress = _Progress(out)
-    behind = (await _history_status(bank)).lag_events
+    first = await _history_status(bank)
+    behind = first.lag_events
+    if behind == 0:
+        progress.show(
+            f"history projection kept pace during the day: checkpoint {first.checkpoint}, "
+            "0 events behind",
+            final=True,
+        )
+        return
     deadline = time.monotonic() + CATCH_UP_TIMEOUT
     width = 30
     while True:

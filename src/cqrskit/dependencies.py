@@ -15,6 +15,7 @@ yields the value and cleans up after the ``yield``; its own parameters are resol
 from __future__ import annotations
 
 import inspect
+import logging
 import typing
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from cqrskit.messages import Metadata
 __all__ = ["Dependencies", "Provider", "Resolver", "Scope"]
 
 T = TypeVar("T")
+_log = logging.getLogger("cqrskit.dependencies")
 _MISSING: Any = object()
 
 
@@ -141,8 +143,7 @@ class Scope(dict[Any, Any]):
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 if first is None:
                     first = exc
-        if first is not None and first is not error:
-            raise first
+        _raise_cleanup_error(first, error)
 
     def close_sync(self, error: BaseException | None = None) -> None:
         """Synchronous twin of :meth:`aclose` for the sync mediator."""
@@ -156,8 +157,19 @@ class Scope(dict[Any, Any]):
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 if first is None:
                     first = exc
-        if first is not None and first is not error:
-            raise first
+        _raise_cleanup_error(first, error)
+
+
+def _raise_cleanup_error(first: BaseException | None, error: BaseException | None) -> None:
+    """After every exit callback ran: raise the first cleanup failure — unless the dispatch
+    already failed, in which case that error (or cancellation) must reach the caller
+    unchanged; the cleanup failure is logged and noted on it instead."""
+    if first is None or first is error:
+        return
+    if error is None:
+        raise first
+    _log.error("a scoped dependency's cleanup failed after an error: %r", first, exc_info=first)
+    error.add_note(f"cqrskit: a scoped dependency's cleanup also failed: {first!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,7 +140,7 @@ class UnitOfWork(ABC):
     store.begin()``, then ``await uow.commit()`` or ``await uow.rollback()``.
     """
 
-    __slots__ = ("_events", "_base", "_count", "_active", "metadata", "store")
+    __slots__ = ("_events", "_base", "_count", "_active", "_failed_nested", "metadata", "store")
 
     def __init__(self, store: EventStore, metadata: Metadata | None) -> None:
         self.store = store
@@ -149,6 +149,7 @@ class UnitOfWork(ABC):
         self._base: dict[str, int | None] = {}
         self._count: dict[str, int] = {}
         self._active = True
+        self._failed_nested: BaseException | None = None
 
     def record(self, stream: str, *events: Event, expected_version: int | None = None) -> None:
         """Record events for ``stream``; they are written with the transaction.
@@ -412,7 +413,14 @@ class _TransactionBehavior:
             outer = _find_active(parent, store)
             if outer is not None:
                 scope[store] = outer
-                return await next(message)
+                try:
+                    return await next(message)
+                except BaseException as exc:
+                    # Its state changes share the outer transaction and cannot be undone
+                    # alone: the whole unit of work may no longer commit.
+                    if outer._failed_nested is None:
+                        outer._failed_nested = exc
+                    raise
         uow = await store.begin(scope.metadata, positions=_receipt_var.get() is not None)
         scope[store] = uow
         try:
@@ -423,6 +431,15 @@ class _TransactionBehavior:
                     message_type=type(message),
                     hint="let the transaction behavior commit; raise to roll back.",
                 )
+            if uow._failed_nested is not None:
+                raise PersistenceError(
+                    f"a command sent by the handler of {type(message).__name__} failed "
+                    f"({type(uow._failed_nested).__name__}); its changes share this "
+                    "transaction, so nothing is committed.",
+                    message_type=type(message),
+                    hint="let the nested command's error propagate, or send it after this "
+                    "command (e.g. from an event handler, which runs after commit).",
+                ) from uow._failed_nested
             # what the handler recorded (an inline hook recording more is not published)
             recorded = len(uow._events)
             position = await uow.commit()
@@ -445,7 +462,16 @@ class _TransactionBehavior:
 
     def _report(self, event: Event, exc: Exception) -> None:
         if self._on_error is not None:
-            self._on_error(event, exc)
+            try:
+                self._on_error(event, exc)
+            except Exception as callback_error:  # noqa: BLE001 - the commit stands
+                _log.error(
+                    "on_publish_error failed for %s: %s (handler error: %s)",
+                    type(event).__name__,
+                    callback_error,
+                    exc,
+                    exc_info=callback_error,
+                )
         else:
             _log.error(
                 "event handler failed after commit for %s: %s",

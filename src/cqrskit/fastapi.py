@@ -44,9 +44,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from cqrskit.errors import (
+    CommitOutcomeUnknownError,
     ConcurrencyError,
     ConfigurationError,
     CqrsError,
+    DispatchTimeoutError,
+    IdempotencyError,
     MissingExtraError,
     NotAuthorizedError,
     NotFoundError,
@@ -149,6 +152,27 @@ DEFAULT_PROBLEMS: dict[type[Exception], Problem] = {
         "Invalid consistency token",
         f"The {TOKEN_HEADER} header does not name a committed change; send back the "
         "value a previous response gave you, unmodified.",
+    ),
+    IdempotencyError: Problem(
+        422,
+        "idempotency-key-reused",
+        "Idempotency key reused",
+        "This Idempotency-Key was already used for a different request; use a new key.",
+    ),
+    CommitOutcomeUnknownError: Problem(
+        503,
+        "outcome-unknown",
+        "Outcome unknown",
+        "The change may or may not have been saved. Retry with the same Idempotency-Key: "
+        "it is applied at most once.",
+        retry_after=1,
+    ),
+    DispatchTimeoutError: Problem(
+        504,
+        "timeout",
+        "Timed out",
+        "The request did not finish in time; its outcome is unknown. Retry with the same "
+        "Idempotency-Key.",
     ),
     CqrsError: Problem(
         500,

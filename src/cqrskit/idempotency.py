@@ -741,12 +741,16 @@ class _IdempotentTransaction:
             await backend.save(uow, _Row(key, spec.name, digest, text, len(uow._events)))
             return result
 
+        # Nothing this command causes (nested sends, after-commit event handlers) inherits
+        # the caller's key: a follow-up command is a different command.
+        key_token = _key_var.set(None)
         try:
             result = await self._inner(message, inside, scope, mediator)
         except CommitOutcomeUnknownError as exc:
             exc.retry_safe = True  # a retry with this key cannot apply the command twice
             raise
         finally:
+            _key_var.reset(key_token)
             if claimed:
                 backend.release(key)
             for uow in uows:

@@ -223,14 +223,24 @@ class Mediator:
         return plan(query)
 
     async def stream(self, query: Query[AsyncIterator[T]]) -> AsyncIterator[T]:
-        """Dispatch a streaming query and iterate over what its handler yields."""
+        """Dispatch a streaming query and iterate over what its handler yields.
+
+        Closing this iterator early (``break`` inside ``async with
+        contextlib.aclosing(mediator.stream(q))``) closes the handler's stream and its
+        dispatch scope at once.
+        """
         result: Any = await self.ask(query)
-        if hasattr(result, "__aiter__"):
-            async for item in result:
-                yield item
-        else:
-            for item in result:
-                yield item
+        try:
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:
+                for item in result:
+                    yield item
+        finally:
+            close = getattr(result, "aclose", None)
+            if close is not None:
+                await close()
 
     def publish(
         self, event: Event, *, concurrently: bool | None = None
@@ -754,7 +764,10 @@ async def _closing_stream(items: Any, scope: Scope) -> AsyncIterator[Any]:
     try:
         async for item in items:
             yield item
-    except BaseException as exc:
+    except BaseException as exc:  # GeneratorExit too: closing early is thrown in, as in Python
+        close = getattr(items, "aclose", None)
+        if close is not None and isinstance(exc, GeneratorExit):
+            await close()
         await scope.aclose(exc)
         raise
     await scope.aclose(None)

@@ -14,7 +14,8 @@ metric shows it). Positions have gaps; tokens are plain ints.
 
 **One round trip for events + COMMIT.** asyncpg has no pipeline API, but a simple-protocol
 query string with several statements is one round trip: the events are rendered as SQL
-literals (only with ``standard_conforming_strings`` on, checked at connect; quotes doubled,
+literals (escape-string literals, E'...', with backslashes and quotes doubled: safe whatever
+``standard_conforming_strings`` a session sets;
 NUL refused) and sent as ``INSERT ...; COMMIT``. When the positions are needed
 before COMMIT (inline hooks) or by the caller (``send_tracked``), the INSERT runs with
 ``RETURNING`` first and COMMIT follows: one more round trip.
@@ -123,12 +124,52 @@ INSERT INTO {s}."cqrskit_schema" (name, version) VALUES ('{table}', {SCHEMA_VERS
 
 
 def _literal(value: str) -> str:
+    """``value`` as an escape-string literal: ``E'...'`` with backslashes and quotes doubled
+    means the same whatever ``standard_conforming_strings`` a session has set."""
+    if type(value) is not str:
+        raise PersistenceError(
+            f"cannot store a {type(value).__name__} in a text column of the event log.",
+            hint="stream ids, event types and metadata ids must be strings.",
+        )
     if "\x00" in value:
         raise PersistenceError(
             "a NUL character cannot be stored in a PostgreSQL text column.",
             hint="remove NUL characters from event data and stream ids.",
         )
-    return "'" + value.replace("'", "''") + "'"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PersistenceError(
+                "a string with a lone surrogate cannot be stored as UTF-8.",
+                hint="remove unpaired surrogates from event data and stream ids.",
+            ) from exc
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+async def _commit_round_trip(conn: Any, sql: str) -> None:
+    """Send the round trip that ends in COMMIT so that a cancellation cannot cut it in half.
+
+    Once COMMIT is on the wire its outcome cannot be recalled: a cancellation that arrives
+    meanwhile waits for the outcome (the commit then completes, its token is reported) and
+    is delivered again at the caller's next await.
+    """
+    task = asyncio.ensure_future(conn.execute(sql))
+    interrupted = False
+    try:
+        while True:
+            try:
+                await asyncio.shield(task)
+                return
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    raise
+                interrupted = True
+    finally:
+        if interrupted:
+            current = asyncio.current_task()
+            if current is not None:
+                current.cancel()
 
 
 def _nullable(value: str | None) -> str:
@@ -175,7 +216,7 @@ class PostgresUnitOfWork(UnitOfWork):
         try:
             if not self._events:
                 committing = True
-                await conn.execute("COMMIT")
+                await _commit_round_trip(conn, "COMMIT")
             else:
                 if len(self._events) >= _MAX_PER_TX:
                     raise PersistenceError(
@@ -188,12 +229,12 @@ class PostgresUnitOfWork(UnitOfWork):
                     for hook in store._hooks:
                         await hook(self, stored)
                     committing = True
-                    await conn.execute(store._sql_commit)
+                    await _commit_round_trip(conn, store._sql_commit)
                     last = stored[-1].position
                 else:
                     sql = store._render_insert(self) + store._sql_commit
                     committing = True
-                    await conn.execute(sql)
+                    await _commit_round_trip(conn, sql)
         except _CONNECTION_LOST as exc:
             await self._abort()
             raise _connection_lost(exc, committing) from exc
@@ -266,7 +307,9 @@ class _WriteConnections:
         try:
             return await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            # a connection handed over just before the cancellation goes back; a _Retry
+            # handed over must not turn the cancellation into a retry
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result())
             raise
 

@@ -396,7 +396,7 @@ def _with_stream_scope(chain: ScopedCall) -> SyncPlan:
 def _closing_stream(items: Any, scope: Scope) -> Iterator[Any]:
     try:
         yield from items
-    except BaseException as exc:
+    except BaseException as exc:  # GeneratorExit too: closing early is thrown in, as in Python
         scope.close_sync(exc)
         raise
     scope.close_sync(None)

@@ -10,6 +10,7 @@ switched at run time::
     proxy.mode = Mode.RESET             # abort every connection (and each new one) at once
     proxy.mode = Mode.DROP_COMMIT_REPLY # forward COMMIT, drop its reply, reset the client
     proxy.mode = Mode.BLACKHOLE_COMMIT  # never forward COMMIT; reset both sides
+    proxy.mode = Mode.HOLD_COMMIT_REPLY # forward COMMIT, hold its reply until released
     proxy.mode = Mode.FORWARD           # back to normal
     proxy.faults_left = 1               # a COMMIT mode for the next COMMIT only
     await proxy.close()
@@ -49,6 +50,7 @@ class Mode(enum.Enum):
     RESET = "reset"
     DROP_COMMIT_REPLY = "drop_commit_reply"
     BLACKHOLE_COMMIT = "blackhole_commit"
+    HOLD_COMMIT_REPLY = "hold_commit_reply"
 
 
 class _FrontendParser:
@@ -106,6 +108,7 @@ class _Link:
         self.server_r, self.server_w = server_r, server_w
         self.parser = _FrontendParser()
         self.commit_sent = False  # DROP_COMMIT_REPLY armed on this link
+        self.hold = False  # HOLD_COMMIT_REPLY armed on this link
         self.closed = False
 
     def abort(self) -> None:
@@ -143,6 +146,9 @@ class _Link:
                 self.server_w.write(msg)
                 if carries_commit and proxy.mode is Mode.DROP_COMMIT_REPLY:
                     self.commit_sent = True
+                if carries_commit and proxy.mode is Mode.HOLD_COMMIT_REPLY:
+                    self.hold = True
+                    proxy.commit_seen.set()
             await self.server_w.drain()
         self.abort()
 
@@ -161,6 +167,8 @@ class _Link:
                 break
             if mode is Mode.BLACKHOLE:
                 continue
+            if self.hold:
+                await proxy.release_replies.wait()  # released by the test, bounded there
             await self._delay()
             self.client_w.write(data)
             await self.client_w.drain()
@@ -191,6 +199,8 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
+        self.commit_seen = asyncio.Event()  # HOLD_COMMIT_REPLY: a COMMIT went through
+        self.release_replies = asyncio.Event()  # HOLD_COMMIT_REPLY: let held replies go
 
     @property
     def mode(self) -> Mode:

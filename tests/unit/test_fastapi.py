@@ -233,3 +233,42 @@ def test_missing_fastapi_names_the_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.strip() == "fastapi"
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "slug"),
+    [
+        ("idempotency", 422, "idempotency-key-reused"),
+        ("unknown", 503, "outcome-unknown"),
+        ("timeout", 504, "timeout"),
+    ],
+)
+async def test_retry_related_errors_are_mapped(error: str, status: int, slug: str) -> None:
+    from cqrskit import (
+        CommitOutcomeUnknownError,
+        DispatchTimeoutError,
+        IdempotencyError,
+        Mediator,
+        Registry,
+    )
+
+    app = FastAPI()
+    install(app, Mediator(Registry()))
+    errors: dict[str, Exception] = {
+        "idempotency": IdempotencyError("key k used for another command"),
+        "unknown": CommitOutcomeUnknownError("connection lost during COMMIT to db-secret-host"),
+        "timeout": DispatchTimeoutError("handler took too long"),
+    }
+
+    @app.post("/fail/{name}")
+    async def fail(name: str) -> None:
+        raise errors[name]
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        r = await c.post(f"/fail/{error}")
+    body = problem(r, status, slug)
+    assert "db-secret-host" not in r.text
+    assert "Idempotency-Key" in str(body["detail"]) or status == 422
+    if status == 503:
+        assert r.headers["retry-after"] == "1"

@@ -26,7 +26,7 @@ from cqrskit.idempotency import (
     sqlite_idempotency_ddl,
 )
 from cqrskit.mediator import Mediator
-from cqrskit.messages import Command
+from cqrskit.messages import Command, Event
 from cqrskit.pipeline.retry import is_transient
 from cqrskit.registry import Registry
 from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork
@@ -217,3 +217,54 @@ async def test_forward_referenced_result_type_is_resolved_and_decoded() -> None:
     assert first == again == LaterResult(8)
     assert type(again) is LaterResult
     assert runs == [4]
+
+
+@dataclass(frozen=True)
+class OpenThing(Command[str]):
+    name: str
+
+
+@dataclass(frozen=True)
+class ThingOpened(Event):
+    name: str
+
+
+@dataclass(frozen=True)
+class Welcome(Command[str]):
+    name: str
+
+
+async def test_commands_sent_after_commit_do_not_inherit_the_key() -> None:
+    store = InMemoryEventStore()
+    idem = await Idempotency.open(store)
+    registry = Registry()
+    welcomed: list[str] = []
+
+    @registry.handler
+    async def open_thing(cmd: OpenThing, uow: UnitOfWork) -> str:
+        uow.record(f"thing-{cmd.name}", ThingOpened(cmd.name))
+        return cmd.name
+
+    @registry.handler
+    async def on_opened(event: ThingOpened, mediator: Mediator) -> None:
+        await mediator.send(Welcome(event.name))  # a follow-up command of another type
+
+    @registry.handler
+    async def welcome(cmd: Welcome, uow: UnitOfWork) -> str:
+        welcomed.append(cmd.name)
+        return cmd.name
+
+    errors: list[Exception] = []
+    mediator = Mediator(
+        registry,
+        behaviors=[idem.transaction(on_publish_error=lambda e, exc: errors.append(exc))],
+        resolver=store.resolver(),
+    )
+    with idempotency_key("k-1"):
+        assert await mediator.send(OpenThing("a")) == "a"
+        assert current_idempotency_key() == "k-1"
+    assert errors == []
+    assert welcomed == ["a"]
+    with idempotency_key("k-1"):  # the retry replays; the follow-up does not run again
+        assert await mediator.send(OpenThing("a")) == "a"
+    assert welcomed == ["a"]

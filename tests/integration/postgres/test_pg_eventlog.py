@@ -11,7 +11,7 @@ import pytest
 from cqrskit.errors import ConcurrencyError, ConfigurationError, PersistenceError
 from cqrskit.eventlog import EventStore, UnitOfWork
 from cqrskit.messages import Metadata
-from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork, postgres_ddl
+from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork, _literal, postgres_ddl
 from cqrskit.testing_eventlog import Deposited, EventStoreConformance, Opened, wait_visible
 
 pytestmark = pytest.mark.postgres
@@ -74,6 +74,34 @@ async def test_one_round_trip_path_stores_tricky_literals(
         assert (info.value.stream, info.value.expected_version) == (tricky, 0)
         assert info.value.actual_version == 1
         assert [e.version for e in await store.read_stream(tricky)] == [1]
+    finally:
+        await store.close()
+
+
+async def test_literals_stay_literal_when_a_session_turns_off_standard_strings(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+    try:
+        sneaky = "ends with a backslash \\"
+        uow = await store.begin(positions=False)
+        assert isinstance(uow, PostgresUnitOfWork)
+        # a handler may change the session: the rendering must not depend on it
+        await uow.connection.execute("SET LOCAL standard_conforming_strings = off")
+        uow.record(sneaky, Opened(sneaky, "x'); DROP TABLE t; --"), expected_version=0)
+        assert await uow.commit() is None
+        async with store.pool.acquire() as conn:
+            await wait_visible(
+                store,
+                await conn.fetchval(f'SELECT max(position) FROM "{pg_schema}".cqrskit_events'),
+            )
+        [event] = await store.read_after(0)
+        assert event.stream == sneaky
+        assert json.loads(event.data) == {"account": sneaky, "owner": "x'); DROP TABLE t; --"}
+        with pytest.raises(PersistenceError, match="cannot store a int"):
+            _literal(42)  # type: ignore[arg-type]
+        with pytest.raises(PersistenceError, match="lone surrogate"):
+            _literal("\ud800")
     finally:
         await store.close()
 
