@@ -147,6 +147,14 @@ def _literal(value: str) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+class _CommitTask(asyncio.Task[Any]):
+    """A task running the round trip that ends in COMMIT; it cannot be cancelled."""
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Refuse: the outcome of a COMMIT on the wire cannot be recalled."""
+        return False
+
+
 async def _commit_round_trip(conn: Any, sql: str) -> None:
     """Send the round trip that ends in COMMIT so that a cancellation cannot cut it in half.
 
@@ -154,12 +162,15 @@ async def _commit_round_trip(conn: Any, sql: str) -> None:
     meanwhile waits for the outcome (the commit then completes, its token is reported) and
     is delivered again at the caller's next await.
     """
-    task = asyncio.ensure_future(conn.execute(sql))
+    # The task refuses cancellation itself, so this coroutine can await it directly: a
+    # cancellation of the caller then arrives once the outcome is in, with no shield's
+    # extra future and event-loop hop per commit.
+    task = _CommitTask(conn.execute(sql))
     interrupted = False
     try:
         while True:
             try:
-                await asyncio.shield(task)
+                await task
                 return
             except asyncio.CancelledError:
                 if task.cancelled():
