@@ -42,21 +42,49 @@ async def log(postgres_dsn: str, schemas: Callable[[str], str]) -> AsyncIterator
     await store.close()
 
 
-@pytest.fixture(params=["same", "separate"])
-def read_location(request: pytest.FixtureRequest, schemas: Callable[[str], str]) -> str:
-    """Where read models live: the write schema, or a separate schema."""
-    return schemas("w") if request.param == "same" else schemas("r")
+@pytest.fixture(params=["same", "separate", "database"])
+def layout(request: pytest.FixtureRequest) -> str:
+    """Read models in the write schema, in a separate schema, or in a separate database."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def read_dsn(postgres_dsn: str, layout: str) -> AsyncIterator[str]:
+    """The DSN of the read database: the write database, or one created for this test."""
+    if layout != "database":
+        yield postgres_dsn
+        return
+    name = f"cqrskit_t_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield postgres_dsn.rsplit("/", 1)[0] + "/" + name
+    finally:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+def read_location(layout: str, schemas: Callable[[str], str]) -> str:
+    """The schema read models live in (in the read database)."""
+    return schemas("w") if layout == "same" else schemas("r")
 
 
 @pytest.fixture
 async def open_read_db(
-    postgres_dsn: str, read_location: str, schemas: Callable[[str], str]
+    postgres_dsn: str, read_dsn: str, read_location: str, schemas: Callable[[str], str]
 ) -> AsyncIterator[Callable[..., ReadDatabase]]:
     opened: list[ReadDatabase] = []
 
     def make(name: str | None = None, *, write: bool = False) -> ReadDatabase:
         schema = schemas("w") if write else (schemas(name) if name else read_location)
-        db = PostgresReadDatabase(postgres_dsn, schema=schema)
+        db = PostgresReadDatabase(postgres_dsn if write else read_dsn, schema=schema)
         opened.append(db)
         return db
 
