@@ -331,22 +331,7 @@ def compile_factory(key: Any, factory: Callable[..., Any], lookup: Lookup) -> Pr
 
     def finish_gen(gen: Generator[Any, None, None], scope: Scope) -> Any:
         value = next(gen)
-
-        def close(error: BaseException | None) -> None:
-            if error is None:
-                if next(gen, _MISSING) is _MISSING:
-                    return
-                raise DependencyError(f"factory {describe(factory)} yielded twice.")
-            try:
-                gen.throw(error)
-            except StopIteration:
-                return
-            except BaseException as exc:
-                if exc is error:
-                    return
-                raise
-
-        scope.on_exit_sync(close)
+        scope.on_exit_sync(partial(_close_generator, gen, factory))
         return value
 
     async def finish_agen(agen: AsyncGenerator[Any, None], scope: Scope) -> Any:
