@@ -542,24 +542,39 @@ class PostgresEventStore(EventStore):
         With ``positions=False`` (what the transaction behavior passes unless the caller
         tracks a token) events and COMMIT go in one round trip.
         """
+        # An idle connection may have died meanwhile (server restart, idle timeout): nothing
+        # has run yet, so BEGIN is retried once on a fresh connection.
+        for attempt in (1, 2):
+            conn = await self._acquire_writer()
+            try:
+                await conn.execute("BEGIN")
+            except _CONNECTION_LOST as exc:
+                await self._release(conn, broken=True)
+                if attempt == 2:
+                    raise PersistenceError(
+                        f"cannot start a transaction: the connection to PostgreSQL was lost "
+                        f"({exc}); nothing was written.",
+                        hint="check that the server is up; the command can be retried.",
+                    ) from exc
+                continue
+            except BaseException:
+                await self._release(conn, broken=True)
+                raise
+            return PostgresUnitOfWork(self, metadata, conn, positions)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _acquire_writer(self) -> Any:
         writers = self._writers
         if writers is None:
-            conn = await self.pool.acquire()
-        else:
-            for _ in range(100):
-                try:
-                    conn = await writers.acquire()
-                    break
-                except _Retry:
-                    continue
-            else:  # pragma: no cover - would need 100 connections failing in a row
-                raise PersistenceError("could not obtain a PostgreSQL connection.")
-        try:
-            await conn.execute("BEGIN")
-        except BaseException:
-            await self._release(conn, broken=True)
-            raise
-        return PostgresUnitOfWork(self, metadata, conn, positions)
+            return await self.pool.acquire()
+        for _ in range(100):
+            try:
+                return await writers.acquire()
+            except _Retry:
+                continue
+        raise PersistenceError(  # pragma: no cover - 100 connections failing in a row
+            "could not obtain a PostgreSQL connection."
+        )
 
     async def _release(self, conn: Any, broken: bool = False) -> None:
         if self._writers is not None:

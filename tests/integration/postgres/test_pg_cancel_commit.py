@@ -72,3 +72,26 @@ async def test_cancel_during_commit_keeps_the_commit_and_its_token(
         assert event.position == last
     finally:
         await store.close()
+
+
+async def test_a_dead_idle_connection_is_replaced_before_the_next_command(
+    postgres_dsn: str, pg_schema: str, proxy: FaultProxy
+) -> None:
+    store = await PostgresEventStore.open(
+        proxy.dsn(postgres_dsn), schema=pg_schema, min_size=1, max_size=1, notify=False
+    )
+    registry = Registry()
+
+    @registry.handler
+    async def open_(cmd: Open, uow: PostgresUnitOfWork) -> None:
+        uow.record(cmd.name, Opened(cmd.name), expected_version=0)
+
+    mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+    try:
+        await mediator.send(Open("before"))
+        proxy.reset_all()  # every open connection dies, as in a server restart
+        await mediator.send(Open("after"))  # BEGIN fails on the dead one, retried on a new one
+        assert [e.version for e in await store.read_stream("after")] == [1]
+        assert [e.version for e in await store.read_stream("before")] == [1]
+    finally:
+        await store.close()
