@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from cqrskit import ConcurrencyError, NotAuthorizedError, ValidationError
+from cqrskit import ConcurrencyError, NotAuthorizedError, Receipt, ValidationError
 from cqrskit.projections import ProjectionStatus, ask_consistent, projection_status
 from examples.bank.app import Bank
 from examples.bank.domain import (
@@ -80,7 +80,9 @@ async def _send(bank: Bank, outcome: Outcome, who: Customer, command: object) ->
     kind = type(command).__name__
     try:
         with acting_as(who):
-            receipt = await bank.mediator.send_tracked(command)  # type: ignore[arg-type]
+            receipt: Receipt[object] = await bank.mediator.send_tracked(
+                command  # type: ignore[arg-type]
+            )
     except InsufficientFunds:
         outcome.rejected["overdraft"] += 1
     except NotAuthorizedError:

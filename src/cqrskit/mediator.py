@@ -16,7 +16,7 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from functools import partial
 from types import MethodType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cqrskit._plan import (
     Binding,
@@ -44,7 +44,7 @@ ScopedCall = Callable[[Any, Scope], Any]
 _scope_var: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "cqrskit_scope", default=None
 )
-_receipt_var: contextvars.ContextVar[Receipt | None] = contextvars.ContextVar(
+_receipt_var: contextvars.ContextVar[Receipt[Any] | None] = contextvars.ContextVar(
     "cqrskit_receipt", default=None
 )
 
@@ -54,19 +54,21 @@ def current_scope() -> Scope | None:
     return _scope_var.get()
 
 
-class Receipt:
+class Receipt(Generic[R]):
     """What ``Mediator.send_tracked`` returns: the result and the consistency token.
 
     Attributes:
-        result: the handler's result.
+        result: the handler's result (typed from the command: ``Receipt[str]`` for a
+            ``Command[str]``).
         token: the event-log position of the last event committed by the command (and the
             commands it dispatched), or ``None`` when it committed none.
     """
 
     __slots__ = ("result", "token")
 
+    result: R
+
     def __init__(self) -> None:
-        self.result: Any = None
         self.token: int | None = None
 
     def record(self, position: int) -> None:
@@ -290,12 +292,12 @@ class Mediator:
         if failures:
             raise PublishError(event.__class__, failures)
 
-    async def send_tracked(self, command: Command[R]) -> Receipt:
+    async def send_tracked(self, command: Command[R]) -> Receipt[R]:
         """Like :meth:`send`, but also return the consistency token of what it committed.
 
         The handler's return type is untouched: the result is ``receipt.result``.
         """
-        receipt = Receipt()
+        receipt: Receipt[R] = Receipt()
         token = _receipt_var.set(receipt)
         try:
             receipt.result = await self.send(command)

@@ -197,12 +197,12 @@ class SyncMediator:
         if failures:
             raise PublishError(event.__class__, failures)
 
-    def send_tracked(self, command: Command[R]) -> Receipt:
+    def send_tracked(self, command: Command[R]) -> Receipt[R]:
         """Like :meth:`send`, but also return the consistency token of what it committed.
 
         The handler's return type is untouched: the result is ``receipt.result``.
         """
-        receipt = Receipt()
+        receipt: Receipt[R] = Receipt()
         token = _receipt_var.set(receipt)
         try:
             receipt.result = self.send(command)

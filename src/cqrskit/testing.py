@@ -204,12 +204,12 @@ class RecordingMediator(_Recorder):
         self._record(command, Command, "send", "command", self.sent)
         return cast(R, await self._answer(command, "send"))
 
-    async def send_tracked(self, command: Command[R]) -> Receipt:
+    async def send_tracked(self, command: Command[R]) -> Receipt[R]:
         """Record ``command`` like :meth:`send`; return a receipt (token from the delegate)."""
         self._record(command, Command, "send", "command", self.sent)
         if self._stub_for(type(command)) is None and self._delegate is not None:
             return await self._delegate.send_tracked(command)
-        receipt = Receipt()
+        receipt: Receipt[R] = Receipt()
         receipt.result = await self._answer(command, "send")
         return receipt
 
@@ -271,12 +271,12 @@ class SyncRecordingMediator(_Recorder):
         self._record(command, Command, "send", "command", self.sent)
         return cast(R, self._answer(command, "send"))
 
-    def send_tracked(self, command: Command[R]) -> Receipt:
+    def send_tracked(self, command: Command[R]) -> Receipt[R]:
         """Record ``command`` like :meth:`send`; return a receipt (token from the delegate)."""
         self._record(command, Command, "send", "command", self.sent)
         if self._stub_for(type(command)) is None and self._delegate is not None:
             return self._delegate.send_tracked(command)
-        receipt = Receipt()
+        receipt: Receipt[R] = Receipt()
         receipt.result = self._answer(command, "send")
         return receipt
 

@@ -59,7 +59,7 @@ async def check_async(mediator: Mediator) -> None:
     assert_type(await mediator.ask(GetAccount("a1")), AccountView | None)
     async for row in mediator.stream(ListAccounts(10)):
         assert_type(row, AccountView)
-    assert_type(await mediator.send_tracked(OpenAccount("ada")), Receipt)
+    assert_type(await mediator.send_tracked(OpenAccount("ada")), Receipt[str])
     assert_type(await mediator.publish(AccountOpened("a1")), None)
 
 
@@ -68,5 +68,5 @@ def check_sync(mediator: SyncMediator) -> None:
     assert_type(mediator.ask(GetAccount("a1")), AccountView | None)
     for row in mediator.stream(ListAccountsSync(10)):
         assert_type(row, AccountView)
-    assert_type(mediator.send_tracked(OpenAccount("ada")), Receipt)
+    assert_type(mediator.send_tracked(OpenAccount("ada")), Receipt[str])
     assert_type(mediator.publish(AccountOpened("a1")), None)
