@@ -138,7 +138,9 @@ class Applier:
             try:
                 async with session.savepoint():
                     await self.apply_one(ctx, stored)
-            except Exception as exc:  # noqa: BLE001 - a handler failure is data: park it
+            except Exception as exc:  # a handler failure is data: park it
+                if infrastructure_fault(exc):
+                    raise  # not the event's fault: the worker restarts and tries again
                 error = _error_text(exc)
                 continue
             return None
@@ -234,3 +236,27 @@ class Applier:
 
 def _blocked_text(stored: StoredEvent) -> str:
     return f"not applied: an earlier event of stream {stored.stream!r} is parked"
+
+
+_FAULT_SQLSTATES = frozenset({"40001", "40P01", "53300", "55P03", "57P01", "57P02", "57P03"})
+
+
+def infrastructure_fault(error: BaseException) -> bool:
+    """Whether ``error`` (or one of its causes) is a database or connection fault — a lost
+    connection, a deadlock, a lock timeout, a locked SQLite file — rather than a bug in the
+    projection's handler. Such an event is retried by the restarted worker, never parked."""
+    seen: BaseException | None = error
+    for _ in range(16):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionError):
+            return True
+        code = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(code, str) and (code.startswith("08") or code in _FAULT_SQLSTATES):
+            return True
+        if type(seen).__name__ == "OperationalError" and (
+            "database is locked" in str(seen) or "disk I/O error" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -14,6 +14,8 @@ from cqrskit.errors import ConfigurationError
 from cqrskit.projections import (
     ConsistencyGate,
     InlineProjections,
+    Projection,
+    ProjectionContext,
     Projector,
     ReadDatabase,
     dead_letters,
@@ -185,3 +187,38 @@ async def test_move_inline_to_async_and_back(
         assert await order_errors(read_db) == 0
     finally:
         await read_db.close()
+
+
+class _Deadlock(Exception):
+    """Shaped like a driver's deadlock error (SQLSTATE 40P01)."""
+
+    sqlstate = "40P01"
+
+
+async def test_database_faults_are_retried_not_parked(
+    log: AppendLog, read_db: ReadDatabase
+) -> None:
+    flaky = Projection(
+        "flaky",
+        tables={"seen": ("CREATE TABLE {seen} (id TEXT PRIMARY KEY)",)},
+    )
+    faults = {"b": 2}  # the handler of b's event meets two deadlocks, then succeeds
+
+    @flaky.on
+    async def on_deposited(e: Deposited, ctx: ProjectionContext) -> None:
+        if faults.get(e.account, 0) > 0:
+            faults[e.account] -= 1
+            raise _Deadlock("deadlock detected")
+        await ctx.execute(f"INSERT INTO {ctx.table('seen')} (id) VALUES (?)", e.account)
+
+    for account in ("a", "b", "c"):
+        await log.append(account, Deposited(account, 1))
+    async with Projector(log, read_db, [flaky], decode, max_attempts=1) as p:
+        await ConsistencyGate(log, read_db, signal=p.signal).check(
+            ["flaky"], await log.last_position(), "wait", 20.0
+        )
+        assert await dead_letters(read_db, "flaky") == []
+    async with read_db.read_only() as s:
+        seen = [r[0] for r in await s.fetchall("SELECT id FROM seen ORDER BY id")]
+    assert seen == ["a", "b", "c"]
+    assert faults == {"b": 0}

@@ -27,6 +27,7 @@ from tests.integration.sqlite.test_consistency import (  # noqa: F401
     test_wait_policy_times_out,
 )
 from tests.integration.sqlite.test_rebuild_poison_modes import (  # noqa: F401
+    test_database_faults_are_retried_not_parked,
     test_inline_failure_fails_the_command,
     test_move_inline_to_async_and_back,
     test_poison_parked_then_retried,
