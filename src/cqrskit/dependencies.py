@@ -52,18 +52,19 @@ Lookup = Callable[[Any], "Provider"]
 class Scope(dict[Any, Any]):
     """State of one dispatch: cached scoped values and the cleanups to run at its end.
 
-    The scope *is* the mapping of scoped values created so far (keyed by their type), so
-    creating one per dispatch costs no more than an empty dict.
+    The scope *is* the mapping of scoped values created so far (keyed by their type: read
+    them with ``scope[SomeType]`` / ``scope.get(SomeType)``), so creating one per dispatch
+    costs no more than an empty dict.
 
     Attributes:
         metadata: the dispatch's :class:`~cqrskit.messages.Metadata` (created lazily).
         parent: the scope of the dispatch that caused this one, if nested.
-        items: free slots for integrations (e.g. a DI container's request scope).
+        extras: free slots for integrations (e.g. a DI container's request scope).
     """
 
     parent: Scope | None = None
     _metadata: Metadata | None = None
-    _items: dict[str, Any] | None = None
+    _extras: dict[str, Any] | None = None
 
     def __init__(self, parent: Scope | None = None) -> None:
         if parent is not None:
@@ -73,17 +74,12 @@ class Scope(dict[Any, Any]):
         return f"<Scope values={list(self)!r} parent={self.parent is not None}>"
 
     @property
-    def values(self) -> dict[Any, Any]:  # type: ignore[override]
-        """Scoped values created so far, keyed by their type (the scope itself)."""
-        return self
-
-    @property
-    def items(self) -> dict[str, Any]:  # type: ignore[override]
+    def extras(self) -> dict[str, Any]:
         """Free slots for integrations (e.g. a DI container's request scope)."""
-        items = self._items
-        if items is None:
-            items = self._items = {}
-        return items
+        extras = self._extras
+        if extras is None:
+            extras = self._extras = {}
+        return extras
 
     @property
     def has_exits(self) -> bool:

@@ -140,7 +140,7 @@ class DishkaResolver:
             enter = self._enter_async
 
             async def get(scope: Scope) -> Any:
-                child = scope.items.get(key)
+                child = scope.extras.get(key)
                 if child is None:
                     child = await enter(scope)
                 return await child.get(dependency)
@@ -149,7 +149,7 @@ class DishkaResolver:
         enter_sync = self._enter_sync
 
         def get_sync(scope: Scope) -> Any:
-            child = scope.items.get(key)
+            child = scope.extras.get(key)
             if child is None:
                 child = enter_sync(scope)
             return child.get(dependency)
@@ -171,13 +171,13 @@ class DishkaResolver:
 
     async def _enter_async(self, scope: Scope) -> Any:
         child = await self._child(scope).__aenter__()
-        scope.items[self._key] = child
+        scope.extras[self._key] = child
         scope.on_exit(child.close)  # close(exception) runs dishka's finalizers with the error
         return child
 
     def _enter_sync(self, scope: Scope) -> Any:
         child = self._child(scope).__enter__()
-        scope.items[self._key] = child
+        scope.extras[self._key] = child
         scope.on_exit(child.close)
         return child
 

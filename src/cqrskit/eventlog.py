@@ -390,7 +390,7 @@ class EventStore(ABC):
 
 def _find_active(scope: Scope | None, key: object) -> UnitOfWork | None:
     while scope is not None:
-        uow = scope.values.get(key)
+        uow = scope.get(key)
         if uow is not None:
             return uow if uow.active else None
         scope = scope.parent
@@ -495,7 +495,7 @@ class _UnitOfWorkResolver:
 
         def get(scope: Scope) -> UnitOfWork:
             try:
-                return scope.values[store]  # type: ignore[no-any-return]
+                return scope[store]  # type: ignore[no-any-return]
             except KeyError:
                 raise DependencyError(
                     "no unit of work in this dispatch: only command handlers wrapped by "

@@ -714,7 +714,7 @@ class _IdempotentTransaction:
         claimed: list[bool] = []
 
         async def inside(msg: Any) -> Any:
-            uow: UnitOfWork = scope.values[store]
+            uow: UnitOfWork = scope[store]
             uows.append(uow)
             record = await backend.claim(uow, key)
             if record is None:

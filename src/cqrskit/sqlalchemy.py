@@ -285,7 +285,7 @@ class _SessionResolver:
 
         def get(scope: Scope) -> AsyncSession:
             try:
-                uow: SqlAlchemyUnitOfWork = scope.values[store]
+                uow: SqlAlchemyUnitOfWork = scope[store]
             except KeyError:
                 raise DependencyError(
                     "no session in this dispatch: only command handlers wrapped by "
@@ -423,13 +423,13 @@ class _SyncTransaction:
         for _ in range(_MAX_NESTING):
             if parent is None:
                 break
-            outer = parent.values.get(store)
+            outer = parent.get(store)
             if outer is not None and outer.active:
-                scope.values[store] = outer
+                scope[store] = outer
                 return next(message)
             parent = parent.parent
         uow = store.begin(scope.metadata)
-        scope.values[store] = uow
+        scope[store] = uow
         try:
             result = next(message)
             events = [e for _, e in uow._events]
@@ -469,7 +469,7 @@ class _SyncResolver:
 
         def get(scope: Scope) -> Any:
             try:
-                uow: SyncSqlAlchemyUnitOfWork = scope.values[store]
+                uow: SyncSqlAlchemyUnitOfWork = scope[store]
             except KeyError:
                 raise DependencyError(
                     "no session in this dispatch: only command handlers wrapped by "

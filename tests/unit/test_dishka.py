@@ -104,7 +104,7 @@ def _registry() -> Registry:
 
     @registry.handler
     async def config(q: Config, settings: Settings, scope: Scope) -> str:
-        assert not any(k.startswith("cqrskit.dishka") for k in scope.items)
+        assert not any(k.startswith("cqrskit.dishka") for k in scope.extras)
         return settings.prefix
 
     return registry
