@@ -82,11 +82,6 @@ class Scope(dict[Any, Any]):
         return extras
 
     @property
-    def has_exits(self) -> bool:
-        """Whether any exit callback is registered."""
-        return bool(self.get(EXITS))
-
-    @property
     def metadata(self) -> Metadata:
         """The metadata of this dispatch, created on first access."""
         md = self._metadata
@@ -113,11 +108,6 @@ class Scope(dict[Any, Any]):
             self[EXITS] = [callback]
         else:
             exits.append(callback)
-
-    @property
-    def needs_async_close(self) -> bool:
-        """Whether :meth:`aclose` is required (some exit callback may be async)."""
-        return ASYNC_EXITS in self
 
     def _take_exits(self) -> list[Callable[[BaseException | None], Any]] | None:
         exits: list[Callable[[BaseException | None], Any]] | None = self.pop(EXITS, None)
