@@ -163,11 +163,8 @@ class Mediator:
         plans = self._event_plan_for(event_type)
         self._event_plans_by_type[event_type] = plans
         if self._concurrent:
-            return partial(self._publish_concurrently_any, plans=plans)
+            return partial(self._publish_concurrently, plans=plans)
         return partial(_publish_in_order, plans=plans, owners=self._owners)
-
-    async def _publish_concurrently_any(self, event: Event, *, plans: tuple[Plan, ...]) -> None:
-        await self._publish_concurrently(event, plans)
 
     def _compile(self, spec: HandlerSpec) -> Plan:
         planner = self._planner
