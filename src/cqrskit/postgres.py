@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -227,7 +228,7 @@ class PostgresUnitOfWork(UnitOfWork):
         try:
             if not self._events:
                 committing = True
-                await _commit_round_trip(conn, "COMMIT")
+                await _commit_round_trip(conn, store._sql_end)
             else:
                 if len(self._events) >= _MAX_PER_TX:
                     raise PersistenceError(
@@ -279,7 +280,7 @@ class PostgresUnitOfWork(UnitOfWork):
             return
         try:
             if conn.is_in_transaction():
-                await conn.execute("ROLLBACK")
+                await conn.execute(self.store._sql_rollback)
         except BaseException:
             await self.store._release(conn, broken=True)
             raise
@@ -289,19 +290,38 @@ class PostgresUnitOfWork(UnitOfWork):
 class _WriteConnections:
     """Connections for units of work: idle ones reused last-in first-out, new ones opened
     on demand up to ``size``, then callers queue. Lighter than a general pool: a unit of
-    work always ends its transaction, so a connection needs no reset between uses."""
+    work always ends its transaction, so a connection needs no reset between uses.
 
-    def __init__(self, dsn: str, size: int) -> None:
+    With ``begin_ahead > 0`` a unit of work ends with ``COMMIT; BEGIN`` (or ``ROLLBACK;
+    BEGIN``): the connection comes back already inside the next, empty transaction and
+    the next command skips its BEGIN round trip. Such a transaction has no xid and no
+    snapshot, so it holds back neither readers' horizon nor VACUUM. A connection left
+    idle longer than ``begin_ahead`` seconds is rolled back in the background (and a
+    caller that takes it meanwhile begins afresh), so ``now()`` in a handler is never
+    older than that, and monitoring sees an idle transaction no longer than that.
+    """
+
+    def __init__(self, dsn: str, size: int, begin_ahead: float = 0.0) -> None:
         self._dsn = dsn
         self._size = size
-        self._idle: list[Any] = []
+        self._ahead = begin_ahead
+        self._idle: list[tuple[Any, float]] = []  # (connection, released at)
         self._opened = 0
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._ending: set[asyncio.Task[None]] = set()
 
-    async def acquire(self) -> Any:
-        if self._idle:
-            return self._idle.pop()
+    async def acquire(self) -> tuple[Any, bool]:
+        """A connection, and whether it is inside a transaction begun less than
+        ``begin_ahead`` seconds ago (the caller then needs no BEGIN)."""
+        idle = self._idle
+        while idle:
+            conn, since = idle.pop()
+            if conn.is_closed():  # died while idle (server restart, idle timeout)
+                self._opened -= 1
+                continue
+            return conn, conn.is_in_transaction() and time.monotonic() - since < self._ahead
         if self._closed:
             raise PersistenceError("the PostgreSQL event store is closed.")
         if self._opened < self._size:
@@ -312,17 +332,18 @@ class _WriteConnections:
             except BaseException:
                 self._opened -= 1
                 raise
-            return conn
+            return conn, False
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            return await fut
+            conn = await fut
         except asyncio.CancelledError:
             # a connection handed over just before the cancellation goes back; a _Retry
             # handed over must not turn the cancellation into a retry
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result())
             raise
+        return conn, conn.is_in_transaction()  # handed over the moment it was released
 
     def release(self, conn: Any, broken: bool = False) -> None:
         if broken or self._closed or conn.is_closed():
@@ -339,12 +360,53 @@ class _WriteConnections:
             if not fut.done():
                 fut.set_result(conn)
                 return
-        self._idle.append(conn)
+        self._idle.append((conn, time.monotonic()))
+        if self._sweeper is None and self._ahead > 0 and conn.is_in_transaction():
+            self._sweeper = asyncio.get_running_loop().call_later(self._ahead, self._sweep)
+
+    def _sweep(self) -> None:
+        """Roll back the begun-ahead transactions of connections idle past ``begin_ahead``."""
+        self._sweeper = None
+        if self._closed:
+            return
+        now = time.monotonic()
+        keep: list[tuple[Any, float]] = []
+        oldest: float | None = None
+        for conn, since in self._idle:
+            if conn.is_in_transaction() and not conn.is_closed():
+                if now - since >= self._ahead:
+                    task = asyncio.ensure_future(self._end(conn))
+                    self._ending.add(task)
+                    task.add_done_callback(self._ending.discard)
+                    continue
+                oldest = since if oldest is None else min(oldest, since)
+            keep.append((conn, since))
+        self._idle = keep
+        if oldest is not None:
+            delay = max(oldest + self._ahead - now, 0.001)
+            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    async def _end(self, conn: Any) -> None:
+        try:
+            await conn.execute("ROLLBACK")
+        except asyncio.CancelledError:
+            self.release(conn, broken=True)
+            raise
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:  # dead: drop it
+            _log.debug("discarding a write connection: %s", exc)
+            self.release(conn, broken=True)
+            return
+        self.release(conn)
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
         idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _since in idle:
             self._opened -= 1
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -400,6 +462,8 @@ class PostgresEventStore(EventStore):
         self._sql_commit = (
             f"NOTIFY {validate_identifier(self.channel, 'channel')}; COMMIT" if notify else "COMMIT"
         )
+        self._sql_end = "COMMIT"  # a unit of work without events
+        self._sql_rollback = "ROLLBACK"
         horizon = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
         cols = (
             "position, stream, version, type, schema_version, data, message_id, "
@@ -463,15 +527,32 @@ class PostgresEventStore(EventStore):
         min_size: int = 1,
         max_size: int = 10,
         encoder: Encoder | None = None,
+        begin_ahead: float = 0.05,
     ) -> PostgresEventStore:
         """Connect a pool to ``dsn`` and prepare (or check) the tables.
 
+        Args:
+            begin_ahead: seconds a write connection may wait, idle, inside the next
+                command's transaction. Each commit is sent as ``COMMIT; BEGIN`` so that
+                the next command on that connection starts with no BEGIN round trip; a
+                connection idle longer than this is rolled back in the background. The
+                empty transaction holds no xid and no snapshot. What changes for handlers:
+                ``now()`` (the transaction's start) may be up to this much older than the
+                command; use ``statement_timestamp()`` or ``clock_timestamp()`` for the
+                exact time. ``0`` sends BEGIN with every command instead.
+
         Raises:
-            ConfigurationError: bad names, ``standard_conforming_strings`` off, tables
-                missing with ``create_tables=False``, or a schema version mismatch.
+            ConfigurationError: bad names, a negative ``begin_ahead``,
+                ``standard_conforming_strings`` off, tables missing with
+                ``create_tables=False``, or a schema version mismatch.
         """
         validate_identifier(schema, "schema name")
         validate_identifier(table, "table name")
+        if not begin_ahead >= 0:  # also refuses NaN
+            raise ConfigurationError(
+                f"begin_ahead must be a number of seconds >= 0, got {begin_ahead!r}.",
+                hint="pass 0 to send BEGIN with every command.",
+            )
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
@@ -481,7 +562,11 @@ class PostgresEventStore(EventStore):
         )
         store = cls(pool, schema=schema, table=table, notify=notify, encoder=encoder)
         store.dsn = dsn
-        store._writers = _WriteConnections(dsn, max_size)
+        store._writers = _WriteConnections(dsn, max_size, begin_ahead)
+        if begin_ahead > 0:
+            store._sql_commit += "; BEGIN"
+            store._sql_end += "; BEGIN"
+            store._sql_rollback += "; BEGIN"
         try:
             await store._prepare_tables(create_tables)
         except BaseException:
@@ -537,17 +622,22 @@ class PostgresEventStore(EventStore):
     async def begin(
         self, metadata: Metadata | None = None, *, positions: bool = True
     ) -> PostgresUnitOfWork:
-        """See :meth:`EventStore.begin`: takes a pool connection and sends ``BEGIN``.
+        """See :meth:`EventStore.begin`: takes a write connection inside a transaction.
 
-        With ``positions=False`` (what the transaction behavior passes unless the caller
-        tracks a token) events and COMMIT go in one round trip.
+        The connection's previous unit of work began this one with its COMMIT (see
+        ``begin_ahead`` in :meth:`open`); otherwise ``BEGIN`` is sent now. With
+        ``positions=False`` (what the transaction behavior passes unless the caller tracks
+        a token) events and COMMIT go in one round trip.
         """
         # An idle connection may have died meanwhile (server restart, idle timeout): nothing
         # has run yet, so BEGIN is retried once on a fresh connection.
         for attempt in (1, 2):
-            conn = await self._acquire_writer()
+            conn, begun = await self._acquire_writer()
+            if begun:
+                return PostgresUnitOfWork(self, metadata, conn, positions)
             try:
-                await conn.execute("BEGIN")
+                # a begun-ahead transaction that waited too long starts afresh (now())
+                await conn.execute("ROLLBACK; BEGIN" if conn.is_in_transaction() else "BEGIN")
             except _CONNECTION_LOST as exc:
                 await self._release(conn, broken=True)
                 if attempt == 2:
@@ -563,10 +653,10 @@ class PostgresEventStore(EventStore):
             return PostgresUnitOfWork(self, metadata, conn, positions)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _acquire_writer(self) -> Any:
+    async def _acquire_writer(self) -> tuple[Any, bool]:
         writers = self._writers
         if writers is None:
-            return await self.pool.acquire()
+            return await self.pool.acquire(), False
         for _ in range(100):
             try:
                 return await writers.acquire()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import asyncpg
 import pytest
 from tests.support.proxy import FaultProxy, Mode
 
 from cqrskit import Command, Event, Mediator, Receipt, Registry
+from cqrskit.errors import CommitOutcomeUnknownError
 from cqrskit.mediator import _receipt_var
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
 
@@ -74,11 +76,25 @@ async def test_cancel_during_commit_keeps_the_commit_and_its_token(
         await store.close()
 
 
+async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds: the event loop must process the connections' EOF."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("begin_ahead", [0.0, 0.05])
 async def test_a_dead_idle_connection_is_replaced_before_the_next_command(
-    postgres_dsn: str, pg_schema: str, proxy: FaultProxy
+    postgres_dsn: str, pg_schema: str, proxy: FaultProxy, begin_ahead: float
 ) -> None:
     store = await PostgresEventStore.open(
-        proxy.dsn(postgres_dsn), schema=pg_schema, min_size=1, max_size=1, notify=False
+        proxy.dsn(postgres_dsn),
+        schema=pg_schema,
+        min_size=1,
+        max_size=1,
+        notify=False,
+        begin_ahead=begin_ahead,
     )
     registry = Registry()
 
@@ -89,9 +105,47 @@ async def test_a_dead_idle_connection_is_replaced_before_the_next_command(
     mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
     try:
         await mediator.send(Open("before"))
+        assert store._writers is not None
+        idle = [conn for conn, _ in store._writers._idle]
+        assert idle
         proxy.reset_all()  # every open connection dies, as in a server restart
-        await mediator.send(Open("after"))  # BEGIN fails on the dead one, retried on a new one
+        await _until(lambda: all(conn.is_closed() for conn in idle))
+        await mediator.send(Open("after"))  # the dead one is dropped, a new one opened
         assert [e.version for e in await store.read_stream("after")] == [1]
         assert [e.version for e in await store.read_stream("before")] == [1]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("touch", [True, False])
+async def test_a_connection_that_died_unnoticed_fails_one_command_and_commits_nothing(
+    postgres_dsn: str, pg_schema: str, proxy: FaultProxy, touch: bool
+) -> None:
+    # The connection dies right after its COMMIT; BEGIN, and the next command takes it
+    # before the event loop has seen the EOF: that command fails with a typed error, nothing
+    # of it is stored, and the command after it runs on a fresh connection.
+    store = await PostgresEventStore.open(
+        proxy.dsn(postgres_dsn), schema=pg_schema, min_size=1, max_size=1, notify=False
+    )
+    registry = Registry()
+
+    @registry.handler
+    async def open_(cmd: Open, uow: PostgresUnitOfWork) -> None:
+        if touch:
+            await uow.connection.execute("SELECT 1")
+        uow.record(cmd.name, Opened(cmd.name), expected_version=0)
+
+    mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+    try:
+        await mediator.send(Open("before"))
+        proxy.reset_all()  # no await in between: the client has not seen it yet
+        # the handler's own statement meets the dead connection first (asyncpg's error
+        # passes through), or else the COMMIT does: its outcome cannot be known
+        expected = asyncpg.PostgresConnectionError if touch else CommitOutcomeUnknownError
+        with pytest.raises(expected):
+            await mediator.send(Open("lost"))
+        await mediator.send(Open("after"))
+        assert await store.read_stream("lost") == []
+        assert [e.version for e in await store.read_stream("after")] == [1]
     finally:
         await store.close()

@@ -1,0 +1,226 @@
+"""``begin_ahead``: a commit sends ``COMMIT; BEGIN`` so the next command skips BEGIN.
+
+What must hold: the empty transaction holds back no reader; a connection idle past the
+window is rolled back in the background; a command never starts in a transaction older
+than the window (so ``now()`` is fresh); errors end in ``ROLLBACK; BEGIN`` the same way;
+``begin_ahead=0`` leaves connections outside any transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import types
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+import pytest
+
+import cqrskit.postgres as pg
+from cqrskit import Command, Event, Mediator, Registry
+from cqrskit.errors import ConfigurationError
+from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
+
+pytestmark = pytest.mark.postgres
+
+
+@dataclass(frozen=True)
+class Open(Command[datetime]):
+    name: str
+    fail: bool = False
+
+
+@dataclass(frozen=True)
+class Opened(Event):
+    name: str
+
+
+class Refused(Exception):
+    pass
+
+
+def _app(store: PostgresEventStore) -> Mediator:
+    registry = Registry()
+
+    @registry.handler
+    async def open_(cmd: Open, uow: PostgresUnitOfWork) -> datetime:
+        started: datetime = await uow.connection.fetchval("SELECT now()")
+        uow.record(cmd.name, Opened(cmd.name), expected_version=0)
+        if cmd.fail:
+            raise Refused(cmd.name)
+        return started
+
+    return Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+
+
+def _idle(store: PostgresEventStore) -> list[asyncpg.Connection]:
+    assert store._writers is not None
+    return [conn for conn, _ in store._writers._idle]
+
+
+async def _state(admin: asyncpg.Connection, conn: asyncpg.Connection) -> str:
+    state: str = await admin.fetchval(
+        "SELECT state FROM pg_stat_activity WHERE pid = $1", conn.get_server_pid()
+    )
+    return state
+
+
+async def _until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_the_begun_transaction_holds_back_no_reader(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=60)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        mediator = _app(store)
+        for name in ("a", "b", "c"):
+            await mediator.send(Open(name))
+        [conn] = _idle(store)
+        assert conn.is_in_transaction()
+        assert await _state(admin, conn) == "idle in transaction"
+        row = await admin.fetchrow(
+            "SELECT backend_xid, backend_xmin FROM pg_stat_activity WHERE pid = $1",
+            conn.get_server_pid(),
+        )
+        assert row is not None
+        assert (row[0], row[1]) == (None, None)  # no xid, no snapshot
+        # the reader's horizon reaches the last commit although the writer sits in BEGIN
+        assert await store.head() == await store.last_position()
+        assert [e.stream for e in await store.read_after(0)] == ["a", "b", "c"]
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_an_idle_connection_is_rolled_back_after_the_window(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=0.05)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        mediator = _app(store)
+        await mediator.send(Open("a"))
+        [conn] = _idle(store)
+
+        async def ended() -> bool:
+            return not conn.is_in_transaction() and await _state(admin, conn) == "idle"
+
+        await _until(ended)
+        observed: datetime = await admin.fetchval("SELECT clock_timestamp()")
+        started = await mediator.send(Open("b"))  # BEGIN sent afresh
+        assert started >= observed
+        assert _idle(store) == [conn]  # the same connection, begun again by the commit
+        assert conn.is_in_transaction()
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_a_connection_older_than_the_window_begins_afresh(
+    postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the background rollback has not run yet (the window is long), but the clock says
+    # the connection waited longer than the window: the command sends ROLLBACK; BEGIN
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=30)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        mediator = _app(store)
+        first = await mediator.send(Open("a"))
+        late = types.SimpleNamespace(monotonic=lambda: time.monotonic() + 31)
+        monkeypatch.setattr(pg, "time", late)
+        observed: datetime = await admin.fetchval("SELECT clock_timestamp()")
+        second = await mediator.send(Open("b"))
+        assert second >= observed > first
+        [conn] = _idle(store)
+        assert conn.is_in_transaction()
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_within_the_window_the_next_command_reuses_the_begun_transaction(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=60)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        mediator = _app(store)
+        await mediator.send(Open("a"))
+        [conn] = _idle(store)
+        begun: datetime = await admin.fetchval(
+            "SELECT xact_start FROM pg_stat_activity WHERE pid = $1", conn.get_server_pid()
+        )
+        started = await mediator.send(Open("b"))
+        assert started == begun  # no BEGIN was sent: the transaction began at a's COMMIT
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_a_failed_command_rolls_back_and_begins_the_next(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=60)
+    try:
+        mediator = _app(store)
+        with pytest.raises(Refused):
+            await mediator.send(Open("x", fail=True))
+        [conn] = _idle(store)
+        assert conn.is_in_transaction()
+        await mediator.send(Open("y"))
+        assert await store.read_stream("x") == []
+        assert [e.version for e in await store.read_stream("y")] == [1]
+    finally:
+        await store.close()
+
+
+async def test_begin_ahead_zero_leaves_connections_outside_a_transaction(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=0)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        mediator = _app(store)
+        observed: datetime = await admin.fetchval("SELECT clock_timestamp()")
+        started = await mediator.send(Open("a"))
+        await mediator.send(Open("b"))
+        assert started >= observed
+        [conn] = _idle(store)
+        assert not conn.is_in_transaction()
+        assert await _state(admin, conn) == "idle"
+    finally:
+        await admin.close()
+        await store.close()
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan])
+async def test_a_bad_window_is_refused(postgres_dsn: str, pg_schema: str, bad: float) -> None:
+    with pytest.raises(ConfigurationError, match="begin_ahead"):
+        await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=bad)
+
+
+async def test_close_waits_for_background_rollbacks(postgres_dsn: str, pg_schema: str) -> None:
+    store = await PostgresEventStore.open(
+        postgres_dsn, schema=pg_schema, begin_ahead=0.01, max_size=4
+    )
+    mediator = _app(store)
+    await asyncio.gather(*(mediator.send(Open(f"s{i}")) for i in range(4)))
+    assert store._writers is not None
+    writers = store._writers
+
+    async def sweeping() -> bool:
+        return bool(writers._ending) or not any(c.is_in_transaction() for c in _idle(store))
+
+    await _until(sweeping)
+    await store.close()
+    assert not writers._ending
+    assert writers._opened == 0
