@@ -330,7 +330,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case")
     parser.add_argument("--n-sqlite", type=int, default=3000, help="commands per SQLite round")
-    parser.add_argument("--n-pg", type=int, default=400, help="commands per PostgreSQL round")
+    parser.add_argument("--n-pg", type=int, default=1600, help="commands per PostgreSQL round")
     parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL cases")
