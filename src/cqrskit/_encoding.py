@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from keyword import iskeyword
 from typing import Any, NamedTuple, Protocol
 
 from cqrskit.errors import SerializationError
@@ -66,23 +67,56 @@ if _c_encoder is not None:
 
 else:  # pragma: no cover - CPython always has the C accelerator
     _encode = _ENCODER.encode
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """The fields a dataclass or msgspec Struct encodes, or None for other classes."""
+    if dataclasses.is_dataclass(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+    fields = getattr(cls, "__struct_fields__", None)
+    if fields is not None and not hasattr(cls, "model_dump"):
+        return tuple(fields)
+    return None
 
 
 def _fields(event: Event) -> Any:
-    names = _FIELD_NAMES.get(type(event))
-    if names is not None:
-        return {name: getattr(event, name) for name in names}
-    if dataclasses.is_dataclass(event):
-        names = _FIELD_NAMES[type(event)] = tuple(f.name for f in dataclasses.fields(event))
-        return {name: getattr(event, name) for name in names}
     dump = getattr(event, "model_dump", None)
     if dump is not None:
         return dump(mode="json")
-    fields = getattr(type(event), "__struct_fields__", None)
-    if fields is not None:
-        return {name: getattr(event, name) for name in fields}
+    names = _field_names(type(event))
+    if names is not None:
+        return {name: getattr(event, name) for name in names}
     return dict(vars(event))
+
+
+_new_tuple = tuple.__new__
+_PLANS: dict[type, Callable[[Any], EncodedEvent]] = {}
+
+
+def _plan_for(cls: type) -> Callable[[Any], EncodedEvent]:
+    """Compile, once per class, a function that encodes one of its events: the type name
+    and schema version are constants and, for a dataclass or msgspec Struct, the payload
+    dict is one literal of attribute reads (no getattr loop, no AttributeError per miss)."""
+    name = getattr(cls, "__event_type__", cls.__name__)
+    version = getattr(cls, "__schema_version__", 1)
+    names = _field_names(cls)
+    env: dict[str, Any] = {
+        "_new": _new_tuple,
+        "_cls": EncodedEvent,
+        "_encode": _encode,
+        "_fields": _fields,
+        "_name": name,
+        "_version": version,
+    }
+    if names is not None and all(n.isidentifier() and not iskeyword(n) for n in names):
+        payload = "{" + ", ".join(f"{n!r}: e.{n}" for n in names) + "}"
+    else:
+        payload = "_fields(e)"
+    source = f"def plan(e):\n    return _new(_cls, (_name, _version, _encode({payload})))\n"
+    exec(source, env)  # field names are checked identifiers, not keywords
+    plan: Callable[[Any], EncodedEvent] = env["plan"]
+    _PLANS[cls] = plan
+    return plan
 
 
 def encode_event(event: Event) -> EncodedEvent:
@@ -96,13 +130,8 @@ def encode_event(event: Event) -> EncodedEvent:
     """
     cls = type(event)
     try:
-        data = _encode(_fields(event))
+        return (_PLANS.get(cls) or _plan_for(cls))(event)
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(
             f"cannot encode event {cls.__name__} as JSON: {exc}.", message_type=cls
         ) from exc
-    return EncodedEvent(
-        getattr(cls, "__event_type__", cls.__name__),
-        getattr(cls, "__schema_version__", 1),
-        data,
-    )

@@ -20,18 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from cqrskit._encoding import Encoded, Encoder, encode_event
 from cqrskit.dependencies import Provider, Scope
 from cqrskit.errors import ConcurrencyError, ConfigurationError, DependencyError, PersistenceError
 from cqrskit.mediator import Mediator, _receipt_var, record_token
-from cqrskit.messages import Event, Metadata
+from cqrskit.messages import Event, Metadata, _iso_utc, _new_id
 from cqrskit.pipeline._core import ScopedBehavior, for_commands
 
 __all__ = [
@@ -250,8 +249,8 @@ class UnitOfWork(ABC):
         md = self.metadata
         if md is not None:
             causation = md.message_id
-            return causation, md.correlation_id, causation, md.timestamp.isoformat()
-        return uuid.uuid4().hex, None, None, datetime.now(UTC).isoformat()
+            return causation, md.correlation_id, causation, md.timestamp_iso()
+        return _new_id(), None, None, _iso_utc(time.time_ns())
 
     def _close(self) -> None:
         self._active = False

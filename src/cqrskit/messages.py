@@ -8,8 +8,10 @@ it from the message.
 
 from __future__ import annotations
 
+import itertools
 import os
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
 __all__ = ["Command", "Event", "Message", "Metadata", "Query"]
@@ -48,11 +50,44 @@ class Event(Message):
 # the bits uuid.UUID(version=4) clears and sets: version nibble 4, variant 10xx
 _UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
 _UUID4_SET = (0x8000 << 48) | (4 << 76)
+_LOW_62 = (1 << 62) - 1
+
+_prefix = 0
+_counter = itertools.count()
+
+
+def _seed() -> None:
+    """A fresh random prefix and counter start (at import and in every forked child)."""
+    global _prefix, _counter
+    _prefix = int.from_bytes(os.urandom(8)) << 64
+    _counter = itertools.count(int.from_bytes(os.urandom(8)) >> 3)
+
+
+_seed()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_seed)
 
 
 def _new_id() -> str:
-    # the same value as uuid.uuid4().hex without building a UUID object (~3x cheaper)
-    return "%032x" % (int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET)
+    """A unique id in the layout of a hex uuid4: 60 random bits per process and a 62-bit
+    counter (no system call per id, unlike ``uuid4()``; a forked child draws new bits)."""
+    return "%032x" % ((_prefix | (next(_counter) & _LOW_62)) & _UUID4_CLEAR | _UUID4_SET)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_iso_second = -1
+_iso_prefix = ""
+
+
+def _iso_utc(ns: int) -> str:
+    """``ns`` (nanoseconds since the epoch) as ISO 8601 UTC with microseconds, a fixed
+    width: the date and time part is formatted once per second."""
+    global _iso_second, _iso_prefix
+    second, rest = divmod(ns, 1_000_000_000)
+    if second != _iso_second:
+        _iso_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _iso_second = second
+    return f"{_iso_prefix}.{rest // 1000:06d}+00:00"
 
 
 class Metadata:
@@ -69,7 +104,14 @@ class Metadata:
         timestamp: when the dispatch started (UTC).
     """
 
-    __slots__ = ("_message_id", "_correlation_id", "_timestamp", "causation_id", "parent")
+    __slots__ = (
+        "_message_id",
+        "_correlation_id",
+        "_timestamp",
+        "_ns",
+        "causation_id",
+        "parent",
+    )
 
     def __init__(
         self,
@@ -83,6 +125,7 @@ class Metadata:
         self._message_id = message_id
         self._correlation_id = correlation_id
         self._timestamp = timestamp
+        self._ns: int | None = None
         self.parent = parent
         if parent is not None and causation_id is None:
             causation_id = parent.message_id
@@ -110,8 +153,22 @@ class Metadata:
         """When the dispatch started, UTC (read on first access)."""
         ts = self._timestamp
         if ts is None:
-            ts = self._timestamp = datetime.now(UTC)
+            ns = self._ns
+            if ns is None:
+                ns = self._ns = time.time_ns()
+            ts = self._timestamp = _EPOCH + timedelta(microseconds=ns // 1000)
         return ts
+
+    def timestamp_iso(self) -> str:
+        """:attr:`timestamp` as ISO 8601 text, computed without building the datetime when
+        it has not been read yet (then always with microseconds)."""
+        ts = self._timestamp
+        if ts is not None:
+            return ts.isoformat()
+        ns = self._ns
+        if ns is None:
+            ns = self._ns = time.time_ns()
+        return _iso_utc(ns)
 
     def as_dict(self) -> dict[str, str | None]:
         """Return the ids and the ISO timestamp as a JSON-ready dict."""
@@ -119,7 +176,7 @@ class Metadata:
             "message_id": self.message_id,
             "correlation_id": self.correlation_id,
             "causation_id": self.causation_id,
-            "timestamp": self.timestamp.isoformat(),
+            "timestamp": self.timestamp_iso(),
         }
 
     def __repr__(self) -> str:

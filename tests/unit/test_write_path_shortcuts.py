@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from cqrskit import Event, Mediator, Registry, WrongMessageKindError
 from cqrskit._encoding import encode_event
 from cqrskit.errors import SerializationError
-from cqrskit.messages import _new_id
+from cqrskit.messages import Metadata, _iso_utc, _new_id
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,70 @@ def test_encode_event_refuses_a_container_holding_itself() -> None:
 def test_encode_event_refuses_nan() -> None:
     with pytest.raises(SerializationError, match="Anything"):
         encode_event(Anything(float("nan")))
+
+
+def test_new_ids_in_a_forked_child_differ_from_the_parent() -> None:
+    # the id is a per-process random prefix and a counter: a forked child must draw anew
+    # or it would repeat the parent's next ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, " ".join(_new_id() for _ in range(3)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 4096).decode().split()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    parent = [_new_id() for _ in range(3)]
+    assert len(child) == 3
+    assert not set(child) & set(parent)
+    assert {c[:16] for c in child} != {p[:16] for p in parent}  # another random prefix
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 26, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 11, 27, 0, 0, 0, 0, tzinfo=UTC),
+        datetime(2024, 2, 29, 12, 30, 1, 5, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+    ],
+)
+def test_iso_utc_matches_datetime_isoformat(moment: datetime) -> None:
+    ns = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000 + 999
+    for _ in range(2):  # formatted, then from the per-second cache
+        assert _iso_utc(ns) == moment.isoformat(timespec="microseconds")
+
+
+def test_metadata_timestamp_and_its_text_are_the_same_instant() -> None:
+    md = Metadata()
+    text = md.timestamp_iso()
+    assert datetime.fromisoformat(text) == md.timestamp
+    assert md.timestamp.tzinfo is not None
+    later = Metadata()
+    _ = later.timestamp  # datetime first, text after
+    assert datetime.fromisoformat(later.timestamp_iso()) == later.timestamp
+
+
+class Plain(Event):
+    """Neither a dataclass nor a Struct: its instance dict is the payload."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+@dataclass(frozen=True, slots=True)
+class Renamed(Event):
+    __event_type__ = "accounts.renamed"
+    __schema_version__ = 3
+    name: str
+
+
+def test_encode_event_compiles_names_versions_and_plain_classes() -> None:
+    assert tuple(encode_event(Renamed("x"))) == ("accounts.renamed", 3, '{"name":"x"}')
+    for n in (1, 2):  # compiled, then cached
+        assert tuple(encode_event(Plain(n))) == ("Plain", 1, f'{{"n":{n}}}')
