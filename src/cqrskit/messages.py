@@ -98,7 +98,7 @@ class Metadata:
     never pays for a uuid or a clock read.
 
     Attributes:
-        message_id: unique id of this message (hex uuid4).
+        message_id: unique id of this message (32 hex digits laid out as a uuid4).
         correlation_id: id shared by every message caused, directly or not, by one origin.
         causation_id: the ``message_id`` of the message whose handling caused this one.
         timestamp: when the dispatch started (UTC).
