@@ -233,7 +233,16 @@ class NotFoundError(DispatchError, LookupError):
 
 
 class DispatchTimeoutError(DispatchError, TimeoutError):
-    """The handler did not finish within its timeout; its outcome is unknown."""
+    """The handler did not finish within its timeout; its outcome is unknown.
+
+    Attributes:
+        retry_safe: ``True`` when running the message again cannot apply it twice: a query,
+            or a command whose transaction was rolled back when the time ran out (the
+            timeout behavior sat inside the transaction behavior). The retry behavior
+            retries only such errors.
+    """
+
+    retry_safe: bool = False
 
 
 class ConcurrencyError(CqrsError):

@@ -28,7 +28,13 @@ from typing import Any, ClassVar
 
 from cqrskit._encoding import Encoded, Encoder, encode_event
 from cqrskit.dependencies import Provider, Scope
-from cqrskit.errors import ConcurrencyError, ConfigurationError, DependencyError, PersistenceError
+from cqrskit.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    DependencyError,
+    DispatchTimeoutError,
+    PersistenceError,
+)
 from cqrskit.mediator import Mediator, _receipt_var, record_token
 from cqrskit.messages import Event, Metadata, _iso_utc, _new_id
 from cqrskit.pipeline._core import ScopedBehavior, for_commands
@@ -442,9 +448,11 @@ class _TransactionBehavior:
             # what the handler recorded (an inline hook recording more is not published)
             recorded = len(uow._events)
             position = await uow.commit()
-        except BaseException:
+        except BaseException as exc:
             if uow.active:
                 await uow.rollback()
+                if isinstance(exc, DispatchTimeoutError):
+                    exc.retry_safe = True  # rolled back: running it again applies it once
             raise
         if position is not None:
             record_token(position)

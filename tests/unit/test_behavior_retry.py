@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from dataclasses import dataclass
@@ -13,14 +14,28 @@ from cqrskit import (
     Command,
     ConcurrencyError,
     DispatchTimeoutError,
+    Event,
     FieldError,
     Mediator,
     NotAuthorizedError,
     PersistenceError,
+    Query,
     Registry,
     ValidationError,
 )
-from cqrskit.pipeline import RetryBehavior, SyncRetryBehavior, for_commands, is_transient
+from cqrskit.eventlog import InMemoryEventStore, UnitOfWork
+from cqrskit.pipeline import (
+    RetryBehavior,
+    SyncRetryBehavior,
+    TimeoutBehavior,
+    for_commands,
+    is_transient,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Happened(Event):
+    n: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +74,10 @@ class UniqueViolation(Exception):
 def test_default_predicate() -> None:
     assert is_transient(ConcurrencyError("lost race"))
     assert is_transient(TimeoutError())
-    assert is_transient(DispatchTimeoutError("late"))
+    assert not is_transient(DispatchTimeoutError("late"))  # the command may have been applied
+    safe = DispatchTimeoutError("late")
+    safe.retry_safe = True
+    assert is_transient(safe)
     assert is_transient(ConnectionResetError())
     assert is_transient(SerializationFailure())
     assert not is_transient(UniqueViolation())
@@ -235,3 +253,66 @@ def test_sync_twin() -> None:
     assert info.value.__notes__ == [
         "cqrskit: Deposit failed on attempt 3 of 3 (retried 2 time(s))."
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class Slow(Command[int]):
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlowRead(Query[int]):
+    n: int
+
+
+def _slow_app(order: str) -> tuple[Mediator, list[int], InMemoryEventStore]:
+    # the first attempt hangs until the time limit; the second returns at once
+    store = InMemoryEventStore()
+    calls: list[int] = []
+    registry = Registry()
+
+    @registry.handler
+    async def slow(cmd: Slow, uow: UnitOfWork) -> int:
+        calls.append(cmd.n)
+        uow.record("s", Happened(cmd.n))
+        if len(calls) == 1:
+            await asyncio.Event().wait()
+        return cmd.n
+
+    @registry.handler
+    async def slow_read(q: SlowRead) -> int:
+        calls.append(q.n)
+        if len(calls) == 1:
+            await asyncio.Event().wait()
+        return q.n
+
+    retry = RetryBehavior(attempts=3, sleep=FakeSleep())
+    timeout = TimeoutBehavior(0.05)
+    behaviors: list[Any] = (
+        [retry, timeout, store.transaction()]
+        if order == "outside"
+        else [retry, store.transaction(), timeout]
+    )
+    return Mediator(registry, behaviors=behaviors, resolver=store.resolver()), calls, store
+
+
+async def test_a_command_timed_out_outside_its_transaction_is_not_retried() -> None:
+    mediator, calls, store = _slow_app("outside")
+    with pytest.raises(DispatchTimeoutError) as info:
+        await mediator.send(Slow(1))
+    assert not info.value.retry_safe
+    assert calls == [1]  # run once: it might have committed
+    assert await store.read_stream("s") == []
+
+
+async def test_a_command_timed_out_inside_its_transaction_is_rolled_back_and_retried() -> None:
+    mediator, calls, store = _slow_app("inside")
+    assert await mediator.send(Slow(7)) == 7
+    assert calls == [7, 7]
+    assert [e.version for e in await store.read_stream("s")] == [1]  # applied once
+
+
+async def test_a_timed_out_query_is_retried() -> None:
+    mediator, calls, _ = _slow_app("outside")
+    assert await mediator.ask(SlowRead(3)) == 3
+    assert calls == [3, 3]

@@ -6,9 +6,7 @@ default recognizes, anywhere in the ``__cause__``/``__context__`` chain:
 
 * :class:`~cqrskit.errors.ConcurrencyError` (another writer won; re-reading and retrying
   usually succeeds);
-* ``TimeoutError`` and ``ConnectionError`` (this includes
-  :class:`~cqrskit.errors.DispatchTimeoutError`: a timed-out command's outcome is unknown,
-  so retry commands only when they carry an idempotency key);
+* ``TimeoutError`` and ``ConnectionError``;
 * database errors whose SQLSTATE is a serialization failure or deadlock (``40001``,
   ``40P01``) or that say SQLite's ``database is locked``, recognized by attribute and text
   so no driver is imported;
@@ -17,6 +15,10 @@ default recognizes, anywhere in the ``__cause__``/``__context__`` chain:
 :class:`~cqrskit.errors.CommitOutcomeUnknownError` (the connection was lost during COMMIT)
 is retried only when its ``retry_safe`` flag is set, i.e. the command carried an
 idempotency key (``cqrskit.idempotency``): without one a retry could apply it twice.
+:class:`~cqrskit.errors.DispatchTimeoutError` likewise, which is ``retry_safe`` for a query
+and for a command whose transaction was rolled back when the time ran out (the timeout
+behavior inside the transaction behavior); a command timed out outside its transaction
+may have committed and is not retried.
 
 :class:`~cqrskit.errors.ValidationError` and :class:`~cqrskit.errors.NotAuthorizedError` are
 never retried, whatever the predicate says. When the behavior gives up, the last error
@@ -38,6 +40,7 @@ from typing import Any
 from cqrskit.errors import (
     CommitOutcomeUnknownError,
     ConcurrencyError,
+    DispatchTimeoutError,
     NotAuthorizedError,
     ValidationError,
 )
@@ -76,8 +79,8 @@ def is_transient(error: BaseException, retry_on: tuple[type[BaseException], ...]
             return False
         if isinstance(seen, _NEVER):
             return False
-        if isinstance(seen, CommitOutcomeUnknownError):
-            # the command may have committed: retrying is safe only with an idempotency key
+        if isinstance(seen, CommitOutcomeUnknownError | DispatchTimeoutError):
+            # the command may have been applied: retry only when that is known to be safe
             return seen.retry_safe
         if _transient_one(seen, retry_on):
             return True

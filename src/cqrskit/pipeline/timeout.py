@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from cqrskit.errors import DispatchTimeoutError
+from cqrskit.messages import Query
 from cqrskit.pipeline._core import Next
 from cqrskit.pipeline._support import returns_awaitable, type_name
 
@@ -82,11 +83,13 @@ class TimeoutBehavior:
             if not deadline.expired():
                 raise  # the handler's own TimeoutError, not this deadline
             cls = type(message)
-            raise DispatchTimeoutError(
+            error = DispatchTimeoutError(
                 f"{type_name(cls)} did not finish within {limit:g} s; its outcome is unknown.",
                 message_type=cls,
                 hint=(
                     "retry only with the same idempotency key, or raise the limit with "
                     f"TimeoutBehavior(per_type={{{cls.__name__}: seconds}})."
                 ),
-            ) from exc
+            )
+            error.retry_safe = isinstance(message, Query)  # a read changes nothing
+            raise error from exc
