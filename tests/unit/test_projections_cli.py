@@ -80,3 +80,31 @@ def test_contributes_to_the_cqrskit_cli(
     assert cqrskit_main(["projections", "status", "--store", store, "--read", read, "--json"]) == 0
     [status] = json.loads(capsys.readouterr().out)
     assert status["dead_letters"] == 1
+
+
+def test_locations_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a DSN on the command line is visible in `ps`: the CLI reads it from the environment
+    store, read = prepare(tmp_path, monkeypatch)
+    monkeypatch.setenv("CQRSKIT_STORE", store)
+    monkeypatch.setenv("CQRSKIT_READ", read)
+    assert main(["status", "--json"]) == 0
+    [status] = json.loads(capsys.readouterr().out)
+    assert status["name"] == "balances"
+    monkeypatch.delenv("CQRSKIT_READ")
+    monkeypatch.setenv("MY_READ_DB", read)
+    assert main(["dead-letters", "--read", "env:MY_READ_DB", "balances", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
+
+
+def test_missing_locations_are_reported(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CQRSKIT_STORE", raising=False)
+    monkeypatch.delenv("CQRSKIT_READ", raising=False)
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    assert main(["status", "--read", "sqlite:///x.db"]) == 2
+    assert "--store is missing and CQRSKIT_STORE is not set" in capsys.readouterr().err
+    assert main(["dead-letters", "--read", "env:NOT_SET_HERE", "balances"]) == 2
+    assert "the variable NOT_SET_HERE is not set" in capsys.readouterr().err

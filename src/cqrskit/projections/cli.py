@@ -10,6 +10,10 @@ Commands::
 ``--store`` is ``sqlite:///path/to/write.db`` or ``module:attr`` (an event store, or a
 function returning one); ``--read`` is ``sqlite:///path/to/read.db`` or a PostgreSQL DSN
 (``postgresql://...``); ``--projection`` and ``--decoder`` are ``module:attr``.
+
+A DSN on the command line is visible to every user of the machine (``ps``): leave
+``--store``/``--read`` out to read them from ``CQRSKIT_STORE``/``CQRSKIT_READ``, or pass
+``env:NAME`` to read one from the environment variable ``NAME``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -100,12 +105,47 @@ def load_projections(specs: Sequence[str]) -> list[Projection]:
     return out
 
 
+_LOCATIONS = {"store": "CQRSKIT_STORE", "read": "CQRSKIT_READ"}
+
+
 def _connection_args(parser: argparse.ArgumentParser, *, store: bool = True) -> None:
     if store:
-        parser.add_argument("--store", required=True, help="sqlite:///path, DSN or module:attr")
+        parser.add_argument(
+            "--store",
+            help="sqlite:///path, DSN, module:attr or env:NAME (default: $CQRSKIT_STORE)",
+        )
         parser.add_argument("--store-schema", help="PostgreSQL schema of the event log")
-    parser.add_argument("--read", required=True, help="sqlite:///path or a PostgreSQL DSN")
+    parser.add_argument(
+        "--read", help="sqlite:///path, a PostgreSQL DSN or env:NAME (default: $CQRSKIT_READ)"
+    )
     parser.add_argument("--schema", help="PostgreSQL schema of the read models")
+
+
+def resolve_locations(args: argparse.Namespace) -> None:
+    """Fill ``--store``/``--read`` from the environment: ``env:NAME`` reads ``$NAME``, a
+    missing option reads ``$CQRSKIT_STORE``/``$CQRSKIT_READ`` (DSNs stay out of ``ps``).
+
+    Raises:
+        ConfigurationError: neither the option nor its variable is set.
+    """
+    for name, default_var in _LOCATIONS.items():
+        if not hasattr(args, name):
+            continue
+        value: str | None = getattr(args, name)
+        if value is None:
+            value = os.environ.get(default_var)
+            if not value:
+                raise ConfigurationError(
+                    f"--{name} is missing and {default_var} is not set.",
+                    hint=f"pass --{name} env:NAME or set {default_var}, which keeps a DSN "
+                    "out of the process list.",
+                )
+        elif value.startswith("env:"):
+            var = value.removeprefix("env:")
+            value = os.environ.get(var)
+            if not value:
+                raise ConfigurationError(f"--{name} env:{var}: the variable {var} is not set.")
+        setattr(args, name, value)
 
 
 async def _close(obj: Any) -> None:
@@ -153,6 +193,7 @@ def _runner(
 ) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
         try:
+            resolve_locations(args)
             return asyncio.run(command(args))
         except CqrsError as exc:
             print(f"error: {exc}", file=sys.stderr)
