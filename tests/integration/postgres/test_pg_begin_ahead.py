@@ -9,12 +9,14 @@ than the window (so ``now()`` is fresh); errors end in ``ROLLBACK; BEGIN`` the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -68,6 +70,20 @@ async def _state(admin: asyncpg.Connection, conn: asyncpg.Connection) -> str:
     return state
 
 
+@contextlib.asynccontextmanager
+async def _opened(
+    dsn: str, schema: str, begin_ahead: float, **kwargs: Any
+) -> AsyncIterator[tuple[PostgresEventStore, Mediator, asyncpg.Connection]]:
+    """A store with ``begin_ahead``, its mediator and an admin connection, all closed after."""
+    store = await PostgresEventStore.open(dsn, schema=schema, begin_ahead=begin_ahead, **kwargs)
+    admin = await asyncpg.connect(dsn)
+    try:
+        yield store, _app(store), admin
+    finally:
+        await admin.close()
+        await store.close()
+
+
 async def _until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():
@@ -78,10 +94,7 @@ async def _until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0
 async def test_the_begun_transaction_holds_back_no_reader(
     postgres_dsn: str, pg_schema: str
 ) -> None:
-    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=60)
-    admin = await asyncpg.connect(postgres_dsn)
-    try:
-        mediator = _app(store)
+    async with _opened(postgres_dsn, pg_schema, 60) as (store, mediator, admin):
         for name in ("a", "b", "c"):
             await mediator.send(Open(name))
         [conn] = _idle(store)
@@ -96,18 +109,12 @@ async def test_the_begun_transaction_holds_back_no_reader(
         # the reader's horizon reaches the last commit although the writer sits in BEGIN
         assert await store.head() == await store.last_position()
         assert [e.stream for e in await store.read_after(0)] == ["a", "b", "c"]
-    finally:
-        await admin.close()
-        await store.close()
 
 
 async def test_an_idle_connection_is_rolled_back_after_the_window(
     postgres_dsn: str, pg_schema: str
 ) -> None:
-    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=0.05)
-    admin = await asyncpg.connect(postgres_dsn)
-    try:
-        mediator = _app(store)
+    async with _opened(postgres_dsn, pg_schema, 0.05) as (store, mediator, admin):
         await mediator.send(Open("a"))
         [conn] = _idle(store)
 
@@ -120,9 +127,6 @@ async def test_an_idle_connection_is_rolled_back_after_the_window(
         assert started >= observed
         assert _idle(store) == [conn]  # the same connection, begun again by the commit
         assert conn.is_in_transaction()
-    finally:
-        await admin.close()
-        await store.close()
 
 
 async def test_a_connection_older_than_the_window_begins_afresh(
@@ -130,10 +134,7 @@ async def test_a_connection_older_than_the_window_begins_afresh(
 ) -> None:
     # the background rollback has not run yet (the window is long), but the clock says
     # the connection waited longer than the window: the command sends ROLLBACK; BEGIN
-    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=30)
-    admin = await asyncpg.connect(postgres_dsn)
-    try:
-        mediator = _app(store)
+    async with _opened(postgres_dsn, pg_schema, 30) as (store, mediator, admin):
         first = await mediator.send(Open("a"))
         late = types.SimpleNamespace(monotonic=lambda: time.monotonic() + 31)
         monkeypatch.setattr(pg, "time", late)
@@ -142,18 +143,12 @@ async def test_a_connection_older_than_the_window_begins_afresh(
         assert second >= observed > first
         [conn] = _idle(store)
         assert conn.is_in_transaction()
-    finally:
-        await admin.close()
-        await store.close()
 
 
 async def test_within_the_window_the_next_command_reuses_the_begun_transaction(
     postgres_dsn: str, pg_schema: str
 ) -> None:
-    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=60)
-    admin = await asyncpg.connect(postgres_dsn)
-    try:
-        mediator = _app(store)
+    async with _opened(postgres_dsn, pg_schema, 60) as (store, mediator, admin):
         await mediator.send(Open("a"))
         [conn] = _idle(store)
         begun: datetime = await admin.fetchval(
@@ -161,9 +156,6 @@ async def test_within_the_window_the_next_command_reuses_the_begun_transaction(
         )
         started = await mediator.send(Open("b"))
         assert started == begun  # no BEGIN was sent: the transaction began at a's COMMIT
-    finally:
-        await admin.close()
-        await store.close()
 
 
 async def test_a_failed_command_rolls_back_and_begins_the_next(
@@ -186,10 +178,7 @@ async def test_a_failed_command_rolls_back_and_begins_the_next(
 async def test_begin_ahead_zero_leaves_connections_outside_a_transaction(
     postgres_dsn: str, pg_schema: str
 ) -> None:
-    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, begin_ahead=0)
-    admin = await asyncpg.connect(postgres_dsn)
-    try:
-        mediator = _app(store)
+    async with _opened(postgres_dsn, pg_schema, 0) as (store, mediator, admin):
         observed: datetime = await admin.fetchval("SELECT clock_timestamp()")
         started = await mediator.send(Open("a"))
         await mediator.send(Open("b"))
@@ -197,9 +186,6 @@ async def test_begin_ahead_zero_leaves_connections_outside_a_transaction(
         [conn] = _idle(store)
         assert not conn.is_in_transaction()
         assert await _state(admin, conn) == "idle"
-    finally:
-        await admin.close()
-        await store.close()
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan])
