@@ -174,6 +174,7 @@ class SqlAlchemyEventStore(EventStore):
         self.events = events
         self.sessions = sessions
         self._checked = False
+        self._same_database = False
 
     # -- write side ----------------------------------------------------------------------
 
@@ -186,10 +187,30 @@ class SqlAlchemyEventStore(EventStore):
             self._check_dialect(session)
         try:
             await session.begin()
+            if not self._same_database:
+                await self._check_database(session)
         except BaseException:
             await session.close()
             raise
         return SqlAlchemyUnitOfWork(self, metadata, session)
+
+    async def _check_database(self, session: AsyncSession) -> None:
+        """Once: the sessions write to the database the event log is read from. Events are
+        inserted through the session, so a session on another database (with the same
+        tables) would split the log without an error."""
+        sql = "SELECT current_database(), pg_postmaster_start_time()::text"
+        conn = await session.connection()
+        theirs = tuple((await conn.exec_driver_sql(sql)).one())
+        async with self.events.pool.acquire() as own:
+            ours = tuple(await own.fetchrow(sql))
+        if theirs != ours:
+            raise ConfigurationError(
+                f"the sessions write to database {theirs[0]!r} (server started {theirs[1]}) but "
+                f"the event log is read from {ours[0]!r} (server started {ours[1]}).",
+                hint="open the PostgresEventStore and the session engine on the same "
+                "database: events are written through the session.",
+            )
+        self._same_database = True
 
     def _check_dialect(self, session: AsyncSession) -> None:
         bind = session.bind

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import asyncpg
 import pytest
 from sqlalchemy import String, func, select
 from sqlalchemy.exc import IntegrityError
@@ -268,3 +269,40 @@ async def test_lost_commit_reply_on_the_session_then_keyed_retry(
         await log.close()
         await engine.dispose()
         await proxy.close()
+
+
+async def test_sessions_on_another_database_are_refused(postgres_dsn: str, pg_schema: str) -> None:
+    # the other database has the same tables, so the INSERT would succeed there and the log
+    # the store reads would silently miss the event: the first command is refused instead
+    name = f"cqrskit_t_{pg_schema[-16:]}"
+    admin = await asyncpg.connect(postgres_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    other_dsn = postgres_dsn.rsplit("/", 1)[0] + "/" + name
+    other = await PostgresEventStore.open(other_dsn, schema=pg_schema)
+    log = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+    engine = create_async_engine(_asyncpg_url(other_dsn)).execution_options(
+        schema_translate_map={"app": pg_schema}
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        store = SqlAlchemyEventStore(log, async_sessionmaker(engine, expire_on_commit=False))
+        registry = Registry()
+
+        @registry.handler
+        async def open_account(cmd: OpenAccount, session: AsyncSession, uow: UnitOfWork) -> str:
+            session.add(Account(id=cmd.account_id, owner=cmd.owner))
+            uow.record(f"account-{cmd.account_id}", AccountOpened(cmd.account_id, cmd.owner))
+            return cmd.account_id
+
+        mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+        with pytest.raises(ConfigurationError, match=f"sessions write to database '{name}'"):
+            await mediator.send(OpenAccount("1", "ada"))
+        assert await log.last_position() == 0
+        assert await other.last_position() == 0
+    finally:
+        await engine.dispose()
+        await other.close()
+        await log.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
