@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cqrskit._encoding import Encoder
@@ -148,6 +148,16 @@ def _literal(value: str) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+_XID_NOTICE = "cqrskit-xid "
+# sent before COMMIT when the caller wants the positions: the notice carries the writing
+# transaction's id, from which the positions follow ((xid << 20) + n); SET LOCAL makes sure
+# a client_min_messages above NOTICE does not swallow it
+_SQL_REPORT_XID = (
+    "SET LOCAL client_min_messages = notice; "
+    f"DO $$BEGIN RAISE NOTICE '{_XID_NOTICE}%', pg_current_xact_id(); END$$; "
+)
+
+
 class _CommitTask(asyncio.Task[Any]):
     """A task running the round trip that ends in COMMIT; it cannot be cancelled."""
 
@@ -204,7 +214,7 @@ class PostgresUnitOfWork(UnitOfWork):
             ``await uow.connection.execute(...)``.
     """
 
-    __slots__ = ("connection", "_want_positions")
+    __slots__ = ("connection", "_want_positions", "_prefix")
 
     store: PostgresEventStore
 
@@ -218,6 +228,7 @@ class PostgresUnitOfWork(UnitOfWork):
         super().__init__(store, metadata)
         self.connection = connection
         self._want_positions = want_positions
+        self._prefix = ""  # the events' message-id prefix, once rendered
 
     async def commit(self) -> int | None:
         """See :meth:`UnitOfWork.commit`."""
@@ -235,7 +246,7 @@ class PostgresUnitOfWork(UnitOfWork):
                         f"{len(self._events)} events in one transaction; the limit is "
                         f"{_MAX_PER_TX - 1}."
                     )
-                if self._want_positions or store._hooks:
+                if store._hooks:
                     rows = self.pending_rows(store._encode)
                     stored = await store._insert_returning(conn, rows)
                     for hook in store._hooks:
@@ -243,6 +254,19 @@ class PostgresUnitOfWork(UnitOfWork):
                     committing = True
                     await _commit_round_trip(conn, store._sql_commit)
                     last = stored[-1].position
+                elif self._want_positions:
+                    # the transaction id comes back as a NOTICE in the same round trip
+                    # (asyncpg discards the rows of a multi-statement query)
+                    xids = store._xids
+                    xids.pop(id(conn), None)
+                    sql = store._render_insert(self) + _SQL_REPORT_XID + store._sql_commit
+                    committing = True
+                    await _commit_round_trip(conn, sql)
+                    xid = xids.pop(id(conn), None)
+                    if xid is None:
+                        last = await store._find_last(self)
+                    else:
+                        last = (xid << 20) + len(self._events) - 1
                 else:
                     sql = store._render_insert(self) + store._sql_commit
                     committing = True
@@ -301,8 +325,15 @@ class _WriteConnections:
     older than that, and monitoring sees an idle transaction no longer than that.
     """
 
-    def __init__(self, dsn: str, size: int, begin_ahead: float = 0.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        size: int,
+        begin_ahead: float = 0.0,
+        on_connect: Callable[[Any], None] | None = None,
+    ) -> None:
         self._dsn = dsn
+        self._on_connect = on_connect
         self._size = size
         self._ahead = begin_ahead
         self._idle: list[tuple[Any, float]] = []  # (connection, released at)
@@ -329,6 +360,8 @@ class _WriteConnections:
             try:
                 conn = await asyncpg.connect(self._dsn)
                 await _check_connection(conn)
+                if self._on_connect is not None:
+                    self._on_connect(conn)
             except BaseException:
                 self._opened -= 1
                 raise
@@ -462,6 +495,7 @@ class PostgresEventStore(EventStore):
         self._sql_commit = (
             f"NOTIFY {validate_identifier(self.channel, 'channel')}; COMMIT" if notify else "COMMIT"
         )
+        self._xids: dict[int, int] = {}  # id(connection) -> xid reported by its last commit
         self._sql_end = "COMMIT"  # a unit of work without events
         self._sql_rollback = "ROLLBACK"
         horizon = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
@@ -512,6 +546,7 @@ class PostgresEventStore(EventStore):
         )
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {s}.{t} WHERE stream = $1"
         self._sql_last = f"SELECT coalesce(max(position), 0) FROM {s}.{t}"
+        self._sql_find = f"SELECT position FROM {s}.{t} WHERE stream = $1 AND message_id = $2"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -562,7 +597,7 @@ class PostgresEventStore(EventStore):
         )
         store = cls(pool, schema=schema, table=table, notify=notify, encoder=encoder)
         store.dsn = dsn
-        store._writers = _WriteConnections(dsn, max_size, begin_ahead)
+        store._writers = _WriteConnections(dsn, max_size, begin_ahead, store._listen_for_xids)
         if begin_ahead > 0:
             store._sql_commit += "; BEGIN"
             store._sql_end += "; BEGIN"
@@ -699,7 +734,7 @@ class PostgresEventStore(EventStore):
                 col.append(value)
         return cols
 
-    def _render_insert(self, uow: UnitOfWork) -> str:
+    def _render_insert(self, uow: PostgresUnitOfWork) -> str:
         # A plain multi-row VALUES insert, cheap to plan: a new stream (expected version
         # 0) needs no check (the unique index refuses version 1 if the stream exists);
         # any other stream gets its next version from the next_version function, which
@@ -707,6 +742,7 @@ class PostgresEventStore(EventStore):
         # Rendered straight from the unit of work (UnitOfWork.pending_rows without its
         # per-row objects); the metadata literals are the same for every row.
         prefix, correlation, causation, timestamp = uow._lineage()
+        uow._prefix = prefix
         lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
         prefix = _literal(prefix)[:-1]  # the message id literal without its closing quote
         base = "(pg_current_xact_id()::text::bigint << 20)"
@@ -731,6 +767,26 @@ class PostgresEventStore(EventStore):
                 f"{int(enc.schema_version)}, {_literal(enc.data)}, {prefix}-{n}', {lineage}"
             )
         return self._sql_values + ", ".join(values) + "; "
+
+    def _listen_for_xids(self, conn: Any) -> None:
+        conn.add_log_listener(self._on_log_message)
+
+    def _on_log_message(self, conn: Any, message: Any) -> None:
+        text = getattr(message, "message", "")
+        if isinstance(text, str) and text.startswith(_XID_NOTICE):
+            with contextlib.suppress(ValueError):
+                self._xids[id(conn)] = int(text[len(_XID_NOTICE) :])
+
+    async def _find_last(self, uow: PostgresUnitOfWork) -> int:
+        """The last event's position, read back: the transaction-id notice did not arrive
+        (a connection from a pool given to the store, or a server that drops notices)."""
+        stream, _ = uow._events[-1]
+        message_id = f"{uow._prefix}-{len(uow._events) - 1}"
+        async with self.pool.acquire() as conn:
+            position = await conn.fetchval(self._sql_find, stream, message_id)
+        if position is None:  # pragma: no cover - the event was just committed
+            raise PersistenceError("the committed event could not be found in the log.")
+        return int(position)
 
     async def _insert_returning(self, conn: Any, rows: list[PendingRow]) -> list[StoredEvent]:
         got = await conn.fetch(self._sql_insert_returning, *self._columns(rows))

@@ -244,3 +244,60 @@ async def test_one_round_trip_path_writes_what_the_returning_path_writes(
             }
     finally:
         await store.close()
+
+
+async def test_positions_come_back_with_the_commit(
+    postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the transaction id arrives as a NOTICE in the COMMIT round trip, even when the
+    # session raised client_min_messages; nothing is read back afterwards
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+
+    async def no_read_back(uow: PostgresUnitOfWork) -> int:
+        raise AssertionError("the positions were read back")
+
+    monkeypatch.setattr(store, "_find_last", no_read_back)
+    try:
+        for quiet in (False, True):
+            uow = await store.begin()
+            assert isinstance(uow, PostgresUnitOfWork)
+            if quiet:
+                await uow.connection.execute("SET client_min_messages = warning")
+            xid = int(await uow.connection.fetchval("SELECT pg_current_xact_id()::text"))
+            uow.record(f"s{quiet}", Opened("a", "x"), Deposited("a", 1))
+            assert await uow.commit() == (xid << 20) + 1
+            assert [e.position for e in await store.read_stream(f"s{quiet}")] == [
+                xid << 20,
+                (xid << 20) + 1,
+            ]
+    finally:
+        await store.close()
+
+
+async def test_positions_are_read_back_when_no_notice_comes(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    # a store built on a pool of the application's (no listener on its connections)
+    opened = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+    await opened.close()
+    pool = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=2)
+    store = PostgresEventStore(pool, schema=pg_schema)
+    read_back = store._find_last
+    calls: list[int] = []
+
+    async def counted(uow: PostgresUnitOfWork) -> int:
+        calls.append(1)
+        return await read_back(uow)
+
+    store._find_last = counted  # type: ignore[method-assign]
+    try:
+        uow = await store.begin()
+        uow.record("a", Opened("a", "x"))
+        uow.record("b", Deposited("b", 1), Deposited("b", 2))
+        last = await uow.commit()
+        assert last is not None
+        [*_, event] = await store.read_stream("b")
+        assert last == event.position == await store.last_position()
+        assert calls == [1]
+    finally:
+        await pool.close()
