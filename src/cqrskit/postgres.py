@@ -16,8 +16,10 @@ metric shows it). Positions have gaps; tokens are plain ints.
 query string with several statements is one round trip: the events are rendered as SQL
 literals (escape-string literals, E'...', with backslashes and quotes doubled: safe whatever
 ``standard_conforming_strings`` a session sets;
-NUL refused) and sent as ``INSERT ...; COMMIT``. When the positions are needed
-before COMMIT (inline hooks) or by the caller (``send_tracked``), the INSERT runs with
+NUL refused) and sent as ``INSERT ...; COMMIT; BEGIN`` (the next command's transaction
+begins with this one's commit: ``begin_ahead``). When the caller wants the positions
+(``send_tracked``), a ``DO`` block in the same string raises a NOTICE with the transaction
+id, from which they follow. When inline hooks need them before COMMIT, the INSERT runs with
 ``RETURNING`` first and COMMIT follows: one more round trip.
 """
 
@@ -660,9 +662,9 @@ class PostgresEventStore(EventStore):
         """See :meth:`EventStore.begin`: takes a write connection inside a transaction.
 
         The connection's previous unit of work began this one with its COMMIT (see
-        ``begin_ahead`` in :meth:`open`); otherwise ``BEGIN`` is sent now. With
-        ``positions=False`` (what the transaction behavior passes unless the caller tracks
-        a token) events and COMMIT go in one round trip.
+        ``begin_ahead`` in :meth:`open`); otherwise ``BEGIN`` is sent now. The events and
+        COMMIT go in one round trip; with ``positions=True`` the transaction id comes back
+        in it as a NOTICE (see the module docstring).
         """
         # An idle connection may have died meanwhile (server restart, idle timeout): nothing
         # has run yet, so BEGIN is retried once on a fresh connection.
