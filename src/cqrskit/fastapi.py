@@ -330,7 +330,12 @@ class _Problems:
         extra: dict[str, Any] | None = None
         if isinstance(exc, ValidationError):
             extra = {"errors": [e.as_dict() for e in exc.errors]}
-        return self.response(problem, detail, cid, extra)
+        response = self.response(problem, detail, cid, extra)
+        if cid is not None:
+            # a handler for Exception itself runs outside the request-scope middleware
+            # (Starlette answers unhandled errors last), which would not add it
+            response.headers[CORRELATION_HEADER] = cid
+        return response
 
     async def handle_request_validation(self, request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -384,7 +389,8 @@ class _RequestScopeMiddleware:
         async def send_with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
-                headers.append((self._correlation, cid.encode("latin-1")))
+                if not any(name == self._correlation for name, _ in headers):
+                    headers.append((self._correlation, cid.encode("latin-1")))
                 if ctx.token is not None:
                     headers.append((self._token, str(ctx.token).encode("latin-1")))
                 if ctx.stale:

@@ -20,6 +20,7 @@ from cqrskit.fastapi import (
     STALE_HEADER,
     TOKEN_HEADER,
     MediatorDep,
+    Problem,
     install,
 )
 from tests.support.notes_app import Harness
@@ -272,3 +273,30 @@ async def test_retry_related_errors_are_mapped(error: str, status: int, slug: st
     assert "Idempotency-Key" in str(body["detail"]) or status == 422
     if status == 503:
         assert r.headers["retry-after"] == "1"
+
+
+async def test_every_error_can_be_a_problem_without_its_text() -> None:
+    from cqrskit import Mediator, Registry
+
+    app = FastAPI()
+    install(
+        app,
+        Mediator(Registry()),
+        problems={
+            Exception: Problem(
+                500, "internal-error", "Internal error", "An unexpected error occurred."
+            )
+        },
+    )
+
+    @app.post("/crash")
+    async def crash() -> None:
+        raise RuntimeError("password=hunter2 at db-secret-host")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        r = await c.post("/crash", headers={"X-Correlation-ID": "req-42"})
+    body = problem(r, 500, "internal-error")
+    assert body["detail"] == "An unexpected error occurred."
+    assert body["correlation_id"] == "req-42"
+    assert "hunter2" not in r.text
