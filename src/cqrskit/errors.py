@@ -243,6 +243,7 @@ class DispatchTimeoutError(DispatchError, TimeoutError):
     """
 
     retry_safe: bool = False
+    _message: Any = None  # the message whose deadline ran out (set by the timeout behavior)
 
 
 class ConcurrencyError(CqrsError):

@@ -451,8 +451,11 @@ class _TransactionBehavior:
         except BaseException as exc:
             if uow.active:
                 await uow.rollback()
-                if isinstance(exc, DispatchTimeoutError):
-                    exc.retry_safe = True  # rolled back: running it again applies it once
+                if isinstance(exc, DispatchTimeoutError) and exc._message is message:
+                    # this command's own deadline, inside its transaction, which is now
+                    # rolled back: running it again applies it once (a timeout of another
+                    # dispatch passing through says nothing about what that one committed)
+                    exc.retry_safe = True
             raise
         if position is not None:
             record_token(position)

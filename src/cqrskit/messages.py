@@ -75,7 +75,7 @@ def _new_id() -> str:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_iso_second = -1
+_iso_second: int | None = None
 _iso_prefix = ""
 
 
@@ -85,7 +85,11 @@ def _iso_utc(ns: int) -> str:
     global _iso_second, _iso_prefix
     second, rest = divmod(ns, 1_000_000_000)
     if second != _iso_second:
-        _iso_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        t = time.gmtime(second)
+        _iso_prefix = (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+        )
         _iso_second = second
     return f"{_iso_prefix}.{rest // 1000:06d}+00:00"
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import deque
@@ -248,7 +249,7 @@ class PostgresUnitOfWork(UnitOfWork):
                         f"{len(self._events)} events in one transaction; the limit is "
                         f"{_MAX_PER_TX - 1}."
                     )
-                if store._hooks:
+                if store._hooks or (self._want_positions and not store._xid_notices):
                     rows = self.pending_rows(store._encode)
                     stored = await store._insert_returning(conn, rows)
                     for hook in store._hooks:
@@ -265,8 +266,8 @@ class PostgresUnitOfWork(UnitOfWork):
                     committing = True
                     await _commit_round_trip(conn, sql)
                     xid = xids.pop(id(conn), None)
-                    if xid is None:
-                        last = await store._find_last(self)
+                    if xid is None:  # pragma: no cover - the notice is always sent
+                        last = await store._find_last(conn, self)
                     else:
                         last = (xid << 20) + len(self._events) - 1
                 else:
@@ -348,6 +349,8 @@ class _WriteConnections:
     async def acquire(self) -> tuple[Any, bool]:
         """A connection, and whether it is inside a transaction begun less than
         ``begin_ahead`` seconds ago (the caller then needs no BEGIN)."""
+        if self._closed:
+            raise PersistenceError("the PostgreSQL event store is closed.")
         idle = self._idle
         while idle:
             conn, since = idle.pop()
@@ -355,8 +358,6 @@ class _WriteConnections:
                 self._opened -= 1
                 continue
             return conn, conn.is_in_transaction() and time.monotonic() - since < self._ahead
-        if self._closed:
-            raise PersistenceError("the PostgreSQL event store is closed.")
         if self._opened < self._size:
             self._opened += 1
             try:
@@ -397,7 +398,10 @@ class _WriteConnections:
                 return
         self._idle.append((conn, time.monotonic()))
         if self._sweeper is None and self._ahead > 0 and conn.is_in_transaction():
-            self._sweeper = asyncio.get_running_loop().call_later(self._ahead, self._sweep)
+            # a fresh context: the timer must not keep the releasing command's context alive
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self._ahead, self._sweep, context=contextvars.Context()
+            )
 
     def _sweep(self) -> None:
         """Roll back the begun-ahead transactions of connections idle past ``begin_ahead``."""
@@ -419,18 +423,20 @@ class _WriteConnections:
         self._idle = keep
         if oldest is not None:
             delay = max(oldest + self._ahead - now, 0.001)
-            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(
+                delay, self._sweep, context=contextvars.Context()
+            )
 
     async def _end(self, conn: Any) -> None:
         try:
             await conn.execute("ROLLBACK")
-        except asyncio.CancelledError:
-            self.release(conn, broken=True)
-            raise
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:  # dead: drop it
+        except Exception as exc:  # noqa: BLE001 - a background task: drop the connection
             _log.debug("discarding a write connection: %s", exc)
             self.release(conn, broken=True)
             return
+        except BaseException:  # cancelled (store closing, loop ending): drop it too
+            self.release(conn, broken=True)
+            raise
         self.release(conn)
 
     async def close(self) -> None:
@@ -438,9 +444,9 @@ class _WriteConnections:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        idle, self._idle = self._idle, []  # nothing is handed out while closing
         if self._ending:
             await asyncio.gather(*self._ending, return_exceptions=True)
-        idle, self._idle = self._idle, []
         for conn, _since in idle:
             self._opened -= 1
             with contextlib.suppress(Exception):
@@ -498,6 +504,7 @@ class PostgresEventStore(EventStore):
             f"NOTIFY {validate_identifier(self.channel, 'channel')}; COMMIT" if notify else "COMMIT"
         )
         self._xids: dict[int, int] = {}  # id(connection) -> xid reported by its last commit
+        self._xid_notices = False  # set by open() when the role may run DO blocks
         self._sql_end = "COMMIT"  # a unit of work without events
         self._sql_rollback = "ROLLBACK"
         horizon = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
@@ -548,7 +555,10 @@ class PostgresEventStore(EventStore):
         )
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {s}.{t} WHERE stream = $1"
         self._sql_last = f"SELECT coalesce(max(position), 0) FROM {s}.{t}"
-        self._sql_find = f"SELECT position FROM {s}.{t} WHERE stream = $1 AND message_id = $2"
+        self._sql_find = (
+            f"SELECT position FROM {s}.{t} WHERE stream = $1 AND message_id = $2 "
+            "ORDER BY position DESC LIMIT 1"
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -606,6 +616,7 @@ class PostgresEventStore(EventStore):
             store._sql_rollback += "; BEGIN"
         try:
             await store._prepare_tables(create_tables)
+            store._xid_notices = await store._probe_notices()
         except BaseException:
             await pool.close()
             raise
@@ -671,7 +682,17 @@ class PostgresEventStore(EventStore):
         for attempt in (1, 2):
             conn, begun = await self._acquire_writer()
             if begun:
-                return PostgresUnitOfWork(self, metadata, conn, positions)
+                # one pass of the event loop first: a connection that died while idle
+                # (server restart) is then seen closed instead of failing mid-command
+                try:
+                    await asyncio.sleep(0)
+                except BaseException:
+                    await self._release(conn)
+                    raise
+                if not conn.is_closed():
+                    return PostgresUnitOfWork(self, metadata, conn, positions)
+                await self._release(conn, broken=True)
+                continue
             try:
                 # a begun-ahead transaction that waited too long starts afresh (now())
                 await conn.execute("ROLLBACK; BEGIN" if conn.is_in_transaction() else "BEGIN")
@@ -779,16 +800,29 @@ class PostgresEventStore(EventStore):
             with contextlib.suppress(ValueError):
                 self._xids[id(conn)] = int(text[len(_XID_NOTICE) :])
 
-    async def _find_last(self, uow: PostgresUnitOfWork) -> int:
-        """The last event's position, read back: the transaction-id notice did not arrive
-        (a connection from a pool given to the store, or a server that drops notices)."""
+    async def _find_last(self, conn: Any, uow: PostgresUnitOfWork) -> int:
+        """The last event's position, read back on the committing connection (now in its
+        next transaction): for when the transaction-id notice did not arrive."""
         stream, _ = uow._events[-1]
         message_id = f"{uow._prefix}-{len(uow._events) - 1}"
-        async with self.pool.acquire() as conn:
-            position = await conn.fetchval(self._sql_find, stream, message_id)
+        position = await conn.fetchval(self._sql_find, stream, message_id)
         if position is None:  # pragma: no cover - the event was just committed
             raise PersistenceError("the committed event could not be found in the log.")
         return int(position)
+
+    async def _probe_notices(self) -> bool:
+        """Whether this role may run a ``DO`` block (USAGE on plpgsql, revoked from PUBLIC
+        on some hardened servers): if not, tracked commits read positions with RETURNING."""
+        async with self.pool.acquire() as conn:
+            try:
+                await conn.execute("DO $$BEGIN END$$")
+            except asyncpg.InsufficientPrivilegeError:
+                _log.warning(
+                    "this role may not run DO blocks (no USAGE on plpgsql): send_tracked "
+                    "reads positions back with one more round trip"
+                )
+                return False
+        return True
 
     async def _insert_returning(self, conn: Any, rows: list[PendingRow]) -> list[StoredEvent]:
         got = await conn.fetch(self._sql_insert_returning, *self._columns(rows))

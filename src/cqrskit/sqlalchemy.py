@@ -198,15 +198,20 @@ class SqlAlchemyEventStore(EventStore):
         """Once: the sessions write to the database the event log is read from. Events are
         inserted through the session, so a session on another database (with the same
         tables) would split the log without an error."""
-        sql = "SELECT current_database(), pg_postmaster_start_time()::text"
+        # compared as values: the text of a timestamptz depends on the session's TimeZone
+        sql = (
+            "SELECT current_database(), "
+            "floor(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint"
+        )
         conn = await session.connection()
         theirs = tuple((await conn.exec_driver_sql(sql)).one())
         async with self.events.pool.acquire() as own:
             ours = tuple(await own.fetchrow(sql))
         if theirs != ours:
             raise ConfigurationError(
-                f"the sessions write to database {theirs[0]!r} (server started {theirs[1]}) but "
-                f"the event log is read from {ours[0]!r} (server started {ours[1]}).",
+                f"the sessions write to database {theirs[0]!r} (server started at "
+                f"{theirs[1] / 1e6:.6f} s since the epoch) but the event log is read from "
+                f"{ours[0]!r} (server started at {ours[1] / 1e6:.6f} s).",
                 hint="open the PostgresEventStore and the session engine on the same "
                 "database: events are written through the session.",
             )

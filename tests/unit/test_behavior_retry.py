@@ -316,3 +316,32 @@ async def test_a_timed_out_query_is_retried() -> None:
     mediator, calls, _ = _slow_app("outside")
     assert await mediator.ask(SlowRead(3)) == 3
     assert calls == [3, 3]
+
+
+def test_a_listed_type_is_retried_whatever_its_flag() -> None:
+    assert is_transient(DispatchTimeoutError("late"), (DispatchTimeoutError,))
+
+
+async def test_a_timeout_of_another_dispatch_does_not_make_this_command_retryable() -> None:
+    # the handler's error came from some other dispatch (one whose deadline ran out after
+    # it committed): rolling back this command says nothing about that one
+    store = InMemoryEventStore()
+    calls: list[int] = []
+    registry = Registry()
+
+    @registry.handler
+    async def slow(cmd: Slow, uow: UnitOfWork) -> int:
+        calls.append(cmd.n)
+        foreign = DispatchTimeoutError("another dispatch timed out")
+        foreign._message = object()
+        raise foreign
+
+    mediator = Mediator(
+        registry,
+        behaviors=[RetryBehavior(attempts=3, sleep=FakeSleep()), store.transaction()],
+        resolver=store.resolver(),
+    )
+    with pytest.raises(DispatchTimeoutError) as info:
+        await mediator.send(Slow(1))
+    assert not info.value.retry_safe
+    assert calls == [1]

@@ -167,3 +167,10 @@ def test_encode_event_compiles_names_versions_and_plain_classes() -> None:
     assert tuple(encode_event(Renamed("x"))) == ("accounts.renamed", 3, '{"name":"x"}')
     for n in (1, 2):  # compiled, then cached
         assert tuple(encode_event(Plain(n))) == ("Plain", 1, f'{{"n":{n}}}')
+
+
+def test_iso_utc_before_the_epoch_and_before_year_1000() -> None:
+    assert _iso_utc(-1) == "1969-12-31T23:59:59.999999+00:00"
+    old = datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    ns = (old - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
+    assert _iso_utc(ns) == old.isoformat(timespec="microseconds")

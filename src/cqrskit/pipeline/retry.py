@@ -18,7 +18,8 @@ idempotency key (``cqrskit.idempotency``): without one a retry could apply it tw
 :class:`~cqrskit.errors.DispatchTimeoutError` likewise, which is ``retry_safe`` for a query
 and for a command whose transaction was rolled back when the time ran out (the timeout
 behavior inside the transaction behavior); a command timed out outside its transaction
-may have committed and is not retried.
+may have committed and is not retried, even with an idempotency key (retry it yourself
+with the same key). A type listed in ``retry_on`` is retried whatever its flag says.
 
 :class:`~cqrskit.errors.ValidationError` and :class:`~cqrskit.errors.NotAuthorizedError` are
 never retried, whatever the predicate says. When the behavior gives up, the last error
@@ -79,6 +80,8 @@ def is_transient(error: BaseException, retry_on: tuple[type[BaseException], ...]
             return False
         if isinstance(seen, _NEVER):
             return False
+        if retry_on and isinstance(seen, retry_on):
+            return True  # listed explicitly: the caller's decision
         if isinstance(seen, CommitOutcomeUnknownError | DispatchTimeoutError):
             # the command may have been applied: retry only when that is known to be safe
             return seen.retry_safe

@@ -92,4 +92,5 @@ class TimeoutBehavior:
                 ),
             )
             error.retry_safe = isinstance(message, Query)  # a read changes nothing
+            error._message = message
             raise error from exc

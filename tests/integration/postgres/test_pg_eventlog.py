@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -274,30 +276,73 @@ async def test_positions_come_back_with_the_commit(
         await store.close()
 
 
-async def test_positions_are_read_back_when_no_notice_comes(
+async def test_a_store_on_an_application_pool_reads_positions_back(
     postgres_dsn: str, pg_schema: str
 ) -> None:
-    # a store built on a pool of the application's (no listener on its connections)
+    # its connections carry no notice listener: positions come from INSERT ... RETURNING on
+    # the unit of work's own connection (a second connection from a pool of one would
+    # never come: two tracked commits at once must not wait for each other for ever)
     opened = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
     await opened.close()
-    pool = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=1)
     store = PostgresEventStore(pool, schema=pg_schema)
-    read_back = store._find_last
-    calls: list[int] = []
 
-    async def counted(uow: PostgresUnitOfWork) -> int:
-        calls.append(1)
-        return await read_back(uow)
-
-    store._find_last = counted  # type: ignore[method-assign]
-    try:
+    async def tracked(stream: str) -> int | None:
         uow = await store.begin()
-        uow.record("a", Opened("a", "x"))
-        uow.record("b", Deposited("b", 1), Deposited("b", 2))
-        last = await uow.commit()
-        assert last is not None
-        [*_, event] = await store.read_stream("b")
-        assert last == event.position == await store.last_position()
-        assert calls == [1]
+        uow.record(stream, Opened(stream, "x"), Deposited(stream, 1))
+        return await uow.commit()
+
+    try:
+        first, second = await asyncio.wait_for(
+            asyncio.gather(tracked("a"), tracked("b")), timeout=10
+        )
+        for stream, last in (("a", first), ("b", second)):
+            [*_, event] = await store.read_stream(stream)
+            assert last == event.position
     finally:
         await pool.close()
+
+
+async def test_tracked_commits_work_for_a_role_without_plpgsql(postgres_dsn: str) -> None:
+    # hardened servers revoke USAGE on plpgsql from PUBLIC: the role can call the log's
+    # functions (EXECUTE) but may not run a DO block, so positions come from RETURNING
+    suffix = uuid.uuid4().hex[:12]
+    db, role, schema = f"cqrskit_t_{suffix}", f"cqrskit_r_{suffix}", "app"
+    admin = await asyncpg.connect(postgres_dsn)
+    await admin.execute(f'CREATE DATABASE "{db}"')
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    url = urlsplit(postgres_dsn)
+    owner_dsn = urlunsplit(url._replace(path=f"/{db}"))
+    host = url.netloc.rpartition("@")[2]
+    role_dsn = urlunsplit(url._replace(netloc=f"{role}@{host}", path=f"/{db}"))
+    try:
+        setup = await PostgresEventStore.open(owner_dsn, schema=schema)  # tables by the owner
+        await setup.close()
+        owner = await asyncpg.connect(owner_dsn)
+        try:
+            await owner.execute(
+                "REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC; "
+                f'GRANT USAGE ON SCHEMA {schema} TO "{role}"; '
+                f'GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA {schema} TO "{role}"; '
+                f'GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO "{role}"'
+            )
+        finally:
+            await owner.close()
+        store = await PostgresEventStore.open(role_dsn, schema=schema, create_tables=False)
+        try:
+            assert not store._xid_notices
+            for stream in ("a", "b"):
+                uow = await store.begin()  # positions=True, as send_tracked asks
+                uow.record(stream, Opened(stream, "x"), Deposited(stream, 1))
+                last = await uow.commit()
+                [*_, event] = await store.read_stream(stream)
+                assert last == event.position
+            plain = await store.begin(positions=False)
+            plain.record("c", Opened("c", "x"))
+            assert await plain.commit() is None
+        finally:
+            await store.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()

@@ -306,3 +306,32 @@ async def test_sessions_on_another_database_are_refused(postgres_dsn: str, pg_sc
         await log.close()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_the_database_check_ignores_session_settings(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    # the same database seen through a session with another TimeZone and DateStyle
+    engine = create_async_engine(
+        _asyncpg_url(postgres_dsn),
+        connect_args={"server_settings": {"timezone": "Asia/Tokyo", "datestyle": "SQL, DMY"}},
+    ).execution_options(schema_translate_map={"app": pg_schema})
+    log = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        store = SqlAlchemyEventStore(log, async_sessionmaker(engine, expire_on_commit=False))
+        registry = Registry()
+
+        @registry.handler
+        async def open_account(cmd: OpenAccount, session: AsyncSession, uow: UnitOfWork) -> str:
+            session.add(Account(id=cmd.account_id, owner=cmd.owner))
+            uow.record(f"account-{cmd.account_id}", AccountOpened(cmd.account_id, cmd.owner))
+            return cmd.account_id
+
+        mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+        assert await mediator.send(OpenAccount("1", "ada")) == "1"
+        assert [e.version for e in await log.read_stream("account-1")] == [1]
+    finally:
+        await engine.dispose()
+        await log.close()
