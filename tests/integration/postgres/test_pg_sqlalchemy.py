@@ -9,7 +9,12 @@ import asyncpg
 import pytest
 from sqlalchemy import String, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from tests.support.proxy import FaultProxy, Mode
 
@@ -271,6 +276,22 @@ async def test_lost_commit_reply_on_the_session_then_keyed_retry(
         await proxy.close()
 
 
+async def _one_command_app(engine: AsyncEngine, log: PostgresEventStore) -> Mediator:
+    """The ORM tables on ``engine`` and a mediator whose one handler opens an account."""
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    store = SqlAlchemyEventStore(log, async_sessionmaker(engine, expire_on_commit=False))
+    registry = Registry()
+
+    @registry.handler
+    async def open_account(cmd: OpenAccount, session: AsyncSession, uow: UnitOfWork) -> str:
+        session.add(Account(id=cmd.account_id, owner=cmd.owner))
+        uow.record(f"account-{cmd.account_id}", AccountOpened(cmd.account_id, cmd.owner))
+        return cmd.account_id
+
+    return Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+
+
 async def test_sessions_on_another_database_are_refused(postgres_dsn: str, pg_schema: str) -> None:
     # the other database has the same tables, so the INSERT would succeed there and the log
     # the store reads would silently miss the event: the first command is refused instead
@@ -284,18 +305,7 @@ async def test_sessions_on_another_database_are_refused(postgres_dsn: str, pg_sc
         schema_translate_map={"app": pg_schema}
     )
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-        store = SqlAlchemyEventStore(log, async_sessionmaker(engine, expire_on_commit=False))
-        registry = Registry()
-
-        @registry.handler
-        async def open_account(cmd: OpenAccount, session: AsyncSession, uow: UnitOfWork) -> str:
-            session.add(Account(id=cmd.account_id, owner=cmd.owner))
-            uow.record(f"account-{cmd.account_id}", AccountOpened(cmd.account_id, cmd.owner))
-            return cmd.account_id
-
-        mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+        mediator = await _one_command_app(engine, log)
         with pytest.raises(ConfigurationError, match=f"sessions write to database '{name}'"):
             await mediator.send(OpenAccount("1", "ada"))
         assert await log.last_position() == 0
@@ -318,18 +328,7 @@ async def test_the_database_check_ignores_session_settings(
     ).execution_options(schema_translate_map={"app": pg_schema})
     log = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-        store = SqlAlchemyEventStore(log, async_sessionmaker(engine, expire_on_commit=False))
-        registry = Registry()
-
-        @registry.handler
-        async def open_account(cmd: OpenAccount, session: AsyncSession, uow: UnitOfWork) -> str:
-            session.add(Account(id=cmd.account_id, owner=cmd.owner))
-            uow.record(f"account-{cmd.account_id}", AccountOpened(cmd.account_id, cmd.owner))
-            return cmd.account_id
-
-        mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+        mediator = await _one_command_app(engine, log)
         assert await mediator.send(OpenAccount("1", "ada")) == "1"
         assert [e.version for e in await log.read_stream("account-1")] == [1]
     finally:
