@@ -3,7 +3,8 @@
 What must hold: the empty transaction holds back no reader; a connection idle past the
 window is rolled back in the background; a command never starts in a transaction older
 than the window (so ``now()`` is fresh); errors end in ``ROLLBACK; BEGIN`` the same way;
-``begin_ahead=0`` leaves connections outside any transaction.
+``begin_ahead=0`` leaves connections outside any transaction; under mixed load with
+cancellations, tokens match the log, commands stay atomic and no connection is lost.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -209,4 +211,92 @@ async def test_close_waits_for_background_rollbacks(postgres_dsn: str, pg_schema
     await _until(sweeping)
     await store.close()
     assert not writers._ending
+    assert writers._opened == 0
+
+
+@dataclass(frozen=True)
+class Mixed(Command[str]):
+    stream: str
+    events: int
+    query_first: bool
+    fail: bool
+
+
+async def test_mixed_load_keeps_tokens_atomicity_and_connection_accounting(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    # 6 clients x 40 tracked commands on 4 connections with a 10 ms window, so that
+    # commits, failures, cancellations (some while COMMIT is on the wire) and background
+    # rollbacks of idle connections interleave; bounded by count and by a deadline
+    rng = random.Random(20261126)
+    store = await PostgresEventStore.open(
+        postgres_dsn, schema=pg_schema, begin_ahead=0.01, max_size=4
+    )
+    registry = Registry()
+
+    @registry.handler
+    async def mixed(cmd: Mixed, uow: PostgresUnitOfWork) -> str:
+        if cmd.query_first:
+            await uow.connection.fetchval("SELECT pg_sleep(0.002)")
+        uow.record(cmd.stream, *(Opened(f"{cmd.stream}.{i}") for i in range(cmd.events)))
+        if cmd.fail:
+            raise Refused(cmd.stream)
+        return cmd.stream
+
+    mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+    plan = [
+        [
+            Mixed(f"c{c}-{i}", rng.randint(1, 3), rng.random() < 0.3, rng.random() < 0.1)
+            for i in range(40)
+        ]
+        for c in range(6)
+    ]
+    cancel_after = {cmd.stream: rng.random() * 0.004 for cmds in plan for cmd in cmds}
+    cancel_after = {s: d for s, d in cancel_after.items() if rng.random() < 0.2}
+    tokens: dict[str, int | None] = {}
+    outcomes: dict[str, str] = {}
+
+    async def client(cmds: list[Mixed]) -> None:
+        for cmd in cmds:
+            task = asyncio.ensure_future(mediator.send_tracked(cmd))
+            if cmd.stream in cancel_after:
+                await asyncio.sleep(cancel_after[cmd.stream])  # a fault at a random moment
+                task.cancel()
+            try:
+                tokens[cmd.stream] = (await task).token
+                outcomes[cmd.stream] = "ok"
+            except asyncio.CancelledError:
+                outcomes[cmd.stream] = "cancelled"
+            except Refused:
+                outcomes[cmd.stream] = "refused"
+            await asyncio.sleep(rng.choice([0, 0, 0.005, 0.015]))  # idle: some get swept
+
+    writers = store._writers
+    assert writers is not None
+    try:
+        await asyncio.wait_for(asyncio.gather(*(client(c) for c in plan)), timeout=60)
+        assert set(outcomes.values()) <= {"ok", "cancelled", "refused"}
+        assert "ok" in outcomes.values()
+        assert "cancelled" in outcomes.values()
+        for cmds in plan:
+            for cmd in cmds:
+                stored = await store.read_stream(cmd.stream)
+                outcome = outcomes[cmd.stream]
+                if outcome == "ok":
+                    assert [e.version for e in stored] == list(range(1, cmd.events + 1))
+                    assert tokens[cmd.stream] == stored[-1].position
+                elif outcome == "refused":
+                    assert stored == []
+                else:  # cancelled: all of its events or none (COMMIT may have been sent)
+                    assert len(stored) in (0, cmd.events)
+
+        async def quiet() -> bool:
+            return not writers._ending and not writers._waiters
+
+        await _until(quiet)
+        assert writers._opened == len(writers._idle) <= 4
+        assert all(not conn.is_closed() for conn, _ in writers._idle)
+        assert len(store._xids) <= 4  # at most one stale entry per connection
+    finally:
+        await store.close()
     assert writers._opened == 0
