@@ -31,7 +31,7 @@ import contextvars
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from cqrskit._encoding import Encoder
@@ -65,6 +65,7 @@ SCHEMA_VERSION = 1
 """Version of the event-log table layout this module writes."""
 
 _CONFLICT_STATE = "CQ409"
+_NO_SUCH_STATEMENT = "26000"  # invalid_sql_statement_name: EXECUTE of an unknown statement
 _MAX_PER_TX = 1 << 20
 
 
@@ -278,6 +279,16 @@ class PostgresUnitOfWork(UnitOfWork):
             await self._abort()
             raise _connection_lost(exc, committing) from exc
         except asyncpg.PostgresError as exc:
+            if getattr(exc, "sqlstate", None) == _NO_SUCH_STATEMENT:
+                # the handler ran DISCARD ALL or DEALLOCATE: this connection lost the
+                # prepared event INSERT; a new connection prepares it again
+                await self._abort(broken=True)
+                raise PersistenceError(
+                    "the event log's prepared INSERT is gone from this connection (did the "
+                    f"handler run DISCARD ALL or DEALLOCATE?): {exc}; nothing was committed.",
+                    hint="do not deallocate prepared statements on uow.connection; the "
+                    "command can be retried (it will get a new connection).",
+                ) from exc
             await self._abort()
             raise await store._translate(exc, self.recorded) from exc
         except BaseException:
@@ -293,7 +304,7 @@ class PostgresUnitOfWork(UnitOfWork):
         """See :meth:`UnitOfWork.rollback`."""
         await self._abort()
 
-    async def _abort(self) -> None:
+    async def _abort(self, broken: bool = False) -> None:
         if not self._active:
             return
         self._close()
@@ -311,7 +322,7 @@ class PostgresUnitOfWork(UnitOfWork):
         except BaseException:
             await self.store._release(conn, broken=True)
             raise
-        await self.store._release(conn)
+        await self.store._release(conn, broken=broken)
 
 
 class _WriteConnections:
@@ -333,7 +344,7 @@ class _WriteConnections:
         dsn: str,
         size: int,
         begin_ahead: float = 0.0,
-        on_connect: Callable[[Any], None] | None = None,
+        on_connect: Callable[[Any], Awaitable[None]] | None = None,
     ) -> None:
         self._dsn = dsn
         self._on_connect = on_connect
@@ -364,7 +375,7 @@ class _WriteConnections:
                 conn = await asyncpg.connect(self._dsn)
                 await _check_connection(conn)
                 if self._on_connect is not None:
-                    self._on_connect(conn)
+                    await self._on_connect(conn)
             except BaseException:
                 self._opened -= 1
                 raise
@@ -539,6 +550,15 @@ class PostgresEventStore(EventStore):
             f"{table}_next_version"[:63], "function name"
         )
         self._sql_values = f"INSERT INTO {s}.{t} ({cols}) VALUES "
+        # one event: (stream, expected version before it or NULL, type, schema version,
+        # data, message id, correlation id, causation id, timestamp)
+        self._sql_prepare = (
+            "PREPARE cqrskit_append1(text, int, text, int, text, text, text, text, text) AS "
+            f"INSERT INTO {s}.{t} ({cols}) VALUES ({base}, $1, "
+            f"CASE WHEN $2 = 0 THEN 1 ELSE {self._next_version}($1, $2, {base}) END, "
+            "$3, $4, $5, $6, $7, $8, $9::timestamptz)"
+        )
+        self._prepared = False  # open() prepares it on every write connection
         self._sql_insert_returning = (
             self._sql_insert_tpl.format(*(f"${i}" for i in range(1, 11)))
             + " RETURNING position, stream, version"
@@ -609,7 +629,8 @@ class PostgresEventStore(EventStore):
         )
         store = cls(pool, schema=schema, table=table, notify=notify, encoder=encoder)
         store.dsn = dsn
-        store._writers = _WriteConnections(dsn, max_size, begin_ahead, store._listen_for_xids)
+        store._writers = _WriteConnections(dsn, max_size, begin_ahead, store._setup_writer)
+        store._prepared = True
         if begin_ahead > 0:
             store._sql_commit += "; BEGIN"
             store._sql_end += "; BEGIN"
@@ -767,6 +788,18 @@ class PostgresEventStore(EventStore):
         prefix, correlation, causation, timestamp = uow._lineage()
         uow._prefix = prefix
         lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
+        events = uow._events
+        if len(events) == 1 and self._prepared:
+            # the statement prepared on every write connection (see _setup_writer)
+            stream_id, event = events[0]
+            first = uow._base.get(stream_id)
+            enc = self._encode(event)
+            return (
+                f"EXECUTE cqrskit_append1({_literal(stream_id)}, "
+                f"{'NULL' if first is None else int(first)}, {_literal(enc.type)}, "
+                f"{int(enc.schema_version)}, {_literal(enc.data)}, {_literal(prefix + '-0')}, "
+                f"{lineage}; "
+            )
         prefix = _literal(prefix)[:-1]  # the message id literal without its closing quote
         base = "(pg_current_xact_id()::text::bigint << 20)"
         nv = self._next_version
@@ -791,8 +824,16 @@ class PostgresEventStore(EventStore):
             )
         return self._sql_values + ", ".join(values) + "; "
 
-    def _listen_for_xids(self, conn: Any) -> None:
+    async def _setup_writer(self, conn: Any) -> None:
+        """A new write connection: listen for transaction-id notices; prepare the event
+        INSERT of single-event commands (the server then neither parses nor plans it per
+        command; an EXECUTE with literals rides in the commit's string)."""
         conn.add_log_listener(self._on_log_message)
+        try:
+            await conn.execute(self._sql_prepare)
+        except BaseException:
+            conn.terminate()
+            raise
 
     def _on_log_message(self, conn: Any, message: Any) -> None:
         text = getattr(message, "message", "")

@@ -346,3 +346,55 @@ async def test_tracked_commits_work_for_a_role_without_plpgsql(postgres_dsn: str
         await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         await admin.close()
+
+
+async def test_single_event_commits_use_the_prepared_insert(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+    tricky = "o'brien \\ $$ ; COMMIT; -- \u00e9"
+
+    async def one(expected: int | None, positions: bool = False) -> int | None:
+        uow = await store.begin(Metadata(message_id=f"m'{expected}"), positions=positions)
+        assert isinstance(uow, PostgresUnitOfWork)
+        uow.record(tricky, Deposited(tricky, 1), expected_version=expected)
+        sql = store._render_insert(uow)
+        assert sql.startswith("EXECUTE cqrskit_append1(")
+        return await uow.commit()
+
+    try:
+        await one(0)
+        await one(1)
+        last = await one(None, positions=True)
+        with pytest.raises(ConcurrencyError) as stale:
+            await one(1)
+        assert (stale.value.expected_version, stale.value.actual_version) == (1, 3)
+        with pytest.raises(ConcurrencyError):
+            await one(0)  # the stream exists: the unique index refuses version 1
+        events = await store.read_stream(tricky)
+        assert [e.version for e in events] == [1, 2, 3]
+        assert events[-1].position == last
+        assert [e.metadata["message_id"] for e in events] == ["m'0-0", "m'1-0", "m'None-0"]
+        assert json.loads(events[0].data) == {"account": tricky, "amount": 1}
+    finally:
+        await store.close()
+
+
+async def test_a_handler_that_deallocates_the_prepared_insert_gets_a_clear_error(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, max_size=1)
+    try:
+        uow = await store.begin(positions=False)
+        assert isinstance(uow, PostgresUnitOfWork)
+        await uow.connection.execute("DEALLOCATE ALL")
+        uow.record("a", Opened("a", "x"), expected_version=0)
+        with pytest.raises(PersistenceError, match="DISCARD ALL or DEALLOCATE"):
+            await uow.commit()
+        assert await store.read_stream("a") == []
+        again = await store.begin(positions=False)  # a new connection, prepared again
+        again.record("a", Opened("a", "x"), expected_version=0)
+        await again.commit()
+        assert [e.version for e in await store.read_stream("a")] == [1]
+    finally:
+        await store.close()
