@@ -75,23 +75,23 @@ def _new_id() -> str:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_iso_second: int | None = None
-_iso_prefix = ""
+_iso_cache: tuple[int | None, str] = (None, "")  # (second, its text): swapped as one
 
 
 def _iso_utc(ns: int) -> str:
     """``ns`` (nanoseconds since the epoch) as ISO 8601 UTC with microseconds, a fixed
     width: the date and time part is formatted once per second."""
-    global _iso_second, _iso_prefix
+    global _iso_cache
     second, rest = divmod(ns, 1_000_000_000)
-    if second != _iso_second:
+    cached, prefix = _iso_cache
+    if second != cached:
         t = time.gmtime(second)
-        _iso_prefix = (
+        prefix = (
             f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
         )
-        _iso_second = second
-    return f"{_iso_prefix}.{rest // 1000:06d}+00:00"
+        _iso_cache = (second, prefix)
+    return f"{prefix}.{rest // 1000:06d}+00:00"
 
 
 class Metadata:

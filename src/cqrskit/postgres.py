@@ -366,7 +366,7 @@ class _WriteConnections:
         while idle:
             conn, since = idle.pop()
             if conn.is_closed():  # died while idle (server restart, idle timeout)
-                self._opened -= 1
+                self.release(conn, broken=True)
                 continue
             return conn, conn.is_in_transaction() and time.monotonic() - since < self._ahead
         if self._opened < self._size:
@@ -558,7 +558,6 @@ class PostgresEventStore(EventStore):
             f"CASE WHEN $2 = 0 THEN 1 ELSE {self._next_version}($1, $2, {base}) END, "
             "$3, $4, $5, $6, $7, $8, $9::timestamptz)"
         )
-        self._prepared = False  # open() prepares it on every write connection
         self._sql_insert_returning = (
             self._sql_insert_tpl.format(*(f"${i}" for i in range(1, 11)))
             + " RETURNING position, stream, version"
@@ -630,7 +629,6 @@ class PostgresEventStore(EventStore):
         store = cls(pool, schema=schema, table=table, notify=notify, encoder=encoder)
         store.dsn = dsn
         store._writers = _WriteConnections(dsn, max_size, begin_ahead, store._setup_writer)
-        store._prepared = True
         if begin_ahead > 0:
             store._sql_commit += "; BEGIN"
             store._sql_end += "; BEGIN"
@@ -789,7 +787,7 @@ class PostgresEventStore(EventStore):
         uow._prefix = prefix
         lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
         events = uow._events
-        if len(events) == 1 and self._prepared:
+        if len(events) == 1 and self._writers is not None:
             # the statement prepared on every write connection (see _setup_writer)
             stream_id, event = events[0]
             first = uow._base.get(stream_id)
