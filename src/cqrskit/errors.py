@@ -26,6 +26,9 @@ tests can act on them without parsing text::
     │   ├── StaleReadError            ... and the policy is to fail
     │   └── TokenFromFutureError      the token lies beyond the end of the event log
     └── TransportError                a broker refused or lost something
+        ├── BrokerUnavailableError    the broker is down, slow or lost an ack (retry the batch)
+        └── EnvelopeError             bytes from a broker are not a valid cqrskit envelope
+            └── SignatureError        ... its signature is missing, unknown or wrong
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "BrokerUnavailableError",
     "CommitOutcomeUnknownError",
     "ConcurrencyError",
     "ConfigurationError",
@@ -42,6 +46,7 @@ __all__ = [
     "DependencyError",
     "DispatchError",
     "DispatchTimeoutError",
+    "EnvelopeError",
     "FieldError",
     "IdempotencyError",
     "MissingExtraError",
@@ -52,6 +57,7 @@ __all__ = [
     "PublishError",
     "RegistrationError",
     "SerializationError",
+    "SignatureError",
     "StaleReadError",
     "TokenFromFutureError",
     "TransportError",
@@ -309,3 +315,20 @@ class TokenFromFutureError(ConsistencyError, ValueError):
 
 class TransportError(CqrsError):
     """A broker refused or lost something; the cause is chained."""
+
+
+class BrokerUnavailableError(TransportError):
+    """The broker could not be reached, or an acknowledgement did not arrive in time.
+
+    The outcome of the messages in flight is unknown: publish them again (with the same
+    message ids) once the broker answers.
+    """
+
+
+class EnvelopeError(TransportError, ValueError):
+    """Bytes read from a broker are not a valid cqrskit envelope (missing or malformed
+    headers, too large); the message is data to park, never to retry."""
+
+
+class SignatureError(EnvelopeError):
+    """An envelope's HMAC signature is missing, names an unknown key or does not match."""

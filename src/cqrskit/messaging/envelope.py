@@ -1,0 +1,305 @@
+"""The envelope: what every transport carries for one event, the same way on every broker.
+
+On the wire an envelope is a flat map of text headers plus the event's JSON payload as the
+body. NATS and RabbitMQ carry the headers as message headers, Redis Streams as entry
+fields. The headers are:
+
+==========================  ==============================================================
+``cqrskit-id``              the event's message id (stable: the broker's dedup id)
+``cqrskit-type``            the event type's registered name; ``cqrskit-schema`` its version
+``cqrskit-stream``          stream id; ``cqrskit-version`` the event's version in it
+``cqrskit-position``        the event's global position in the log
+``cqrskit-partition``       ``p/N``: partition ``p`` of ``N``
+``cqrskit-sequence``        1, 2, 3 ... per partition, no holes: a consumer seeing a lower
+                            or equal number has a duplicate, a higher jump has a gap
+``cqrskit-correlation``     correlation id; ``cqrskit-causation`` causation id
+``cqrskit-timestamp``       when the command ran (ISO 8601, UTC)
+``traceparent``             W3C trace context (trace id from the correlation id)
+``cqrskit-kind``            ``event``, or ``parked``: a placeholder keeping the sequence
+                            whole for an event the broker refused (its stream is parked)
+``cqrskit-key``             HMAC key id; ``cqrskit-signature`` the hex HMAC (optional)
+==========================  ==============================================================
+
+Text that is not plain printable ASCII (or holds ``%``) is percent-encoded. Decoding
+(:meth:`Envelope.from_wire`) checks the size first, then the signature (when a verifier is
+given), then every field; the payload is left as bytes for the application's serializer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import quote, unquote
+
+from cqrskit.errors import EnvelopeError
+from cqrskit.eventlog import StoredEvent
+from cqrskit.messaging.signing import HmacSigner
+
+__all__ = ["DEFAULT_MAX_BYTES", "HEADER_PREFIX", "Envelope", "traceparent_for"]
+
+HEADER_PREFIX = "cqrskit-"
+DEFAULT_MAX_BYTES = 1 << 20
+_MAX_HEADER = 4096
+_HEX = frozenset("0123456789abcdef")
+
+_ID = "cqrskit-id"
+_TYPE = "cqrskit-type"
+_SCHEMA = "cqrskit-schema"
+_STREAM = "cqrskit-stream"
+_VERSION = "cqrskit-version"
+_POSITION = "cqrskit-position"
+_PARTITION = "cqrskit-partition"
+_SEQUENCE = "cqrskit-sequence"
+_CORRELATION = "cqrskit-correlation"
+_CAUSATION = "cqrskit-causation"
+_TIMESTAMP = "cqrskit-timestamp"
+_TRACEPARENT = "traceparent"
+_KIND = "cqrskit-kind"
+_KEY = "cqrskit-key"
+_SIGNATURE = "cqrskit-signature"
+
+KINDS = ("event", "parked")
+
+
+def _text(value: str) -> str:
+    """Header-safe text: plain printable ASCII as is, anything else percent-encoded."""
+    if value.isascii() and value.isprintable() and "%" not in value and value == value.strip():
+        return value
+    return quote(value, safe="", errors="surrogatepass")
+
+
+def _untext(value: str) -> str:
+    return unquote(value, errors="surrogatepass") if "%" in value else value
+
+
+def traceparent_for(correlation_id: str | None, message_id: str) -> str:
+    """A W3C ``traceparent``: the trace id is the correlation id's 32 hex digits (when it
+    is a uuid; else a hash of it), the span id is derived from the message id."""
+    source = correlation_id or message_id
+    trace = source.replace("-", "").lower()
+    if len(trace) != 32 or not _HEX.issuperset(trace) or trace == "0" * 32:
+        trace = hashlib.blake2b(source.encode(), digest_size=16).hexdigest()
+    span = hashlib.blake2b(message_id.encode(), digest_size=8).hexdigest()
+    return f"00-{trace}-{span}-01"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One event as carried by a broker (see the module docstring for the wire form).
+
+    Attributes:
+        message_id: the event's stable id (the broker's dedup id).
+        type, schema_version: the event's registered type name and schema version.
+        stream, version: the stream id and the event's version in it.
+        position: the event's global position in the log.
+        partition, partitions: the partition carrying the stream, out of how many.
+        sequence: this message's number in its partition (1, 2, 3 ... without holes).
+        correlation_id, causation_id, timestamp, traceparent: lineage and trace context.
+        payload: the event's JSON payload (bytes; empty for a ``parked`` placeholder).
+        kind: ``"event"`` or ``"parked"``.
+        key_id, signature: the HMAC key id and signature, when signed.
+    """
+
+    message_id: str
+    type: str
+    schema_version: int
+    stream: str
+    version: int
+    position: int
+    partition: int
+    partitions: int
+    sequence: int
+    correlation_id: str | None
+    causation_id: str | None
+    timestamp: str
+    traceparent: str | None
+    payload: bytes
+    kind: str = "event"
+    key_id: str | None = None
+    signature: str | None = None
+
+    @classmethod
+    def from_stored(
+        cls, stored: StoredEvent, partition: int, partitions: int, sequence: int
+    ) -> Envelope:
+        """The envelope of a stored event, numbered ``sequence`` in ``partition``."""
+        md = stored.metadata
+        message_id = str(md.get("message_id") or f"position-{stored.position}")
+        correlation = md.get("correlation_id")
+        causation = md.get("causation_id")
+        trace = md.get("traceparent")
+        return cls(
+            message_id,
+            stored.type,
+            stored.schema_version,
+            stored.stream,
+            stored.version,
+            stored.position,
+            partition,
+            partitions,
+            sequence,
+            None if correlation is None else str(correlation),
+            None if causation is None else str(causation),
+            str(md.get("timestamp") or ""),
+            str(trace) if trace else traceparent_for(correlation, message_id),
+            stored.data.encode("utf-8", "surrogatepass"),
+        )
+
+    def parked(self) -> Envelope:
+        """The placeholder sent in this envelope's place when the broker refuses it: same
+        sequence, stream and version, no payload, its own dedup id."""
+        return replace(self, message_id=f"{self.message_id}.parked", payload=b"", kind="parked")
+
+    def headers(self) -> dict[str, str]:
+        """The wire headers (signature included when signed)."""
+        h = {
+            _ID: _text(self.message_id),
+            _TYPE: _text(self.type),
+            _SCHEMA: str(self.schema_version),
+            _STREAM: _text(self.stream),
+            _VERSION: str(self.version),
+            _POSITION: str(self.position),
+            _PARTITION: f"{self.partition}/{self.partitions}",
+            _SEQUENCE: str(self.sequence),
+            _TIMESTAMP: _text(self.timestamp),
+        }
+        if self.correlation_id is not None:
+            h[_CORRELATION] = _text(self.correlation_id)
+        if self.causation_id is not None:
+            h[_CAUSATION] = _text(self.causation_id)
+        if self.traceparent is not None:
+            h[_TRACEPARENT] = _text(self.traceparent)
+        if self.kind != "event":
+            h[_KIND] = self.kind
+        if self.signature is not None and self.key_id is not None:
+            h[_KEY] = self.key_id
+            h[_SIGNATURE] = self.signature
+        return h
+
+    def signing_input(self, destination: str) -> bytes:
+        """The bytes an HMAC covers: the destination, every header but the signature
+        (sorted) and the payload."""
+        h = self.headers()
+        h.pop(_SIGNATURE, None)
+        if self.key_id is not None:
+            h[_KEY] = self.key_id
+        lines = [destination, *(f"{k}={h[k]}" for k in sorted(h)), ""]
+        return "\n".join(lines).encode() + b"\n" + self.payload
+
+    def signed(self, signer: HmacSigner, destination: str) -> Envelope:
+        """This envelope signed by ``signer`` for ``destination`` (a transport's name for
+        the partition, e.g. its subject)."""
+        unsigned = replace(self, key_id=signer.active, signature=None)
+        key_id, signature = signer.sign(unsigned.signing_input(destination))
+        return replace(unsigned, key_id=key_id, signature=signature)
+
+    def to_stored(self) -> StoredEvent:
+        """The event as a :class:`~cqrskit.eventlog.StoredEvent`, for the application's
+        decoder (e.g. ``serializer.decode_stored``) and projection code."""
+        try:
+            data = self.payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EnvelopeError(f"message {self.message_id!r}: payload is not UTF-8.") from exc
+        return StoredEvent(
+            self.position,
+            self.stream,
+            self.version,
+            self.type,
+            self.schema_version,
+            data,
+            {
+                "message_id": self.message_id,
+                "correlation_id": self.correlation_id,
+                "causation_id": self.causation_id,
+                "timestamp": self.timestamp,
+            },
+        )
+
+    @classmethod
+    def from_wire(
+        cls,
+        headers: Mapping[str, Any],
+        body: bytes,
+        *,
+        destination: str | None = None,
+        verifier: HmacSigner | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> Envelope:
+        """Decode (and, with ``verifier``, authenticate) one message read from a broker.
+
+        Order of checks: size, then signature (over ``destination``, which must be the
+        name the message was read from), then the fields.
+
+        Raises:
+            EnvelopeError: too large, a header missing or malformed.
+            SignatureError: ``verifier`` is given and the signature is missing or wrong.
+        """
+        if len(body) > max_bytes:
+            raise EnvelopeError(f"message of {len(body)} bytes exceeds max_bytes={max_bytes}.")
+        h: dict[str, str] = {}
+        for k, v in headers.items():
+            key = k.decode() if isinstance(k, bytes) else str(k)
+            key = key.lower()
+            if key != _TRACEPARENT and not key.startswith(HEADER_PREFIX):
+                continue
+            value = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+            if len(value) > _MAX_HEADER:
+                raise EnvelopeError(f"header {key!r} is longer than {_MAX_HEADER} characters.")
+            h[key] = value
+        env = cls._parse(h, bytes(body))
+        if verifier is not None:
+            if destination is None:
+                raise EnvelopeError("verifying a signature needs the message's destination.")
+            verifier.verify(env.key_id, env.signature, env.signing_input(destination))
+        return env
+
+    @classmethod
+    def _parse(cls, h: dict[str, str], body: bytes) -> Envelope:
+        def need(name: str) -> str:
+            value = h.get(name)
+            if value is None:
+                raise EnvelopeError(
+                    f"not a cqrskit envelope: header {name!r} is missing.",
+                    hint="only the cqrskit relay's messages can be consumed as events.",
+                )
+            return value
+
+        def number(name: str, low: int = 0) -> int:
+            text = need(name)
+            if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) < low:
+                raise EnvelopeError(f"header {name!r} is not an integer >= {low}: {text!r}.")
+            return int(text)
+
+        part, _, count = need(_PARTITION).partition("/")
+        if not (part.isdigit() and count.isdigit() and int(part) < int(count) <= 1 << 16):
+            raise EnvelopeError(f"header 'cqrskit-partition' is malformed: {h[_PARTITION]!r}.")
+        kind = h.get(_KIND, "event")
+        if kind not in KINDS:
+            raise EnvelopeError(f"unknown envelope kind {kind!r}.")
+        try:
+            correlation = h.get(_CORRELATION)
+            causation = h.get(_CAUSATION)
+            trace = h.get(_TRACEPARENT)
+            return cls(
+                _untext(need(_ID)),
+                _untext(need(_TYPE)),
+                number(_SCHEMA, 1),
+                _untext(need(_STREAM)),
+                number(_VERSION, 1),
+                number(_POSITION, 1),
+                int(part),
+                int(count),
+                number(_SEQUENCE, 1),
+                None if correlation is None else _untext(correlation),
+                None if causation is None else _untext(causation),
+                _untext(need(_TIMESTAMP)),
+                None if trace is None else _untext(trace),
+                body,
+                kind,
+                h.get(_KEY),
+                h.get(_SIGNATURE),
+            )
+        except UnicodeDecodeError as exc:
+            raise EnvelopeError("a header holds invalid percent-encoded text.") from exc

@@ -1,0 +1,480 @@
+"""The relay: publishes the event log to a broker, at least once, in order per partition.
+
+A :class:`Relay` tails the event log exactly as a projector does — the same gap-free
+``read_after`` by position, the same lease with epoch fencing (one active relay per name;
+a standby takes over within ``lease_ttl``), the same checkpoint, status, lag and dead
+letters (it is recorded as a projection in mode ``relay``). For each batch it numbers the
+events per partition, hands the envelopes to the :class:`~cqrskit.messaging.Transport`,
+and only after the broker acknowledged all of them commits, in one transaction that checks
+the lease epoch, the checkpoint, the sequence counters and any refusals.
+
+Sequence numbers are a function of the committed state and the log alone, so a relay that
+restarts (or a standby taking over) republishes an unacknowledged tail with the same ids
+and the same numbers: the broker's dedup or the consumer's sequence check drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Collection, Sequence
+
+from cqrskit.errors import BrokerUnavailableError, ConfigurationError
+from cqrskit.eventlog import EventStore, StoredEvent
+from cqrskit.messaging import state
+from cqrskit.messaging.envelope import Envelope
+from cqrskit.messaging.partitioning import check_partitions, partition_of
+from cqrskit.messaging.signing import HmacSigner
+from cqrskit.messaging.transport import Transport
+from cqrskit.projections import schema
+from cqrskit.projections.api import Projection
+from cqrskit.projections.db import ReadDatabase, Session
+from cqrskit.projections.runner import LeaseLostError
+from cqrskit.projections.signal import Signal
+from cqrskit.projections.status import ProjectionStatus, projection_status
+
+__all__ = ["Relay", "relay_status"]
+
+log = logging.getLogger("cqrskit.messaging")
+
+
+class _Stopped(Exception):
+    pass
+
+
+async def relay_status(
+    state_db: ReadDatabase, store: EventStore, name: str = "relay"
+) -> ProjectionStatus:
+    """Where relay ``name`` stands: checkpoint (everything up to it is acknowledged by the
+    broker), lag in events and seconds, parked events and the lease."""
+    rows = await projection_status(state_db, store, [name])
+    if not rows:
+        raise ConfigurationError(f"no relay named {name!r} was ever started on this database.")
+    return rows[0]
+
+
+class Relay:
+    """Publishes the event log to a broker through a transport.
+
+    Use as an async context manager, or ``await relay.run()`` until :meth:`request_stop`.
+
+    Args:
+        store: the event log (the outbox).
+        state_db: where the relay's lease, checkpoint, sequence counters and dead letters
+            live — usually the write database itself (e.g. ``SqliteReadDatabase`` on the
+            same file, ``PostgresReadDatabase`` on the same DSN).
+        transport: the broker adapter.
+        name: the relay's name (a SQL identifier); one active relay per name.
+        partitions: N; a stream's partition is ``partition_of(stream, N)``.
+        owned: the partitions this relay publishes (default: all). Relays splitting the
+            partitions between them need distinct names.
+        signer: sign every envelope with this :class:`HmacSigner` (optional).
+        batch_size: events per read, publish call and checkpoint commit.
+        max_bytes: payloads larger than this are parked without being sent.
+        lease_ttl: seconds without a heartbeat before a standby takes over.
+        poll_interval: the longest idle wait when no wake-up hint comes.
+        state_interval: seconds between lease checks and looks for retry requests.
+        max_backoff: the longest pause between attempts while the broker is unavailable.
+        owner: this relay's lease owner id (default: host, pid and a random suffix).
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        state_db: ReadDatabase,
+        transport: Transport,
+        *,
+        name: str = "relay",
+        partitions: int = 1,
+        owned: Collection[int] | None = None,
+        signer: HmacSigner | None = None,
+        batch_size: int = 500,
+        max_bytes: int = 1 << 20,
+        lease_ttl: float = 5.0,
+        poll_interval: float = 1.0,
+        state_interval: float = 0.5,
+        max_backoff: float = 5.0,
+        owner: str | None = None,
+    ) -> None:
+        self.identity = Projection(name, tables={})
+        self.name = name
+        self.store = store
+        self.state_db = state_db
+        self.transport = transport
+        self.partitions = check_partitions(partitions)
+        self.owned = None if owned is None else frozenset(owned)
+        if self.owned is not None and not self.owned <= set(range(partitions)):
+            raise ConfigurationError(
+                f"relay {name!r}: owned partitions {sorted(self.owned)} are not all in "
+                f"0..{partitions - 1}."
+            )
+        self.signer = signer
+        if batch_size < 1:
+            raise ConfigurationError("batch_size must be at least 1.")
+        self.batch_size = batch_size
+        self.max_bytes = max_bytes
+        self.lease_ttl = lease_ttl
+        self.poll_interval = poll_interval
+        self.state_interval = state_interval
+        self.max_backoff = max_backoff
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.signal = Signal()
+        #: last position up to which the broker acknowledged everything (committed)
+        self.checkpoint = 0
+        #: lease epoch while leading, else ``None``
+        self.epoch: int | None = None
+        #: counters: messages acknowledged, events parked, sequence holes left, broker outages
+        self.published = 0
+        self.parked = 0
+        self.gaps = 0
+        self.outages = 0
+        self._generation = 1
+        self._sequences: dict[int, int] = {}
+        self._blocked: set[str] = set()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        """Whether this relay holds the lease now."""
+        return self.epoch is not None
+
+    async def start(self) -> None:
+        """Set up the bookkeeping, then start publishing in a background task."""
+        self._stop.clear()
+        async with self.state_db.transaction() as s:
+            await state.install(s, self.identity)
+        self._task = asyncio.create_task(self._run(), name=f"relay:{self.name}")
+
+    async def stop(self) -> None:
+        """Finish the batch in flight (or give it up if the broker is down), release the
+        lease and stop. The transport stays open (close it yourself)."""
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def run(self) -> None:
+        """Start, then run until :meth:`request_stop`."""
+        await self.start()
+        await self._stop.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_published(self, position: int, timeout: float) -> bool:
+        """Wait until this relay's checkpoint reaches ``position``; ``False`` on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.checkpoint < position:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await self.signal.wait(left)
+        return True
+
+    # -- lease ---------------------------------------------------------------------------
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _acquire(self) -> int:
+        seen: tuple[int, int] | None = None
+        since = time.monotonic()
+        while not self._stop.is_set():
+            async with self.state_db.transaction() as s:
+                row = await state.install(s, self.identity)
+                mark = (row.lease_epoch, row.lease_beat)
+                if mark != seen:
+                    seen, since = mark, time.monotonic()
+                free = row.lease_owner is None or row.lease_owner == self.owner
+                if free or time.monotonic() - since >= self.lease_ttl:
+                    epoch = await schema.take_lease(s, self.name, self.owner, row)
+                    if epoch is not None:
+                        log.info("relay %s: lease taken (epoch %d)", self.name, epoch)
+                        return epoch
+            await self._pause(self.lease_ttl / 4)
+        raise _Stopped
+
+    async def _fence(self, s: Session, epoch: int) -> None:
+        if not await schema.fence(s, self.name, epoch):
+            raise LeaseLostError(f"relay {self.name}: lease epoch {epoch} was fenced off")
+
+    async def _release(self, epoch: int) -> None:
+        try:
+            async with self.state_db.transaction() as s:
+                await schema.release_lease(s, self.name, epoch)
+        except Exception:
+            log.exception("relay %s: could not release the lease", self.name)
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.epoch = await self._acquire()
+                await self._lead(self.epoch)
+                await self._release(self.epoch)
+            except _Stopped:
+                break
+            except LeaseLostError:
+                log.warning("relay %s: lease lost; standing by", self.name)
+            except Exception:
+                failures += 1
+                log.exception("relay %s: failed; restarting", self.name)
+                await self._pause(min(5.0, 0.05 * 2 ** min(failures, 7)))
+            finally:
+                self.epoch = None
+
+    # -- publishing ----------------------------------------------------------------------
+
+    async def _lead(self, epoch: int) -> None:
+        async with self.state_db.transaction() as s:
+            row = await schema.load(s, self.name)
+            assert row is not None
+            self._generation = row.active_generation
+            self.checkpoint = await schema.get_checkpoint(s, self.name, self._generation)
+            self._sequences = await state.load_sequences(s, self.name, self.partitions)
+            self._blocked = await state.load_blocked(s, self.name, self._generation)
+        self.signal.notify()
+        next_check = last_beat = time.monotonic()
+        backoff: float | None = None
+        outage: float | None = None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + self.state_interval
+                await self._check_state(epoch)
+            events = await self.store.read_after(self.checkpoint, self.batch_size)
+            if events:
+                try:
+                    await self._publish_batch(epoch, events)
+                except BrokerUnavailableError as exc:
+                    if outage is None:
+                        self.outages += 1
+                        log.warning(
+                            "relay %s: broker unavailable (%s); backing off", self.name, exc
+                        )
+                    outage = min(self.max_backoff, (outage or 0.05) * 2)
+                    if time.monotonic() - last_beat >= self.lease_ttl / 3:
+                        async with self.state_db.transaction() as s:
+                            await self._fence(s, epoch)
+                        last_beat = time.monotonic()
+                    await self._pause(outage)
+                    continue
+                if outage is not None:
+                    log.info("relay %s: broker available again", self.name)
+                    outage = None
+                last_beat = time.monotonic()
+                backoff = None
+                await asyncio.sleep(0)
+                continue
+            if time.monotonic() - last_beat >= self.lease_ttl / 3:
+                async with self.state_db.transaction() as s:
+                    await self._fence(s, epoch)
+                last_beat = time.monotonic()
+            limit = min(self.poll_interval, self.lease_ttl / 3)
+            woke = await self._wait_for_events(backoff or limit)
+            if woke:
+                backoff = 0.001 if backoff is None else min(backoff * 2, limit)
+            elif backoff is None or backoff >= limit:
+                backoff = None
+            else:
+                backoff = min(backoff * 2, limit)
+
+    def _envelopes(
+        self, events: Sequence[StoredEvent]
+    ) -> tuple[list[Envelope], dict[int, tuple[StoredEvent, str]], dict[int, int]]:
+        """Number the batch. Returns the envelopes to send (a ``parked`` placeholder, in
+        place, for each event parked before sending), the parked events by position, and
+        the new sequence counters."""
+        seqs = dict(self._sequences)
+        owned, n, blocked = self.owned, self.partitions, set(self._blocked)
+        send: list[Envelope] = []
+        refused: dict[int, tuple[StoredEvent, str]] = {}
+        max_bytes = self.max_bytes
+        for e in events:
+            p = partition_of(e.stream, n)
+            if owned is not None and p not in owned:
+                continue
+            seq = seqs[p] = seqs.get(p, 0) + 1
+            env = Envelope.from_stored(e, p, n, seq)
+            if blocked and e.stream in blocked:
+                reason = f"not published: an earlier event of stream {e.stream!r} is parked"
+            elif len(env.payload) > max_bytes:
+                reason = f"payload of {len(env.payload)} bytes exceeds max_bytes={max_bytes}"
+                blocked.add(e.stream)
+            else:
+                send.append(self._sign(env))
+                continue
+            refused[e.position] = (e, reason)
+            send.append(self._sign(env.parked()))
+        return send, refused, seqs
+
+    def _sign(self, env: Envelope) -> Envelope:
+        signer = self.signer
+        if signer is None:
+            return env
+        return env.signed(signer, self.transport.destination(env.partition))
+
+    async def _publish_batch(self, epoch: int, events: Sequence[StoredEvent]) -> None:
+        send, refused, seqs = self._envelopes(events)
+        acked = 0
+        if send:
+            results = await self.transport.publish(send)
+            late: list[Envelope] = []
+            for env, reason in zip(send, results, strict=True):
+                if reason is None:
+                    acked += env.kind == "event"
+                elif env.kind == "parked":
+                    self._hole(env, reason)
+                else:
+                    # refused by the broker itself: park it; its placeholder goes after the
+                    # batch (a consumer sees that sequence number late, never missing)
+                    refused[env.position] = (
+                        next(e for e in events if e.position == env.position),
+                        reason,
+                    )
+                    late.append(self._sign(env.parked()))
+            if late:
+                for env, reason in zip(late, await self.transport.publish(late), strict=True):
+                    if reason is not None:
+                        self._hole(env, reason)
+        parked = [refused[k] for k in sorted(refused)]
+        async with self.state_db.transaction() as s:
+            await self._fence(s, epoch)
+            for stored, reason in parked:
+                await state.park(s, self.name, self._generation, stored, reason)
+            touched = [(p, q) for p, q in seqs.items() if self._sequences.get(p) != q]
+            await state.save_sequences(s, self.name, self.partitions, touched)
+            await schema.set_checkpoint(s, self.name, self._generation, events[-1].position)
+        self._sequences = seqs
+        for stored, reason in parked:
+            if stored.stream not in self._blocked:
+                log.warning(
+                    "relay %s: parked stream %r at version %d: %s",
+                    self.name,
+                    stored.stream,
+                    stored.version,
+                    reason,
+                )
+            self._blocked.add(stored.stream)
+        self.parked += len(parked)
+        self.published += acked
+        self.checkpoint = events[-1].position
+        self.signal.notify()
+
+    def _hole(self, env: Envelope, reason: str) -> None:
+        """A placeholder was refused too: the partition's sequence has a hole (loud)."""
+        self.gaps += 1
+        log.error(
+            "relay %s: partition %d has a hole at sequence %d (stream %r version %d was "
+            "refused, and its placeholder too: %s)",
+            self.name,
+            env.partition,
+            env.sequence,
+            env.stream,
+            env.version,
+            reason,
+        )
+
+    # -- state checks and retries --------------------------------------------------------
+
+    async def _check_state(self, epoch: int) -> None:
+        async with self.state_db.transaction() as s:
+            await self._fence(s, epoch)
+            rows = await s.fetchall(
+                "SELECT position, stream, version FROM cqrskit_dead_letters "
+                "WHERE projection = ? AND generation = ? AND retry = 1 ORDER BY position",
+                self.name,
+                self._generation,
+            )
+        if rows:
+            await self._retry(epoch, [(int(p), str(s), int(v)) for p, s, v in rows])
+
+    async def _retry(self, epoch: int, rows: list[tuple[int, str, int]]) -> None:
+        """Publish flagged parked events again (new sequence numbers, in order per stream);
+        a stream stops at its first event refused again."""
+        seqs = dict(self._sequences)
+        ok: list[int] = []
+        failed: dict[int, str] = {}
+        stopped: set[str] = set()
+        for position, stream, version in rows:
+            if stream in stopped:
+                continue
+            found = [
+                e
+                for e in await self.store.read_stream(stream, version - 1)
+                if e.position == position
+            ]
+            if not found:
+                failed[position] = "event not in the log"
+                stopped.add(stream)
+                continue
+            p = partition_of(stream, self.partitions)
+            seq = seqs[p] = seqs.get(p, 0) + 1
+            env = self._sign(Envelope.from_stored(found[0], p, self.partitions, seq))
+            [reason] = await self.transport.publish([env])
+            if reason is None:
+                ok.append(position)
+            else:
+                failed[position] = reason
+                stopped.add(stream)
+                seqs[p] = seq - 1  # nothing took this number
+        async with self.state_db.transaction() as s:
+            await self._fence(s, epoch)
+            key = (self.name, self._generation)
+            for position in ok:
+                await s.execute(
+                    "DELETE FROM cqrskit_dead_letters WHERE projection = ? AND generation = ? "
+                    "AND position = ?",
+                    *key,
+                    position,
+                )
+            for position, reason in failed.items():
+                await s.execute(
+                    "UPDATE cqrskit_dead_letters SET error = ?, attempts = attempts + 1, "
+                    "parked_at = ?, retry = 0 WHERE projection = ? AND generation = ? "
+                    "AND position = ?",
+                    reason[:2000],
+                    time.time(),
+                    *key,
+                    position,
+                )
+            await s.execute(
+                "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND generation = ?",
+                *key,
+            )
+            await state.save_sequences(s, self.name, self.partitions, seqs.items())
+            self._blocked = await state.load_blocked(s, self.name, self._generation)
+        self._sequences = seqs
+        self.published += len(ok)
+        log.info(
+            "relay %s: retried %d parked event(s), %d published", self.name, len(rows), len(ok)
+        )
+
+    async def _wait_for_events(self, timeout: float) -> bool:
+        waiter = asyncio.ensure_future(self.store.wait_for(self.checkpoint, timeout))
+        stopper = asyncio.ensure_future(self._stop.wait())
+        done, pending = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return waiter in done and not waiter.cancelled() and bool(waiter.result())

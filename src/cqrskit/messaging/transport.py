@@ -1,0 +1,68 @@
+"""The transport port: how the relay hands envelopes to a broker.
+
+A transport knows one thing the relay does not: how to put an envelope on its broker so
+that it is stored durably, and how to tell an acknowledgement from a refusal. It is one
+class with two methods to implement (:meth:`Transport.publish` and
+:meth:`Transport.destination`) plus optional :meth:`Transport.close`, so a Kafka or SQS
+adapter is one short module.
+
+The contract of :meth:`Transport.publish`:
+
+* messages of one partition reach the broker in the order given;
+* it returns only when *every* message is either acknowledged by the broker (stored
+  durably, per the broker's settings) or refused for good (too large, no such destination,
+  not allowed) — one result per message, ``None`` for acknowledged, the refusal reason
+  otherwise;
+* a broker that is down, slow past the transport's ack timeout, or that drops the
+  connection raises :class:`~cqrskit.errors.BrokerUnavailableError`: the outcome of every
+  message in the call is then unknown and the relay publishes the same envelopes again
+  (same message ids and sequence numbers) after a back-off;
+* it holds at most the messages of the call (a bounded window of outstanding acks inside),
+  never an unbounded buffer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from cqrskit.messaging.envelope import Envelope
+
+__all__ = ["Transport"]
+
+
+class Transport(ABC):
+    """A broker adapter used by :class:`~cqrskit.messaging.Relay` (see the module docs).
+
+    Attributes:
+        name: short name of the broker, for logs and status (``"nats"``, ``"memory"``...).
+        broker_dedup: whether the broker itself drops a republished message id (NATS
+            JetStream within its duplicate window); without it, consumers drop duplicates
+            by partition sequence.
+    """
+
+    name: str = "transport"
+    broker_dedup: bool = False
+
+    @abstractmethod
+    def destination(self, partition: int) -> str:
+        """The broker's name for ``partition`` (a subject, routing key or stream key)."""
+
+    @abstractmethod
+    async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
+        """Publish ``messages`` in order; one result per message: ``None`` when the broker
+        acknowledged it, else why it was refused for good.
+
+        Raises:
+            BrokerUnavailableError: the broker could not be reached or did not acknowledge
+                in time; the outcome of every message in this call is unknown.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Close the broker connection (publish reconnects when called again)."""
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
