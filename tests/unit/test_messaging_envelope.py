@@ -43,7 +43,9 @@ def test_envelope_carries_every_field_and_round_trips() -> None:
     assert h["cqrskit-partition"] == "3/8"
     assert h["cqrskit-sequence"] == "11"
     assert h["cqrskit-position"] == "42"
-    assert h["traceparent"] == "00-0f3c1a2b4d5e4f608a7b9c0d1e2f3a4b-" + h["traceparent"][36:52] + "-01"
+    assert (
+        h["traceparent"] == "00-0f3c1a2b4d5e4f608a7b9c0d1e2f3a4b-" + h["traceparent"][36:52] + "-01"
+    )
     back = Envelope.from_wire(h, env.payload)
     assert back == env
     assert back.to_stored() == stored()
@@ -129,9 +131,7 @@ def test_signature_verifies_and_fails_closed() -> None:
             {**h, "cqrskit-sequence": "6"}, env.payload, destination="events.1", verifier=signer
         )
     with pytest.raises(SignatureError, match="unknown key id"):
-        Envelope.from_wire(
-            h, env.payload, destination="events.1", verifier=HmacSigner({"k2": KEY})
-        )
+        Envelope.from_wire(h, env.payload, destination="events.1", verifier=HmacSigner({"k2": KEY}))
     with pytest.raises(EnvelopeError, match="destination"):
         Envelope.from_wire(h, env.payload, verifier=signer)
 

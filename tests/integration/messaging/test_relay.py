@@ -1,0 +1,216 @@
+"""The relay on SQLite and PostgreSQL logs, over the in-memory transport."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from tests.support.bank import Deposited, Unrelated
+
+from cqrskit.errors import ConfigurationError
+from cqrskit.messaging import Envelope, HmacSigner, InMemoryTransport, Relay, relay_status
+from cqrskit.projections import ReadDatabase, dead_letters, request_retry
+from cqrskit.projections import schema as pschema
+
+Backend = tuple[Any, ReadDatabase]
+
+
+async def until(check: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+def kept(t: InMemoryTransport, partitions: int) -> list[Envelope]:
+    """What consumers keep: first copy per (partition, sequence), checked contiguous."""
+    out = []
+    for p in range(partitions):
+        last = 0
+        for env in t.messages(p):
+            if env.sequence <= last:
+                continue
+            assert env.sequence == last + 1, (p, last, env.sequence)
+            last = env.sequence
+            out.append(env)
+    return out
+
+
+def check_stream_order(envs: list[Envelope]) -> None:
+    last: dict[str, int] = {}
+    for env in sorted(envs, key=lambda e: (e.partition, e.sequence)):
+        assert env.version == last.get(env.stream, 0) + 1, (env.stream, env.version)
+        last[env.stream] = env.version
+
+
+async def fill(log: Any, count: int, streams: int = 5, start: int = 0) -> int:
+    last = 0
+    for i in range(start, start + count):
+        stored = await log.append(f"acct-{i % streams}", Deposited(f"acct-{i % streams}", i))
+        last = stored[-1].position
+    return last
+
+
+async def test_relay_publishes_the_log_with_lineage_and_reports_status(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport()
+    last = await fill(log, 40)
+    async with Relay(log, db, t, partitions=4, batch_size=9) as relay:
+        assert await relay.wait_published(last, 20)
+        more = await fill(log, 10, start=40)
+        assert await relay.wait_published(more, 20)
+        status = await relay_status(db, log)
+    envs = kept(t, 4)
+    assert len(envs) == 50
+    check_stream_order(envs)
+    stored = await log.read_after(0, 100)
+    assert [e.to_stored() for e in sorted(envs, key=lambda e: e.position)] == [
+        type(s)(s.position, s.stream, s.version, s.type, s.schema_version, s.data,
+                {k: s.metadata.get(k) for k in
+                 ("message_id", "correlation_id", "causation_id", "timestamp")})
+        for s in stored
+    ]  # fmt: skip
+    assert status.mode == "relay"
+    assert status.checkpoint == more
+    assert status.lag_events == 0
+    assert status.dead_letters == 0
+    assert relay.published == 50
+
+
+async def test_broker_outage_backs_off_then_drains_once(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport()
+    t.available = False
+    last = await fill(log, 30)
+    async with Relay(log, db, t, partitions=2, max_backoff=0.2) as relay:
+        await until(lambda: relay.outages >= 1)
+        assert relay.checkpoint == 0
+        status = await relay_status(db, log)
+        assert status.lag_events == 30
+        t.available = True
+        assert await relay.wait_published(last, 20)
+    assert len(kept(t, 2)) == 30
+    assert sum(len(t.messages(p)) for p in range(2)) == 30
+
+
+async def test_lost_acks_republish_the_same_ids_and_sequences(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport(dedup_window=None)  # like Redis: the broker keeps every copy
+    t.lose_acks(2)
+    last = await fill(log, 25)
+    async with Relay(log, db, t, partitions=3, max_backoff=0.05) as relay:
+        assert await relay.wait_published(last, 20)
+    raw = [e for p in range(3) for e in t.messages(p)]
+    assert len(raw) == 75  # three copies: two lost acks, then one acknowledged
+    envs = kept(t, 3)
+    assert len(envs) == 25
+    by_seq = {(e.partition, e.sequence): e.message_id for e in envs}
+    assert all(by_seq[(e.partition, e.sequence)] == e.message_id for e in raw)
+    check_stream_order(envs)
+
+
+async def test_a_standby_takes_over_and_continues_the_numbering(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport(dedup_window=None)
+    first = await fill(log, 20)
+    a = Relay(log, db, t, partitions=2, owner="a", lease_ttl=0.5)
+    b = Relay(log, db, t, partitions=2, owner="b", lease_ttl=0.5)
+    async with a:
+        assert await a.wait_published(first, 20)
+        await b.start()
+        await asyncio.sleep(0.2)  # b had its chance to take a live lease
+        assert not b.leading
+    # a released its lease on stop: b takes over and numbers on from a's counters
+    try:
+        second = await fill(log, 20, start=20)
+        assert await b.wait_published(second, 20)
+        assert b.leading
+    finally:
+        await b.stop()
+    envs = kept(t, 2)
+    assert len(envs) == 40
+    check_stream_order(envs)
+
+
+async def test_a_fenced_relay_cannot_move_the_checkpoint(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport()
+    gate = t.hold_acks()
+    last = await fill(log, 10)
+    async with Relay(log, db, t, owner="old", lease_ttl=30) as relay:
+        await until(lambda: relay.leading and t.published > 0)
+        async with db.transaction() as s:  # another relay takes the lease meanwhile
+            row = await pschema.load(s, "relay")
+            assert row is not None
+            assert await pschema.take_lease(s, "relay", "new", row) == row.lease_epoch + 1
+        gate.set()
+        await until(lambda: not relay.leading)
+        assert relay.checkpoint == 0
+    status = await relay_status(db, log)
+    assert status.checkpoint == 0
+    assert status.lease_owner == "new"
+    assert last > 0
+
+
+async def test_refused_events_park_their_stream_and_retry_republishes(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport()
+    await fill(log, 4, streams=2)
+    big = (await log.append("acct-0", Unrelated("x" * 500)))[-1]
+    await log.append("acct-0", Deposited("acct-0", 1))
+    last = await fill(log, 4, streams=2, start=100)
+    relay = Relay(log, db, t, partitions=2, max_bytes=200, state_interval=0.05)
+    async with relay:
+        assert await relay.wait_published(last, 20)
+        letters = await dead_letters(db, "relay")
+        assert (letters[0].stream, letters[0].position) == ("acct-0", big.position)
+        assert all(d.stream == "acct-0" for d in letters)
+        assert len(letters) == 4  # the big one, then acct-0's later events wait behind it
+        envs = kept(t, 2)
+        assert sorted(e.kind for e in envs).count("parked") == 4
+        relay.max_bytes = 1 << 20  # "fix" the limit, then retry from the CLI or code
+        assert await request_retry(db, "relay") == 4
+        await until(lambda: relay.published == 10)
+        assert await dead_letters(db, "relay") == []
+    envs = kept(t, 2)
+    real = [e for e in envs if e.kind == "event"]
+    assert len(real) == 10
+    assert [e.version for e in real if e.stream == "acct-0"] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_partition_sets_split_the_work_between_named_relays(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport(dedup_window=None)
+    last = await fill(log, 40, streams=9)
+    r1 = Relay(log, db, t, name="relay_a", partitions=4, owned={0, 1})
+    r2 = Relay(log, db, t, name="relay_b", partitions=4, owned={2, 3})
+    async with r1, r2:
+        assert await r1.wait_published(last, 20)
+        assert await r2.wait_published(last, 20)
+    envs = kept(t, 4)
+    assert sorted(e.position for e in envs) == sorted(
+        e.position for e in await log.read_after(0, 100)
+    )
+    assert r1.published == sum(1 for e in envs if e.partition in (0, 1))
+    assert r2.published == sum(1 for e in envs if e.partition in (2, 3))
+    assert 0 < r1.published < 40
+    with pytest.raises(ConfigurationError):
+        Relay(log, db, t, partitions=2, owned={2})
+
+
+async def test_signed_relay_messages_verify(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport()
+    signer = HmacSigner({"k1": b"s" * 32})
+    last = await fill(log, 12)
+    async with Relay(log, db, t, partitions=2, signer=signer) as relay:
+        assert await relay.wait_published(last, 20)
+    n = 0
+    for p in range(2):
+        for h, b in t.wire(p):
+            Envelope.from_wire(h, b, destination=t.destination(p), verifier=signer)
+            n += 1
+    assert n == 12
