@@ -11,6 +11,7 @@ switched at run time::
     proxy.mode = Mode.DROP_COMMIT_REPLY # forward COMMIT, drop its reply, reset the client
     proxy.mode = Mode.BLACKHOLE_COMMIT  # never forward COMMIT; reset both sides
     proxy.mode = Mode.HOLD_COMMIT_REPLY # forward COMMIT, hold its reply until released
+    proxy.mode = Mode.DROP_REPLIES      # forward requests, drop every reply (lost acks)
     proxy.mode = Mode.FORWARD           # back to normal
     proxy.faults_left = 1               # a COMMIT mode for the next COMMIT only
     await proxy.close()
@@ -21,6 +22,9 @@ SQL contains the keyword ``COMMIT`` (``INSERT ...; COMMIT`` sent as one query co
 trigger. :attr:`FaultProxy.commit_faults` counts triggers and :meth:`FaultProxy.wait_fault`
 waits (bounded) for the next one; in ``DROP_COMMIT_REPLY`` a fault is counted only after the
 server's first reply bytes arrived, i.e. after the server executed the COMMIT.
+
+``FaultProxy(host, port, protocol="raw")`` forwards any TCP protocol (a broker's) without
+parsing it; the COMMIT modes then do nothing, the others work the same.
 
 Everything is bounded: reads are chunked, each wait has a timeout, and :meth:`close` aborts
 every connection.
@@ -51,6 +55,7 @@ class Mode(enum.Enum):
     DROP_COMMIT_REPLY = "drop_commit_reply"
     BLACKHOLE_COMMIT = "blackhole_commit"
     HOLD_COMMIT_REPLY = "hold_commit_reply"
+    DROP_REPLIES = "drop_replies"
 
 
 class _FrontendParser:
@@ -138,6 +143,10 @@ class _Link:
             if mode is Mode.BLACKHOLE:
                 continue
             await self._delay()
+            if proxy.protocol == "raw":
+                self.server_w.write(data)
+                await self.server_w.drain()
+                continue
             for msg, carries_commit in self.parser.feed(data):
                 if carries_commit and proxy.mode is Mode.BLACKHOLE_COMMIT:
                     proxy._fault()
@@ -167,6 +176,9 @@ class _Link:
                 break
             if mode is Mode.BLACKHOLE:
                 continue
+            if mode is Mode.DROP_REPLIES:
+                proxy.dropped_replies += 1
+                continue
             if self.hold:
                 await proxy.release_replies.wait()  # released by the test, bounded there
             await self._delay()
@@ -186,7 +198,9 @@ class FaultProxy:
         connections: how many client connections were accepted.
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, protocol: str = "postgres") -> None:
+        self.protocol = protocol
+        self.dropped_replies = 0
         self.target_host = target_host
         self.target_port = target_port
         self._mode = Mode.FORWARD
