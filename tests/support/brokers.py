@@ -153,7 +153,7 @@ async def redis_read(url: str, key: str) -> list[tuple[Mapping[str, Any], bytes]
             entries = await client.xrange(key, min=low, count=1000)
             if not entries:
                 return out
-            for entry_id, fields in entries:
+            for _entry_id, fields in entries:
                 body = fields.pop(b"body", b"")
                 out.append((fields, body))
             low = "(" + entries[-1][0].decode()

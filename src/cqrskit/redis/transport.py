@@ -1,0 +1,138 @@
+"""The Redis Streams transport (see :class:`RedisTransport`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from cqrskit.errors import BrokerUnavailableError, MissingExtraError
+from cqrskit.messaging.envelope import DEFAULT_MAX_BYTES, Envelope
+from cqrskit.messaging.partitioning import check_token
+from cqrskit.messaging.transport import Transport
+
+try:
+    import redis.asyncio as aioredis
+    import redis.exceptions as rexc
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingExtraError("redis", "redis") from exc
+
+__all__ = ["RedisTransport"]
+
+# refusals that stay refusals when retried (everything else means "try again later")
+_REFUSED = ("WRONGTYPE", "NOPERM", "NOAUTH", "ERR The ID specified", "NOSCRIPT")
+
+
+class RedisTransport(Transport):
+    """Appends to one Redis stream per partition (``<key_prefix>:<p>``) with ``XADD``.
+
+    One pipeline (no MULTI) per call, so a batch costs one round trip; Redis runs the
+    commands of a connection in order, so a partition is stored in order and a dropped
+    connection loses a suffix, never a middle part. Entry fields are the envelope headers
+    plus ``body``. The stream is never trimmed here (trimming can drop entries a consumer
+    has not read: configure retention deliberately, see docs/messaging.md).
+
+    Args:
+        url: ``redis://host:port/db`` (credentials in the URL or ``client_options``).
+        key_prefix: partition ``p`` is the stream key ``<key_prefix>:<p>``.
+        create: ignored for Redis (``XADD`` creates the stream); with ``create=False``
+            a missing key is refused, like a missing NATS stream.
+        ack_timeout: seconds one pipeline may take before the broker counts as unavailable.
+        max_bytes: larger payloads are refused without being sent.
+        client_options: extra keyword arguments for ``redis.asyncio.from_url``.
+    """
+
+    name = "redis"
+    broker_dedup = False
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        key_prefix: str = "cqrskit:events",
+        create: bool = True,
+        ack_timeout: float = 5.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        for part in key_prefix.split(":"):
+            check_token(part, "Redis key prefix")
+        self.url = url
+        self.key_prefix = key_prefix
+        self.create = create
+        self.ack_timeout = ack_timeout
+        self.max_bytes = max_bytes
+        self.client_options = dict(client_options or {})
+        self._client: Any = None
+        self._keys: dict[int, str] = {}
+
+    def __repr__(self) -> str:  # the URL may hold a password: never shown
+        return f"RedisTransport(key_prefix={self.key_prefix!r})"
+
+    def destination(self, partition: int) -> str:
+        """See :meth:`Transport.destination`: ``<key_prefix>:<partition>``."""
+        key = self._keys.get(partition)
+        if key is None:
+            key = self._keys[partition] = f"{self.key_prefix}:{partition}"
+        return key
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            options: dict[str, Any] = {
+                "socket_timeout": self.ack_timeout,
+                "socket_connect_timeout": 2.0,
+            }
+            options.update(self.client_options)
+            self._client = aioredis.from_url(self.url, **options)
+        return self._client
+
+    async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
+        """See :meth:`Transport.publish`."""
+        client = self._connect()
+        results: list[str | None] = [None] * len(messages)
+        sent: list[int] = []
+        pipe = client.pipeline(transaction=False)
+        for i, env in enumerate(messages):
+            if len(env.payload) > self.max_bytes:
+                results[i] = f"payload of {len(env.payload)} bytes exceeds {self.max_bytes}"
+                continue
+            fields: dict[str, Any] = env.headers()
+            fields["body"] = env.payload
+            pipe.xadd(self.destination(env.partition), fields, nomkstream=not self.create)
+            sent.append(i)
+        if not sent:
+            return results
+        try:
+            replies = await asyncio.wait_for(
+                pipe.execute(raise_on_error=False), self.ack_timeout + 1.0
+            )
+        except (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError) as exc:
+            await self._drop()
+            raise BrokerUnavailableError(f"Redis: pipeline failed ({exc!r}).") from exc
+        except rexc.ResponseError as exc:  # pragma: no cover - raise_on_error=False
+            raise BrokerUnavailableError(f"Redis: {exc}") from exc
+        for i, reply in zip(sent, replies, strict=True):
+            if reply is None:
+                results[i] = f"no stream {self.destination(messages[i].partition)!r}"
+            elif isinstance(reply, rexc.ResponseError):
+                text = str(reply)
+                if text.startswith(_REFUSED):
+                    results[i] = f"Redis refused the entry: {text}"
+                else:  # OOM, LOADING, BUSY, READONLY ...: the server may accept it later
+                    raise BrokerUnavailableError(f"Redis: {text}") from reply
+            elif isinstance(reply, Exception):
+                await self._drop()
+                raise BrokerUnavailableError(f"Redis: {reply!r}") from reply
+        return results
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except Exception:  # noqa: BLE001 - closing a broken client
+                pass
+
+    async def close(self) -> None:
+        """Close the connection pool (a later publish reconnects)."""
+        await self._drop()

@@ -1,0 +1,63 @@
+"""The transport conformance kit on Redis Streams (the shared server on 6379)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from tests.conftest import require_service
+from tests.support.brokers import redis_read
+from tests.support.proxy import FaultProxy
+
+from cqrskit.messaging import Transport
+from cqrskit.redis import RedisTransport
+from cqrskit.testing_transport import TransportConformance
+
+URL = "redis://127.0.0.1:6379/0"
+
+
+class TestRedisTransport(TransportConformance):
+    @pytest.fixture(autouse=True)
+    async def _proxy(self) -> AsyncIterator[None]:
+        require_service("redis")
+        self.proxy = FaultProxy("127.0.0.1", 6379, protocol="raw")
+        await self.proxy.start()
+        self.made: list[RedisTransport] = []
+        yield
+        client = aioredis.from_url(URL)
+        try:
+            for t in self.made:
+                await t.close()
+                keys = [k async for k in client.scan_iter(match=f"{t.key_prefix}:*")]
+                if keys:
+                    await client.delete(*keys)
+        finally:
+            await client.aclose()
+        await self.proxy.close()
+
+    async def make_transport(
+        self, *, max_bytes: int | None = None, missing: bool = False
+    ) -> Transport:
+        t = RedisTransport(
+            f"redis://127.0.0.1:{self.proxy.port}/0",
+            key_prefix=f"cqrskit_t:{uuid.uuid4().hex[:12]}",
+            create=not missing,
+            ack_timeout=3.0,
+            max_bytes=max_bytes or 1 << 20,
+        )
+        self.made.append(t)
+        return t
+
+    async def read_raw(
+        self, transport: Transport, partition: int
+    ) -> list[tuple[Mapping[str, Any], bytes]]:
+        return await redis_read(URL, transport.destination(partition))
+
+    async def interrupt(self, transport: Transport) -> None:
+        self.proxy.reset_all()
+
+    async def dispose(self, transport: Transport) -> None:
+        await transport.close()
