@@ -637,13 +637,6 @@ class InMemoryEventStore(EventStore):
         for e in stored:
             self._streams.setdefault(e.stream, []).append(e)
 
-    def idempotency_backend(self, table: str, wait_timeout: float) -> IdempotencyBackend:
-        """Rows kept in :attr:`state`, committed with the events (see
-        :class:`~cqrskit.idempotency.Idempotency`)."""
-        from cqrskit.idempotency import _MemoryBackend  # the behavior imports this module
-
-        return _MemoryBackend(self, wait_timeout)
-
     async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
         """See :meth:`EventStore.read_after`."""
         log = self._log

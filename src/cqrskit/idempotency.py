@@ -427,7 +427,11 @@ class Idempotency:
         validate_identifier(table, "table name")
         self.store = store
         self.table = table
-        self._backend: IdempotencyBackend = store.idempotency_backend(table, wait_timeout)
+        self._backend: IdempotencyBackend = (
+            _MemoryBackend(store, wait_timeout)
+            if isinstance(store, InMemoryEventStore)
+            else store.idempotency_backend(table, wait_timeout)
+        )
         self._codecs = ValueCodecs()
         self._specs: dict[type, _Spec] = {}
         self._has_attr: dict[type, bool] = {}
