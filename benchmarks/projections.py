@@ -41,10 +41,9 @@ from cqrskit.projections import (
     Projection,
     ProjectionContext,
     Projector,
-    SqliteReadDatabase,
 )
 from cqrskit.serialization import EventTypes, JsonSerializer
-from cqrskit.sqlite import SqliteEventStore
+from cqrskit.sqlite import SqliteEventStore, SqliteReadDatabase
 
 BATCH = 500
 
@@ -208,8 +207,7 @@ async def p4_postgres(dsn: str, samples: int) -> list[float]:
 
     import asyncpg
 
-    from cqrskit.postgres import PostgresEventStore
-    from cqrskit.projections.postgres import PostgresReadDatabase
+    from cqrskit.postgres import PostgresEventStore, PostgresReadDatabase
 
     suffix = uuid.uuid4().hex[:10]
     ws, rs = f"bench_w_{suffix}", f"bench_r_{suffix}"

@@ -25,9 +25,9 @@ from cqrskit.projections import (
     InlineProjections,
     Projector,
     ReadDatabase,
-    SqliteReadDatabase,
 )
 from cqrskit.serialization import JsonSerializer
+from cqrskit.sqlite import SqliteReadDatabase
 from examples.bank.domain import current_customer, event_types
 from examples.bank.handlers import (
     VALIDATORS,
@@ -137,8 +137,7 @@ def open_sqlite_bank(directory: Path, *, batch_size: int = 100) -> Bank:
 
 async def open_postgres_bank(dsn: str, schema: str, *, batch_size: int = 100) -> Bank:
     """The same bank on PostgreSQL: event log, ``balances`` and ``history`` in ``schema``."""
-    from cqrskit.postgres import PostgresEventStore
-    from cqrskit.projections.postgres import PostgresReadDatabase
+    from cqrskit.postgres import PostgresEventStore, PostgresReadDatabase
 
     serializer = JsonSerializer(event_types)
     store = await PostgresEventStore.open(dsn, schema=schema, encoder=serializer.encode)

@@ -24,7 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from cqrskit._encoding import Encoded, Encoder, encode_event
 from cqrskit.dependencies import Provider, Scope
@@ -38,6 +38,9 @@ from cqrskit.errors import (
 from cqrskit.mediator import Mediator, _receipt_var, record_token
 from cqrskit.messages import Event, Metadata, _iso_utc, _new_id
 from cqrskit.pipeline._core import ScopedBehavior, for_commands
+
+if TYPE_CHECKING:
+    from cqrskit.idempotency import IdempotencyBackend
 
 __all__ = [
     "EventStore",
@@ -333,6 +336,19 @@ class EventStore(ABC):
         transaction (inline projections); an error rolls the command back.
         """
         self._hooks.append(hook)
+
+    def idempotency_backend(self, table: str, wait_timeout: float) -> IdempotencyBackend:
+        """Where :class:`~cqrskit.idempotency.Idempotency` keeps its rows for this store.
+
+        A driver returns its own :class:`~cqrskit.idempotency.IdempotencyBackend`; the
+        default refuses, naming the store.
+        """
+        raise ConfigurationError(
+            f"Idempotency does not support {type(self).__qualname__}.",
+            hint="implement EventStore.idempotency_backend() in the driver, or use "
+            "InMemoryEventStore, SqliteEventStore, PostgresEventStore or "
+            "cqrskit.sqlalchemy.SqlAlchemyEventStore.",
+        )
 
     # -- read side -----------------------------------------------------------------------
 

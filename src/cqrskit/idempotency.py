@@ -32,14 +32,12 @@ import contextlib
 import contextvars
 import hashlib
 import inspect
-import sqlite3
 import typing
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from cqrskit._plan import declared_result
 from cqrskit.dependencies import Scope
 from cqrskit.errors import (
     CommitOutcomeUnknownError,
@@ -59,17 +57,21 @@ from cqrskit.eventlog import (
     validate_identifier,
 )
 from cqrskit.mediator import Mediator, record_token
-from cqrskit.pipeline._core import ScopedBehavior, for_commands
+from cqrskit.messages import result_type
+from cqrskit.pipeline import ScopedBehavior, for_commands
 from cqrskit.registry import Registry
-from cqrskit.serialization._codec import Limits, _TextCodec
-from cqrskit.serialization._plan import _Invalid, _Planner
+from cqrskit.serialization import ValueCodec, ValueCodecs
 
 __all__ = [
+    "ROW_COLUMNS",
     "Idempotency",
+    "IdempotencyBackend",
     "IdempotencyRecord",
+    "IdempotencyRow",
     "IdempotentCommand",
     "current_idempotency_key",
     "idempotency_key",
+    "key_in_progress",
 ]
 
 _MAX_KEY = 255
@@ -151,25 +153,21 @@ class IdempotencyRecord:
 
 
 class _Spec:
-    __slots__ = ("name", "encode_payload", "encode_result", "decode_result", "codec")
+    __slots__ = ("name", "payload", "result")
 
-    def __init__(self, cls: type, planner: _Planner, codec: _TextCodec) -> None:
+    def __init__(self, cls: type, codecs: ValueCodecs) -> None:
         self.name: str = getattr(cls, "__command_type__", f"{cls.__module__}.{cls.__qualname__}")
-        self.codec = codec
-        where = f"command {describe(cls)}"
         try:
-            self.encode_payload = planner.plan(cls, False, where)[0]
+            self.payload: ValueCodec = codecs.codec(cls, where=f"command {describe(cls)}")
         except ConfigurationError as exc:
             raise ConfigurationError(
                 f"{describe(cls)} cannot be hashed for idempotency: {exc.text}",
                 message_type=cls,
                 hint=exc.hint,
             ) from exc
-        result_type = _resolve(declared_result(cls), cls)
+        declared = _resolve(result_type(cls), cls)
         try:
-            self.encode_result, self.decode_result = planner.plan(
-                result_type, False, f"the result of {describe(cls)}"
-            )
+            self.result: ValueCodec = codecs.codec(declared, where=f"the result of {describe(cls)}")
         except ConfigurationError as exc:
             raise ConfigurationError(
                 f"the result of {describe(cls)} must be JSON-serializable to be stored for "
@@ -181,31 +179,30 @@ class _Spec:
 
     def digest(self, command: object) -> str:
         try:
-            text = self.codec.dump_checked(self.encode_payload(command))
-        except _Invalid as exc:
+            text = self.payload.dumps(command)
+        except SerializationError as exc:
             raise SerializationError(
-                f"cannot hash {self.name} for idempotency: {exc.message}.",
+                f"cannot hash {self.name} for idempotency: {exc.text}.",
                 message_type=type(command),
             ) from exc
         return hashlib.sha256(f"{self.name}\n{text}".encode()).hexdigest()
 
     def dump(self, result: object, cls: type) -> str:
         try:
-            return self.codec.dump_checked(self.encode_result(result))
-        except _Invalid as exc:
+            return self.result.dumps(result)
+        except SerializationError as exc:
             raise SerializationError(
-                f"cannot store the result of {describe(cls)} for idempotent retries: "
-                f"{exc.message}.",
+                f"cannot store the result of {describe(cls)} for idempotent retries: {exc.text}.",
                 message_type=cls,
                 hint="return a value of the declared result type.",
             ) from exc
 
     def load(self, text: str, cls: type) -> Any:
         try:
-            return self.decode_result(self.codec.loads(text))
-        except _Invalid as exc:
+            return self.result.loads(text)
+        except SerializationError as exc:
             raise SerializationError(
-                f"the stored result of {describe(cls)} cannot be decoded: {exc.message}.",
+                f"the stored result of {describe(cls)} cannot be decoded: {exc.text}.",
                 message_type=cls,
                 hint="the result type changed since the key was stored; use a new key.",
             ) from exc
@@ -233,27 +230,70 @@ _EMPTY = inspect.Parameter.empty
 # -- backends: where the rows live --------------------------------------------------------
 
 
-class _Backend(Protocol):
-    async def create(self) -> None: ...
-
-    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None: ...
-
-    async def save(self, uow: UnitOfWork, row: _Row) -> None: ...
-
-    def release(self, key: str) -> None: ...
-
-    async def lookup(self, key: str) -> IdempotencyRecord | None: ...
-
-    async def purge(self, before: datetime) -> int: ...
+ROW_COLUMNS = "key, command_type, payload_hash, result, token, created_at"
+"""The idempotency table's columns, in the order the drivers select them."""
 
 
 @dataclass(frozen=True, slots=True)
-class _Row:
+class IdempotencyRow:
+    """What a command's attempt stores with its key (a backend adds token and time).
+
+    Attributes:
+        events: how many events the command recorded; the token is the position of the
+            last of them (0: no event, no token).
+    """
+
     key: str
     command_type: str
     payload_hash: str
     result: str
     events: int
+
+
+class IdempotencyBackend(Protocol):
+    """Where an event store keeps idempotency rows: the port a driver implements and returns
+    from :meth:`EventStore.idempotency_backend <cqrskit.eventlog.EventStore.idempotency_backend>`.
+
+    ``claim`` and ``save`` run inside the command's unit of work, so the row commits or
+    rolls back with the command's state and events.
+    """
+
+    async def create(self) -> None:
+        """Create the table if missing (idempotent), and get ready to serve lookups."""
+        ...
+
+    async def prepare(self) -> None:
+        """Get ready to serve lookups without creating anything (``create_tables=False``)."""
+        ...
+
+    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
+        """The committed record for ``key``, or ``None`` after claiming the key for ``uow``
+        (a concurrent duplicate waits a bounded time, then raises :func:`key_in_progress`)."""
+        ...
+
+    async def save(self, uow: UnitOfWork, row: IdempotencyRow) -> None:
+        """Store ``row`` in ``uow``'s transaction (the token is known once events are)."""
+        ...
+
+    def release(self, key: str) -> None:
+        """The attempt that claimed ``key`` has ended, committed or not."""
+        ...
+
+    def forget(self, uow: UnitOfWork) -> None:
+        """Drop anything still pending for ``uow`` (it ended)."""
+        ...
+
+    async def lookup(self, key: str) -> IdempotencyRecord | None:
+        """The committed record for ``key``, outside any command."""
+        ...
+
+    async def purge(self, before: datetime) -> int:
+        """Delete records created before ``before``; return how many."""
+        ...
+
+    def close(self) -> None:
+        """Release what :meth:`create` or :meth:`prepare` opened."""
+        ...
 
 
 class _MemoryBackend:
@@ -267,10 +307,16 @@ class _MemoryBackend:
         self.wait_timeout = wait_timeout
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self.waiting = 0  # attempts waiting for a duplicate in flight
-        self._pending: dict[int, tuple[InMemoryUnitOfWork, _Row]] = {}
+        self._pending: dict[int, tuple[InMemoryUnitOfWork, IdempotencyRow]] = {}
         store.add_inline_hook(self._hook)
 
     async def create(self) -> None:
+        return None
+
+    async def prepare(self) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
     async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
@@ -293,9 +339,9 @@ class _MemoryBackend:
                     await asyncio.wait_for(asyncio.shield(other), left)
             finally:
                 self.waiting -= 1
-        raise _busy(key, self.wait_timeout)
+        raise key_in_progress(key, self.wait_timeout)
 
-    async def save(self, uow: UnitOfWork, row: _Row) -> None:
+    async def save(self, uow: UnitOfWork, row: IdempotencyRow) -> None:
         assert isinstance(uow, InMemoryUnitOfWork)
         if row.events:
             self._pending[id(uow)] = (uow, row)  # the token is known in the hook
@@ -335,248 +381,18 @@ class _MemoryBackend:
         return len(old)
 
 
-def _record(row: _Row, token: int | None) -> IdempotencyRecord:
+def _record(row: IdempotencyRow, token: int | None) -> IdempotencyRecord:
     return IdempotencyRecord(
         row.key, row.command_type, row.payload_hash, row.result, token, datetime.now(UTC)
     )
 
 
-def _busy(key: str, timeout: float) -> Exception:
+def key_in_progress(key: str, timeout: float) -> ConcurrencyError:
+    """The error a backend raises when an attempt with ``key`` is still running after
+    ``timeout`` seconds."""
     return ConcurrencyError(
         f"another attempt with idempotency key {key[:40]!r} is still running after {timeout} s.",
         hint="retry later with the same key: it returns that attempt's result once it commits.",
-    )
-
-
-def sqlite_idempotency_ddl(table: str = "cqrskit_idempotency") -> str:
-    """The SQLite DDL of the idempotency table (for your own migrations)."""
-    t = validate_identifier(table, "table name")
-    idx = validate_identifier(f"{table}_created"[:63], "index name")
-    return (
-        f"CREATE TABLE IF NOT EXISTS {t} (\n"
-        "    key TEXT PRIMARY KEY,\n"
-        "    command_type TEXT NOT NULL,\n"
-        "    payload_hash TEXT NOT NULL,\n"
-        "    result TEXT NOT NULL,\n"
-        "    token INTEGER,\n"
-        "    created_at TEXT NOT NULL\n"
-        ");\n"
-        f"CREATE INDEX IF NOT EXISTS {idx} ON {t} (created_at);\n"
-    )
-
-
-def postgres_idempotency_ddl(schema: str = "public", table: str = "cqrskit_idempotency") -> str:
-    """The PostgreSQL DDL of the idempotency table (for your own migrations)."""
-    s = validate_identifier(schema, "schema name")
-    t = validate_identifier(table, "table name")
-    idx = validate_identifier(f"{table}_created"[:63], "index name")
-    return f"""CREATE SCHEMA IF NOT EXISTS {s};
-CREATE TABLE IF NOT EXISTS {s}.{t} (
-    key text PRIMARY KEY,
-    command_type text NOT NULL,
-    payload_hash text NOT NULL,
-    result text,
-    token bigint,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS {idx} ON {s}.{t} (created_at);
-"""
-
-
-_COLS = "key, command_type, payload_hash, result, token, created_at"
-
-
-class _SqliteBackend:
-    """The row is inserted through the unit of work's connection, which holds SQLite's
-    write lock from BEGIN IMMEDIATE: a duplicate waits for the lock, then sees the row."""
-
-    def __init__(self, store: Any, table: str) -> None:
-        self.store = store
-        self.path: str = store.path
-        self._t = t = validate_identifier(table, "table name")
-        self._table = table
-        self._pending: dict[int, tuple[UnitOfWork, _Row]] = {}
-        self._sql_get = f"SELECT {_COLS} FROM {t} WHERE key = ?"
-        self._sql_put = f"INSERT INTO {t} ({_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
-        self._reader: sqlite3.Connection | None = None
-        store.add_inline_hook(self._hook)
-
-    async def create(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-        try:
-            conn.executescript(
-                "BEGIN IMMEDIATE;\n" + sqlite_idempotency_ddl(self._table) + "COMMIT;"
-            )
-        finally:
-            conn.close()
-        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-
-    @staticmethod
-    def _parse(r: Any) -> IdempotencyRecord:
-        return IdempotencyRecord(r[0], r[1], r[2], r[3], r[4], datetime.fromisoformat(r[5]))
-
-    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
-        r = uow.connection.execute(self._sql_get, (key,)).fetchone()  # type: ignore[attr-defined]
-        return None if r is None else self._parse(r)
-
-    def _put(self, uow: UnitOfWork, row: _Row, token: int | None) -> None:
-        uow.connection.execute(  # type: ignore[attr-defined]
-            self._sql_put,
-            (
-                row.key,
-                row.command_type,
-                row.payload_hash,
-                row.result,
-                token,
-                datetime.now(UTC).isoformat(),
-            ),
-        )
-
-    async def save(self, uow: UnitOfWork, row: _Row) -> None:
-        if row.events:
-            self._pending[id(uow)] = (uow, row)
-        else:
-            self._put(uow, row, None)
-
-    async def _hook(self, uow: UnitOfWork, stored: list[StoredEvent]) -> None:
-        pending = self._pending.pop(id(uow), None)
-        if pending is not None and pending[0] is uow:
-            self._put(uow, pending[1], stored[pending[1].events - 1].position)
-
-    def release(self, key: str) -> None:
-        return None
-
-    def forget(self, uow: UnitOfWork) -> None:
-        self._pending.pop(id(uow), None)
-
-    def _read(self) -> sqlite3.Connection:
-        if self._reader is None:
-            raise ConfigurationError(
-                "the idempotency table is not ready.",
-                hint="create Idempotency with: idem = await Idempotency.open(store)",
-            )
-        return self._reader
-
-    async def lookup(self, key: str) -> IdempotencyRecord | None:
-        r = self._read().execute(self._sql_get, (key,)).fetchone()
-        return None if r is None else self._parse(r)
-
-    async def purge(self, before: datetime) -> int:
-        uow = await self.store.begin()
-        try:
-            cur = uow.connection.execute(
-                f"DELETE FROM {self._t} WHERE created_at < ?", (before.isoformat(),)
-            )
-        except BaseException:
-            await uow.rollback()
-            raise
-        await uow.commit()
-        return int(cur.rowcount)
-
-
-class _PostgresBackend:
-    """Claim first: ``INSERT ... ON CONFLICT DO NOTHING`` at the start of the transaction.
-    A duplicate in flight blocks on the key's index entry until the first attempt ends,
-    then reads its committed row (or, if it rolled back, claims the key itself)."""
-
-    def __init__(self, store: Any, table: str) -> None:
-        self.store = store
-        self.schema: str = store.schema
-        self._table = table
-        s = validate_identifier(store.schema, "schema name")
-        t = validate_identifier(table, "table name")
-        self._sql_claim = (
-            f"INSERT INTO {s}.{t} (key, command_type, payload_hash) VALUES ($1, '', '') "
-            "ON CONFLICT (key) DO NOTHING"
-        )
-        self._sql_get = f"SELECT {_COLS} FROM {s}.{t} WHERE key = $1 AND result IS NOT NULL"
-        # the token is the position of the command's last event; the PostgreSQL driver
-        # gives event n (1-based) of a transaction position (xid << 20) + n - 1
-        self._sql_save = (
-            f"UPDATE {s}.{t} SET command_type = $2, payload_hash = $3, result = $4, "
-            "token = CASE WHEN $5::int > 0 "
-            "THEN (pg_current_xact_id()::text::bigint << 20) + $5::int - 1 END, "
-            "created_at = now() WHERE key = $1"
-        )
-        self._sql_purge = f"DELETE FROM {s}.{t} WHERE created_at < $1 AND result IS NOT NULL"
-
-    async def create(self) -> None:
-        async with self.store.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))", f"cqrskit:{self.schema}"
-            )
-            await conn.execute(postgres_idempotency_ddl(self.schema, self._table))
-
-    @staticmethod
-    def _parse(r: Any) -> IdempotencyRecord:
-        return IdempotencyRecord(r[0], r[1], r[2], r[3], r[4], r[5])
-
-    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
-        conn = uow.connection  # type: ignore[attr-defined]
-        status = await conn.execute(self._sql_claim, key)
-        if status.endswith(" 1"):
-            return None
-        r = await conn.fetchrow(self._sql_get, key)
-        if r is None:  # pragma: no cover - a committed claim always has its result
-            raise _busy(key, 0.0)
-        return self._parse(r)
-
-    async def save(self, uow: UnitOfWork, row: _Row) -> None:
-        await uow.connection.execute(  # type: ignore[attr-defined]
-            self._sql_save, row.key, row.command_type, row.payload_hash, row.result, row.events
-        )
-
-    def release(self, key: str) -> None:
-        return None
-
-    def forget(self, uow: UnitOfWork) -> None:
-        return None
-
-    async def lookup(self, key: str) -> IdempotencyRecord | None:
-        async with self.store.pool.acquire() as conn:
-            r = await conn.fetchrow(self._sql_get, key)
-        return None if r is None else self._parse(r)
-
-    async def purge(self, before: datetime) -> int:
-        async with self.store.pool.acquire() as conn:
-            status = await conn.execute(self._sql_purge, before)
-        return int(status.rsplit(" ", 1)[-1])
-
-
-class _SessionBackend(_PostgresBackend):
-    """:class:`_PostgresBackend` through a ``cqrskit.sqlalchemy`` unit of work's session."""
-
-    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
-        conn = await uow.session.connection()  # type: ignore[attr-defined]
-        claimed = await conn.exec_driver_sql(self._sql_claim, (key,))
-        if claimed.rowcount == 1:
-            return None
-        r = (await conn.exec_driver_sql(self._sql_get, (key,))).first()
-        if r is None:  # pragma: no cover - a committed claim always has its result
-            raise _busy(key, 0.0)
-        return self._parse(r)
-
-    async def save(self, uow: UnitOfWork, row: _Row) -> None:
-        conn = await uow.session.connection()  # type: ignore[attr-defined]
-        await conn.exec_driver_sql(
-            self._sql_save, (row.key, row.command_type, row.payload_hash, row.result, row.events)
-        )
-
-
-def _backend_for(store: EventStore, table: str, wait_timeout: float) -> Any:
-    if isinstance(store, InMemoryEventStore):
-        return _MemoryBackend(store, wait_timeout)
-    kind = type(store).__module__
-    if kind == "cqrskit.sqlite":
-        return _SqliteBackend(store, table)
-    if kind == "cqrskit.postgres":
-        return _PostgresBackend(store, table)
-    if kind == "cqrskit.sqlalchemy":
-        return _SessionBackend(store.events, table)  # type: ignore[attr-defined]
-    raise ConfigurationError(
-        f"Idempotency does not support {describe(type(store))}.",
-        hint="use InMemoryEventStore, SqliteEventStore, PostgresEventStore or "
-        "cqrskit.sqlalchemy.SqlAlchemyEventStore.",
     )
 
 
@@ -611,9 +427,12 @@ class Idempotency:
         validate_identifier(table, "table name")
         self.store = store
         self.table = table
-        self._backend = _backend_for(store, table, wait_timeout)
-        self._planner = _Planner()
-        self._codec = _TextCodec(Limits())
+        self._backend: IdempotencyBackend = (
+            _MemoryBackend(store, wait_timeout)
+            if isinstance(store, InMemoryEventStore)
+            else store.idempotency_backend(table, wait_timeout)
+        )
+        self._codecs = ValueCodecs()
         self._specs: dict[type, _Spec] = {}
         self._has_attr: dict[type, bool] = {}
 
@@ -630,10 +449,8 @@ class Idempotency:
         idem = cls(store, table=table, wait_timeout=wait_timeout)
         if create_tables:
             await idem._backend.create()
-        elif isinstance(idem._backend, _SqliteBackend):
-            idem._backend._reader = sqlite3.connect(
-                idem._backend.path, isolation_level=None, check_same_thread=False
-            )
+        else:
+            await idem._backend.prepare()
         return idem
 
     def check(self, registry: Registry) -> None:
@@ -666,14 +483,12 @@ class Idempotency:
 
     def close(self) -> None:
         """Close the SQLite lookup connection (nothing to do for other stores)."""
-        reader = getattr(self._backend, "_reader", None)
-        if reader is not None:
-            reader.close()
+        self._backend.close()
 
     def _spec(self, command_type: type) -> _Spec:
         spec = self._specs.get(command_type)
         if spec is None:
-            spec = self._specs[command_type] = _Spec(command_type, self._planner, self._codec)
+            spec = self._specs[command_type] = _Spec(command_type, self._codecs)
         return spec
 
     def _key_of(self, command: object) -> str | None:
@@ -738,7 +553,7 @@ class _IdempotentTransaction:
             finally:
                 _key_var.reset(reset)
             text = spec.dump(result, cls)
-            await backend.save(uow, _Row(key, spec.name, digest, text, len(uow._events)))
+            await backend.save(uow, IdempotencyRow(key, spec.name, digest, text, len(uow._events)))
             return result
 
         # Nothing this command causes (nested sends, after-commit event handlers) inherits
@@ -758,3 +573,13 @@ class _IdempotentTransaction:
         if replayed and replayed[0].token is not None:
             record_token(replayed[0].token)
         return result
+
+
+def __getattr__(name: str) -> Any:
+    # the DDL helpers moved to their technology packages; the old import path still works
+    # without this module importing a driver up front
+    if name in ("sqlite_idempotency_ddl", "postgres_idempotency_ddl"):
+        import importlib
+
+        return getattr(importlib.import_module(f"cqrskit.{name.split('_')[0]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,13 +8,15 @@ it from the message.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import time
+import typing
 from datetime import UTC, datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-__all__ = ["Command", "Event", "Message", "Metadata", "Query"]
+__all__ = ["Command", "Event", "Message", "Metadata", "Query", "result_type"]
 
 R_co = TypeVar("R_co", covariant=True)
 
@@ -54,6 +56,18 @@ _LOW_62 = (1 << 62) - 1
 
 _prefix = 0
 _counter = itertools.count()
+
+
+def result_type(message_type: type) -> Any:
+    """The ``R`` in ``class X(Command[R])`` or ``Query[R]`` (possibly a string forward
+    reference), or ``inspect.Parameter.empty`` when the class declares none."""
+    for base in getattr(message_type, "__orig_bases__", ()):
+        origin = typing.get_origin(base)
+        if isinstance(origin, type) and issubclass(origin, Message):
+            args = typing.get_args(base)
+            if args:
+                return args[0]
+    return inspect.Parameter.empty
 
 
 def _seed() -> None:

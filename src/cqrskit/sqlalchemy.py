@@ -51,6 +51,9 @@ from cqrskit.messages import Event, Metadata
 from cqrskit.pipeline._core import ScopedBehavior, for_commands
 from cqrskit.sync import SyncMediator
 
+if TYPE_CHECKING:
+    from cqrskit.idempotency import IdempotencyBackend
+
 try:
     from sqlalchemy import exc as sa_exc
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -279,6 +282,12 @@ class SqlAlchemyEventStore(EventStore):
         return _SessionResolver(self)
 
     # -- read side: the wrapped store ----------------------------------------------------
+
+    def idempotency_backend(self, table: str, wait_timeout: float) -> IdempotencyBackend:
+        """Rows in ``table`` of the PostgreSQL schema, through the command's session."""
+        from cqrskit.postgres.idempotency import SessionIdempotencyBackend
+
+        return SessionIdempotencyBackend(self.events, table)
 
     async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
         """See :meth:`EventStore.read_after` (read by the PostgreSQL store)."""

@@ -35,11 +35,10 @@ from cqrskit.projections import (
     ProjectionContext,
     Projector,
     ReadSession,
-    SqliteReadDatabase,
     reads,
 )
 from cqrskit.serialization import EventTypes, JsonSerializer
-from cqrskit.sqlite import SqliteEventStore
+from cqrskit.sqlite import SqliteEventStore, SqliteReadDatabase
 
 event_types = EventTypes()
 

@@ -21,7 +21,7 @@ from cqrskit.eventlog import (
     UnitOfWork,
     validate_identifier,
 )
-from cqrskit.testing_eventlog import EventStoreConformance
+from cqrskit.testing.eventlog import EventStoreConformance
 
 
 class TestInMemoryEventStore(EventStoreConformance):

@@ -14,11 +14,11 @@ from cqrskit.projections import (
     Projection,
     ProjectionContext,
     Signal,
-    SqliteReadDatabase,
     physical_table,
     reads,
 )
 from cqrskit.projections.db import check_identifier, to_dollar
+from cqrskit.sqlite import SqliteReadDatabase
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +105,7 @@ def test_placeholders_rewritten_outside_quotes() -> None:
 
 def test_postgres_session_qualifies_bookkeeping_names() -> None:
     pytest.importorskip("asyncpg")
-    from cqrskit.projections.postgres import PostgresSession
+    from cqrskit.postgres import PostgresSession
 
     s = PostgresSession(object(), "rm", {})
     assert s._sql(

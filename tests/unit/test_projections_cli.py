@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cqrskit.projections import Projector, SqliteReadDatabase
-from cqrskit.projections.cli import main
+from cqrskit.cli.projections import main
+from cqrskit.projections import Projector
+from cqrskit.sqlite import SqliteReadDatabase
 from tests.support.bank import Deposited, Poison, balances, serializer
 from tests.support.sqlite_log import SqliteTestLog
 

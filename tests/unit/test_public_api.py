@@ -3,6 +3,8 @@
 import importlib
 import inspect
 import pkgutil
+import re
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -79,3 +81,60 @@ def test_public_names_have_docstrings(module: ModuleType) -> None:
                 if inspect.isfunction(target) and not inspect.getdoc(target):
                     missing.append(f"{module.__name__}.{name}.{attr}")
     assert missing == []
+
+
+# -- import paths users write ---------------------------------------------------------------
+
+_ROOT = Path(__file__).resolve().parents[2]
+_IMPORT = re.compile(r"^\s*from (cqrskit[\w.]*) import \(?([^)#\n]*(?:\n[^)#]*)*?)\)?\s*$", re.M)
+
+
+def _documented_imports() -> set[tuple[str, str]]:
+    """Every ``from cqrskit... import name`` in the README, docs and examples."""
+    found: set[tuple[str, str]] = set()
+    sources = [
+        _ROOT / "README.md",
+        *(_ROOT / "docs").glob("*.md"),
+        *(_ROOT / "examples").rglob("*.py"),
+    ]
+    for path in sources:
+        for module, names in _IMPORT.findall(path.read_text()):
+            for name in names.replace("\n", " ").split(","):
+                name = name.strip().split(" as ")[0].strip()
+                if name:
+                    found.add((module, name))
+    return found
+
+
+# Import paths of earlier releases, kept working when definitions moved (issue #9 layout).
+_LEGACY = [
+    ("cqrskit.projections", "SqliteReadDatabase", "cqrskit.sqlite"),
+    ("cqrskit.projections.sqlite", "SqliteReadDatabase", "cqrskit.sqlite"),
+    ("cqrskit.projections.postgres", "PostgresReadDatabase", "cqrskit.postgres"),
+    ("cqrskit.idempotency", "sqlite_idempotency_ddl", "cqrskit.sqlite"),
+    ("cqrskit.idempotency", "postgres_idempotency_ddl", "cqrskit.postgres"),
+    ("cqrskit.testing_eventlog", "EventStoreConformance", "cqrskit.testing.eventlog"),
+    ("cqrskit.postgres", "PostgresEventStore", "cqrskit.postgres.eventlog"),
+    ("cqrskit.postgres", "postgres_ddl", "cqrskit.postgres._sql"),
+    ("cqrskit.sqlite", "SqliteEventStore", "cqrskit.sqlite.eventlog"),
+    ("cqrskit.sqlite", "sqlite_ddl", "cqrskit.sqlite.eventlog"),
+]
+
+
+def test_every_documented_import_works() -> None:
+    imports = _documented_imports()
+    assert len(imports) > 50  # the scan found the docs' imports
+    broken = []
+    for module, name in sorted(imports):
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            broken.append(f"from {module} import {name}: {exc}")
+    assert broken == []
+
+
+@pytest.mark.parametrize(("old", "name", "new"), _LEGACY)
+def test_moved_names_keep_their_old_import_path(old: str, name: str, new: str) -> None:
+    assert getattr(importlib.import_module(old), name) is getattr(
+        importlib.import_module(new), name
+    )

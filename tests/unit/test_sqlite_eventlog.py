@@ -11,7 +11,7 @@ import pytest
 from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import EventStore, UnitOfWork
 from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork, sqlite_ddl
-from cqrskit.testing_eventlog import EventStoreConformance, Opened
+from cqrskit.testing.eventlog import EventStoreConformance, Opened
 
 
 class TestSqliteEventStore(EventStoreConformance):

@@ -8,6 +8,8 @@ consistency token with :func:`read_after` / :func:`ask_consistent` and the
 :class:`ConsistencyGate` behavior. See ``docs/projections.md``.
 """
 
+from typing import Any
+
 from cqrskit.projections.api import Decoder, Projection, ProjectionContext, physical_table
 from cqrskit.projections.consistency import (
     ConsistencyGate,
@@ -24,7 +26,6 @@ from cqrskit.projections.db import ReadDatabase, Session
 from cqrskit.projections.inline import InlineProjections
 from cqrskit.projections.runner import LeaseLostError, Projector
 from cqrskit.projections.signal import Signal
-from cqrskit.projections.sqlite import SqliteReadDatabase
 from cqrskit.projections.status import (
     DeadLetter,
     ProjectionStatus,
@@ -55,7 +56,6 @@ __all__ = [
     "ReadSpec",
     "Session",
     "Signal",
-    "SqliteReadDatabase",
     "ask_consistent",
     "dead_letters",
     "physical_table",
@@ -66,3 +66,13 @@ __all__ = [
     "request_rebuild",
     "request_retry",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # SqliteReadDatabase lives in cqrskit.sqlite (one package per technology); the import
+    # path of earlier releases keeps working without this package importing a driver
+    if name == "SqliteReadDatabase":
+        import importlib
+
+        return importlib.import_module("cqrskit.sqlite").SqliteReadDatabase
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

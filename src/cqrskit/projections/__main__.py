@@ -1,8 +1,9 @@
-"""``python -m cqrskit.projections``: see :mod:`cqrskit.projections.cli`."""
+"""``python -m cqrskit.projections``: the same as ``cqrskit projections`` (see
+:mod:`cqrskit.cli.projections`)."""
 
 import sys
 
-from cqrskit.projections.cli import main
+from cqrskit.cli.projections import main
 
 if __name__ == "__main__":
     sys.exit(main())

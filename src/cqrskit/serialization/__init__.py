@@ -10,6 +10,7 @@ Three pieces:
   :class:`JsonSerializer` (stdlib ``json``) is the default; :class:`OrjsonSerializer` needs
   the ``orjson`` extra. Both produce the same text for the same event.
 - :func:`encode_metadata` / :func:`decode_metadata` for the metadata dict stored next to it.
+- :class:`ValueCodecs` for any other typed value (idempotent command results).
 
 Decoding treats the data as untrusted: the class comes only from the registry (a name is
 never imported), the size is checked before parsing, and depth, string length, integer
@@ -26,6 +27,7 @@ from cqrskit.serialization._serializer import (
     Serializer,
 )
 from cqrskit.serialization._types import EventTypes, Upcaster
+from cqrskit.serialization._values import ValueCodec, ValueCodecs
 
 __all__ = [
     "EncodedEvent",
@@ -35,6 +37,8 @@ __all__ = [
     "OrjsonSerializer",
     "Serializer",
     "Upcaster",
+    "ValueCodec",
+    "ValueCodecs",
     "decode_metadata",
     "encode_metadata",
     "metadata_from_dict",

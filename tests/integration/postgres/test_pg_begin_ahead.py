@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-import cqrskit.postgres as pg
+import cqrskit.postgres._connections as pg
 from cqrskit import Command, Event, Mediator, Registry
 from cqrskit.errors import ConfigurationError
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork

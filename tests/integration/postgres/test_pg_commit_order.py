@@ -16,7 +16,7 @@ import pytest
 from cqrskit.errors import ConcurrencyError
 from cqrskit.eventlog import StoredEvent, UnitOfWork
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
-from cqrskit.testing_eventlog import Opened, wait_visible
+from cqrskit.testing.eventlog import Opened, wait_visible
 
 pytestmark = pytest.mark.postgres
 

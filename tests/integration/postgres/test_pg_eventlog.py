@@ -13,8 +13,9 @@ import pytest
 from cqrskit.errors import ConcurrencyError, ConfigurationError, PersistenceError
 from cqrskit.eventlog import EventStore, UnitOfWork
 from cqrskit.messages import Metadata
-from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork, _literal, postgres_ddl
-from cqrskit.testing_eventlog import Deposited, EventStoreConformance, Opened, wait_visible
+from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork, postgres_ddl
+from cqrskit.postgres._sql import _literal
+from cqrskit.testing.eventlog import Deposited, EventStoreConformance, Opened, wait_visible
 
 pytestmark = pytest.mark.postgres
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from tests.support.sqlite_log import SqliteTestLog
 
-from cqrskit.projections import ReadDatabase, SqliteReadDatabase
+from cqrskit.projections import ReadDatabase
+from cqrskit.sqlite import SqliteReadDatabase
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 from tests.support.pg_log import PgTestLog, open_pg_log
 
+from cqrskit.postgres import PostgresReadDatabase
 from cqrskit.projections import ReadDatabase
-from cqrskit.projections.postgres import PostgresReadDatabase
 
 
 @pytest.fixture

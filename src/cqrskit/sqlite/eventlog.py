@@ -20,7 +20,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cqrskit._encoding import Encoded, Encoder
 from cqrskit.errors import ConcurrencyError, ConfigurationError, PersistenceError
@@ -31,6 +31,9 @@ from cqrskit.eventlog import (
     validate_identifier,
 )
 from cqrskit.messages import Metadata
+
+if TYPE_CHECKING:
+    from cqrskit.idempotency import IdempotencyBackend
 
 __all__ = ["SCHEMA_VERSION", "SqliteEventStore", "SqliteUnitOfWork", "sqlite_ddl"]
 
@@ -401,6 +404,12 @@ class SqliteEventStore(EventStore):
             r[5],
             {"message_id": r[6], "correlation_id": r[7], "causation_id": r[8], "timestamp": r[9]},
         )
+
+    def idempotency_backend(self, table: str, wait_timeout: float) -> IdempotencyBackend:
+        """Rows in ``table`` of this database, written in the command's transaction."""
+        from cqrskit.sqlite.idempotency import SqliteIdempotencyBackend
+
+        return SqliteIdempotencyBackend(self, table)
 
     async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
         """See :meth:`EventStore.read_after` (reads on a separate connection)."""

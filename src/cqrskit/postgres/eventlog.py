@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from cqrskit._encoding import Encoder
 from cqrskit.errors import (
-    CommitOutcomeUnknownError,
     ConcurrencyError,
     ConfigurationError,
     MissingExtraError,
@@ -51,6 +47,31 @@ from cqrskit.eventlog import (
     validate_identifier,
 )
 from cqrskit.messages import Metadata
+from cqrskit.postgres._connections import (
+    _CONNECTION_LOST,
+    _check_connection,
+    _commit_round_trip,
+    _connection_lost,
+    _no_reset,
+    _Retry,
+    _WriteConnections,
+)
+from cqrskit.postgres._sql import (
+    _CONFLICT_STATE,
+    _MAX_PER_TX,
+    _NO_SUCH_STATEMENT,
+    _SQL_REPORT_XID,
+    _XID_NOTICE,
+    SCHEMA_VERSION,
+    _literal,
+    _nullable,
+    _parse_conflict,
+    _stream_from_detail,
+    postgres_ddl,
+)
+
+if TYPE_CHECKING:
+    from cqrskit.idempotency import IdempotencyBackend
 
 try:
     import asyncpg
@@ -60,154 +81,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["SCHEMA_VERSION", "PostgresEventStore", "PostgresUnitOfWork", "postgres_ddl"]
 
 _log = logging.getLogger("cqrskit.postgres")
-
-SCHEMA_VERSION = 1
-"""Version of the event-log table layout this module writes."""
-
-_CONFLICT_STATE = "CQ409"
-_NO_SUCH_STATEMENT = "26000"  # invalid_sql_statement_name: EXECUTE of an unknown statement
-_MAX_PER_TX = 1 << 20
-
-
-def postgres_ddl(schema: str = "public", table: str = "cqrskit_events") -> str:
-    """The DDL for the event log in ``schema`` (for users who run their own migrations).
-
-    Raises:
-        ConfigurationError: ``schema`` or ``table`` is not a valid identifier.
-    """
-    s = validate_identifier(schema, "schema name")
-    t = validate_identifier(table, "table name")
-    fn = validate_identifier(f"{table}_conflict"[:63], "function name")
-    nv = validate_identifier(f"{table}_next_version"[:63], "function name")
-    idx = validate_identifier(f"{table}_stream_version"[:63], "index name")
-    return f"""CREATE SCHEMA IF NOT EXISTS {s};
-CREATE TABLE IF NOT EXISTS {s}.{t} (
-    position bigint PRIMARY KEY,
-    stream text NOT NULL,
-    version integer NOT NULL,
-    type text NOT NULL,
-    schema_version integer NOT NULL,
-    data text NOT NULL,
-    message_id text NOT NULL,
-    correlation_id text,
-    causation_id text,
-    recorded_at timestamptz NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS {idx} ON {s}.{t} (stream, version);
-CREATE OR REPLACE FUNCTION {s}.{fn}(
-    stream text, expected integer, actual integer, reason text
-) RETURNS integer LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'cqrskit: stream % is at version %, expected %', stream, actual, expected
-        USING ERRCODE = '{_CONFLICT_STATE}', DETAIL = actual::text, HINT = reason;
-END $$;
-CREATE OR REPLACE FUNCTION {s}.{nv}(
-    p_stream text, p_expected integer, p_base bigint
-) RETURNS integer LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v integer;
-    p bigint;
-BEGIN
-    SELECT e.version, e.position INTO v, p FROM {s}.{t} e
-        WHERE e.stream = p_stream ORDER BY e.version DESC LIMIT 1;
-    v := coalesce(v, 0);
-    IF p >= p_base THEN
-        RETURN {s}.{fn}(p_stream, p_expected, v, 'younger');
-    END IF;
-    IF p_expected IS NOT NULL AND p_expected <> v THEN
-        RETURN {s}.{fn}(p_stream, p_expected, v, 'expected');
-    END IF;
-    RETURN v + 1;
-END $$;
-CREATE TABLE IF NOT EXISTS {s}."cqrskit_schema" (
-    name text PRIMARY KEY,
-    version integer NOT NULL
-);
-INSERT INTO {s}."cqrskit_schema" (name, version) VALUES ('{table}', {SCHEMA_VERSION})
-    ON CONFLICT (name) DO NOTHING;
-"""
-
-
-def _literal(value: str) -> str:
-    """``value`` as an escape-string literal: ``E'...'`` with backslashes and quotes doubled
-    means the same whatever ``standard_conforming_strings`` a session has set."""
-    if type(value) is not str:
-        raise PersistenceError(
-            f"cannot store a {type(value).__name__} in a text column of the event log.",
-            hint="stream ids, event types and metadata ids must be strings.",
-        )
-    if "\x00" in value:
-        raise PersistenceError(
-            "a NUL character cannot be stored in a PostgreSQL text column.",
-            hint="remove NUL characters from event data and stream ids.",
-        )
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise PersistenceError(
-                "a string with a lone surrogate cannot be stored as UTF-8.",
-                hint="remove unpaired surrogates from event data and stream ids.",
-            ) from exc
-    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-_XID_NOTICE = "cqrskit-xid "
-# sent before COMMIT when the caller wants the positions: the notice carries the writing
-# transaction's id, from which the positions follow ((xid << 20) + n); SET LOCAL makes sure
-# a client_min_messages above NOTICE does not swallow it
-_SQL_REPORT_XID = (
-    "SET LOCAL client_min_messages = notice; "
-    f"DO $$BEGIN RAISE NOTICE '{_XID_NOTICE}%', pg_current_xact_id(); END$$; "
-)
-
-
-class _CommitTask(asyncio.Task[Any]):
-    """A task running the round trip that ends in COMMIT; it cannot be cancelled."""
-
-    def cancel(self, msg: Any | None = None) -> bool:
-        """Refuse: the outcome of a COMMIT on the wire cannot be recalled."""
-        return False
-
-
-async def _commit_round_trip(conn: Any, sql: str) -> None:
-    """Send the round trip that ends in COMMIT so that a cancellation cannot cut it in half.
-
-    Once COMMIT is on the wire its outcome cannot be recalled: a cancellation that arrives
-    meanwhile waits for the outcome (the commit then completes, its token is reported) and
-    is delivered again at the caller's next await.
-    """
-    # The task refuses cancellation itself, so this coroutine can await it directly: a
-    # cancellation of the caller then arrives once the outcome is in, with no shield's
-    # extra future and event-loop hop per commit.
-    task = _CommitTask(conn.execute(sql))
-    interrupted = False
-    try:
-        while True:
-            try:
-                await task
-                return
-            except asyncio.CancelledError:
-                if task.cancelled():
-                    raise
-                interrupted = True
-    finally:
-        if interrupted:
-            current = asyncio.current_task()
-            if current is not None:
-                current.cancel()
-
-
-def _nullable(value: str | None) -> str:
-    return "NULL" if value is None else _literal(value)
-
-
-def _array(values: Sequence[str | None]) -> str:
-    return "ARRAY[" + ",".join("NULL" if v is None else _literal(v) for v in values) + "]"
-
-
-def _int_array(values: Sequence[int | None]) -> str:
-    return "ARRAY[" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "]"
 
 
 class PostgresUnitOfWork(UnitOfWork):
@@ -323,153 +196,6 @@ class PostgresUnitOfWork(UnitOfWork):
             await self.store._release(conn, broken=True)
             raise
         await self.store._release(conn, broken=broken)
-
-
-class _WriteConnections:
-    """Connections for units of work: idle ones reused last-in first-out, new ones opened
-    on demand up to ``size``, then callers queue. Lighter than a general pool: a unit of
-    work always ends its transaction, so a connection needs no reset between uses.
-
-    With ``begin_ahead > 0`` a unit of work ends with ``COMMIT; BEGIN`` (or ``ROLLBACK;
-    BEGIN``): the connection comes back already inside the next, empty transaction and
-    the next command skips its BEGIN round trip. Such a transaction has no xid and no
-    snapshot, so it holds back neither readers' horizon nor VACUUM. A connection left
-    idle longer than ``begin_ahead`` seconds is rolled back in the background (and a
-    caller that takes it meanwhile begins afresh), so ``now()`` in a handler is never
-    older than that, and monitoring sees an idle transaction no longer than that.
-    """
-
-    def __init__(
-        self,
-        dsn: str,
-        size: int,
-        begin_ahead: float = 0.0,
-        on_connect: Callable[[Any], Awaitable[None]] | None = None,
-    ) -> None:
-        self._dsn = dsn
-        self._on_connect = on_connect
-        self._size = size
-        self._ahead = begin_ahead
-        self._idle: list[tuple[Any, float]] = []  # (connection, released at)
-        self._opened = 0
-        self._waiters: deque[asyncio.Future[Any]] = deque()
-        self._closed = False
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._ending: set[asyncio.Task[None]] = set()
-
-    async def acquire(self) -> tuple[Any, bool]:
-        """A connection, and whether it is inside a transaction begun less than
-        ``begin_ahead`` seconds ago (the caller then needs no BEGIN)."""
-        if self._closed:
-            raise PersistenceError("the PostgreSQL event store is closed.")
-        idle = self._idle
-        while idle:
-            conn, since = idle.pop()
-            if conn.is_closed():  # died while idle (server restart, idle timeout)
-                self.release(conn, broken=True)
-                continue
-            return conn, conn.is_in_transaction() and time.monotonic() - since < self._ahead
-        if self._opened < self._size:
-            self._opened += 1
-            try:
-                conn = await asyncpg.connect(self._dsn)
-                await _check_connection(conn)
-                if self._on_connect is not None:
-                    await self._on_connect(conn)
-            except BaseException:
-                self._opened -= 1
-                raise
-            return conn, False
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            conn = await fut
-        except asyncio.CancelledError:
-            # a connection handed over just before the cancellation goes back; a _Retry
-            # handed over must not turn the cancellation into a retry
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(fut.result())
-            raise
-        return conn, conn.is_in_transaction()  # handed over the moment it was released
-
-    def release(self, conn: Any, broken: bool = False) -> None:
-        if broken or self._closed or conn.is_closed():
-            self._opened -= 1
-            conn.terminate()
-            while self._waiters:  # a queued caller may open a fresh connection now
-                fut = self._waiters.popleft()
-                if not fut.done():
-                    fut.set_exception(_Retry())
-                    break
-            return
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)
-                return
-        self._idle.append((conn, time.monotonic()))
-        if self._sweeper is None and self._ahead > 0 and conn.is_in_transaction():
-            # a fresh context: the timer must not keep the releasing command's context alive
-            self._sweeper = asyncio.get_running_loop().call_later(
-                self._ahead, self._sweep, context=contextvars.Context()
-            )
-
-    def _sweep(self) -> None:
-        """Roll back the begun-ahead transactions of connections idle past ``begin_ahead``."""
-        self._sweeper = None
-        if self._closed:
-            return
-        now = time.monotonic()
-        keep: list[tuple[Any, float]] = []
-        oldest: float | None = None
-        for conn, since in self._idle:
-            if conn.is_in_transaction() and not conn.is_closed():
-                if now - since >= self._ahead:
-                    task = asyncio.ensure_future(self._end(conn))
-                    self._ending.add(task)
-                    task.add_done_callback(self._ending.discard)
-                    continue
-                oldest = since if oldest is None else min(oldest, since)
-            keep.append((conn, since))
-        self._idle = keep
-        if oldest is not None:
-            delay = max(oldest + self._ahead - now, 0.001)
-            self._sweeper = asyncio.get_running_loop().call_later(
-                delay, self._sweep, context=contextvars.Context()
-            )
-
-    async def _end(self, conn: Any) -> None:
-        try:
-            await conn.execute("ROLLBACK")
-        except Exception as exc:  # noqa: BLE001 - a background task: drop the connection
-            _log.debug("discarding a write connection: %s", exc)
-            self.release(conn, broken=True)
-            return
-        except BaseException:  # cancelled (store closing, loop ending): drop it too
-            self.release(conn, broken=True)
-            raise
-        self.release(conn)
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        idle, self._idle = self._idle, []  # nothing is handed out while closing
-        if self._ending:
-            await asyncio.gather(*self._ending, return_exceptions=True)
-        for conn, _since in idle:
-            self._opened -= 1
-            with contextlib.suppress(Exception):
-                await conn.close()
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(PersistenceError("the PostgreSQL event store is closed."))
-
-
-class _Retry(Exception):
-    """A queued caller is told to try acquiring again (a connection was discarded)."""
 
 
 class PostgresEventStore(EventStore):
@@ -934,6 +660,12 @@ class PostgresEventStore(EventStore):
             },
         )
 
+    def idempotency_backend(self, table: str, wait_timeout: float) -> IdempotencyBackend:
+        """Rows in ``table`` of this store's schema, claimed in the command's transaction."""
+        from cqrskit.postgres.idempotency import PostgresIdempotencyBackend
+
+        return PostgresIdempotencyBackend(self, table)
+
     async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
         """See :meth:`EventStore.read_after`: stops below the visibility horizon."""
         async with self.pool.acquire() as conn:
@@ -970,58 +702,3 @@ class PostgresEventStore(EventStore):
 
     def _on_notify(self, *args: Any) -> None:
         self._wake()
-
-
-async def _check_connection(conn: Any) -> None:
-    if conn.get_settings().standard_conforming_strings != "on":
-        raise ConfigurationError(
-            "PostgreSQL standard_conforming_strings is off; cqrskit renders event literals "
-            "and refuses to run without it.",
-            hint="ALTER DATABASE ... SET standard_conforming_strings = on (the default).",
-        )
-
-
-async def _no_reset(conn: Any) -> None:
-    # every unit of work ends its transaction itself; the default reset (UNLISTEN, RESET
-    # ALL, ...) would cost one more round trip per command
-    return None
-
-
-_CONNECTION_LOST = (asyncpg.PostgresConnectionError, OSError)
-
-
-def _connection_lost(exc: BaseException, committing: bool) -> PersistenceError:
-    if committing:
-        return CommitOutcomeUnknownError(
-            f"the connection to PostgreSQL was lost while COMMIT was in flight ({exc}); the "
-            "command may or may not have committed.",
-            hint="retry with the same idempotency key (cqrskit.idempotency), which returns "
-            "the stored result if the first attempt committed.",
-        )
-    return PersistenceError(
-        f"the connection to PostgreSQL was lost before COMMIT ({exc}); nothing was committed.",
-        hint="retry the command.",
-    )
-
-
-def _parse_conflict(exc: Exception) -> tuple[str, int, int | None]:
-    text = str(getattr(exc, "message", exc))
-    prefix = "cqrskit: stream "
-    body = text[len(prefix) :] if text.startswith(prefix) else text
-    stream, _, rest = body.rpartition(" is at version ")
-    actual_s, _, expected_s = rest.partition(", expected ")
-    try:
-        actual = int(getattr(exc, "detail", None) or actual_s)
-    except ValueError:
-        actual = -1
-    expected = int(expected_s) if expected_s.strip().lstrip("-").isdigit() else None
-    return stream, actual, expected
-
-
-def _stream_from_detail(detail: str) -> str | None:
-    # "Key (stream, version)=(acc-1, 3) already exists."
-    start = detail.find(")=(")
-    end = detail.rfind(", ")
-    if start < 0 or end < start:
-        return None
-    return detail[start + 3 : end]

@@ -5,18 +5,20 @@ Subcommands:
 * ``cqrskit routes module:registry`` — every route as text;
 * ``cqrskit graph module:registry`` — the same as a Mermaid flowchart;
 * ``cqrskit ddl sqlite|postgres [--schema S] [--table T]`` — the event log's DDL;
-* further subcommands are contributed by drivers and the read side (``ddl``,
-  ``projections``) when their modules are importable.
+* ``cqrskit projections run|status|rebuild|dead-letters ...`` — see
+  :mod:`cqrskit.cli.projections`.
+
+The CLI sits above every technology package: it is what picks one from a URL.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
+from cqrskit.cli._load import load_object
 from cqrskit.describe import describe_mermaid, describe_text
 from cqrskit.errors import ConfigurationError
 from cqrskit.registry import Registry
@@ -24,37 +26,6 @@ from cqrskit.registry import Registry
 __all__ = ["load_object", "main"]
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def load_object(spec: str) -> Any:
-    """Import ``"package.module:attribute"`` and return the attribute.
-
-    Raises:
-        ConfigurationError: the spec is malformed, or the module or attribute is missing.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigurationError(
-            f"cannot load {spec!r}: expected 'package.module:attribute'.",
-            hint="for example: cqrskit routes myapp.handlers:registry",
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"cannot import module {module_name!r}: {exc}.",
-            hint="run from the project root or set PYTHONPATH.",
-        ) from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise ConfigurationError(
-                f"module {module_name!r} has no attribute {attr!r}.",
-                hint="name the Registry (or Mediator) object defined in that module.",
-            ) from exc
-    return obj
 
 
 def _registry(spec: str) -> Registry:
@@ -90,6 +61,14 @@ def _ddl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cwd_on_path() -> None:
+    # ``python -m`` puts the working directory first on the import path; the console
+    # script does not, so ``cqrskit routes myapp:registry`` run from the project root
+    # would not find ``myapp`` without this
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with every available subcommand."""
     parser = argparse.ArgumentParser(prog="cqrskit", description=__doc__.split("\n")[0])
@@ -105,19 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     ddl.add_argument("--schema", default="public", help="PostgreSQL schema (default public)")
     ddl.add_argument("--table", default="cqrskit_events", help="event log table name")
     ddl.set_defaults(run=_ddl)
-    for module_name in ("cqrskit.ddl_cli", "cqrskit.projections.cli"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            register(sub)
+    from cqrskit.cli.projections import register_cli
+
+    register_cli(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for usage and configuration errors)."""
+    _cwd_on_path()
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Command = args.run

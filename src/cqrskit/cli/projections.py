@@ -1,4 +1,5 @@
-"""Command line for projectors: ``python -m cqrskit.projections <command> ...``.
+"""Command line for projectors: ``cqrskit projections <command> ...`` (or
+``python -m cqrskit.projections <command> ...``).
 
 Commands::
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import importlib
 import inspect
 import json
 import os
@@ -30,31 +30,21 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from cqrskit.cli._load import load_object
 from cqrskit.errors import ConfigurationError, CqrsError
 from cqrskit.eventlog import EventStore
 from cqrskit.projections.api import Projection
 from cqrskit.projections.db import ReadDatabase
 from cqrskit.projections.runner import Projector
-from cqrskit.projections.sqlite import SqliteReadDatabase
 from cqrskit.projections.status import (
     dead_letters,
     projection_status,
     request_rebuild,
     request_retry,
 )
+from cqrskit.sqlite import SqliteReadDatabase
 
-__all__ = ["main", "register_cli"]
-
-
-def load_object(spec: str) -> Any:
-    """Import ``module:attr`` (an operator-given name, never one read from data)."""
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise ConfigurationError(f"{spec!r} is not 'module:attribute'.")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+__all__ = ["load_object", "main", "open_read_db", "open_store", "register_cli"]
 
 
 async def open_store(spec: str, schema: str | None = None, *, listen: bool = False) -> EventStore:
@@ -84,7 +74,7 @@ def open_read_db(url: str, schema: str | None = None) -> ReadDatabase:
     if url.startswith("sqlite:///"):
         return SqliteReadDatabase(url.removeprefix("sqlite:///"))
     if url.startswith(("postgresql://", "postgres://")):
-        from cqrskit.projections.postgres import PostgresReadDatabase
+        from cqrskit.postgres import PostgresReadDatabase
 
         return PostgresReadDatabase(url, schema=schema or "public")
     raise ConfigurationError(

@@ -1,0 +1,30 @@
+"""PostgreSQL, everything of it: the event log and unit of work, write connections, DDL, the
+idempotency backend and the read database. Needs the ``postgres`` extra (asyncpg).
+
+* :class:`PostgresEventStore` / :class:`PostgresUnitOfWork` — :mod:`cqrskit.postgres.eventlog`
+  (write connections in ``_connections``, SQL text and DDL in ``_sql``);
+* :class:`PostgresReadDatabase` / :class:`PostgresSession` — :mod:`cqrskit.postgres.readdb`;
+* :class:`PostgresIdempotencyBackend` and :func:`postgres_idempotency_ddl` —
+  :mod:`cqrskit.postgres.idempotency`.
+"""
+
+from cqrskit.postgres._sql import SCHEMA_VERSION, postgres_ddl
+from cqrskit.postgres.eventlog import PostgresEventStore, PostgresUnitOfWork
+from cqrskit.postgres.idempotency import (
+    PostgresIdempotencyBackend,
+    SessionIdempotencyBackend,
+    postgres_idempotency_ddl,
+)
+from cqrskit.postgres.readdb import PostgresReadDatabase, PostgresSession
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "PostgresEventStore",
+    "PostgresIdempotencyBackend",
+    "PostgresReadDatabase",
+    "PostgresSession",
+    "PostgresUnitOfWork",
+    "SessionIdempotencyBackend",
+    "postgres_ddl",
+    "postgres_idempotency_ddl",
+]

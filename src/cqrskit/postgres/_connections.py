@@ -1,0 +1,242 @@
+"""PostgreSQL write connections: a light LIFO pool for units of work, ``begin_ahead``
+transactions, the uncancellable COMMIT round trip and the translation of connection loss."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cqrskit.errors import (
+    CommitOutcomeUnknownError,
+    ConfigurationError,
+    MissingExtraError,
+    PersistenceError,
+)
+
+try:
+    import asyncpg
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise MissingExtraError("postgres", "asyncpg") from exc
+
+_log = logging.getLogger("cqrskit.postgres")
+
+
+class _CommitTask(asyncio.Task[Any]):
+    """A task running the round trip that ends in COMMIT; it cannot be cancelled."""
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Refuse: the outcome of a COMMIT on the wire cannot be recalled."""
+        return False
+
+
+async def _commit_round_trip(conn: Any, sql: str) -> None:
+    """Send the round trip that ends in COMMIT so that a cancellation cannot cut it in half.
+
+    Once COMMIT is on the wire its outcome cannot be recalled: a cancellation that arrives
+    meanwhile waits for the outcome (the commit then completes, its token is reported) and
+    is delivered again at the caller's next await.
+    """
+    # The task refuses cancellation itself, so this coroutine can await it directly: a
+    # cancellation of the caller then arrives once the outcome is in, with no shield's
+    # extra future and event-loop hop per commit.
+    task = _CommitTask(conn.execute(sql))
+    interrupted = False
+    try:
+        while True:
+            try:
+                await task
+                return
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    raise
+                interrupted = True
+    finally:
+        if interrupted:
+            current = asyncio.current_task()
+            if current is not None:
+                current.cancel()
+
+
+class _WriteConnections:
+    """Connections for units of work: idle ones reused last-in first-out, new ones opened
+    on demand up to ``size``, then callers queue. Lighter than a general pool: a unit of
+    work always ends its transaction, so a connection needs no reset between uses.
+
+    With ``begin_ahead > 0`` a unit of work ends with ``COMMIT; BEGIN`` (or ``ROLLBACK;
+    BEGIN``): the connection comes back already inside the next, empty transaction and
+    the next command skips its BEGIN round trip. Such a transaction has no xid and no
+    snapshot, so it holds back neither readers' horizon nor VACUUM. A connection left
+    idle longer than ``begin_ahead`` seconds is rolled back in the background (and a
+    caller that takes it meanwhile begins afresh), so ``now()`` in a handler is never
+    older than that, and monitoring sees an idle transaction no longer than that.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        size: int,
+        begin_ahead: float = 0.0,
+        on_connect: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self._on_connect = on_connect
+        self._size = size
+        self._ahead = begin_ahead
+        self._idle: list[tuple[Any, float]] = []  # (connection, released at)
+        self._opened = 0
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._ending: set[asyncio.Task[None]] = set()
+
+    async def acquire(self) -> tuple[Any, bool]:
+        """A connection, and whether it is inside a transaction begun less than
+        ``begin_ahead`` seconds ago (the caller then needs no BEGIN)."""
+        if self._closed:
+            raise PersistenceError("the PostgreSQL event store is closed.")
+        idle = self._idle
+        while idle:
+            conn, since = idle.pop()
+            if conn.is_closed():  # died while idle (server restart, idle timeout)
+                self.release(conn, broken=True)
+                continue
+            return conn, conn.is_in_transaction() and time.monotonic() - since < self._ahead
+        if self._opened < self._size:
+            self._opened += 1
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                await _check_connection(conn)
+                if self._on_connect is not None:
+                    await self._on_connect(conn)
+            except BaseException:
+                self._opened -= 1
+                raise
+            return conn, False
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            conn = await fut
+        except asyncio.CancelledError:
+            # a connection handed over just before the cancellation goes back; a _Retry
+            # handed over must not turn the cancellation into a retry
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result())
+            raise
+        return conn, conn.is_in_transaction()  # handed over the moment it was released
+
+    def release(self, conn: Any, broken: bool = False) -> None:
+        if broken or self._closed or conn.is_closed():
+            self._opened -= 1
+            conn.terminate()
+            while self._waiters:  # a queued caller may open a fresh connection now
+                fut = self._waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(_Retry())
+                    break
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self._idle.append((conn, time.monotonic()))
+        if self._sweeper is None and self._ahead > 0 and conn.is_in_transaction():
+            # a fresh context: the timer must not keep the releasing command's context alive
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self._ahead, self._sweep, context=contextvars.Context()
+            )
+
+    def _sweep(self) -> None:
+        """Roll back the begun-ahead transactions of connections idle past ``begin_ahead``."""
+        self._sweeper = None
+        if self._closed:
+            return
+        now = time.monotonic()
+        keep: list[tuple[Any, float]] = []
+        oldest: float | None = None
+        for conn, since in self._idle:
+            if conn.is_in_transaction() and not conn.is_closed():
+                if now - since >= self._ahead:
+                    task = asyncio.ensure_future(self._end(conn))
+                    self._ending.add(task)
+                    task.add_done_callback(self._ending.discard)
+                    continue
+                oldest = since if oldest is None else min(oldest, since)
+            keep.append((conn, since))
+        self._idle = keep
+        if oldest is not None:
+            delay = max(oldest + self._ahead - now, 0.001)
+            self._sweeper = asyncio.get_running_loop().call_later(
+                delay, self._sweep, context=contextvars.Context()
+            )
+
+    async def _end(self, conn: Any) -> None:
+        try:
+            await conn.execute("ROLLBACK")
+        except Exception as exc:  # noqa: BLE001 - a background task: drop the connection
+            _log.debug("discarding a write connection: %s", exc)
+            self.release(conn, broken=True)
+            return
+        except BaseException:  # cancelled (store closing, loop ending): drop it too
+            self.release(conn, broken=True)
+            raise
+        self.release(conn)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        idle, self._idle = self._idle, []  # nothing is handed out while closing
+        if self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
+        for conn, _since in idle:
+            self._opened -= 1
+            with contextlib.suppress(Exception):
+                await conn.close()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(PersistenceError("the PostgreSQL event store is closed."))
+
+
+class _Retry(Exception):
+    """A queued caller is told to try acquiring again (a connection was discarded)."""
+
+
+async def _check_connection(conn: Any) -> None:
+    if conn.get_settings().standard_conforming_strings != "on":
+        raise ConfigurationError(
+            "PostgreSQL standard_conforming_strings is off; cqrskit renders event literals "
+            "and refuses to run without it.",
+            hint="ALTER DATABASE ... SET standard_conforming_strings = on (the default).",
+        )
+
+
+async def _no_reset(conn: Any) -> None:
+    # every unit of work ends its transaction itself; the default reset (UNLISTEN, RESET
+    # ALL, ...) would cost one more round trip per command
+    return None
+
+
+_CONNECTION_LOST = (asyncpg.PostgresConnectionError, OSError)
+
+
+def _connection_lost(exc: BaseException, committing: bool) -> PersistenceError:
+    if committing:
+        return CommitOutcomeUnknownError(
+            f"the connection to PostgreSQL was lost while COMMIT was in flight ({exc}); the "
+            "command may or may not have committed.",
+            hint="retry with the same idempotency key (cqrskit.idempotency), which returns "
+            "the stored result if the first attempt committed.",
+        )
+    return PersistenceError(
+        f"the connection to PostgreSQL was lost before COMMIT ({exc}); nothing was committed.",
+        hint="retry the command.",
+    )
