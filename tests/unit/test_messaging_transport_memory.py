@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cqrskit.messaging import InMemoryTransport, Transport
-from cqrskit.testing_transport import TransportConformance
+from cqrskit.testing.transport import TransportConformance
 
 
 class TestInMemoryTransport(TransportConformance):

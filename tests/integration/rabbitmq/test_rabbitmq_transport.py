@@ -13,7 +13,7 @@ from tests.support.proxy import FaultProxy
 
 from cqrskit.messaging import Transport
 from cqrskit.rabbitmq import RabbitMQTransport
-from cqrskit.testing_transport import TransportConformance
+from cqrskit.testing.transport import TransportConformance
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 

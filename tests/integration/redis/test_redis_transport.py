@@ -14,7 +14,7 @@ from tests.support.proxy import FaultProxy
 
 from cqrskit.messaging import Transport
 from cqrskit.redis import RedisTransport
-from cqrskit.testing_transport import TransportConformance
+from cqrskit.testing.transport import TransportConformance
 
 URL = "redis://127.0.0.1:6379/0"
 

@@ -27,7 +27,7 @@ from typing import Any
 from cqrskit.errors import BrokerUnavailableError, SignatureError
 from cqrskit.eventlog import InMemoryEventStore, StoredEvent
 from cqrskit.messaging import Envelope, HmacSigner, Relay, Transport, partition_of
-from cqrskit.projections.sqlite import SqliteReadDatabase
+from cqrskit.sqlite import SqliteReadDatabase
 
 __all__ = ["TransportConformance", "envelopes_for", "stored_events"]
 
@@ -161,6 +161,7 @@ class TransportConformance(ABC):
     # -- the checks ----------------------------------------------------------------------
 
     async def test_publish_keeps_order_per_partition(self) -> None:
+        """Messages of a partition are stored in the order given, across calls."""
         t = await self.make_transport()
         try:
             envs = envelopes_for(stored_events(120), self.partitions)
@@ -176,6 +177,7 @@ class TransportConformance(ABC):
             await self.dispose(t)
 
     async def test_envelope_round_trips_every_field(self) -> None:
+        """Every envelope field (awkward text included) reads back equal."""
         t = await self.make_transport()
         try:
             [e] = stored_events(1)
@@ -202,6 +204,7 @@ class TransportConformance(ABC):
             await self.dispose(t)
 
     async def test_republished_batch_is_dropped_by_broker_or_by_sequence(self) -> None:
+        """A republished tail is dropped by the broker (dedup) or by sequence number."""
         t = await self.make_transport()
         try:
             envs = envelopes_for(stored_events(40), self.partitions)
@@ -222,6 +225,7 @@ class TransportConformance(ABC):
             await self.dispose(t)
 
     async def test_too_large_is_refused_and_the_rest_goes_through(self) -> None:
+        """An oversized payload is refused; the messages around it are stored."""
         t = await self.make_transport(max_bytes=2000)
         try:
             events = stored_events(3, streams=1)
@@ -243,6 +247,7 @@ class TransportConformance(ABC):
             await self.dispose(t)
 
     async def test_missing_destination_is_refused_not_raised(self) -> None:
+        """A destination that does not exist is a refusal per message, not an outage."""
         t = await self.make_transport(missing=True)
         try:
             envs = envelopes_for(stored_events(5), self.partitions)
@@ -252,6 +257,7 @@ class TransportConformance(ABC):
             await self.dispose(t)
 
     async def test_signed_envelopes_verify_and_tampering_is_caught(self) -> None:
+        """Signed messages verify; altered, moved or unknown-key ones do not."""
         t = await self.make_transport()
         signer = HmacSigner({"k1": b"0123456789abcdef0123"})
         try:
@@ -285,6 +291,7 @@ class TransportConformance(ABC):
             await self.dispose(t)
 
     async def test_reconnects_after_the_connection_is_cut(self) -> None:
+        """After a cut connection publishing resumes and nothing is lost or reordered."""
         t = await self.make_transport()
         try:
             envs = envelopes_for(stored_events(20), self.partitions)
@@ -318,6 +325,7 @@ class TransportConformance(ABC):
         store._wake()
 
     async def test_relay_publishes_every_event_once_in_stream_order(self) -> None:
+        """The relay publishes every event once, in order per stream."""
         t = await self.make_transport()
         store, db, _ = await self._relay_setup()
         try:
@@ -340,6 +348,7 @@ class TransportConformance(ABC):
             await self.dispose(t)
 
     async def test_relay_advances_its_checkpoint_only_after_the_ack(self) -> None:
+        """The relay's checkpoint stays put until the broker acknowledged the batch."""
         inner = await self.make_transport()
         held = _Held(inner)
         store, db, _ = await self._relay_setup()
@@ -363,6 +372,7 @@ class TransportConformance(ABC):
             await self.dispose(inner)
 
     async def test_relay_parks_a_refused_event_and_keeps_the_sequence_whole(self) -> None:
+        """A refused event parks its stream; placeholders keep the sequence whole."""
         t = await self.make_transport()
         store, db, _ = await self._relay_setup()
         try:
