@@ -1,0 +1,73 @@
+"""Processes for relay fault tests: ``python -m tests.support.relay_procs writer|relay ...``.
+
+writer LOG ID COUNT      append COUNT deposits (amount = ID * 1_000_000 + i) to 8 shared
+                         streams of the SQLite log, one command each; prints DONE
+relay LOG BROKER URL NAME  run a relay (state in the same SQLite file) to nats|redis|rabbitmq
+                         until SIGTERM; NAME is the stream / key prefix / exchange
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any
+
+from tests.support.bank import Deposited
+from tests.support.sqlite_log import SqliteTestLog
+
+from cqrskit.messaging import Relay, Transport
+from cqrskit.sqlite import SqliteReadDatabase
+
+PARTITIONS = 4
+
+
+def make_transport(broker: str, url: str, name: str) -> Transport:
+    if broker == "nats":
+        from cqrskit.nats import NatsTransport
+
+        return NatsTransport(url, stream=name.upper(), subject_prefix=name, ack_timeout=2.0)
+    if broker == "redis":
+        from cqrskit.redis import RedisTransport
+
+        return RedisTransport(url, key_prefix=name, ack_timeout=2.0)
+    from cqrskit.rabbitmq import RabbitMQTransport
+
+    return RabbitMQTransport(url, exchange=name, ack_timeout=2.0)
+
+
+async def writer(path: str, ident: int, count: int) -> None:
+    log = SqliteTestLog(path)
+    try:
+        for i in range(count):
+            stream = f"acct-{(ident + i) % 8}"
+            await log.append(stream, Deposited(stream, ident * 1_000_000 + i))
+    finally:
+        log.close()
+    print("DONE", flush=True)
+
+
+async def relay(path: str, broker: str, url: str, name: str) -> None:
+    log = SqliteTestLog(path)
+    db = SqliteReadDatabase(path)
+    transport = make_transport(broker, url, name)
+    r = Relay(log, db, transport, partitions=PARTITIONS, batch_size=50, lease_ttl=0.6,
+              poll_interval=0.05, max_backoff=0.3)  # fmt: skip
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, r.request_stop)
+    try:
+        await r.run()
+    finally:
+        await transport.close()
+        await db.close()
+        log.close()
+
+
+def main(argv: list[str]) -> None:
+    kind, *rest = argv
+    coro: Any = writer(rest[0], int(rest[1]), int(rest[2])) if kind == "writer" else relay(*rest)
+    asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
