@@ -6,7 +6,8 @@ Subcommands:
 * ``cqrskit graph module:registry`` — the same as a Mermaid flowchart;
 * ``cqrskit ddl sqlite|postgres [--schema S] [--table T]`` — the event log's DDL;
 * ``cqrskit projections run|status|rebuild|dead-letters ...`` — see
-  :mod:`cqrskit.cli.projections`.
+  :mod:`cqrskit.cli.projections`;
+* ``cqrskit relay run|status ...`` — the outbox relay, see :mod:`cqrskit.cli.relay`.
 
 The CLI sits above every technology package: it is what picks one from a URL.
 """
@@ -85,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     ddl.add_argument("--table", default="cqrskit_events", help="event log table name")
     ddl.set_defaults(run=_ddl)
     from cqrskit.cli.projections import register_cli
+    from cqrskit.cli.relay import register_cli as register_relay
 
     register_cli(sub)
+    register_relay(sub)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""``cqrskit relay run|status``: the outbox relay as a process.
+
+``--store`` and ``--read`` (the relay's state database, usually the write database itself)
+work as for ``cqrskit projections``; ``--broker`` is a broker URL — ``nats://...``,
+``amqp://...`` (RabbitMQ) or ``redis://...`` — or ``env:NAME``, and defaults to
+``$CQRSKIT_BROKER``, so neither DSNs nor broker credentials show in ``ps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+from typing import Any
+
+from cqrskit.cli.projections import _close, _connection_args, _runner, open_read_db, open_store
+from cqrskit.errors import ConfigurationError
+from cqrskit.messaging import Relay, Transport, relay_status
+
+__all__ = ["open_transport", "register_cli"]
+
+
+def _broker_url(value: str | None) -> str:
+    if value is None:
+        value = os.environ.get("CQRSKIT_BROKER")
+        if not value:
+            raise ConfigurationError(
+                "--broker is missing and CQRSKIT_BROKER is not set.",
+                hint="pass --broker env:NAME or set CQRSKIT_BROKER (keeps credentials out "
+                "of the process list).",
+            )
+    elif value.startswith("env:"):
+        var = value.removeprefix("env:")
+        value = os.environ.get(var)
+        if not value:
+            raise ConfigurationError(f"--broker env:{var}: the variable {var} is not set.")
+    return value
+
+
+def open_transport(url: str, destination: str | None = None) -> Transport:
+    """A transport chosen by the URL's scheme; ``destination`` names the stream / subject
+    prefix (NATS), exchange (RabbitMQ) or key prefix (Redis)."""
+    if url.startswith(("nats://", "tls://")):
+        from cqrskit.nats import NatsTransport
+
+        if destination is None:
+            return NatsTransport(url)
+        return NatsTransport(
+            url, stream=destination.upper().replace(".", "_"), subject_prefix=destination
+        )
+    if url.startswith(("amqp://", "amqps://")):
+        from cqrskit.rabbitmq import RabbitMQTransport
+
+        if destination is None:
+            return RabbitMQTransport(url)
+        return RabbitMQTransport(url, exchange=destination)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from cqrskit.redis import RedisTransport
+
+        if destination is None:
+            return RedisTransport(url)
+        return RedisTransport(url, key_prefix=destination.replace(".", ":"))
+    raise ConfigurationError(
+        "--broker must be a nats://, amqp:// or redis:// URL (the URL is not echoed)."
+    )
+
+
+def _add_commands(sub: Any) -> None:
+    run = sub.add_parser("run", help="publish the event log to a broker until SIGTERM/SIGINT")
+    run.set_defaults(run=_runner(_run))
+    _connection_args(run)
+    run.add_argument("--broker", help="nats://, amqp://, redis:// URL or env:NAME")
+    run.add_argument("--destination", help="subject prefix / exchange / key prefix")
+    run.add_argument("--name", default="relay")
+    run.add_argument("--partitions", type=int, default=1)
+    run.add_argument("--batch-size", type=int, default=500)
+    run.add_argument("--lease-ttl", type=float, default=5.0)
+    run.add_argument("--poll-interval", type=float, default=1.0)
+    run.add_argument("--listen", action="store_true", help="PostgreSQL: LISTEN for NOTIFY")
+    run.add_argument("--owner")
+    status = sub.add_parser("status", help="the relay's checkpoint, lag and parked events")
+    status.set_defaults(run=_runner(_status))
+    _connection_args(status)
+    status.add_argument("--name", default="relay")
+    status.add_argument("--json", action="store_true")
+
+
+def register_cli(sub: Any) -> None:
+    """Add ``cqrskit relay <run|status>`` to the ``cqrskit`` CLI."""
+    parser = sub.add_parser("relay", help="the outbox relay: publish the event log to a broker")
+    _add_commands(parser.add_subparsers(dest="relay_command", required=True))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    transport = open_transport(_broker_url(args.broker), args.destination)
+    store = await open_store(args.store, args.store_schema, listen=args.listen)
+    state = open_read_db(args.read, args.schema)
+    relay = Relay(
+        store,
+        state,
+        transport,
+        name=args.name,
+        partitions=args.partitions,
+        batch_size=args.batch_size,
+        lease_ttl=args.lease_ttl,
+        poll_interval=args.poll_interval,
+        owner=args.owner,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay.request_stop)
+    try:
+        await relay.run()
+    finally:
+        await transport.close()
+        await state.close()
+        await _close(store)
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    store = await open_store(args.store, args.store_schema)
+    state = open_read_db(args.read, args.schema)
+    try:
+        s = await relay_status(state, store, args.name)
+    finally:
+        await state.close()
+        await _close(store)
+    if args.json:
+        print(json.dumps(s.as_dict(), indent=2))
+    else:
+        lag = f"{s.lag_events}{'+' if s.lag_capped else ''}"
+        print(
+            f"{s.name}: checkpoint {s.checkpoint} of {s.head}, lag {lag} events "
+            f"({s.lag_seconds:.1f} s), parked {s.dead_letters}, lease "
+            f"{s.lease_owner or '-'}"
+        )
+    return 0
