@@ -52,22 +52,13 @@ class SyncMediator(MediatorCore):
         behaviors: Sequence[Callable[..., Any] | ScopedBehavior] = (),
         resolver: Resolver | Sequence[Resolver] | None = None,
     ) -> None:
-        self._build(registry, behaviors, resolver)
+        self._build(registry, behaviors, resolver, accept=_refuse_async_providers)
 
     def _check_registry(self) -> None:
         for spec in self._registry:
             _refuse_async_handler(spec)
         for b in self._behaviors:
             _refuse_async_behavior(b.behavior if isinstance(b, ScopedBehavior) else b)
-
-    def _accept(
-        self,
-        binding: Binding,
-        owner: object,
-        message_type: type,
-        params: tuple[tuple[str, Any], ...] | None,
-    ) -> None:
-        _refuse_async_providers(binding, owner, message_type, params)
 
     # -- verbs (generic; small registries get send, ask and publish generated) -------------
 

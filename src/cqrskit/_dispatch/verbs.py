@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 
-from cqrskit._dispatch.compiler import Compiler
+from cqrskit._dispatch.compiler import Accept, Compiler
 from cqrskit._dispatch.flavours import Entries, Flavour, Plan, failed
-from cqrskit._plan import Binding, Planner, check_expected, check_result
+from cqrskit._plan import Planner, check_expected, check_result
 from cqrskit.dependencies import Resolver
 from cqrskit.errors import NoHandlerError, PublishError, WrongMessageKindError, describe
 from cqrskit.messages import Event
@@ -42,8 +42,8 @@ class MediatorCore:
     """The build and the lookups of a mediator; subclasses write the verbs.
 
     A subclass sets ``_flavour`` and calls :meth:`_build` from its ``__init__``; it may
-    refuse what its flavour cannot run by overriding :meth:`_check_registry` and
-    :meth:`_accept`.
+    refuse what its flavour cannot run with :meth:`_check_registry` and the ``accept``
+    argument of :meth:`_build`.
     """
 
     _flavour: ClassVar[Flavour]
@@ -54,6 +54,7 @@ class MediatorCore:
         registry: Registry,
         behaviors: Sequence[Callable[..., Any] | ScopedBehavior],
         resolver: Resolver | Sequence[Resolver] | None,
+        accept: Accept | None = None,
     ) -> None:
         if resolver is None:
             resolvers: list[Resolver] = []
@@ -63,9 +64,7 @@ class MediatorCore:
             resolvers = [resolver]
         self._registry = registry
         self._behaviors = tuple(behaviors)
-        self._compiler = Compiler(
-            self._flavour, Planner(self, resolvers), self._behaviors, self._accept
-        )
+        self._compiler = Compiler(self._flavour, Planner(self, resolvers), self._behaviors, accept)
         check_expected(registry)
         self._check_registry()
         self._commands = self._plans(registry.commands())
@@ -77,15 +76,6 @@ class MediatorCore:
 
     def _check_registry(self) -> None:
         """Raise for a handler or behavior this flavour cannot run (none by default)."""
-
-    def _accept(
-        self,
-        binding: Binding,
-        owner: object,
-        message_type: type,
-        params: tuple[tuple[str, Any], ...] | None,
-    ) -> None:
-        """Raise for a binding this flavour cannot run (none by default)."""
 
     def _plans(self, specs: dict[type, HandlerSpec]) -> dict[type, Plan]:
         plans: dict[type, Plan] = {}
@@ -229,43 +219,46 @@ def generate_publish(
     types, subclasses and (async) ``concurrently=...`` calls take ``fallback``, the generic
     method. The source holds only fixed text and indices.
     """
-    if flavour.is_async:
-        lines = [
-            "async def publish(event, concurrently=None):",
-            "    cls = event.__class__",
-            "    if concurrently is None:",
-        ]
-        pad, wait = " " * 8, "await "
-        tail = "    await _fallback(event, concurrently=concurrently)"
-    else:
-        lines = ["def publish(event):", "    cls = event.__class__"]
-        pad, wait = " " * 4, ""
-        tail = "    _fallback(event)"
+    # async: the branches run only when no ``concurrently=`` was given
+    pad = " " * 8 if flavour.is_async else " " * 4
+    wait = "await " if flavour.is_async else ""
     namespace: dict[str, Any] = {
         "_failed": failed,
         "_PublishError": PublishError,
         "_fallback": fallback,
     }
+    branches: list[str] = []
     for t, (event_type, entries) in enumerate(list(events.items())[:_MAX_INLINED_TYPES]):
         if len(entries) > _MAX_UNROLLED:
             continue
         namespace[f"_E{t}"] = event_type
-        lines += [f"{pad}if cls is _E{t}:", f"{pad}    failures = None"]
+        branches += [f"{pad}if cls is _E{t}:", f"{pad}    failures = None"]
         for i, (owner, plan) in enumerate(entries):
             namespace[f"_p{t}_{i}"] = plan
             namespace[f"_o{t}_{i}"] = owner
-            lines += [
+            branches += [
                 f"{pad}    try:",
                 f"{pad}        {wait}_p{t}_{i}(event)",
                 f"{pad}    except Exception as exc:",
                 f"{pad}        failures = _failed(failures, _o{t}_{i}, exc)",
             ]
-        lines += [
+        branches += [
             f"{pad}    if failures:",
             f"{pad}        raise _PublishError(cls, failures)",
             f"{pad}    return",
         ]
-    lines.append(tail)
+    if flavour.is_async:
+        lines = ["async def publish(event, concurrently=None):", "    cls = event.__class__"]
+        if branches:
+            lines += ["    if concurrently is None:", *branches]
+        lines.append("    await _fallback(event, concurrently=concurrently)")
+    else:
+        lines = [
+            "def publish(event):",
+            "    cls = event.__class__",
+            *branches,
+            "    _fallback(event)",
+        ]
     exec(compile("\n".join(lines), f"<cqrskit {flavour.name} publish>", "exec"), namespace)
     publish: Callable[..., Any] = namespace["publish"]
     return publish
