@@ -69,9 +69,9 @@ def with_scope(chain):
             raise
         if EXITS in scope:
             try:
-                if ASYNC_EXITS in scope:
+                if ASYNC_EXITS in scope:  # some exit may return an awaitable
                     {await_}scope.{aclose}(None)
-                else:  # synchronous exits only: no coroutine to create
+                else:  # synchronous exits only: no coroutine to create (async flavour)
                     scope.close_sync(None)
             finally:
                 reset_current(token)
@@ -144,7 +144,7 @@ def failed(
 def _compile_waiting(name: str, words: dict[str, str]) -> dict[str, Any]:
     source = _WAITING.format(**words)
     filename = f"<cqrskit {name} dispatch>"
-    # mtime None: linecache keeps the entry (as for generated dataclass methods)
+    # mtime None: linecache.checkcache keeps the entry (attrs does the same for its methods)
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict[str, Any] = {
         "Scope": Scope,
