@@ -2,7 +2,7 @@
 
 Turns each handler and behavior into a :class:`Binding`: the callable plus one
 :class:`~cqrskit.dependencies.Provider` per dependency parameter, resolved through the
-resolver chain once. The mediators compile bindings into call plans.
+resolver chain once. The compiler in :mod:`cqrskit._dispatch` turns bindings into plans.
 """
 
 from __future__ import annotations
@@ -11,23 +11,18 @@ import inspect
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from cqrskit.dependencies import Provider, Resolver, Scope, compile_factory
 from cqrskit.errors import (
     ConfigurationError,
     DependencyError,
-    NoHandlerError,
     RegistrationError,
-    WrongMessageKindError,
     describe,
 )
-from cqrskit.messages import Event, Message, Metadata
+from cqrskit.messages import Message, Metadata
 from cqrskit.pipeline._core import ScopedBehavior
-from cqrskit.registry import HandlerSpec, Registry, message_kind
-
-P = TypeVar("P")
-_VERBS = {"command": "send", "query": "ask", "event": "publish"}
+from cqrskit.registry import HandlerSpec, Registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +230,7 @@ def _short(tp: Any) -> str:
     return getattr(tp, "__name__", repr(tp))
 
 
-# -- shared by both mediators: build-time checks and slow-path routing ---------------------
+# -- build-time checks -----------------------------------------------------------------------
 
 
 def check_expected(registry: Registry) -> None:
@@ -250,86 +245,3 @@ def check_expected(registry: Registry) -> None:
             message_type=missing[0],
             hint="register one with @registry.handler for each, or remove the message.",
         )
-
-
-def _wrong_kind(verb: str, kind: str, cls: type) -> WrongMessageKindError:
-    actual = message_kind(cls)
-    right = _VERBS.get(actual or "")
-    what = f"a {actual}" if actual else "not a cqrskit message"
-    article = "an" if kind == "event" else "a"
-    base = "Event" if kind == "event" else f"{kind.title()}[Result]"
-    return WrongMessageKindError(
-        f"mediator.{verb}() takes {article} {kind}, but {describe(cls)} is {what}.",
-        message_type=cls,
-        hint=(
-            f"use mediator.{right}() for it."
-            if right
-            else f"subclass cqrskit.{base} for messages given to {verb}()."
-        ),
-    )
-
-
-def route(
-    message: object, kind: str, plans: dict[type, P], *, verb: str | None = None, sync: bool = False
-) -> P:
-    """Slow path of ``send``/``ask``: check the kind, then find a plan by base class.
-
-    A plan found for a base class is cached under the message's own class.
-
-    Raises:
-        WrongMessageKindError: the message is not of ``kind``.
-        NoHandlerError: neither its class nor a base class has a handler.
-    """
-    cls = type(message)
-    if message_kind(cls) != kind:
-        raise _wrong_kind(verb or _VERBS[kind], kind, cls)
-    for base in cls.__mro__[1:]:
-        plan = plans.get(base)
-        if plan is not None:
-            plans[cls] = plan
-            return plan
-    prefix = "def" if sync else "async def"
-    raise NoHandlerError(
-        f"no handler registered for {kind} {describe(cls)}.",
-        message_type=cls,
-        hint=f"register one: @registry.handler {prefix} handle(msg: {cls.__name__}) -> ...",
-    )
-
-
-_MAX_CHAIN = 8
-
-
-def generate_dispatch(
-    verb: str, kind: str, plans: dict[type, Any], *, sync: bool
-) -> Callable[[Any], Any] | None:
-    """Compile ``send``/``ask`` for a mediator with few message types of ``kind``.
-
-    Up to eight types are tested with ``is`` before the dictionary lookup: cheaper than
-    hashing the type, and each plan gets its own (monomorphic) call site. Returns ``None``
-    when there are more types; the generic method is as fast then. The generated source
-    holds only fixed text and integer indices.
-    """
-    if not plans or len(plans) > _MAX_CHAIN:
-        return None
-    namespace: dict[str, Any] = {"_plans": plans, "_route": route, "_kind": kind, "_sync": sync}
-    lines = [f"def {verb}(message):", "    cls = message.__class__"]
-    for i, (mtype, plan) in enumerate(plans.items()):
-        namespace[f"_T{i}"] = mtype
-        namespace[f"_P{i}"] = plan
-        lines += [f"    if cls is _T{i}:", f"        return _P{i}(message)"]
-    lines += [
-        "    try:",
-        "        plan = _plans[cls]",
-        "    except KeyError:",
-        "        plan = _route(message, _kind, _plans, sync=_sync)",
-        "    return plan(message)",
-    ]
-    exec(compile("\n".join(lines), f"<cqrskit {verb}>", "exec"), namespace)
-    dispatch: Callable[[Any], Any] = namespace[verb]
-    return dispatch
-
-
-def check_event(event: object) -> None:
-    """Slow path of ``publish``: refuse anything that is not an Event."""
-    if not isinstance(event, Event):
-        raise _wrong_kind("publish", "event", type(event))
