@@ -20,7 +20,7 @@ from cqrskit.errors import (
     RegistrationError,
     describe,
 )
-from cqrskit.messages import Message, Metadata
+from cqrskit.messages import Metadata, result_type
 from cqrskit.pipeline._core import ScopedBehavior
 from cqrskit.registry import HandlerSpec, Registry
 
@@ -187,15 +187,7 @@ def behaviors_for(
     return out
 
 
-def declared_result(message_type: type) -> Any:
-    """The ``R`` in ``class X(Command[R])``, or ``inspect.Parameter.empty``."""
-    for base in getattr(message_type, "__orig_bases__", ()):
-        origin = typing.get_origin(base)
-        if isinstance(origin, type) and issubclass(origin, Message):
-            args = typing.get_args(base)
-            if args:
-                return args[0]
-    return inspect.Parameter.empty
+declared_result = result_type  # the declared ``R``; public as cqrskit.messages.result_type
 
 
 def check_result(spec: HandlerSpec) -> None:
