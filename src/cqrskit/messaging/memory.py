@@ -5,6 +5,11 @@ in order, refuses what a broker would refuse (too large, unknown destination) an
 deduplicate by message id within a window as NATS JetStream does. Switches simulate
 faults: :attr:`InMemoryTransport.available` (broker down) and
 :meth:`InMemoryTransport.lose_acks` (stored, but the acknowledgement is lost).
+
+:meth:`InMemoryTransport.source` is the consuming side (a :class:`~cqrskit.messaging.Source`):
+per consumer group and destination it remembers what was acknowledged; a subscription
+resumes after a given cursor (the message's index) or after the group's acknowledged prefix.
+:meth:`InMemoryTransport.inject` stores raw bytes as a broker would accept them from anyone.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from collections.abc import Collection, Sequence
 from cqrskit.errors import BrokerUnavailableError
 from cqrskit.messaging.envelope import DEFAULT_MAX_BYTES, Envelope
 from cqrskit.messaging.partitioning import check_token
+from cqrskit.messaging.source import Delivery, Source, Subscription
 from cqrskit.messaging.transport import Transport
 
-__all__ = ["InMemoryTransport"]
+__all__ = ["InMemorySource", "InMemoryTransport"]
 
 
 class InMemoryTransport(Transport):
@@ -56,6 +62,10 @@ class InMemoryTransport(Transport):
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._lose = 0
         self._gate: asyncio.Event | None = None
+        self._arrived: asyncio.Event | None = None
+        #: (group, destination) -> how many messages the group acknowledged (a prefix)
+        self.acked: dict[tuple[str, str], int] = {}
+        self._acked_ids: dict[tuple[str, str], set[int]] = {}
 
     def destination(self, partition: int) -> str:
         """See :meth:`Transport.destination`."""
@@ -96,6 +106,7 @@ class InMemoryTransport(Transport):
             dest = self.destination(env.partition)
             self._stored.setdefault(dest, []).append((env.headers(), env.payload))
             self.published += 1
+        self._wake()
         if self._gate is not None:
             await self._gate.wait()
             self._gate = None
@@ -113,3 +124,92 @@ class InMemoryTransport(Transport):
     def wire(self, partition: int) -> list[tuple[dict[str, str], bytes]]:
         """The raw (headers, body) pairs held for ``partition`` (e.g. to tamper in tests)."""
         return list(self._stored.get(self.destination(partition), []))
+
+    def inject(self, partition: int, headers: dict[str, str], body: bytes) -> None:
+        """Store raw ``headers`` and ``body`` on ``partition``'s destination as they are (a
+        forged, corrupted or foreign message — or a duplicate)."""
+        self._stored.setdefault(self.destination(partition), []).append((dict(headers), body))
+        self._wake()
+
+    def _wake(self) -> None:
+        arrived, self._arrived = self._arrived, None
+        if arrived is not None:
+            arrived.set()
+
+    async def _arrival(self, timeout: float) -> None:
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def source(self) -> InMemorySource:
+        """The consuming side of this in-memory broker."""
+        return InMemorySource(self)
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, broker: InMemoryTransport, group: str, dest: str, start: int) -> None:
+        self.broker = broker
+        self.key = (group, dest)
+        self.dest = dest
+        self.next = start
+        self.closed = False
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        broker = self.broker
+        if self.closed or not broker.available:
+            raise BrokerUnavailableError("in-memory broker is marked unavailable.")
+        held = broker._stored.get(self.dest, [])
+        if self.next >= len(held) and timeout > 0:
+            await broker._arrival(timeout)
+            held = broker._stored.get(self.dest, [])
+        out = [
+            Delivery(h, b, str(i), i)
+            for i, (h, b) in enumerate(held[self.next : self.next + max_messages], self.next)
+        ]
+        self.next += len(out)
+        return out
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if not self.broker.available:
+            raise BrokerUnavailableError("in-memory broker is marked unavailable.")
+        acked = self.broker.acked
+        done = self.broker._acked_ids.setdefault(self.key, set())
+        done.update(int(d.handle) for d in deliveries)
+        top = acked.get(self.key, 0)
+        while top in done:
+            done.discard(top)
+            top += 1
+        acked[self.key] = top
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class InMemorySource(Source):
+    """The consuming side of an :class:`InMemoryTransport` (see the module docs)."""
+
+    name = "memory"
+
+    def __init__(self, broker: InMemoryTransport) -> None:
+        self.broker = broker
+
+    def destination(self, partition: int) -> str:
+        """See :meth:`Source.destination`."""
+        return self.broker.destination(partition)
+
+    async def subscribe(self, group: str, partition: int, cursor: str) -> Subscription:
+        """See :meth:`Source.subscribe`: resumes after ``cursor`` (an index) if given, else
+        after the group's acknowledged prefix."""
+        if not self.broker.available:
+            raise BrokerUnavailableError("in-memory broker is marked unavailable.")
+        dest = self.destination(partition)
+        start = int(cursor) + 1 if cursor else self.broker.acked.get((group, dest), 0)
+        return _MemorySubscription(self.broker, group, dest, start)
+
+    async def backlog(self, group: str, partition: int) -> int | None:
+        """See :meth:`Source.backlog`."""
+        dest = self.destination(partition)
+        return len(self.broker._stored.get(dest, [])) - self.broker.acked.get((group, dest), 0)

@@ -212,18 +212,24 @@ class ConsistencyGate:
             state.stale = True
         return await next(message)
 
-    async def positions(self, names: Sequence[str]) -> dict[str, int]:
-        """The active checkpoint of each named projection."""
+    async def positions(self, names: Sequence[str], token: int | None = None) -> dict[str, int]:
+        """The active checkpoint of each named projection (of a partitioned one: ``token``
+        once every partition has applied it, else its lowest partition position)."""
         marks = ", ".join("?" for _ in names)
         async with self.read_db.read_only() as s:
             rows = await s.fetchall(
-                "SELECT p.name, c.position FROM cqrskit_projections p "
+                "SELECT p.name, c.position, p.mode FROM cqrskit_projections p "
                 "JOIN cqrskit_checkpoints c "
                 "ON c.projection = p.name AND c.generation = p.active_generation "
                 f"WHERE p.name IN ({marks})",
                 *names,
             )
-        found = {str(r[0]): int(r[1]) for r in rows}
+            found = {str(r[0]): int(r[1]) for r in rows}
+            split = [str(r[0]) for r in rows if r[2] in ("partitioned", "consumer")]
+            if split:
+                from cqrskit.projections.partitions import token_positions
+
+                found.update(await token_positions(s, self.store, split, token))
         missing = sorted(set(names) - set(found))
         if missing:
             raise ConfigurationError(
@@ -246,7 +252,7 @@ class ConsistencyGate:
             TokenFromFutureError: ``token`` is beyond the end of the log.
             StaleReadError: behind, and the policy says fail (or wait timed out).
         """
-        positions = await self.positions(names)
+        positions = await self.positions(names, token)
         if state is not None:
             state.positions = positions
         if min(positions.values()) >= token:
@@ -265,7 +271,7 @@ class ConsistencyGate:
                 break
             await self.signal.wait(min(remaining, pause))
             pause = min(pause * 2, 0.05)
-            positions = await self.positions(names)
+            positions = await self.positions(names, token)
             if state is not None:
                 state.positions = positions
             if min(positions.values()) >= token:

@@ -31,9 +31,11 @@ class ProjectionStatus:
 
     Attributes:
         name: the projection.
-        mode: ``"inline"`` or ``"async"`` (whoever ran it last).
+        mode: ``"inline"``, ``"async"``, ``"partitioned"`` (log, split into partitions),
+            ``"consumer"`` (fed by a broker) or ``"relay"`` (whoever ran it last).
         generation: the active generation; ``rebuilding``: the one being rebuilt, if any.
-        checkpoint: last applied position; ``head``: the log's last position.
+        checkpoint: last applied position (partitioned: the lowest partition's; see
+            ``partition_status`` for each); ``head``: the log's last position.
         lag_events: events after the checkpoint (counted up to ``LAG_COUNT_CAP``;
             ``lag_capped`` says it is at least that).
         lag_seconds: age of the oldest unapplied event (0 when caught up).
@@ -110,11 +112,20 @@ async def projection_status(
             "FROM cqrskit_projections p JOIN cqrskit_checkpoints c "
             "ON c.projection = p.name AND c.generation = p.active_generation ORDER BY p.name"
         )
+        # a partitioned projection's checkpoint: its lowest partition position
+        lows: dict[str, int] = {}
+        if any(r[1] in ("partitioned", "consumer") for r in rows):
+            for r in await s.fetchall(
+                "SELECT projection, min(position) FROM cqrskit_partitions GROUP BY projection"
+            ):
+                lows[str(r[0])] = int(r[1])
     head = await store.last_position()
     out = []
     for name, mode, gen, building, cp, owner, epoch, dead in rows:
         if names is not None and name not in names:
             continue
+        if mode in ("partitioned", "consumer"):
+            cp = lows.get(name, cp)
         lag, capped, seconds = await _lag(store, int(cp))
         out.append(
             ProjectionStatus(

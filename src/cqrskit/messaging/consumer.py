@@ -1,0 +1,463 @@
+"""The broker consumer: projections and event handlers fed by a broker, effectively once.
+
+A :class:`Consumer` runs the same :class:`~cqrskit.projections.Projection` objects as the
+log :class:`~cqrskit.projections.Projector` (and the same event handlers, see
+:class:`~cqrskit.messaging.EventHandlers`), fed by a :class:`~cqrskit.messaging.Source`
+instead of the event log. Per target it shares the N partitions with the other worker
+processes through leases in the read database (:mod:`cqrskit.projections.partitions`) and
+runs one loop per partition it holds:
+
+1. fetch a batch from the partition's subscription;
+2. classify it (:mod:`cqrskit.messaging.intake`): rejected, duplicate, gap, parked,
+   applied;
+3. in **one read-database transaction**: apply the events, park the bad ones, and store the
+   partition's checkpoint (sequence, position, broker cursor) with a statement that matches
+   the lease epoch (fencing);
+4. only then acknowledge the processed prefix to the broker.
+
+A crash anywhere repeats at most the unacknowledged tail, which the checkpoint drops by
+sequence: effectively once. A gap (a sequence number missing) stops the partition there;
+it re-reads from the broker with a growing pause and reports the gap — in
+``partition_status``, in the log, and in :attr:`Consumer.gaps` — until the message comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from cqrskit.errors import BrokerUnavailableError, ConfigurationError
+from cqrskit.messaging import intake
+from cqrskit.messaging.envelope import DEFAULT_MAX_BYTES, Envelope
+from cqrskit.messaging.handlers import EventHandlers, HandlerTarget
+from cqrskit.messaging.partitioning import check_partitions
+from cqrskit.messaging.signing import HmacSigner
+from cqrskit.messaging.source import Delivery, Source, Subscription
+from cqrskit.messaging.targets import Checkpoint, Lane, ProjectionTarget, Target
+from cqrskit.projections.api import Projection
+from cqrskit.projections.db import ReadDatabase, Session
+from cqrskit.projections.partitions import PartitionLeases, PartitionLostError, PartitionState
+from cqrskit.projections.signal import Signal
+
+__all__ = ["Consumer"]
+
+log = logging.getLogger("cqrskit.messaging")
+
+
+class _Reread(Exception):
+    """Close the subscription and subscribe again (after a gap)."""
+
+
+class Consumer:
+    """Consumes a broker into read models and event handlers, partitioned across processes.
+
+    Use as an async context manager, or ``await consumer.run()`` until
+    :meth:`request_stop`.
+
+    Args:
+        source: the broker's consuming side (e.g. ``NatsSource(...)``).
+        read_db: where read models, checkpoints, leases, dead letters and the inbox live.
+        targets: :class:`~cqrskit.projections.Projection` objects and
+            :class:`~cqrskit.messaging.EventHandlers`; each is its own consumer group.
+        decoder: stored event -> event (a serializer, as for the projector).
+        partitions: N, as the relay's.
+        verifier: an :class:`~cqrskit.messaging.HmacSigner` holding the relay's keys:
+            unsigned or altered messages are rejected (parked).
+        batch_size: messages per fetch and per read-database transaction.
+        max_bytes: larger payloads are parked.
+        lease_ttl: seconds without a heartbeat before another worker takes a partition.
+        poll_interval: the longest wait of one fetch (also capped at ``lease_ttl / 4``).
+        max_attempts: attempts of a failing event before it is parked.
+        max_backoff: the longest pause between re-reads after a gap or a broker failure.
+        max_partitions: hold at most this many partitions per target.
+        owner: this worker's lease owner id (default: host, pid and a random suffix).
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        read_db: ReadDatabase,
+        targets: Sequence[Projection | EventHandlers],
+        decoder: Any,
+        *,
+        partitions: int,
+        verifier: HmacSigner | None = None,
+        batch_size: int = 500,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        lease_ttl: float = 5.0,
+        poll_interval: float = 1.0,
+        max_attempts: int = 3,
+        max_backoff: float = 2.0,
+        max_partitions: int | None = None,
+        owner: str | None = None,
+    ) -> None:
+        if not targets:
+            raise ConfigurationError("Consumer needs at least one projection or EventHandlers.")
+        if batch_size < 1:
+            raise ConfigurationError("batch_size must be at least 1.")
+        self.source = source
+        self.read_db = read_db
+        self.decoder = decoder
+        self.partitions = check_partitions(partitions)
+        self.verifier = verifier
+        self.batch_size = batch_size
+        self.max_bytes = max_bytes
+        self.lease_ttl = lease_ttl
+        self.poll_interval = min(poll_interval, lease_ttl / 4)
+        self.max_attempts = max_attempts
+        self.max_backoff = max_backoff
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.signal = Signal()
+        #: counters over the process's life: applied, duplicates, parked, rejected, gaps ...
+        self.counts: dict[str, int] = {}
+        self.known = intake.type_check(decoder)
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"Consumer: two targets share a name in {names}.")
+        self._groups = [_Group(self, self._target(t), max_partitions) for t in targets]
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _target(self, t: Projection | EventHandlers) -> Target:
+        if isinstance(t, Projection):
+            return ProjectionTarget(t, self.decoder, self.max_attempts, self.max_bytes)
+        return HandlerTarget(t, self.decoder, self.max_attempts, self.max_bytes)
+
+    @property
+    def gaps(self) -> int:
+        """Gaps seen so far (each missing sequence counted once)."""
+        return self.counts.get("gaps", 0)
+
+    def owned(self, name: str) -> dict[int, int]:
+        """Partitions (-> lease epoch) this worker holds for target ``name``."""
+        return next((dict(g.leases.owned) for g in self._groups if g.name == name), {})
+
+    def count(self, what: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``what``."""
+        self.counts[what] = self.counts.get(what, 0) + n
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Set the targets up (tables, bookkeeping), then start claiming partitions."""
+        self._stop.clear()
+        for g in self._groups:
+            await g.setup()
+        self._tasks = [
+            asyncio.create_task(g.run(), name=f"consumer:{g.name}") for g in self._groups
+        ]
+
+    async def stop(self) -> None:
+        """Finish the batches in flight, release the partitions and stop (the source stays
+        open: close it yourself)."""
+        self._stop.set()
+        tasks, self._tasks = self._tasks, []
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run(self) -> None:
+        """Start, then run until :meth:`request_stop`."""
+        await self.start()
+        await self._stop.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    async def __aenter__(self) -> Consumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+class _Group:
+    """One target's partitions in this worker: the lease tick and the partition loops."""
+
+    def __init__(self, consumer: Consumer, target: Target, max_partitions: int | None) -> None:
+        self.c = consumer
+        self.target = target
+        self.name = target.name
+        self.leases = PartitionLeases(
+            consumer.read_db,
+            target.identity,
+            consumer.partitions,
+            consumer.owner,
+            consumer.lease_ttl,
+            mode="consumer",
+            max_partitions=max_partitions,
+        )
+        self.workers: dict[int, _Partition] = {}
+
+    async def setup(self) -> None:
+        async with self.c.read_db.transaction() as s:
+            await self.target.install(s)
+        await self.leases.setup()
+
+    async def run(self) -> None:
+        c = self.c
+        failures = 0
+        while not c._stop.is_set():
+            try:
+                tick = await self.leases.tick()
+                failures = 0
+            except Exception:
+                failures += 1
+                log.exception("consumer %s: lease tick failed", self.name)
+                await c._pause(min(c.lease_ttl / 4, 0.05 * 2**failures))
+                continue
+            for p in tick.lost:
+                await self._stop_worker(p, wait=False)
+            for p in sorted(tick.release):
+                await self._stop_worker(p, wait=True)
+                await self.leases.release([p])
+            for p, epoch in tick.gained.items():
+                self.workers[p] = w = _Partition(self, p, epoch)
+                w.task = asyncio.create_task(w.run(), name=f"consumer:{self.name}:{p}")
+            for p, w in list(self.workers.items()):
+                if w.task is not None and w.task.done():
+                    del self.workers[p]  # ended on a lost lease
+            if tick.gained or tick.lost or tick.release:
+                c.signal.notify()
+            await self.retry_flags()
+            await c._pause(c.lease_ttl / 4)
+        for p in list(self.workers):
+            await self._stop_worker(p, wait=True)
+        await self.leases.release_all()
+
+    async def _stop_worker(self, p: int, *, wait: bool) -> None:
+        w = self.workers.pop(p, None)
+        if w is None or w.task is None:
+            return
+        w.stopping.set()
+        if wait:
+            await asyncio.gather(w.task, return_exceptions=True)
+        else:
+            w.task.cancel()
+            await asyncio.gather(w.task, return_exceptions=True)
+
+    async def retry_flags(self) -> None:
+        if not self.workers:
+            return
+        try:
+            async with self.c.read_db.read_only() as s:
+                rows = await s.fetchall(
+                    "SELECT DISTINCT m.partition FROM cqrskit_dead_letters d "
+                    "JOIN cqrskit_parked_messages m ON m.projection = d.projection "
+                    "AND m.generation = d.generation AND m.position = d.position "
+                    "WHERE d.projection = ? AND d.generation = ? AND d.retry = 1",
+                    self.name,
+                    self.leases.generation,
+                )
+        except Exception:
+            log.exception("consumer %s: could not look for retry requests", self.name)
+            return
+        for (p,) in rows:
+            w = self.workers.get(int(p))
+            if w is not None:
+                w.retry_due = True
+
+
+class _Partition:
+    """The loop of one partition held by this worker."""
+
+    def __init__(self, group: _Group, partition: int, epoch: int) -> None:
+        self.g = group
+        self.c = group.c
+        self.p = partition
+        self.epoch = epoch
+        self.stopping = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.retry_due = False
+        self.gap: tuple[int, float] | None = None
+        self.gap_logged = 0.0
+        self.fetch_size = group.c.batch_size
+
+    def running(self) -> bool:
+        return (
+            not self.stopping.is_set()
+            and not self.c._stop.is_set()
+            and self.g.leases.owned.get(self.p) == self.epoch
+        )
+
+    def alive(self) -> None:
+        self.g.leases.progress[self.p] = time.monotonic()
+
+    async def run(self) -> None:
+        c, name = self.c, self.g.name
+        backoff = 0.0
+        down = False
+        while self.running():
+            sub: Subscription | None = None
+            try:
+                state = await self.load()
+                sub = await c.source.subscribe(name, self.p, state.cursor)
+                if down:
+                    log.info("consumer %s: partition %d: broker available again", name, self.p)
+                    down = False
+                await self.consume(sub, state)
+                backoff = 0.0
+            except _Reread:
+                # look further ahead next time: the missing number may sit behind more
+                self.fetch_size = min(max(c.batch_size, c.source.max_unacked), self.fetch_size * 2)
+                backoff = min(c.max_backoff, max(0.02, backoff * 2))
+            except PartitionLostError:
+                log.warning("consumer %s: partition %d was taken over", name, self.p)
+                self.g.leases.owned.pop(self.p, None)
+                return
+            except BrokerUnavailableError as exc:
+                if not down:
+                    log.warning(
+                        "consumer %s: partition %d: broker unavailable (%s)", name, self.p, exc
+                    )
+                    c.count("outages")
+                    down = True
+                backoff = min(c.max_backoff, max(0.05, backoff * 2))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("consumer %s: partition %d failed; restarting", name, self.p)
+                backoff = min(c.max_backoff, max(0.05, backoff * 2))
+            finally:
+                if sub is not None:
+                    try:
+                        await sub.close()
+                    except Exception:
+                        log.debug("consumer %s: closing a subscription failed", name, exc_info=True)
+            self.alive()
+            if backoff and self.running():
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), backoff)
+                except TimeoutError:
+                    pass
+
+    async def load(self) -> PartitionState:
+        async with self.c.read_db.transaction() as s:
+            state = await self.g.leases.load(s, self.p)
+            await self.g.target.load(s, self.g.leases.generation)
+        return state
+
+    async def consume(self, sub: Subscription, state: PartitionState) -> None:
+        c = self.c
+        lane = self.lane()
+        while self.running():
+            self.alive()
+            if self.retry_due:
+                self.retry_due = False
+                state = await self.g.target.retry(c.read_db, lane, state)
+            deliveries = await sub.fetch(self.fetch_size, c.poll_interval)
+            self.alive()
+            if not deliveries:
+                continue
+            batch = lane.plan(deliveries, state)
+            gap = self.note_gap(batch.gap)
+            changed = batch.items or batch.state != state or gap != self.gap
+            self.gap = gap
+            if changed:
+                await self.commit(sub, batch, lane)
+            state = batch.state
+            for k, v in batch.counts.items():
+                c.count(k, v)
+            if batch.done:
+                await sub.ack(batch.done)
+            c.signal.notify()
+            if batch.gap is not None:
+                raise _Reread
+            self.fetch_size = c.batch_size
+
+    def note_gap(self, missing: int | None) -> tuple[int, float] | None:
+        """Report a gap: a log line when it starts (and every 30 s), a count, a status."""
+        name = self.g.name
+        if missing is None:
+            if self.gap is not None:
+                log.info(
+                    "consumer %s: partition %d: sequence %d arrived; the gap is closed",
+                    name,
+                    self.p,
+                    self.gap[0],
+                )
+            return None
+        if self.gap is not None and self.gap[0] == missing:
+            if time.monotonic() - self.gap_logged > 30:
+                self.gap_logged = time.monotonic()
+                log.warning(
+                    "consumer %s: partition %d still waits for sequence %d (since %.0f s)",
+                    name,
+                    self.p,
+                    missing,
+                    time.time() - self.gap[1],
+                )
+            return self.gap
+        self.c.count("gaps")
+        self.gap_logged = time.monotonic()
+        log.warning(
+            "consumer %s: partition %d: sequence %d is missing (a later one arrived); "
+            "holding the partition and re-reading",
+            name,
+            self.p,
+            missing,
+        )
+        return (missing, time.time())
+
+    def lane(self) -> Lane:
+        """This partition's context for the target."""
+        c, p = self.c, self.p
+        destination = c.source.destination(p)
+
+        def read(d: Delivery) -> Envelope | str:
+            return intake.read_envelope(d, destination, c.verifier, p, c.partitions)
+
+        def plan(ds: Sequence[Delivery], st: PartitionState) -> intake.Batch:
+            return intake.plan_batch(
+                ds,
+                st,
+                destination=destination,
+                partition=p,
+                partitions=c.partitions,
+                verifier=c.verifier,
+                max_bytes=c.max_bytes,
+                known=c.known,
+            )
+
+        return Lane(p, self.g.leases.generation, read, plan, self.checkpoint)
+
+    def checkpoint(self, state: PartitionState) -> Checkpoint:
+        """The fenced statement storing ``state`` (and the current gap) for this partition."""
+        leases, p, epoch, gap = self.g.leases, self.p, self.epoch, self.gap
+
+        async def store(session: Session) -> None:
+            await leases.commit_consumer(session, p, epoch, state, gap)
+
+        return store
+
+    async def commit(self, sub: Subscription, batch: intake.Batch, lane: Lane) -> None:
+        c = self.c
+        keeper: asyncio.Task[None] | None = None
+        if c.source.extend_interval is not None and batch.done:
+            keeper = asyncio.create_task(self._keep_alive(sub, batch.done))
+        try:
+            await self.g.target.write(c.read_db, batch, lane, self.checkpoint(batch.state))
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _keep_alive(self, sub: Subscription, done: Sequence[Delivery]) -> None:
+        interval = self.c.source.extend_interval
+        assert interval is not None
+        while True:
+            await asyncio.sleep(interval)
+            await sub.extend(done)
