@@ -88,6 +88,7 @@ class Batch:
     counts: dict[str, int] = field(default_factory=dict)
 
     def count(self, what: str) -> None:
+        """Add one to counter ``what``."""
         self.counts[what] = self.counts.get(what, 0) + 1
 
 
