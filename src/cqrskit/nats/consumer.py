@@ -1,0 +1,211 @@
+"""The NATS JetStream source (see :class:`NatsSource`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from cqrskit.errors import BrokerUnavailableError, MissingExtraError
+from cqrskit.messaging.partitioning import check_token
+from cqrskit.messaging.source import Delivery, Source, Subscription
+
+try:
+    import nats
+    import nats.errors
+    import nats.js.errors
+    from nats.aio.client import Client
+    from nats.js import JetStreamContext
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingExtraError("nats", "nats-py") from exc
+
+__all__ = ["NatsSource"]
+
+log = logging.getLogger("cqrskit.nats")
+
+_UNAVAILABLE = (
+    nats.errors.Error,
+    nats.js.errors.Error,
+    OSError,
+    TimeoutError,
+)
+
+
+class _NatsSubscription(Subscription):
+    def __init__(self, psub: Any, durable: str) -> None:
+        self.psub = psub
+        self.durable = durable
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        try:
+            msgs = await self.psub.fetch(batch=max_messages, timeout=max(timeout, 0.01))
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []
+        except _UNAVAILABLE as exc:
+            raise BrokerUnavailableError(f"NATS: fetch failed ({exc!r}).") from exc
+        out = []
+        for m in msgs:
+            md = m.metadata
+            out.append(
+                Delivery(
+                    m.headers or {},
+                    m.data,
+                    str(md.sequence.stream),
+                    m,
+                    md.num_delivered > 1,
+                )
+            )
+        return out
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        try:
+            for d in deliveries:
+                await d.handle.ack()
+        except _UNAVAILABLE as exc:
+            raise BrokerUnavailableError(f"NATS: ack failed ({exc!r}).") from exc
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        try:
+            for d in deliveries:
+                await d.handle.in_progress()
+        except _UNAVAILABLE as exc:
+            log.debug("NATS: in-progress failed (%r)", exc)
+
+    async def close(self) -> None:
+        try:
+            await self.psub.unsubscribe()
+        except Exception:
+            log.debug("NATS: unsubscribe failed", exc_info=True)
+
+
+class NatsSource(Source):
+    """Reads the relay's JetStream stream: one durable pull consumer per (group, partition).
+
+    The consumer ``<group>_<p>`` filters subject ``<subject_prefix>.<p>``, acknowledges
+    explicitly, has at most ``max_ack_pending`` messages outstanding and an ``ack_wait``
+    that the consumer extends ("in progress") while a batch is being applied. When a worker
+    takes a partition, the durable consumer is created afresh, starting right after the
+    stream sequence recorded with the read model's checkpoint — so a dead worker's
+    unacknowledged messages come again at once, in order, instead of after ``ack_wait``.
+
+    Args:
+        servers: NATS URL(s).
+        stream: the JetStream stream (as given to :class:`~cqrskit.nats.NatsTransport`).
+        subject_prefix: the relay's subject prefix.
+        ack_wait: seconds before JetStream redelivers an unacknowledged message.
+        max_ack_pending: the most unacknowledged messages per consumer (the look-ahead past
+            a gap is bounded by it).
+        connect_options: extra keyword arguments for ``nats.connect``.
+    """
+
+    name = "nats"
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] = "nats://127.0.0.1:4222",
+        *,
+        stream: str = "CQRSKIT_EVENTS",
+        subject_prefix: str = "cqrskit.events",
+        ack_wait: float = 30.0,
+        max_ack_pending: int = 10_000,
+        connect_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        self.stream = check_token(stream, "stream name").replace(".", "_")
+        self.subject_prefix = check_token(subject_prefix, "subject prefix")
+        self.ack_wait = ack_wait
+        self.extend_interval = ack_wait / 3
+        self.max_unacked = max_ack_pending
+        self.connect_options = dict(connect_options or {})
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:  # no credentials in logs
+        return f"NatsSource(stream={self.stream!r}, subject_prefix={self.subject_prefix!r})"
+
+    def destination(self, partition: int) -> str:
+        """See :meth:`Source.destination`: ``<subject_prefix>.<partition>``."""
+        return f"{self.subject_prefix}.{partition}"
+
+    async def _connect(self) -> JetStreamContext:
+        async with self._lock:
+            nc, js = self._nc, self._js
+            if nc is not None and js is not None and nc.is_connected:
+                return js
+            if nc is not None:
+                self._nc = self._js = None
+                await _close_quietly(nc)
+            options: dict[str, Any] = {
+                "connect_timeout": 2,
+                "allow_reconnect": False,
+                "error_cb": _quiet,
+            }
+            options.update(self.connect_options)
+            try:
+                nc = await nats.connect(self.servers, **options)
+            except Exception as exc:
+                raise BrokerUnavailableError(f"NATS: cannot connect ({exc!r}).") from exc
+            self._nc, self._js = nc, nc.jetstream(timeout=5.0)
+            return self._js
+
+    async def subscribe(self, group: str, partition: int, cursor: str) -> Subscription:
+        """See :meth:`Source.subscribe`: (re)creates the durable consumer after ``cursor``
+        (a stream sequence)."""
+        js = await self._connect()
+        durable = f"{check_token(group, 'group name')}_{partition}"
+        start = int(cursor) + 1 if cursor else 0
+        config = ConsumerConfig(
+            durable_name=durable,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
+            opt_start_seq=start or None,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_ack_pending=self.max_unacked,
+            max_deliver=-1,
+            filter_subject=self.destination(partition),
+        )
+        try:
+            try:
+                await js.delete_consumer(self.stream, durable)
+            except nats.js.errors.NotFoundError:
+                pass
+            await js.add_consumer(self.stream, config)
+            psub = await js.pull_subscribe_bind(durable=durable, stream=self.stream)
+        except nats.js.errors.NotFoundError as exc:
+            raise BrokerUnavailableError(
+                f"NATS: no stream {self.stream!r} yet (the relay creates it)."
+            ) from exc
+        except _UNAVAILABLE as exc:
+            raise BrokerUnavailableError(f"NATS: cannot subscribe ({exc!r}).") from exc
+        return _NatsSubscription(psub, durable)
+
+    async def backlog(self, group: str, partition: int) -> int | None:
+        """See :meth:`Source.backlog`: pending plus unacknowledged messages."""
+        try:
+            js = await self._connect()
+            info = await js.consumer_info(self.stream, f"{group}_{partition}")
+        except (BrokerUnavailableError, *_UNAVAILABLE):
+            return None
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def close(self) -> None:
+        """Close the connection (a later subscribe reconnects)."""
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            await _close_quietly(nc)
+
+
+async def _close_quietly(nc: Client) -> None:
+    if nc.is_closed:
+        return
+    try:
+        await nc.close()
+    except Exception:
+        log.debug("NATS: error while closing", exc_info=True)
+
+
+async def _quiet(exc: Exception) -> None:
+    log.debug("NATS client: %r", exc)
