@@ -280,6 +280,11 @@ class PartitionLeases:
         gained: dict[int, int] = {}
         lost: set[int] = set()
         async with self.read_db.transaction() as s:
+            if s.dialect == "postgres":
+                # a peer stuck inside a transaction (paused, hung) must not stall the tick:
+                # bounded lock waits, and claims skip rows someone holds a lock on
+                wait_ms = max(50, int(self.lease_ttl * 250))
+                await s.execute(f"SET LOCAL lock_timeout = {wait_ms}")
             await s.execute(
                 "INSERT INTO cqrskit_workers (projection, owner, beat) VALUES (?, ?, 1) "
                 "ON CONFLICT (projection, owner) DO UPDATE SET beat = cqrskit_workers.beat + 1",
@@ -316,6 +321,7 @@ class PartitionLeases:
                     lost.add(p)
             target = self.target(live)
             want = target - (len(self.owned) - len(lost))
+            candidates: list[tuple[int, int, int, bool]] = []
             for p, owner, epoch, beat in rows:
                 p, epoch, beat = int(p), int(epoch), int(beat)
                 mark = (owner, epoch, beat)
@@ -324,23 +330,39 @@ class PartitionLeases:
                 if p in self.owned:
                     continue
                 idle = now - self._since[p]
-                free = owner is None or idle >= self.lease_ttl
-                orphan = owner is not None and idle >= 2 * self.lease_ttl
-                if not (free and (want > 0 or orphan)):
-                    continue
-                changed = await s.execute(
-                    "UPDATE cqrskit_partitions SET owner = ?, epoch = epoch + 1, "
-                    "beat = beat + 1 WHERE projection = ? AND partition = ? AND epoch = ? "
-                    "AND beat = ?",
-                    self.owner,
-                    self.name,
-                    p,
-                    epoch,
-                    beat,
-                )
-                if changed == 1:
-                    gained[p] = epoch + 1
-                    want -= 1
+                if owner is None or idle >= self.lease_ttl:
+                    orphan = owner is not None and idle >= 2 * self.lease_ttl
+                    candidates.append((p, epoch, beat, orphan))
+            if candidates and (want > 0 or any(c[3] for c in candidates)):
+                if s.dialect == "postgres":
+                    # skip rows inside a transaction of their (stuck?) owner: not now
+                    marks = ", ".join("?" for _ in candidates)
+                    unlocked = {
+                        int(r[0])
+                        for r in await s.fetchall(
+                            "SELECT partition FROM cqrskit_partitions WHERE projection = ? "
+                            f"AND partition IN ({marks}) FOR UPDATE SKIP LOCKED",
+                            self.name,
+                            *(c[0] for c in candidates),
+                        )
+                    }
+                    candidates = [c for c in candidates if c[0] in unlocked]
+                for p, epoch, beat, orphan in candidates:
+                    if want <= 0 and not orphan:
+                        continue
+                    changed = await s.execute(
+                        "UPDATE cqrskit_partitions SET owner = ?, epoch = epoch + 1, "
+                        "beat = beat + 1 WHERE projection = ? AND partition = ? AND epoch = ? "
+                        "AND beat = ?",
+                        self.owner,
+                        self.name,
+                        p,
+                        epoch,
+                        beat,
+                    )
+                    if changed == 1:
+                        gained[p] = epoch + 1
+                        want -= 1
         for p in lost:
             self.owned.pop(p, None)
             log.warning("projection %s: partition %d was taken over", self.name, p)
