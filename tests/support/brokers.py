@@ -173,3 +173,34 @@ async def wait_until(check: Any, timeout: float = 30.0, what: str = "condition")
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s")
         await asyncio.sleep(0.05)
+
+
+async def rabbit_take(
+    channel: Any, queue_name: str, timeout: float = 10.0
+) -> list[tuple[Mapping[str, Any], bytes]]:
+    """Consume (and acknowledge) every message ``queue_name`` holds now, in order; ``[]`` if
+    the queue does not exist. Consumes instead of ``basic.get``, which quorum queues with a
+    single active consumer refuse."""
+    import aio_pika
+
+    try:
+        queue = await channel.declare_queue(queue_name, passive=True)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return []
+    expected = int(queue.declaration_result.message_count or 0)
+    out: list[tuple[Mapping[str, Any], bytes]] = []
+    if not expected:
+        return out
+    got = asyncio.Event()
+
+    async def on_message(msg: Any) -> None:
+        out.append((dict(msg.headers or {}), bytes(msg.body)))
+        if len(out) >= expected:
+            got.set()
+
+    tag = await queue.consume(on_message, no_ack=True)
+    try:
+        await asyncio.wait_for(got.wait(), timeout)
+    finally:
+        await queue.cancel(tag)
+    return out

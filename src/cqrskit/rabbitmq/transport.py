@@ -19,7 +19,11 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingExtraError("rabbitmq", "aio-pika") from exc
 
-__all__ = ["RabbitMQTransport"]
+__all__ = ["QUEUE_ARGUMENTS", "RabbitMQTransport"]
+
+QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+"""How every partition's queue is declared (by the transport and by the source): a quorum
+queue with a single active consumer."""
 
 log = logging.getLogger("cqrskit.rabbitmq")
 
@@ -33,7 +37,7 @@ _REFUSING = (
 
 class RabbitMQTransport(Transport):
     """Publishes to a durable direct exchange; partition ``p`` uses routing key and quorum
-    queue ``<exchange>.<p>``.
+    queue ``<exchange>.<p>`` (single active consumer).
 
     Publisher confirms are on and every message is persistent and ``mandatory``: a call
     returns when RabbitMQ confirmed each message (stored by the quorum queue's majority),
@@ -121,9 +125,7 @@ class RabbitMQTransport(Transport):
             return
         assert self._channel is not None
         name = self.destination(partition)
-        queue = await self._channel.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        queue = await self._channel.declare_queue(name, durable=True, arguments=QUEUE_ARGUMENTS)
         await queue.bind(self.exchange_name, routing_key=name)
         self._declared.add(partition)
 

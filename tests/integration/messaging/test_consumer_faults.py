@@ -122,7 +122,7 @@ async def read_model(db: ReadDatabase) -> tuple[dict[str, tuple[int, int, int]],
 async def owners(db: ReadDatabase, name: str = "balances") -> dict[int, tuple[str | None, int]]:
     try:
         rows = await partition_status(db, name)
-    except Exception:  # noqa: BLE001 - not set up yet
+    except Exception:
         return {}
     return {r.partition: (r.owner, r.epoch) for r in rows}
 

@@ -29,7 +29,14 @@ from typing import Any
 
 import pytest
 from tests.conftest import IN_CI, require_service
-from tests.support.brokers import NatsServer, OwnServer, RedisServer, nats_read, redis_read
+from tests.support.brokers import (
+    NatsServer,
+    OwnServer,
+    RedisServer,
+    nats_read,
+    rabbit_take,
+    redis_read,
+)
 from tests.support.proxy import FaultProxy, Mode
 from tests.support.sqlite_log import SqliteTestLog
 
@@ -106,11 +113,8 @@ async def rabbit_drain(url: str, queue_name: str) -> list[tuple[Mapping[str, Any
     conn = await aio_pika.connect(url)
     try:
         ch = await conn.channel()
-        queue = await ch.declare_queue(queue_name, passive=True)
-        out: list[tuple[Mapping[str, Any], bytes]] = []
-        while (msg := await queue.get(no_ack=True, fail=False)) is not None:
-            out.append((dict(msg.headers or {}), bytes(msg.body)))
-        await queue.delete(if_unused=False, if_empty=False)
+        out = await rabbit_take(ch, queue_name)
+        await ch.queue_delete(queue_name)
         await ch.exchange_delete(queue_name.rsplit(".", 1)[0])
         return out
     finally:

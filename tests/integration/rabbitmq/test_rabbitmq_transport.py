@@ -9,6 +9,7 @@ from typing import Any
 import aio_pika
 import pytest
 from tests.conftest import require_service
+from tests.support.brokers import rabbit_take
 from tests.support.proxy import FaultProxy
 
 from cqrskit.messaging import Transport
@@ -58,12 +59,7 @@ class TestRabbitMQTransport(TransportConformance):
         seen = self.seen.setdefault(name, [])
         ch = await self.conn.channel()
         try:
-            queue = await ch.declare_queue(name, passive=True)
-            while True:
-                msg = await queue.get(no_ack=True, fail=False)
-                if msg is None:
-                    break
-                seen.append((dict(msg.headers or {}), bytes(msg.body)))
+            seen += await rabbit_take(ch, name)
         except aio_pika.exceptions.ChannelNotFoundEntity:
             pass
         finally:
