@@ -55,8 +55,21 @@ def open_read(spec: str) -> ReadDatabase:
     return PostgresReadDatabase(dsn, schema=schema)
 
 
+async def open_log(path: str) -> SqliteTestLog:
+    """The log, retrying SQLITE_BUSY at open (the writer connection opens without a busy
+    handler; another connection may be recovering the WAL of a SIGKILLed process)."""
+    for attempt in range(40):
+        try:
+            return SqliteTestLog(path)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 39:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 async def writer(path: str, ident: int, count: int, accounts: int) -> None:
-    log = SqliteTestLog(path)
+    log = await open_log(path)
     rng = random.Random(ident)
     try:
         for _ in range(count):
@@ -87,7 +100,7 @@ async def _until_term(runner: Any, stop: Any) -> None:
 
 
 async def relay(path: str, broker: str, url: str, name: str, n: str) -> None:
-    log = SqliteTestLog(path)
+    log = await open_log(path)
     db = SqliteReadDatabase(path)
     transport = make_transport(broker, url, name)
     r = Relay(log, db, transport, partitions=int(n), batch_size=100, lease_ttl=1.0,
@@ -116,7 +129,7 @@ async def consumer(broker: str, url: str, name: str, n: str, read: str, owner: s
 async def projector(path: str, n: str, read: str, owner: str) -> None:
     from cqrskit.projections.partitioned import PartitionedProjector
 
-    log = SqliteTestLog(path)
+    log = await open_log(path)
     db = open_read(read)
     p = PartitionedProjector(log, db, [balances], serializer, partitions=int(n), batch_size=100,
                              lease_ttl=LEASE_TTL, poll_interval=0.1, owner=owner)  # fmt: skip

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[3]
 PARTITIONS = 8
 CONSUMERS = 3
 WRITERS = 4
-PER_WRITER = 100
+PER_WRITER = 75
 ACCOUNTS = 16
 SEED = 1000
 
@@ -211,9 +211,9 @@ async def test_bank_transfers_through_a_broker_survive_consumer_and_broker_fault
     takeovers: list[float] = []
     duplicates = 0
     try:
-        for step in range(60):  # bounded: stops once every fault quota is met
-            await asyncio.sleep(rng.uniform(0.15, 0.4))
-            if step % 6 == 3 and faults["SIGSTOP"] < 2:
+        for step in range(40):  # bounded: stops once every fault quota is met
+            await asyncio.sleep(rng.uniform(0.2, 0.6))
+            if step % 5 == 3 and faults["SIGSTOP"] < 2:
                 taken = await stop_past_lease(consumers, incarnation, db)
                 if taken is not None:
                     takeovers.append(taken)
@@ -291,12 +291,22 @@ async def stop_past_lease(
 ) -> float | None:
     """SIGSTOP a consumer holding partitions until the others took them (bounded), keep it
     stopped past twice its lease, SIGCONT it; return how long the takeover took."""
-    held = await owners(db)
-    for i, proc in enumerate(consumers):
+    deadline = time.monotonic() + 20
+    while True:  # wait (bounded) until a running consumer holds partitions
+        held = await owners(db)
+        holders = [
+            (sum(1 for o, _e in held.values() if o == f"c{i}-{incarnation[i]}"), i)
+            for i in range(len(consumers))
+        ]
+        count, i = max(holders)
+        if count:
+            break
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(0.05)
+    for i, proc in [(i, consumers[i])]:
         owner = f"c{i}-{incarnation[i]}"
         mine = {p for p, (o, _e) in held.items() if o == owner}
-        if not mine:
-            continue
         proc.send_signal(signal.SIGSTOP)
         start = time.monotonic()
         try:
