@@ -304,26 +304,25 @@ async def stop_past_lease(
         if time.monotonic() > deadline:
             return None
         await asyncio.sleep(0.05)
-    for i, proc in [(i, consumers[i])]:
-        owner = f"c{i}-{incarnation[i]}"
-        mine = {p for p, (o, _e) in held.items() if o == owner}
-        proc.send_signal(signal.SIGSTOP)
-        start = time.monotonic()
-        try:
-            while True:
-                now = await owners(db)
-                if all(now[p][0] not in (owner, None) for p in mine):
-                    taken = time.monotonic() - start
-                    break
-                assert time.monotonic() - start < 10 * LEASE_TTL + 10, (
-                    f"partitions {sorted(mine)} of a stopped consumer did not move: {now}"
-                )
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(max(0.0, 2.5 * LEASE_TTL - (time.monotonic() - start)))
-        finally:
-            proc.send_signal(signal.SIGCONT)
-        return taken
-    return None
+    proc = consumers[i]
+    owner = f"c{i}-{incarnation[i]}"
+    mine = {p for p, (o, _e) in held.items() if o == owner}
+    proc.send_signal(signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        while True:
+            now = await owners(db)
+            if all(now[p][0] not in (owner, None) for p in mine):
+                taken = time.monotonic() - start
+                break
+            assert time.monotonic() - start < 10 * LEASE_TTL + 10, (
+                f"partitions {sorted(mine)} of a stopped consumer did not move: {now}"
+            )
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(max(0.0, 2.5 * LEASE_TTL - (time.monotonic() - start)))
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    return taken
 
 
 async def stop_all(procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
