@@ -3,7 +3,8 @@
 One :class:`Projection` (a named set of event handlers maintaining read-model tables) runs
 either inline (:class:`InlineProjections`, inside the command's transaction) or
 asynchronously (:class:`Projector`, tailing the event log into the same or another
-database). Queries read through a read-only :class:`Session` and can wait for a command's
+database; :class:`PartitionedProjector` splits that work into partitions shared by worker
+processes). Queries read through a read-only :class:`Session` and can wait for a command's
 consistency token with :func:`read_after` / :func:`ask_consistent` and the
 :class:`ConsistencyGate` behavior. See ``docs/projections.md``.
 """
@@ -24,6 +25,8 @@ from cqrskit.projections.consistency import (
 )
 from cqrskit.projections.db import ReadDatabase, Session
 from cqrskit.projections.inline import InlineProjections
+from cqrskit.projections.partitioned import PartitionedProjector
+from cqrskit.projections.partitions import PartitionStatus, partition_status
 from cqrskit.projections.runner import LeaseLostError, Projector
 from cqrskit.projections.signal import Signal
 from cqrskit.projections.status import (
@@ -45,6 +48,8 @@ __all__ = [
     "Decoder",
     "InlineProjections",
     "LeaseLostError",
+    "PartitionStatus",
+    "PartitionedProjector",
     "Policy",
     "Projection",
     "ProjectionContext",
@@ -58,6 +63,7 @@ __all__ = [
     "Signal",
     "ask_consistent",
     "dead_letters",
+    "partition_status",
     "physical_table",
     "projection_status",
     "read_after",
@@ -75,4 +81,5 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return importlib.import_module("cqrskit.sqlite").SqliteReadDatabase
+
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
