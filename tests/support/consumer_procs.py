@@ -1,8 +1,10 @@
 """Processes for consumer fault tests: ``python -m tests.support.consumer_procs KIND ...``.
 
-writer LOG ID COUNT ACCOUNTS   COUNT transfers between ACCOUNTS accounts of the SQLite log:
+writer LOG ID COUNT ACCOUNTS [PACE]
+                               COUNT transfers between ACCOUNTS accounts of the SQLite log:
                                each command records ``Deposited(a, -x)`` on stream a and
-                               ``Deposited(b, +x)`` on stream b in one unit of work
+                               ``Deposited(b, +x)`` on stream b in one unit of work; PACE
+                               seconds between commands (a steady load; default none)
 relay LOG BROKER URL NAME N    a relay (state in the log file) to nats|redis|rabbitmq
 consumer BROKER URL NAME N READ OWNER
                                a Consumer of the ``balances`` projection; READ is
@@ -68,7 +70,7 @@ async def open_log(path: str) -> SqliteTestLog:
     raise AssertionError("unreachable")
 
 
-async def writer(path: str, ident: int, count: int, accounts: int) -> None:
+async def writer(path: str, ident: int, count: int, accounts: int, pace: float = 0.0) -> None:
     log = await open_log(path)
     rng = random.Random(ident)
     try:
@@ -88,6 +90,8 @@ async def writer(path: str, ident: int, count: int, accounts: int) -> None:
                     if "locked" not in str(exc) or attempt == 19:
                         raise
                     await asyncio.sleep(0.05 * (attempt + 1))
+            if pace:
+                await asyncio.sleep(pace)
     finally:
         log.close()
     print(json.dumps({"done": count}), flush=True)
@@ -144,7 +148,8 @@ async def projector(path: str, n: str, read: str, owner: str) -> None:
 def main(argv: list[str]) -> None:
     kind, *rest = argv
     if kind == "writer":
-        coro: Any = writer(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        pace = float(rest[4]) if len(rest) > 4 else 0.0
+        coro: Any = writer(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), pace)
     else:
         coro = {"relay": relay, "consumer": consumer, "projector": projector}[kind](*rest)
     asyncio.run(coro)

@@ -45,3 +45,23 @@ async def backend(
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
             await conn.close()
+
+
+@pytest.fixture
+async def pg_read(postgres_dsn: str) -> AsyncIterator[tuple[str, ReadDatabase]]:
+    """A PostgreSQL read database in a schema of its own: (spec for processes, database)."""
+    import asyncpg
+
+    from cqrskit.postgres import PostgresReadDatabase
+
+    schema = f"cqrskit_t_{uuid.uuid4().hex[:16]}"
+    db = PostgresReadDatabase(postgres_dsn, schema=schema)
+    try:
+        yield f"{postgres_dsn}#{schema}", db
+    finally:
+        await db.close()
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -65,26 +64,6 @@ def spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
         )  # fmt: skip
     OUTPUTS[proc.pid] = out
     return proc
-
-
-@pytest.fixture
-async def pg_read(postgres_dsn: str) -> AsyncIterator[tuple[str, ReadDatabase]]:
-    """A PostgreSQL read database in a schema of its own: (spec for processes, database)."""
-    import asyncpg
-
-    from cqrskit.postgres import PostgresReadDatabase
-
-    schema = f"cqrskit_t_{uuid.uuid4().hex[:16]}"
-    db = PostgresReadDatabase(postgres_dsn, schema=schema)
-    try:
-        yield f"{postgres_dsn}#{schema}", db
-    finally:
-        await db.close()
-        conn = await asyncpg.connect(postgres_dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
 
 
 async def seed(path: str) -> None:
@@ -169,12 +148,17 @@ async def republish(broker: str, url: str, name: str, path: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("broker", ["nats", "redis", "rabbitmq"])
+@pytest.mark.parametrize("broker", ["nats", "redis", "rabbitmq", "log"])
 async def test_bank_transfers_through_a_broker_survive_consumer_and_broker_faults(
     broker: str, tmp_path: Path, pg_read: tuple[str, ReadDatabase]
 ) -> None:
+    """``log``: the same run with PartitionedProjector workers reading the log (no relay,
+    no broker; the broker faults are skipped)."""
     read_spec, db = pg_read
     server: OwnServer | None = None
+    if broker == "log":
+        await bank_run_on_the_log(tmp_path, read_spec, db)
+        return
     if broker == "rabbitmq":
         require_service("rabbitmq")
         target = 5672
@@ -336,3 +320,76 @@ async def stop_all(procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]
         lines = [x for x in text.splitlines() if x.startswith("{")]
         counts.append(json.loads(lines[-1]) if lines else {})
     return counts
+
+
+async def bank_run_on_the_log(tmp_path: Path, read_spec: str, db: ReadDatabase) -> None:
+    """The bank run with partitioned log projectors: SIGKILL and SIGSTOP faults."""
+    path = str(tmp_path / "log.db")
+    await seed(path)
+    rng = random.Random(os.environ.get("CQRSKIT_FAULT_SEED", "projector-faults"))
+    faults = {"SIGKILL": 0, "SIGSTOP": 0}
+    logs = tmp_path / "procs.log"
+    incarnation = [0] * CONSUMERS
+
+    def start_worker(i: int) -> subprocess.Popen[bytes]:
+        incarnation[i] += 1
+        return spawn("projector", path, str(PARTITIONS), read_spec, f"c{i}-{incarnation[i]}",
+                     log=logs)  # fmt: skip
+
+    workers = [start_worker(i) for i in range(CONSUMERS)]
+    writers = [
+        spawn("writer", path, str(w), str(PER_WRITER), str(ACCOUNTS), log=logs)
+        for w in range(1, WRITERS + 1)
+    ]
+    takeovers: list[float] = []
+    try:
+        for step in range(40):  # bounded: stops once every fault quota is met
+            await asyncio.sleep(rng.uniform(0.2, 0.6))
+            if step % 5 == 3 and faults["SIGSTOP"] < 2:
+                taken = await stop_past_lease(workers, incarnation, db)
+                if taken is not None:
+                    takeovers.append(taken)
+                    faults["SIGSTOP"] += 1
+            i = rng.randrange(CONSUMERS)
+            workers[i].send_signal(signal.SIGKILL)
+            workers[i].wait(10)
+            faults["SIGKILL"] += 1
+            workers[i] = start_worker(i)
+            done = all(w.poll() is not None for w in writers)
+            if done and faults["SIGKILL"] >= 10 and faults["SIGSTOP"] >= 2 and step >= 13:
+                break
+        for w in writers:
+            assert w.wait(120) == 0, f"a writer failed: see {logs}"
+        want = replay(path)
+        store = SqliteTestLog(path)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                rows = await partition_status(db, "balances", store)
+                if rows and all(r.lag_events == 0 for r in rows):
+                    break
+                assert time.monotonic() < deadline, f"projectors stuck: {rows}"
+                await asyncio.sleep(0.1)
+        finally:
+            store.close()
+        got, order_errors = await read_model(db)
+        await stop_all(workers)
+        applied = sum(n for _b, n, _v in got.values())
+        total = sum(n for _b, n, _v in want.values())
+        print(
+            f"\nprojector faults [log]: {faults['SIGKILL']} SIGKILL, {faults['SIGSTOP']} "
+            f"SIGSTOP; {total} events, {applied} applied, {order_errors} reordered; "
+            f"takeovers after SIGSTOP in {', '.join(f'{t:.2f}' for t in takeovers)} s"
+        )
+        assert got == want
+        assert sum(b for b, _n, _v in got.values()) == SEED * ACCOUNTS
+        assert applied == total == ACCOUNTS + 2 * WRITERS * PER_WRITER
+        assert order_errors == 0
+        assert faults["SIGKILL"] >= 10
+        assert faults["SIGSTOP"] >= 2
+    finally:
+        for p in [*workers, *writers]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait(10)

@@ -1,0 +1,134 @@
+"""Rebalancing under load, with real processes: start 1 worker, add 2, remove 1.
+
+Four writer processes commit transfers at a steady pace the whole time. One worker takes
+all 8 partitions; two more join and each takes its share from the running one (3/3/2);
+one leaves gracefully (SIGTERM) and the other two split its partitions (4/4). Every move
+raises the partition's epoch. At the end the read model equals the replayed log, the sum
+of balances is unchanged and per-stream order was never violated. Run for NATS consumers
+and for the partitioned log projector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.integration.messaging.test_consumer_faults import (
+    ACCOUNTS,
+    PARTITIONS,
+    SEED,
+    owners,
+    read_model,
+    replay,
+    seed,
+    spawn,
+    stop_all,
+)
+from tests.integration.messaging.test_relay_faults import need_binary
+from tests.support.brokers import NatsServer
+from tests.support.sqlite_log import SqliteTestLog
+
+from cqrskit.projections import ReadDatabase, partition_status
+
+WRITERS = 4
+PER_WRITER = 120
+PACE = "0.03"
+
+
+async def shares(
+    db: ReadDatabase, live: list[str], want: list[int], timeout: float = 30
+) -> dict[int, tuple[str | None, int]]:
+    """Wait (bounded) until the live owners hold ``want`` partitions each (sorted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = await owners(db)
+        counts = sorted(sum(1 for o, _e in held.values() if o == w) for w in live)
+        if counts == sorted(want) and all(o in live for o, _e in held.values()):
+            return held
+        assert time.monotonic() < deadline, f"shares {counts} != {want}: {held}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nats", "log"])
+async def test_rebalancing_under_load(
+    kind: str, tmp_path: Path, pg_read: tuple[str, ReadDatabase]
+) -> None:
+    read_spec, db = pg_read
+    path = str(tmp_path / "log.db")
+    await seed(path)
+    logs = tmp_path / "procs.log"
+    server: NatsServer | None = None
+    relay: Any = None
+    name = f"cqrskit_r{uuid.uuid4().hex[:10]}"
+    if kind == "nats":
+        need_binary("nats-server")
+        server = NatsServer()
+        server.start()
+        relay = spawn("relay", path, "nats", server.url, name, str(PARTITIONS), log=logs)
+
+    def start(owner: str) -> Any:
+        if kind == "nats":
+            assert server is not None
+            return spawn("consumer", "nats", server.url, name, str(PARTITIONS), read_spec, owner,
+                         log=logs)  # fmt: skip
+        return spawn("projector", path, str(PARTITIONS), read_spec, owner, log=logs)
+
+    writers = [
+        spawn("writer", path, str(w), str(PER_WRITER), str(ACCOUNTS), PACE, log=logs)
+        for w in range(1, WRITERS + 1)
+    ]
+    workers = {"w0": start("w0")}
+    try:
+        first = await shares(db, ["w0"], [PARTITIONS])
+        workers["w1"] = start("w1")
+        workers["w2"] = start("w2")
+        second = await shares(db, ["w0", "w1", "w2"], [3, 3, 2])
+        moved = [p for p in second if second[p][0] != "w0"]
+        assert len(moved) == 5
+        assert all(second[p][1] > first[p][1] for p in moved)
+        busy = sum(w.poll() is None for w in writers)
+        await stop_all([workers.pop("w1")])
+        third = await shares(db, ["w0", "w2"], [4, 4])
+        assert any(second[p][0] == "w1" and third[p][1] > second[p][1] for p in third)
+        assert busy > 0, "the writers had finished before the rebalancing: no load"
+        for w in writers:
+            assert w.wait(120) == 0, f"a writer failed: see {logs}"
+        want = replay(path)
+        store = SqliteTestLog(path)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                rows = await partition_status(db, "balances", store)
+                if rows and all(r.lag_events == 0 for r in rows):
+                    break
+                assert time.monotonic() < deadline, f"stuck: {rows}"
+                await asyncio.sleep(0.1)
+        finally:
+            store.close()
+        got, order_errors = await read_model(db)
+        assert got == want
+        assert sum(b for b, _n, _v in got.values()) == SEED * ACCOUNTS
+        assert order_errors == 0
+        print(
+            f"\nrebalancing [{kind}]: 1 -> 3 -> 2 workers under {WRITERS} writers; "
+            f"{sum(n for _b, n, _v in got.values())} events applied, 0 reordered"
+        )
+    finally:
+        procs = [*workers.values(), *writers] + ([relay] if relay is not None else [])
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(20)
+            except Exception:
+                p.kill()
+                p.wait(10)
+        if server is not None:
+            server.close()
