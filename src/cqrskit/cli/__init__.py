@@ -7,7 +7,8 @@ Subcommands:
 * ``cqrskit ddl sqlite|postgres [--schema S] [--table T]`` — the event log's DDL;
 * ``cqrskit projections run|status|rebuild|dead-letters ...`` — see
   :mod:`cqrskit.cli.projections`;
-* ``cqrskit relay run|status ...`` — the outbox relay, see :mod:`cqrskit.cli.relay`.
+* ``cqrskit relay run|status ...`` — the outbox relay, see :mod:`cqrskit.cli.relay`;
+* ``cqrskit consume run|status ...`` — broker consumers, see :mod:`cqrskit.cli.consume`.
 
 The CLI sits above every technology package: it is what picks one from a URL.
 """
@@ -85,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     ddl.add_argument("--schema", default="public", help="PostgreSQL schema (default public)")
     ddl.add_argument("--table", default="cqrskit_events", help="event log table name")
     ddl.set_defaults(run=_ddl)
+    from cqrskit.cli.consume import register_cli as register_consume
     from cqrskit.cli.projections import register_cli
     from cqrskit.cli.relay import register_cli as register_relay
 
     register_cli(sub)
     register_relay(sub)
+    register_consume(sub)
     return parser
 
 

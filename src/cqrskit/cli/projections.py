@@ -3,8 +3,10 @@
 
 Commands::
 
-    run           run projectors until SIGTERM/SIGINT (graceful: the batch in flight commits)
-    status        checkpoint, lag (events, seconds) and dead letters per projection
+    run           run projectors until SIGTERM/SIGINT (graceful: the batch in flight commits);
+                  with --partitions N, a partitioned worker sharing N partitions
+    status        checkpoint, lag (events, seconds) and dead letters per projection (and
+                  each partition's owner, checkpoint, lag and gap)
     rebuild       start rebuilding a projection into a new generation
     dead-letters  list parked events; --retry flags them for the projector to re-apply
 
@@ -35,6 +37,8 @@ from cqrskit.errors import ConfigurationError, CqrsError
 from cqrskit.eventlog import EventStore
 from cqrskit.projections.api import Projection
 from cqrskit.projections.db import ReadDatabase
+from cqrskit.projections.partitioned import PartitionedProjector
+from cqrskit.projections.partitions import PARTITIONED_MODES, partition_status
 from cqrskit.projections.runner import Projector
 from cqrskit.projections.status import (
     dead_letters,
@@ -161,6 +165,13 @@ def _add_commands(sub: Any) -> None:
         help="PostgreSQL: LISTEN for the writers' NOTIFY (writers need notify=True)",
     )
     run.add_argument("--owner")
+    run.add_argument(
+        "--partitions",
+        type=int,
+        help="split the work into N partitions shared by every process started with the "
+        "same N (PartitionedProjector)",
+    )
+    run.add_argument("--max-partitions", type=int, help="hold at most this many partitions")
     status = sub.add_parser("status", help="checkpoint, lag and dead letters")
     status.set_defaults(run=_runner(_status))
     _connection_args(status)
@@ -207,16 +218,31 @@ def _parser() -> argparse.ArgumentParser:
 async def _run(args: argparse.Namespace) -> int:
     store = await open_store(args.store, args.store_schema, listen=args.listen)
     read_db = open_read_db(args.read, args.schema)
-    projector = Projector(
-        store,
-        read_db,
-        load_projections(args.projection),
-        load_object(args.decoder),
-        batch_size=args.batch_size,
-        lease_ttl=args.lease_ttl,
-        poll_interval=args.poll_interval,
-        owner=args.owner,
-    )
+    projector: Projector | PartitionedProjector
+    if args.partitions:
+        projector = PartitionedProjector(
+            store,
+            read_db,
+            load_projections(args.projection),
+            load_object(args.decoder),
+            partitions=args.partitions,
+            max_partitions=args.max_partitions,
+            batch_size=args.batch_size,
+            lease_ttl=args.lease_ttl,
+            poll_interval=args.poll_interval,
+            owner=args.owner,
+        )
+    else:
+        projector = Projector(
+            store,
+            read_db,
+            load_projections(args.projection),
+            load_object(args.decoder),
+            batch_size=args.batch_size,
+            lease_ttl=args.lease_ttl,
+            poll_interval=args.poll_interval,
+            owner=args.owner,
+        )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, projector.request_stop)
@@ -233,11 +259,22 @@ async def _status(args: argparse.Namespace) -> int:
     read_db = open_read_db(args.read, args.schema)
     try:
         rows = await projection_status(read_db, store)
+        parts = {
+            r.name: await partition_status(read_db, r.name, store)
+            for r in rows
+            if r.mode in PARTITIONED_MODES
+        }
     finally:
         await read_db.close()
         await _close(store)
     if args.json:
-        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        out = []
+        for r in rows:
+            row = r.as_dict()
+            if r.name in parts:
+                row["partitions"] = [x.as_dict() for x in parts[r.name]]
+            out.append(row)
+        print(json.dumps(out, indent=2))
         return 0
     print(
         f"{'projection':20} {'mode':6} {'gen':>4} {'checkpoint':>12} {'lag':>8} "
@@ -250,6 +287,10 @@ async def _status(args: argparse.Namespace) -> int:
             f"{r.name:20} {r.mode:6} {gen:>4} {r.checkpoint:>12} {lag:>8} "
             f"{r.lag_seconds:>8.1f} {r.dead_letters:>5}  {r.lease_owner or '-'}"
         )
+        if r.name in parts:
+            from cqrskit.cli.consume import print_partitions
+
+            print_partitions(parts[r.name])
     return 0
 
 

@@ -1,0 +1,160 @@
+"""``cqrskit consume run|status``: broker consumers as processes.
+
+``run`` applies projections (``--projection module:attr``) and runs event handlers
+(``--handlers module:attr``, an :class:`~cqrskit.messaging.EventHandlers`) from a broker,
+sharing ``--partitions`` N with every other process started the same way (start as many
+as you like; they balance). ``--broker`` is a ``nats://``, ``amqp://`` or ``redis://`` URL
+or ``env:NAME`` (default ``$CQRSKIT_BROKER``) and ``--read`` the read database (default
+``$CQRSKIT_READ``), so no secret shows in ``ps``. ``status NAME`` prints each partition's
+owner, checkpoint, lag (with ``--store``) and gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from typing import Any
+
+from cqrskit.cli._load import load_object
+from cqrskit.cli.projections import (
+    _close,
+    _connection_args,
+    _runner,
+    load_projections,
+    open_read_db,
+    open_store,
+)
+from cqrskit.cli.relay import _broker_url
+from cqrskit.errors import ConfigurationError
+from cqrskit.messaging import Consumer, EventHandlers, Source
+from cqrskit.projections.api import Projection
+from cqrskit.projections.partitions import partition_status
+
+__all__ = ["open_source", "print_partitions", "register_cli"]
+
+
+def open_source(url: str, destination: str | None = None) -> Source:
+    """A broker source chosen by the URL's scheme; ``destination`` names the stream /
+    subject prefix (NATS), exchange (RabbitMQ) or key prefix (Redis), as for the relay."""
+    if url.startswith(("nats://", "tls://")):
+        from cqrskit.nats import NatsSource
+
+        if destination is None:
+            return NatsSource(url)
+        return NatsSource(
+            url, stream=destination.upper().replace(".", "_"), subject_prefix=destination
+        )
+    if url.startswith(("amqp://", "amqps://")):
+        from cqrskit.rabbitmq import RabbitMQSource
+
+        if destination is None:
+            return RabbitMQSource(url)
+        return RabbitMQSource(url, exchange=destination)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from cqrskit.redis import RedisSource
+
+        if destination is None:
+            return RedisSource(url)
+        return RedisSource(url, key_prefix=destination.replace(".", ":"))
+    raise ConfigurationError(
+        "--broker must be a nats://, amqp:// or redis:// URL (the URL is not echoed)."
+    )
+
+
+def _handlers(specs: list[str]) -> list[EventHandlers]:
+    out: list[EventHandlers] = []
+    for spec in specs:
+        obj = load_object(spec)
+        if not isinstance(obj, EventHandlers):
+            raise ConfigurationError(f"--handlers {spec!r} is not an EventHandlers.")
+        out.append(obj)
+    return out
+
+
+def _add_commands(sub: Any) -> None:
+    run = sub.add_parser("run", help="consume a broker into projections / event handlers")
+    run.set_defaults(run=_runner(_run))
+    _connection_args(run, store=False)
+    run.add_argument("--broker", help="nats://, amqp://, redis:// URL or env:NAME")
+    run.add_argument("--destination", help="subject prefix / exchange / key prefix")
+    run.add_argument("--projection", action="append", default=[])
+    run.add_argument("--handlers", action="append", default=[], help="module:EventHandlers")
+    run.add_argument("--decoder", required=True)
+    run.add_argument("--partitions", type=int, required=True)
+    run.add_argument("--max-partitions", type=int)
+    run.add_argument("--batch-size", type=int, default=500)
+    run.add_argument("--lease-ttl", type=float, default=5.0)
+    run.add_argument("--owner")
+    status = sub.add_parser("status", help="each partition's owner, checkpoint, lag and gap")
+    status.set_defaults(run=_runner(_status))
+    _connection_args(status)
+    status.add_argument("name", help="a projection or event handlers name")
+    status.add_argument("--json", action="store_true")
+
+
+def register_cli(sub: Any) -> None:
+    """Add ``cqrskit consume <run|status>`` to the ``cqrskit`` CLI."""
+    parser = sub.add_parser("consume", help="broker consumers: projections and handlers")
+    _add_commands(parser.add_subparsers(dest="consume_command", required=True))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    targets: list[Projection | EventHandlers] = [
+        *load_projections(args.projection),
+        *_handlers(args.handlers),
+    ]
+    if not targets:
+        raise ConfigurationError("give at least one --projection or --handlers.")
+    source = open_source(_broker_url(args.broker), args.destination)
+    read_db = open_read_db(args.read, args.schema)
+    consumer = Consumer(
+        source,
+        read_db,
+        targets,
+        load_object(args.decoder),
+        partitions=args.partitions,
+        batch_size=args.batch_size,
+        lease_ttl=args.lease_ttl,
+        max_partitions=args.max_partitions,
+        owner=args.owner,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, consumer.request_stop)
+    try:
+        await consumer.run()
+    finally:
+        await source.close()
+        await read_db.close()
+    return 0
+
+
+def print_partitions(rows: list[Any]) -> None:
+    """Print partition rows (``PartitionStatus``) as a table."""
+    for r in rows:
+        lag = "-" if r.lag_events is None else str(r.lag_events)
+        gap = "" if r.gap_sequence is None else f"  GAP at {r.gap_sequence} ({r.gap_seconds:.0f} s)"
+        print(
+            f"  partition {r.partition:>3}/{r.partitions:<3} position {r.position:>12} "
+            f"sequence {r.sequence:>8} lag {lag:>6}  owner {r.owner or '-'}{gap}"
+        )
+
+
+async def _status(args: argparse.Namespace) -> int:
+    store = await open_store(args.store, args.store_schema)
+    read_db = open_read_db(args.read, args.schema)
+    try:
+        rows = await partition_status(read_db, args.name, store)
+    finally:
+        await read_db.close()
+        await _close(store)
+    if not rows:
+        raise ConfigurationError(f"{args.name!r} has no partitions in this read database.")
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(f"{args.name}:")
+        print_partitions(rows)
+    return 0
