@@ -358,7 +358,7 @@ class _Partition:
             if self.retry_due:
                 self.retry_due = False
                 state = await self.g.target.retry(c.read_db, lane, state)
-            deliveries = await sub.fetch(self.fetch_size, c.poll_interval)
+            deliveries = await self.fetch(sub)
             self.alive()
             if not deliveries:
                 continue
@@ -377,6 +377,22 @@ class _Partition:
             if batch.gap is not None:
                 raise _Reread
             self.fetch_size = c.batch_size
+
+    async def fetch(self, sub: Subscription) -> list[Delivery]:
+        """One fetch, given up at once when the worker is asked to stop (what it may have
+        received is not acknowledged: it comes again)."""
+        fetch = asyncio.ensure_future(sub.fetch(self.fetch_size, self.c.poll_interval))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not fetch.done():
+                fetch.cancel()
+            await asyncio.gather(stop, fetch, return_exceptions=True)
+        if fetch.cancelled() or (self.stopping.is_set() and not fetch.done()):
+            return []
+        return fetch.result()
 
     def note_gap(self, missing: int | None) -> tuple[int, float] | None:
         """Report a gap: a log line when it starts (and every 30 s), a count, a status."""

@@ -74,6 +74,24 @@ def _untext(value: str) -> str:
     return unquote(value, errors="surrogatepass") if "%" in value else value
 
 
+def _need(h: dict[str, str], name: str) -> str:
+    value = h.get(name)
+    if value is None:
+        raise EnvelopeError(
+            f"not a cqrskit envelope: header {name!r} is missing.",
+            hint="only the cqrskit relay's messages can be consumed as events.",
+        )
+    return value
+
+
+def _number(h: dict[str, str], name: str) -> int:
+    """A header holding an integer >= 1 (at most 19 ASCII digits)."""
+    text = _need(h, name)
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) < 1:
+        raise EnvelopeError(f"header {name!r} is not an integer >= 1: {text!r}.")
+    return int(text)
+
+
 def traceparent_for(correlation_id: str | None, message_id: str) -> str:
     """A W3C ``traceparent``: the trace id is the correlation id's 32 hex digits (when it
     is a uuid; else a hash of it), the span id is derived from the message id."""
@@ -240,11 +258,16 @@ class Envelope:
             raise EnvelopeError(f"message of {len(body)} bytes exceeds max_bytes={max_bytes}.")
         h: dict[str, str] = {}
         for k, v in headers.items():
-            key = k.decode() if isinstance(k, bytes) else str(k)
-            key = key.lower()
-            if key != _TRACEPARENT and not key.startswith(HEADER_PREFIX):
+            # the hot path of every consumer: str keys and values, already lower case
+            key = k if type(k) is str else k.decode() if isinstance(k, bytes) else str(k)
+            if not key.islower():
+                key = key.lower()
+            if not key.startswith(HEADER_PREFIX) and key != _TRACEPARENT:
                 continue
-            value = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+            if type(v) is str:
+                value = v
+            else:
+                value = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
             if len(value) > _MAX_HEADER:
                 raise EnvelopeError(f"header {key!r} is longer than {_MAX_HEADER} characters.")
             h[key] = value
@@ -257,22 +280,8 @@ class Envelope:
 
     @classmethod
     def _parse(cls, h: dict[str, str], body: bytes) -> Envelope:
-        def need(name: str) -> str:
-            value = h.get(name)
-            if value is None:
-                raise EnvelopeError(
-                    f"not a cqrskit envelope: header {name!r} is missing.",
-                    hint="only the cqrskit relay's messages can be consumed as events.",
-                )
-            return value
-
-        def number(name: str, low: int = 0) -> int:
-            text = need(name)
-            if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) < low:
-                raise EnvelopeError(f"header {name!r} is not an integer >= {low}: {text!r}.")
-            return int(text)
-
-        part, _, count = need(_PARTITION).partition("/")
+        need, number = _need, _number
+        part, _, count = need(h, _PARTITION).partition("/")
         if not (part.isdigit() and count.isdigit() and int(part) < int(count) <= 1 << 16):
             raise EnvelopeError(f"header 'cqrskit-partition' is malformed: {h[_PARTITION]!r}.")
         kind = h.get(_KIND, "event")
@@ -283,18 +292,18 @@ class Envelope:
             causation = h.get(_CAUSATION)
             trace = h.get(_TRACEPARENT)
             return cls(
-                _untext(need(_ID)),
-                _untext(need(_TYPE)),
-                number(_SCHEMA, 1),
-                _untext(need(_STREAM)),
-                number(_VERSION, 1),
-                number(_POSITION, 1),
+                _untext(need(h, _ID)),
+                _untext(need(h, _TYPE)),
+                number(h, _SCHEMA),
+                _untext(need(h, _STREAM)),
+                number(h, _VERSION),
+                number(h, _POSITION),
                 int(part),
                 int(count),
-                number(_SEQUENCE, 1),
+                number(h, _SEQUENCE),
                 None if correlation is None else _untext(correlation),
                 None if causation is None else _untext(causation),
-                _untext(need(_TIMESTAMP)),
+                _untext(need(h, _TIMESTAMP)),
                 None if trace is None else _untext(trace),
                 body,
                 kind,

@@ -228,8 +228,13 @@ def plan_batch(
         if d.cursor:
             st.cursor = d.cursor
             break
-    for item in batch.items:
-        batch.count({"apply": "applied", "park": "parked"}.get(item.kind, "rejected"))
+    applied = sum(1 for item in batch.items if item.kind == "apply")
+    if applied:
+        batch.counts["applied"] = applied
+    if applied != len(batch.items):
+        for item in batch.items:
+            if item.kind != "apply":
+                batch.count("parked" if item.kind == "park" else "rejected")
     return batch
 
 

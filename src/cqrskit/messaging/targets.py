@@ -204,7 +204,14 @@ class _ParkingApplier(Applier):
         super().__init__(projection, decoder, max_attempts=target.max_attempts)
         self.target = target
         self.lane: Lane | None = None
-        self.messages: dict[int, Delivery] = {}
+        self.items: Sequence[intake.Item] = ()
+        self._messages: dict[int, Delivery] | None = None
+
+    def message(self, position: int) -> Delivery | None:
+        """The delivery of the event at ``position`` in the batch being written."""
+        if self._messages is None:  # built on the first park only: the hot path skips it
+            self._messages = {i.stored.position: i.delivery for i in self.items if i.stored}
+        return self._messages.get(position)
 
     async def park(
         self, session: Session, generation: int, stored: StoredEvent, error: str, attempts: int
@@ -225,7 +232,7 @@ class _ParkingApplier(Applier):
         )
         if self.projection.ordered_streams:
             self.blocked.add(stored.stream)
-        delivery = self.messages.get(stored.position)
+        delivery = self.message(stored.position)
         if delivery is not None and self.lane is not None:
             await intake.save_message(
                 session,
@@ -280,7 +287,7 @@ class ProjectionTarget(Target):
     ) -> None:
         applier, gen = self.applier, lane.generation
         applier.lane = lane
-        applier.messages = {i.stored.position: i.delivery for i in items if i.stored}
+        applier.items, applier._messages = items, None
         run: list[StoredEvent] = []
 
         async def flush() -> None:
