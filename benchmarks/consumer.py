@@ -414,7 +414,7 @@ async def p7l(broker: str, tmp: Path, rate: int, seconds: float) -> list[float]:
             await asyncio.gather(*tasks)
             deadline = time.monotonic() + 30
             while any(pending.values()) and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+                await consumer.signal.wait(0.05)
             for q in pending.values():
                 q.clear()
     finally:
@@ -519,7 +519,8 @@ async def main() -> None:
             print(f"| {size:,} | {rss / 1024:,.1f} |")
             out["P7m"][size] = rss
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        with open(args.json, "w", encoding="utf-8") as f:  # noqa: ASYNC230 - once, at the end
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":
