@@ -3,10 +3,14 @@
 ``python benchmarks/_consumer_worker.py consumer NATS_URL NAME N DSN SCHEMA DELAY OWNER``
 ``python benchmarks/_consumer_worker.py projector LOG N DSN SCHEMA DELAY OWNER``
 ``python benchmarks/_consumer_worker.py memory NATS_URL NAME N READ_PATH COUNT``
+``python benchmarks/_consumer_worker.py visible BROKER NAME N READ_PATH OUT``
 
 The first two run until SIGTERM with a PostgreSQL read database whose commits take DELAY
 extra seconds (a latency-bound read model: a remote database, synchronous replication).
 ``memory`` consumes COUNT messages into SQLite and prints its peak RSS in KiB.
+``visible`` consumes into SQLite until SIGTERM and writes to OUT, after each commit, each
+partition's committed position with the time (``time.monotonic()``: the same clock in every
+process of the machine).
 """
 
 from __future__ import annotations
@@ -115,9 +119,47 @@ async def memory(url: str, name: str, n: str, read_path: str, count: str) -> Non
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
 
 
+async def visible(broker: str, name: str, n: str, read_path: str, out: str) -> None:
+    import time
+
+    from consumer import balances, serializer, transport_and_source
+
+    db = SqliteReadDatabase(read_path)
+    transport, source = transport_and_source(broker, name)
+    await transport.close()
+    c = Consumer(source, db, [balances], serializer, partitions=int(n), batch_size=200,
+                 poll_interval=0.2)  # fmt: skip
+    seen: dict[int, int] = {}
+    marks: list[tuple[int, int, float]] = []
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with c:
+        while not stop.is_set():
+            await c.signal.wait(0.05)
+            async with db.read_only() as s:
+                try:
+                    rows = await s.fetchall(
+                        "SELECT partition, position FROM cqrskit_partitions "
+                        "WHERE projection = 'balances'"
+                    )
+                except Exception:
+                    rows = []
+            now = time.monotonic()
+            for p, position in rows:
+                if seen.get(int(p)) != int(position):
+                    seen[int(p)] = int(position)
+                    marks.append((int(p), int(position), now))
+    await source.close()
+    await db.close()
+    with open(out, "w", encoding="utf-8") as f:
+        for p, position, t in marks:
+            f.write(f"{p} {position} {t}\n")
+
+
 def main(argv: list[str]) -> None:
     kind, *rest = argv
-    asyncio.run({"consumer": consumer, "projector": projector, "memory": memory}[kind](*rest))
+    runners = {"consumer": consumer, "projector": projector, "memory": memory, "visible": visible}
+    asyncio.run(runners[kind](*rest))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +18,7 @@ try:
     import nats.errors
     import nats.js.errors
     from nats.aio.client import Client
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 except ImportError as exc:  # pragma: no cover - exercised without the extra
@@ -34,29 +37,69 @@ _UNAVAILABLE = (
 
 
 class _NatsSubscription(Subscription):
-    def __init__(self, psub: Any, durable: str) -> None:
-        self.psub = psub
-        self.durable = durable
+    """A pull consumer read with one outstanding pull request at a time.
+
+    ``fetch`` returns as soon as messages are there — not when a whole batch is filled, as
+    nats-py's ``fetch`` does (that holds a message up to the fetch timeout at low rates).
+    """
+
+    def __init__(self, nc: Client, api: str) -> None:
+        self.nc = nc
+        self.api = api
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.sub: Any = None
+        self.expecting = 0
+        self.expires_at = 0.0
+
+    async def start(self) -> None:
+        self.inbox = self.nc.new_inbox()
+        self.sub = await self.nc.subscribe(self.inbox, cb=self._arrived)
+
+    async def _arrived(self, msg: Msg) -> None:
+        self.queue.put_nowait(msg)
+
+    def _take(self, msg: Msg, out: list[Delivery]) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            self.expecting -= 1
+            md = msg.metadata
+            out.append(
+                Delivery(msg.headers or {}, msg.data, str(md.sequence.stream), msg,
+                         md.num_delivered > 1)
+            )  # fmt: skip
+            return
+        if status == "100":
+            return  # an idle heartbeat
+        self.expecting = 0  # 404 no messages, 408 request expired, 409 conflict: it ended
+        description = (msg.headers or {}).get("Description", "")
+        if status == "409" and "deleted" in description.lower():
+            raise BrokerUnavailableError(f"NATS: the consumer was deleted ({description}).")
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        out: list[Delivery] = []
+        queue = self.queue
+        while not queue.empty() and len(out) < max_messages:
+            self._take(queue.get_nowait(), out)
+        now = time.monotonic()
+        if self.expecting <= 0 or now >= self.expires_at:
+            wait = max(timeout, 0.05)
+            request = {"batch": max_messages, "expires": int(wait * 1_000_000_000)}
+            try:
+                await self.nc.publish(self.api, json.dumps(request).encode(), reply=self.inbox)
+            except _UNAVAILABLE as exc:
+                raise BrokerUnavailableError(f"NATS: pull request failed ({exc!r}).") from exc
+            self.expecting, self.expires_at = max_messages, now + wait + 0.02
+        if out:
+            return out
+        if self.nc.is_closed or not self.nc.is_connected:
+            raise BrokerUnavailableError("NATS: the connection is closed.")
         try:
-            msgs = await self.psub.fetch(batch=max_messages, timeout=max(timeout, 0.01))
-        except (nats.errors.TimeoutError, TimeoutError):
+            msg = await asyncio.wait_for(queue.get(), max(timeout, 0.001))
+        except TimeoutError:
             return []
-        except _UNAVAILABLE as exc:
-            raise BrokerUnavailableError(f"NATS: fetch failed ({exc!r}).") from exc
-        out = []
-        for m in msgs:
-            md = m.metadata
-            out.append(
-                Delivery(
-                    m.headers or {},
-                    m.data,
-                    str(md.sequence.stream),
-                    m,
-                    md.num_delivered > 1,
-                )
-            )
+        self._take(msg, out)
+        while not queue.empty() and len(out) < max_messages:
+            self._take(queue.get_nowait(), out)
         return out
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -75,7 +118,8 @@ class _NatsSubscription(Subscription):
 
     async def close(self) -> None:
         try:
-            await self.psub.unsubscribe()
+            if self.sub is not None:
+                await self.sub.unsubscribe()
         except Exception:
             log.debug("NATS: unsubscribe failed", exc_info=True)
 
@@ -173,14 +217,16 @@ class NatsSource(Source):
             except nats.js.errors.NotFoundError:
                 pass
             await js.add_consumer(self.stream, config)
-            psub = await js.pull_subscribe_bind(durable=durable, stream=self.stream)
+            assert self._nc is not None
+            sub = _NatsSubscription(self._nc, f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{durable}")
+            await sub.start()
         except nats.js.errors.NotFoundError as exc:
             raise BrokerUnavailableError(
                 f"NATS: no stream {self.stream!r} yet (the relay creates it)."
             ) from exc
         except _UNAVAILABLE as exc:
             raise BrokerUnavailableError(f"NATS: cannot subscribe ({exc!r}).") from exc
-        return _NatsSubscription(psub, durable)
+        return sub
 
     async def backlog(self, group: str, partition: int) -> int | None:
         """See :meth:`Source.backlog`: pending plus unacknowledged messages."""
