@@ -217,9 +217,9 @@ class _LogGroup:
                 next_check = now + p.state_interval
                 await self._retry_flagged(owned)
             low = min(self.cps[part] for part in owned)
-            events = await p.store.read_after(low, p.batch_size)
-            if events:
-                await self._commit(owned, events)
+            mine, last = await self._read(owned, low)
+            if last is not None:
+                await self._commit(owned, mine, last)
                 p.signal.notify()
                 backoff = None
                 await asyncio.sleep(0)
@@ -256,12 +256,32 @@ class _LogGroup:
         self.changed.clear()
         return waiter in done and not waiter.cancelled() and bool(waiter.result())
 
-    async def _commit(self, owned: dict[int, int], events: Sequence[StoredEvent]) -> None:
-        n, cps = self.p.partitions, self.cps
-        mine = [
-            e for e in events if (q := partition_of(e.stream, n)) in owned and e.position > cps[q]
-        ]
-        last = events[-1].position
+    async def _read(self, owned: dict[int, int], low: int) -> tuple[list[StoredEvent], int | None]:
+        """This worker's next batch: up to ``batch_size`` events of its partitions, reading
+        the log past the others' events (at most ``partitions`` reads), and the position
+        read up to (``None``: nothing new). Commits then carry ``batch_size`` events of
+        this worker, not of the whole log: the number of commits shrinks as workers are
+        added, which is what makes a latency-bound read model scale out."""
+        p, cps, n = self.p, self.cps, self.p.partitions
+        mine: list[StoredEvent] = []
+        last: int | None = None
+        position = low
+        for _ in range(max(1, n)):
+            events = await p.store.read_after(position, p.batch_size)
+            if not events:
+                break
+            mine += [
+                e
+                for e in events
+                if (q := partition_of(e.stream, n)) in owned and e.position > cps[q]
+            ]
+            position = last = events[-1].position
+            if len(mine) >= p.batch_size or len(events) < p.batch_size:
+                break
+        return mine, last
+
+    async def _commit(self, owned: dict[int, int], mine: Sequence[StoredEvent], last: int) -> None:
+        cps = self.cps
         gen = self.leases.generation
         db = self.p.read_db
         async with self.lock:
