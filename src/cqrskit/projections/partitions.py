@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from cqrskit.errors import ConfigurationError
@@ -53,6 +54,7 @@ __all__ = [
     "PartitionStatus",
     "Tick",
     "partition_status",
+    "partitioned_lag",
     "token_positions",
 ]
 
@@ -551,6 +553,34 @@ async def partition_status(
         )
         for p, r in sorted(rows.items())
     ]
+
+
+async def partitioned_lag(
+    read_db: ReadDatabase, store: EventStore, name: str, default: int
+) -> tuple[int, int, bool, float]:
+    """A partitioned projection's (checkpoint, lag in events, lag capped, lag in seconds):
+    the checkpoint is the highest position up to which every partition applied everything
+    (a quiet partition does not hold it back); the lag counts each partition's unapplied
+    events (up to 10,000) and the seconds are the age of the oldest of them."""
+    async with read_db.read_only() as s:
+        found = (await _rows(s, [name])).get(name)
+    if not found:
+        return default, 0, False, 0.0
+    n = int(next(iter(found.values()))[2])
+    at = {p: int(r[5]) for p, r in found.items()}
+    low = min(at.get(p, 0) for p in range(n))
+    head = await store.head()
+    events, complete = await _scan(store, low, head, _LAG_CAP)
+    behind = [e for e in events if e.position > at.get(partition_of(e.stream, n), 0)]
+    checkpoint = behind[0].position - 1 if behind else (head if complete else low)
+    seconds = 0.0
+    if behind:
+        stamp = behind[0].metadata.get("timestamp")
+        try:
+            seconds = max(0.0, time.time() - datetime.fromisoformat(str(stamp)).timestamp())
+        except ValueError:
+            seconds = 0.0
+    return max(low, checkpoint), len(behind), not complete, seconds
 
 
 async def token_positions(

@@ -112,21 +112,19 @@ async def projection_status(
             "FROM cqrskit_projections p JOIN cqrskit_checkpoints c "
             "ON c.projection = p.name AND c.generation = p.active_generation ORDER BY p.name"
         )
-        # a partitioned projection's checkpoint: its lowest partition position
-        lows: dict[str, int] = {}
-        if any(r[1] in ("partitioned", "consumer") for r in rows):
-            for r in await s.fetchall(
-                "SELECT projection, min(position) FROM cqrskit_partitions GROUP BY projection"
-            ):
-                lows[str(r[0])] = int(r[1])
     head = await store.last_position()
     out = []
     for name, mode, gen, building, cp, owner, epoch, dead in rows:
         if names is not None and name not in names:
             continue
         if mode in ("partitioned", "consumer"):
-            cp = lows.get(name, cp)
-        lag, capped, seconds = await _lag(store, int(cp))
+            # its partitions' checkpoints: everything up to ``cp`` is applied, ``lag``
+            # events of its partitions are not (each counted against its own partition)
+            from cqrskit.projections.partitions import partitioned_lag
+
+            cp, lag, capped, seconds = await partitioned_lag(read_db, store, name, int(cp))
+        else:
+            lag, capped, seconds = await _lag(store, int(cp))
         out.append(
             ProjectionStatus(
                 name,
