@@ -6,6 +6,8 @@ Examples::
     python -m examples.bank --dir data              # ... in ./data (kept)
     python -m examples.bank --postgres postgresql://postgres@127.0.0.1/test
     python -m examples.bank --serve --port 8000     # HTTP API (needs cqrskit[fastapi], uvicorn)
+    python -m examples.bank --history-via broker    # history through a relay + broker consumer
+    python -m examples.bank --history-via broker --broker nats://127.0.0.1:4222
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--operations", type=int, default=400, help="commands to send (400)")
     p.add_argument("--seed", type=int, default=7, help="random seed (7)")
     p.add_argument("--serve", action="store_true", help="serve the HTTP API instead")
+    p.add_argument(
+        "--history-via",
+        choices=["log", "broker"],
+        default="log",
+        help="run the history projection from the event log (default) or through a broker",
+    )
+    p.add_argument(
+        "--broker",
+        metavar="URL",
+        help="with --history-via broker: nats://, amqp:// or redis:// (default: in memory)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     return p
@@ -57,7 +70,17 @@ async def _with_bank(args: argparse.Namespace, directory: Path | None) -> int:
         bank = await open_postgres_bank(args.postgres, schema)
     else:
         assert directory is not None
-        bank = open_sqlite_bank(directory)
+        broker = None
+        if args.broker:
+            from cqrskit.cli.consume import open_source
+            from cqrskit.cli.relay import open_transport
+
+            destination = f"bank_{uuid.uuid4().hex[:8]}"
+            broker = (
+                open_transport(args.broker, destination),
+                open_source(args.broker, destination),
+            )
+        bank = open_sqlite_bank(directory, history_via=args.history_via, broker=broker)
     try:
         async with bank:
             if args.serve:

@@ -171,7 +171,7 @@ async def _catch_up(bank: Bank, out: TextIO) -> None:
         progress.show(f"history projection [{bar}] {done}/{behind} events applied")
         if lag == 0 or time.monotonic() >= deadline:
             break
-        await bank.projector.signal.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+        await bank.signal.wait(min(0.2, max(0.0, deadline - time.monotonic())))
     progress.show(f"history projection [{bar}] {done}/{behind} events applied", final=True)
 
 
