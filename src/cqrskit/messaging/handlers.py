@@ -5,7 +5,8 @@ it cannot be effectively once: it gets **at-least-once** delivery. The consumer 
 then records the message id in an inbox (``cqrskit_inbox``) in the same transaction as the
 partition's checkpoint, then acknowledges the broker. A crash between the call and that
 commit calls the handler again for the same message (same message id: make the side effect
-idempotent with it, e.g. as the mail's or the payment's idempotency key); everything
+idempotent with it — a handler declaring ``metadata: Metadata`` sees it as
+``metadata.causation_id`` — e.g. as the mail's or the payment's idempotency key); everything
 recorded in the inbox or the checkpoint is never handled again. A handler that keeps
 failing is parked after ``max_attempts`` like a projection's event, holding its stream.
 """
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cqrskit.eventlog import StoredEvent
-from cqrskit.messages import Event
+from cqrskit.mediator import Mediator
+from cqrskit.messages import Event, Metadata
 from cqrskit.messaging import intake
 from cqrskit.messaging.targets import Checkpoint, Lane, Target
 from cqrskit.projections.api import Projection
@@ -45,8 +47,11 @@ class EventHandlers:
 
     Args:
         name: the consumer group's name (a SQL identifier), e.g. ``"mailer"``.
-        publish: called with each decoded event — typically ``mediator.publish``, which
-            runs the registry's event handlers exactly as in-process publishing does.
+        handlers: a :class:`~cqrskit.Mediator` — its registry's event handlers run exactly
+            as in-process publishing runs them, inside a scope whose
+            :class:`~cqrskit.Metadata` continues the event's lineage (a handler declaring
+            ``metadata: Metadata`` sees the event's message id as ``causation_id`` and its
+            correlation id) — or any ``async def publish(event)``.
         ordered_streams: a parked event holds the later events of its stream.
         inbox_days: inbox rows older than this are pruned (the checkpoint still drops
             redelivered messages by sequence; the inbox also catches a relay's
@@ -54,12 +59,31 @@ class EventHandlers:
     """
 
     name: str
-    publish: Callable[[Event], Awaitable[Any]]
+    handlers: Mediator | Callable[[Event], Awaitable[Any]]
     ordered_streams: bool = True
     inbox_days: float = 7.0
 
     def __post_init__(self) -> None:
         check_identifier(self.name, "event handlers name")
+
+    async def deliver(self, event: Event, stored: StoredEvent) -> None:
+        """Run the handlers for ``event`` (decoded from ``stored``)."""
+        handlers = self.handlers
+        if not isinstance(handlers, Mediator):
+            await handlers(event)
+            return
+        md = stored.metadata
+        lineage = Metadata(
+            message_id=_text(md.get("message_id")),
+            correlation_id=_text(md.get("correlation_id")),
+            causation_id=_text(md.get("causation_id")),
+        )
+        async with handlers.scope(metadata=lineage):
+            await handlers.publish(event)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 class HandlerTarget(Target):
@@ -96,7 +120,7 @@ class HandlerTarget(Target):
         error: str | None = None
         for attempt in range(self.max_attempts):
             try:
-                await self.handlers.publish(self._decode(stored))
+                await self.handlers.deliver(self._decode(stored), stored)
                 return None
             except Exception as exc:  # noqa: BLE001 - a failing handler is data: parked
                 error = f"{type(exc).__name__}: {exc}"

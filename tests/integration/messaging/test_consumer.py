@@ -13,6 +13,7 @@ from typing import Any
 
 from tests.support.bank import POISON_FLAG, Deposited, Poison, Unrelated, balances, serializer
 
+from cqrskit import Mediator, Metadata, Registry
 from cqrskit.eventlog import StoredEvent
 from cqrskit.messaging import (
     Consumer,
@@ -314,3 +315,27 @@ async def test_event_handlers_run_at_least_once_with_an_inbox(backend: Any) -> N
 
 def test_poison_type_is_registered() -> None:
     assert Poison is not None
+
+
+async def test_event_handlers_from_a_registry_see_the_events_lineage(backend: Any) -> None:
+    log, db = backend
+    transport = InMemoryTransport(dedup_window=None)
+    seen: list[tuple[int, str | None, str]] = []
+    registry = Registry()
+
+    @registry.handler
+    async def on_deposit(e: Deposited, metadata: Metadata) -> None:
+        seen.append((e.amount, metadata.causation_id, metadata.correlation_id))
+
+    events = await write(log, 6, streams=2)
+    async with Relay(log, db, transport, partitions=N, batch_size=50) as relay:
+        assert await relay.wait_published(events[-1].position, 30)
+    mailer = EventHandlers("mailer2", Mediator(registry))
+    async with Consumer(transport.source(), db, [mailer], serializer, partitions=N):
+        await until(lambda: len(seen) == len(events), what="handled")
+    by_amount = {amount: (cause, corr) for amount, cause, corr in seen}
+    for stored in events:
+        amount = json.loads(stored.data)["amount"]
+        cause, corr = by_amount[amount]
+        assert cause == stored.metadata["message_id"]  # the handler's idempotency key
+        assert corr == (stored.metadata.get("correlation_id") or corr)
