@@ -151,7 +151,7 @@ async def visible(broker: str, name: str, n: str, read_path: str, out: str) -> N
                     marks.append((int(p), int(position), now))
     await source.close()
     await db.close()
-    with open(out, "w", encoding="utf-8") as f:
+    with open(out, "w", encoding="utf-8") as f:  # noqa: ASYNC230 - once, at the end
         for p, position, t in marks:
             f.write(f"{p} {position} {t}\n")
 
