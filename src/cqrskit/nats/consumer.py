@@ -36,6 +36,19 @@ _UNAVAILABLE = (
 )
 
 
+def _ack_tokens(reply: str) -> tuple[str, int]:
+    """(stream sequence, delivery count) from a JetStream ack subject —
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>``,
+    or with ``<domain>.<account hash>`` after ``$JS.ACK`` (and a trailing token) in the v2
+    form. A split instead of nats-py's ``msg.metadata``, which also builds a timestamp."""
+    tokens = reply.split(".")
+    base = 2 if len(tokens) == 9 else 4
+    try:
+        return tokens[base + 3], int(tokens[base + 2])
+    except (IndexError, ValueError) as exc:
+        raise BrokerUnavailableError(f"NATS: not a JetStream ack subject: {reply!r}.") from exc
+
+
 class _NatsSubscription(Subscription):
     """A pull consumer read with one outstanding pull request at a time.
 
@@ -62,11 +75,8 @@ class _NatsSubscription(Subscription):
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
             self.expecting -= 1
-            md = msg.metadata
-            out.append(
-                Delivery(msg.headers or {}, msg.data, str(md.sequence.stream), msg,
-                         md.num_delivered > 1)
-            )  # fmt: skip
+            stream_seq, delivered = _ack_tokens(msg.reply)
+            out.append(Delivery(msg.headers or {}, msg.data, stream_seq, msg, delivered > 1))
             return
         if status == "100":
             return  # an idle heartbeat

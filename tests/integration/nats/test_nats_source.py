@@ -43,3 +43,14 @@ class TestNatsSource(SourceConformance):
         await transport.close()
         assert isinstance(transport, NatsTransport)
         await nats_delete_stream(URL, transport.stream)
+
+
+def test_ack_subjects_of_both_forms_give_the_stream_sequence() -> None:
+    from cqrskit.errors import BrokerUnavailableError
+    from cqrskit.nats.consumer import _ack_tokens
+
+    assert _ack_tokens("$JS.ACK.S.c_0.3.1207.55.1700000000000000000.4") == ("1207", 3)
+    v2 = "$JS.ACK.hub.ACCHASH.S.c_0.1.88.12.1700000000000000000.0.tok"
+    assert _ack_tokens(v2) == ("88", 1)
+    with pytest.raises(BrokerUnavailableError):
+        _ack_tokens("_INBOX.x")
