@@ -49,11 +49,19 @@ def _ack_tokens(reply: str) -> tuple[str, int]:
         raise BrokerUnavailableError(f"NATS: not a JetStream ack subject: {reply!r}.") from exc
 
 
+_PULL_EXPIRES = 10.0
+_PULL_HEARTBEAT = 1.0
+
+
 class _NatsSubscription(Subscription):
-    """A pull consumer read with one outstanding pull request at a time.
+    """A pull consumer read through one long-lived pull request at a time.
 
     ``fetch`` returns as soon as messages are there — not when a whole batch is filled, as
     nats-py's ``fetch`` does (that holds a message up to the fetch timeout at low rates).
+    The request asks for up to a batch, expires after 10 s and carries idle heartbeats; a
+    new one is sent when the batch was delivered, before the old one expires, or when
+    neither messages nor heartbeats came for three heartbeat intervals (a request the
+    server lost), so a message never waits for a request.
     """
 
     def __init__(self, nc: Client, api: str) -> None:
@@ -62,7 +70,8 @@ class _NatsSubscription(Subscription):
         self.queue: asyncio.Queue[Msg] = asyncio.Queue()
         self.sub: Any = None
         self.expecting = 0
-        self.expires_at = 0.0
+        self.renew_at = 0.0
+        self.heard = 0.0
 
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
@@ -72,6 +81,7 @@ class _NatsSubscription(Subscription):
         self.queue.put_nowait(msg)
 
     def _take(self, msg: Msg, out: list[Delivery]) -> None:
+        self.heard = time.monotonic()
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
             self.expecting -= 1
@@ -79,11 +89,23 @@ class _NatsSubscription(Subscription):
             out.append(Delivery(msg.headers or {}, msg.data, stream_seq, msg, delivered > 1))
             return
         if status == "100":
-            return  # an idle heartbeat
+            return  # an idle heartbeat: the request is alive
         self.expecting = 0  # 404 no messages, 408 request expired, 409 conflict: it ended
-        description = (msg.headers or {}).get("Description", "")
+        description = " ".join(str(v) for v in (msg.headers or {}).values())
         if status == "409" and "deleted" in description.lower():
             raise BrokerUnavailableError(f"NATS: the consumer was deleted ({description}).")
+
+    async def _request(self, batch: int, now: float) -> None:
+        request = {
+            "batch": batch,
+            "expires": int(_PULL_EXPIRES * 1_000_000_000),
+            "idle_heartbeat": int(_PULL_HEARTBEAT * 1_000_000_000),
+        }
+        try:
+            await self.nc.publish(self.api, json.dumps(request).encode(), reply=self.inbox)
+        except _UNAVAILABLE as exc:
+            raise BrokerUnavailableError(f"NATS: pull request failed ({exc!r}).") from exc
+        self.expecting, self.renew_at, self.heard = batch, now + _PULL_EXPIRES * 0.8, now
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         out: list[Delivery] = []
@@ -91,14 +113,9 @@ class _NatsSubscription(Subscription):
         while not queue.empty() and len(out) < max_messages:
             self._take(queue.get_nowait(), out)
         now = time.monotonic()
-        if self.expecting <= 0 or now >= self.expires_at:
-            wait = max(timeout, 0.05)
-            request = {"batch": max_messages, "expires": int(wait * 1_000_000_000)}
-            try:
-                await self.nc.publish(self.api, json.dumps(request).encode(), reply=self.inbox)
-            except _UNAVAILABLE as exc:
-                raise BrokerUnavailableError(f"NATS: pull request failed ({exc!r}).") from exc
-            self.expecting, self.expires_at = max_messages, now + wait + 0.02
+        lost = now - self.heard > 3 * _PULL_HEARTBEAT
+        if self.expecting <= 0 or now >= self.renew_at or lost:
+            await self._request(max_messages, now)
         if out:
             return out
         if self.nc.is_closed or not self.nc.is_connected:
