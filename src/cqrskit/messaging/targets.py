@@ -22,6 +22,7 @@ from cqrskit.eventlog import StoredEvent
 from cqrskit.messaging import intake
 from cqrskit.messaging.envelope import Envelope
 from cqrskit.messaging.source import Delivery
+from cqrskit.projections import schema
 from cqrskit.projections.api import Projection, ProjectionContext
 from cqrskit.projections.apply import Applier, infrastructure_fault
 from cqrskit.projections.db import ReadDatabase, Session
@@ -71,6 +72,7 @@ class Target(ABC):
 
     async def install(self, session: Session) -> None:
         """Create the target's own tables (the parked messages' wire form ...)."""
+        await schema.install(session)  # on PostgreSQL: serializes concurrent DDL first
         await session.execute(intake.DDL)
 
     @abstractmethod
