@@ -134,6 +134,8 @@ def read_envelope(
         return (
             text if text.startswith("not a cqrskit envelope") else f"not a valid envelope: {text}"
         )
+    except Exception as exc:  # noqa: BLE001 - anything a broker hands over is data, never a crash
+        return f"not a valid envelope: {type(exc).__name__}: {exc}"
     if verifier is not None:
         try:
             verifier.verify(env.key_id, env.signature, env.signing_input(destination))

@@ -174,6 +174,8 @@ async def test_bad_messages_are_parked_acked_and_retried(backend: Any, tmp_path:
     good1 = signed(_stored(1, a, 1, 5), 1)
     transport.inject(p, good1.headers(), good1.payload)
     transport.inject(p, {"content-type": "text/plain"}, b"hello")  # not an envelope
+    junk: dict[Any, Any] = {b"\xff\xfe": b"x", **good1.headers()}
+    transport.inject(p, junk, good1.payload)  # a header name that is not UTF-8
     forged = _envelope(_stored(2, b, 1, 1_000_000), 2)  # unsigned: claims sequence 2
     transport.inject(p, forged.headers(), forged.payload)
     tampered = signed(_stored(2, b, 1, 7), 2)
@@ -207,8 +209,9 @@ async def test_bad_messages_are_parked_acked_and_retried(backend: Any, tmp_path:
             letters = await dead_letters(db, "balances")
             reasons = {(x.stream, x.version): x.error for x in letters if x.position > 0}
             rejected = [x.error for x in letters if x.position < 0]
-            assert len(rejected) == 3, rejected
+            assert len(rejected) == 4, rejected
             assert any("not a cqrskit envelope" in r for r in rejected)
+            assert any("UnicodeDecodeError" in r for r in rejected)
             assert sum("signature" in r for r in rejected) == 2
             assert "cannot apply poison" in reasons[(d, 1)]
             assert "earlier event" in reasons[(d, 2)]
@@ -230,7 +233,7 @@ async def test_bad_messages_are_parked_acked_and_retried(backend: Any, tmp_path:
             (c_, 1),
         }
         assert await order_errors(db) == 0
-        assert c.counts.get("rejected") == 3
+        assert c.counts.get("rejected") == 4
     finally:
         os.environ.pop(POISON_FLAG, None)
 
