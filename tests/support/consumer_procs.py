@@ -24,8 +24,7 @@ import sys
 from typing import Any
 
 from tests.support.bank import Deposited, balances, serializer
-from tests.support.relay_procs import make_transport
-from tests.support.sqlite_log import SqliteTestLog
+from tests.support.relay_procs import make_transport, open_log
 
 from cqrskit.messaging import Consumer, Relay, Source
 from cqrskit.projections import ReadDatabase
@@ -55,19 +54,6 @@ def open_read(spec: str) -> ReadDatabase:
 
     dsn, _, schema = spec.partition("#")
     return PostgresReadDatabase(dsn, schema=schema)
-
-
-async def open_log(path: str) -> SqliteTestLog:
-    """The log, retrying SQLITE_BUSY at open (the writer connection opens without a busy
-    handler; another connection may be recovering the WAL of a SIGKILLed process)."""
-    for attempt in range(40):
-        try:
-            return SqliteTestLog(path)
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == 39:
-                raise
-            await asyncio.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
 
 
 async def writer(path: str, ident: int, count: int, accounts: int, pace: float = 0.0) -> None:

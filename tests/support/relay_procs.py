@@ -37,8 +37,22 @@ def make_transport(broker: str, url: str, name: str) -> Transport:
     return RabbitMQTransport(url, exchange=name, ack_timeout=2.0)
 
 
+async def open_log(path: str) -> SqliteTestLog:
+    """The log, retrying SQLITE_BUSY at open: the writer connection opens (journal_mode =
+    WAL) without a busy handler while another connection may be recovering the WAL of a
+    SIGKILLed process."""
+    for attempt in range(40):
+        try:
+            return SqliteTestLog(path)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 39:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 async def writer(path: str, ident: int, count: int) -> None:
-    log = SqliteTestLog(path)
+    log = await open_log(path)
     try:
         for i in range(count):
             stream = f"acct-{(ident + i) % 8}"
@@ -59,7 +73,7 @@ async def writer(path: str, ident: int, count: int) -> None:
 
 
 async def relay(path: str, broker: str, url: str, name: str) -> None:
-    log = SqliteTestLog(path)
+    log = await open_log(path)
     db = SqliteReadDatabase(path)
     transport = make_transport(broker, url, name)
     r = Relay(log, db, transport, partitions=PARTITIONS, batch_size=50, lease_ttl=0.6,
