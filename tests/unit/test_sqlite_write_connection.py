@@ -35,10 +35,14 @@ async def test_commits_on_exit_and_rolls_back_on_error(tmp_path: Path) -> None:
     async with SqliteEventStore(tmp_path / "a.db") as store:
         async with store.write_connection() as conn:
             conn.execute("CREATE TABLE names (name TEXT)")
-        with pytest.raises(RuntimeError):
+
+        async def fails() -> None:
             async with store.write_connection() as conn:
                 conn.execute("INSERT INTO names VALUES ('lost')")
                 raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            await fails()
         mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
         await mediator.send(Add("kept"))
         async with store.write_connection() as conn:
