@@ -467,7 +467,17 @@ class Idempotency:
         return for_commands(_IdempotentTransaction(self, inner))
 
     async def lookup(self, key: str) -> IdempotencyRecord | None:
-        """The committed record for ``key``, if any."""
+        """The committed record for ``key``, or ``None`` when no command with that key
+        committed (never used, rolled back, or purged) — for operations scripts and
+        support ("did the payment with key K go through, and with what result?").
+
+        Reads the committed state only: a command with that key still in flight is not
+        seen until it commits. ``record.result`` is the handler's result as JSON text,
+        ``record.token`` the consistency token of its commit.
+
+        Raises:
+            ValidationError: ``key`` is empty, longer than 255 characters, or holds NUL.
+        """
         record: IdempotencyRecord | None = await self._backend.lookup(_check_key(key))
         return record
 
