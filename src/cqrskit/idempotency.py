@@ -441,7 +441,16 @@ class Idempotency:
         create_tables: bool = True,
         wait_timeout: float = 10.0,
     ) -> Idempotency:
-        """Make an :class:`Idempotency` for ``store`` and create its table if missing."""
+        """Make an :class:`Idempotency` for ``store`` and create its table if missing.
+
+        Args:
+            store: the event store whose transactions carry the keys.
+            table: the idempotency table (default ``"cqrskit_idempotency"``; validated).
+            create_tables: create the table when missing (default ``True``); ``False``
+                checks that it exists (your migrations created it).
+            wait_timeout: seconds a duplicate waits for the first attempt with the same key
+                to finish (default 10).
+        """
         idem = cls(store, table=table, wait_timeout=wait_timeout)
         if create_tables:
             await idem._backend.create()
