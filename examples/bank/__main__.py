@@ -52,19 +52,20 @@ async def _drop_schema(dsn: str, schema: str) -> None:
 
 async def _with_bank(args: argparse.Namespace, directory: Path | None) -> int:
     schema = args.schema or f"cqrskit_demo_{uuid.uuid4().hex[:8]}"
-    bank: Bank
-    if args.postgres:
-        bank = await open_postgres_bank(args.postgres, schema)
-    else:
-        assert directory is not None
-        bank = open_sqlite_bank(directory)
-    try:
-        async with bank:
-            if args.serve:
-                from examples.bank.api import serve
 
-                await serve(bank, host=args.host, port=args.port)
-                return 0
+    async def open_bank() -> Bank:
+        if args.postgres:
+            return await open_postgres_bank(args.postgres, schema)
+        assert directory is not None
+        return open_sqlite_bank(directory)
+
+    try:
+        if args.serve:
+            from examples.bank.api import serve
+
+            await serve(open_bank, host=args.host, port=args.port)  # lifespan opens the bank
+            return 0
+        async with await open_bank() as bank:
             outcome = await run_demo(bank, operations=args.operations, seed=args.seed)
             return 0 if outcome.ok else 1
     finally:

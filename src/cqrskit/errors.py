@@ -8,7 +8,8 @@ tests can act on them without parsing text::
     ├── ConfigurationError            the application is wired wrongly (found at build time)
     │   ├── RegistrationError         a handler cannot be registered as written
     │   ├── DependencyError           a handler parameter cannot be resolved
-    │   └── MissingExtraError         an optional dependency is not installed
+    │   ├── MissingExtraError         an optional dependency is not installed
+    │   └── ReadModelMissingError     a query read a read-model table nobody set up
     ├── DispatchError                 a message could not be dispatched or its handler failed
     │   ├── NoHandlerError            no handler is registered for the message type
     │   ├── WrongMessageKindError     e.g. a query given to ``send``
@@ -21,7 +22,8 @@ tests can act on them without parsing text::
     ├── PersistenceError              the database refused or lost something
     │   ├── SerializationError        a message could not be encoded or decoded
     │   ├── IdempotencyError          an idempotency key was reused for another command
-    │   └── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
+    │   ├── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
+    │   └── UnavailableError          a database cannot be reached or is out of connections
     ├── ConsistencyError              a read model is behind a consistency token
     │   ├── StaleReadError            ... and the policy is to fail
     │   └── TokenFromFutureError      the token lies beyond the end of the event log
@@ -55,12 +57,14 @@ __all__ = [
     "NotFoundError",
     "PersistenceError",
     "PublishError",
+    "ReadModelMissingError",
     "RegistrationError",
     "SerializationError",
     "SignatureError",
     "StaleReadError",
     "TokenFromFutureError",
     "TransportError",
+    "UnavailableError",
     "ValidationError",
     "WrongMessageKindError",
 ]
@@ -140,6 +144,26 @@ class MissingExtraError(ConfigurationError, ImportError):
             f"cqrskit needs the optional package {module!r} for this feature.",
             hint=f"install it with: pip install 'cqrskit[{extra}]'",
         )
+
+
+class ReadModelMissingError(ConfigurationError):
+    """A query read a read-model table that does not exist: the projection that builds it
+    was never set up in this read database (no projector ran against it, and no
+    ``InlineProjections.setup()``).
+
+    Attributes:
+        table: the missing table, as the database named it.
+    """
+
+    def __init__(self, table: str, **kwargs: Any) -> None:
+        self.table = table
+        kwargs.setdefault(
+            "hint",
+            "set the read database up before serving queries: start the projector that "
+            "builds it (Projector in the application's lifespan, or `cqrskit projections "
+            "run`), or call InlineProjections.setup() at startup.",
+        )
+        super().__init__(f"the read-model table {table!r} does not exist.", **kwargs)
 
 
 class DispatchError(CqrsError):
@@ -299,6 +323,15 @@ class CommitOutcomeUnknownError(PersistenceError):
     """
 
     retry_safe: bool = False
+
+
+class UnavailableError(PersistenceError):
+    """A database (or another service a request needs) cannot be reached right now, lost
+    its connection, or has no free connection: nothing was committed; retry later.
+
+    Raised by the drivers for an exhausted pool; ``cqrskit.fastapi`` also recognizes the
+    drivers' own connection errors as this (503 with ``Retry-After``).
+    """
 
 
 class ConsistencyError(CqrsError):

@@ -18,13 +18,14 @@ The read side uses only :class:`StoredEvent`, :meth:`EventStore.read_after`,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from cqrskit._encoding import Encoded, Encoder, encode_event
 from cqrskit.dependencies import Provider, Scope
@@ -349,6 +350,25 @@ class EventStore(ABC):
             "InMemoryEventStore, SqliteEventStore, PostgresEventStore or "
             "cqrskit.sqlalchemy.SqlAlchemyEventStore.",
         )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the store's connections, whether its driver's ``close()`` is sync or async
+        (nothing to do for stores without one)."""
+        close = getattr(self, "close", None)
+        if close is not None:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
+
+    async def __aenter__(self) -> Self:
+        """``async with store:`` closes the store when the block ends (an application's
+        lifespan: ``async with SqliteEventStore("app.db") as store: ...``)."""
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     # -- read side -----------------------------------------------------------------------
 

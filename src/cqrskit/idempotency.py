@@ -445,7 +445,16 @@ class Idempotency:
         create_tables: bool = True,
         wait_timeout: float = 10.0,
     ) -> Idempotency:
-        """Make an :class:`Idempotency` for ``store`` and create its table if missing."""
+        """Make an :class:`Idempotency` for ``store`` and create its table if missing.
+
+        Args:
+            store: the event store whose transactions carry the keys.
+            table: the idempotency table (default ``"cqrskit_idempotency"``; validated).
+            create_tables: create the table when missing (default ``True``); ``False``
+                checks that it exists (your migrations created it).
+            wait_timeout: seconds a duplicate waits for the first attempt with the same key
+                to finish (default 10).
+        """
         idem = cls(store, table=table, wait_timeout=wait_timeout)
         if create_tables:
             await idem._backend.create()
@@ -471,7 +480,17 @@ class Idempotency:
         return for_commands(_IdempotentTransaction(self, inner))
 
     async def lookup(self, key: str) -> IdempotencyRecord | None:
-        """The committed record for ``key``, if any."""
+        """The committed record for ``key``, or ``None`` when no command with that key
+        committed (never used, rolled back, or purged) — for operations scripts and
+        support ("did the payment with key K go through, and with what result?").
+
+        Reads the committed state only: a command with that key still in flight is not
+        seen until it commits. ``record.result`` is the handler's result as JSON text,
+        ``record.token`` the consistency token of its commit.
+
+        Raises:
+            ValidationError: ``key`` is empty, longer than 255 characters, or holds NUL.
+        """
         record: IdempotencyRecord | None = await self._backend.lookup(_check_key(key))
         return record
 

@@ -71,20 +71,57 @@ def _add_commands(sub: Any) -> None:
     run = sub.add_parser("run", help="publish the event log to a broker until SIGTERM/SIGINT")
     run.set_defaults(run=_runner(_run))
     _connection_args(run)
-    run.add_argument("--broker", help="nats://, amqp://, redis:// URL or env:NAME")
-    run.add_argument("--destination", help="subject prefix / exchange / key prefix")
-    run.add_argument("--name", default="relay")
-    run.add_argument("--partitions", type=int, default=1)
-    run.add_argument("--batch-size", type=int, default=500)
-    run.add_argument("--lease-ttl", type=float, default=5.0)
-    run.add_argument("--poll-interval", type=float, default=1.0)
-    run.add_argument("--listen", action="store_true", help="PostgreSQL: LISTEN for NOTIFY")
-    run.add_argument("--owner")
+    run.add_argument(
+        "--broker",
+        metavar="URL",
+        help="nats://, amqp:// or redis:// URL, or env:NAME (default: $CQRSKIT_BROKER)",
+    )
+    run.add_argument(
+        "--destination",
+        metavar="PREFIX",
+        help="NATS subject prefix, RabbitMQ exchange or Redis key prefix "
+        "(default: the transport's own)",
+    )
+    run.add_argument(
+        "--name", default="relay", help="the relay's name in status and leases (default: relay)"
+    )
+    run.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="partitions: stable hash of the stream id modulo N (default: 1)",
+    )
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=500,
+        help="events read and published per batch (default: 500)",
+    )
+    run.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=5.0,
+        help="seconds before a silent relay's lease can be taken over (default: 5)",
+    )
+    run.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        help="seconds between reads of the log when idle (default: 1)",
+    )
+    run.add_argument(
+        "--listen",
+        action="store_true",
+        help="PostgreSQL: wake on NOTIFY instead of waiting for the next poll",
+    )
+    run.add_argument(
+        "--owner", help="the lease owner's name (default: host:pid:random, unique per process)"
+    )
     status = sub.add_parser("status", help="the relay's checkpoint, lag and parked events")
     status.set_defaults(run=_runner(_status))
     _connection_args(status)
-    status.add_argument("--name", default="relay")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--name", default="relay", help="the relay's name (default: relay)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
 def register_cli(sub: Any) -> None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from cqrskit.errors import MissingExtraError
+from cqrskit.errors import MissingExtraError, UnavailableError
 from cqrskit.projections.db import ReadDatabase, Row, Session, check_identifier
 
 try:
@@ -114,14 +114,25 @@ class PostgresReadDatabase(ReadDatabase):
         dsn: the connection string (never logged or echoed).
         schema: the schema holding read models and bookkeeping (created if missing).
         max_size: pool size.
+        acquire_timeout: seconds a transaction waits for a free pooled connection before
+            :class:`~cqrskit.errors.UnavailableError` (default 10; an HTTP app answers it
+            503 with ``Retry-After``).
     """
 
     dialect = "postgres"
 
-    def __init__(self, dsn: str, *, schema: str = "public", max_size: int = 4) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "public",
+        max_size: int = 4,
+        acquire_timeout: float = 10.0,
+    ) -> None:
         self._dsn = dsn
         self.schema = check_identifier(schema, "schema name")
         self._max = max_size
+        self._acquire_timeout = acquire_timeout
         self._pool: Any = None
         self._cache: dict[str, str] = {}
 
@@ -152,7 +163,16 @@ class PostgresReadDatabase(ReadDatabase):
     @asynccontextmanager
     async def _tx(self, begin: str) -> AsyncIterator[Session]:
         pool = await self._get_pool()
-        async with pool.acquire() as conn:
+        try:
+            acquired = await pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError as exc:
+            raise UnavailableError(
+                f"all {self._max} read-database connections stayed busy for "
+                f"{self._acquire_timeout:g} s (pool exhausted).",
+                hint="raise max_size=, shorten the transactions holding them, or retry.",
+            ) from exc
+        conn = acquired
+        try:
             await conn.execute(begin)
             try:
                 yield PostgresSession(conn, self.schema, self._cache)
@@ -161,6 +181,8 @@ class PostgresReadDatabase(ReadDatabase):
                     await conn.execute("ROLLBACK")
                 raise
             await conn.execute("COMMIT")
+        finally:
+            await pool.release(conn)
 
     def inline(self, connection: Any) -> Session:
         """See :meth:`ReadDatabase.inline`."""

@@ -12,7 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from cqrskit.errors import ConfigurationError
 
@@ -134,6 +134,13 @@ class ReadDatabase(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Close every connection this object opened."""
+
+    async def __aenter__(self) -> Self:
+        """``async with read_db:`` closes it when the block ends (an application's lifespan)."""
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def session(self) -> AsyncIterator[Session]:
         """A scoped-dependency factory: a read-only session per dispatch.

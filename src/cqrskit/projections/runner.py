@@ -235,7 +235,14 @@ class Projector:
         state_interval: seconds between checks for rebuild and retry requests.
         poll_interval: the longest idle wait between reads when no wake-up comes (the
             safety net under the store's hints; also capped at ``lease_ttl / 3``).
-        owner: this projector's lease owner id (default: host, pid and a random suffix).
+        owner: this projector's lease owner id, stored in the lease row and shown by
+            ``cqrskit projections status`` (default ``"<hostname>:<pid>:<8 hex digits>"``,
+            e.g. ``"web-1:4242:9f1c2a7b"``: unique per projector object, so two projectors
+            in one process never share a lease).
+        stop_timeout: seconds :meth:`stop` waits for the batches in flight to commit
+            before abandoning them (their transactions roll back; the events are applied
+            again by the next lease holder); the leases are released either way
+            (default 10).
     """
 
     def __init__(
@@ -251,6 +258,7 @@ class Projector:
         state_interval: float = 0.5,
         poll_interval: float = 1.0,
         owner: str | None = None,
+        stop_timeout: float = 10.0,
     ) -> None:
         self.store = store
         self.read_db = read_db
@@ -261,13 +269,18 @@ class Projector:
         self.state_interval = state_interval
         self.poll_interval = poll_interval
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stop_timeout = stop_timeout
         self.signal = Signal()
         self._workers = [_Worker(self, p) for p in projections]
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def leading(self, name: str) -> bool:
-        """Whether this projector currently holds the lease of projection ``name``."""
+        """Whether this projector currently holds the lease of projection ``name``.
+
+        ``False`` while it stands by for another owner's lease, before :meth:`start` and
+        after :meth:`stop`; a projection this projector does not run is never led.
+        """
         return any(w.name == name and w.epoch is not None for w in self._workers)
 
     def checkpoint(self, name: str) -> int:
@@ -284,11 +297,44 @@ class Projector:
             asyncio.create_task(w.run(), name=f"projector:{w.name}") for w in self._workers
         ]
 
-    async def stop(self) -> None:
-        """Finish the batches in flight, release the leases and stop."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finish the batches in flight, release the leases and stop.
+
+        A batch still running after ``timeout`` seconds (default :attr:`stop_timeout`) is
+        abandoned: its task is cancelled, its transaction rolls back, and the lease is
+        released all the same, so a standby takes over at once instead of after
+        ``lease_ttl``.
+        """
         self._stop.set()
         tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        held = {w.name: w.epoch for w in self._workers if w.epoch is not None}
+        limit = self.stop_timeout if timeout is None else timeout
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, limit))
+        if not pending:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return
+        log.warning(
+            "projector %s: %d worker(s) still busy after %.1f s; abandoning their batch",
+            self.owner,
+            len(pending),
+            limit,
+        )
+        for task in pending:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._release_abandoned(held)
+
+    async def _release_abandoned(self, held: dict[str, int]) -> None:
+        # a cancelled worker did not reach its own release; the epoch guard makes this a
+        # no-op for a lease that was released or taken over meanwhile
+        for name, epoch in held.items():
+            try:
+                async with self.read_db.transaction() as s:
+                    await schema.release_lease(s, name, epoch)
+            except Exception:
+                log.exception("projection %s: could not release the lease", name)
 
     async def run(self) -> None:
         """Start, then run until :meth:`stop` is called (e.g. from a signal handler)."""

@@ -19,6 +19,8 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -269,6 +271,36 @@ class SqliteEventStore(EventStore):
         """Close both connections (an open unit of work is rolled back by SQLite)."""
         self._writer.close()
         self._reader.close()
+
+    @asynccontextmanager
+    async def write_connection(self) -> AsyncIterator[sqlite3.Connection]:
+        """The write connection for your own statements outside a command — creating your
+        tables, a data fix, a script — inside one ``BEGIN IMMEDIATE`` transaction.
+
+        Commands wait while the block runs (it holds the store's write lock); the block's
+        statements commit when it exits and roll back if it raises. Use ``execute``
+        (``executescript`` commits on its own and is refused by SQLite inside a
+        transaction)::
+
+            async with store.write_connection() as conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS accounts (id TEXT PRIMARY KEY)")
+        """
+        await self._write_lock.acquire()
+        conn = self._writer
+        try:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                await self._begin_immediate()
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            self._write_lock.release()
 
     # -- write side ----------------------------------------------------------------------
 
