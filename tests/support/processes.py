@@ -1,20 +1,31 @@
-"""Projector subprocesses for crash tests (``python -m cqrskit.projections run``)."""
+"""Projector subprocesses for crash tests (``python -m cqrskit.projections run``, or the
+same CLI with fail points armed: :mod:`tests.support.projector_proc`)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tests.support import faults
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_projector(
-    log_path: str, read_path: str, owner: str, *, lease_ttl: float = 0.3, batch_size: int = 7
+    log_path: str,
+    read_path: str,
+    owner: str,
+    *,
+    lease_ttl: float = 0.3,
+    batch_size: int = 7,
+    failpoint: str | None = None,
+    trace: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """A projector process on the SQLite test log (``log_path``) and read file."""
     return spawn(
@@ -24,7 +35,26 @@ def start_projector(
         owner,
         lease_ttl=lease_ttl,
         batch_size=batch_size,
+        failpoint=failpoint,
+        trace=trace,
     )
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> int:
+    """Send ``sig`` (counted in the fault ledger if it is a fault) and reap the process."""
+    faults.send_signal(proc, sig)
+    return proc.wait(timeout=20)
+
+
+def read_trace(trace: Path) -> list[tuple[str, int, int, int]]:
+    """The fail points a projector process reached: ``(point, epoch, first, last)``."""
+    if not trace.exists():
+        return []
+    out = []
+    for line in trace.read_text().splitlines():
+        point, epoch, first, last = line.split()
+        out.append((point, int(epoch), int(first), int(last)))
+    return out
 
 
 def spawn(
@@ -35,12 +65,23 @@ def spawn(
     *,
     lease_ttl: float,
     batch_size: int,
+    failpoint: str | None = None,
+    trace: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``python -m cqrskit.projections run`` for the test bank projection; stderr to a file."""
+    """``python -m cqrskit.projections run`` for the test bank projection; stderr to a file.
+
+    With ``failpoint`` (``point:n:action``) or ``trace`` the process is started through
+    :mod:`tests.support.projector_proc`, which arms the library's fail points.
+    """
     env = dict(os.environ) | env_extra
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    module = "cqrskit.projections"
+    if failpoint or trace:
+        module = "tests.support.projector_proc"
+        env["CQRSKIT_TEST_FAILPOINT"] = failpoint or ""
+        env["CQRSKIT_TEST_TRACE"] = str(trace or "")
     args = [
-        sys.executable, "-m", "cqrskit.projections", "run", *connection_args,
+        sys.executable, "-m", module, "run", *connection_args,
         "--projection", "tests.support.bank:balances",
         "--decoder", "tests.support.bank:serializer",
         "--batch-size", str(batch_size),
@@ -78,6 +119,20 @@ async def until_state(
             return state
         if time.monotonic() > deadline:
             raise AssertionError(f"state {state} did not satisfy the condition in {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def until_trace(
+    proc: subprocess.Popen[bytes], trace: Path, point: str, nth: int, timeout: float = 30.0
+) -> tuple[str, int, int, int]:
+    """Wait until the process traced ``point`` for the ``nth`` time; return that line."""
+    deadline = time.monotonic() + timeout
+    while True:
+        hits = [t for t in read_trace(trace) if t[0] == point]
+        if len(hits) >= nth:
+            return hits[nth - 1]
+        assert proc.poll() is None, f"projector exited ({proc.returncode}) before {point}"
+        assert time.monotonic() < deadline, f"{point} #{nth} not reached in {timeout}s"
         await asyncio.sleep(0.01)
 
 

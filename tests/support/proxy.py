@@ -22,6 +22,9 @@ trigger. :attr:`FaultProxy.commit_faults` counts triggers and :meth:`FaultProxy.
 waits (bounded) for the next one; in ``DROP_COMMIT_REPLY`` a fault is counted only after the
 server's first reply bytes arrived, i.e. after the server executed the COMMIT.
 
+Every fault is counted in the run's fault ledger (:mod:`tests.support.faults`): a switch
+into ``BLACKHOLE`` or ``RESET``, each dropped or blackholed COMMIT, each held COMMIT reply.
+
 Everything is bounded: reads are chunked, each wait has a timeout, and :meth:`close` aborts
 every connection.
 """
@@ -33,6 +36,8 @@ import contextlib
 import enum
 import re
 import struct
+
+from tests.support import faults
 
 __all__ = ["FaultProxy", "Mode"]
 
@@ -147,6 +152,8 @@ class _Link:
                 if carries_commit and proxy.mode is Mode.DROP_COMMIT_REPLY:
                     self.commit_sent = True
                 if carries_commit and proxy.mode is Mode.HOLD_COMMIT_REPLY:
+                    if not self.hold:
+                        faults.record("proxy")
                     self.hold = True
                     proxy.commit_seen.set()
             await self.server_w.drain()
@@ -209,9 +216,11 @@ class FaultProxy:
 
     @mode.setter
     def mode(self, value: Mode) -> None:
+        if value in (Mode.BLACKHOLE, Mode.RESET) and value is not self._mode:
+            faults.record("proxy")
         self._mode = value
         if value is Mode.RESET:
-            self.reset_all()
+            self._abort_links()
 
     async def start(self) -> int:
         """Listen on a free loopback port; return it."""
@@ -230,7 +239,12 @@ class FaultProxy:
         return f"{scheme}://{host}127.0.0.1:{self.port}/{path}{sep}sslmode=disable"
 
     def reset_all(self) -> None:
-        """Abort every open connection now (whatever the mode)."""
+        """Abort every open connection now (whatever the mode); one fault if any was open."""
+        if self._links:
+            faults.record("proxy")
+        self._abort_links()
+
+    def _abort_links(self) -> None:
         for link in list(self._links):
             link.abort()
 
@@ -247,6 +261,7 @@ class FaultProxy:
 
     def _fault(self) -> None:
         self.commit_faults += 1
+        faults.record("proxy")
         if self.faults_left is not None:
             self.faults_left -= 1
             if self.faults_left <= 0:
@@ -290,7 +305,7 @@ class FaultProxy:
         """Stop listening and abort every connection."""
         if self._server is not None:
             self._server.close()
-        self.reset_all()
+        self._abort_links()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

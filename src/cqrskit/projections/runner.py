@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from cqrskit import _failpoints
 from cqrskit.errors import ConcurrencyError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
@@ -189,11 +190,22 @@ class _Worker:
     ) -> None:
         db = self.p.read_db
         last = events[-1].position
+        point = {
+            "projection": self.name,
+            "generation": generation,
+            "epoch": epoch,
+            "first": events[0].position,
+            "last": last,
+        }
+        await _failpoints.reached("projector.before_commit", **point)
         try:
             async with db.transaction() as s:
                 await self._fence(s, epoch)
                 await applier.apply_fast(s, generation, events)
+                await _failpoints.reached("projector.applied", **point)
                 await schema.set_checkpoint(s, self.name, generation, last)
+                await _failpoints.reached("projector.checkpointed", **point)
+            await _failpoints.reached("projector.committed", **point)
             return
         except LeaseLostError:
             raise

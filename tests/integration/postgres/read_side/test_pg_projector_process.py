@@ -1,4 +1,4 @@
-"""Projector processes on PostgreSQL: SIGKILLed at random points, and two competing."""
+"""Projector processes on PostgreSQL: SIGKILLed at named points of a batch, and two competing."""
 
 from __future__ import annotations
 
@@ -7,36 +7,51 @@ import random
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 from tests.support.bank import Deposited
+from tests.support.faults import check_invariants
 from tests.support.pg_log import PgTestLog, open_pg_log
-from tests.support.processes import spawn
+from tests.support.processes import spawn, stop, until_trace
 from tests.support.waiting import visible
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 CLEAN = {"lost": 0, "double": 0, "reordered": 0, "wrong_sum": 0}
+POINTS = (
+    "projector.applied",  # inside the read-database transaction: batch applied
+    "projector.checkpointed",  # inside: checkpoint raised, COMMIT not yet sent
+    "projector.before_commit",  # batch read, transaction not begun
+    "projector.committed",  # transaction committed, nothing announced yet
+)
+COMMITTED = {"projector.committed"}
 
 
-def start(dsn: str, write: str, read: str, owner: str, tmp: Path) -> subprocess.Popen[bytes]:
+def start(
+    dsn: str,
+    write: str,
+    read: str,
+    owner: str,
+    tmp: Path,
+    *,
+    lease_ttl: float = 0.5,
+    failpoint: str | None = None,
+    trace: Path | None = None,
+) -> subprocess.Popen[bytes]:
     return spawn(
         ["--store", "tests.support.pg_log:from_env", "--read", dsn, "--schema", read, "--listen"],
         {"CQRSKIT_TEST_PG_DSN": dsn, "CQRSKIT_TEST_PG_SCHEMA": write},
         tmp / f"projector-{owner}.log",
         owner,
-        lease_ttl=0.5,
+        lease_ttl=lease_ttl,
         batch_size=7,
+        failpoint=failpoint,
+        trace=trace,
     )
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    return proc.wait(timeout=20)
 
 
 async def state(dsn: str, read: str) -> tuple[int, str | None, int]:
@@ -109,29 +124,45 @@ async def test_sigkill_and_competition(
         await run_scenario(postgres_dsn, write_schema, read, log, tmp_path)
     finally:
         await log.close()
-    assert await invariants(postgres_dsn, write_schema, read) == CLEAN
+    result = await invariants(postgres_dsn, write_schema, read)
+    assert check_invariants("postgres-sigkill-crash-points", result) == CLEAN
 
 
 async def run_scenario(
     postgres_dsn: str, write_schema: str, read: str, log: PgTestLog, tmp_path: Path
 ) -> None:
     rng = random.Random(11)
-    await write(log, rng, 100)
-    kills = 0
+    landed: Counter[str] = Counter()
     deadline = time.monotonic() + 60
-    for i in range(8):
+    for i in range(20):
         if time.monotonic() > deadline:
             break
-        owner = f"p{i}"
-        proc = start(postgres_dsn, write_schema, read, owner, tmp_path)
+        point, nth = POINTS[i % len(POINTS)], rng.randrange(1, 4)
+        await write(log, rng, rng.randrange(22, 30))  # >= 3 batches of 7 to apply
+        trace = tmp_path / f"trace-{i}"
+        proc = start(
+            postgres_dsn,
+            write_schema,
+            read,
+            f"p{i}",
+            tmp_path,
+            lease_ttl=0.2,  # one process at a time: the dead one's lease expires soon
+            failpoint=f"{point}:{nth}:hold",
+            trace=trace,
+        )
         try:
-            before = (await until(postgres_dsn, read, lambda s: True))[0]
-            await write(log, rng, rng.randrange(20, 60))
-            await until(postgres_dsn, read, lambda s, b=before, o=owner: s[0] > b and s[1] == o)
-            time.sleep(rng.uniform(0, 0.02))
+            _, _, first, last = await until_trace(proc, trace, point, nth)
         finally:
             stop(proc)
-        kills += 1
+        checkpoint = (await state(postgres_dsn, read))[0]
+        if point in COMMITTED:
+            assert checkpoint >= last, (point, checkpoint, last)
+        else:  # the kill landed before this batch committed: none of it is visible
+            assert checkpoint < first, (point, checkpoint, first)
+        landed[point] += 1
+    assert landed["projector.applied"] >= 3, landed
+    assert landed["projector.checkpointed"] >= 3, landed
+    assert sum(landed.values()) >= 12, landed
     # two competing processes: one leads, the other takes over when it is killed
     procs = {n: start(postgres_dsn, write_schema, read, n, tmp_path) for n in ("a", "b")}
     try:
@@ -145,4 +176,3 @@ async def run_scenario(
     finally:
         for proc in procs.values():
             stop(proc, signal.SIGTERM)
-    assert kills >= 4
