@@ -136,6 +136,46 @@ async def until_trace(
         await asyncio.sleep(0.01)
 
 
+def is_stopped(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the process is stopped (SIGSTOP): state ``T`` in ``/proc/<pid>/stat``."""
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")
+
+
+async def until_stopped(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Wait until the process has stopped itself (a ``stop`` fail point)."""
+    deadline = time.monotonic() + timeout
+    while not is_stopped(proc):
+        assert proc.poll() is None, f"process exited ({proc.returncode}) instead of stopping"
+        assert time.monotonic() < deadline, f"process did not stop within {timeout}s"
+        await asyncio.sleep(0.01)
+
+
+async def until_refused_or_committed(
+    proc_log: Path, since: int, trace: Path, timeout: float = 20.0
+) -> tuple[bool, list[tuple[str, int, int, int]]]:
+    """After a paused leader resumed: wait until it either logged (past byte ``since`` of
+    its log) that its lease was lost, i.e. its commit was refused, or traced a step of that
+    commit; return (refused, the steps it traced after resuming)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = read_trace(trace)
+        marks = [i for i, t in enumerate(lines) if t[0] == "resumed"]
+        steps = lines[marks[-1] + 1 :] if marks else []
+        with proc_log.open("rb") as f:
+            f.seek(since)
+            refused = marks != [] and b"lease lost" in f.read()
+        if refused or steps:
+            return refused, steps
+        assert time.monotonic() < deadline, (
+            f"resumed leader neither committed nor stood by in {timeout}s"
+        )
+        await asyncio.sleep(0.01)
+
+
 def invariants(log_path: str, read_path: str) -> dict[str, int]:
     """Compare the read model with the log: lost, double-applied, reordered counts."""
     log = sqlite3.connect(log_path, timeout=10)

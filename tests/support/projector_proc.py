@@ -16,6 +16,7 @@ points (:mod:`cqrskit._failpoints`) configured from the environment:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -74,5 +75,7 @@ def install() -> None:
 
 
 if __name__ == "__main__":
+    # the projector's lease and batch messages go to stderr (the test's log file)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     install()
     sys.exit(main())

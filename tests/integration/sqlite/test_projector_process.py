@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,9 +16,12 @@ from tests.support.faults import check_invariants, send_signal
 from tests.support.processes import (
     invariants,
     read_state,
+    read_trace,
     start_projector,
     stop,
+    until_refused_or_committed,
     until_state,
+    until_stopped,
     until_trace,
 )
 from tests.support.sqlite_log import SqliteTestLog
@@ -127,3 +131,46 @@ async def test_competing_processes_one_leader_and_takeover(tmp_path: Path) -> No
             stop(proc, signal.SIGTERM)
         log.close()
     assert check_invariants("sqlite-competing", invariants(log.path, read_path)) == CLEAN
+
+
+async def test_paused_leader_is_fenced_at_commit(tmp_path: Path) -> None:
+    """A leader stopped (SIGSTOP) with a batch in hand, before its commit transaction, is
+    resumed after a standby took over: its commit is refused by the fence, nothing is
+    applied twice."""
+    rng = random.Random(3)
+    log = SqliteTestLog(tmp_path / "write.db")
+    read_path = str(tmp_path / "read.db")
+    trace = tmp_path / "trace-leader"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        head = await write(log, rng, 40)
+        leader = start_projector(
+            log.path,
+            read_path,
+            owner="L",
+            lease_ttl=0.5,
+            failpoint="projector.before_commit:2:stop",
+            trace=trace,
+        )
+        procs.append(leader)
+        await until_stopped(leader)
+        _, epoch, first, _ = [t for t in read_trace(trace) if t[0] == "projector.before_commit"][1]
+        assert read_state(read_path)[:3] == (first - 1, "L", epoch)  # batch 1 committed only
+        procs.append(start_projector(log.path, read_path, owner="S", lease_ttl=0.5))
+        _, _, taken = await until_state(read_path, lambda s: s[0] >= head and s[1] == "S")
+        assert taken > epoch
+        leader_log = Path(read_path).with_name("projector-L.log")
+        since = leader_log.stat().st_size
+        send_signal(leader, signal.SIGCONT)
+        refused, steps = await until_refused_or_committed(leader_log, since, trace)
+        assert steps == []  # nothing of the stale batch was applied, checkpointed, committed
+        assert refused
+        head = await write(log, rng, 20)
+        await until_state(read_path, lambda s: s[0] >= head and s[1] == "S")
+    finally:
+        for proc in procs:
+            send_signal(proc, signal.SIGCONT)
+            stop(proc, signal.SIGTERM)
+        log.close()
+    result = check_invariants("sqlite-paused-leader-fenced", invariants(log.path, read_path))
+    assert result == CLEAN

@@ -14,9 +14,16 @@ from pathlib import Path
 import asyncpg
 import pytest
 from tests.support.bank import Deposited
-from tests.support.faults import check_invariants
+from tests.support.faults import check_invariants, send_signal
 from tests.support.pg_log import PgTestLog, open_pg_log
-from tests.support.processes import spawn, stop, until_trace
+from tests.support.processes import (
+    read_trace,
+    spawn,
+    stop,
+    until_refused_or_committed,
+    until_stopped,
+    until_trace,
+)
 from tests.support.waiting import visible
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -176,3 +183,51 @@ async def run_scenario(
     finally:
         for proc in procs.values():
             stop(proc, signal.SIGTERM)
+
+
+async def test_paused_leader_is_fenced_at_commit(
+    postgres_dsn: str, schemas: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A leader stopped (SIGSTOP) with a batch in hand, before its commit transaction, is
+    resumed after a standby took over: its commit is refused by the fence, nothing is
+    applied twice."""
+    write_schema, read = schemas("w"), schemas("r")
+    rng = random.Random(5)
+    log = await open_pg_log(postgres_dsn, write_schema, notify=True)
+    trace = tmp_path / "trace-leader"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        head = await write(log, rng, 40)
+        leader = start(
+            postgres_dsn,
+            write_schema,
+            read,
+            "L",
+            tmp_path,
+            failpoint="projector.before_commit:2:stop",
+            trace=trace,
+        )
+        procs.append(leader)
+        await until_stopped(leader)
+        _, epoch, first, _ = [t for t in read_trace(trace) if t[0] == "projector.before_commit"][1]
+        checkpoint, owner, seen = await state(postgres_dsn, read)
+        assert (owner, seen) == ("L", epoch)
+        assert checkpoint < first  # batch 1 committed, the held batch not
+        procs.append(start(postgres_dsn, write_schema, read, "S", tmp_path))
+        _, _, taken = await until(postgres_dsn, read, lambda s: s[0] >= head and s[1] == "S")
+        assert taken > epoch
+        leader_log = tmp_path / "projector-L.log"
+        since = leader_log.stat().st_size
+        send_signal(leader, signal.SIGCONT)
+        refused, steps = await until_refused_or_committed(leader_log, since, trace)
+        assert steps == []  # nothing of the stale batch was applied, checkpointed, committed
+        assert refused
+        head = await write(log, rng, 20)
+        await until(postgres_dsn, read, lambda s: s[0] >= head and s[1] == "S")
+    finally:
+        for proc in procs:
+            send_signal(proc, signal.SIGCONT)
+            stop(proc, signal.SIGTERM)
+        await log.close()
+    result = await invariants(postgres_dsn, write_schema, read)
+    assert check_invariants("postgres-paused-leader-fenced", result) == CLEAN
