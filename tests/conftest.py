@@ -38,10 +38,14 @@ def require_service(name: str) -> None:
     host, port = SERVICES[name]
     if _reachable(host, port):
         return
-    text = f"{name} is not reachable on {host}:{port}"
+    missing(f"{name} is not reachable on {host}:{port}", "start it to run this test")
+
+
+def missing(text: str, fix: str) -> None:
+    """Skip on a laptop, fail under CI=true: something a test needs is not there."""
     if IN_CI:
         pytest.fail(f"{text}; under CI=true a missing service is a failure", pytrace=False)
-    pytest.skip(f"{text}; start it to run this test")
+    pytest.skip(f"{text}; {fix}")
 
 
 @pytest.fixture(scope="session")

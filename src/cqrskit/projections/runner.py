@@ -213,6 +213,10 @@ class _Worker:
             log.info("projection %s: batch failed (%s); applying event by event", self.name, exc)
         async with db.transaction() as s:
             await self._fence(s, epoch)
+            # the fast attempt may have committed although it raised (the connection was
+            # lost during its COMMIT): apply only what the checkpoint does not cover yet
+            done = await schema.get_checkpoint(s, self.name, generation)
+            events = [e for e in events if e.position > done]
             await applier.load_blocked(s, generation)
             parked = await applier.apply_careful(s, generation, events)
             await schema.set_checkpoint(s, self.name, generation, last)

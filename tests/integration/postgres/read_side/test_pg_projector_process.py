@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from tests.support.bank import Deposited
 from tests.support.faults import check_invariants, send_signal
-from tests.support.pg_log import PgTestLog, open_pg_log
+from tests.support.pg_log import PgTestLog, invariants, open_pg_log
 from tests.support.processes import (
     read_trace,
     spawn,
@@ -96,29 +96,6 @@ async def write(log: PgTestLog, rng: random.Random, count: int) -> int:
         last = e.position
     await visible(log, last)
     return last
-
-
-async def invariants(dsn: str, write_schema: str, read: str) -> dict[str, int]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        expected = {
-            r[0]: (int(r[1]), int(r[2]))
-            for r in await conn.fetch(
-                "SELECT stream, sum((data::jsonb ->> 'amount')::bigint), count(*) "
-                f'FROM "{write_schema}".cqrskit_events GROUP BY stream'
-            )
-        }
-        got = {
-            r[0]: (int(r[1]), int(r[2]))
-            for r in await conn.fetch(f'SELECT id, balance, applied FROM "{read}".accounts')
-        }
-        reordered = await conn.fetchval(f'SELECT count(*) FROM "{read}".order_errors')
-    finally:
-        await conn.close()
-    lost = sum(max(0, e[1] - got.get(s, (0, 0))[1]) for s, e in expected.items())
-    double = sum(max(0, g[1] - expected.get(s, (0, 0))[1]) for s, g in got.items())
-    wrong = sum(1 for s, e in expected.items() if got.get(s, (0, 0))[0] != e[0])
-    return {"lost": lost, "double": double, "reordered": int(reordered), "wrong_sum": wrong}
 
 
 async def test_sigkill_and_competition(
