@@ -26,6 +26,7 @@ def start_projector(
     batch_size: int = 7,
     failpoint: str | None = None,
     trace: Path | None = None,
+    wall_clock: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """A projector process on the SQLite test log (``log_path``) and read file."""
     return spawn(
@@ -37,6 +38,7 @@ def start_projector(
         batch_size=batch_size,
         failpoint=failpoint,
         trace=trace,
+        wall_clock=wall_clock,
     )
 
 
@@ -67,19 +69,22 @@ def spawn(
     batch_size: int,
     failpoint: str | None = None,
     trace: Path | None = None,
+    wall_clock: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """``python -m cqrskit.projections run`` for the test bank projection; stderr to a file.
 
-    With ``failpoint`` (``point:n:action``) or ``trace`` the process is started through
-    :mod:`tests.support.projector_proc`, which arms the library's fail points.
+    With ``failpoint`` (``point:n:action``), ``trace`` or ``wall_clock`` (a file holding an
+    offset in seconds) the process is started through :mod:`tests.support.projector_proc`,
+    which arms the library's fail points and shifts the process's wall clock.
     """
     env = dict(os.environ) | env_extra
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
     module = "cqrskit.projections"
-    if failpoint or trace:
+    if failpoint or trace or wall_clock:
         module = "tests.support.projector_proc"
         env["CQRSKIT_TEST_FAILPOINT"] = failpoint or ""
         env["CQRSKIT_TEST_TRACE"] = str(trace or "")
+        env["CQRSKIT_TEST_WALL_CLOCK"] = str(wall_clock or "")
     args = [
         sys.executable, "-m", module, "run", *connection_args,
         "--projection", "tests.support.bank:balances",

@@ -12,6 +12,11 @@ points (:mod:`cqrskit._failpoints`) configured from the environment:
     ``hold``  block the whole process (no event-loop turn: a transaction in flight stays
               open) until the test kills it; if nobody does within 60 s, exit with code 3.
     ``stop``  SIGSTOP itself (counted in the fault ledger); the test resumes it with SIGCONT.
+
+``CQRSKIT_TEST_WALL_CLOCK``  a file holding a number of seconds, read at every
+                            ``time.time()``/``time.time_ns()`` call and added to it: the
+                            test steps this process's wall clock by rewriting the file
+                            (``time.monotonic()`` is left alone, as a real clock step does).
 """
 
 from __future__ import annotations
@@ -31,6 +36,25 @@ from cqrskit.cli.projections import main
 
 TRACE = "CQRSKIT_TEST_TRACE"
 FAILPOINT = "CQRSKIT_TEST_FAILPOINT"
+WALL_CLOCK = "CQRSKIT_TEST_WALL_CLOCK"
+
+
+def skew_wall_clock() -> None:
+    """Add the seconds in the ``CQRSKIT_TEST_WALL_CLOCK`` file to this process's wall clock."""
+    path = os.environ.get(WALL_CLOCK)
+    if not path:
+        return
+    real_time, real_time_ns = time.time, time.time_ns
+
+    def offset() -> float:
+        try:
+            with open(path) as f:
+                return float(f.read() or 0)
+        except (OSError, ValueError):
+            return 0.0  # being replaced this instant: no step
+
+    time.time = lambda: real_time() + offset()
+    time.time_ns = lambda: real_time_ns() + int(offset() * 1e9)
 
 
 def _append(path: str, line: str) -> None:
@@ -77,5 +101,6 @@ def install() -> None:
 if __name__ == "__main__":
     # the projector's lease and batch messages go to stderr (the test's log file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    skew_wall_clock()
     install()
     sys.exit(main())
