@@ -117,7 +117,7 @@ async def run_scenario(
 ) -> None:
     rng = random.Random(11)
     landed: Counter[str] = Counter()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     for i in range(20):
         if time.monotonic() > deadline:
             break
