@@ -69,7 +69,7 @@ async def test_sigkill_at_crash_points(tmp_path: Path) -> None:
                 log.path,
                 read_path,
                 owner=f"p{i}",
-                lease_ttl=0.15,  # one process at a time: the dead one's lease expires soon
+                lease_ttl=0.1,  # one process at a time: the dead one's lease expires soon
                 failpoint=f"{point}:{nth}:hold",
                 trace=trace,
             )
