@@ -13,6 +13,7 @@ read model equals the log: count, sum and per-stream order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
@@ -103,14 +104,14 @@ async def writer(mediator: Mediator, load: Load, n: int, rng: random.Random) -> 
 
 
 async def reader(mediator: Mediator, load: Load) -> None:
-    """Read-your-writes on the newest acknowledged command (so each read may have to wait)."""
+    """Read-your-writes on the newest acknowledged command (so each read may have to wait);
+    while no new command is acknowledged (the server is down) it reads the last one again."""
     while not load.stop.is_set():
-        try:
-            await asyncio.wait_for(load.new_ack.wait(), 0.5)
-        except TimeoutError:
-            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(load.new_ack.wait(), 0.1)
         load.new_ack.clear()
-        assert load.latest is not None
+        if load.latest is None:
+            continue
         token, account, at_least = load.latest
         try:
             read = await ask_consistent(mediator, GetAccount(account), token)
