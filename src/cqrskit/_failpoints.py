@@ -3,7 +3,7 @@
 A fault test must make its fault land where it claims (a SIGKILL between applying a batch
 and committing it, a leader paused with a batch in hand). The library marks those places
 with ``await reached("projector.applied", ...)``; without a hook (always, outside tests)
-that is one global read and an immediate return, once per batch, never per event.
+each is a coroutine that returns at once: four per batch, never per event.
 
 Points (``info`` keys in brackets):
 
