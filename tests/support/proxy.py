@@ -26,6 +26,9 @@ server's first reply bytes arrived, i.e. after the server executed the COMMIT.
 ``FaultProxy(host, port, protocol="raw")`` forwards any TCP protocol (a broker's) without
 parsing it; the COMMIT modes then do nothing, the others work the same.
 
+Every fault is counted in the run's fault ledger (:mod:`tests.support.faults`): a switch
+into ``BLACKHOLE`` or ``RESET``, each dropped or blackholed COMMIT, each held COMMIT reply.
+
 Everything is bounded: reads are chunked, each wait has a timeout, and :meth:`close` aborts
 every connection.
 """
@@ -37,6 +40,8 @@ import contextlib
 import enum
 import re
 import struct
+
+from tests.support import faults
 
 __all__ = ["FaultProxy", "Mode"]
 
@@ -156,6 +161,8 @@ class _Link:
                 if carries_commit and proxy.mode is Mode.DROP_COMMIT_REPLY:
                     self.commit_sent = True
                 if carries_commit and proxy.mode is Mode.HOLD_COMMIT_REPLY:
+                    if not self.hold:
+                        faults.record("proxy")
                     self.hold = True
                     proxy.commit_seen.set()
             await self.server_w.drain()
@@ -177,6 +184,9 @@ class _Link:
             if mode is Mode.BLACKHOLE:
                 continue
             if mode is Mode.DROP_REPLIES:
+                if not proxy._drop_counted:  # one fault per window that dropped something
+                    proxy._drop_counted = True
+                    faults.record("proxy")
                 proxy.dropped_replies += 1
                 continue
             if self.hold:
@@ -201,6 +211,7 @@ class FaultProxy:
     def __init__(self, target_host: str, target_port: int, *, protocol: str = "postgres") -> None:
         self.protocol = protocol
         self.dropped_replies = 0
+        self._drop_counted = False
         self.target_host = target_host
         self.target_port = target_port
         self._mode = Mode.FORWARD
@@ -223,9 +234,13 @@ class FaultProxy:
 
     @mode.setter
     def mode(self, value: Mode) -> None:
+        if value in (Mode.BLACKHOLE, Mode.RESET) and value is not self._mode:
+            faults.record("proxy")
+        if value is Mode.DROP_REPLIES and value is not self._mode:
+            self._drop_counted = False
         self._mode = value
         if value is Mode.RESET:
-            self.reset_all()
+            self._abort_links()
 
     async def start(self) -> int:
         """Listen on a free loopback port; return it."""
@@ -244,7 +259,12 @@ class FaultProxy:
         return f"{scheme}://{host}127.0.0.1:{self.port}/{path}{sep}sslmode=disable"
 
     def reset_all(self) -> None:
-        """Abort every open connection now (whatever the mode)."""
+        """Abort every open connection now (whatever the mode); one fault if any was open."""
+        if self._links:
+            faults.record("proxy")
+        self._abort_links()
+
+    def _abort_links(self) -> None:
         for link in list(self._links):
             link.abort()
 
@@ -261,6 +281,7 @@ class FaultProxy:
 
     def _fault(self) -> None:
         self.commit_faults += 1
+        faults.record("proxy")
         if self.faults_left is not None:
             self.faults_left -= 1
             if self.faults_left <= 0:
@@ -304,7 +325,7 @@ class FaultProxy:
         """Stop listening and abort every connection."""
         if self._server is not None:
             self._server.close()
-        self.reset_all()
+        self._abort_links()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

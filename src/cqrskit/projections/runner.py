@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from cqrskit import _failpoints
 from cqrskit.errors import ConcurrencyError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
@@ -189,11 +190,22 @@ class _Worker:
     ) -> None:
         db = self.p.read_db
         last = events[-1].position
+        point = {
+            "projection": self.name,
+            "generation": generation,
+            "epoch": epoch,
+            "first": events[0].position,
+            "last": last,
+        }
+        await _failpoints.reached("projector.before_commit", **point)
         try:
             async with db.transaction() as s:
                 await self._fence(s, epoch)
                 await applier.apply_fast(s, generation, events)
+                await _failpoints.reached("projector.applied", **point)
                 await schema.set_checkpoint(s, self.name, generation, last)
+                await _failpoints.reached("projector.checkpointed", **point)
+            await _failpoints.reached("projector.committed", **point)
             return
         except LeaseLostError:
             raise
@@ -201,6 +213,10 @@ class _Worker:
             log.info("projection %s: batch failed (%s); applying event by event", self.name, exc)
         async with db.transaction() as s:
             await self._fence(s, epoch)
+            # the fast attempt may have committed although it raised (the connection was
+            # lost during its COMMIT): apply only what the checkpoint does not cover yet
+            done = await schema.get_checkpoint(s, self.name, generation)
+            events = [e for e in events if e.position > done]
             await applier.load_blocked(s, generation)
             parked = await applier.apply_careful(s, generation, events)
             await schema.set_checkpoint(s, self.name, generation, last)
