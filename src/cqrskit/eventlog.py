@@ -379,13 +379,26 @@ class EventStore(ABC):
         A hint only (returns ``True`` on a wake-up, ``False`` on timeout); callers must
         re-read and may be woken spuriously. The base implementation wakes on commits made
         through this store object in this process; drivers add cross-process hints.
+
+        Raises:
+            ValueError: ``timeout`` is NaN (a NaN deadline would corrupt the event loop's
+                timer order).
         """
-        if await self.head() > position:
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if timeout != timeout:
+            raise ValueError("wait_for: timeout must be a number of seconds, got NaN.")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        fut: asyncio.Future[None] = loop.create_future()
+        # registered before the head is read: a commit landing while head() runs still
+        # wakes this waiter (checking first and registering after would lose that wake-up)
         self._waiters.add(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            if await self.head() > position or fut.done():
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.wait_for(asyncio.shield(fut), left)
         except TimeoutError:
             return False
         finally:
