@@ -19,6 +19,7 @@ pay one context-variable lookup.
 from __future__ import annotations
 
 import contextvars
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from cqrskit.errors import (
     ConfigurationError,
     StaleReadError,
     TokenFromFutureError,
+    ValidationError,
     describe,
 )
 from cqrskit.eventlog import EventStore
@@ -64,8 +66,18 @@ class ReadSpec:
 
 
 def reads(*projections: str, policy: Policy = "wait", timeout: float = 2.0) -> Callable[[Q], Q]:
-    """Class decorator declaring the projections a query type reads, and its policy."""
+    """Class decorator declaring the projections a query type reads, and its policy.
+
+    Raises:
+        ConfigurationError: an unknown policy, or a timeout that is not a finite number of
+            seconds >= 0.
+    """
     _check_policy(policy)
+    if not _valid_timeout(timeout):
+        raise ConfigurationError(
+            f"@reads(...): timeout must be a finite number of seconds >= 0, got {timeout!r}.",
+            hint="e.g. timeout=2.0; use policy='fail' (or timeout=0) not to wait.",
+        )
 
     def mark(cls: Q) -> Q:
         cls.__cqrskit_reads__ = ReadSpec(tuple(projections), policy, timeout)  # type: ignore[attr-defined]
@@ -78,6 +90,25 @@ def read_spec(query_type: type) -> ReadSpec | None:
     """What ``@reads(...)`` declared for ``query_type`` (or a base class), if anything."""
     spec: ReadSpec | None = getattr(query_type, "__cqrskit_reads__", None)
     return spec
+
+
+def _valid_timeout(value: object) -> bool:
+    # NaN compares false with everything: a NaN deadline never expires, bypasses
+    # min(timeout, max_timeout) and corrupts the event loop's timer heap
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _check_timeout(value: float | None) -> None:
+    """Refuse a caller's wait that is not a finite number of seconds >= 0."""
+    if value is not None and not _valid_timeout(value):
+        raise ValidationError(
+            {"timeout": "must be a finite number of seconds >= 0 (not NaN, infinite or negative)"}
+        )
 
 
 def _check_policy(policy: str | None) -> None:
@@ -122,8 +153,13 @@ async def read_after(
     """Queries asked inside the block see read models at ``token`` or later (by policy).
 
     ``policy``, ``timeout`` and ``projections`` override the query type's :func:`reads`.
+
+    Raises:
+        ConfigurationError: an unknown policy.
+        ValidationError: ``timeout`` is NaN, infinite or negative.
     """
     _check_policy(policy)
+    _check_timeout(timeout)
     state = ReadAfter(token, policy, timeout, tuple(projections) if projections else None)
     reset = _request.set(state)
     try:
@@ -175,7 +211,8 @@ class ConsistencyGate:
         read_db: where the projections' checkpoints are.
         signal: an in-process wake-up from a :class:`~cqrskit.projections.Projector`
             (``projector.signal``); without one, checkpoints are polled with a short backoff.
-        max_timeout: an upper bound on any wait, whatever a caller asks for.
+        max_timeout: an upper bound on any wait, whatever a caller asks for (a finite
+            number of seconds >= 0).
     """
 
     def __init__(
@@ -186,6 +223,12 @@ class ConsistencyGate:
         signal: Signal | None = None,
         max_timeout: float = 30.0,
     ) -> None:
+        if not _valid_timeout(max_timeout):
+            raise ConfigurationError(
+                "ConsistencyGate: max_timeout must be a finite number of seconds >= 0, got "
+                f"{max_timeout!r}.",
+                hint="e.g. max_timeout=30.0.",
+            )
         self.store = store
         self.read_db = read_db
         self.signal = signal or Signal()
@@ -245,7 +288,9 @@ class ConsistencyGate:
         Raises:
             TokenFromFutureError: ``token`` is beyond the end of the log.
             StaleReadError: behind, and the policy says fail (or wait timed out).
+            ValidationError: ``timeout`` is NaN, infinite or negative.
         """
+        _check_timeout(timeout)
         positions = await self.positions(names)
         if state is not None:
             state.positions = positions
