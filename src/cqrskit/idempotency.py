@@ -32,6 +32,7 @@ import contextlib
 import contextvars
 import hashlib
 import inspect
+import re
 import typing
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -81,12 +82,21 @@ _key_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_key(key: object) -> str:
-    if not isinstance(key, str) or not key or len(key) > _MAX_KEY or "\x00" in key:
+    if (
+        not isinstance(key, str)
+        or not key
+        or len(key) > _MAX_KEY
+        or "\x00" in key
+        or _SURROGATE.search(key) is not None  # not encodable: the driver would fail with 500
+    ):
         raise ValidationError(
             {
                 "idempotency_key": f"must be a non-empty string of at most {_MAX_KEY} characters "
-                "without NUL"
+                "without NUL or lone surrogates"
             }
         )
     return key
@@ -101,7 +111,8 @@ def idempotency_key(key: str) -> Iterator[None]:
     variable).
 
     Raises:
-        ValidationError: ``key`` is empty, longer than 255 characters or contains NUL.
+        ValidationError: ``key`` is empty, longer than 255 characters or contains NUL or a
+            lone surrogate (text that cannot be encoded as UTF-8).
     """
     token = _key_var.set(_check_key(key))
     try:

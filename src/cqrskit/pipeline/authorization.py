@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from cqrskit.errors import NotAuthorizedError
+from cqrskit.errors import ConfigurationError, NotAuthorizedError
 from cqrskit.messages import Event
 from cqrskit.pipeline._core import Next
 from cqrskit.pipeline._support import SyncNext, failed, returns_awaitable, type_name
@@ -86,6 +86,16 @@ class _AuthorizationConfig:
         for tp, policy in policies.items():
             if not callable(policy):
                 raise TypeError(f"policy for {type_name(tp)} is not callable: {policy!r}")
+            if isinstance(tp, type) and issubclass(tp, Event):
+                # events pass through unchecked: such a policy would be silently ignored
+                raise ConfigurationError(
+                    f"an authorization policy is configured for the event type "
+                    f"{type_name(tp)}; events are not authorized (they are facts, already "
+                    "authorized through the command that recorded them), so it would never run.",
+                    message_type=tp,
+                    hint="remove it and put the policy on the command (or query) whose handler "
+                    "records or reads this event.",
+                )
         self._policies = dict(policies)
         self._strict = strict
         self._principal = _principal_getter(principal)
@@ -149,6 +159,9 @@ class AuthorizationBehavior(_AuthorizationConfig):
         principal: where the caller's principal comes from: a ``ContextVar`` (unset means
             ``None``, anonymous) or a zero-argument callable.
         strict: refuse command and query types that have no policy (default ``True``).
+
+    Raises:
+        ConfigurationError: (when built) a policy is given for an event type.
 
     Raises (at dispatch):
         NotAuthorizedError: the policy denied, or strict mode found no policy.
