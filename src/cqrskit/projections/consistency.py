@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 Policy = Literal["wait", "stale", "fail"]
+_UNIT_SPAN = 1 << 20  # a unit of work's events lie within this many positions of its token
 R = TypeVar("R")
 Q = TypeVar("Q", bound=type)
 _POLICIES = ("wait", "stale", "fail")
@@ -257,13 +258,25 @@ class ConsistencyGate:
 
     async def positions(self, names: Sequence[str]) -> dict[str, int]:
         """The active checkpoint of each named projection."""
+        return (await self._observe(names, None))[0]
+
+    async def _observe(
+        self, names: Sequence[str], token: int | None
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Checkpoints by projection and, given ``token``, the highest parked position at or
+        below it (within one unit of work's span) by projection — one query."""
         marks = ", ".join("?" for _ in names)
+        window = (token, token - _UNIT_SPAN) if token is not None else (0, 0)
         async with self.read_db.read_only() as s:
             rows = await s.fetchall(
-                "SELECT p.name, c.position FROM cqrskit_projections p "
+                "SELECT p.name, c.position, (SELECT max(d.position) "
+                "FROM cqrskit_dead_letters d WHERE d.projection = p.name "
+                "AND d.generation = p.active_generation AND d.position <= ? "
+                "AND d.position > ?) FROM cqrskit_projections p "
                 "JOIN cqrskit_checkpoints c "
                 "ON c.projection = p.name AND c.generation = p.active_generation "
                 f"WHERE p.name IN ({marks})",
+                *window,
                 *names,
             )
         found = {str(r[0]): int(r[1]) for r in rows}
@@ -273,7 +286,21 @@ class ConsistencyGate:
                 f"projection(s) {missing} are not set up in the read database.",
                 hint="start their projector (or InlineProjections.setup()) first.",
             )
-        return found
+        parked = {str(r[0]): int(r[2]) for r in rows if token is not None and r[2] is not None}
+        return found, parked
+
+    async def _first_position(self, token: int) -> int:
+        """The position of the first event of the unit of work whose last event is at
+        ``token``: its events have consecutive positions, and each one's ``message_id``
+        ends with ``-<n>``, its index in the unit of work."""
+        found = await self.store.read_after(token - 1, 1)
+        if found and found[0].position == token:
+            message_id = found[0].metadata.get("message_id")
+            if isinstance(message_id, str):
+                _, _, index = message_id.rpartition("-")
+                if index.isdigit() and int(index) <= _UNIT_SPAN:
+                    return token - int(index)
+        return token
 
     async def check(
         self,
@@ -285,23 +312,39 @@ class ConsistencyGate:
     ) -> bool:
         """Return ``False`` when every projection reached ``token``, ``True`` for stale.
 
+        A projection that parked an event of the token's own command (a dead letter) has
+        not applied that write, even with its checkpoint past it: it counts as behind.
+
         Raises:
             TokenFromFutureError: ``token`` is beyond the end of the log.
             StaleReadError: behind, and the policy says fail (or wait timed out).
             ValidationError: ``timeout`` is NaN, infinite or negative.
         """
         _check_timeout(timeout)
-        positions = await self.positions(names)
-        if state is not None:
-            state.positions = positions
-        if min(positions.values()) >= token:
+        first: list[int] = []  # the command's first position, looked up once if needed
+
+        async def behind() -> tuple[dict[str, int], list[str], list[str]]:
+            positions, parked = await self._observe(names, token)
+            if state is not None:
+                state.positions = positions
+            late = sorted(n for n, p in positions.items() if p < token)
+            holes: list[str] = []
+            if parked:
+                if not first:
+                    first.append(await self._first_position(token))
+                holes = sorted(n for n, p in parked.items() if p >= first[0])
+            return positions, late, holes
+
+        positions, late, holes = await behind()
+        if not late and not holes:
             return False
-        last = await self.store.last_position()
-        if token > last:
-            raise TokenFromFutureError(
-                f"consistency token {token} is beyond the end of the event log ({last}).",
-                hint="pass the token of a committed command (receipt.token), unmodified.",
-            )
+        if late:
+            last = await self.store.last_position()
+            if token > last:
+                raise TokenFromFutureError(
+                    f"consistency token {token} is beyond the end of the event log ({last}).",
+                    hint="pass the token of a committed command (receipt.token), unmodified.",
+                )
         deadline = time.monotonic() + (0.0 if policy == "fail" else timeout)
         pause = 0.001
         while True:
@@ -310,16 +353,20 @@ class ConsistencyGate:
                 break
             await self.signal.wait(min(remaining, pause))
             pause = min(pause * 2, 0.05)
-            positions = await self.positions(names)
-            if state is not None:
-                state.positions = positions
-            if min(positions.values()) >= token:
+            positions, late, holes = await behind()
+            if not late and not holes:
                 return False
         if policy == "stale":
             return True
-        behind = sorted(n for n, p in positions.items() if p < token)
+        if late:
+            raise StaleReadError(
+                f"read model(s) {late} did not reach consistency token {token} "
+                f"(at {min(positions[n] for n in late)}) within {timeout:g}s.",
+                hint="retry later, raise the timeout, or use policy='stale'.",
+            )
         raise StaleReadError(
-            f"read model(s) {behind} did not reach consistency token {token} "
-            f"(at {min(positions.values())}) within {timeout:g}s.",
-            hint="retry later, raise the timeout, or use policy='stale'.",
+            f"read model(s) {holes} parked an event of the command with consistency token "
+            f"{token} (a dead letter): they do not contain that write.",
+            hint="fix the projection and retry its dead letters (request_retry, or "
+            "'cqrskit projections dead-letters NAME --retry'), or use policy='stale'.",
         )

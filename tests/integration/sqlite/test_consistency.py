@@ -6,9 +6,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from tests.support.bank import Deposited, balances, decode
+from tests.support.bank import Deposited, Poison, balances, decode
 from tests.support.logs import AppendLog
 
 from cqrskit import Command, Dependencies, Mediator, Query, Registry, for_queries
@@ -28,6 +29,7 @@ from cqrskit.projections import (
     ask_consistent,
     read_after,
     reads,
+    request_retry,
 )
 
 
@@ -262,3 +264,33 @@ async def test_a_nan_timeout_cannot_delay_another_querys_deadline(
     assert isinstance(outcome[0], ValidationError)
     assert isinstance(outcome[1], float), outcome[1]
     assert 0.3 <= outcome[1] < 5.0  # its own deadline, not delayed
+
+
+async def test_a_token_whose_event_is_parked_is_stale_not_missing(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector, poison_flag: Path
+) -> None:
+    # the checkpoint moves past a parked event, but the read model does not contain that
+    # write: a query with its token is stale (or fails, by policy), never a silent miss
+    poison_flag.touch()
+    mediator = build(log, read_db, ConsistencyGate(log, read_db, signal=projector.signal))
+    await log.append("p", Deposited("p", 1))
+    [parked] = await log.append("p", Poison("p"))
+    [other] = await log.append("q", Deposited("q", 5))
+    gate = ConsistencyGate(log, read_db, signal=projector.signal)
+    # the later, unrelated command is readable: the parked event is not its write
+    read = await ask_consistent(mediator, GetBalance("q"), other.position, timeout=10.0)
+    assert (read.value, read.stale) == (5, False)
+    assert (await gate.positions(["balances"]))["balances"] >= parked.position
+    read = await ask_consistent(
+        mediator, GetBalance("p"), parked.position, policy="stale", timeout=0
+    )
+    assert read.stale is True
+    with pytest.raises(StaleReadError, match="parked"):
+        await ask_consistent(mediator, GetBalance("p"), parked.position, policy="fail")
+    with pytest.raises(StaleReadError, match="parked"):
+        await ask_consistent(mediator, GetBalance("p"), parked.position, timeout=0.1)
+    # fixed and retried: the token is served, fresh
+    poison_flag.unlink()
+    await request_retry(read_db, "balances")
+    read = await ask_consistent(mediator, GetBalance("p"), parked.position, timeout=10.0)
+    assert (read.value, read.stale) == (1, False)

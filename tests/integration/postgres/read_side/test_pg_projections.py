@@ -15,6 +15,9 @@ from tests.integration.sqlite.test_async_projection import (  # noqa: F401
 )
 from tests.integration.sqlite.test_consistency import (  # noqa: F401
     projector,
+    test_a_nan_timeout_cannot_delay_another_querys_deadline,
+    test_a_token_whose_event_is_parked_is_stale_not_missing,
+    test_bad_timeouts_are_refused,
     test_fail_policy_raises_at_once,
     test_inline_mode_is_never_stale,
     test_misconfigurations_are_loud,
@@ -27,6 +30,7 @@ from tests.integration.sqlite.test_consistency import (  # noqa: F401
     test_wait_policy_times_out,
 )
 from tests.integration.sqlite.test_rebuild_poison_modes import (  # noqa: F401
+    test_an_undecodable_event_type_is_parked_not_skipped,
     test_database_faults_are_retried_not_parked,
     test_inline_failure_fails_the_command,
     test_move_inline_to_async_and_back,
