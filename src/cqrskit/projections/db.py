@@ -120,8 +120,15 @@ class ReadDatabase(ABC):
     dialect: Dialect
 
     @abstractmethod
-    def transaction(self) -> AbstractAsyncContextManager[Session]:
-        """A read-write transaction (committed when the block exits normally)."""
+    def transaction(
+        self, *, lock_timeout: float | None = None
+    ) -> AbstractAsyncContextManager[Session]:
+        """A read-write transaction (committed when the block exits normally).
+
+        ``lock_timeout``: the longest its statements wait for another transaction's lock
+        (seconds; ``None``: the database's default), after which they raise the driver's
+        lock error — which :func:`~cqrskit.projections.apply.infrastructure_fault` knows.
+        """
 
     @abstractmethod
     def read_only(self) -> AbstractAsyncContextManager[Session]:
@@ -134,6 +141,17 @@ class ReadDatabase(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Close every connection this object opened."""
+
+    async def end_frozen_writer(self, host: str, pid: int) -> bool:
+        """The last resort against a lease holder that froze holding the write lock.
+
+        Called by a projector once a lease expired and its own attempt to take it could not
+        get the database's write lock. Where one process's lock blocks every writer
+        (SQLite's file lock) and process ``pid`` on ``host`` (this one's host) is the
+        holder, end that process and return ``True``. The default does nothing: a server
+        database ends such a session itself (see :func:`cqrskit.projections.schema.fence`).
+        """
+        return False
 
     async def session(self) -> AsyncIterator[Session]:
         """A scoped-dependency factory: a read-only session per dispatch.

@@ -5,6 +5,13 @@ projection's lease (standing by while another process holds a live one), then lo
 batch after its checkpoint, apply it and raise the checkpoint in one read-database
 transaction that also checks the lease epoch (fencing), announce it, and when there is
 nothing to read wait on the store's wake-up hint (never a fixed sleep on that path).
+
+Every wait is bounded. A lease holder's transaction lasts at most ``lease_ttl`` (a handler
+awaiting something that never comes is cancelled and rolled back; a batch that is merely
+slow is retried in halves); on PostgreSQL the server ends a holder's session that froze
+inside a transaction (SIGSTOP) after ``lease_ttl`` idle; a standby's lease attempts wait at
+most ``lease_ttl / 4`` for a lock; :meth:`Projector.stop` returns within ``lease_ttl`` plus
+a grace period.
 """
 
 from __future__ import annotations
@@ -15,14 +22,15 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from cqrskit.errors import ConcurrencyError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
 from cqrskit.projections.api import Projection
-from cqrskit.projections.apply import Applier
+from cqrskit.projections.apply import Applier, infrastructure_fault
 from cqrskit.projections.db import ReadDatabase
 from cqrskit.projections.signal import Signal
 
@@ -39,6 +47,10 @@ class _Stopped(Exception):
     pass
 
 
+class _Overran(Exception):
+    """A lease holder's transaction ran past ``lease_ttl`` and was rolled back."""
+
+
 class _Worker:
     def __init__(self, owner: Projector, projection: Projection) -> None:
         self.p = owner
@@ -46,27 +58,82 @@ class _Worker:
         self.name = projection.name
         self.epoch: int | None = None
         self.checkpoint = 0
+        self.batch_size = owner.batch_size
 
     # -- lease ---------------------------------------------------------------------------
 
     async def acquire(self) -> int:
+        """Take the lease: at once when free, else once its heartbeat stood still for
+        ``lease_ttl`` (on this process's monotonic clock). The lease row is watched in
+        read-only snapshots, which no holder's lock blocks; a take waits at most
+        ``lease_ttl / 4`` for a lock, then tries again at the next look."""
         p = self.p
         seen: tuple[int, int] | None = None
         since = time.monotonic()
         while not p._stop.is_set():
-            async with p.read_db.transaction() as s:
-                row = await schema.ensure_projection(s, self.projection, "async")
-                mark = (row.lease_epoch, row.lease_beat)
-                if mark != seen:
-                    seen, since = mark, time.monotonic()
-                free = row.lease_owner is None or row.lease_owner == p.owner
-                if free or time.monotonic() - since >= p.lease_ttl:
-                    epoch = await schema.take_lease(s, self.name, p.owner, row)
-                    if epoch is not None:
-                        log.info("projection %s: lease taken (epoch %d)", self.name, epoch)
-                        return epoch
+            async with p.read_db.read_only() as s:
+                row = await schema.load(s, self.name)
+            if row is None:  # not set up (start() does it; a rebuild tool may drop it)
+                async with p.read_db.transaction(lock_timeout=p.lease_ttl / 4) as s:
+                    row = await schema.ensure_projection(s, self.projection, "async")
+            mark = (row.lease_epoch, row.lease_beat)
+            if mark != seen:
+                seen, since = mark, time.monotonic()
+            free = row.lease_owner is None or row.lease_owner == p.owner
+            expired = time.monotonic() - since >= p.lease_ttl
+            if free or expired:
+                epoch = await self._take(row, expired and not free)
+                if epoch is not None:
+                    log.info("projection %s: lease taken (epoch %d)", self.name, epoch)
+                    return epoch
             await p._pause(p.lease_ttl / 4)
         raise _Stopped
+
+    async def _take(self, seen: schema.ProjectionRow, expired: bool) -> int | None:
+        p = self.p
+        try:
+            async with p.read_db.transaction(lock_timeout=p.lease_ttl / 4) as s:
+                return await schema.take_lease(s, self.name, p.owner, seen)
+        except Exception as exc:
+            if not infrastructure_fault(exc):
+                raise
+            # the holder's lock is still there (or the database is busy): look again later
+            log.info("projection %s: lease not taken yet (%s)", self.name, exc)
+        if expired:
+            # a holder whose lease expired while it holds the database's write lock is
+            # frozen (SIGSTOP, a blocked event loop): where nothing else can free that lock
+            # (SQLite), the read database ends the holder process
+            async with p.read_db.read_only() as s:
+                holder = await schema.lease_holder(s, self.name)
+            if holder is not None and holder.epoch == seen.lease_epoch:
+                if await p.read_db.end_frozen_writer(holder.host, holder.pid):
+                    log.warning(
+                        "projection %s: ended frozen lease holder %s (pid %d)",
+                        self.name,
+                        seen.lease_owner,
+                        holder.pid,
+                    )
+        return None
+
+    @asynccontextmanager
+    async def _holding(self, epoch: int) -> AsyncIterator[Any]:
+        """A transaction of the lease holder: fenced first (the lease row stays locked until
+        it ends), and over after ``lease_ttl`` whatever happens inside."""
+        p = self.p
+        deadline = asyncio.timeout(p.lease_ttl)
+        try:
+            # the deadline covers the work, never the COMMIT (whose outcome a cancellation
+            # would leave unknown); a rollback follows its expiry
+            async with p.read_db.transaction() as s, deadline:
+                await self._fence(s, epoch)
+                yield s
+        except TimeoutError:
+            if deadline.expired():
+                raise _Overran(
+                    f"projection {self.name}: a transaction ran past lease_ttl "
+                    f"({p.lease_ttl:g}s) and was rolled back"
+                ) from None
+            raise
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -82,6 +149,12 @@ class _Worker:
                 break
             except LeaseLostError:
                 log.warning("projection %s: lease lost; standing by", self.name)
+            except _Overran as exc:
+                # one event's handler outlasted the lease: step back so that a standby
+                # takes over (this process would most likely hang on it again)
+                log.error("%s; handing the lease over", exc)
+                await self.release()
+                await p._pause(p.lease_ttl)
             except Exception:
                 failures += 1
                 log.exception("projection %s: worker failed; restarting", self.name)
@@ -126,15 +199,14 @@ class _Worker:
                         active,
                     )
                 if retries:
-                    async with p.read_db.transaction() as s:
-                        await self._fence(s, epoch)
+                    async with self._holding(epoch) as s:
                         await applier.retry_requested(s, active, p.store)
                     p.signal.notify()
             progressed = False
-            events = await p.store.read_after(self.checkpoint, p.batch_size)
+            events = await p.store.read_after(self.checkpoint, self.batch_size)
             if events:
-                await self.commit(epoch, active, applier, events)
-                self.checkpoint = events[-1].position
+                done = await self.commit(epoch, active, applier, events)
+                self.checkpoint = done
                 last_beat = time.monotonic()
                 p.signal.notify()
                 progressed = True
@@ -142,15 +214,13 @@ class _Worker:
                 gen, bapplier = building
                 bevents = [
                     e
-                    for e in await p.store.read_after(bcp, p.batch_size)
+                    for e in await p.store.read_after(bcp, self.batch_size)
                     if e.position <= self.checkpoint
                 ]
                 if bevents:
-                    await self.commit(epoch, gen, bapplier, bevents)
-                    bcp = bevents[-1].position
+                    bcp = await self.commit(epoch, gen, bapplier, bevents)
                 else:
-                    async with p.read_db.transaction() as s:
-                        await self._fence(s, epoch)
+                    async with self._holding(epoch) as s:
                         await schema.set_checkpoint(s, self.name, gen, self.checkpoint)
                         await schema.switch_over(s, self.projection, active, gen)
                     log.info("projection %s: switched to generation %d", self.name, gen)
@@ -164,8 +234,8 @@ class _Worker:
                 await asyncio.sleep(0)
                 continue
             if time.monotonic() - last_beat >= p.lease_ttl / 3:
-                async with p.read_db.transaction() as s:
-                    await self._fence(s, epoch)
+                async with self._holding(epoch):
+                    pass
                 last_beat = time.monotonic()
             # after a wake-up that found nothing readable (on PostgreSQL, a commit can stay
             # above the readable horizon while an older transaction is open; nobody signals
@@ -181,26 +251,52 @@ class _Worker:
                 backoff = min(backoff * 2, limit)
 
     async def _fence(self, s: Any, epoch: int) -> None:
-        if not await schema.fence(s, self.name, epoch):
+        if not await schema.fence(s, self.name, epoch, hold=self.p.lease_ttl):
             raise LeaseLostError(f"projection {self.name}: lease epoch {epoch} was fenced off")
 
     async def commit(
         self, epoch: int, generation: int, applier: Applier, events: Sequence[StoredEvent]
+    ) -> int:
+        """Apply ``events`` (or, when that overruns the lease, a first part of them, halving
+        the batch size for the batches that follow); return the position now applied."""
+        while True:
+            try:
+                await self._commit(epoch, generation, applier, events)
+            except _Overran:
+                # rolled back: reload what the database holds (the parked streams too)
+                async with self.p.read_db.read_only() as s:
+                    await applier.load_blocked(s, generation)
+                    done = await schema.get_checkpoint(s, self.name, generation)
+                rest = [e for e in events if e.position > done]
+                if not rest:
+                    return done
+                if len(rest) == 1:
+                    raise  # one event's handler alone outlasts the lease: it hangs
+                self.batch_size = max(1, len(rest) // 2)
+                log.warning(
+                    "projection %s: a batch of %d events overran lease_ttl; batches of %d now",
+                    self.name,
+                    len(rest),
+                    self.batch_size,
+                )
+                events = rest[: self.batch_size]
+                continue
+            return events[-1].position
+
+    async def _commit(
+        self, epoch: int, generation: int, applier: Applier, events: Sequence[StoredEvent]
     ) -> None:
-        db = self.p.read_db
         last = events[-1].position
         try:
-            async with db.transaction() as s:
-                await self._fence(s, epoch)
+            async with self._holding(epoch) as s:
                 await applier.apply_fast(s, generation, events)
                 await schema.set_checkpoint(s, self.name, generation, last)
             return
-        except LeaseLostError:
+        except (LeaseLostError, _Overran):
             raise
         except Exception as exc:  # noqa: BLE001 - handled by the careful path below
             log.info("projection %s: batch failed (%s); applying event by event", self.name, exc)
-        async with db.transaction() as s:
-            await self._fence(s, epoch)
+        async with self._holding(epoch) as s:
             await applier.load_blocked(s, generation)
             parked = await applier.apply_careful(s, generation, events)
             await schema.set_checkpoint(s, self.name, generation, last)
@@ -212,7 +308,7 @@ class _Worker:
         if epoch is None:
             return
         try:
-            async with self.p.read_db.transaction() as s:
+            async with self.p.read_db.transaction(lock_timeout=self.p.lease_ttl / 4) as s:
                 await schema.release_lease(s, self.name, epoch)
         except Exception:
             log.exception("projection %s: could not release the lease", self.name)
@@ -285,9 +381,18 @@ class Projector:
         ]
 
     async def stop(self) -> None:
-        """Finish the batches in flight, release the leases and stop."""
+        """Finish the batches in flight, release the leases and stop.
+
+        Bounded: a batch lasts at most ``lease_ttl``; a worker still busy after that and a
+        grace second is cancelled (its transaction rolls back; its lease expires)."""
         self._stop.set()
         tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=self.lease_ttl + 1.0)
+        for task in late:
+            log.warning("%s: did not stop within lease_ttl; cancelling it", task.get_name())
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def run(self) -> None:
