@@ -6,7 +6,7 @@ batch after its checkpoint, apply it and raise the checkpoint in one read-databa
 transaction that also checks the lease epoch (fencing), announce it, and when there is
 nothing to read wait on the store's wake-up hint (never a fixed sleep on that path).
 
-Every wait is bounded. A lease holder's transaction lasts at most ``lease_ttl`` (a handler
+Every wait is bounded. A lease holder's transaction lasts at most ``3/4 lease_ttl`` (a handler
 awaiting something that never comes is cancelled and rolled back; a batch that is merely
 slow is retried in halves); on PostgreSQL the server ends a holder's session that froze
 inside a transaction (SIGSTOP) after ``lease_ttl`` idle; a standby's lease attempts wait at
@@ -41,6 +41,9 @@ log = logging.getLogger("cqrskit.projections")
 
 class LeaseLostError(ConcurrencyError):
     """Another projector took this projection's lease over; this one stops writing."""
+
+
+_WORK_SHARE = 0.75  # of lease_ttl: the longest a lease holder's transaction may last
 
 
 class _Stopped(Exception):
@@ -118,21 +121,23 @@ class _Worker:
     @asynccontextmanager
     async def _holding(self, epoch: int) -> AsyncIterator[Any]:
         """A transaction of the lease holder: fenced first (the lease row stays locked until
-        it ends), and over after ``lease_ttl`` whatever happens inside."""
+        it ends), and over after ``3/4 lease_ttl`` whatever happens inside — before a
+        standby may find the lease expired, and before PostgreSQL's own backstop (the
+        fence's idle timeout of ``lease_ttl``) ends the session."""
         p = self.p
-        deadline = asyncio.timeout(p.lease_ttl)
+        deadline = asyncio.timeout(p.lease_ttl * _WORK_SHARE)
         try:
             # the deadline covers the work, never the COMMIT (whose outcome a cancellation
-            # would leave unknown); a rollback follows its expiry
+            # would leave unknown): once it expired nothing was committed
             async with p.read_db.transaction() as s, deadline:
                 await self._fence(s, epoch)
                 yield s
-        except TimeoutError:
+        except Exception as exc:
             if deadline.expired():
                 raise _Overran(
-                    f"projection {self.name}: a transaction ran past lease_ttl "
+                    f"projection {self.name}: a transaction ran past 3/4 of lease_ttl "
                     f"({p.lease_ttl:g}s) and was rolled back"
-                ) from None
+                ) from exc
             raise
 
     # -- main loop -----------------------------------------------------------------------
@@ -154,6 +159,7 @@ class _Worker:
                 # takes over (this process would most likely hang on it again)
                 log.error("%s; handing the lease over", exc)
                 await self.release()
+                self.epoch = None
                 await p._pause(p.lease_ttl)
             except Exception:
                 failures += 1

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 from tests.integration.sqlite.test_async_projection import (  # noqa: F401
+    test_a_leader_hung_in_a_handler_is_taken_over,
     test_catches_up_and_follows,
     test_fenced_projector_cannot_commit,
     test_lag_reported_while_stopped,
     test_query_session_is_read_only,
     test_resumes_from_checkpoint_without_reapplying,
     test_second_projector_stands_by_and_takes_over,
+    test_stop_is_bounded_while_a_leader_hangs,
     test_stop_is_prompt_when_idle,
 )
 from tests.integration.sqlite.test_consistency import (  # noqa: F401
