@@ -14,12 +14,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_projector(
-    log_path: str, read_path: str, owner: str, *, lease_ttl: float = 0.3, batch_size: int = 7
+    log_path: str,
+    read_path: str,
+    owner: str,
+    *,
+    lease_ttl: float = 0.3,
+    batch_size: int = 7,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """A projector process on the SQLite test log (``log_path``) and read file."""
     return spawn(
         ["--store", "tests.support.sqlite_log:from_env", "--read", f"sqlite:///{read_path}"],
-        {"CQRSKIT_TEST_LOG": log_path},
+        {"CQRSKIT_TEST_LOG": log_path, **(env or {})},
         Path(read_path).with_name(f"projector-{owner}.log"),
         owner,
         lease_ttl=lease_ttl,

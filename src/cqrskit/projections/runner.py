@@ -94,29 +94,37 @@ class _Worker:
 
     async def _take(self, seen: schema.ProjectionRow, expired: bool) -> int | None:
         p = self.p
-        try:
-            async with p.read_db.transaction(lock_timeout=p.lease_ttl / 4) as s:
-                return await schema.take_lease(s, self.name, p.owner, seen)
-        except Exception as exc:
-            if not infrastructure_fault(exc):
-                raise
-            # the holder's lock is still there (or the database is busy): look again later
-            log.info("projection %s: lease not taken yet (%s)", self.name, exc)
-        if expired:
-            # a holder whose lease expired while it holds the database's write lock is
-            # frozen (SIGSTOP, a blocked event loop): where nothing else can free that lock
-            # (SQLite), the read database ends the holder process
-            async with p.read_db.read_only() as s:
-                holder = await schema.lease_holder(s, self.name)
-            if holder is not None and holder.epoch == seen.lease_epoch:
-                if await p.read_db.end_frozen_writer(holder.host, holder.pid):
-                    log.warning(
-                        "projection %s: ended frozen lease holder %s (pid %d)",
-                        self.name,
-                        seen.lease_owner,
-                        holder.pid,
-                    )
+        for _ in range(2):
+            try:
+                async with p.read_db.transaction(lock_timeout=p.lease_ttl / 4) as s:
+                    return await schema.take_lease(s, self.name, p.owner, seen)
+            except Exception as exc:
+                if not infrastructure_fault(exc):
+                    raise
+                # the holder's lock is still there (or the database is busy)
+                log.info("projection %s: lease not taken yet (%s)", self.name, exc)
+            if not (expired and await self._end_frozen_holder(seen)):
+                return None  # look again at the next poll
         return None
+
+    async def _end_frozen_holder(self, seen: schema.ProjectionRow) -> bool:
+        """A holder whose lease expired while it holds the database's write lock is frozen
+        (SIGSTOP, a blocked event loop): where nothing else can free that lock (SQLite),
+        the read database ends the holder process. ``True`` when it did."""
+        p = self.p
+        async with p.read_db.read_only() as s:
+            holder = await schema.lease_holder(s, self.name)
+        if holder is None or holder.epoch != seen.lease_epoch:
+            return False
+        if not await p.read_db.end_frozen_writer(holder.host, holder.pid):
+            return False
+        log.warning(
+            "projection %s: ended the frozen lease holder %s (pid %d)",
+            self.name,
+            seen.lease_owner,
+            holder.pid,
+        )
+        return True
 
     @asynccontextmanager
     async def _holding(self, epoch: int) -> AsyncIterator[Any]:
@@ -379,12 +387,29 @@ class Projector:
     async def start(self) -> None:
         """Set the projections up (tables, views, bookkeeping), then start one worker each."""
         self._stop.clear()
-        async with self.read_db.transaction() as s:
-            for w in self._workers:
-                await schema.ensure_projection(s, w.projection, "async")
+        # looked at read-only first: while another projector's batch holds the database's
+        # write lock (SQLite), a standby starting up must not queue behind it for nothing
+        if await self._needs_setup():
+            async with self.read_db.transaction() as s:
+                for w in self._workers:
+                    await schema.ensure_projection(s, w.projection, "async")
         self._tasks = [
             asyncio.create_task(w.run(), name=f"projector:{w.name}") for w in self._workers
         ]
+
+    async def _needs_setup(self) -> bool:
+        try:
+            async with self.read_db.read_only() as s:
+                if not await schema.installed(s):
+                    return True
+                for w in self._workers:
+                    row = await schema.load(s, w.name)
+                    if row is None or row.mode != "async":
+                        return True
+        except Exception as exc:  # noqa: BLE001 - e.g. the tables do not exist yet
+            log.debug("projections not set up yet (%s)", exc)
+            return True
+        return False
 
     async def stop(self) -> None:
         """Finish the batches in flight, release the leases and stop.

@@ -89,6 +89,17 @@ async def install(session: Session) -> None:
         await session.execute(stmt)
 
 
+async def installed(session: Session) -> bool:
+    """Whether every bookkeeping table exists (a read-only check; raises if none does)."""
+    await session.fetchone("SELECT name FROM cqrskit_projections LIMIT 1")
+    try:
+        async with session.savepoint():
+            await session.fetchone("SELECT name FROM cqrskit_lease_holders LIMIT 1")
+    except Exception:  # noqa: BLE001 - a table added by a later release: install() adds it
+        return False
+    return True
+
+
 async def load(session: Session, name: str) -> ProjectionRow | None:
     """The projection's row, or ``None`` if it was never set up."""
     row = await session.fetchone(
