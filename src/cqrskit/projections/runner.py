@@ -340,7 +340,9 @@ class Projector:
         projections: the projections to run (one worker each).
         decoder: stored event -> event (a callable or a serializer's ``decode_stored``).
         batch_size: events per read-database transaction.
-        lease_ttl: seconds (monotonic) without a heartbeat before a standby takes over.
+        lease_ttl: seconds (monotonic) without a heartbeat before a standby takes over; a
+            lease holder's transaction is rolled back after 3/4 of it (size batches so
+            that one finishes well within it).
         max_attempts: attempts per failing event before it is parked.
         state_interval: seconds between checks for rebuild and retry requests.
         poll_interval: the longest idle wait between reads when no wake-up comes (the
