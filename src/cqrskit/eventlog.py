@@ -58,7 +58,7 @@ __all__ = [
 
 _log = logging.getLogger("cqrskit.eventlog")
 
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 InlineHook = Callable[["UnitOfWork", "list[StoredEvent]"], Awaitable[None]]
 """``async hook(uow, stored_events)``: runs inside the transaction, after the append (positions
@@ -74,7 +74,7 @@ def validate_identifier(name: str, what: str = "identifier") -> str:
     Raises:
         ConfigurationError: the name does not match (nothing is ever interpolated raw).
     """
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
         raise ConfigurationError(
             f"invalid {what} {name!r}: it must match ^[a-z_][a-z0-9_]{{0,62}}$.",
             hint="use lower-case letters, digits and underscores, starting with a letter or _.",
@@ -399,13 +399,26 @@ class EventStore(ABC):
         A hint only (returns ``True`` on a wake-up, ``False`` on timeout); callers must
         re-read and may be woken spuriously. The base implementation wakes on commits made
         through this store object in this process; drivers add cross-process hints.
+
+        Raises:
+            ValueError: ``timeout`` is NaN (a NaN deadline would corrupt the event loop's
+                timer order).
         """
-        if await self.head() > position:
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if timeout != timeout:
+            raise ValueError("wait_for: timeout must be a number of seconds, got NaN.")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        fut: asyncio.Future[None] = loop.create_future()
+        # registered before the head is read: a commit landing while head() runs still
+        # wakes this waiter (checking first and registering after would lose that wake-up)
         self._waiters.add(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            if await self.head() > position or fut.done():
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.wait_for(asyncio.shield(fut), left)
         except TimeoutError:
             return False
         finally:

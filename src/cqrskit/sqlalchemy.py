@@ -287,7 +287,7 @@ class SqlAlchemyEventStore(EventStore):
         """Rows in ``table`` of the PostgreSQL schema, through the command's session."""
         from cqrskit.postgres.idempotency import SessionIdempotencyBackend
 
-        return SessionIdempotencyBackend(self.events, table)
+        return SessionIdempotencyBackend(self.events, table, wait_timeout)
 
     async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
         """See :meth:`EventStore.read_after` (read by the PostgreSQL store)."""

@@ -27,11 +27,12 @@ def start_projector(
     failpoint: str | None = None,
     trace: Path | None = None,
     wall_clock: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """A projector process on the SQLite test log (``log_path``) and read file."""
     return spawn(
         ["--store", "tests.support.sqlite_log:from_env", "--read", f"sqlite:///{read_path}"],
-        {"CQRSKIT_TEST_LOG": log_path},
+        {"CQRSKIT_TEST_LOG": log_path, **(env or {})},
         Path(read_path).with_name(f"projector-{owner}.log"),
         owner,
         lease_ttl=lease_ttl,

@@ -664,7 +664,7 @@ class PostgresEventStore(EventStore):
         """Rows in ``table`` of this store's schema, claimed in the command's transaction."""
         from cqrskit.postgres.idempotency import PostgresIdempotencyBackend
 
-        return PostgresIdempotencyBackend(self, table)
+        return PostgresIdempotencyBackend(self, table, wait_timeout)
 
     async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
         """See :meth:`EventStore.read_after`: stops below the visibility horizon."""

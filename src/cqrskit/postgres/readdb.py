@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["PostgresReadDatabase", "PostgresSession"]
 
 _TOKENS = re.compile(
-    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|\bcqrskit_(?:projections|checkpoints|dead_letters)\b"
+    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|\bcqrskit_(?:projections|checkpoints|dead_letters|lease_holders)\b"
 )
 
 
@@ -152,9 +152,15 @@ class PostgresReadDatabase(ReadDatabase):
             self._pool = pool
         return self._pool
 
-    def transaction(self) -> AbstractAsyncContextManager[Session]:
-        """See :meth:`ReadDatabase.transaction`."""
-        return self._tx("BEGIN")
+    def transaction(
+        self, *, lock_timeout: float | None = None
+    ) -> AbstractAsyncContextManager[Session]:
+        """See :meth:`ReadDatabase.transaction` (``lock_timeout`` is set for this
+        transaction only: ``SET LOCAL lock_timeout``)."""
+        if lock_timeout is None:
+            return self._tx("BEGIN")
+        millis = max(1, round(lock_timeout * 1000))
+        return self._tx(f"BEGIN; SET LOCAL lock_timeout = {millis}")
 
     def read_only(self) -> AbstractAsyncContextManager[Session]:
         """See :meth:`ReadDatabase.read_only` (``BEGIN READ ONLY``)."""

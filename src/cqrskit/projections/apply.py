@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cqrskit.errors import SerializationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.messages import Event
 from cqrskit.projections.api import Handler, Projection, ProjectionContext
@@ -78,12 +77,11 @@ class Applier:
         await handler(event, ctx)
 
     def _handler_by_name(self, name: str) -> Handler | None:
+        # A type this process cannot decode is not known to be irrelevant: a newer release
+        # may handle it (a rolling upgrade). Its SerializationError propagates, so the
+        # event is parked with the reason — retried after the upgrade — never skipped.
         assert self._type_for is not None
-        try:
-            cls = self._type_for(name)
-        except SerializationError:
-            return None  # a type nobody registered cannot have a handler here
-        return self.projection.handler_for(cls)
+        return self.projection.handler_for(self._type_for(name))
 
     def context(self, session: Session, generation: int) -> ProjectionContext:
         """A handler context writing ``generation``'s tables through ``session``."""

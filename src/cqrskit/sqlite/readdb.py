@@ -8,6 +8,10 @@ projection batches moderate to bound how long the event loop is held.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -16,6 +20,8 @@ from typing import Any
 from cqrskit.projections.db import ReadDatabase, Row, Session
 
 __all__ = ["SqliteReadDatabase", "SqliteSession"]
+
+log = logging.getLogger("cqrskit.projections")
 
 
 class SqliteSession(Session):
@@ -76,6 +82,48 @@ def _connect(path: str, *, read_only: bool, busy_timeout_ms: int) -> sqlite3.Con
     return conn
 
 
+# SQLite's locking protocol (unix VFS): in WAL mode the writer holds a POSIX write lock on
+# byte 120 of the "-shm" file (the first WAL-index lock byte); in rollback-journal mode a
+# writer holds the RESERVED byte, PENDING_BYTE + 1, of the database file. The holder is
+# read from /proc/locks (Linux): probing with fcntl(F_GETLK) would mean opening and closing
+# the file here, and closing any descriptor of a file drops every POSIX lock this process
+# holds on it — this process's own SQLite connections' locks included.
+_LOCK_BYTES = (("-shm", 120), ("", 0x40000001))
+
+
+def _write_lock_holder(path: str, locks: str = "/proc/locks") -> int | None:
+    """The id of the process holding ``path``'s SQLite write lock, when it can be seen."""
+    wanted: dict[tuple[int, int, int], int] = {}
+    for suffix, offset in _LOCK_BYTES:
+        try:
+            st = os.stat(path + suffix)
+        except OSError:
+            continue
+        wanted[(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)] = offset
+    try:
+        with open(locks, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        # "1: POSIX  ADVISORY  WRITE 22830 fe:00:2149979 120 120" ("->" marks waiters)
+        if len(parts) != 8 or parts[1] != "POSIX" or parts[3] != "WRITE":
+            continue
+        try:
+            major, minor, inode = parts[5].split(":")
+            where = (int(major, 16), int(minor, 16), int(inode))
+            first = int(parts[6])
+            end = None if parts[7] == "EOF" else int(parts[7])
+            pid = int(parts[4])
+        except ValueError:
+            continue
+        byte = wanted.get(where)
+        if byte is not None and first <= byte and (end is None or byte <= end):
+            return pid
+    return None
+
+
 class SqliteReadDatabase(ReadDatabase):
     """A read database in a SQLite file (the write database's file or another one).
 
@@ -100,22 +148,32 @@ class SqliteReadDatabase(ReadDatabase):
             self._all.append(self._writer)
         return self._writer
 
-    def transaction(self) -> AbstractAsyncContextManager[Session]:
-        """See :meth:`ReadDatabase.transaction` (``BEGIN IMMEDIATE`` on one shared writer)."""
-        return self._transaction()
+    def transaction(
+        self, *, lock_timeout: float | None = None
+    ) -> AbstractAsyncContextManager[Session]:
+        """See :meth:`ReadDatabase.transaction` (``BEGIN IMMEDIATE`` on one shared writer;
+        ``lock_timeout`` is the busy timeout of this transaction's statements)."""
+        return self._transaction(lock_timeout)
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Session]:
+    async def _transaction(self, lock_timeout: float | None = None) -> AsyncIterator[Session]:
         async with self._lock:
             conn = self._writer_conn()
-            conn.execute("BEGIN IMMEDIATE")
+            if lock_timeout is not None:
+                # the calls are synchronous: a short busy wait keeps the event loop free
+                conn.execute(f"PRAGMA busy_timeout = {max(0, round(lock_timeout * 1000))}")
             try:
-                yield SqliteSession(conn)
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield SqliteSession(conn)
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                if lock_timeout is not None:
+                    conn.execute(f"PRAGMA busy_timeout = {int(self._busy)}")
 
     def read_only(self) -> AbstractAsyncContextManager[Session]:
         """See :meth:`ReadDatabase.read_only` (``PRAGMA query_only``: writes raise)."""
@@ -139,6 +197,28 @@ class SqliteReadDatabase(ReadDatabase):
             else:
                 self._all.remove(conn)
                 conn.close()
+
+    async def end_frozen_writer(self, host: str, pid: int) -> bool:
+        """See :meth:`ReadDatabase.end_frozen_writer`: SIGKILL process ``pid`` if it runs on
+        this host and holds this file's write lock (seen in ``/proc/locks`` on SQLite's lock
+        byte; elsewhere nothing is done), so its transaction can never commit and the lock
+        is freed."""
+        if host != socket.gethostname() or pid == os.getpid() or pid <= 0:
+            return False
+        holder = _write_lock_holder(self.path)
+        if holder != pid:
+            return False
+        log.warning(
+            "process %d holds the write lock of %s with an expired projection lease: "
+            "ending it (SIGKILL) so a standby can take over",
+            pid,
+            self.path,
+        )
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
 
     def inline(self, connection: Any) -> Session:
         """See :meth:`ReadDatabase.inline`."""

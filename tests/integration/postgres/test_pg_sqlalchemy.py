@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -334,3 +335,43 @@ async def test_the_database_check_ignores_session_settings(
     finally:
         await engine.dispose()
         await log.close()
+
+
+async def test_a_keyed_duplicate_on_the_session_waits_a_bounded_time(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    engine = create_async_engine(_asyncpg_url(postgres_dsn), pool_size=3).execution_options(
+        schema_translate_map={"app": pg_schema}
+    )
+    log = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, max_size=2)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        store = SqlAlchemyEventStore(log, async_sessionmaker(engine, expire_on_commit=False))
+        idem = await Idempotency.open(store, wait_timeout=0.3)
+        registry = Registry()
+        entered, gate = asyncio.Event(), asyncio.Event()
+
+        @registry.handler
+        async def open_account(cmd: OpenAccount, session: AsyncSession, uow: UnitOfWork) -> str:
+            session.add(Account(id=cmd.account_id, owner=cmd.owner))
+            entered.set()
+            await asyncio.wait_for(gate.wait(), 10)
+            return cmd.account_id
+
+        mediator = Mediator(registry, behaviors=[idem.transaction()], resolver=store.resolver())
+
+        async def attempt() -> str:
+            with idempotency_key("slow-open"):
+                return await mediator.send(OpenAccount("9", "ada"))
+
+        first = asyncio.create_task(attempt())
+        await asyncio.wait_for(entered.wait(), 10)
+        with pytest.raises(ConcurrencyError, match="still running"):
+            await asyncio.wait_for(attempt(), 10)
+        gate.set()
+        assert await asyncio.wait_for(first, 10) == "9"
+        assert await attempt() == "9"  # the retry now replays the stored result
+    finally:
+        await log.close()
+        await engine.dispose()

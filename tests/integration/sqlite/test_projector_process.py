@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -25,6 +26,8 @@ from tests.support.processes import (
     until_trace,
 )
 from tests.support.sqlite_log import SqliteTestLog
+
+from cqrskit.sqlite.readdb import _write_lock_holder
 
 pytestmark = pytest.mark.slow
 
@@ -174,3 +177,46 @@ async def test_paused_leader_is_fenced_at_commit(tmp_path: Path) -> None:
         log.close()
     result = check_invariants("sqlite-paused-leader-fenced", invariants(log.path, read_path))
     assert result == CLEAN
+
+    assert invariants(log.path, read_path) == CLEAN
+
+
+async def test_sigstop_mid_transaction_standby_takes_over(tmp_path: Path) -> None:
+    """A leader frozen (SIGSTOP) inside its batch transaction holds SQLite's write lock,
+    which nothing but its end frees: once the lease expired, the standby sees (in
+    /proc/locks) that the lease holder holds the lock and ends it with SIGKILL, then takes
+    over within lease_ttl + a poll; the frozen transaction never commits."""
+    ttl = 1.0
+    rng = random.Random(9)
+    log = SqliteTestLog(tmp_path / "write.db")
+    read_path = str(tmp_path / "read.db")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        slow = {"CQRSKIT_TEST_SLOW_APPLY": "0.05"}  # each event's handler awaits 50 ms
+        procs["a"] = start_projector(log.path, read_path, owner="a", lease_ttl=ttl, env=slow)
+        head = await write(log, rng, 10)
+        await until_state(read_path, lambda s: s[0] >= head and s[1] == "a")
+        procs["b"] = start_projector(log.path, read_path, owner="b", lease_ttl=ttl)
+        head = await write(log, rng, 200)  # about 10 s of slowed batches for "a"
+        deadline = time.monotonic() + 20
+        while _write_lock_holder(read_path) != procs["a"].pid:
+            assert time.monotonic() < deadline, "the leader never held a batch open"
+            await asyncio.sleep(0.002)
+        send_signal(procs["a"], signal.SIGSTOP)
+        stopped = time.monotonic()
+        # the fault landed mid-transaction: the frozen leader still holds the write lock
+        assert _write_lock_holder(read_path) == procs["a"].pid, "SIGSTOP missed the batch"
+        await until_state(read_path, lambda s: s[1] == "b", timeout=30)
+        took = time.monotonic() - stopped
+        print(f"takeover {took:.2f}s after SIGSTOP (lease_ttl {ttl}s)")
+        assert took < ttl + ttl / 4 + 5.0, took  # the bound, plus slack for a loaded host
+        assert procs["a"].wait(timeout=10) == -signal.SIGKILL  # ended by the standby
+        await until_state(read_path, lambda s: s[0] >= head and s[1] == "b", timeout=60)
+        head = await write(log, rng, 20)
+        await until_state(read_path, lambda s: s[0] >= head, timeout=60)
+    finally:
+        for proc in procs.values():
+            send_signal(proc, signal.SIGCONT)
+            stop(proc, signal.SIGTERM)
+        log.close()
+    assert check_invariants("sqlite-sigstop-takeover", invariants(log.path, read_path)) == CLEAN

@@ -48,10 +48,11 @@ def start(
     lease_ttl: float = 0.5,
     failpoint: str | None = None,
     trace: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     return spawn(
         ["--store", "tests.support.pg_log:from_env", "--read", dsn, "--schema", read, "--listen"],
-        {"CQRSKIT_TEST_PG_DSN": dsn, "CQRSKIT_TEST_PG_SCHEMA": write},
+        {"CQRSKIT_TEST_PG_DSN": dsn, "CQRSKIT_TEST_PG_SCHEMA": write, **(env or {})},
         tmp / f"projector-{owner}.log",
         owner,
         lease_ttl=lease_ttl,
@@ -211,3 +212,61 @@ async def test_paused_leader_is_fenced_at_commit(
         await log.close()
     result = await invariants(postgres_dsn, write_schema, read)
     assert check_invariants("postgres-paused-leader-fenced", result) == CLEAN
+
+
+async def _in_transaction(dsn: str, read: str) -> set[int]:
+    """Backends holding a write transaction open on the read schema (idle inside it)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction' "
+            "AND backend_xid IS NOT NULL AND query LIKE $1",
+            f'%"{read}"%',
+        )
+    finally:
+        await conn.close()
+    return {int(r[0]) for r in rows}
+
+
+async def test_sigstop_mid_transaction_standby_takes_over(
+    postgres_dsn: str, schemas: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A leader frozen (SIGSTOP) inside its batch transaction holds the lease row's lock:
+    the server ends its session after lease_ttl idle, the standby takes over within
+    lease_ttl + a poll, and the frozen one, resumed, commits nothing (0 double-applied)."""
+    write_schema, read = schemas("w"), schemas("r")
+    ttl = 1.0
+    log = await open_pg_log(postgres_dsn, write_schema, notify=True)
+    slow = {"CQRSKIT_TEST_SLOW_APPLY": "0.05"}  # each event's handler awaits 50 ms
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    rng = random.Random(5)
+    try:
+        procs["a"] = start(postgres_dsn, write_schema, read, "a", tmp_path, lease_ttl=ttl, env=slow)
+        head = await write(log, rng, 10)
+        await until(postgres_dsn, read, lambda s: s[0] >= head and s[1] == "a")
+        procs["b"] = start(postgres_dsn, write_schema, read, "b", tmp_path, lease_ttl=ttl)
+        head = await write(log, rng, 200)  # about 10 s of slowed batches for "a"
+        deadline = time.monotonic() + 20
+        while not await _in_transaction(postgres_dsn, read):
+            assert time.monotonic() < deadline, "the leader never held a batch open"
+            await asyncio.sleep(0.005)
+        send_signal(procs["a"], signal.SIGSTOP)
+        stopped = time.monotonic()
+        # the fault landed mid-transaction: the frozen leader's transaction is still open
+        assert await _in_transaction(postgres_dsn, read), "SIGSTOP missed the transaction"
+        await until(postgres_dsn, read, lambda s: s[1] == "b", timeout=30)
+        took = time.monotonic() - stopped
+        print(f"takeover {took:.2f}s after SIGSTOP (lease_ttl {ttl}s)")
+        assert took < ttl + ttl / 4 + 5.0, took  # the bound, plus slack for a loaded host
+        await until(postgres_dsn, read, lambda s: s[0] >= head and s[1] == "b", timeout=60)
+        procs["a"].send_signal(signal.SIGCONT)
+        head = await write(log, rng, 20)
+        await until(postgres_dsn, read, lambda s: s[0] >= head, timeout=60)
+        assert (await state(postgres_dsn, read))[1] == "b"
+    finally:
+        for proc in procs.values():
+            send_signal(proc, signal.SIGCONT)
+            stop(proc, signal.SIGTERM)
+        await log.close()
+    result = await invariants(postgres_dsn, write_schema, read)
+    assert check_invariants("postgres-sigstop-takeover", result) == CLEAN
