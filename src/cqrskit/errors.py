@@ -21,7 +21,8 @@ tests can act on them without parsing text::
     ├── PersistenceError              the database refused or lost something
     │   ├── SerializationError        a message could not be encoded or decoded
     │   ├── IdempotencyError          an idempotency key was reused for another command
-    │   └── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
+    │   ├── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
+    │   └── ReplicaUnavailableError   no replica could serve a query (or one failed mid-query)
     ├── ConsistencyError              a read model is behind a consistency token
     │   ├── StaleReadError            ... and the policy is to fail
     │   └── TokenFromFutureError      the token lies beyond the end of the event log
@@ -51,6 +52,7 @@ __all__ = [
     "PersistenceError",
     "PublishError",
     "RegistrationError",
+    "ReplicaUnavailableError",
     "SerializationError",
     "StaleReadError",
     "TokenFromFutureError",
@@ -293,6 +295,20 @@ class CommitOutcomeUnknownError(PersistenceError):
     """
 
     retry_safe: bool = False
+
+
+class ReplicaUnavailableError(PersistenceError):
+    """No streaming replica could serve a query (none in rotation, and falling back to the
+    primary is off), or the replica serving it failed mid-query (connection lost, no answer
+    within the router's query timeout). Nothing was written: the query can be retried.
+
+    Attributes:
+        replica: the replica's name, when one failed.
+    """
+
+    def __init__(self, text: str, *, replica: str | None = None, **kwargs: Any) -> None:
+        self.replica = replica
+        super().__init__(text, **kwargs)
 
 
 class ConsistencyError(CqrsError):
