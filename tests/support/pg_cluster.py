@@ -31,7 +31,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PgCluster", "PgNode", "free_port", "postgres_binaries"]
+__all__ = ["INJECTED", "PgCluster", "PgNode", "free_port", "postgres_binaries"]
+
+INJECTED: Counter[str] = Counter()
+"""Faults injected by every cluster (and proxy) of this test run, by kind."""
 
 
 def free_port() -> int:
@@ -51,6 +54,14 @@ def postgres_binaries() -> Path | None:
         if (Path(d) / "initdb").exists():
             return Path(d)
     return None
+
+
+class _Faults(Counter[str]):
+    """A cluster's fault counts, also added to :data:`INJECTED`."""
+
+    def __setitem__(self, key: str, value: int) -> None:
+        INJECTED[key] += value - self.get(key, 0)
+        super().__setitem__(key, value)
 
 
 def _children(pid: int) -> list[int]:
@@ -112,7 +123,7 @@ class PgCluster:
         self.standbys = [
             PgNode(f"standby{i + 1}", self.root / f"s{i + 1}", free_port()) for i in range(standbys)
         ]
-        self.faults: Counter[str] = Counter()
+        self.faults = _Faults()
         self._closed = False
         atexit.register(self.close)
 

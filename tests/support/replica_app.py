@@ -78,12 +78,14 @@ async def open_replica_app(
     *,
     mode: str = "inline",
     max_timeout: float = 30.0,
+    store_check: bool = True,
     **router_options: Any,
 ) -> ReplicaApp:
     """The app on ``schema`` of the primary, queries on ``replicas``.
 
     ``mode="inline"``: ``balances`` applied in each command's transaction (the router gets
-    ``store=``); ``mode="async"``: applied by a projector into the same schema.
+    ``store=`` unless ``store_check=False``); ``mode="async"``: applied by a projector into
+    the same schema.
     """
     store = await PostgresEventStore.open(primary_dsn, schema=schema, encoder=serializer.encode)
     primary = PostgresReadDatabase(primary_dsn, schema=schema)
@@ -92,7 +94,9 @@ async def open_replica_app(
         inline = InlineProjections(primary, [balances], serializer)
         await inline.setup()
         inline.attach(store)
-        router = PostgresReplicaRouter(primary, replicas, store=store, **router_options)
+        router = PostgresReplicaRouter(
+            primary, replicas, store=store if store_check else None, **router_options
+        )
     else:
         router = PostgresReplicaRouter(primary, replicas, **router_options)
         projector = Projector(store, router, [balances], serializer, batch_size=200)

@@ -222,6 +222,7 @@ class Node:
         self.probe_ms: float | None = None
         self.failures = 0
         self.streak = 0  # healthy probes in a row while out of rotation
+        self.suspect = False  # a query got no answer in time; the next probe decides
         self.queries = 0
         self._probe_conn: Any = None
         self._probed_once = False
@@ -278,6 +279,7 @@ class Node:
                 self.reason = problem  # same kind of problem, newer figures: not logged again
             return
         self.failures = 0
+        self.suspect = False
         if self.in_rotation:
             return
         self.streak += 1

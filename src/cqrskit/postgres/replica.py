@@ -51,7 +51,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -60,8 +60,6 @@ from cqrskit.errors import (
     MissingExtraError,
     PersistenceError,
     ReplicaUnavailableError,
-    StaleReadError,
-    TokenFromFutureError,
 )
 from cqrskit.postgres._replica_nodes import (
     UNAVAILABLE,
@@ -75,8 +73,9 @@ from cqrskit.postgres._replica_nodes import (
     end,
     lsn_text,
 )
+from cqrskit.postgres._replica_tokens import Lease, TokenRoute
 from cqrskit.postgres.readdb import PostgresReadDatabase, PostgresSession
-from cqrskit.projections.consistency import ReadAfter, TokenRequest, current_read_after
+from cqrskit.projections.consistency import current_read_after
 from cqrskit.projections.db import ReadDatabase, Row, Session, check_identifier
 
 if TYPE_CHECKING:
@@ -94,19 +93,6 @@ _log = logging.getLogger("cqrskit.postgres.replica")
 # errors of a statement that mean the server is gone, not that the SQL is wrong
 _LOST = (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError)
 _RECOVERY_CONFLICT = "40001"  # a standby cancelled the query to go on replaying
-_MIN_CHECK = 0.1  # the last check of a wait gets at least this long to answer
-
-
-class _Lease:
-    """A connection inside ``BEGIN READ ONLY`` on one server, while routing a query."""
-
-    __slots__ = ("conn", "dead", "node", "positions")
-
-    def __init__(self, node: Node, conn: Any) -> None:
-        self.node = node
-        self.conn = conn
-        self.positions: dict[str, int] = {}
-        self.dead = False
 
 
 class _RoutedSession(PostgresSession):
@@ -457,7 +443,7 @@ class PostgresReplicaRouter(ReadDatabase):
         await self.start()
         state = current_read_after()
         if state is not None and state.request is not None:
-            lease = await self._for_token(state.request, state)
+            lease = await TokenRoute(self, state.request, state).run()
             state.positions = lease.positions
         else:
             lease = await self._plain()
@@ -491,6 +477,7 @@ class PostgresReplicaRouter(ReadDatabase):
         order = sorted(
             range(count),
             key=lambda i: (
+                nodes[i].suspect,
                 nodes[i].name != prefer,
                 round((nodes[i].lag_seconds or 0.0) / step),
                 (i - self._rr) % count,
@@ -498,8 +485,9 @@ class PostgresReplicaRouter(ReadDatabase):
         )
         return [nodes[i] for i in order]
 
-    async def _open(self, node: Node, timeout: float) -> _Lease | None:
-        """A lease on ``node``, or ``None`` when it failed (and left the rotation)."""
+    async def _open(self, node: Node, timeout: float) -> Any | None:
+        """A connection to ``node`` inside ``BEGIN READ ONLY``, or ``None`` when it failed
+        (the failure is noted: see :meth:`_lost`) or all its connections are busy."""
         try:
             conn = await node.pool.acquire(timeout)
         except PoolBusy:
@@ -516,187 +504,34 @@ class PostgresReplicaRouter(ReadDatabase):
         except BaseException:
             node.pool.release(conn, broken=True)
             raise
-        return _Lease(node, conn)
+        return conn
 
-    async def _plain(self) -> _Lease:
+    async def _plain(self) -> Lease:
         """A session for a query without a token: any replica in rotation."""
         for node in self._spread(self._in_rotation()):
-            lease = await self._open(node, self.connect_timeout)
-            if lease is not None:
-                return lease
+            conn = await self._open(node, self.connect_timeout)
+            if conn is not None:
+                return Lease(node, conn)
         return await self._fallback(self.connect_timeout, "no replica could take the query")
 
-    async def _fallback(self, timeout: float, why: str) -> _Lease:
+    async def _fallback(self, timeout: float, why: str) -> Lease:
         self._note_fallback()
         if self.when_no_replica == "fail":
             raise ReplicaUnavailableError(
                 f"{why} (replicas: {self._describe_rotation()}); when_no_replica='fail'.",
                 hint="retry later, or allow when_no_replica='primary'.",
             )
-        lease = await self._open(self._primary, timeout)
-        if lease is None:
+        conn = await self._open(self._primary, timeout)
+        if conn is None:
             raise PersistenceError(
                 f"{why}, and the primary did not take it either ({self._primary.reason}).",
                 hint="check the servers; the query can be retried.",
             )
         self._primary_fallbacks += 1
-        return lease
+        return Lease(self._primary, conn)
 
     def _describe_rotation(self) -> str:
         return "; ".join(f"{n.name}: {n.reason or 'in rotation'}" for n in self._replicas)
-
-    async def _for_token(self, request: TokenRequest, state: ReadAfter) -> _Lease:
-        held: list[_Lease] = []
-        chosen: _Lease | None = None
-        try:
-            chosen = await self._route(request, state, held)
-            return chosen
-        finally:
-            for lease in held:
-                if lease is not chosen:
-                    await end(lease.conn, lease.node.pool, not lease.dead, 1.0)
-
-    async def _route(self, req: TokenRequest, state: ReadAfter, held: list[_Lease]) -> _Lease:
-        replicas = self._spread(self._in_rotation(), state.source)
-        if replicas:  # the freshest replica, at once: the common case ends here
-            lease = await self._lease(replicas[0], req, held)
-            if lease is not None and await self._reached(lease, req):
-                return lease
-        await self._validate(req)
-        if req.policy in ("fail", "primary"):
-            for node in replicas[1:]:  # each other replica, once
-                lease = await self._lease(node, req, held)
-                if lease is not None and await self._reached(lease, req):
-                    return lease
-            if req.policy == "primary":
-                # the primary serves it (and waits there for an async projection)
-                return await self._wait(req, state, held, lambda: [self._primary])
-            if replicas:
-                raise self._stale(req, held)
-            return await self._wait(req, state, held, self._token_nodes, once=True)
-        return await self._wait(req, state, held, self._token_nodes)
-
-    def _token_nodes(self) -> list[Node]:
-        nodes = self._in_rotation()
-        if nodes or self.when_no_replica == "fail":
-            return nodes
-        return [self._primary]
-
-    async def _lease(self, node: Node, req: TokenRequest, held: list[_Lease]) -> _Lease | None:
-        for known in held:
-            if known.node is node and not known.dead:
-                return known
-        lease = await self._open(node, self._bound(req, self.connect_timeout))
-        if lease is not None:
-            held.append(lease)
-        return lease
-
-    def _bound(self, req: TokenRequest, limit: float) -> float:
-        return min(limit, max(req.deadline - time.monotonic(), _MIN_CHECK))
-
-    async def _wait(
-        self,
-        req: TokenRequest,
-        state: ReadAfter,
-        held: list[_Lease],
-        nodes: Callable[[], list[Node]],
-        *,
-        once: bool = False,
-    ) -> _Lease:
-        """Poll the servers ``nodes()`` names until one reached the token or time is up."""
-        pause = 0.0005
-        wanted: list[Node] = []
-        while True:
-            wanted = nodes()
-            for node in wanted:
-                await self._lease(node, req, held)
-            live = [x for x in held if not x.dead and x.node in wanted]
-            if live:
-                reached = await asyncio.gather(*(self._reached(x, req) for x in live))
-                for lease, ok in zip(live, reached, strict=True):
-                    if ok:
-                        if lease.node.primary:
-                            self._primary_fallbacks += 1
-                        return lease
-            remaining = req.deadline - time.monotonic()
-            if once or remaining <= 0:
-                break
-            await asyncio.sleep(min(pause, remaining))  # polling the replica's replay
-            pause = min(pause * 2, 0.004)
-        live = [x for x in held if not x.dead and x.node in wanted]
-        if not live:
-            raise ReplicaUnavailableError(
-                f"no server could be asked for consistency token {req.token} "
-                f"({self._describe_rotation() or 'no replicas'}; primary: "
-                f"{self._primary.reason or 'reachable'}; when_no_replica="
-                f"{self.when_no_replica!r}).",
-                hint="retry later; check the servers (router.status()).",
-            )
-        if req.policy == "stale" and live:
-            best = max(live, key=lambda x: min(x.positions.values(), default=0))
-            state.stale = True
-            return best
-        raise self._stale(req, held)
-
-    async def _reached(self, lease: _Lease, req: TokenRequest) -> bool:
-        """Whether ``lease``'s server reached the token, proven in that very session."""
-        names = list(req.projections)
-        args: tuple[Any, ...] = (names, req.token) if self.store is not None else (names,)
-        try:
-            rows = await lease.conn.fetch(
-                self._sql_check, *args, timeout=self._bound(req, self.probe_timeout)
-            )
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-            lease.dead = True
-            self._lost(lease.node, exc)
-            return False
-        lease.positions = {str(r[0]): int(r[2]) for r in rows}
-        if len(lease.positions) < len(set(names)):
-            return False  # set up on the primary but not replayed here yet
-        for row in rows:
-            if row[1] == "inline" and not lease.node.primary:
-                if self.store is None:
-                    raise ConfigurationError(
-                        f"projection {row[0]!r} runs inline, so a replica proves a token by "
-                        "the event log's rows, and the router was built without store=.",
-                        hint="PostgresReplicaRouter(primary, replicas, store=store).",
-                    )
-                if not row[3]:
-                    return False
-            elif int(row[2]) < req.token:
-                return False
-        return True
-
-    async def _validate(self, req: TokenRequest) -> None:
-        """When the first replica was behind: a token from the future fails at once, and
-        so do projections the primary does not know (once per set of names)."""
-        last = await req.store.last_position()
-        if req.token > last:
-            raise TokenFromFutureError(
-                f"consistency token {req.token} is beyond the end of the event log ({last}).",
-                hint="pass the token of a committed command (receipt.token), unmodified.",
-            )
-        key = tuple(sorted(set(req.projections)))
-        if key in self._validated:
-            return
-        async with self.primary.read_only() as s:
-            rows = await s.connection.fetch(self._sql_modes, list(key))
-        missing = sorted(set(key) - {str(r[0]) for r in rows})
-        if missing:
-            raise ConfigurationError(
-                f"projection(s) {missing} are not set up in the read database.",
-                hint="start their projector (or InlineProjections.setup()) first.",
-            )
-        self._validated.add(key)
-
-    def _stale(self, req: TokenRequest, held: list[_Lease]) -> StaleReadError:
-        seen = {x.node.name: min(x.positions.values(), default=0) for x in held if x.positions}
-        return StaleReadError(
-            f"no server reached consistency token {req.token} within {req.timeout:g}s "
-            f"(policy {req.policy!r}; checkpoints seen: {seen or 'none'}; "
-            f"{self._describe_rotation() or 'no replicas'}).",
-            hint="retry later, raise the timeout, or use policy='primary' or 'stale'.",
-        )
 
     # -- failures ------------------------------------------------------------------------
 
@@ -711,6 +546,7 @@ class PostgresReplicaRouter(ReadDatabase):
             return  # the server answered: an SQL problem, not a sick server
         if isinstance(exc, TimeoutError):
             node.failures += 1
+            node.suspect = True  # tried last until a probe says otherwise
             self._wake.set()  # no answer in time: let the probe decide at once
             return
         node.fail(f"query failed ({text})")
