@@ -125,6 +125,8 @@ class PgCluster:
         ]
         self.faults = _Faults()
         self._closed = False
+        self._conninfo: dict[str, str] = {}
+        self._disconnected: set[str] = set()
         atexit.register(self.close)
 
     # -- commands ------------------------------------------------------------------------
@@ -228,6 +230,30 @@ class PgCluster:
         self._run("pg_ctl", "-D", str(node.data), "-w", "promote")
         self.faults["promote"] += 1
 
+    def reclone(self, node: PgNode) -> None:
+        """Replace ``node`` (say, a promoted standby) by a fresh standby of the primary."""
+        if node.pid() is not None:
+            self._run("pg_ctl", "-D", str(node.data), "-m", "immediate", "-w", "stop")
+        node.running = False
+        shutil.rmtree(node.data)
+        self.add_standby(node)
+
+    def disconnect(self, node: PgNode) -> None:
+        """Cut a standby off its primary (no more WAL arrives; it keeps serving reads)."""
+        if node.name not in self._conninfo:
+            self._conninfo[node.name] = self.psql(node, "SHOW primary_conninfo")
+        self.psql(node, "ALTER SYSTEM SET primary_conninfo TO ''")
+        self.psql(node, "SELECT pg_reload_conf()")
+        self._disconnected.add(node.name)
+        self.faults["replica-disconnect"] += 1
+
+    def reconnect(self, node: PgNode) -> None:
+        """Undo :meth:`disconnect`: the connection string pg_basebackup wrote, again."""
+        conninfo = self._conninfo[node.name].replace("'", "''")
+        self.psql(node, f"ALTER SYSTEM SET primary_conninfo TO '{conninfo}'")
+        self.psql(node, "SELECT pg_reload_conf()")
+        self._disconnected.discard(node.name)
+
     def pause_replay(self, node: PgNode) -> None:
         self.psql(node, "SELECT pg_wal_replay_pause()")
         self.faults["replay-pause"] += 1
@@ -241,7 +267,11 @@ class PgCluster:
             if not node.running:
                 self.start_node(node)
         for s in self.standbys:
-            if self.psql(s, "SELECT pg_is_wal_replay_paused()") == "t":
+            if s.name in self._disconnected:
+                self.reconnect(s)
+            if self.psql(s, "SELECT pg_is_in_recovery()") != "t":
+                self.reclone(s)  # promoted by a test
+            elif self.psql(s, "SELECT pg_is_wal_replay_paused()") == "t":
                 self.resume_replay(s)
 
     def close(self) -> None:

@@ -118,6 +118,8 @@ class TokenRoute:
         wanted: list[Node] = []
         while True:
             wanted = nodes()
+            if not wanted:
+                break  # no replica in rotation and when_no_replica="fail": at once
             sound = [n for n in wanted if not n.suspect] or wanted
             for node in sound:
                 await self._lease(node)

@@ -1,6 +1,6 @@
 """Replication tests run on clusters of their own: a primary and two streaming standbys on
-free ports in a temporary directory (tests/support/pg_cluster.py), one per test module,
-removed at the end even when a test fails."""
+free ports in a temporary directory (tests/support/pg_cluster.py), one for the session
+(each test starts from it healthy again), removed at the end even when a test fails."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def require_pg_binaries() -> None:
     pytest.skip(text)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster() -> Iterator[PgCluster]:
-    """One primary + two standbys for the whole module (about 1.5 s to start)."""
+    """One primary + two standbys for every replication test (about 1.5 s to start)."""
     require_pg_binaries()
     c = PgCluster(standbys=2).start()
     try:
@@ -38,8 +38,8 @@ def cluster() -> Iterator[PgCluster]:
 
 @pytest.fixture
 def healthy(cluster: PgCluster) -> PgCluster:
-    """The module's cluster with every server up and replaying (a fault test before may
-    have stopped or paused one)."""
+    """The cluster with every server up, a standby and replaying (a fault test before may
+    have stopped, paused, cut off or promoted one)."""
     cluster.ensure_healthy()
     return cluster
 
