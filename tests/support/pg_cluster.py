@@ -167,7 +167,7 @@ class PgCluster:
                     f"unix_socket_directories = '{self.root}'\n"
                     "wal_level = replica\nmax_wal_senders = 8\nwal_keep_size = '256MB'\n"
                     "fsync = off\nfull_page_writes = off\nshared_buffers = '32MB'\n"
-                    "max_connections = 60\nhot_standby = on\n"
+                    "max_connections = 200\nhot_standby = on\n"
                 )
             with (p.data / "pg_hba.conf").open("a") as hba:
                 hba.write("host replication all 127.0.0.1/32 trust\n")

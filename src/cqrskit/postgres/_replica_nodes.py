@@ -129,8 +129,10 @@ class Pool:
     """Connections to one server: at most ``size`` in use, idle ones reused last-in
     first-out. Every connect and every wait is bounded by the caller's timeout.
 
-    Sessions always end their transaction, so a connection needs no reset between uses
-    (asyncpg's pool would spend a round trip per release on it).
+    Every connection runs with ``default_transaction_read_only`` on: a statement outside
+    a transaction block is a read-only transaction of its own. Sessions end any block they
+    open, so a connection needs no reset between uses (asyncpg's pool would spend a round
+    trip per release on it).
     """
 
     def __init__(
@@ -139,7 +141,7 @@ class Pool:
         self._dsn = dsn
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Any] = []
-        self._settings = {"search_path": schema}
+        self._settings = {"search_path": schema, "default_transaction_read_only": "on"}
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
         self._closed = False
@@ -224,6 +226,7 @@ class Node:
         self.streak = 0  # healthy probes in a row while out of rotation
         self.suspect = False  # a query got no answer in time; the next probe decides
         self.queries = 0
+        self.last_error: str | None = None  # of the last failed connect or statement
         self._probe_conn: Any = None
         self._probed_once = False
 

@@ -1,11 +1,14 @@
 """Routing one query with a consistency token: find a server whose own snapshot proves the
 token, within the query's deadline, by its policy.
 
-The proof runs in the session the query then uses (``BEGIN READ ONLY``, READ COMMITTED:
-every later statement takes a newer snapshot, so it sees at least what the check saw). A
-replica's replay only moves forward while it runs, but not across its crash and restart
-(it reopens at its last consistent point), so nothing is remembered between sessions: the
-check is repeated in every session.
+The proof runs on the connection the query then uses: the check statement first, then the
+query's statements, each with a newer snapshot than the check's, so they see at least what
+the check saw. A replica's replay only moves
+forward while it runs, but not across its crash and restart (it reopens at its last
+consistent point), so nothing is remembered between connections: the check is repeated for
+every session. The checks run outside a transaction block: a connection waiting for replay
+holds no lock, so it cannot hold up the very replay it waits for (the startup process waits
+for the locks of standby queries before replaying, e.g., a VACUUM truncation).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from cqrskit.errors import (
     StaleReadError,
     TokenFromFutureError,
 )
-from cqrskit.postgres._replica_nodes import UNAVAILABLE, Node, end
+from cqrskit.postgres._replica_nodes import UNAVAILABLE, Node
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -36,7 +39,7 @@ _MIN_CHECK = 0.1  # a check or connect near the deadline still gets this long to
 
 
 class Lease:
-    """A connection inside ``BEGIN READ ONLY`` on one server, while routing a query."""
+    """A connection to one server, while routing a query."""
 
     __slots__ = ("conn", "dead", "node", "positions")
 
@@ -57,7 +60,8 @@ class TokenRoute:
         self.held: list[Lease] = []
 
     async def run(self) -> Lease:
-        """The lease to serve the query on; every other lease opened meanwhile is ended."""
+        """The lease to serve the query on; every other lease opened meanwhile is given
+        back."""
         chosen: Lease | None = None
         try:
             chosen = await self._route()
@@ -66,10 +70,7 @@ class TokenRoute:
             for lease in self.held:
                 if lease is chosen:
                     continue
-                if lease.dead:
-                    lease.node.pool.release(lease.conn, broken=True)
-                else:
-                    await end(lease.conn, lease.node.pool, True, 1.0)
+                lease.node.pool.release(lease.conn, broken=lease.dead)
 
     async def _route(self) -> Lease:
         router, req = self.router, self.req
@@ -151,8 +152,9 @@ class TokenRoute:
         raise self._stale()
 
     async def _first_reached(self, live: list[Lease]) -> Lease | None:
-        """Check every lease at once; the first that reached the token wins and the checks
-        still running are interrupted (their connections are then dropped)."""
+        """Check every lease at once; the first that reached the token wins. A check still
+        running then finishes in the background (bounded by its timeout) and gives its
+        connection back itself: interrupting it would cost the connection."""
         if len(live) == 1:
             return live[0] if await self._reached(live[0]) else None
         tasks = {asyncio.ensure_future(self._reached(x)): x for x in live}
@@ -166,10 +168,9 @@ class TokenRoute:
                         winner = tasks[task]
         finally:
             for task in pending:
-                task.cancel()
-                tasks[task].dead = True
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+                lease = tasks[task]
+                self.held.remove(lease)
+                self.router._detach(task, lease)
         return winner
 
     async def _reached(self, lease: Lease) -> bool:

@@ -93,11 +93,17 @@ _log = logging.getLogger("cqrskit.postgres.replica")
 # errors of a statement that mean the server is gone, not that the SQL is wrong
 _LOST = (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError)
 _RECOVERY_CONFLICT = "40001"  # a standby cancelled the query to go on replaying
+# how a session can end with a statement still on the wire (its connection is then dropped)
+_INTERRUPTED = (asyncio.CancelledError, TimeoutError, ReplicaUnavailableError, *_LOST)
 
 
 class _RoutedSession(PostgresSession):
-    """A query session on a routed server: losing the server mid-query is a typed error
-    (and takes a replica out of rotation)."""
+    """A query session on a routed server. Its statements run one by one, each a read-only
+    transaction of its own (``default_transaction_read_only`` is on for these connections,
+    and a standby refuses writes anyway): what READ COMMITTED gives inside a transaction
+    block, two round trips (BEGIN, COMMIT) cheaper. :meth:`savepoint` opens the block when a
+    query needs one. Losing the server mid-query is a typed error (and takes a replica out
+    of rotation)."""
 
     def __init__(
         self,
@@ -138,6 +144,18 @@ class _RoutedSession(PostgresSession):
             return await super().fetchone(sql, *params)
         except (*_LOST, TimeoutError, asyncpg.PostgresError) as exc:
             raise self._router._translate(self._node, exc) from exc
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """See :meth:`Session.savepoint` (opens the session's read-only transaction block
+        first; it ends with the session)."""
+        if not self._conn.is_in_transaction():
+            try:
+                await self._conn.execute("BEGIN READ ONLY")
+            except (*_LOST, TimeoutError, asyncpg.PostgresError) as exc:
+                raise self._router._translate(self._node, exc) from exc
+        async with super().savepoint():
+            yield
 
 
 def _seconds(name: str, value: float, *, positive: bool = True) -> float:
@@ -277,6 +295,7 @@ class PostgresReplicaRouter(ReadDatabase):
         self._start_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
         s = f'"{self.schema}"'
         seen = ""
         if store is not None:
@@ -341,6 +360,8 @@ class PostgresReplicaRouter(ReadDatabase):
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
+        if self._background:  # checks left running by routed queries: bounded, let them end
+            await asyncio.wait(set(self._background), timeout=self.probe_timeout)
         for node in (self._primary, *self._replicas):
             await node.close()
         await self.primary.close()
@@ -454,8 +475,11 @@ class PostgresReplicaRouter(ReadDatabase):
         session = _RoutedSession(lease.conn, self.schema, self._cache, self, node)
         try:
             yield session
-        except BaseException:
-            await end(lease.conn, node.pool, False, min(self.query_timeout, 1.0))
+        except BaseException as exc:
+            if isinstance(exc, _INTERRUPTED):  # a statement may be in flight: drop it
+                node.pool.release(lease.conn, broken=True)
+            else:
+                await end(lease.conn, node.pool, False, min(self.query_timeout, 1.0))
             raise
         if not await end(lease.conn, node.pool, True, self.query_timeout):
             # what the query read is valid (one snapshot); only the server is in doubt
@@ -486,25 +510,15 @@ class PostgresReplicaRouter(ReadDatabase):
         return [nodes[i] for i in order]
 
     async def _open(self, node: Node, timeout: float) -> Any | None:
-        """A connection to ``node`` inside ``BEGIN READ ONLY``, or ``None`` when it failed
-        (the failure is noted: see :meth:`_lost`) or all its connections are busy."""
+        """A connection to ``node``, or ``None`` when it failed (noted: see :meth:`_lost`)
+        or all its connections are busy."""
         try:
-            conn = await node.pool.acquire(timeout)
+            return await node.pool.acquire(timeout)
         except PoolBusy:
             return None  # load, not a sick server: try another one
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             self._lost(node, exc)
             return None
-        try:
-            await conn.execute("BEGIN READ ONLY", timeout=timeout)
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-            node.pool.release(conn, broken=True)
-            self._lost(node, exc)
-            return None
-        except BaseException:
-            node.pool.release(conn, broken=True)
-            raise
-        return conn
 
     async def _plain(self) -> Lease:
         """A session for a query without a token: any replica in rotation."""
@@ -524,11 +538,24 @@ class PostgresReplicaRouter(ReadDatabase):
         conn = await self._open(self._primary, timeout)
         if conn is None:
             raise PersistenceError(
-                f"{why}, and the primary did not take it either ({self._primary.reason}).",
+                f"{why}, and the primary did not take it either "
+                f"({self._primary.last_error or 'all its connections busy'}).",
                 hint="check the servers; the query can be retried.",
             )
         self._primary_fallbacks += 1
         return Lease(self._primary, conn)
+
+    def _detach(self, task: asyncio.Future[Any], lease: Lease) -> None:
+        """Let ``task`` (a check on ``lease``) finish on its own, then give its connection
+        back."""
+        self._background.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._background.discard(t)
+            broken = t.cancelled() or t.exception() is not None or lease.dead
+            lease.node.pool.release(lease.conn, broken=broken)
+
+        task.add_done_callback(done)
 
     def _describe_rotation(self) -> str:
         return "; ".join(f"{n.name}: {n.reason or 'in rotation'}" for n in self._replicas)
@@ -538,6 +565,7 @@ class PostgresReplicaRouter(ReadDatabase):
     def _lost(self, node: Node, exc: BaseException) -> None:
         """A connect, BEGIN or check on ``node`` failed."""
         text = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
+        node.last_error = text
         if node.primary:
             _log.warning("a query session on the primary failed: %s", text)
             return

@@ -123,6 +123,36 @@ async def test_queries_without_a_token_spread_over_the_replicas(
         await app.close()
 
 
+async def test_sessions_are_read_only_on_the_primary_too(healthy: PgCluster, schema: str) -> None:
+    """With no replica the router's sessions run on the primary, still read-only; a
+    savepoint opens a read-only transaction block that ends with the session."""
+    app = await open_replica_app(healthy.primary.dsn, [], schema)
+    try:
+        await app.mediator.send(Deposit("a", 3))
+        async with read_after(None) as state:
+            assert await app.mediator.ask(GetAccount("a")) == (3, 1)
+        assert state.source == "primary"
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            async with app.router.read_only() as s:
+                await s.execute("UPDATE accounts SET balance = 0")
+        async with app.router.read_only() as s:
+            assert s.connection.is_in_transaction() is False  # one statement, one transaction
+            in_block = []
+
+            async def write_in_a_savepoint() -> None:
+                async with s.savepoint():
+                    in_block.append(s.connection.is_in_transaction())
+                    await s.execute("UPDATE accounts SET balance = 0")
+
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await write_in_a_savepoint()
+            assert in_block == [True]
+            assert await s.fetchval("SELECT balance FROM accounts WHERE id = 'a'") == 3
+        assert app.router.primary_fallbacks >= 3
+    finally:
+        await app.close()
+
+
 async def test_the_sequence_gap_trap_on_a_replica(healthy: PgCluster, schema: str) -> None:
     """A transaction with a lower xid commits after one with a higher xid. On a replica that
     replayed only the higher one, the inline checkpoint (GREATEST of both) is already past
