@@ -211,6 +211,54 @@ async def test_the_sequence_gap_trap_on_a_replica(healthy: PgCluster, schema: st
         await app.close()
 
 
+async def test_a_waiting_query_holds_no_lock_that_replay_needs(
+    healthy: PgCluster, schema: str
+) -> None:
+    """Replay of an ACCESS EXCLUSIVE lock waits for standby queries holding a conflicting
+    lock (up to max_standby_streaming_delay, 30 s). A query waiting for its token inside a
+    transaction block would hold one from its first check and stall the very replay it
+    waits for; the router checks outside any block, so replay goes on."""
+    replica = healthy.standbys[0]
+    app = await open_replica_app(
+        healthy.primary.dsn, {"r1": replica.dsn}, schema, probe_interval=60.0
+    )
+    conn = await asyncpg.connect(replica.dsn)
+    try:
+        await app.mediator.send(Deposit("a", 1))
+        await ask_consistent(
+            app.mediator, GetAccount("a"), (await app.mediator.send_tracked(Deposit("a", 1))).token
+        )
+        healthy.pause_replay(replica)
+        primary = await asyncpg.connect(healthy.primary.dsn)
+        try:
+            async with primary.transaction():
+                await primary.execute(
+                    f'LOCK TABLE "{schema}".cqrskit_checkpoints IN ACCESS EXCLUSIVE MODE'
+                )
+        finally:
+            await primary.close()
+        receipt = await app.mediator.send_tracked(Deposit("a", 1))
+        assert receipt.token is not None
+        waiting = asyncio.ensure_future(
+            ask_consistent(app.mediator, GetAccount("a"), receipt.token, timeout=10.0)
+        )
+        deadline = time.monotonic() + 10
+        while not await conn.fetchval(  # the query has checked the replica at least once
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%cqrskit_checkpoints%' "
+            "AND pid <> pg_backend_pid()"
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        healthy.resume_replay(replica)
+        got = await asyncio.wait_for(waiting, 15)
+        assert got.value == (3, 3)
+        assert time.monotonic() - started < 5.0  # not the 30 s of a replay conflict
+    finally:
+        await conn.close()
+        await app.close()
+
+
 async def test_a_token_from_the_future_fails_at_once(healthy: PgCluster, schema: str) -> None:
     app = await open_replica_app(healthy.primary.dsn, replicas(healthy), schema)
     try:
