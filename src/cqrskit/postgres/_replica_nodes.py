@@ -38,6 +38,9 @@ UNAVAILABLE = (
     TimeoutError,
 )
 
+# errors of a statement that mean the server is gone, not that the SQL is wrong
+LOST = (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError)
+
 _PROBE_STANDBY = (
     "SELECT pg_is_in_recovery(), "
     "(pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint, "

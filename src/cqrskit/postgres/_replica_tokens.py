@@ -23,6 +23,7 @@ from cqrskit.errors import (
     StaleReadError,
     TokenFromFutureError,
 )
+from cqrskit.postgres._replica_nodes import LOST as _LOST
 from cqrskit.postgres._replica_nodes import UNAVAILABLE, Node
 
 if TYPE_CHECKING:
@@ -41,13 +42,20 @@ _MIN_CHECK = 0.1  # a check or connect near the deadline still gets this long to
 class Lease:
     """A connection to one server, while routing a query."""
 
-    __slots__ = ("conn", "dead", "node", "positions")
+    __slots__ = ("conn", "dead", "node", "positions", "released")
 
     def __init__(self, node: Node, conn: Any) -> None:
         self.node = node
         self.conn = conn
         self.positions: dict[str, int] = {}
         self.dead = False  # its connection failed or was interrupted mid-statement
+        self.released = False
+
+    def give_back(self, broken: bool = False) -> None:
+        """Return the connection to its pool (once; a dead one is dropped)."""
+        if not self.released:
+            self.released = True
+            self.node.pool.release(self.conn, broken=broken or self.dead)
 
 
 class TokenRoute:
@@ -58,6 +66,7 @@ class TokenRoute:
         self.req = req
         self.state = state
         self.held: list[Lease] = []
+        self.problem: str | None = None  # the last error a server answered a check with
 
     async def run(self) -> Lease:
         """The lease to serve the query on; every other lease opened meanwhile is given
@@ -68,9 +77,8 @@ class TokenRoute:
             return chosen
         finally:
             for lease in self.held:
-                if lease is chosen:
-                    continue
-                lease.node.pool.release(lease.conn, broken=lease.dead)
+                if lease is not chosen:
+                    lease.give_back()
 
     async def _route(self) -> Lease:
         router, req = self.router, self.req
@@ -182,9 +190,14 @@ class TokenRoute:
             rows = await lease.conn.fetch(
                 router._sql_check, *args, timeout=self._bound(router.probe_timeout)
             )
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except (*UNAVAILABLE, *_LOST) as exc:
             lease.dead = True
+            lease.give_back()
             router._lost(lease.node, exc)
+            return False
+        except asyncpg.PostgresError as exc:
+            # the server answered: e.g. the tables are not replayed there yet; not reached
+            self.problem = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
             return False
         except BaseException:
             lease.dead = True
@@ -243,6 +256,7 @@ class TokenRoute:
         return StaleReadError(
             f"no server reached consistency token {req.token} within {req.timeout:g}s "
             f"(policy {req.policy!r}; checkpoints seen: {seen or 'none'}; "
-            f"{self.router._describe_rotation() or 'no replicas'}).",
+            f"{self.router._describe_rotation() or 'no replicas'}"
+            f"{'; last check error: ' + self.problem if self.problem else ''}).",
             hint="retry later, raise the timeout, or use policy='primary' or 'stale'.",
         )

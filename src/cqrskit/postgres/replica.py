@@ -62,6 +62,7 @@ from cqrskit.errors import (
     ReplicaUnavailableError,
 )
 from cqrskit.postgres._replica_nodes import (
+    LOST,
     UNAVAILABLE,
     Lag,
     Node,
@@ -90,8 +91,7 @@ __all__ = ["PostgresReplicaRouter", "ReplicaStatus", "RouterStatus"]
 
 _log = logging.getLogger("cqrskit.postgres.replica")
 
-# errors of a statement that mean the server is gone, not that the SQL is wrong
-_LOST = (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError)
+_LOST = LOST
 _RECOVERY_CONFLICT = "40001"  # a standby cancelled the query to go on replaying
 # how a session can end with a statement still on the wire (its connection is then dropped)
 _INTERRUPTED = (asyncio.CancelledError, TimeoutError, ReplicaUnavailableError, *_LOST)
@@ -552,8 +552,7 @@ class PostgresReplicaRouter(ReadDatabase):
 
         def done(t: asyncio.Future[Any]) -> None:
             self._background.discard(t)
-            broken = t.cancelled() or t.exception() is not None or lease.dead
-            lease.node.pool.release(lease.conn, broken=broken)
+            lease.give_back(broken=t.cancelled() or t.exception() is not None)
 
         task.add_done_callback(done)
 

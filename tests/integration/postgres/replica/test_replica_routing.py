@@ -259,6 +259,34 @@ async def test_a_waiting_query_holds_no_lock_that_replay_needs(
         await app.close()
 
 
+async def test_a_replica_that_has_not_replayed_the_tables_yet(
+    healthy: PgCluster, schema: str
+) -> None:
+    """The checks fail there with an SQL error (no such table): not reached, the connection
+    kept (a wait of many rounds must not use up the pool), the error named at the end."""
+    replica = healthy.standbys[0]
+    healthy.disconnect(replica)  # no WAL arrives; replay is not paused, so it stays in rotation
+    app = await open_replica_app(
+        healthy.primary.dsn,
+        {"r1": replica.dsn},
+        schema,
+        probe_interval=60.0,
+        max_lag_seconds=60.0,
+        pool_size=2,
+    )
+    try:
+        receipt = await app.mediator.send_tracked(Deposit("a", 1))
+        assert receipt.token is not None
+        with pytest.raises(StaleReadError, match="UndefinedTable"):
+            await ask_consistent(app.mediator, GetAccount("a"), receipt.token, timeout=1.0)
+        assert app.router.status().replicas[0].in_rotation
+        healthy.reconnect(replica)
+        got = await ask_consistent(app.mediator, GetAccount("a"), receipt.token)
+        assert got.value == (1, 1)
+    finally:
+        await app.close()
+
+
 async def test_a_token_from_the_future_fails_at_once(healthy: PgCluster, schema: str) -> None:
     app = await open_replica_app(healthy.primary.dsn, replicas(healthy), schema)
     try:
