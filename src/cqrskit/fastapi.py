@@ -17,6 +17,7 @@
       ConcurrencyError       409
       NotAuthorizedError     403
       StaleReadError         503  with Retry-After: the write happened, the read model lags
+      ReplicaUnavailableError 503 with Retry-After: no read replica could answer
       TokenFromFutureError   400  (and a malformed token header)
       any other CqrsError    500  generic text only: nothing internal reaches the client
 
@@ -53,6 +54,7 @@ from cqrskit.errors import (
     MissingExtraError,
     NotAuthorizedError,
     NotFoundError,
+    ReplicaUnavailableError,
     StaleReadError,
     TokenFromFutureError,
     ValidationError,
@@ -144,6 +146,13 @@ DEFAULT_PROBLEMS: dict[type[Exception], Problem] = {
         "stale-read",
         "Read model behind",
         "The data you asked for has not caught up with your last change yet; retry shortly.",
+        retry_after=1,
+    ),
+    ReplicaUnavailableError: Problem(
+        503,
+        "replica-unavailable",
+        "Read replica unavailable",
+        "The data could not be read right now; retry shortly.",
         retry_after=1,
     ),
     TokenFromFutureError: Problem(
