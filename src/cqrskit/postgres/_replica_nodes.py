@@ -279,6 +279,8 @@ class Node:
         self._probed_once = True
         if problem is not None:
             self.streak = 0
+            if problem.startswith("unreachable"):
+                self.pool.drop_idle()  # connections to a server that does not answer
             if self.in_rotation or first or _kind(problem) != _kind(self.reason):
                 self._set(False, problem)
             else:

@@ -103,6 +103,38 @@ class Traffic:
                 break
 
 
+class PlainReads:
+    """Queries without a token, in a loop: any replica in rotation serves them."""
+
+    def __init__(self, app: ReplicaApp) -> None:
+        self.app = app
+        self.done = 0
+        self.slowest = 0.0
+        self.errors = Counter[str]()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 60)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.app.mediator.ask(GetAccount("me"))
+                self.done += 1
+            except ReplicaUnavailableError as exc:
+                self.errors[type(exc).__name__] += 1
+            finally:
+                self.slowest = max(self.slowest, time.monotonic() - started)
+            await asyncio.sleep(0.005)  # pacing the reader, not synchronization
+
+
 async def until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -227,6 +259,8 @@ async def test_black_holed_replica(healthy: PgCluster, schema: str) -> None:
     )
     traffic = Traffic(app, "me")
     traffic.start()
+    plain = PlainReads(app)
+    plain.start()
     try:
         await traffic.queries(30)
         for _ in range(3):
@@ -242,11 +276,17 @@ async def test_black_holed_replica(healthy: PgCluster, schema: str) -> None:
             await until(lambda: replica(app, "standby1").in_rotation, "standby1 back")
             await traffic.queries(20)
     finally:
+        await plain.stop()
         await traffic.stop()
         await app.close()
         await proxy.close()
     check_traffic(traffic)
     assert traffic.sources["standby1"] > 0
+    # queries without a token: bounded by query_timeout when they hit the silent replica
+    print(f"plain reads: {plain.done}, errors {dict(plain.errors)}, slowest {plain.slowest:.3f}s")
+    assert plain.done > 0
+    assert plain.slowest < FAST_PROBES["query_timeout"] + SLACK
+    assert set(plain.errors) <= {"ReplicaUnavailableError"}
 
 
 async def test_no_replica_left(healthy: PgCluster, schema: str) -> None:
