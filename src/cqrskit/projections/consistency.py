@@ -252,13 +252,14 @@ class ConsistencyGate:
         timeout = min(timeout, self.max_timeout)
         if self.read_db.routes_tokens:
             # the read database picks a server that reached the token for each session
+            outer = state.request  # a query asked from inside another one gets its own
             state.request = TokenRequest(
                 state.token, tuple(names), policy, timeout, time.monotonic() + timeout, self.store
             )
             try:
                 return await next(message)
             finally:
-                state.request = None
+                state.request = outer
         if await self.check(names, state.token, policy, timeout, state):
             state.stale = True
         return await next(message)

@@ -347,3 +347,58 @@ async def test_status_names_no_dsn(healthy: PgCluster, schema: str) -> None:
         assert str(healthy.primary.port) not in text
     finally:
         await app.close()
+
+
+async def test_a_separate_read_database_with_replicas(healthy: PgCluster, schema: str) -> None:
+    """Mode 2 + 4: the projector writes a read database of its own (replicated with the
+    cluster); the router, built without store=, proves tokens by the checkpoints there."""
+    from tests.support.bank import balances, serializer
+    from tests.support.replica_app import registry
+
+    from cqrskit import Dependencies, Mediator
+    from cqrskit.pipeline import for_queries
+    from cqrskit.projections import ConsistencyGate, Projector, ReadSession
+
+    name = f"reads_{schema[-12:]}"
+    admin = await asyncpg.connect(healthy.primary.dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    read_dsn = healthy.primary.dsn.rsplit("/", 1)[0] + f"/{name}"
+    replica_dsns = [s.dsn.rsplit("/", 1)[0] + f"/{name}" for s in healthy.standbys]
+    for dsn in replica_dsns:  # the standbys replay CREATE DATABASE (bounded wait)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await (await asyncpg.connect(dsn)).close()
+                break
+            except asyncpg.InvalidCatalogNameError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+    store = await PostgresEventStore.open(
+        healthy.primary.dsn, schema=schema, encoder=serializer.encode
+    )
+    router = PostgresReplicaRouter(PostgresReadDatabase(read_dsn, schema="views"), replica_dsns)
+    projector = Projector(store, router, [balances], serializer, batch_size=100)
+    try:
+        await projector.start()
+        deps = Dependencies()
+        deps.scoped(ReadSession, router.session)
+        gate = ConsistencyGate(store, router, signal=projector.signal)
+        mediator = Mediator(
+            registry,
+            behaviors=[store.transaction(), for_queries(gate.behavior)],
+            resolver=[store.resolver(), deps],
+        )
+        sources = Counter[str]()
+        for i in range(1, 31):
+            receipt = await mediator.send_tracked(Deposit("me", 1))
+            assert receipt.token is not None
+            async with read_after(receipt.token) as state:
+                assert await mediator.ask(GetAccount("me")) == (i, i)
+            sources[state.source or "?"] += 1
+        assert set(sources) <= {"replica1", "replica2"}
+    finally:
+        await projector.stop()
+        await router.close()
+        await store.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
