@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -32,7 +33,7 @@ from tests.support.sqlite_log import SqliteTestLog
 pytest.importorskip("asyncpg")
 
 from cqrskit.postgres import PostgresReadDatabase
-from cqrskit.postgres._replica_nodes import Lag
+from cqrskit.postgres._replica_nodes import Lag, Node, Pool, describe_problem
 from cqrskit.postgres.replica import PostgresReplicaRouter
 
 DSN = "postgresql://nobody@127.0.0.1:1/none"  # never connected to in these tests
@@ -188,3 +189,56 @@ async def test_policy_primary_waits_like_wait_without_replicas(tmp_path: Path) -
     finally:
         await read_db.close()
         log.close()
+
+
+# -- rotation decisions ------------------------------------------------------------------------
+
+
+def node(name: str, *, primary: bool = False) -> tuple[Node, list[tuple[str, int]]]:
+    records: list[tuple[str, int]] = []
+    pool = Pool(DSN, 1, "app", 1.0, 1.0)
+    n = Node(name, DSN, primary=primary, pool=pool, record=lambda t, lv: records.append((t, lv)))
+    return n, records
+
+
+def test_a_replica_leaves_at_once_and_returns_after_healthy_probes() -> None:
+    r, records = node("r1")
+    r.judge(None, recover_after=2)  # first probe healthy: in at once
+    assert r.in_rotation
+    r.judge("unreachable (OSError: refused)", recover_after=2)
+    assert (r.in_rotation, r.reason) == (False, "unreachable (OSError: refused)")
+    r.judge("unreachable (TimeoutError: )", recover_after=2)  # same kind: not logged again
+    r.judge(None, recover_after=2)
+    assert not r.in_rotation  # one healthy probe is not enough
+    r.judge(None, recover_after=2)
+    assert r.in_rotation
+    assert [t for t, _ in records] == [
+        "r1 back in rotation",
+        "r1 out of rotation: unreachable (OSError: refused)",
+        "r1 back in rotation",
+    ]
+    assert [level for _, level in records] == [logging.INFO, logging.WARNING, logging.INFO]
+    r.fail("query failed (ConnectionResetError)")
+    assert not r.in_rotation
+    assert r.status().failures == 1
+
+
+def test_lag_bounds_promotion_pause_and_cluster_are_problems() -> None:
+    primary, _ = node("primary", primary=True)
+    primary.system_id = "7"
+    r, _ = node("r1")
+    r.in_recovery, r.replay_paused, r.system_id, r.lsn = True, False, "7", 1_000
+    lag = Lag(keep=60.0)
+    lag.sample(1_000)
+    assert describe_problem(r, primary, lag, 5.0, 100) is None
+    assert (r.lag_bytes, r.lag_seconds) == (0, 0.0)
+    lag.sample(5_000)
+    assert "lagging 4000 bytes" in (describe_problem(r, primary, lag, 5.0, 100) or "")
+    assert describe_problem(r, primary, lag, 5.0, 10_000) is None
+    assert "lagging" in (describe_problem(r, primary, lag, -1.0, 10_000) or "")  # any age
+    r.replay_paused = True
+    assert "replay paused" in (describe_problem(r, primary, lag, 5.0, 10_000) or "")
+    r.system_id = "8"
+    assert "not a standby of this primary" in (describe_problem(r, primary, lag, 5.0, 1) or "")
+    r.in_recovery = False
+    assert "promoted" in (describe_problem(r, primary, lag, 5.0, 1) or "")
