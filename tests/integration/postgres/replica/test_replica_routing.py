@@ -84,7 +84,7 @@ async def test_read_your_writes_from_an_async_projection_on_replicas(
     app = await open_replica_app(healthy.primary.dsn, replicas(healthy), schema, mode="async")
     sources = Counter[str]()
     try:
-        for i in range(1, 101):
+        for i in range(1, 41):
             receipt = await app.mediator.send_tracked(Deposit("me", 2))
             assert receipt.token is not None
             async with read_after(receipt.token) as state:
@@ -389,7 +389,7 @@ async def test_a_separate_read_database_with_replicas(healthy: PgCluster, schema
             resolver=[store.resolver(), deps],
         )
         sources = Counter[str]()
-        for i in range(1, 31):
+        for i in range(1, 16):
             receipt = await mediator.send_tracked(Deposit("me", 1))
             assert receipt.token is not None
             async with read_after(receipt.token) as state:
