@@ -5,6 +5,7 @@ Examples::
     python -m examples.bank                         # SQLite files in a temporary directory
     python -m examples.bank --dir data              # ... in ./data (kept)
     python -m examples.bank --postgres postgresql://postgres@127.0.0.1/test
+    python -m examples.bank --postgres DSN --replica REPLICA_DSN --serve  # history on a replica
     python -m examples.bank --serve --port 8000     # HTTP API (needs cqrskit[fastapi], uvicorn)
 """
 
@@ -32,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
         "--schema",
         help="PostgreSQL schema to use and keep (default: a new one, dropped at the end)",
     )
+    p.add_argument(
+        "--replica",
+        metavar="DSN",
+        action="append",
+        default=[],
+        help="with --serve: a streaming replica of --postgres to read the history from "
+        "(repeatable)",
+    )
     p.add_argument("--operations", type=int, default=400, help="commands to send (400)")
     p.add_argument("--seed", type=int, default=7, help="random seed (7)")
     p.add_argument("--serve", action="store_true", help="serve the HTTP API instead")
@@ -55,7 +64,7 @@ async def _with_bank(args: argparse.Namespace, directory: Path | None) -> int:
 
     async def open_bank() -> Bank:
         if args.postgres:
-            return await open_postgres_bank(args.postgres, schema)
+            return await open_postgres_bank(args.postgres, schema, replicas=args.replica)
         assert directory is not None
         return open_sqlite_bank(directory)
 
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.operations < 0:
         _parser().error("--operations must be >= 0")
+    if args.replica and not (args.postgres and args.serve):
+        _parser().error("--replica needs --postgres (the primary) and --serve")
     try:
         if args.postgres or args.dir:
             return asyncio.run(_with_bank(args, args.dir))

@@ -24,6 +24,7 @@ tests can act on them without parsing text::
     │   ├── IdempotencyError          an idempotency key was reused for another command
     │   ├── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
     │   └── UnavailableError          a database cannot be reached or is out of connections
+    │       └── ReplicaUnavailableError no replica could serve a query (or one failed mid-query)
     ├── ConsistencyError              a read model is behind a consistency token
     │   ├── StaleReadError            ... and the policy is to fail
     │   └── TokenFromFutureError      the token lies beyond the end of the event log
@@ -59,6 +60,7 @@ __all__ = [
     "PublishError",
     "ReadModelMissingError",
     "RegistrationError",
+    "ReplicaUnavailableError",
     "SerializationError",
     "SignatureError",
     "StaleReadError",
@@ -332,6 +334,20 @@ class UnavailableError(PersistenceError):
     Raised by the drivers for an exhausted pool; ``cqrskit.fastapi`` also recognizes the
     drivers' own connection errors as this (503 with ``Retry-After``).
     """
+
+
+class ReplicaUnavailableError(UnavailableError):
+    """No streaming replica could serve a query (none in rotation, and falling back to the
+    primary is off), or the replica serving it failed mid-query (connection lost, no answer
+    within the router's query timeout). Nothing was written: the query can be retried.
+
+    Attributes:
+        replica: the replica's name, when one failed.
+    """
+
+    def __init__(self, text: str, *, replica: str | None = None, **kwargs: Any) -> None:
+        self.replica = replica
+        super().__init__(text, **kwargs)
 
 
 class ConsistencyError(CqrsError):

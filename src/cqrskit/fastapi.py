@@ -20,6 +20,7 @@
       UnavailableError       503  with Retry-After: a database is down, lost or out of
                                   connections (drivers' own connection errors too)
       ReadModelMissingError  503  a read-model table nobody set up (the log names the step)
+      ReplicaUnavailableError 503 with Retry-After: no read replica could answer
       TokenFromFutureError   400  (and a malformed token header)
       any other error        500  generic text only: nothing internal reaches the client
 
@@ -71,6 +72,7 @@ from cqrskit.errors import (
     NotAuthorizedError,
     NotFoundError,
     ReadModelMissingError,
+    ReplicaUnavailableError,
     StaleReadError,
     TokenFromFutureError,
     UnavailableError,
@@ -172,6 +174,13 @@ DEFAULT_PROBLEMS: dict[type[Exception], Problem] = {
         "stale-read",
         "Read model behind",
         "The data you asked for has not caught up with your last change yet; retry shortly.",
+        retry_after=1,
+    ),
+    ReplicaUnavailableError: Problem(
+        503,
+        "replica-unavailable",
+        "Read replica unavailable",
+        "The data could not be read right now; retry shortly.",
         retry_after=1,
     ),
     TokenFromFutureError: Problem(

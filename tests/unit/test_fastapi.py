@@ -300,3 +300,22 @@ async def test_every_error_can_be_a_problem_without_its_text() -> None:
     assert body["detail"] == "An unexpected error occurred."
     assert body["correlation_id"] == "req-42"
     assert "hunter2" not in r.text
+
+
+async def test_replica_unavailable_is_503_with_retry_after_and_no_detail_leak() -> None:
+    from cqrskit import Mediator, Registry, ReplicaUnavailableError
+
+    app = FastAPI()
+    install(app, Mediator(Registry()))
+
+    @app.get("/read")
+    async def read() -> None:
+        raise ReplicaUnavailableError("replica eu1 at db-secret-host did not answer", replica="eu1")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        r = await c.get("/read")
+    body = problem(r, 503, "replica-unavailable")
+    assert r.headers["retry-after"] == "1"
+    assert "db-secret-host" not in r.text
+    assert body["title"] == "Read replica unavailable"

@@ -9,6 +9,7 @@ the views by their plain names and any write fails with a PostgreSQL error.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -134,21 +135,30 @@ class PostgresReadDatabase(ReadDatabase):
         self._max = max_size
         self._acquire_timeout = acquire_timeout
         self._pool: Any = None
+        self._pool_lock = asyncio.Lock()
         self._cache: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"PostgresReadDatabase(schema={self.schema!r})"
 
     async def _get_pool(self) -> Any:
-        if self._pool is None:
+        if self._pool is not None:
+            return self._pool
+        async with self._pool_lock:  # concurrent first sessions: one pool, not one each
+            if self._pool is not None:
+                return self._pool
             pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=1,
                 max_size=self._max,
                 server_settings={"search_path": self.schema},
             )
-            async with pool.acquire() as conn:
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            try:
+                async with pool.acquire() as conn:
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            except BaseException:
+                pool.terminate()
+                raise
             self._pool = pool
         return self._pool
 

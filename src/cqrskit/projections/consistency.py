@@ -8,12 +8,19 @@ fails, by policy:
 
 ``"wait"``   wait up to ``timeout`` seconds, then raise :class:`~cqrskit.errors.StaleReadError`;
 ``"stale"``  wait up to ``timeout`` (may be 0), then run the query anyway and flag it stale;
-``"fail"``   raise :class:`~cqrskit.errors.StaleReadError` at once if behind.
+``"fail"``   raise :class:`~cqrskit.errors.StaleReadError` at once if behind;
+``"primary"`` on a replica router (:mod:`cqrskit.postgres.replica`): run on a replica that
+            already reached the token, else on the primary (waiting there as ``"wait"``);
+            on a database without replicas it is ``"wait"``.
 
 A token beyond the end of the log raises :class:`~cqrskit.errors.TokenFromFutureError` at
 once. The flag reaches the caller as ``ReadAfter.stale`` (from :func:`read_after`) or
 ``ConsistentRead.stale`` (from :func:`ask_consistent`). Queries dispatched without a token
 pay one context-variable lookup.
+
+A read database that routes sessions by token (``ReadDatabase.routes_tokens``, a replica
+router) gets the resolved :class:`TokenRequest` instead: it picks, for each read-only
+session, a server that reached the token, and applies the policy itself.
 """
 
 from __future__ import annotations
@@ -44,17 +51,19 @@ __all__ = [
     "Policy",
     "ReadAfter",
     "ReadSpec",
+    "TokenRequest",
     "ask_consistent",
+    "current_read_after",
     "read_after",
     "read_spec",
     "reads",
 ]
 
-Policy = Literal["wait", "stale", "fail"]
+Policy = Literal["wait", "stale", "fail", "primary"]
 _UNIT_SPAN = 1 << 20  # a unit of work's events lie within this many positions of its token
 R = TypeVar("R")
 Q = TypeVar("Q", bound=type)
-_POLICIES = ("wait", "stale", "fail")
+_POLICIES = ("wait", "stale", "fail", "primary")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +136,9 @@ class ReadAfter:
         token: the position the read models must reach.
         stale: set to ``True`` when a query inside ran on read models behind the token.
         positions: the checkpoints seen by the last check, by projection.
+        source: where the last query ran, when a replica router chose it (``"primary"``
+            or a replica's name).
+        request: the query being gated, while a routing read database serves it.
     """
 
     token: int | None
@@ -136,6 +148,30 @@ class ReadAfter:
     stale: bool = False
     checked: bool = False
     positions: dict[str, int] = field(default_factory=dict)
+    source: str | None = None
+    request: TokenRequest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRequest:
+    """A query's consistency request as the :class:`ConsistencyGate` resolved it, for a
+    read database that routes sessions by token (``ReadDatabase.routes_tokens``).
+
+    Attributes:
+        token: the position the query must see.
+        projections: the read models it reads.
+        policy: what to do when no server has reached the token.
+        timeout: the wait allowed (already bounded by the gate's ``max_timeout``).
+        deadline: ``time.monotonic()`` after which the wait is over.
+        store: the event log, to reject tokens from the future.
+    """
+
+    token: int
+    projections: tuple[str, ...]
+    policy: Policy
+    timeout: float
+    deadline: float
+    store: EventStore
 
 
 _request: contextvars.ContextVar[ReadAfter | None] = contextvars.ContextVar(
@@ -167,6 +203,11 @@ async def read_after(
         yield state
     finally:
         _request.reset(reset)
+
+
+def current_read_after() -> ReadAfter | None:
+    """The consistency request of the current context (:func:`read_after`), if any."""
+    return _request.get()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +293,18 @@ class ConsistencyGate:
             )
         policy = state.policy or (spec.policy if spec else "wait")
         timeout = state.timeout if state.timeout is not None else (spec.timeout if spec else 2.0)
-        if await self.check(names, state.token, policy, min(timeout, self.max_timeout), state):
+        timeout = min(timeout, self.max_timeout)
+        if self.read_db.routes_tokens:
+            # the read database picks a server that reached the token for each session
+            outer = state.request  # a query asked from inside another one gets its own
+            state.request = TokenRequest(
+                state.token, tuple(names), policy, timeout, time.monotonic() + timeout, self.store
+            )
+            try:
+                return await next(message)
+            finally:
+                state.request = outer
+        if await self.check(names, state.token, policy, timeout, state):
             state.stale = True
         return await next(message)
 

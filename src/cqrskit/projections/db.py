@@ -12,7 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from cqrskit.errors import ConfigurationError
 
@@ -118,6 +118,11 @@ class ReadDatabase(ABC):
     """
 
     dialect: Dialect
+    routes_tokens: ClassVar[bool] = False
+    """``True`` for a database that chooses the server of each read-only session (a
+    replica router): the :class:`~cqrskit.projections.ConsistencyGate` then hands it the
+    query's resolved :class:`~cqrskit.projections.consistency.TokenRequest` (in the
+    context's ``ReadAfter.request``) instead of waiting itself."""
 
     @abstractmethod
     def transaction(
