@@ -171,7 +171,9 @@ def test_partition_is_crc32_mod_n_and_spreads() -> None:
             check_partitions(bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", ["a*", "a>", "a b", "a\r\n", "", "a..b", "a#", "x\x00"])
+@pytest.mark.parametrize(
+    "bad", ["a*", "a>", "a b", "a\r\n", "", "a..b", "a#", "x\x00", "a\n", "cqrskit.events\n"]
+)
 def test_broker_name_tokens_reject_wildcards_and_whitespace(bad: str) -> None:
     with pytest.raises(ConfigurationError):
         check_token(bad, "subject prefix")
