@@ -58,7 +58,7 @@ __all__ = [
 
 _log = logging.getLogger("cqrskit.eventlog")
 
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: "$" accepts a final newline
 
 InlineHook = Callable[["UnitOfWork", "list[StoredEvent]"], Awaitable[None]]
 """``async hook(uow, stored_events)``: runs inside the transaction, after the append (positions
@@ -74,7 +74,7 @@ def validate_identifier(name: str, what: str = "identifier") -> str:
     Raises:
         ConfigurationError: the name does not match (nothing is ever interpolated raw).
     """
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
         raise ConfigurationError(
             f"invalid {what} {name!r}: it must match ^[a-z_][a-z0-9_]{{0,62}}$.",
             hint="use lower-case letters, digits and underscores, starting with a letter or _.",

@@ -21,7 +21,7 @@ __all__ = ["Dialect", "ReadDatabase", "Session", "check_identifier", "quote", "t
 Dialect = Literal["sqlite", "postgres"]
 Row = Sequence[Any]
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: "$" accepts a final newline
 _TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?")
 _dollar_cache: dict[str, str] = {}
 
@@ -32,7 +32,7 @@ def check_identifier(name: str, what: str = "identifier") -> str:
     Raises:
         ConfigurationError: the name would need quoting tricks or is too long.
     """
-    if not isinstance(name, str) or not _IDENT.match(name):
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
         raise ConfigurationError(
             f"invalid {what} {name!r}.",
             hint="use lowercase letters, digits and '_' only, starting with a letter or '_', "
