@@ -132,7 +132,9 @@ def register_cli(sub: Any) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     transport = open_transport(_broker_url(args.broker), args.destination)
-    store = await open_store(args.store, args.store_schema, listen=args.listen)
+    store = await open_store(
+        args.store, args.store_schema, listen=args.listen, create_tables=args.create_tables
+    )
     state = open_read_db(args.read, args.schema)
     relay = Relay(
         store,
@@ -158,7 +160,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    store = await open_store(args.store, args.store_schema)
+    store = await open_store(args.store, args.store_schema, create_tables=args.create_tables)
     state = open_read_db(args.read, args.schema)
     try:
         s = await relay_status(state, store, args.name)
