@@ -161,6 +161,10 @@ class NatsTransport(Transport):
     async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
         """See :meth:`Transport.publish`."""
         js = await self._connect()
+        assert self._nc is not None
+        # the server counts headers and payload against max_payload, and answers a larger
+        # message by closing the connection: refused here, it is never sent
+        limit = self._nc.max_payload
         results: list[str | None] = [None] * len(messages)
         pending: list[tuple[int, asyncio.Future[Any]]] = []
         try:
@@ -170,6 +174,13 @@ class NatsTransport(Transport):
                     continue
                 headers = env.headers()
                 headers["Nats-Msg-Id"] = headers["cqrskit-id"]
+                size = len(env.payload) + _headers_size(headers)
+                if size > limit:
+                    results[i] = (
+                        f"message of {size} bytes (headers included) exceeds the server's "
+                        f"max_payload of {limit}"
+                    )
+                    continue
                 try:
                     fut = await js.publish_async(
                         self.destination(env.partition),
@@ -239,6 +250,12 @@ class NatsTransport(Transport):
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None:
             await _close_quietly(nc)
+
+
+def _headers_size(headers: dict[str, str]) -> int:
+    """Bytes of the header block as sent (``NATS/1.0``, ``key: value`` lines, blank line);
+    envelope headers are ASCII, so characters are bytes."""
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
 
 
 async def _close_quietly(nc: Client) -> None:
