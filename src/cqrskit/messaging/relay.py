@@ -310,6 +310,7 @@ class Relay:
         send: list[Envelope] = []
         refused: dict[int, tuple[StoredEvent, str]] = {}
         max_bytes = self.max_bytes
+        refusal = self.transport.refusal
         for e in events:
             p = partition_of(e.stream, n)
             if owned is not None and p not in owned:
@@ -322,8 +323,15 @@ class Relay:
                 reason = f"payload of {len(env.payload)} bytes exceeds max_bytes={max_bytes}"
                 blocked.add(e.stream)
             else:
-                send.append(self._sign(env))
-                continue
+                signed = self._sign(env)
+                why = refusal(signed)
+                if why is None:
+                    send.append(signed)
+                    continue
+                # the transport would refuse it unsent: park it here, in its place, so
+                # the stream's later events in this batch wait behind it
+                reason = why
+                blocked.add(e.stream)
             refused[e.position] = (e, reason)
             send.append(self._sign(env.parked()))
         return send, refused, seqs

@@ -81,6 +81,12 @@ class RabbitMQTransport(Transport):
     def __repr__(self) -> str:  # the URL holds a password: never shown
         return f"RabbitMQTransport(exchange={self.exchange_name!r})"
 
+    def refusal(self, envelope: Envelope) -> str | None:
+        """See :meth:`Transport.refusal`: a payload over ``max_bytes``."""
+        if len(envelope.payload) > self.max_bytes:
+            return f"payload of {len(envelope.payload)} bytes exceeds {self.max_bytes}"
+        return None
+
     def destination(self, partition: int) -> str:
         """See :meth:`Transport.destination`: routing key and queue ``<exchange>.<p>``."""
         return f"{self.exchange_name}.{partition}"
@@ -158,8 +164,9 @@ class RabbitMQTransport(Transport):
         tasks: list[tuple[int, asyncio.Future[Any]]] = []
         for i in range(start, min(start + self.window, len(messages))):
             env = messages[i]
-            if len(env.payload) > self.max_bytes:
-                results[i] = f"payload of {len(env.payload)} bytes exceeds {self.max_bytes}"
+            reason = self.refusal(env)
+            if reason is not None:
+                results[i] = reason
                 continue
             msg = aio_pika.Message(
                 env.payload,

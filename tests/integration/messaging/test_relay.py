@@ -181,6 +181,28 @@ async def test_refused_events_park_their_stream_and_retry_republishes(backend: B
     assert [e.version for e in real if e.stream == "acct-0"] == [1, 2, 3, 4, 5, 6]
 
 
+async def test_an_event_the_transport_refuses_parks_its_stream_in_order(backend: Backend) -> None:
+    """The transport's own limit is lower than the relay's: the event it would refuse is
+    parked in place, and the later events of its stream in the same batch wait behind it
+    instead of reaching the broker ahead of it; the sequence has no hole."""
+    log, db = backend
+    t = InMemoryTransport(max_bytes=200)
+    await fill(log, 4, streams=2)
+    big = (await log.append("acct-0", Unrelated("x" * 500)))[-1]
+    await log.append("acct-0", Deposited("acct-0", 1))
+    last = await fill(log, 4, streams=2, start=100)
+    async with Relay(log, db, t, partitions=2) as relay:  # one batch holds them all
+        assert await relay.wait_published(last, 20)
+    letters = await dead_letters(db, "relay")
+    assert [(d.stream, d.position) for d in letters][:1] == [("acct-0", big.position)]
+    assert len(letters) == 4  # the big one, then acct-0's later events wait behind it
+    envs = kept(t, 2)  # checks each partition's sequence is whole and in order
+    assert len(envs) == 10
+    real = [(e.stream, e.version) for e in envs if e.kind == "event"]
+    assert [v for s, v in real if s == "acct-0"] == [1, 2]
+    assert relay.gaps == 0
+
+
 async def test_partition_sets_split_the_work_between_named_relays(backend: Backend) -> None:
     log, db = backend
     t = InMemoryTransport(dedup_window=None)
