@@ -466,10 +466,15 @@ class Relay:
                     *key,
                     position,
                 )
-            await s.execute(
-                "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND generation = ?",
-                *key,
-            )
+            # only the requests read above: one made since (another stream's) stays set
+            done = set(ok).union(failed)
+            for position in [p for p, _, _ in rows if p not in done]:  # streams stopped
+                await s.execute(
+                    "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND "
+                    "generation = ? AND position = ?",
+                    *key,
+                    position,
+                )
             await state.save_sequences(s, self.name, self.partitions, seqs.items())
             self._blocked = await state.load_blocked(s, self.name, self._generation)
         self._sequences = seqs

@@ -181,6 +181,44 @@ async def test_refused_events_park_their_stream_and_retry_republishes(backend: B
     assert [e.version for e in real if e.stream == "acct-0"] == [1, 2, 3, 4, 5, 6]
 
 
+class _FlagDuringPublish(InMemoryTransport):
+    """Runs ``during`` (once) inside a publish call: an operator acting meanwhile."""
+
+    during: Any = None
+
+    async def publish(self, messages: Any) -> list[str | None]:
+        during, self.during = self.during, None
+        if during is not None:
+            await during()
+        return await super().publish(messages)
+
+
+async def test_a_retry_requested_while_another_is_published_is_not_lost(
+    backend: Backend,
+) -> None:
+    log, db = backend
+    t = _FlagDuringPublish()
+    await log.append("acct-0", Unrelated("x" * 500))
+    await log.append("acct-1", Unrelated("y" * 500))
+    last = await fill(log, 4, streams=2, start=100)
+    relay = Relay(log, db, t, partitions=2, max_bytes=200, state_interval=0.05)
+    async with relay:
+        assert await relay.wait_published(last, 20)
+        assert {d.stream for d in await dead_letters(db, "relay")} == {"acct-0", "acct-1"}
+
+        async def flag_acct_1() -> None:
+            assert await request_retry(db, "relay", stream="acct-1") == 3
+
+        t.during = flag_acct_1  # flagged while acct-0's retry is being published
+        assert await request_retry(db, "relay", stream="acct-0") == 3
+        deadline = time.monotonic() + 20
+        while letters := await dead_letters(db, "relay"):
+            assert any(d.retry for d in letters), f"a retry request was dropped: {letters}"
+            assert time.monotonic() < deadline, letters
+            await asyncio.sleep(0.02)
+    assert relay.published == 6
+
+
 async def test_an_event_the_transport_refuses_parks_its_stream_in_order(backend: Backend) -> None:
     """The transport's own limit is lower than the relay's: the event it would refuse is
     parked in place, and the later events of its stream in the same batch wait behind it
