@@ -101,7 +101,12 @@ class RabbitMQTransport(Transport):
             try:
                 conn = await asyncio.wait_for(aio_pika.connect(self.url), self.ack_timeout)
             except amqp_errors.ProbableAuthenticationError as exc:
-                return f"RabbitMQ refused the login ({type(exc).__name__})"
+                # about the connection, not the messages: parking them would dead-letter
+                # the whole log over a password being rotated
+                raise BrokerUnavailableError(
+                    f"RabbitMQ refused the login ({type(exc).__name__}): check the user, "
+                    "password and vhost of the URL (not shown)."
+                ) from exc
             except (OSError, TimeoutError, amqp_errors.AMQPError) as exc:
                 raise BrokerUnavailableError(f"RabbitMQ: cannot connect ({exc!r}).") from exc
             self._conn = conn

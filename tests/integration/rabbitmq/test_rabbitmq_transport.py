@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 from tests.conftest import require_service
+from tests.support.brokers import wait_until
 from tests.support.proxy import FaultProxy
 
-from cqrskit.messaging import Transport
+from cqrskit.errors import BrokerUnavailableError
+from cqrskit.eventlog import InMemoryEventStore
+from cqrskit.messaging import Relay, Transport
+from cqrskit.projections import SqliteReadDatabase, dead_letters
 from cqrskit.rabbitmq import RabbitMQTransport
-from cqrskit.testing.transport import TransportConformance
+from cqrskit.testing.transport import TransportConformance, envelopes_for, stored_events
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -76,3 +81,31 @@ class TestRabbitMQTransport(TransportConformance):
 
     async def dispose(self, transport: Transport) -> None:
         await transport.close()
+
+
+async def test_a_refused_login_is_an_outage_not_a_refusal_of_every_event(
+    tmp_path: Path,
+) -> None:
+    """A wrong password (or a user being rotated) concerns the connection, not the
+    events: the relay backs off and parks nothing, instead of dead-lettering the log."""
+    require_service("rabbitmq")
+    t = RabbitMQTransport(
+        "amqp://guest:canary-wrong-password@127.0.0.1:5672/",
+        exchange=f"cqrskit_t.{uuid.uuid4().hex[:12]}",
+    )
+    [env] = envelopes_for(stored_events(1), 1)
+    with pytest.raises(BrokerUnavailableError) as info:
+        await t.publish([env])
+    assert "canary-wrong-password" not in str(info.value)
+    store = InMemoryEventStore()
+    store._apply(stored_events(5))
+    db = SqliteReadDatabase(str(tmp_path / "state.db"))
+    try:
+        async with Relay(store, db, t, max_backoff=0.05) as relay:
+            await wait_until(lambda: relay.outages >= 1, what="an outage")
+            assert relay.checkpoint == 0
+        assert relay.parked == 0
+        assert await dead_letters(db, "relay") == []
+    finally:
+        await t.close()
+        await db.close()
