@@ -116,13 +116,17 @@ async def test_a_standby_takes_over_and_continues_the_numbering(backend: Backend
     log, db = backend
     t = InMemoryTransport(dedup_window=None)
     first = await fill(log, 20)
-    a = Relay(log, db, t, partitions=2, owner="a", lease_ttl=0.5)
-    b = Relay(log, db, t, partitions=2, owner="b", lease_ttl=0.5)
+    a = Relay(log, db, t, partitions=2, owner="a", lease_ttl=1.0)
+    b = Relay(log, db, t, partitions=2, owner="b", lease_ttl=1.0)
     async with a:
         assert await a.wait_published(first, 20)
         await b.start()
-        await asyncio.sleep(0.2)  # b had its chance to take a live lease
-        assert not b.leading
+        # for well past lease_ttl, an idle holder's heartbeats keep the standby out
+        watch_until = time.monotonic() + 2.5 * b.lease_ttl
+        while time.monotonic() < watch_until:
+            assert not b.leading, "the standby took a lease its holder kept alive"
+            assert a.leading
+            await asyncio.sleep(0.05)
     # a released its lease on stop: b takes over and numbers on from a's counters
     try:
         second = await fill(log, 20, start=20)
