@@ -111,13 +111,7 @@ class RabbitMQTransport(Transport):
                 raise BrokerUnavailableError(f"RabbitMQ: cannot connect ({exc!r}).") from exc
             self._conn = conn
             try:
-                ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
-                if self.create:
-                    ex = await ch.declare_exchange(
-                        self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
-                    )
-                else:
-                    ex = await ch.get_exchange(self.exchange_name, ensure=True)
+                ch, ex = await asyncio.wait_for(self._setup(conn), self.ack_timeout)
             except _REFUSING as exc:
                 await self._drop()
                 return f"RabbitMQ refused the exchange {self.exchange_name!r}: {exc}"
@@ -127,15 +121,27 @@ class RabbitMQTransport(Transport):
             self._channel, self._exchange = ch, ex
             return ex
 
+    async def _setup(self, conn: AbstractConnection) -> tuple[AbstractChannel, AbstractExchange]:
+        ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        if self.create:
+            ex = await ch.declare_exchange(
+                self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+        else:
+            ex = await ch.get_exchange(self.exchange_name, ensure=True)
+        return ch, ex
+
     async def _declare(self, partition: int) -> None:
         if partition in self._declared or not self.create:
             return
         assert self._channel is not None
         name = self.destination(partition)
-        queue = await self._channel.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await queue.bind(self.exchange_name, routing_key=name)
+        # bounded like a confirm: a broker that stops answering is an outage
+        async with asyncio.timeout(self.ack_timeout):
+            queue = await self._channel.declare_queue(
+                name, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await queue.bind(self.exchange_name, routing_key=name)
         self._declared.add(partition)
 
     async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
