@@ -259,29 +259,29 @@ class Relay:
         outage: float | None = None
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_check:
-                next_check = now + self.state_interval
-                await self._check_state(epoch)
-            events = await self.store.read_after(self.checkpoint, self.batch_size)
-            if events:
-                try:
+            retried = False
+            try:
+                if now >= next_check:
+                    next_check = now + self.state_interval
+                    retried = await self._check_state(epoch)  # publishes retried dead letters
+                events = await self.store.read_after(self.checkpoint, self.batch_size)
+                if events:
                     await self._publish_batch(epoch, events)
-                except BrokerUnavailableError as exc:
-                    if outage is None:
-                        self.outages += 1
-                        log.warning(
-                            "relay %s: broker unavailable (%s); backing off", self.name, exc
-                        )
-                    outage = min(self.max_backoff, (outage or 0.05) * 2)
-                    if time.monotonic() - last_beat >= self.lease_ttl / 3:
-                        async with self.state_db.transaction() as s:
-                            await self._fence(s, epoch)
-                        last_beat = time.monotonic()
-                    await self._pause(outage)
-                    continue
-                if outage is not None:
-                    log.info("relay %s: broker available again", self.name)
-                    outage = None
+            except BrokerUnavailableError as exc:
+                if outage is None:
+                    self.outages += 1
+                    log.warning("relay %s: broker unavailable (%s); backing off", self.name, exc)
+                outage = min(self.max_backoff, (outage or 0.05) * 2)
+                if time.monotonic() - last_beat >= self.lease_ttl / 3:
+                    async with self.state_db.transaction() as s:
+                        await self._fence(s, epoch)
+                    last_beat = time.monotonic()
+                await self._pause(outage)
+                continue
+            if outage is not None and (events or retried):
+                log.info("relay %s: broker available again", self.name)
+                outage = None
+            if events:
                 last_beat = time.monotonic()
                 backoff = None
                 await asyncio.sleep(0)
@@ -405,7 +405,8 @@ class Relay:
 
     # -- state checks and retries --------------------------------------------------------
 
-    async def _check_state(self, epoch: int) -> None:
+    async def _check_state(self, epoch: int) -> bool:
+        """Beat the lease; retry the dead letters flagged for it (``True`` if any)."""
         async with self.state_db.transaction() as s:
             await self._fence(s, epoch)
             rows = await s.fetchall(
@@ -414,8 +415,10 @@ class Relay:
                 self.name,
                 self._generation,
             )
-        if rows:
-            await self._retry(epoch, [(int(p), str(s), int(v)) for p, s, v in rows])
+        if not rows:
+            return False
+        await self._retry(epoch, [(int(p), str(s), int(v)) for p, s, v in rows])
+        return True
 
     async def _retry(self, epoch: int, rows: list[tuple[int, str, int]]) -> None:
         """Publish flagged parked events again (new sequence numbers, in order per stream);

@@ -185,6 +185,28 @@ async def test_refused_events_park_their_stream_and_retry_republishes(backend: B
     assert [e.version for e in real if e.stream == "acct-0"] == [1, 2, 3, 4, 5, 6]
 
 
+async def test_a_retry_while_the_broker_is_down_backs_off_like_a_batch(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    log, db = backend
+    t = InMemoryTransport()
+    await log.append("acct-0", Unrelated("x" * 500))
+    last = await fill(log, 3, streams=2, start=100)
+    relay = Relay(log, db, t, max_bytes=200, state_interval=0.05, max_backoff=0.05)
+    async with relay:
+        assert await relay.wait_published(last, 20)
+        epoch = relay.epoch
+        t.available = False
+        relay.max_bytes = 1 << 20
+        assert await request_retry(db, "relay") == 3
+        await until(lambda: relay.outages >= 1, timeout=10)
+        assert relay.epoch == epoch  # an outage: the lease is kept, not lost and re-taken
+        t.available = True
+        await until(lambda: relay.published == 4)  # every event of the log
+        assert await dead_letters(db, "relay") == []
+    assert not [r for r in caplog.records if "failed; restarting" in r.getMessage()]
+
+
 class _FlagDuringPublish(InMemoryTransport):
     """Runs ``during`` (once) inside a publish call: an operator acting meanwhile."""
 
