@@ -58,7 +58,7 @@ __all__ = [
 
 _log = logging.getLogger("cqrskit.eventlog")
 
-_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: "$" accepts a final newline
 
 InlineHook = Callable[["UnitOfWork", "list[StoredEvent]"], Awaitable[None]]
 """``async hook(uow, stored_events)``: runs inside the transaction, after the append (positions

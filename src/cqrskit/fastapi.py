@@ -128,8 +128,9 @@ STALE_HEADER = "CQRS-Stale"
 """Response header set to ``true`` when a query served data behind the request's token."""
 
 _SCOPE_KEY = "cqrskit"
-_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_TOKEN = re.compile(r"^[0-9]{1,19}$")
+# matched with fullmatch: a pattern ending in "$" would accept a trailing newline
+_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_TOKEN = re.compile(r"[0-9]{1,19}")
 _PROBLEM_JSON = "application/problem+json"
 _REQUEST_PARTS = ("body", "query", "path", "header", "cookie")
 
@@ -499,7 +500,7 @@ class _RequestScopeMiddleware:
             await self.app(scope, receive, send)
             return
         cid = _header(scope, self._correlation)
-        if cid is None or not _CORRELATION_ID.match(cid):
+        if cid is None or not _CORRELATION_ID.fullmatch(cid):
             cid = uuid.uuid4().hex
         mediator = self.holder.mediator
         if mediator is None:
@@ -515,7 +516,7 @@ class _RequestScopeMiddleware:
         raw_token = _header(scope, self._token)
         token: int | None = None
         if raw_token is not None and raw_token.strip():
-            if not _TOKEN.match(raw_token.strip()):
+            if not _TOKEN.fullmatch(raw_token.strip()):
                 await self._answer(
                     scope,
                     receive,

@@ -175,6 +175,29 @@ def test_a_missing_event_log_names_the_cli_option(
     assert code == 0
 
 
+@pytest.mark.parametrize(
+    "store",
+    [
+        "host=db user=app password=canary-s3cret dbname=app",  # a libpq key=value DSN
+        "redis://:canary-s3cret@127.0.0.1:6379/0",  # not a store URL; 'redis' imports
+        "mysql://app:canary-s3cret@db/app",
+        "env:APP_DSN",
+    ],
+)
+def test_a_store_location_that_is_no_store_is_not_echoed(
+    store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("APP_DSN", "host=db password=canary-s3cret")
+    _, read = _set_up(tmp_path)
+    assert main(["projections", "status", "--store", store, "--read", read]) == 2
+    err = capsys.readouterr().err
+    assert "canary-s3cret" not in err
+    assert "package.module:attribute" in err, err
+
+
 def test_a_command_group_is_one_register_call(capsys: pytest.CaptureFixture[str]) -> None:
     module = "tests.unit.cli_group_fixture"
     register_group(module)

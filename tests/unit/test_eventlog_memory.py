@@ -57,7 +57,8 @@ def test_valid_identifiers_are_quoted(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "Events", "1abc", "a" * 64, 'x"; drop table y; --', "a-b", "a b", "é"]
+    "name",
+    ["", "Events", "1abc", "a" * 64, 'x"; drop table y; --', "a-b", "a b", "é", "events\n"],
 )
 def test_invalid_identifiers_are_rejected(name: str) -> None:
     with pytest.raises(ConfigurationError, match="must match"):

@@ -67,6 +67,9 @@ def test_policies_must_be_given_and_need_a_principal() -> None:
         recommended(store)
     with pytest.raises(ConfigurationError, match="needs principal="):
         recommended(store, policies={Bump: allow_all})
+    for bad in (0, -2):  # "no attempt at all" is not "no retry": a clear error
+        with pytest.raises(ConfigurationError, match="attempts"):
+            recommended(store, policies=None, attempts=bad)
     without = recommended(store, policies=None, attempts=1)
     assert [type(b) for b in without][:1] == [ValidationBehavior]
     assert not any(isinstance(b, RetryBehavior | AuthorizationBehavior) for b in without)

@@ -116,7 +116,7 @@ def load_projections(specs: Sequence[str]) -> list[Projection]:
     return out
 
 
-_LOCATIONS = {"store": "CQRSKIT_STORE", "read": "CQRSKIT_READ"}
+_LOCATIONS = {"store": "CQRSKIT_STORE", "read": "CQRSKIT_READ", "broker": "CQRSKIT_BROKER"}
 
 
 def _connection_args(parser: argparse.ArgumentParser, *, store: bool = True) -> None:
@@ -152,8 +152,9 @@ def _connection_args(parser: argparse.ArgumentParser, *, store: bool = True) -> 
 
 
 def resolve_locations(args: argparse.Namespace) -> None:
-    """Fill ``--store``/``--read`` from the environment: ``env:NAME`` reads ``$NAME``, a
-    missing option reads ``$CQRSKIT_STORE``/``$CQRSKIT_READ`` (DSNs stay out of ``ps``).
+    """Fill ``--store``/``--read`` (and a command's ``--broker``) from the environment:
+    ``env:NAME`` reads ``$NAME``, a missing option reads ``$CQRSKIT_STORE``,
+    ``$CQRSKIT_READ`` or ``$CQRSKIT_BROKER`` (DSNs and URLs stay out of ``ps``).
 
     Raises:
         ConfigurationError: neither the option nor its variable is set.
@@ -168,7 +169,7 @@ def resolve_locations(args: argparse.Namespace) -> None:
                 raise ConfigurationError(
                     f"--{name} is missing and {default_var} is not set.",
                     hint=f"pass --{name} env:NAME or set {default_var}, which keeps a DSN "
-                    "out of the process list.",
+                    "or a password out of the process list.",
                 )
         elif value.startswith("env:"):
             var = value.removeprefix("env:")

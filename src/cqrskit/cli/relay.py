@@ -3,7 +3,8 @@
 ``--store`` and ``--read`` (the relay's state database, usually the write database itself)
 work as for ``cqrskit projections``; ``--broker`` is a broker URL — ``nats://...``,
 ``amqp://...`` (RabbitMQ) or ``redis://...`` — or ``env:NAME``, and defaults to
-``$CQRSKIT_BROKER``, so neither DSNs nor broker credentials show in ``ps``.
+``$CQRSKIT_BROKER`` (all three resolved by ``resolve_locations``), so neither DSNs nor
+broker credentials show in ``ps``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 from typing import Any
 
@@ -20,23 +20,6 @@ from cqrskit.errors import ConfigurationError
 from cqrskit.messaging import Relay, Transport, relay_status
 
 __all__ = ["open_transport", "register_cli"]
-
-
-def _broker_url(value: str | None) -> str:
-    if value is None:
-        value = os.environ.get("CQRSKIT_BROKER")
-        if not value:
-            raise ConfigurationError(
-                "--broker is missing and CQRSKIT_BROKER is not set.",
-                hint="pass --broker env:NAME or set CQRSKIT_BROKER (keeps credentials out "
-                "of the process list).",
-            )
-    elif value.startswith("env:"):
-        var = value.removeprefix("env:")
-        value = os.environ.get(var)
-        if not value:
-            raise ConfigurationError(f"--broker env:{var}: the variable {var} is not set.")
-    return value
 
 
 def open_transport(url: str, destination: str | None = None) -> Transport:
@@ -131,8 +114,10 @@ def register_cli(sub: Any) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    transport = open_transport(_broker_url(args.broker), args.destination)
-    store = await open_store(args.store, args.store_schema, listen=args.listen)
+    transport = open_transport(args.broker, args.destination)
+    store = await open_store(
+        args.store, args.store_schema, listen=args.listen, create_tables=args.create_tables
+    )
     state = open_read_db(args.read, args.schema)
     relay = Relay(
         store,
@@ -158,7 +143,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    store = await open_store(args.store, args.store_schema)
+    store = await open_store(args.store, args.store_schema, create_tables=args.create_tables)
     state = open_read_db(args.read, args.schema)
     try:
         s = await relay_status(state, store, args.name)

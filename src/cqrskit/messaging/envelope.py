@@ -21,8 +21,9 @@ fields. The headers are:
 ==========================  ==============================================================
 
 Text that is not plain printable ASCII (or holds ``%``) is percent-encoded. Decoding
-(:meth:`Envelope.from_wire`) checks the size first, then the signature (when a verifier is
-given), then every field; the payload is left as bytes for the application's serializer.
+(:meth:`Envelope.from_wire`) checks the size first, then parses the headers (each bounded
+in length; the signed bytes are rebuilt from them), then verifies the signature (when a
+verifier is given); the payload is left as bytes for the application's serializer.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ HEADER_PREFIX = "cqrskit-"
 DEFAULT_MAX_BYTES = 1 << 20
 _MAX_HEADER = 4096
 _HEX = frozenset("0123456789abcdef")
+_MAX_INT = (1 << 63) - 1  # positions, versions and sequences are signed 64-bit in SQL
 
 _ID = "cqrskit-id"
 _TYPE = "cqrskit-type"
@@ -72,6 +74,15 @@ def _text(value: str) -> str:
 
 def _untext(value: str) -> str:
     return unquote(value, errors="surrogatepass") if "%" in value else value
+
+
+def _uint(text: str) -> int | None:
+    """``text`` as an integer from 0 to 2**63 - 1 if it is ASCII digits only, else ``None``
+    (``str.isdigit`` alone also accepts digits ``int`` refuses, or reads other scripts)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 19):
+        return None
+    value = int(text)
+    return value if value <= _MAX_INT else None
 
 
 def traceparent_for(correlation_id: str | None, message_id: str) -> str:
@@ -229,8 +240,9 @@ class Envelope:
     ) -> Envelope:
         """Decode (and, with ``verifier``, authenticate) one message read from a broker.
 
-        Order of checks: size, then signature (over ``destination``, which must be the
-        name the message was read from), then the fields.
+        Order of checks: size, then the header fields, then the signature (over
+        ``destination``, which must be the name the message was read from); the payload is
+        not decoded here.
 
         Raises:
             EnvelopeError: too large, a header missing or malformed.
@@ -268,12 +280,14 @@ class Envelope:
 
         def number(name: str, low: int = 0) -> int:
             text = need(name)
-            if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) < low:
+            value = _uint(text)
+            if value is None or value < low:
                 raise EnvelopeError(f"header {name!r} is not an integer >= {low}: {text!r}.")
-            return int(text)
+            return value
 
-        part, _, count = need(_PARTITION).partition("/")
-        if not (part.isdigit() and count.isdigit() and int(part) < int(count) <= 1 << 16):
+        text, _, count_text = need(_PARTITION).partition("/")
+        part, count = _uint(text), _uint(count_text)
+        if part is None or count is None or not part < count <= 1 << 16:
             raise EnvelopeError(f"header 'cqrskit-partition' is malformed: {h[_PARTITION]!r}.")
         kind = h.get(_KIND, "event")
         if kind not in KINDS:
@@ -289,8 +303,8 @@ class Envelope:
                 _untext(need(_STREAM)),
                 number(_VERSION, 1),
                 number(_POSITION, 1),
-                int(part),
-                int(count),
+                part,
+                count,
                 number(_SEQUENCE, 1),
                 None if correlation is None else _untext(correlation),
                 None if causation is None else _untext(causation),

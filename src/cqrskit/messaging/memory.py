@@ -61,6 +61,12 @@ class InMemoryTransport(Transport):
         """See :meth:`Transport.destination`."""
         return f"{self.prefix}.{partition}"
 
+    def refusal(self, envelope: Envelope) -> str | None:
+        """See :meth:`Transport.refusal`: a payload over ``max_bytes``."""
+        if len(envelope.payload) > self.max_bytes:
+            return f"message of {len(envelope.payload)} bytes exceeds {self.max_bytes}"
+        return None
+
     def lose_acks(self, calls: int = 1) -> None:
         """Let the next ``calls`` publish calls store their messages, then raise
         :class:`~cqrskit.errors.BrokerUnavailableError` as if the acks were lost."""
@@ -82,8 +88,9 @@ class InMemoryTransport(Transport):
             while seen and next(iter(seen.values())) < now - self.dedup_window:
                 seen.popitem(last=False)
         for env in messages:
-            if len(env.payload) > self.max_bytes:
-                results.append(f"message of {len(env.payload)} bytes exceeds {self.max_bytes}")
+            reason = self.refusal(env)
+            if reason is not None:
+                results.append(reason)
                 continue
             if self.destinations is not None and env.partition not in self.destinations:
                 results.append(f"no such destination {self.destination(env.partition)!r}")

@@ -259,29 +259,29 @@ class Relay:
         outage: float | None = None
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_check:
-                next_check = now + self.state_interval
-                await self._check_state(epoch)
-            events = await self.store.read_after(self.checkpoint, self.batch_size)
-            if events:
-                try:
+            retried = False
+            try:
+                if now >= next_check:
+                    next_check = now + self.state_interval
+                    retried = await self._check_state(epoch)  # publishes retried dead letters
+                events = await self.store.read_after(self.checkpoint, self.batch_size)
+                if events:
                     await self._publish_batch(epoch, events)
-                except BrokerUnavailableError as exc:
-                    if outage is None:
-                        self.outages += 1
-                        log.warning(
-                            "relay %s: broker unavailable (%s); backing off", self.name, exc
-                        )
-                    outage = min(self.max_backoff, (outage or 0.05) * 2)
-                    if time.monotonic() - last_beat >= self.lease_ttl / 3:
-                        async with self.state_db.transaction() as s:
-                            await self._fence(s, epoch)
-                        last_beat = time.monotonic()
-                    await self._pause(outage)
-                    continue
-                if outage is not None:
-                    log.info("relay %s: broker available again", self.name)
-                    outage = None
+            except BrokerUnavailableError as exc:
+                if outage is None:
+                    self.outages += 1
+                    log.warning("relay %s: broker unavailable (%s); backing off", self.name, exc)
+                outage = min(self.max_backoff, (outage or 0.05) * 2)
+                if time.monotonic() - last_beat >= self.lease_ttl / 3:
+                    async with self.state_db.transaction() as s:
+                        await self._fence(s, epoch)
+                    last_beat = time.monotonic()
+                await self._pause(outage)
+                continue
+            if outage is not None and (events or retried):
+                log.info("relay %s: broker available again", self.name)
+                outage = None
+            if events:
                 last_beat = time.monotonic()
                 backoff = None
                 await asyncio.sleep(0)
@@ -310,6 +310,7 @@ class Relay:
         send: list[Envelope] = []
         refused: dict[int, tuple[StoredEvent, str]] = {}
         max_bytes = self.max_bytes
+        refusal = self.transport.refusal
         for e in events:
             p = partition_of(e.stream, n)
             if owned is not None and p not in owned:
@@ -322,8 +323,15 @@ class Relay:
                 reason = f"payload of {len(env.payload)} bytes exceeds max_bytes={max_bytes}"
                 blocked.add(e.stream)
             else:
-                send.append(self._sign(env))
-                continue
+                signed = self._sign(env)
+                why = refusal(signed)
+                if why is None:
+                    send.append(signed)
+                    continue
+                # the transport would refuse it unsent: park it here, in its place, so
+                # the stream's later events in this batch wait behind it
+                reason = why
+                blocked.add(e.stream)
             refused[e.position] = (e, reason)
             send.append(self._sign(env.parked()))
         return send, refused, seqs
@@ -397,7 +405,8 @@ class Relay:
 
     # -- state checks and retries --------------------------------------------------------
 
-    async def _check_state(self, epoch: int) -> None:
+    async def _check_state(self, epoch: int) -> bool:
+        """Beat the lease; retry the dead letters flagged for it (``True`` if any)."""
         async with self.state_db.transaction() as s:
             await self._fence(s, epoch)
             rows = await s.fetchall(
@@ -406,8 +415,10 @@ class Relay:
                 self.name,
                 self._generation,
             )
-        if rows:
-            await self._retry(epoch, [(int(p), str(s), int(v)) for p, s, v in rows])
+        if not rows:
+            return False
+        await self._retry(epoch, [(int(p), str(s), int(v)) for p, s, v in rows])
+        return True
 
     async def _retry(self, epoch: int, rows: list[tuple[int, str, int]]) -> None:
         """Publish flagged parked events again (new sequence numbers, in order per stream);
@@ -458,10 +469,15 @@ class Relay:
                     *key,
                     position,
                 )
-            await s.execute(
-                "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND generation = ?",
-                *key,
-            )
+            # only the requests read above: one made since (another stream's) stays set
+            done = set(ok).union(failed)
+            for position in [p for p, _, _ in rows if p not in done]:  # streams stopped
+                await s.execute(
+                    "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND "
+                    "generation = ? AND position = ?",
+                    *key,
+                    position,
+                )
             await state.save_sequences(s, self.name, self.partitions, seqs.items())
             self._blocked = await state.load_blocked(s, self.name, self._generation)
         self._sequences = seqs

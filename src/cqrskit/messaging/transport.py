@@ -3,8 +3,8 @@
 A transport knows one thing the relay does not: how to put an envelope on its broker so
 that it is stored durably, and how to tell an acknowledgement from a refusal. It is one
 class with two methods to implement (:meth:`Transport.publish` and
-:meth:`Transport.destination`) plus optional :meth:`Transport.close`, so a Kafka or SQS
-adapter is one short module.
+:meth:`Transport.destination`) plus optional :meth:`Transport.refusal` and
+:meth:`Transport.close`, so a Kafka or SQS adapter is one short module.
 
 The contract of :meth:`Transport.publish`:
 
@@ -57,6 +57,16 @@ class Transport(ABC):
             BrokerUnavailableError: the broker could not be reached or did not acknowledge
                 in time; the outcome of every message in this call is unknown.
         """
+
+    def refusal(self, envelope: Envelope) -> str | None:
+        """Why :meth:`publish` would refuse ``envelope`` without sending it (too large for
+        this transport or its broker), or ``None``.
+
+        The relay asks before publishing, so it parks such an event in place: the later
+        events of its stream wait behind it instead of reaching the broker first, and the
+        partition's sequence stays whole. :meth:`publish` refuses the same envelopes.
+        """
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Close the broker connection (publish reconnects when called again)."""

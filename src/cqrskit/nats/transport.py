@@ -101,6 +101,32 @@ class NatsTransport(Transport):
             subject = self._subjects[partition] = f"{self.subject_prefix}.{partition}"
         return subject
 
+    def refusal(self, envelope: Envelope) -> str | None:
+        """See :meth:`Transport.refusal`: a payload over ``max_bytes``, or a message
+        (headers included) over the server's ``max_payload`` (taken as ``max_bytes``
+        until the first connection tells it). The server would answer such a message by
+        closing the connection, so it is never sent."""
+        size = len(envelope.payload)
+        if size > self.max_bytes:
+            return f"payload of {size} bytes exceeds {self.max_bytes}"
+        if size + _HEADROOM <= self._max_payload():
+            return None  # far enough below the limit whatever the headers
+        return self._too_large(envelope, _headers(envelope))
+
+    def _max_payload(self) -> int:
+        nc = self._nc
+        return self.max_bytes if nc is None else nc.max_payload
+
+    def _too_large(self, envelope: Envelope, headers: dict[str, str]) -> str | None:
+        size = len(envelope.payload) + _headers_size(headers)
+        limit = self._max_payload()
+        if size > limit:
+            return (
+                f"message of {size} bytes (headers included) exceeds the server's "
+                f"max_payload of {limit}"
+            )
+        return None
+
     @property
     def connection(self) -> Client | None:
         """The ``nats.aio.client.Client`` (``None`` before the first publish)."""
@@ -168,8 +194,11 @@ class NatsTransport(Transport):
                 if len(env.payload) > self.max_bytes:
                     results[i] = f"payload of {len(env.payload)} bytes exceeds {self.max_bytes}"
                     continue
-                headers = env.headers()
-                headers["Nats-Msg-Id"] = headers["cqrskit-id"]
+                headers = _headers(env)
+                reason = self._too_large(env, headers)
+                if reason is not None:
+                    results[i] = reason
+                    continue
                 try:
                     fut = await js.publish_async(
                         self.destination(env.partition),
@@ -239,6 +268,21 @@ class NatsTransport(Transport):
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None:
             await _close_quietly(nc)
+
+
+_HEADROOM = 16384  # header bytes the size check may skip counting (a real block is < 1 KiB)
+
+
+def _headers(envelope: Envelope) -> dict[str, str]:
+    headers = envelope.headers()
+    headers["Nats-Msg-Id"] = headers["cqrskit-id"]
+    return headers
+
+
+def _headers_size(headers: dict[str, str]) -> int:
+    """Bytes of the header block as sent (``NATS/1.0``, ``key: value`` lines, blank line);
+    envelope headers are ASCII, so characters are bytes."""
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
 
 
 async def _close_quietly(nc: Client) -> None:

@@ -78,13 +78,19 @@ def recommended(
             ``@reads(...)`` wait for the request's consistency token.
 
     Raises:
-        ConfigurationError: ``policies`` left out, or given without ``principal``.
+        ConfigurationError: ``policies`` left out, or given without ``principal``;
+            ``attempts`` below 1.
     """
     if policies is _UNSET:
         raise ConfigurationError(
             "recommended() needs policies= (authorization fails closed).",
             hint="pass policies={Command: policy, ...} with principal=..., or policies=None "
             "for a service without callers to tell apart.",
+        )
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ConfigurationError(
+            f"recommended(attempts=...) must be an int of at least 1, got {attempts!r}.",
+            hint="attempts counts the first try too: 1 turns retrying off.",
         )
     behaviors: list[Any] = []
     if policies is not None:

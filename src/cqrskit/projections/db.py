@@ -21,7 +21,7 @@ __all__ = ["Dialect", "ReadDatabase", "Session", "check_identifier", "quote", "t
 Dialect = Literal["sqlite", "postgres"]
 Row = Sequence[Any]
 
-_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: "$" accepts a final newline
 _TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?")
 _dollar_cache: dict[str, str] = {}
 

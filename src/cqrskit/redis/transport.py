@@ -69,6 +69,12 @@ class RedisTransport(Transport):
     def __repr__(self) -> str:  # the URL may hold a password: never shown
         return f"RedisTransport(key_prefix={self.key_prefix!r})"
 
+    def refusal(self, envelope: Envelope) -> str | None:
+        """See :meth:`Transport.refusal`: a payload over ``max_bytes``."""
+        if len(envelope.payload) > self.max_bytes:
+            return f"payload of {len(envelope.payload)} bytes exceeds {self.max_bytes}"
+        return None
+
     def destination(self, partition: int) -> str:
         """See :meth:`Transport.destination`: ``<key_prefix>:<partition>``."""
         key = self._keys.get(partition)
@@ -93,8 +99,9 @@ class RedisTransport(Transport):
         sent: list[int] = []
         pipe = client.pipeline(transaction=False)
         for i, env in enumerate(messages):
-            if len(env.payload) > self.max_bytes:
-                results[i] = f"payload of {len(env.payload)} bytes exceeds {self.max_bytes}"
+            reason = self.refusal(env)
+            if reason is not None:
+                results[i] = reason
                 continue
             fields: dict[str, Any] = env.headers()
             fields["body"] = env.payload

@@ -235,6 +235,9 @@ class TransportConformance(ABC):
                 json.dumps({"blob": "x" * 5000}), big.metadata,
             )  # fmt: skip
             envs = envelopes_for(events, self.partitions)
+            # refusal() says so before sending (the relay parks such an event in place)
+            assert t.refusal(envs[0]) is None
+            assert isinstance(t.refusal(envs[1]), str)
             results = await t.publish(envs)
             assert results[0] is None, results
             assert results[2] is None, results

@@ -116,13 +116,17 @@ async def test_a_standby_takes_over_and_continues_the_numbering(backend: Backend
     log, db = backend
     t = InMemoryTransport(dedup_window=None)
     first = await fill(log, 20)
-    a = Relay(log, db, t, partitions=2, owner="a", lease_ttl=0.5)
-    b = Relay(log, db, t, partitions=2, owner="b", lease_ttl=0.5)
+    a = Relay(log, db, t, partitions=2, owner="a", lease_ttl=1.0)
+    b = Relay(log, db, t, partitions=2, owner="b", lease_ttl=1.0)
     async with a:
         assert await a.wait_published(first, 20)
         await b.start()
-        await asyncio.sleep(0.2)  # b had its chance to take a live lease
-        assert not b.leading
+        # for well past lease_ttl, an idle holder's heartbeats keep the standby out
+        watch_until = time.monotonic() + 2.5 * b.lease_ttl
+        while time.monotonic() < watch_until:
+            assert not b.leading, "the standby took a lease its holder kept alive"
+            assert a.leading
+            await asyncio.sleep(0.05)
     # a released its lease on stop: b takes over and numbers on from a's counters
     try:
         second = await fill(log, 20, start=20)
@@ -179,6 +183,88 @@ async def test_refused_events_park_their_stream_and_retry_republishes(backend: B
     real = [e for e in envs if e.kind == "event"]
     assert len(real) == 10
     assert [e.version for e in real if e.stream == "acct-0"] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_retry_while_the_broker_is_down_backs_off_like_a_batch(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    log, db = backend
+    t = InMemoryTransport()
+    await log.append("acct-0", Unrelated("x" * 500))
+    last = await fill(log, 3, streams=2, start=100)
+    relay = Relay(log, db, t, max_bytes=200, state_interval=0.05, max_backoff=0.05)
+    async with relay:
+        assert await relay.wait_published(last, 20)
+        epoch = relay.epoch
+        t.available = False
+        relay.max_bytes = 1 << 20
+        assert await request_retry(db, "relay") == 3
+        await until(lambda: relay.outages >= 1, timeout=10)
+        assert relay.epoch == epoch  # an outage: the lease is kept, not lost and re-taken
+        t.available = True
+        await until(lambda: relay.published == 4)  # every event of the log
+        assert await dead_letters(db, "relay") == []
+    assert not [r for r in caplog.records if "failed; restarting" in r.getMessage()]
+
+
+class _FlagDuringPublish(InMemoryTransport):
+    """Runs ``during`` (once) inside a publish call: an operator acting meanwhile."""
+
+    during: Any = None
+
+    async def publish(self, messages: Any) -> list[str | None]:
+        during, self.during = self.during, None
+        if during is not None:
+            await during()
+        return await super().publish(messages)
+
+
+async def test_a_retry_requested_while_another_is_published_is_not_lost(
+    backend: Backend,
+) -> None:
+    log, db = backend
+    t = _FlagDuringPublish()
+    await log.append("acct-0", Unrelated("x" * 500))
+    await log.append("acct-1", Unrelated("y" * 500))
+    last = await fill(log, 4, streams=2, start=100)
+    relay = Relay(log, db, t, partitions=2, max_bytes=200, state_interval=0.05)
+    async with relay:
+        assert await relay.wait_published(last, 20)
+        assert {d.stream for d in await dead_letters(db, "relay")} == {"acct-0", "acct-1"}
+
+        async def flag_acct_1() -> None:
+            assert await request_retry(db, "relay", stream="acct-1") == 3
+
+        t.during = flag_acct_1  # flagged while acct-0's retry is being published
+        assert await request_retry(db, "relay", stream="acct-0") == 3
+        deadline = time.monotonic() + 20
+        while letters := await dead_letters(db, "relay"):
+            assert any(d.retry for d in letters), f"a retry request was dropped: {letters}"
+            assert time.monotonic() < deadline, letters
+            await asyncio.sleep(0.02)
+    assert relay.published == 6
+
+
+async def test_an_event_the_transport_refuses_parks_its_stream_in_order(backend: Backend) -> None:
+    """The transport's own limit is lower than the relay's: the event it would refuse is
+    parked in place, and the later events of its stream in the same batch wait behind it
+    instead of reaching the broker ahead of it; the sequence has no hole."""
+    log, db = backend
+    t = InMemoryTransport(max_bytes=200)
+    await fill(log, 4, streams=2)
+    big = (await log.append("acct-0", Unrelated("x" * 500)))[-1]
+    await log.append("acct-0", Deposited("acct-0", 1))
+    last = await fill(log, 4, streams=2, start=100)
+    async with Relay(log, db, t, partitions=2) as relay:  # one batch holds them all
+        assert await relay.wait_published(last, 20)
+    letters = await dead_letters(db, "relay")
+    assert [(d.stream, d.position) for d in letters][:1] == [("acct-0", big.position)]
+    assert len(letters) == 4  # the big one, then acct-0's later events wait behind it
+    envs = kept(t, 2)  # checks each partition's sequence is whole and in order
+    assert len(envs) == 10
+    real = [(e.stream, e.version) for e in envs if e.kind == "event"]
+    assert [v for s, v in real if s == "acct-0"] == [1, 2]
+    assert relay.gaps == 0
 
 
 async def test_partition_sets_split_the_work_between_named_relays(backend: Backend) -> None:
