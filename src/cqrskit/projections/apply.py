@@ -222,12 +222,17 @@ class Applier:
                 time.time(),
                 *key,
             )
-        if failed:
-            await session.execute(
-                "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND generation = ?",
-                name,
-                generation,
-            )
+        # clear only the requests read above (those still parked: failed again, or behind
+        # a failure); one committed since then (another stream's) stays set for next time
+        for position, stream, _ in rows:
+            if stream in failed:
+                await session.execute(
+                    "UPDATE cqrskit_dead_letters SET retry = 0 "
+                    "WHERE projection = ? AND generation = ? AND position = ?",
+                    name,
+                    generation,
+                    position,
+                )
         await self.load_blocked(session, generation)
         return done
 
