@@ -5,7 +5,8 @@
 ``cqrskit_checkpoints``   per (projection, generation): the last applied position.
 ``cqrskit_dead_letters``  parked (poison) events with the error and the attempts.
 ``cqrskit_lease_holders`` per projection: the host and process id that took the current
-                          lease epoch (to end a frozen holder of SQLite's write lock).
+                          lease epoch (to end a frozen holder of SQLite's write lock); the
+                          host column names the process exactly (:func:`process_identity`).
 
 Every statement uses ``?`` placeholders and runs on SQLite and PostgreSQL alike.
 """
@@ -78,6 +79,43 @@ class LeaseHolder:
     epoch: int
     host: str
     pid: int
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def process_state(pid: int) -> tuple[str, str] | None:
+    """``(state letter, start time in clock ticks since boot)`` of process ``pid`` from
+    ``/proc/<pid>/stat`` (Linux), or ``None`` where it cannot be read."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None or ")" not in stat:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and ")"
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def process_identity(pid: int) -> str:
+    """What names process ``pid`` (as this process sees it) across hosts, containers and
+    pid reuse: the host name, then — where ``/proc`` shows them — the boot, the pid
+    namespace and the process's start time. Recorded as a lease holder's ``host``; a
+    standby compares it before it may end a frozen holder (:meth:`ReadDatabase.end_frozen_writer`),
+    so a process of another host, another container (pid namespace) or a later process that
+    reuses the pid never matches."""
+    parts = [socket.gethostname()]
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        namespace: int | None = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = None
+    state = process_state(pid)
+    if boot and namespace and state:
+        parts += [f"boot={boot}", f"pidns={namespace}", f"start={state[1]}"]
+    return " ".join(parts)
 
 
 async def install(session: Session) -> None:
@@ -202,7 +240,7 @@ async def fence(session: Session, name: str, epoch: int, *, hold: float | None =
 async def take_lease(session: Session, name: str, owner: str, seen: ProjectionRow) -> int | None:
     """Take the lease if it is still as ``seen``; return the new epoch, else ``None``.
 
-    Records this process (host, pid) as the holder of the new epoch."""
+    Records this process (:func:`process_identity`, pid) as the holder of the new epoch."""
     changed = await session.execute(
         "UPDATE cqrskit_projections SET lease_owner = ?, lease_epoch = lease_epoch + 1 "
         "WHERE name = ? AND lease_epoch = ? AND lease_beat = ?",
@@ -220,7 +258,7 @@ async def take_lease(session: Session, name: str, owner: str, seen: ProjectionRo
         "host = excluded.host, pid = excluded.pid, taken_at = excluded.taken_at",
         name,
         epoch,
-        socket.gethostname(),
+        process_identity(os.getpid()),
         os.getpid(),
         time.time(),
     )

@@ -11,13 +11,13 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from cqrskit.projections.db import ReadDatabase, Row, Session
+from cqrskit.projections.schema import process_identity, process_state
 
 __all__ = ["SqliteReadDatabase", "SqliteSession"]
 
@@ -130,12 +130,23 @@ class SqliteReadDatabase(ReadDatabase):
     Args:
         path: the database file.
         busy_timeout_ms: how long a statement waits for another writer's lock.
+        end_stopped_holder: whether a projector standing by may end (SIGKILL) the process
+            holding an expired projection lease when that process is *stopped* (SIGSTOP,
+            state ``T`` in ``/proc``) while it holds this file's write lock — the one case
+            in which nothing else ever frees the lock (default ``True``; see
+            :meth:`end_frozen_writer`). With ``False`` the standby waits until the holder
+            resumes or dies. A holder that runs (busy, a blocked event loop, another
+            component of its application writing) is never ended: it frees the lock by
+            itself and its lease is fenced.
     """
 
     dialect = "sqlite"
 
-    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000) -> None:
+    def __init__(
+        self, path: str, *, busy_timeout_ms: int = 10_000, end_stopped_holder: bool = True
+    ) -> None:
         self.path = path
+        self.end_stopped_holder = end_stopped_holder
         self._busy = busy_timeout_ms
         self._writer: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
@@ -199,26 +210,44 @@ class SqliteReadDatabase(ReadDatabase):
                 conn.close()
 
     async def end_frozen_writer(self, host: str, pid: int) -> bool:
-        """See :meth:`ReadDatabase.end_frozen_writer`: SIGKILL process ``pid`` if it runs on
-        this host and holds this file's write lock (seen in ``/proc/locks`` on SQLite's lock
-        byte; elsewhere nothing is done), so its transaction can never commit and the lock
-        is freed."""
-        if host != socket.gethostname() or pid == os.getpid() or pid <= 0:
+        """See :meth:`ReadDatabase.end_frozen_writer`: SIGKILL process ``pid`` when, all at
+        once, ``end_stopped_holder`` is on, ``host`` names that very process as this one
+        sees it (same host, boot and pid namespace, same start time: not a later process
+        reusing the pid, not one in another container), the kernel shows it *stopped*, and
+        it holds this file's write lock (``/proc/locks``). Anything else (another platform
+        included) does nothing and returns ``False``: the standby waits.
+
+        The process is named by a pidfd opened before the checks (Linux 5.3+), so the
+        signal cannot reach a process that took the pid over after them."""
+        if not self.end_stopped_holder or pid == os.getpid() or pid <= 0:
             return False
-        holder = _write_lock_holder(self.path)
-        if holder != pid:
-            return False
-        log.warning(
-            "process %d holds the write lock of %s with an expired projection lease: "
-            "ending it (SIGKILL) so a standby can take over",
-            pid,
-            self.path,
-        )
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return False
-        return True
+            handle: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            handle = None  # gone, or no pidfds: the checks below still name the process
+        try:
+            state = process_state(pid)
+            if state is None or state[0] != "T" or host != process_identity(pid):
+                return False
+            if _write_lock_holder(self.path) != pid:
+                return False
+            log.warning(
+                "process %d holds the write lock of %s with an expired projection lease and "
+                "is stopped: ending it (SIGKILL) so a standby can take over",
+                pid,
+                self.path,
+            )
+            try:
+                if handle is not None:
+                    signal.pidfd_send_signal(handle, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return False
+            return True
+        finally:
+            if handle is not None:
+                os.close(handle)
 
     def inline(self, connection: Any) -> Session:
         """See :meth:`ReadDatabase.inline`."""
