@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -124,6 +125,35 @@ def _write_lock_holder(path: str, locks: str = "/proc/locks") -> int | None:
     return None
 
 
+async def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
+    """``BEGIN IMMEDIATE`` without blocking the event loop while another process holds the
+    write lock: SQLite's own busy handler would sleep inside the (synchronous) call and
+    freeze every other task of the process — a web application's requests too — for up to
+    the busy timeout. So the lock is tried with no busy wait, and retried after short
+    asyncio sleeps (SQLite offers no notification) until ``timeout`` seconds have passed;
+    then the last ``database is locked`` error is raised."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        pause = 0.001
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+    finally:
+        # statements inside the transaction hold the lock already; keep a short busy wait
+        # for the rare cases that still need one (WAL recovery after a crash)
+        conn.execute(f"PRAGMA busy_timeout = {max(0, round(min(timeout, 1.0) * 1000))}")
+
+
 class SqliteReadDatabase(ReadDatabase):
     """A read database in a SQLite file (the write database's file or another one).
 
@@ -170,21 +200,16 @@ class SqliteReadDatabase(ReadDatabase):
     async def _transaction(self, lock_timeout: float | None = None) -> AsyncIterator[Session]:
         async with self._lock:
             conn = self._writer_conn()
-            if lock_timeout is not None:
-                # the calls are synchronous: a short busy wait keeps the event loop free
-                conn.execute(f"PRAGMA busy_timeout = {max(0, round(lock_timeout * 1000))}")
+            await _begin_immediate(
+                conn, self._busy / 1000 if lock_timeout is None else lock_timeout
+            )
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield SqliteSession(conn)
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            finally:
-                if lock_timeout is not None:
-                    conn.execute(f"PRAGMA busy_timeout = {int(self._busy)}")
+                yield SqliteSession(conn)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def read_only(self) -> AbstractAsyncContextManager[Session]:
         """See :meth:`ReadDatabase.read_only` (``PRAGMA query_only``: writes raise)."""
