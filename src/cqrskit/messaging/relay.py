@@ -6,7 +6,10 @@ a standby takes over within ``lease_ttl``), the same checkpoint, status, lag and
 letters (it is recorded as a projection in mode ``relay``). For each batch it numbers the
 events per partition, hands the envelopes to the :class:`~cqrskit.messaging.Transport`,
 and only after the broker acknowledged all of them commits, in one transaction that checks
-the lease epoch, the checkpoint, the sequence counters and any refusals.
+the lease epoch, the checkpoint, the sequence counters and any refusals. Up to
+``pipeline`` batches are on their way at once (read and sent while earlier ones are being
+acknowledged and checkpointed); checkpoints still commit in order, each after its own
+batch's acknowledgements.
 
 Sequence numbers are a function of the committed state and the log alone, so a relay that
 restarts (or a standby taking over) republishes an unacknowledged tail with the same ids
@@ -21,7 +24,9 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 from cqrskit.errors import BrokerUnavailableError, ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
@@ -44,6 +49,18 @@ log = logging.getLogger("cqrskit.messaging")
 
 class _Stopped(Exception):
     pass
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch on its way: the events read, the envelopes sent (placeholders for events
+    parked before sending), those parked, the counters after it, and the acks' future."""
+
+    events: Sequence[StoredEvent]
+    sent: list[Envelope]
+    refused: dict[int, tuple[StoredEvent, str]]
+    seqs: dict[int, int]
+    results: asyncio.Future[list[str | None]] | None = None
 
 
 async def relay_status(
@@ -74,6 +91,10 @@ class Relay:
             partitions between them need distinct names.
         signer: sign every envelope with this :class:`HmacSigner` (optional).
         batch_size: events per read, publish call and checkpoint commit.
+        pipeline: batches on their way at once: the next batch is read and sent while
+            the broker acknowledges the previous one and its checkpoint commits (with a
+            transport that overlaps sends, see :meth:`Transport.send`). The relay holds
+            at most ``pipeline * batch_size`` events.
         max_bytes: payloads larger than this are parked without being sent.
         lease_ttl: seconds without a heartbeat before a standby takes over.
         poll_interval: the longest idle wait when no wake-up hint comes.
@@ -93,6 +114,7 @@ class Relay:
         owned: Collection[int] | None = None,
         signer: HmacSigner | None = None,
         batch_size: int = 500,
+        pipeline: int = 2,
         max_bytes: int = 1 << 20,
         lease_ttl: float = 5.0,
         poll_interval: float = 1.0,
@@ -116,6 +138,9 @@ class Relay:
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1.")
         self.batch_size = batch_size
+        if pipeline < 1:
+            raise ConfigurationError("pipeline must be at least 1.")
+        self.pipeline = pipeline
         self.max_bytes = max_bytes
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
@@ -133,8 +158,12 @@ class Relay:
         self.gaps = 0
         self.outages = 0
         self._generation = 1
-        self._sequences: dict[int, int] = {}
+        self._sequences: dict[int, int] = {}  # committed with the checkpoint
         self._blocked: set[str] = set()
+        # where the batches in flight leave off: read position, counters, parked streams
+        self._read_to = 0
+        self._ahead: dict[int, int] = {}
+        self._ahead_blocked: set[str] = set()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -254,19 +283,40 @@ class Relay:
             self._sequences = await state.load_sequences(s, self.name, self.partitions)
             self._blocked = await state.load_blocked(s, self.name, self._generation)
         self.signal.notify()
+        inflight: deque[_Batch] = deque()
+        self._rewind()
         next_check = last_beat = time.monotonic()
         backoff: float | None = None
         outage: float | None = None
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + self.state_interval
-                await self._check_state(epoch)
-            events = await self.store.read_after(self.checkpoint, self.batch_size)
-            if events:
+        try:
+            while not self._stop.is_set():
                 try:
-                    await self._publish_batch(epoch, events)
+                    if time.monotonic() >= next_check:
+                        if inflight:  # retries number on from the committed counters
+                            await self._finish(epoch, inflight.popleft())
+                            continue
+                        next_check = time.monotonic() + self.state_interval
+                        await self._check_state(epoch)
+                        self._rewind()
+                    if len(inflight) < self.pipeline:
+                        events = await self.store.read_after(self._read_to, self.batch_size)
+                        if events:
+                            batch = self._prepare(events)
+                            inflight.append(batch)
+                            if batch.sent:
+                                batch.results = await self.transport.send(batch.sent)
+                            continue
+                    if inflight:
+                        await self._finish(epoch, inflight.popleft())
+                        if outage is not None:
+                            log.info("relay %s: broker available again", self.name)
+                            outage = None
+                        last_beat = time.monotonic()
+                        backoff = None
+                        await asyncio.sleep(0)
+                        continue
                 except BrokerUnavailableError as exc:
+                    await self._abandon(inflight)
                     if outage is None:
                         self.outages += 1
                         log.warning(
@@ -279,37 +329,53 @@ class Relay:
                         last_beat = time.monotonic()
                     await self._pause(outage)
                     continue
-                if outage is not None:
-                    log.info("relay %s: broker available again", self.name)
-                    outage = None
-                last_beat = time.monotonic()
-                backoff = None
-                await asyncio.sleep(0)
-                continue
-            if time.monotonic() - last_beat >= self.lease_ttl / 3:
-                async with self.state_db.transaction() as s:
-                    await self._fence(s, epoch)
-                last_beat = time.monotonic()
-            limit = min(self.poll_interval, self.lease_ttl / 3)
-            woke = await self._wait_for_events(backoff or limit)
-            if woke:
-                backoff = 0.001 if backoff is None else min(backoff * 2, limit)
-            elif backoff is None or backoff >= limit:
-                backoff = None
-            else:
-                backoff = min(backoff * 2, limit)
+                if time.monotonic() - last_beat >= self.lease_ttl / 3:
+                    async with self.state_db.transaction() as s:
+                        await self._fence(s, epoch)
+                    last_beat = time.monotonic()
+                limit = min(self.poll_interval, self.lease_ttl / 3)
+                woke = await self._wait_for_events(backoff or limit)
+                if woke:
+                    backoff = 0.001 if backoff is None else min(backoff * 2, limit)
+                elif backoff is None or backoff >= limit:
+                    backoff = None
+                else:
+                    backoff = min(backoff * 2, limit)
+            try:  # stopping: finish what is in flight, unless the broker is down
+                while inflight:
+                    await self._finish(epoch, inflight.popleft())
+            except BrokerUnavailableError:
+                pass
+        finally:
+            await self._abandon(inflight)
 
-    def _envelopes(
-        self, events: Sequence[StoredEvent]
-    ) -> tuple[list[Envelope], dict[int, tuple[StoredEvent, str]], dict[int, int]]:
-        """Number the batch. Returns the envelopes to send (a ``parked`` placeholder, in
-        place, for each event parked before sending), the parked events by position, and
-        the new sequence counters."""
-        seqs = dict(self._sequences)
-        owned, n, blocked = self.owned, self.partitions, set(self._blocked)
+    def _rewind(self) -> None:
+        """Read and number on from the committed state (after a start, retry or outage)."""
+        self._read_to = self.checkpoint
+        self._ahead = dict(self._sequences)
+        self._ahead_blocked = set(self._blocked)
+
+    async def _abandon(self, inflight: deque[_Batch]) -> None:
+        """Give up the batches in flight: their outcome no longer matters, because the
+        relay publishes again from its checkpoint with the same ids and numbers."""
+        pending = [b.results for b in inflight if b.results is not None]
+        inflight.clear()
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._rewind()
+
+    def _prepare(self, events: Sequence[StoredEvent]) -> _Batch:
+        """Number the batch on from the batches already in flight. The envelopes to send
+        hold a ``parked`` placeholder, in place, for each event parked before sending."""
+        seqs = dict(self._ahead)
+        owned, n, blocked = self.owned, self.partitions, self._ahead_blocked
         send: list[Envelope] = []
         refused: dict[int, tuple[StoredEvent, str]] = {}
         max_bytes = self.max_bytes
+        limit = self.transport.max_bytes
+        if limit is not None and limit < max_bytes:
+            max_bytes = limit
         for e in events:
             p = partition_of(e.stream, n)
             if owned is not None and p not in owned:
@@ -326,7 +392,9 @@ class Relay:
                 continue
             refused[e.position] = (e, reason)
             send.append(self._sign(env.parked()))
-        return send, refused, seqs
+        self._read_to = events[-1].position
+        self._ahead = seqs
+        return _Batch(events, send, refused, seqs)
 
     def _sign(self, env: Envelope) -> Envelope:
         signer = self.signer
@@ -334,24 +402,27 @@ class Relay:
             return env
         return env.signed(signer, self.transport.destination(env.partition))
 
-    async def _publish_batch(self, epoch: int, events: Sequence[StoredEvent]) -> None:
-        send, refused, seqs = self._envelopes(events)
+    async def _finish(self, epoch: int, batch: _Batch) -> None:
+        """Wait for the batch's acknowledgements, then commit its checkpoint."""
+        events, refused, seqs = batch.events, batch.refused, batch.seqs
         acked = 0
-        if send:
-            results = await self.transport.publish(send)
+        if batch.results is not None:
+            results = await batch.results
             late: list[Envelope] = []
-            for env, reason in zip(send, results, strict=True):
+            for env, reason in zip(batch.sent, results, strict=True):
                 if reason is None:
                     acked += env.kind == "event"
                 elif env.kind == "parked":
                     self._hole(env, reason)
                 else:
                     # refused by the broker itself: park it; its placeholder goes after the
-                    # batch (a consumer sees that sequence number late, never missing)
+                    # batches in flight (a consumer sees that sequence number late, never
+                    # missing)
                     refused[env.position] = (
                         next(e for e in events if e.position == env.position),
                         reason,
                     )
+                    self._ahead_blocked.add(env.stream)
                     late.append(self._sign(env.parked()))
             if late:
                 for env, reason in zip(late, await self.transport.publish(late), strict=True):

@@ -44,6 +44,7 @@ class RedisTransport(Transport):
 
     name = "redis"
     broker_dedup = False
+    max_bytes: int
 
     def __init__(
         self,
@@ -65,6 +66,9 @@ class RedisTransport(Transport):
         self.client_options = dict(client_options or {})
         self._client: Any = None
         self._keys: dict[int, str] = {}
+        self._last: asyncio.Future[list[str | None]] | None = None
+        # sends whose outcome is unknown or failed (successful ones leave at once)
+        self._issued: set[asyncio.Future[list[str | None]]] = set()
 
     def __repr__(self) -> str:  # the URL may hold a password: never shown
         return f"RedisTransport(key_prefix={self.key_prefix!r})"
@@ -88,6 +92,23 @@ class RedisTransport(Transport):
 
     async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
         """See :meth:`Transport.publish`."""
+        task = await self.send(messages)
+        try:
+            return await task
+        finally:
+            self._issued.discard(task)  # its outcome reached the caller
+
+    async def send(self, messages: Sequence[Envelope]) -> asyncio.Future[list[str | None]]:
+        """See :meth:`Transport.send`: the pipeline is built now and runs once the previous
+        call's pipeline has been answered (so the server stores the calls in order); it
+        does not run at all if that one failed."""
+        if any(t.done() and (t.cancelled() or t.exception()) for t in self._issued):
+            # an earlier send failed and this one may be its successor, not its retry
+            # (see Transport.send): refuse once, then start afresh
+            for t in self._issued:
+                t.cancel()
+            self._issued.clear()
+            raise BrokerUnavailableError("Redis: an earlier pipeline failed; publish again.")
         client = self._connect()
         results: list[str | None] = [None] * len(messages)
         sent: list[int] = []
@@ -100,6 +121,29 @@ class RedisTransport(Transport):
             fields["body"] = env.payload
             pipe.xadd(self.destination(env.partition), fields, nomkstream=not self.create)
             sent.append(i)
+        previous = self._last if self._last is not None and not self._last.done() else None
+        task = asyncio.ensure_future(self._execute(previous, pipe, messages, results, sent))
+        self._last = task
+        self._issued.add(task)
+        task.add_done_callback(self._settled)
+        return task
+
+    def _settled(self, task: asyncio.Future[list[str | None]]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._issued.discard(task)
+
+    async def _execute(
+        self,
+        previous: asyncio.Future[list[str | None]] | None,
+        pipe: Any,
+        messages: Sequence[Envelope],
+        results: list[str | None],
+        sent: list[int],
+    ) -> list[str | None]:
+        if previous is not None:  # unresolved when this call was made: wait for it
+            await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:
+                raise BrokerUnavailableError("Redis: an earlier pipeline failed; publish again.")
         if not sent:
             return results
         try:
@@ -134,5 +178,10 @@ class RedisTransport(Transport):
                 pass
 
     async def close(self) -> None:
-        """Close the connection pool (a later publish reconnects)."""
+        """Close the connection pool (a later publish reconnects; unresolved sends are
+        cancelled)."""
+        for t in self._issued:
+            t.cancel()
+        self._issued.clear()
+        self._last = None
         await self._drop()
