@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import sys
 from typing import Any
 
@@ -42,17 +41,7 @@ async def writer(path: str, ident: int, count: int) -> None:
     try:
         for i in range(count):
             stream = f"acct-{(ident + i) % 8}"
-            for attempt in range(20):
-                # opening a connection can meet SQLITE_BUSY without the busy handler while
-                # another connection recovers the WAL of a SIGKILLed relay: nothing was
-                # written then, so the command is simply tried again (bounded)
-                try:
-                    await log.append(stream, Deposited(stream, ident * 1_000_000 + i))
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == 19:
-                        raise
-                    await asyncio.sleep(0.05 * (attempt + 1))
+            await log.append(stream, Deposited(stream, ident * 1_000_000 + i))
     finally:
         log.close()
     print("DONE", flush=True)
