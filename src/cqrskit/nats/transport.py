@@ -168,6 +168,11 @@ class NatsTransport(Transport):
             options: dict[str, Any] = {
                 "connect_timeout": 2,
                 "allow_reconnect": False,
+                # the client's first connect tries each server again every
+                # reconnect_time_wait, up to max_reconnect_attempts (2 minutes by default):
+                # here a refused connection fails the call at once and the relay backs off
+                "max_reconnect_attempts": 1,
+                "reconnect_time_wait": 0,
                 "error_cb": _quiet,
             }
             options.update(self.connect_options)

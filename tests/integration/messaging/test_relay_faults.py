@@ -13,135 +13,30 @@ counting its faults.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
-import shutil
 import signal
-import sqlite3
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
-from tests.conftest import IN_CI, require_service
-from tests.support.brokers import NatsServer, OwnServer, RedisServer, nats_read, redis_read
+from tests.conftest import require_service
+from tests.support.brokers import NatsServer, OwnServer, RedisServer
 from tests.support.proxy import FaultProxy, Mode
+from tests.support.relay_checks import (
+    check,
+    committed,
+    need_binary,
+    read_broker,
+    relay_checkpoint,
+    spawn,
+)
 from tests.support.sqlite_log import SqliteTestLog
 
-from cqrskit.messaging import Envelope
-
-ROOT = Path(__file__).resolve().parents[3]
 PARTITIONS = 4
 WRITERS = 4
 PER_WRITER = 250
-
-
-def need_binary(name: str) -> None:
-    if shutil.which(name):
-        return
-    if IN_CI:
-        pytest.fail(f"{name} is not installed; under CI=true that is a failure", pytrace=False)
-    pytest.skip(f"{name} is not installed")
-
-
-def spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    with log.open("ab") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests.support.relay_procs", *args],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-
-
-def relay_checkpoint(path: str) -> int:
-    conn = sqlite3.connect(path, timeout=10)
-    try:
-        row = conn.execute(
-            "SELECT position FROM cqrskit_checkpoints WHERE projection = 'relay'"
-        ).fetchone()
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        conn.close()
-    return int(row[0]) if row else 0
-
-
-def committed(path: str) -> list[tuple[int, str, int, int, str]]:
-    conn = sqlite3.connect(path, timeout=10)
-    try:
-        return [
-            (int(p), s, int(v), int(json.loads(d)["amount"]), m)
-            for p, s, v, d, m in conn.execute(
-                "SELECT position, stream, version, data, message_id FROM cqrskit_events "
-                "ORDER BY position"
-            )
-        ]
-    finally:
-        conn.close()
-
-
-async def read_broker(broker: str, url: str, name: str) -> dict[int, list[Envelope]]:
-    out: dict[int, list[Envelope]] = {}
-    for p in range(PARTITIONS):
-        raw: list[tuple[Mapping[str, Any], bytes]]
-        if broker == "nats":
-            raw = await nats_read(url, name.upper(), f"{name}.{p}")
-        elif broker == "redis":
-            raw = await redis_read(url, f"{name}:{p}")
-        else:
-            raw = await rabbit_drain(url, f"{name}.{p}")
-        out[p] = [Envelope.from_wire(h, b) for h, b in raw]
-    return out
-
-
-async def rabbit_drain(url: str, queue_name: str) -> list[tuple[Mapping[str, Any], bytes]]:
-    import aio_pika
-
-    conn = await aio_pika.connect(url)
-    try:
-        ch = await conn.channel()
-        queue = await ch.declare_queue(queue_name, passive=True)
-        out: list[tuple[Mapping[str, Any], bytes]] = []
-        while (msg := await queue.get(no_ack=True, fail=False)) is not None:
-            out.append((dict(msg.headers or {}), bytes(msg.body)))
-        await queue.delete(if_unused=False, if_empty=False)
-        await ch.exchange_delete(queue_name.rsplit(".", 1)[0])
-        return out
-    finally:
-        await conn.close()
-
-
-def check(held: dict[int, list[Envelope]], log: list[tuple[int, str, int, int, str]]) -> int:
-    """Count/sum/order checks; returns how many duplicate copies the consumer drops."""
-    dropped = 0
-    kept: list[Envelope] = []
-    for p, envs in held.items():
-        first: dict[int, str] = {}
-        for env in envs:
-            assert env.partition == p
-            if env.sequence in first:
-                assert first[env.sequence] == env.message_id, "a sequence number was reused"
-                dropped += 1
-                continue
-            assert env.sequence == len(first) + 1, f"partition {p}: gap before {env.sequence}"
-            first[env.sequence] = env.message_id
-            kept.append(env)
-    assert len(kept) == len(log), f"broker holds {len(kept)} events, log has {len(log)}"
-    by_id = {m: (pos, s, v, amount) for pos, s, v, amount, m in log}
-    assert {e.message_id for e in kept} == set(by_id), "lost or unexpected events"
-    assert sum(json.loads(e.payload)["amount"] for e in kept) == sum(r[3] for r in log)
-    last: dict[str, int] = {}
-    for env in sorted(kept, key=lambda e: (e.partition, e.sequence)):
-        assert by_id[env.message_id][:3] == (env.position, env.stream, env.version)
-        assert env.version == last.get(env.stream, 0) + 1, f"{env.stream} reordered"
-        last[env.stream] = env.version
-    return dropped
 
 
 @pytest.mark.slow
