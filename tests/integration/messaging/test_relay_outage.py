@@ -24,6 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from tests.support.brokers import NatsServer
 from tests.support.relay_checks import (
     check,
@@ -47,6 +48,7 @@ WARM_UP = 3.0
 RSS_BOUND_KIB = 8 * 1024
 
 
+@pytest.mark.slow
 async def test_broker_down_30s_under_write_load(tmp_path: Path) -> None:
     need_binary("nats-server")
     server = NatsServer()
