@@ -5,9 +5,8 @@ is SIGKILLed at random (>= 10 times per run), the broker is restarted (own NATS 
 instance on a free port, same data directory, >= 2 times per run), and a TCP proxy drops
 the broker's replies (publish acks) while the relay has publishes in flight, until at
 least 50 acks (10 RabbitMQ ack frames) were dropped, and then cuts the connection (>= 2
-times per run). For
-RabbitMQ (the shared node; a second node takes ~8 s to start) the proxy cuts stand in for
-restarts. Afterwards the broker must hold every committed event exactly once per partition
+times per run). For RabbitMQ (the shared node; a second node takes ~8 s to start) the
+proxy cuts stand in for restarts. Afterwards the broker must hold every committed event exactly once per partition
 sequence, in per-stream order: count, sum and order are checked. Each run prints one line
 counting its faults.
 """
