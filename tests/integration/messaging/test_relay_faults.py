@@ -6,9 +6,9 @@ instance on a free port, same data directory, >= 2 times per run), and a TCP pro
 the broker's replies (publish acks) while the relay has publishes in flight, until at
 least 50 acks (10 RabbitMQ ack frames) were dropped, and then cuts the connection (>= 2
 times per run). For RabbitMQ (the shared node; a second node takes ~8 s to start) the
-proxy cuts stand in for restarts. Afterwards the broker must hold every committed event exactly once per partition
-sequence, in per-stream order: count, sum and order are checked. Each run prints one line
-counting its faults.
+proxy cuts stand in for restarts. Afterwards the broker must hold every committed event
+exactly once per partition sequence, in per-stream order: count, sum and order are
+checked. Each run prints one line counting its faults.
 """
 
 from __future__ import annotations
