@@ -60,6 +60,7 @@ STREAMS = 64
 NATS_URL = "nats://127.0.0.1:4222"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+PIPELINE = [2]  # the relay's pipeline (--pipeline)
 NOTE = "x" * 160  # brings the JSON payload to ~300 bytes
 
 
@@ -83,6 +84,8 @@ class Case:
     baseline: list[float] = field(default_factory=list)
     candidate: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+    baseline_cpu: list[float] = field(default_factory=list)  # µs of this process per message
+    candidate_cpu: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -95,13 +98,16 @@ class Case:
         return (
             f"| {self.case} | {self.what} | {statistics.median(b):,.0f} "
             f"({min(b):,.0f}–{max(b):,.0f}) | {statistics.median(c):,.0f} "
-            f"({min(c):,.0f}–{max(c):,.0f}) | **{self.ratio:.2f}×** | {self.target} |"
+            f"({min(c):,.0f}–{max(c):,.0f}) | **{self.ratio:.2f}×** | {self.target} | "
+            f"{statistics.median(self.baseline_cpu):.1f} / "
+            f"{statistics.median(self.candidate_cpu):.1f} |"
         )
 
 
 HEADER = (
     "| case | what | client msgs/s median (min–max) | relay msgs/s median (min–max) "
-    "| throughput ratio | target |\n|---|---|---|---|---|---|"
+    "| throughput ratio | target | client / relay process CPU µs per msg |\n"
+    "|---|---|---|---|---|---|---|"
 )
 
 
@@ -408,12 +414,19 @@ async def throughput(b: Broker, store_kind: str, dsn: str, n: int, rounds: int, 
     transport = b.transport()
     case = Case(
         f"P6 {b.name}",
-        f"{store_kind} log → {b.name}, {n:,} events, batch {batch}",
+        f"{store_kind} log → {b.name}, {n:,} events, batch {batch} × pipeline {PIPELINE[0]}",
         "≥ 0.8×",
     )
 
     async def run_relay(head: int) -> None:
-        relay = Relay(log.store, log.state, transport, partitions=PARTITIONS, batch_size=batch)
+        relay = Relay(
+            log.store,
+            log.state,
+            transport,
+            partitions=PARTITIONS,
+            batch_size=batch,
+            pipeline=PIPELINE[0],
+        )
         await relay.start()
         try:
             if not await relay.wait_published(head, 300):
@@ -421,10 +434,10 @@ async def throughput(b: Broker, store_kind: str, dsn: str, n: int, rounds: int, 
         finally:
             await relay.stop()
 
-    async def timed(fn: Callable[[], Awaitable[None]]) -> float:
-        start = time.perf_counter()
+    async def timed(fn: Callable[[], Awaitable[None]]) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         await fn()
-        return n / (time.perf_counter() - start)
+        return n / (time.perf_counter() - start), (time.process_time() - cpu) / n * 1e6
 
     try:
         for i in range(rounds + 1):  # round 0 warms both up and is not counted
@@ -440,12 +453,15 @@ async def throughput(b: Broker, store_kind: str, dsn: str, n: int, rounds: int, 
             await b.purge()
             if i == 0:
                 continue
-            case.baseline.append(got["baseline"])
-            case.candidate.append(got["candidate"])
-            case.ratios.append(got["candidate"] / got["baseline"])
+            (base, base_cpu), (cand, cand_cpu) = got["baseline"], got["candidate"]
+            case.baseline.append(base)
+            case.candidate.append(cand)
+            case.ratios.append(cand / base)
+            case.baseline_cpu.append(base_cpu)
+            case.candidate_cpu.append(cand_cpu)
             print(
-                f"  {case.case} round {i}: client {got['baseline']:,.0f}/s, relay "
-                f"{got['candidate']:,.0f}/s, ratio {case.ratios[-1]:.2f}",
+                f"  {case.case} round {i}: client {base:,.0f}/s ({base_cpu:.1f} µs CPU/msg), "
+                f"relay {cand:,.0f}/s ({cand_cpu:.1f} µs), ratio {case.ratios[-1]:.2f}",
                 file=sys.stderr,
             )
     finally:
@@ -523,7 +539,9 @@ async def lag(b: Broker, dsn: str, rate: float, seconds: float, batch: int) -> L
     await b.setup(tag)
     timed = Timed(b.transport())
     out = os.path.join(log.dir, "writer.json")
-    relay = Relay(log.store, log.state, timed, partitions=PARTITIONS, batch_size=batch)
+    relay = Relay(
+        log.store, log.state, timed, partitions=PARTITIONS, batch_size=batch, pipeline=PIPELINE[0]
+    )
     try:
         await relay.start()
         proc = await asyncio.create_subprocess_exec(
@@ -559,6 +577,7 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=20_000, help="events per round")
     parser.add_argument("--rabbit-events", type=int, default=5_000, help="RabbitMQ: per round")
     parser.add_argument("--batch", type=int, default=500, help="relay batch_size")
+    parser.add_argument("--pipeline", type=int, default=2, help="relay pipeline")
     parser.add_argument("--rate", type=float, default=1000.0, help="lag: commands per second")
     parser.add_argument("--lag-seconds", type=float, default=15.0)
     parser.add_argument("--no-lag", action="store_true")
@@ -566,6 +585,7 @@ async def main() -> None:
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
+    PIPELINE[0] = args.pipeline
     names = [s for s in args.brokers.split(",") if s]
     cases: list[Case] = []
     lags: list[Lag] = []

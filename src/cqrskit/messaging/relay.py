@@ -292,12 +292,13 @@ class Relay:
             while not self._stop.is_set():
                 try:
                     if time.monotonic() >= next_check:
-                        if inflight:  # retries number on from the committed counters
-                            await self._finish(epoch, inflight.popleft())
-                            continue
                         next_check = time.monotonic() + self.state_interval
-                        await self._check_state(epoch)
-                        self._rewind()
+                        retries = await self._retry_requests(epoch)
+                        if retries:  # retries number on from the committed counters
+                            while inflight:
+                                await self._finish(epoch, inflight.popleft())
+                            await self._retry(epoch, retries)
+                            self._rewind()
                     if len(inflight) < self.pipeline:
                         events = await self.store.read_after(self._read_to, self.batch_size)
                         if events:
@@ -468,7 +469,8 @@ class Relay:
 
     # -- state checks and retries --------------------------------------------------------
 
-    async def _check_state(self, epoch: int) -> None:
+    async def _retry_requests(self, epoch: int) -> list[tuple[int, str, int]]:
+        """Check the lease (and beat it); return the parked events flagged for a retry."""
         async with self.state_db.transaction() as s:
             await self._fence(s, epoch)
             rows = await s.fetchall(
@@ -477,8 +479,7 @@ class Relay:
                 self.name,
                 self._generation,
             )
-        if rows:
-            await self._retry(epoch, [(int(p), str(s), int(v)) for p, s, v in rows])
+        return [(int(p), str(s), int(v)) for p, s, v in rows]
 
     async def _retry(self, epoch: int, rows: list[tuple[int, str, int]]) -> None:
         """Publish flagged parked events again (new sequence numbers, in order per stream);
