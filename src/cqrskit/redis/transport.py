@@ -82,10 +82,9 @@ class RedisTransport(Transport):
 
     def _connect(self) -> Any:
         if self._client is None:
-            options: dict[str, Any] = {
-                "socket_timeout": self.ack_timeout,
-                "socket_connect_timeout": 2.0,
-            }
+            # no socket_timeout: redis-py would arm a timer for every reply it reads; the
+            # whole pipeline is bounded by ack_timeout instead (see _execute)
+            options: dict[str, Any] = {"socket_connect_timeout": 2.0}
             options.update(self.client_options)
             self._client = aioredis.from_url(self.url, **options)
         return self._client
