@@ -37,7 +37,10 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,6 +123,8 @@ class Lag:
     from_done: list[float]
     from_start: list[float]
     batches: list[int]
+    to_read: list[float]  # commit done → first read by the relay (the log's visibility)
+    read_to_ack: list[float]  # first read → acknowledged (the relay and the broker)
 
     def row(self) -> str:
         """One markdown table row."""
@@ -128,18 +133,20 @@ class Lag:
             s = sorted(xs)
             return s[min(len(s) - 1, int(q * len(s)))]
 
-        d, s = self.from_done, self.from_start
+        d, s, r, a = self.from_done, self.from_start, self.to_read, self.read_to_ack
         return (
             f"| {self.broker} | {self.rate:,.0f} | {len(d):,} | {pct(d, 0.5):.1f} | "
             f"**{pct(d, 0.99):.1f}** | {max(d):.1f} | {pct(s, 0.5):.1f} / {pct(s, 0.99):.1f} | "
+            f"{pct(r, 0.5):.1f} / {pct(r, 0.99):.1f} | {pct(a, 0.5):.1f} / {pct(a, 0.99):.1f} | "
             f"{statistics.mean(self.batches):.1f} | < 20 ms (p99) |"
         )
 
 
 LAG_HEADER = (
     "| broker | commands/s achieved | samples | p50 ms | p99 ms | max ms "
-    "| from commit start p50 / p99 ms | events per publish call | target |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| from commit start p50 / p99 ms | commit → read by the relay p50 / p99 ms "
+    "| read → acked p50 / p99 ms | events per publish call | target |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -154,6 +161,43 @@ def _read(path: str) -> Any:
 def make_event(i: int) -> tuple[str, Deposited]:
     account = f"acct-{i % STREAMS}"
     return account, Deposited(account, i, uuid.uuid4().hex, NOTE)
+
+
+# -- an own PostgreSQL cluster (--own-pg) -----------------------------------------------------
+
+
+class OwnPostgres:
+    """A PostgreSQL cluster of this benchmark's own (temp dir, free port, default durability
+    settings), so other sessions of a shared server cannot hold back the event log's
+    visibility horizon. Needs initdb/pg_ctl and, as root, the ``postgres`` user."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="cqrskit-bench-pg-")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.data = os.path.join(self.dir, "data")
+
+    def _run(self, *cmd: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*prefix, *cmd], check=True, stdout=subprocess.DEVNULL)
+
+    def start(self) -> str:
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run("initdb", "-D", self.data, "--no-sync", "-A", "trust", "-U", "postgres")
+        with open(os.path.join(self.data, "postgresql.conf"), "a", encoding="utf-8") as f:
+            f.write(
+                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.dir}'\nmax_connections = 200\n"
+            )
+        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "pg.log"), "-w", "start")
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # -- event logs ------------------------------------------------------------------------------
@@ -475,7 +519,8 @@ async def throughput(b: Broker, store_kind: str, dsn: str, n: int, rounds: int, 
 
 
 class Timed(Transport):
-    """Wraps a transport; records when each acknowledged message's publish call returned."""
+    """Wraps a transport; records when each message's acknowledgement was in: when the
+    future of its batch resolved (its last ack arrived), or its publish call returned."""
 
     def __init__(self, inner: Transport) -> None:
         self.inner = inner
@@ -487,26 +532,41 @@ class Timed(Transport):
     def destination(self, partition: int) -> str:
         return self.inner.destination(partition)
 
-    async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
-        results = await self.inner.publish(messages)
+    def _record(self, messages: Sequence[Envelope], results: list[str | None]) -> None:
         now = time.monotonic_ns()
-        self.batches.append(len(messages))
         acked = self.acked
         for env, reason in zip(messages, results, strict=True):
             if reason is None and env.position not in acked:
                 acked[env.position] = now
+
+    async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
+        results = await self.inner.publish(messages)
+        self._record(messages, results)
         return results
+
+    async def send(self, messages: Sequence[Envelope]) -> asyncio.Future[list[str | None]]:
+        future = await self.inner.send(messages)
+        self.batches.append(len(messages))
+
+        def done(f: asyncio.Future[list[str | None]]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self._record(messages, f.result())
+
+        future.add_done_callback(done)  # when the batch's last acknowledgement came in
+        return future
 
     async def close(self) -> None:
         await self.inner.close()
 
 
-async def writer_child(dsn: str, schema: str, rate: float, seconds: float, out: str) -> None:
+async def writer_child(
+    dsn: str, schema: str, rate: float, seconds: float, out: str, conns: int, notify: bool
+) -> None:
     """The writer process: commits at a steady ``rate``; writes (position, start, done)."""
     from cqrskit.postgres import PostgresEventStore
 
     store = await PostgresEventStore.open(
-        dsn, schema=schema, notify=True, create_tables=False, min_size=16, max_size=16
+        dsn, schema=schema, notify=notify, create_tables=False, min_size=conns, max_size=conns
     )
     total = int(rate * seconds)
     samples: list[tuple[int, int, int]] = []
@@ -525,28 +585,48 @@ async def writer_child(dsn: str, schema: str, rate: float, seconds: float, out: 
             position = await uow.commit()
             samples.append((int(position or 0), start, time.monotonic_ns()))
 
-    await asyncio.gather(*(worker() for _ in range(16)))
+    await asyncio.gather(*(worker() for _ in range(conns)))
     elapsed = time.monotonic() - t0
     await store.close()
     _write(out, {"rate": total / elapsed, "samples": samples})
 
 
-async def lag(b: Broker, dsn: str, rate: float, seconds: float, batch: int) -> Lag:
+async def lag(
+    b: Broker, dsn: str, rate: float, seconds: float, batch: int, conns: int, notify: bool
+) -> Lag:
     log = Log("postgres", dsn)
-    await log.open(notify=True)
+    await log.open(notify=notify)
     await log.fill(1)  # the tables exist before the writer starts
     tag = uuid.uuid4().hex[:8]
     await b.setup(tag)
     timed = Timed(b.transport())
     out = os.path.join(log.dir, "writer.json")
+    seen: dict[int, int] = {}  # position -> when the relay first read it
+    read_after = log.store.read_after
+
+    async def reading(position: int, limit: int = 1000) -> list[StoredEvent]:
+        events = await read_after(position, limit)
+        now = time.monotonic_ns()
+        for e in events:
+            seen.setdefault(e.position, now)
+        return events
+
+    log.store.read_after = reading  # type: ignore[method-assign]
     relay = Relay(
-        log.store, log.state, timed, partitions=PARTITIONS, batch_size=batch, pipeline=PIPELINE[0]
+        log.store,
+        log.state,
+        timed,
+        partitions=PARTITIONS,
+        batch_size=batch,
+        pipeline=PIPELINE[0],
+        poll_interval=1.0 if notify else 0.002,
     )
     try:
         await relay.start()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "_writer", dsn, log.schema, str(rate), str(seconds), out
-        )
+            sys.executable, __file__, "_writer", dsn, log.schema, str(rate), str(seconds), out,
+            str(conns), "notify" if notify else "poll",
+        )  # fmt: skip
         if await proc.wait() != 0:
             raise RuntimeError("the writer process failed")
         written = _read(out)
@@ -560,9 +640,17 @@ async def lag(b: Broker, dsn: str, rate: float, seconds: float, batch: int) -> L
         await b.teardown()
         await log.close()
     first = min(s for _, s, _ in samples) + 1_000_000_000  # leave the first second out
-    from_done = [(timed.acked[p] - d) / 1e6 for p, s, d in samples if s >= first]
-    from_start = [(timed.acked[p] - s) / 1e6 for p, s, d in samples if s >= first]
-    return Lag(b.name, written["rate"], from_done, from_start, timed.batches)
+    kept = [(p, s, d) for p, s, d in samples if s >= first]
+    acked, read = timed.acked, seen
+    return Lag(
+        b.name,
+        written["rate"],
+        [(acked[p] - d) / 1e6 for p, s, d in kept],
+        [(acked[p] - s) / 1e6 for p, s, d in kept],
+        timed.batches,
+        [(read[p] - d) / 1e6 for p, s, d in kept],
+        [(acked[p] - read[p]) / 1e6 for p, s, d in kept],
+    )
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -580,12 +668,33 @@ async def main() -> None:
     parser.add_argument("--pipeline", type=int, default=2, help="relay pipeline")
     parser.add_argument("--rate", type=float, default=1000.0, help="lag: commands per second")
     parser.add_argument("--lag-seconds", type=float, default=15.0)
+    parser.add_argument("--writer-connections", type=int, default=16)
+    parser.add_argument(
+        "--poll",
+        action="store_true",
+        help="lag: writers do not NOTIFY; the relay polls every 2 ms when idle",
+    )
     parser.add_argument("--no-lag", action="store_true")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument(
+        "--own-pg", action="store_true", help="run PostgreSQL cases on a cluster of its own"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
     PIPELINE[0] = args.pipeline
+    own = OwnPostgres() if args.own_pg else None
+    if own is not None:
+        args.pg = own.start()
+    try:
+        await run(args)
+    finally:
+        if own is not None:
+            own.stop()
+
+
+async def run(args: argparse.Namespace) -> None:
+    """The cases of one run (see the module docstring)."""
     names = [s for s in args.brokers.split(",") if s]
     cases: list[Case] = []
     lags: list[Lag] = []
@@ -600,7 +709,7 @@ async def main() -> None:
         for name in names:
             lags.append(
                 await lag(broker(name, args.batch), args.pg, args.rate, args.lag_seconds,
-                          args.batch)
+                          args.batch, args.writer_connections, not args.poll)
             )  # fmt: skip
     print(f"\n### Relay (P6)\n\nPython {sys.version.split()[0]} on {sys.platform}\n")
     if cases:
@@ -622,7 +731,11 @@ async def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_writer"]:
-        dsn, schema, rate, seconds, out = sys.argv[2:7]
-        asyncio.run(writer_child(dsn, schema, float(rate), float(seconds), out))
+        dsn, schema, rate, seconds, out, conns, wake = sys.argv[2:9]
+        asyncio.run(
+            writer_child(
+                dsn, schema, float(rate), float(seconds), out, int(conns), wake == "notify"
+            )
+        )
     else:
         asyncio.run(main())

@@ -54,13 +54,16 @@ class _Stopped(Exception):
 @dataclass(slots=True)
 class _Batch:
     """A batch on its way: the events read, the envelopes sent (placeholders for events
-    parked before sending), those parked, the counters after it, and the acks' future."""
+    parked before sending), those parked, the counters after it, and the acks' future.
+    Once acknowledged it keeps only what its checkpoint commit needs."""
 
     events: Sequence[StoredEvent]
     sent: list[Envelope]
     refused: dict[int, tuple[StoredEvent, str]]
     seqs: dict[int, int]
+    last: int  # position of the batch's last event
     results: asyncio.Future[list[str | None]] | None = None
+    acked: int = 0  # events the broker acknowledged
 
 
 async def relay_status(
@@ -160,10 +163,16 @@ class Relay:
         self._generation = 1
         self._sequences: dict[int, int] = {}  # committed with the checkpoint
         self._blocked: set[str] = set()
-        # where the batches in flight leave off: read position, counters, parked streams
+        # where the batches sent leave off: read position, counters, parked streams
         self._read_to = 0
         self._ahead: dict[int, int] = {}
         self._ahead_blocked: set[str] = set()
+        # the same after the last acknowledged batch (its checkpoint may not be committed)
+        self._acked_to = 0
+        self._acked_seqs: dict[int, int] = {}
+        self._acked_blocked: set[str] = set()
+        self._acked: list[_Batch] = []  # acknowledged, checkpoint not committed yet
+        self._committing: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -283,23 +292,24 @@ class Relay:
             self._sequences = await state.load_sequences(s, self.name, self.partitions)
             self._blocked = await state.load_blocked(s, self.name, self._generation)
         self.signal.notify()
-        inflight: deque[_Batch] = deque()
-        self._rewind()
+        inflight: deque[_Batch] = deque()  # sent; acknowledgements outstanding
+        self._acked.clear()
+        self._settle()
         next_check = last_beat = time.monotonic()
         backoff: float | None = None
         outage: float | None = None
         try:
             while not self._stop.is_set():
                 try:
+                    self._committing = self._reap(epoch)
                     if time.monotonic() >= next_check:
                         next_check = time.monotonic() + self.state_interval
                         retries = await self._retry_requests(epoch)
                         if retries:  # retries number on from the committed counters
-                            while inflight:
-                                await self._finish(epoch, inflight.popleft())
+                            await self._drain(epoch, inflight)
                             await self._retry(epoch, retries)
-                            self._rewind()
-                    if len(inflight) < self.pipeline:
+                            self._settle()
+                    if len(inflight) < self.pipeline and len(self._acked) < self.pipeline:
                         events = await self.store.read_after(self._read_to, self.batch_size)
                         if events:
                             batch = self._prepare(events)
@@ -308,13 +318,18 @@ class Relay:
                                 batch.results = await self.transport.send(batch.sent)
                             continue
                     if inflight:
-                        await self._finish(epoch, inflight.popleft())
+                        await self._take_acks(inflight.popleft())
+                        self._committing = self._reap(epoch)
                         if outage is not None:
                             log.info("relay %s: broker available again", self.name)
                             outage = None
                         last_beat = time.monotonic()
                         backoff = None
                         await asyncio.sleep(0)
+                        continue
+                    if self._acked and self._committing is not None:
+                        # nothing to read or send: let the checkpoint catch up
+                        await asyncio.wait([self._committing])
                         continue
                 except BrokerUnavailableError as exc:
                     await self._abandon(inflight)
@@ -343,28 +358,61 @@ class Relay:
                 else:
                     backoff = min(backoff * 2, limit)
             try:  # stopping: finish what is in flight, unless the broker is down
-                while inflight:
-                    await self._finish(epoch, inflight.popleft())
+                await self._drain(epoch, inflight)
             except BrokerUnavailableError:
-                pass
+                await self._drain(epoch, deque())  # commit what was acknowledged
         finally:
             await self._abandon(inflight)
+            committing, self._committing = self._committing, None
+            if committing is not None and not committing.done():
+                committing.cancel()
+            if committing is not None:
+                await asyncio.gather(committing, return_exceptions=True)
+
+    def _settle(self) -> None:
+        """Everything acknowledged is committed: number on from the committed state."""
+        self._acked_to = self.checkpoint
+        self._acked_seqs = dict(self._sequences)
+        self._acked_blocked = set(self._blocked)
+        self._rewind()
 
     def _rewind(self) -> None:
-        """Read and number on from the committed state (after a start, retry or outage)."""
-        self._read_to = self.checkpoint
-        self._ahead = dict(self._sequences)
-        self._ahead_blocked = set(self._blocked)
+        """Read and number on from the last acknowledged batch (after an outage)."""
+        self._read_to = self._acked_to
+        self._ahead = dict(self._acked_seqs)
+        self._ahead_blocked = set(self._acked_blocked)
 
     async def _abandon(self, inflight: deque[_Batch]) -> None:
         """Give up the batches in flight: their outcome no longer matters, because the
-        relay publishes again from its checkpoint with the same ids and numbers."""
+        relay publishes again after the last acknowledged batch with the same ids and
+        numbers."""
         pending = [b.results for b in inflight if b.results is not None]
         inflight.clear()
         for fut in pending:
             fut.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         self._rewind()
+
+    def _reap(self, epoch: int) -> asyncio.Task[None] | None:
+        """The checkpoint commit task: raise its error if it failed; start the next one
+        when acknowledged batches wait and none is running."""
+        task = self._committing
+        if task is not None and task.done():
+            task.result()  # raises LeaseLostError, a database error ...
+            task = None
+        if task is None and self._acked:
+            task = asyncio.create_task(self._commit(epoch), name=f"relay:{self.name}:commit")
+        return task
+
+    async def _drain(self, epoch: int, inflight: deque[_Batch]) -> None:
+        """Take the acknowledgements of every batch in flight, then commit them all."""
+        while inflight:
+            await self._take_acks(inflight.popleft())
+        while True:
+            self._committing = self._reap(epoch)
+            if self._committing is None:
+                return
+            await asyncio.wait([self._committing])
 
     def _prepare(self, events: Sequence[StoredEvent]) -> _Batch:
         """Number the batch on from the batches already in flight. The envelopes to send
@@ -395,7 +443,7 @@ class Relay:
             send.append(self._sign(env.parked()))
         self._read_to = events[-1].position
         self._ahead = seqs
-        return _Batch(events, send, refused, seqs)
+        return _Batch(events, send, refused, seqs, events[-1].position)
 
     def _sign(self, env: Envelope) -> Envelope:
         signer = self.signer
@@ -403,24 +451,22 @@ class Relay:
             return env
         return env.signed(signer, self.transport.destination(env.partition))
 
-    async def _finish(self, epoch: int, batch: _Batch) -> None:
-        """Wait for the batch's acknowledgements, then commit its checkpoint."""
-        events, refused, seqs = batch.events, batch.refused, batch.seqs
-        acked = 0
+    async def _take_acks(self, batch: _Batch) -> None:
+        """Wait for the batch's acknowledgements; hand it to the checkpoint commit."""
         if batch.results is not None:
             results = await batch.results
             late: list[Envelope] = []
             for env, reason in zip(batch.sent, results, strict=True):
                 if reason is None:
-                    acked += env.kind == "event"
+                    batch.acked += env.kind == "event"
                 elif env.kind == "parked":
                     self._hole(env, reason)
                 else:
                     # refused by the broker itself: park it; its placeholder goes after the
                     # batches in flight (a consumer sees that sequence number late, never
                     # missing)
-                    refused[env.position] = (
-                        next(e for e in events if e.position == env.position),
+                    batch.refused[env.position] = (
+                        next(e for e in batch.events if e.position == env.position),
                         reason,
                     )
                     self._ahead_blocked.add(env.stream)
@@ -429,29 +475,41 @@ class Relay:
                 for env, reason in zip(late, await self.transport.publish(late), strict=True):
                     if reason is not None:
                         self._hole(env, reason)
-        parked = [refused[k] for k in sorted(refused)]
-        async with self.state_db.transaction() as s:
-            await self._fence(s, epoch)
+        self._acked_to = batch.last
+        self._acked_seqs = batch.seqs
+        self._acked_blocked.update(stored.stream for stored, _ in batch.refused.values())
+        batch.events, batch.sent, batch.results = (), [], None  # only the bookkeeping stays
+        self._acked.append(batch)
+
+    async def _commit(self, epoch: int) -> None:
+        """Commit the checkpoint of every acknowledged batch, oldest first, in one
+        transaction per round (the lease epoch checked in it)."""
+        while self._acked:
+            batches, self._acked = self._acked, []
+            parked = [b.refused[k] for b in batches for k in sorted(b.refused)]
+            seqs, last = batches[-1].seqs, batches[-1].last
+            async with self.state_db.transaction() as s:
+                await self._fence(s, epoch)
+                for stored, reason in parked:
+                    await state.park(s, self.name, self._generation, stored, reason)
+                touched = [(p, q) for p, q in seqs.items() if self._sequences.get(p) != q]
+                await state.save_sequences(s, self.name, self.partitions, touched)
+                await schema.set_checkpoint(s, self.name, self._generation, last)
+            self._sequences = seqs
             for stored, reason in parked:
-                await state.park(s, self.name, self._generation, stored, reason)
-            touched = [(p, q) for p, q in seqs.items() if self._sequences.get(p) != q]
-            await state.save_sequences(s, self.name, self.partitions, touched)
-            await schema.set_checkpoint(s, self.name, self._generation, events[-1].position)
-        self._sequences = seqs
-        for stored, reason in parked:
-            if stored.stream not in self._blocked:
-                log.warning(
-                    "relay %s: parked stream %r at version %d: %s",
-                    self.name,
-                    stored.stream,
-                    stored.version,
-                    reason,
-                )
-            self._blocked.add(stored.stream)
-        self.parked += len(parked)
-        self.published += acked
-        self.checkpoint = events[-1].position
-        self.signal.notify()
+                if stored.stream not in self._blocked:
+                    log.warning(
+                        "relay %s: parked stream %r at version %d: %s",
+                        self.name,
+                        stored.stream,
+                        stored.version,
+                        reason,
+                    )
+                self._blocked.add(stored.stream)
+            self.parked += len(parked)
+            self.published += sum(b.acked for b in batches)
+            self.checkpoint = last
+            self.signal.notify()
 
     def _hole(self, env: Envelope, reason: str) -> None:
         """A placeholder was refused too: the partition's sequence has a hole (loud)."""
