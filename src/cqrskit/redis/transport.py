@@ -19,6 +19,17 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 __all__ = ["RedisTransport"]
 
+# entry field names, encoded once
+_NAMES = {
+    name: name.encode()
+    for name in (
+        "cqrskit-id", "cqrskit-type", "cqrskit-schema", "cqrskit-stream", "cqrskit-version",
+        "cqrskit-position", "cqrskit-partition", "cqrskit-sequence", "cqrskit-correlation",
+        "cqrskit-causation", "cqrskit-timestamp", "traceparent", "cqrskit-kind",
+        "cqrskit-key", "cqrskit-signature",
+    )
+}  # fmt: skip
+
 # refusals that stay refusals when retried (everything else means "try again later")
 _REFUSED = ("WRONGTYPE", "NOPERM", "NOAUTH", "ERR The ID specified", "NOSCRIPT")
 
@@ -112,13 +123,22 @@ class RedisTransport(Transport):
         results: list[str | None] = [None] * len(messages)
         sent: list[int] = []
         pipe = client.pipeline(transaction=False)
+        command = pipe.execute_command
+        head = (b"*",) if self.create else (b"NOMKSTREAM", b"*")
+        names = _NAMES
         for i, env in enumerate(messages):
             if len(env.payload) > self.max_bytes:
                 results[i] = f"payload of {len(env.payload)} bytes exceeds {self.max_bytes}"
                 continue
-            fields: dict[str, Any] = env.headers()
-            fields["body"] = env.payload
-            pipe.xadd(self.destination(env.partition), fields, nomkstream=not self.create)
+            # XADD with its arguments already bytes: redis-py's xadd() and its per-argument
+            # encoder cost about a third of the client's CPU per entry
+            args: list[Any] = ["XADD", self.destination(env.partition).encode(), *head]
+            for name, value in env.headers().items():
+                args.append(names.get(name) or name.encode())
+                args.append(value.encode())
+            args.append(b"body")
+            args.append(env.payload)
+            command(*args)
             sent.append(i)
         previous = self._last if self._last is not None and not self._last.done() else None
         task = asyncio.ensure_future(self._execute(previous, pipe, messages, results, sent))
