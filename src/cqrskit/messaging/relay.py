@@ -27,6 +27,7 @@ import uuid
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cqrskit.errors import BrokerUnavailableError, ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
@@ -298,6 +299,7 @@ class Relay:
         next_check = last_beat = time.monotonic()
         backoff: float | None = None
         outage: float | None = None
+        limit = min(self.poll_interval, self.lease_ttl / 3)
         try:
             while not self._stop.is_set():
                 try:
@@ -309,7 +311,8 @@ class Relay:
                             await self._drain(epoch, inflight)
                             await self._retry(epoch, retries)
                             self._settle()
-                    if len(inflight) < self.pipeline and len(self._acked) < self.pipeline:
+                    room = len(inflight) < self.pipeline and len(self._acked) < self.pipeline
+                    if room:
                         events = await self.store.read_after(self._read_to, self.batch_size)
                         if events:
                             batch = self._prepare(events)
@@ -318,6 +321,11 @@ class Relay:
                                 batch.results = await self.transport.send(batch.sent)
                             continue
                     if inflight:
+                        acks = inflight[0].results
+                        if room and acks is not None and not acks.done():
+                            # send what commits meanwhile rather than wait for these acks
+                            await self._acks_or_events(acks, min(limit, self.poll_interval))
+                            continue
                         await self._take_acks(inflight.popleft())
                         self._committing = self._reap(epoch)
                         if outage is not None:
@@ -349,7 +357,6 @@ class Relay:
                     async with self.state_db.transaction() as s:
                         await self._fence(s, epoch)
                     last_beat = time.monotonic()
-                limit = min(self.poll_interval, self.lease_ttl / 3)
                 woke = await self._wait_for_events(backoff or limit)
                 if woke:
                     backoff = 0.001 if backoff is None else min(backoff * 2, limit)
@@ -600,8 +607,20 @@ class Relay:
             "relay %s: retried %d parked event(s), %d published", self.name, len(rows), len(ok)
         )
 
+    async def _acks_or_events(self, acks: asyncio.Future[list[str | None]], timeout: float) -> None:
+        """Wait until the acknowledgements are in, new events may be readable, or
+        ``timeout`` passed."""
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(
+            self.store.wait_for(self._read_to, timeout)
+        )
+        pair: set[asyncio.Future[Any]] = {acks, waiter}
+        await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
     async def _wait_for_events(self, timeout: float) -> bool:
-        waiter = asyncio.ensure_future(self.store.wait_for(self.checkpoint, timeout))
+        waiter = asyncio.ensure_future(self.store.wait_for(self._read_to, timeout))
         stopper = asyncio.ensure_future(self._stop.wait())
         done, pending = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
