@@ -324,7 +324,7 @@ class Relay:
                         acks = inflight[0].results
                         if room and acks is not None and not acks.done():
                             # send what commits meanwhile rather than wait for these acks
-                            await self._acks_or_events(acks, min(limit, self.poll_interval))
+                            await self._acks_or_events(acks, limit)
                             continue
                         await self._take_acks(inflight.popleft())
                         self._committing = self._reap(epoch)
