@@ -24,7 +24,10 @@ waits (bounded) for the next one; in ``DROP_COMMIT_REPLY`` a fault is counted on
 server's first reply bytes arrived, i.e. after the server executed the COMMIT.
 
 ``FaultProxy(host, port, protocol="raw")`` forwards any TCP protocol (a broker's) without
-parsing it; the COMMIT modes then do nothing, the others work the same.
+parsing it; the COMMIT modes then do nothing, the others work the same. With
+``ack_marker=`` (bytes that start each acknowledgement in the server's replies, e.g.
+:data:`ACK_MARKERS` per broker) ``DROP_REPLIES`` also counts the acknowledgements it drops
+in :attr:`FaultProxy.dropped_acks`.
 
 Every fault is counted in the run's fault ledger (:mod:`tests.support.faults`): a switch
 into ``BLACKHOLE`` or ``RESET``, each dropped or blackholed COMMIT, each held COMMIT reply.
@@ -43,7 +46,13 @@ import struct
 
 from tests.support import faults
 
-__all__ = ["FaultProxy", "Mode"]
+__all__ = ["ACK_MARKERS", "FaultProxy", "Mode"]
+
+# what starts one publish acknowledgement in a broker's reply stream: NATS delivers each
+# PubAck as a MSG/HMSG to the publisher's inbox; Redis answers XADD with a bulk string (an
+# entry id holds no '$'); RabbitMQ confirms with a Basic.Ack method frame (class 60, method
+# 80), which may confirm several messages at once
+ACK_MARKERS = {"nats": b"MSG ", "redis": b"$", "rabbitmq": b"\x00\x3c\x00\x50"}
 
 _COMMIT = re.compile(rb"\bCOMMIT\b", re.IGNORECASE)
 _SSL_REQUEST = 80877103
@@ -188,6 +197,8 @@ class _Link:
                     proxy._drop_counted = True
                     faults.record("proxy")
                 proxy.dropped_replies += 1
+                if proxy.ack_marker is not None:
+                    proxy.dropped_acks += data.count(proxy.ack_marker)
                 continue
             if self.hold:
                 await proxy.release_replies.wait()  # released by the test, bounded there
@@ -208,9 +219,18 @@ class FaultProxy:
         connections: how many client connections were accepted.
     """
 
-    def __init__(self, target_host: str, target_port: int, *, protocol: str = "postgres") -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        protocol: str = "postgres",
+        ack_marker: bytes | None = None,
+    ) -> None:
         self.protocol = protocol
-        self.dropped_replies = 0
+        self.dropped_replies = 0  # reply chunks dropped in DROP_REPLIES
+        self.ack_marker = ack_marker
+        self.dropped_acks = 0  # acknowledgements among them (with ack_marker)
         self._drop_counted = False
         self.target_host = target_host
         self.target_port = target_port

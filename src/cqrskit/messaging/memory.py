@@ -36,6 +36,7 @@ class InMemoryTransport(Transport):
     """
 
     name = "memory"
+    max_bytes: int
 
     def __init__(
         self,
@@ -79,6 +80,10 @@ class InMemoryTransport(Transport):
 
     async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
         """See :meth:`Transport.publish`."""
+        return await (await self.send(messages))
+
+    async def send(self, messages: Sequence[Envelope]) -> asyncio.Future[list[str | None]]:
+        """See :meth:`Transport.send`: stores at once, acknowledges on a later loop pass."""
         if not self.available:
             raise BrokerUnavailableError("in-memory broker is marked unavailable.")
         results: list[str | None] = []
@@ -103,11 +108,18 @@ class InMemoryTransport(Transport):
             dest = self.destination(env.partition)
             self._stored.setdefault(dest, []).append((env.headers(), env.payload))
             self.published += 1
-        if self._gate is not None:
-            await self._gate.wait()
-            self._gate = None
-        if self._lose:
-            self._lose -= 1
+        gate, self._gate = self._gate, None
+        lose = self._lose > 0
+        self._lose -= lose
+        return asyncio.ensure_future(self._ack(results, gate, lose))
+
+    @staticmethod
+    async def _ack(
+        results: list[str | None], gate: asyncio.Event | None, lose: bool
+    ) -> list[str | None]:
+        if gate is not None:
+            await gate.wait()
+        if lose:
             raise BrokerUnavailableError("in-memory broker: acknowledgements lost.")
         await asyncio.sleep(0)
         return results

@@ -55,6 +55,7 @@ class RabbitMQTransport(Transport):
 
     name = "rabbitmq"
     broker_dedup = False
+    max_bytes: int
 
     def __init__(
         self,

@@ -219,11 +219,35 @@ class SqliteEventStore(EventStore):
     # -- connections ---------------------------------------------------------------------
 
     def _connect(self, busy_ms: int) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        return conn
+        """Open a connection; ``busy_ms`` is its busy timeout once set up.
+
+        Setting up waits up to ``lock_timeout`` for other connections (the writer's own
+        busy timeout of 0 would fail at once while another process recovers the WAL of a
+        crashed one), and SQLITE_BUSY seen without the busy handler (recovery) is retried
+        with a bounded back-off.
+        """
+        deadline = time.monotonic() + self._lock_timeout
+        delay = 0.005
+        while True:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._lock_timeout * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                return conn
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                text = str(exc)
+                if "locked" not in text and "busy" not in text:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise PersistenceError(
+                        f"could not open {self.path}: {text} for more than {self._lock_timeout} s.",
+                        hint="another process holds the database; raise lock_timeout.",
+                    ) from exc
+            time.sleep(delay)  # in the constructor, before any event loop work
+            delay = min(delay * 2, 0.1)
 
     def _check_durability(self, conn: sqlite3.Connection) -> None:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]

@@ -300,3 +300,66 @@ async def test_signed_relay_messages_verify(backend: Backend) -> None:
             Envelope.from_wire(h, b, destination=t.destination(p), verifier=signer)
             n += 1
     assert n == 12
+
+
+class Gated(InMemoryTransport):
+    """Stores each send at once; acknowledges only once :attr:`release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(dedup_window=None)
+        self.release = asyncio.Event()
+        self.sends = 0
+
+    async def send(self, messages: Any) -> asyncio.Future[list[str | None]]:
+        acks = await super().send(messages)
+        self.sends += 1
+
+        async def later() -> list[str | None]:
+            await self.release.wait()
+            return await acks
+
+        return asyncio.ensure_future(later())
+
+
+async def test_pipeline_sends_ahead_of_acks_and_checkpoints_only_acked_batches(
+    backend: Backend,
+) -> None:
+    log, db = backend
+    t = Gated()
+    last = await fill(log, 30)
+    async with Relay(log, db, t, partitions=2, batch_size=10, pipeline=2) as relay:
+        await until(lambda: t.sends == 2)
+        await asyncio.sleep(0.05)  # a relay ignoring its pipeline bound would send more now
+        assert t.sends == 2
+        assert t.published == 20  # two batches on the broker, neither acknowledged
+        assert relay.checkpoint == 0
+        assert (await relay_status(db, log)).checkpoint == 0
+        t.release.set()
+        assert await relay.wait_published(last, 20)
+    assert t.sends == 3
+    envs = kept(t, 2)
+    assert len(envs) == 30
+    check_stream_order(envs)
+
+
+async def test_lost_acks_with_batches_in_flight_republish_in_order(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport(dedup_window=None)
+    t.lose_acks(2)  # the first two batches are stored but their acks never come
+    last = await fill(log, 40)
+    async with Relay(log, db, t, partitions=3, batch_size=10, pipeline=3, max_backoff=0.05) as r:
+        assert await r.wait_published(last, 20)
+        assert r.outages >= 1
+    raw = [e for p in range(3) for e in t.messages(p)]
+    assert len(raw) > 40  # batches in flight when the ack was lost went out again
+    envs = kept(t, 3)  # asserts each partition's first copies are gap-free
+    assert len(envs) == 40
+    by_seq = {(e.partition, e.sequence): e.message_id for e in envs}
+    assert all(by_seq[(e.partition, e.sequence)] == e.message_id for e in raw)
+    check_stream_order(envs)
+
+
+async def test_pipeline_must_be_positive(backend: Backend) -> None:
+    log, db = backend
+    with pytest.raises(ConfigurationError, match="pipeline"):
+        Relay(log, db, InMemoryTransport(), pipeline=0)

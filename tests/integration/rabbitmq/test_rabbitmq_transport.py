@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import require_service
 from tests.support.brokers import wait_until
 from tests.support.proxy import FaultProxy, Mode
+from tests.support.transport_retry import refused_then_retried
 
 from cqrskit.errors import BrokerUnavailableError
 from cqrskit.eventlog import InMemoryEventStore
@@ -82,6 +83,28 @@ class TestRabbitMQTransport(TransportConformance):
 
     async def dispose(self, transport: Transport) -> None:
         await transport.close()
+
+    async def test_relay_retries_events_the_broker_refused(self) -> None:
+        """A partition whose queue is gone is unroutable (mandatory): refused; once the
+        queue is bound again, a retry publishes the parked events in order."""
+        t = await self.make_transport()
+        assert isinstance(t, RabbitMQTransport)
+        ch = await self.conn.channel()
+
+        async def unbind(p: int) -> None:
+            await ch.queue_delete(t.destination(p))
+
+        async def repair(p: int) -> None:
+            queue = await ch.declare_queue(
+                t.destination(p), durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await queue.bind(t.exchange_name, routing_key=t.destination(p))
+
+        try:
+            await refused_then_retried(self, t, unbind, repair)
+        finally:
+            await ch.close()
+            await self.dispose(t)
 
 
 async def test_a_refused_login_is_an_outage_not_a_refusal_of_every_event(
