@@ -4,13 +4,47 @@
 order than the transactions commit: a reader could read position 11 while 10 is still
 uncommitted and skip 10 for ever. Here the position is derived from the writing
 transaction's id: ``position = (xid << 20) + n``, ``n`` being the event's index in the
-transaction. Readers only return rows below ``pg_snapshot_xmin(pg_current_snapshot()) << 20``
-(the *horizon*): every transaction with an xid below the snapshot's xmin has finished, so
-every row below the horizon that will ever exist is already visible, and every row that is
-still invisible belongs to a transaction with ``xid >= xmin`` and so lies above the horizon.
-Writers never wait on a shared lock. The cost: while any write transaction in the cluster is
-open, readers stop at its xid (a long write transaction holds projections back; their lag
-metric shows it). Positions have gaps; tokens are plain ints.
+transaction. Readers return only rows below a *horizon* ``H << 20`` such that every row
+with an xid below ``H`` that will ever exist is already visible to them. Positions have
+gaps; tokens are plain ints. Writers never wait on a lock that readers take.
+
+**The horizon depends only on this log's appenders.** Every transaction that may append
+takes a shared transaction-level advisory lock ``K`` (keyed by schema and table) as its
+first statement, before it has an xid: it rides in the ``BEGIN`` string, so it costs no
+round trip (``COMMIT; BEGIN; SELECT pg_advisory_xact_lock_shared(...)``). Invariant **I**:
+a transaction that inserts into the log took ``K`` before its xid was assigned and holds
+it until it ends. A reader's statement, with snapshot ``S`` taken at time ``t_S``, reads
+the lock table at ``t_L > t_S`` and computes::
+
+    foreign = xids whose transaction, at t_L, holds its xid lock but not K
+    proven  = min({x in xip(S) : x not in foreign} + {xmax(S)})
+
+and reads rows below ``used << 20``, where ``used = max(xmin(S), P)`` and ``P`` is the
+highest ``proven`` returned by an *earlier* statement (kept by the store).
+
+*Claim*: a statement whose snapshot is taken after ``t_L`` sees every row that will ever
+exist with an xid below ``proven``. Let transaction ``W`` with xid ``X < proven`` commit a
+row. Then ``X < xmax(S)``, so ``X`` was assigned before ``t_S``. (a) ``X`` not in
+``xip(S)``: ``W`` had ended at ``t_S``, committed (or it aborted and the row never
+exists), so any later snapshot sees it. (b) ``X`` in ``xip(S)``: ``X < proven`` puts it in
+``foreign``, so at ``t_L`` ``W`` held its xid lock and not ``K``. By **I**, ``W`` took ``K``
+before ``t_S`` and keeps it until it ends; not holding it at ``t_L`` means ``W`` had ended
+(and released its locks) by ``t_L``, and PostgreSQL releases a transaction's locks only
+after its end is visible to new snapshots. So every snapshot after ``t_L`` sees the row.
+The snapshot's xmin remains a valid bound by itself (every xid below it had ended at
+``t_S``), so ``max(xmin(S), P)`` is sound for the statement that uses it. Either way of
+being inexact only holds readers back longer: a transaction whose xid lock is not yet in
+the lock table, or that ended between ``t_S`` and ``t_L``, is not ``foreign``.
+
+So a reader waits only for this log's appenders that hold an xid: a transaction in another
+database, or one in this database that never appends, does not hold it back. An appender
+that stays open (a slow handler, an ``idle in transaction`` session holding a unit of
+work) does, at its xid, until it ends: :meth:`PostgresEventStore.appenders` lists them
+with pid and age. A read costs one round trip, two when it proved a higher horizon than it
+could use (then it reads again with it). ``P`` is ignored when it exceeds the snapshot's
+xmax (a store pointed at another server). On a standby the primary's locks are not visible
+and the horizon is the snapshot's xmin. A transaction that inserts into the log without
+``K`` (hand-written SQL) breaks **I**: run ``store.appender_lock_sql`` first.
 
 **One round trip for events + COMMIT.** asyncpg has no pipeline API, but a simple-protocol
 query string with several statements is one round trip: the events are rendered as SQL
@@ -39,6 +73,7 @@ from cqrskit.errors import (
     PersistenceError,
 )
 from cqrskit.eventlog import (
+    Appender,
     EventStore,
     NewEvent,
     PendingRow,
@@ -56,6 +91,7 @@ from cqrskit.postgres._connections import (
     _Retry,
     _WriteConnections,
 )
+from cqrskit.postgres._horizon import appenders_sql, horizon_cte, lock_key, lock_sql
 from cqrskit.postgres._sql import (
     _CONFLICT_STATE,
     _MAX_PER_TX,
@@ -81,6 +117,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["SCHEMA_VERSION", "PostgresEventStore", "PostgresUnitOfWork", "postgres_ddl"]
 
 _log = logging.getLogger("cqrskit.postgres")
+
+
+def _by_position(e: StoredEvent) -> int:
+    return e.position
 
 
 class PostgresUnitOfWork(UnitOfWork):
@@ -242,9 +282,15 @@ class PostgresEventStore(EventStore):
         )
         self._xids: dict[int, int] = {}  # id(connection) -> xid reported by its last commit
         self._xid_notices = False  # set by open() when the role may run DO blocks
+        key = lock_key(schema, table)
+        # every transaction that may append takes the appender lock first, before it has
+        # an xid (see the module docstring); it rides in the BEGIN string
+        self.appender_lock_sql = lock_sql(key)
+        """The statement a transaction must run first if it inserts into the log itself."""
+        self._sql_begin = f"BEGIN; {self.appender_lock_sql}"
         self._sql_end = "COMMIT"  # a unit of work without events
         self._sql_rollback = "ROLLBACK"
-        horizon = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
+        self._proven = 0  # an xid below which every row that will ever exist is readable
         cols = (
             "position, stream, version, type, schema_version, data, message_id, "
             "correlation_id, causation_id, recorded_at"
@@ -288,12 +334,22 @@ class PostgresEventStore(EventStore):
             self._sql_insert_tpl.format(*(f"${i}" for i in range(1, 11)))
             + " RETURNING position, stream, version"
         )
+        with_horizon = horizon_cte(key, "$3::bigint")
         self._sql_after = (
-            f"SELECT {cols} FROM {s}.{t} WHERE position > $1 AND position < {horizon} "
-            "ORDER BY position LIMIT $2"
+            f"{with_horizon}SELECT h.used, h.proven, e.* FROM h LEFT JOIN LATERAL "
+            f"(SELECT {cols} FROM {s}.{t} WHERE position > $1 AND position < (h.used << 20) "
+            "ORDER BY position LIMIT $2) e ON true"
         )
         self._sql_head = (
-            f"SELECT coalesce(max(position), 0) FROM {s}.{t} WHERE position < {horizon}"
+            f"{horizon_cte(key, '$1::bigint')}SELECT h.used, h.proven, "
+            f"(SELECT coalesce(max(position), 0) FROM {s}.{t} "
+            "WHERE position < (h.used << 20)) FROM h"
+        )
+        self._sql_appenders = appenders_sql(key)
+        self._sql_backlog = (
+            "SELECT count(*), extract(epoch FROM min(recorded_at))::float8 FROM "
+            f"(SELECT recorded_at FROM {s}.{t} WHERE position > $1 ORDER BY position "
+            "LIMIT $2) b"
         )
         self._sql_stream = (
             f"SELECT {cols} FROM {s}.{t} WHERE stream = $1 AND version > $2 ORDER BY version"
@@ -356,9 +412,9 @@ class PostgresEventStore(EventStore):
         store.dsn = dsn
         store._writers = _WriteConnections(dsn, max_size, begin_ahead, store._setup_writer)
         if begin_ahead > 0:
-            store._sql_commit += "; BEGIN"
-            store._sql_end += "; BEGIN"
-            store._sql_rollback += "; BEGIN"
+            store._sql_commit += "; " + store._sql_begin
+            store._sql_end += "; " + store._sql_begin
+            store._sql_rollback += "; " + store._sql_begin
         try:
             await store._prepare_tables(create_tables)
             store._xid_notices = await store._probe_notices()
@@ -440,7 +496,8 @@ class PostgresEventStore(EventStore):
                 continue
             try:
                 # a begun-ahead transaction that waited too long starts afresh (now())
-                await conn.execute("ROLLBACK; BEGIN" if conn.is_in_transaction() else "BEGIN")
+                sql = self._sql_begin
+                await conn.execute(f"ROLLBACK; {sql}" if conn.is_in_transaction() else sql)
             except _CONNECTION_LOST as exc:
                 await self._release(conn, broken=True)
                 if attempt == 2:
@@ -644,19 +701,19 @@ class PostgresEventStore(EventStore):
     # -- read side -----------------------------------------------------------------------
 
     @staticmethod
-    def _event(r: Any) -> StoredEvent:
+    def _event(r: Any, i: int = 0) -> StoredEvent:
         return StoredEvent(
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            r[4],
-            r[5],
+            r[i],
+            r[i + 1],
+            r[i + 2],
+            r[i + 3],
+            r[i + 4],
+            r[i + 5],
             {
-                "message_id": r[6],
-                "correlation_id": r[7],
-                "causation_id": r[8],
-                "timestamp": r[9].isoformat(),
+                "message_id": r[i + 6],
+                "correlation_id": r[i + 7],
+                "causation_id": r[i + 8],
+                "timestamp": r[i + 9].isoformat(),
             },
         )
 
@@ -666,21 +723,71 @@ class PostgresEventStore(EventStore):
 
         return PostgresIdempotencyBackend(self, table)
 
+    def _learn(self, used: int, proven: int) -> bool:
+        """Keep the highest proven horizon; whether reading again may return more."""
+        if proven > self._proven:
+            self._proven = proven
+        return proven > used
+
     async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
-        """See :meth:`EventStore.read_after`: stops below the visibility horizon."""
+        """See :meth:`EventStore.read_after`: stops below the readable horizon (see the
+        module docstring). One round trip; a second one when this read proved a higher
+        horizon than it could use and returned less than ``limit`` events."""
+        out: list[StoredEvent] = []
+        unordered = False
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(self._sql_after, position, limit)
-        return [self._event(r) for r in rows]
+            for _ in range(2):
+                rows = await conn.fetch(self._sql_after, position, limit, self._proven)
+                event = self._event
+                for r in rows:
+                    at = r[2]
+                    if at is None:  # the LEFT JOIN's one row when there is no event
+                        break
+                    if at > position:
+                        position = at
+                    else:  # pragma: no cover - the lateral join keeps the index order
+                        unordered = True
+                    out.append(event(r, 2))
+                first = rows[0]
+                if not self._learn(first[0], first[1]) or len(out) >= limit:
+                    break
+                limit -= len(out)
+        if unordered:  # pragma: no cover
+            out.sort(key=_by_position)
+        return out
 
     async def head(self) -> int:
         """See :meth:`EventStore.head` (the highest position below the horizon)."""
         async with self.pool.acquire() as conn:
-            return int(await conn.fetchval(self._sql_head))
+            for _ in range(2):
+                used, proven, head = await conn.fetchrow(self._sql_head, self._proven)
+                if not self._learn(used, proven):
+                    break
+        return int(head)
 
     async def last_position(self) -> int:
         """See :meth:`EventStore.last_position` (no horizon)."""
         async with self.pool.acquire() as conn:
             return int(await conn.fetchval(self._sql_last))
+
+    async def backlog(self, position: int, limit: int) -> tuple[int, float | None]:
+        """See :meth:`EventStore.backlog`: committed events, readable or not."""
+        async with self.pool.acquire() as conn:
+            count, oldest = await conn.fetchrow(self._sql_backlog, position, limit)
+        return int(count), oldest
+
+    async def appenders(self) -> list[Appender]:
+        """The transactions that may still append to this log and hold an xid, oldest
+        first: each holds readers back at its xid until it ends (see the module
+        docstring). Idle ``begin_ahead`` transactions have no xid and are not listed."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(self._sql_appenders)
+        return [Appender(int(r[0]), int(r[1]), r[2], r[3]) for r in rows]
+
+    async def oldest_appender(self) -> Appender | None:
+        """See :meth:`EventStore.oldest_appender`: the first of :meth:`appenders`."""
+        found = await self.appenders()
+        return found[0] if found else None
 
     async def read_stream(self, stream: str, after_version: int = 0) -> list[StoredEvent]:
         """See :meth:`EventStore.read_stream` (committed events, no horizon)."""
