@@ -21,6 +21,7 @@ tests can act on them without parsing text::
     ├── PersistenceError              the database refused or lost something
     │   ├── SerializationError        a message could not be encoded or decoded
     │   ├── IdempotencyError          an idempotency key was reused for another command
+    │   ├── ConnectionLostError       the connection was lost before COMMIT: nothing committed
     │   └── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
     ├── ConsistencyError              a read model is behind a consistency token
     │   ├── StaleReadError            ... and the policy is to fail
@@ -37,6 +38,7 @@ __all__ = [
     "CommitOutcomeUnknownError",
     "ConcurrencyError",
     "ConfigurationError",
+    "ConnectionLostError",
     "ConsistencyError",
     "CqrsError",
     "DependencyError",
@@ -280,6 +282,12 @@ class SerializationError(PersistenceError, ValueError):
 
 class IdempotencyError(PersistenceError):
     """An idempotency key was reused for a different command."""
+
+
+class ConnectionLostError(PersistenceError, ConnectionError):
+    """The connection to the database was lost before COMMIT was sent: nothing of the
+    command was committed, and running it again applies it once. Also a built-in
+    ``ConnectionError``, so the retry behavior retries it by default."""
 
 
 class CommitOutcomeUnknownError(PersistenceError):

@@ -296,6 +296,12 @@ class UnitOfWork(ABC):
     def _close(self) -> None:
         self._active = False
 
+    def _failure(self, exc: BaseException) -> BaseException:
+        """The error to raise for ``exc``, which escaped the handler (after rollback):
+        a driver turns its own "connection lost" errors into
+        :class:`~cqrskit.errors.ConnectionLostError` here; by default ``exc`` itself."""
+        return exc
+
     @abstractmethod
     async def commit(self) -> int | None:
         """Append the recorded events, run inline hooks, commit; return the last position.
@@ -533,6 +539,9 @@ class _TransactionBehavior:
                     # rolled back: running it again applies it once (a timeout of another
                     # dispatch passing through says nothing about what that one committed)
                     exc.retry_safe = True
+            failure = uow._failure(exc)
+            if failure is not exc:
+                raise failure from exc
             raise
         if position is not None:
             record_token(position)

@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,7 @@ from cqrskit._encoding import Encoder
 from cqrskit.errors import (
     ConcurrencyError,
     ConfigurationError,
+    ConnectionLostError,
     MissingExtraError,
     PersistenceError,
 )
@@ -87,8 +89,10 @@ from cqrskit.postgres._connections import (
     _check_connection,
     _commit_round_trip,
     _connection_lost,
+    _lost,
     _no_reset,
     _Retry,
+    _unsent,
     _WriteConnections,
 )
 from cqrskit.postgres._horizon import appenders_sql, horizon_cte, lock_key, lock_sql
@@ -156,7 +160,7 @@ class PostgresUnitOfWork(UnitOfWork):
         try:
             if not self._events:
                 committing = True
-                await _commit_round_trip(conn, store._sql_end)
+                await _commit_round_trip(conn, store._sql_end, store._commit_timeout)
             else:
                 if len(self._events) >= _MAX_PER_TX:
                     raise PersistenceError(
@@ -169,7 +173,7 @@ class PostgresUnitOfWork(UnitOfWork):
                     for hook in store._hooks:
                         await hook(self, stored)
                     committing = True
-                    await _commit_round_trip(conn, store._sql_commit)
+                    await _commit_round_trip(conn, store._sql_commit, store._commit_timeout)
                     last = stored[-1].position
                 elif self._want_positions:
                     # the transaction id comes back as a NOTICE in the same round trip
@@ -178,7 +182,7 @@ class PostgresUnitOfWork(UnitOfWork):
                     xids.pop(id(conn), None)
                     sql = store._render_insert(self) + _SQL_REPORT_XID + store._sql_commit
                     committing = True
-                    await _commit_round_trip(conn, sql)
+                    await _commit_round_trip(conn, sql, store._commit_timeout)
                     xid = xids.pop(id(conn), None)
                     if xid is None:  # pragma: no cover - the notice is always sent
                         last = await store._find_last(conn, self)
@@ -187,23 +191,15 @@ class PostgresUnitOfWork(UnitOfWork):
                 else:
                     sql = store._render_insert(self) + store._sql_commit
                     committing = True
-                    await _commit_round_trip(conn, sql)
-        except _CONNECTION_LOST as exc:
-            await self._abort()
-            raise _connection_lost(exc, committing) from exc
-        except asyncpg.PostgresError as exc:
-            if getattr(exc, "sqlstate", None) == _NO_SUCH_STATEMENT:
-                # the handler ran DISCARD ALL or DEALLOCATE: this connection lost the
-                # prepared event INSERT; a new connection prepares it again
-                await self._abort(broken=True)
-                raise PersistenceError(
-                    "the event log's prepared INSERT is gone from this connection (did the "
-                    f"handler run DISCARD ALL or DEALLOCATE?): {exc}; nothing was committed.",
-                    hint="do not deallocate prepared statements on uow.connection; the "
-                    "command can be retried (it will get a new connection).",
-                ) from exc
-            await self._abort()
-            raise await store._translate(exc, self.recorded) from exc
+                    await _commit_round_trip(conn, sql, store._commit_timeout)
+        except Exception as exc:
+            if _lost(exc, conn):
+                await self._abort()
+                raise _connection_lost(exc, committing and not _unsent(exc)) from exc
+            if not isinstance(exc, asyncpg.PostgresError):
+                await self._abort()
+                raise
+            raise await self._refused(exc) from exc
         except BaseException:
             await self._abort()
             raise
@@ -212,6 +208,29 @@ class PostgresUnitOfWork(UnitOfWork):
         if self._events:
             store._wake()
         return last
+
+    async def _refused(self, exc: asyncpg.PostgresError) -> Exception:
+        """Roll back after the server refused the commit; the typed error to raise."""
+        if getattr(exc, "sqlstate", None) == _NO_SUCH_STATEMENT:
+            # the handler ran DISCARD ALL or DEALLOCATE: this connection lost the prepared
+            # event INSERT; a new connection prepares it again
+            await self._abort(broken=True)
+            return PersistenceError(
+                "the event log's prepared INSERT is gone from this connection (did the "
+                f"handler run DISCARD ALL or DEALLOCATE?): {exc}; nothing was committed.",
+                hint="do not deallocate prepared statements on uow.connection; the "
+                "command can be retried (it will get a new connection).",
+            )
+        await self._abort()
+        return await self.store._translate(exc, self.recorded)
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """See :meth:`UnitOfWork._failure`: a statement of the handler (or of the
+        idempotency claim) that failed because the connection is gone becomes
+        :class:`~cqrskit.errors.ConnectionLostError`: nothing was committed."""
+        if isinstance(exc, Exception) and _lost(exc, self.connection):
+            return _connection_lost(exc, False)
+        return exc
 
     async def rollback(self) -> None:
         """See :meth:`UnitOfWork.rollback`."""
@@ -252,6 +271,7 @@ class PostgresEventStore(EventStore):
             hint; readers still poll). Off by default: PostgreSQL serializes the commits of
             every transaction that notifies (a database-wide lock held through the WAL
             flush), which cost about a third of the throughput with 8 writers.
+        commit_timeout: seconds to wait for a COMMIT's reply (see :meth:`open`).
     """
 
     unit_of_work_type = PostgresUnitOfWork
@@ -264,8 +284,10 @@ class PostgresEventStore(EventStore):
         table: str = "cqrskit_events",
         notify: bool = False,
         encoder: Encoder | None = None,
+        commit_timeout: float = 5.0,
     ) -> None:
         super().__init__(encoder=encoder)
+        self._commit_timeout = self._check_commit_timeout(commit_timeout)
         self.pool = pool
         self.dsn: str | None = None
         self._writers: _WriteConnections | None = None
@@ -363,6 +385,20 @@ class PostgresEventStore(EventStore):
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    @staticmethod
+    def _check_commit_timeout(seconds: object) -> float:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 < seconds < math.inf  # also refuses NaN
+        ):
+            raise ConfigurationError(
+                f"commit_timeout must be a finite number of seconds > 0, got {seconds!r}.",
+                hint="the default is 5 seconds; a COMMIT without a reply by then is ended "
+                "and reported as CommitOutcomeUnknownError.",
+            )
+        return float(seconds)
+
     @classmethod
     async def open(
         cls,
@@ -376,10 +412,17 @@ class PostgresEventStore(EventStore):
         max_size: int = 10,
         encoder: Encoder | None = None,
         begin_ahead: float = 0.05,
+        commit_timeout: float = 5.0,
     ) -> PostgresEventStore:
         """Connect a pool to ``dsn`` and prepare (or check) the tables.
 
         Args:
+            commit_timeout: seconds to wait for the reply to a COMMIT. A reply that does
+                not come by then (a frozen server, a black-holed link, a synchronous
+                standby that is down) ends the connection, which is discarded, and the
+                command fails with :class:`~cqrskit.errors.CommitOutcomeUnknownError`: it
+                may have committed (a retry with the same idempotency key has one
+                effect). Set it above the slowest commit you expect.
             begin_ahead: seconds a write connection may wait, idle, inside the next
                 command's transaction. Each commit is sent as ``COMMIT; BEGIN`` so that
                 the next command on that connection starts with no BEGIN round trip; a
@@ -390,12 +433,14 @@ class PostgresEventStore(EventStore):
                 exact time. ``0`` sends BEGIN with every command instead.
 
         Raises:
-            ConfigurationError: bad names, a negative ``begin_ahead``,
+            ConfigurationError: bad names, a negative ``begin_ahead``, a ``commit_timeout``
+                that is not a finite number > 0,
                 ``standard_conforming_strings`` off, tables missing with
                 ``create_tables=False``, or a schema version mismatch.
         """
         validate_identifier(schema, "schema name")
         validate_identifier(table, "table name")
+        cls._check_commit_timeout(commit_timeout)
         if not begin_ahead >= 0:  # also refuses NaN
             raise ConfigurationError(
                 f"begin_ahead must be a number of seconds >= 0, got {begin_ahead!r}.",
@@ -408,7 +453,14 @@ class PostgresEventStore(EventStore):
             init=_check_connection,
             reset=_no_reset,
         )
-        store = cls(pool, schema=schema, table=table, notify=notify, encoder=encoder)
+        store = cls(
+            pool,
+            schema=schema,
+            table=table,
+            notify=notify,
+            encoder=encoder,
+            commit_timeout=commit_timeout,
+        )
         store.dsn = dsn
         store._writers = _WriteConnections(dsn, max_size, begin_ahead, store._setup_writer)
         if begin_ahead > 0:
@@ -498,10 +550,12 @@ class PostgresEventStore(EventStore):
                 # a begun-ahead transaction that waited too long starts afresh (now())
                 sql = self._sql_begin
                 await conn.execute(f"ROLLBACK; {sql}" if conn.is_in_transaction() else sql)
-            except _CONNECTION_LOST as exc:
+            except Exception as exc:
                 await self._release(conn, broken=True)
+                if not _lost(exc, conn):
+                    raise
                 if attempt == 2:
-                    raise PersistenceError(
+                    raise ConnectionLostError(
                         f"cannot start a transaction: the connection to PostgreSQL was lost "
                         f"({exc}); nothing was written.",
                         hint="check that the server is up; the command can be retried.",
@@ -514,14 +568,20 @@ class PostgresEventStore(EventStore):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _acquire_writer(self) -> tuple[Any, bool]:
-        writers = self._writers
-        if writers is None:
-            return await self.pool.acquire(), False
-        for _ in range(100):
-            try:
-                return await writers.acquire()
-            except _Retry:
-                continue
+        try:
+            writers = self._writers
+            if writers is None:
+                return await self.pool.acquire(), False
+            for _ in range(100):
+                try:
+                    return await writers.acquire()
+                except _Retry:
+                    continue
+        except (*_CONNECTION_LOST, TimeoutError, asyncpg.CannotConnectNowError) as exc:
+            raise ConnectionLostError(
+                f"cannot connect to PostgreSQL ({exc}); nothing was written.",
+                hint="check that the server is up; the command can be retried.",
+            ) from exc
         raise PersistenceError(  # pragma: no cover - 100 connections failing in a row
             "could not obtain a PostgreSQL connection."
         )
