@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -135,3 +136,19 @@ async def test_read_after_pages_by_position() -> None:
     rest = await store.read_after(first[-1].position, 10)
     assert [e.version for e in rest] == [3, 4, 5]
     assert await store.read_after(rest[-1].position) == []
+
+
+async def test_backlog_counts_committed_events_up_to_a_limit() -> None:
+    store = InMemoryEventStore()
+    assert await store.backlog(0, 10) == (0, None)
+    for i in range(5):
+        uow = await store.begin()
+        uow.record("s", Pinged(i))
+        await uow.commit()
+    count, oldest = await store.backlog(2, 10)
+    assert count == 3
+    assert oldest is not None
+    assert abs(oldest - time.time()) < 60
+    assert (await store.backlog(0, 2))[0] == 2
+    assert await store.backlog(5, 10) == (0, None)
+    assert await store.oldest_appender() is None  # nothing holds in-memory readers back

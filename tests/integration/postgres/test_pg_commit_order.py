@@ -173,6 +173,7 @@ async def test_many_interleavings_never_skip(store: PostgresEventStore) -> None:
             await asyncio.wait_for(tasks[name], STEP)
             after = tail[-1].position if tail else 0
             tail.extend(await store.read_after(after))
+    await wait_visible(store, await store.last_position())  # bounded: no fixed reading
     full = await store.read_after(0)
     assert len(full) == 18
     for _ in range(200):  # bounded: drain what other servers' transactions held back

@@ -261,3 +261,31 @@ async def test_a_stale_proven_horizon_is_not_trusted(
     assert await log.head() == 0
     await early.rollback()
     await wait_visible(log, later, WAIT)
+
+
+async def test_lag_counts_committed_events_that_readers_cannot_read_yet(
+    log: PgTestLog, postgres_dsn: str, pg_schema: str
+) -> None:
+    """projection_status counts every committed event after the checkpoint, also those an
+    open appender still holds back from readers (it used to count only readable ones)."""
+    read_db = PostgresReadDatabase(postgres_dsn, schema=f"{pg_schema}_r")
+    try:
+        async with Projector(log, read_db, [balances], decode):
+            pass  # sets up the projection at checkpoint 0
+        held = await log.begin()
+        assert isinstance(held, PostgresUnitOfWork)
+        await held.connection.execute("SELECT pg_current_xact_id()")
+        try:
+            for i in range(3):
+                await write(log, f"s{i}")
+            assert await log.head() == 0  # nothing readable yet
+            [status] = await projection_status(read_db, log)
+            assert (status.checkpoint, status.lag_events, status.lag_capped) == (0, 3, False)
+            assert status.lag_seconds >= 0
+        finally:
+            await held.rollback()
+    finally:
+        await read_db.close()
+        conn = await asyncpg.connect(postgres_dsn)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{pg_schema}_r" CASCADE')
+        await conn.close()
