@@ -9,7 +9,10 @@ Every wait is bounded and much shorter than the time the foreign transactions st
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -195,6 +198,8 @@ async def test_an_open_appender_holds_readers_and_is_reported(
             assert status.oldest_appender_pid == pid
             assert status.oldest_appender_seconds is not None
             assert status.lag_events == 2  # committed and not applied, readable or not
+            out = await cli_status(postgres_dsn, pg_schema, f"{pg_schema}_r")
+            assert f"held back by an open writer of the event log: pid {pid}, open" in out
         finally:
             await read_db.close()
             conn = await asyncpg.connect(postgres_dsn)
@@ -204,6 +209,27 @@ async def test_an_open_appender_holds_readers_and_is_reported(
         await uow.rollback()
     await wait_visible(log, after, WAIT)
     assert await log.oldest_appender() is None
+
+
+async def cli_status(dsn: str, schema: str, read_schema: str) -> str:
+    """``cqrskit projections status`` in a subprocess (DSNs passed in the environment)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cqrskit",
+        "projections",
+        "status",
+        "--store-schema",
+        schema,
+        "--schema",
+        read_schema,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "CQRSKIT_STORE": dsn, "CQRSKIT_READ": dsn},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return out.decode()
 
 
 async def _holds_appender_lock(admin: asyncpg.Connection, pid: int) -> bool:
