@@ -1,0 +1,247 @@
+"""P9: read-your-writes on PostgreSQL while other sessions hold a transaction open.
+
+Commands are sent at a fixed rate (open loop: each one starts on its schedule, whatever the
+previous ones do) with ``send_tracked``; each is followed by a query with its consistency
+token (``ask_consistent``, policy "wait", timeout 5 s) served from an async read model kept
+by an in-process projector. The latency of one sample is from the command's start to the
+query's answer. Phases, in one run:
+
+* ``quiet``: nothing else open;
+* ``held``: for ``--hold`` seconds (default 60) two other sessions hold a transaction id
+  open — one in a throwaway database created for the run (dropped after), one in the same
+  database that never touches the event log (it creates a table);
+* ``quiet`` again.
+
+The table shows p50, p99 and max per phase, the number of stale reads (StaleReadError after
+5 s), and the ratio of the held phase's p99 to the quiet phases' p99 (target: p99 < 50 ms
+at 200 commands/s with the transactions held).
+
+Run it on a server nobody else uses: the held transactions hold back the readers of every
+other application on that server that still use a cluster-wide horizon.
+
+    python benchmarks/read_your_writes.py --dsn postgresql://postgres@127.0.0.1:PORT/test \\
+        [--rate 200] [--hold 60] [--quiet 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import asyncpg
+
+from cqrskit import Command, Dependencies, Event, Mediator, Query, Registry, for_queries
+from cqrskit.errors import StaleReadError
+from cqrskit.eventlog import UnitOfWork
+from cqrskit.postgres import PostgresEventStore, PostgresReadDatabase, PostgresUnitOfWork
+from cqrskit.projections import (
+    ConsistencyGate,
+    Projection,
+    ProjectionContext,
+    Projector,
+    ReadSession,
+    ask_consistent,
+    reads,
+)
+from cqrskit.serialization import EventTypes, JsonSerializer
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit(Command[None]):
+    account: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deposited(Event):
+    account: str
+    amount: int
+
+
+@reads("balances")
+@dataclass(frozen=True, slots=True)
+class GetBalance(Query[int | None]):
+    account: str
+
+
+types = EventTypes()
+types.register(Deposited, "bench.deposited")
+serializer = JsonSerializer(types)
+
+balances = Projection(
+    "balances",
+    tables={"accounts": ("CREATE TABLE {accounts} (id TEXT PRIMARY KEY, balance BIGINT)",)},
+)
+
+
+@balances.on
+async def deposited(e: Deposited, ctx: ProjectionContext) -> None:
+    await ctx.execute(
+        f"INSERT INTO {ctx.table('accounts')} (id, balance) VALUES (?, ?) ON CONFLICT (id) "
+        f"DO UPDATE SET balance = {ctx.table('accounts')}.balance + excluded.balance",
+        e.account,
+        e.amount,
+    )
+
+
+@dataclass
+class Phase:
+    """Latencies (ms) of one phase and its stale reads."""
+
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    stale: int = 0
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+    def row(self) -> str:
+        return (
+            f"| {self.name} | {len(self.latencies)} | {self.pct(0.5):.1f} | "
+            f"{self.pct(0.99):.1f} | {max(self.latencies, default=0):.1f} | {self.stale} |"
+        )
+
+
+@contextlib.asynccontextmanager
+async def held_transactions(dsn: str, schema: str) -> AsyncIterator[None]:
+    """Two sessions holding an xid: one in a throwaway database, one in this database that
+    never touches the event log."""
+    name = f"cqrskit_bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    conns: list[asyncpg.Connection] = []
+    try:
+        other = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/" + name)
+        conns.append(other)
+        await other.execute("BEGIN; CREATE TABLE report (x int)")
+        same = await asyncpg.connect(dsn)
+        conns.append(same)
+        await same.execute(f'BEGIN; CREATE TABLE "{schema}".report (x int)')
+        yield
+    finally:
+        for c in conns:
+            await c.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def run_phase(mediator: Mediator, phase: Phase, rate: float, seconds: float) -> None:
+    """Send ``rate`` commands per second for ``seconds``, each followed by its query."""
+    loop = asyncio.get_running_loop()
+    count = int(rate * seconds)
+    start = loop.time()
+
+    async def one(i: int) -> None:
+        account = f"acc-{i % 50}"
+        t0 = time.perf_counter()
+        receipt = await mediator.send_tracked(Deposit(account, 1))
+        assert receipt.token is not None
+        try:
+            await ask_consistent(
+                mediator, GetBalance(account), receipt.token, policy="wait", timeout=5.0
+            )
+        except StaleReadError:
+            phase.stale += 1
+        phase.latencies.append((time.perf_counter() - t0) * 1000)
+
+    tasks = []
+    for i in range(count):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the schedule of an open-loop load, not a wait
+        tasks.append(asyncio.ensure_future(one(i)))
+    await asyncio.gather(*tasks)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--rate", type=float, default=200.0, help="commands per second")
+    parser.add_argument("--hold", type=float, default=60.0, help="seconds held open")
+    parser.add_argument("--quiet", type=float, default=20.0, help="seconds per quiet phase")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    suffix = uuid.uuid4().hex[:10]
+    ws, rs = f"bench_w_{suffix}", f"bench_r_{suffix}"
+    store = await PostgresEventStore.open(args.dsn, schema=ws, encoder=serializer.encode)
+    read_db = PostgresReadDatabase(args.dsn, schema=rs)
+    registry = Registry()
+
+    @registry.handler
+    async def deposit(cmd: Deposit, uow: UnitOfWork) -> None:
+        assert isinstance(uow, PostgresUnitOfWork)
+        uow.record(cmd.account, Deposited(cmd.account, cmd.amount))
+
+    @registry.handler
+    async def get_balance(q: GetBalance, db: ReadSession) -> int | None:
+        value = await db.fetchval("SELECT balance FROM accounts WHERE id = ?", q.account)
+        return None if value is None else int(value)
+
+    phases = [Phase("quiet"), Phase("held"), Phase("quiet again")]
+    try:
+        async with Projector(store, read_db, [balances], serializer) as projector:
+            gate = ConsistencyGate(store, read_db, signal=projector.signal)
+            deps = Dependencies()
+            deps.scoped(ReadSession, read_db.session)
+            mediator = Mediator(
+                registry,
+                resolver=[store.resolver(), deps],
+                behaviors=[store.transaction(), for_queries(gate.behavior)],
+            )
+            await run_phase(mediator, Phase("warm-up"), args.rate, 2)
+            await run_phase(mediator, phases[0], args.rate, args.quiet)
+            async with held_transactions(args.dsn, ws):
+                await run_phase(mediator, phases[1], args.rate, args.hold)
+            await run_phase(mediator, phases[2], args.rate, args.quiet)
+    finally:
+        await read_db.close()
+        await store.close()
+        conn = await asyncpg.connect(args.dsn)
+        for schema in (ws, rs):
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+    quiet = Phase("quiet", phases[0].latencies + phases[2].latencies)
+    print("\n### P9 read-your-writes with other transactions held open\n")
+    print(
+        f"Python {sys.version.split()[0]}, {args.rate:g} commands/s, held {args.hold:g} s, "
+        f"quiet phases {args.quiet:g} s each\n"
+    )
+    print("| phase | samples | p50 ms | p99 ms | max ms | stale reads |\n|---|---|---|---|---|---|")
+    for p in phases:
+        print(p.row())
+    ratio = phases[1].pct(0.99) / quiet.pct(0.99) if quiet.latencies else float("nan")
+    median = statistics.median(quiet.latencies) if quiet.latencies else float("nan")
+    print(f"\nheld p99 / quiet p99: **{ratio:.2f}×** (quiet median {median:.1f} ms)")
+    if args.json:
+        _write_json(args.json, phases)
+
+
+def _write_json(path: str, phases: list[Phase]) -> None:
+    rows = [
+        {
+            "phase": p.name,
+            "samples": len(p.latencies),
+            "p50_ms": p.pct(0.5),
+            "p99_ms": p.pct(0.99),
+            "stale": p.stale,
+        }
+        for p in phases
+    ]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
