@@ -32,6 +32,7 @@ from cqrskit.messages import Command, Event
 from cqrskit.postgres import PostgresEventStore
 from cqrskit.registry import Registry
 from cqrskit.sqlalchemy import SqlAlchemyEventStore, SqlAlchemyUnitOfWork
+from cqrskit.testing.eventlog import wait_visible
 
 pytestmark = pytest.mark.postgres
 
@@ -334,3 +335,35 @@ async def test_the_database_check_ignores_session_settings(
     finally:
         await engine.dispose()
         await log.close()
+
+
+async def test_a_session_unit_of_work_is_an_appender_from_its_begin(
+    app: App, postgres_dsn: str
+) -> None:
+    """The session takes the event log's appender lock before anything takes an xid, so a
+    session that wrote but has not committed holds readers back (and is reported)."""
+    uow = await app.store.begin()
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        conn = await uow.session.connection()
+        pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+        held = await admin.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.pid = $1 AND l.locktype = 'advisory' AND l.granted "
+            "AND a.backend_xid IS NULL",
+            pid,
+        )
+        assert held == 1  # the lock, and no xid yet
+        uow.session.add(Account(id="9", owner="held"))
+        await uow.session.flush()  # an xid now
+        later = await app.mediator.send_tracked(OpenAccount("1", "ada"))
+        assert later.token is not None
+        assert await app.store.head() < later.token  # held back by the open session
+        appender = await app.store.oldest_appender()
+        assert appender is not None
+        assert appender.pid == pid
+    finally:
+        await uow.rollback()
+        await admin.close()
+    await wait_visible(app.store, later.token)
+    assert await app.store.oldest_appender() is None
