@@ -35,19 +35,24 @@ def _holds(alias: str, key: tuple[int, int]) -> str:
     )
 
 
-def horizon_cte(key: tuple[int, int], proven: str) -> str:
-    """``WITH ... h(used, proven)``: ``used`` is the xid below which this statement may
-    read (the snapshot's xmin, or the horizon proven by an earlier statement, ``proven``
-    a bigint parameter); ``proven`` is the horizon this statement proves for the statements
-    that start after it (see the proof in :mod:`cqrskit.postgres.eventlog`).
+def horizon_cte(key: tuple[int, int], proven: str, server: str) -> str:
+    """``WITH ... h(used, proven, server)``: ``used`` is the xid below which this statement
+    may read: the snapshot's xmin, or ``proven`` (a bigint parameter: the horizon proven by
+    an earlier statement) when that was proven on this very server (``server``, a
+    timestamptz parameter compared with ``pg_postmaster_start_time()``: after a restart or
+    a failover the xids an earlier statement saw may be handed out again) and does not
+    exceed the snapshot's xmax. ``proven`` is the horizon this statement proves for the
+    statements that start after it (see the proof in :mod:`cqrskit.postgres.eventlog`);
+    ``server`` identifies the server that proved it.
 
-    ``foreign`` lists the transactions that hold an xid and not the appender lock; the
-    lock table is read once (a materialized CTE), and only if the snapshot lists a running
-    transaction. A standby shows no locks of the primary's transactions: there, the
-    snapshot's xmin is the horizon, as before.
+    ``foreign_xids`` lists the transactions that hold an xid and not the appender lock;
+    the lock table is read once (a materialized CTE), and only if the snapshot lists a
+    running transaction. A standby shows no locks of the primary's transactions: there,
+    the snapshot's xmin is the horizon, as before.
     """
     return (
         "WITH s AS MATERIALIZED (SELECT pg_is_in_recovery() AS standby, "
+        "pg_postmaster_start_time() AS server, "
         "pg_snapshot_xmin(z.snap)::text::bigint AS xmin, "
         "pg_snapshot_xmax(z.snap)::text::bigint AS xmax, z.snap "
         "FROM (SELECT pg_current_snapshot() AS snap) z), "
@@ -57,11 +62,11 @@ def horizon_cte(key: tuple[int, int], proven: str) -> str:
         "foreign_xids AS (SELECT t.transactionid::text::bigint AS x FROM l t "
         "WHERE t.locktype = 'transactionid' AND NOT EXISTS (SELECT 1 FROM l a "
         f"WHERE a.virtualtransaction = t.virtualtransaction AND {_holds('a', key)})), "
-        f"h AS (SELECT CASE WHEN {proven} <= s.xmax THEN greatest({proven}, s.xmin) "
-        "ELSE s.xmin END AS used, "
+        f"h AS (SELECT CASE WHEN {server} = s.server AND {proven} <= s.xmax "
+        f"THEN greatest({proven}, s.xmin) ELSE s.xmin END AS used, "
         "CASE WHEN s.standby THEN s.xmin ELSE coalesce((SELECT min(x::text::bigint) "
         "FROM pg_snapshot_xip(s.snap) AS x WHERE (x::text::bigint % 4294967296) "
-        "NOT IN (SELECT f.x FROM foreign_xids f)), s.xmax) END AS proven FROM s) "
+        "NOT IN (SELECT f.x FROM foreign_xids f)), s.xmax) END AS proven, s.server FROM s) "
     )
 
 

@@ -20,7 +20,9 @@ the lock table at ``t_L > t_S`` and computes::
     proven  = min({x in xip(S) : x not in foreign} + {xmax(S)})
 
 and reads rows below ``used << 20``, where ``used = max(xmin(S), P)`` and ``P`` is the
-highest ``proven`` returned by an *earlier* statement (kept by the store).
+highest ``proven`` returned by an *earlier* statement on the same server (kept by the
+store with the server's start time: after a restart or a failover, xids an earlier
+statement saw running may be handed out again, so a horizon proven before is dropped).
 
 *Claim*: a statement whose snapshot is taken after ``t_L`` sees every row that will ever
 exist with an xid below ``proven``. Let transaction ``W`` with xid ``X < proven`` commit a
@@ -41,8 +43,8 @@ database, or one in this database that never appends, does not hold it back. An 
 that stays open (a slow handler, an ``idle in transaction`` session holding a unit of
 work) does, at its xid, until it ends: :meth:`PostgresEventStore.appenders` lists them
 with pid and age. A read costs one round trip, two when it proved a higher horizon than it
-could use (then it reads again with it). ``P`` is ignored when it exceeds the snapshot's
-xmax (a store pointed at another server). On a standby the primary's locks are not visible
+could use (then it reads again with it). ``P`` is also ignored when it exceeds the
+snapshot's xmax. On a standby the primary's locks are not visible
 and the horizon is the snapshot's xmin. A transaction that inserts into the log without
 ``K`` (hand-written SQL) breaks **I**: run ``store.appender_lock_sql`` first.
 
@@ -64,6 +66,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from cqrskit._encoding import Encoder
@@ -176,7 +179,10 @@ class PostgresEventStore(EventStore):
         self._sql_begin = f"BEGIN; {self.appender_lock_sql}"
         self._sql_end = "COMMIT"  # a unit of work without events
         self._sql_rollback = "ROLLBACK"
-        self._proven = 0  # an xid below which every row that will ever exist is readable
+        # an xid below which every row that will ever exist is readable, and the server
+        # (its start time) that proved it
+        self._proven = 0
+        self._server: datetime | None = None
         cols = (
             "position, stream, version, type, schema_version, data, message_id, "
             "correlation_id, causation_id, recorded_at"
@@ -220,14 +226,15 @@ class PostgresEventStore(EventStore):
             self._sql_insert_tpl.format(*(f"${i}" for i in range(1, 11)))
             + " RETURNING position, stream, version"
         )
-        with_horizon = horizon_cte(key, "$3::bigint")
+        with_horizon = horizon_cte(key, "$3::bigint", "$4::timestamptz")
         self._sql_after = (
-            f"{with_horizon}SELECT h.used, h.proven, e.* FROM h LEFT JOIN LATERAL "
+            f"{with_horizon}SELECT h.used, h.proven, h.server, e.* FROM h LEFT JOIN LATERAL "
             f"(SELECT {cols} FROM {s}.{t} WHERE position > $1 AND position < (h.used << 20) "
             "ORDER BY position LIMIT $2) e ON true"
         )
         self._sql_head = (
-            f"{horizon_cte(key, '$1::bigint')}SELECT h.used, h.proven, "
+            f"{horizon_cte(key, '$1::bigint', '$2::timestamptz')}SELECT h.used, h.proven, "
+            "h.server, "
             f"(SELECT coalesce(max(position), 0) FROM {s}.{t} "
             "WHERE position < (h.used << 20)) FROM h"
         )
@@ -647,9 +654,12 @@ class PostgresEventStore(EventStore):
 
         return PostgresIdempotencyBackend(self, table)
 
-    def _learn(self, used: int, proven: int) -> bool:
-        """Keep the highest proven horizon; whether reading again may return more."""
-        if proven > self._proven:
+    def _learn(self, used: int, proven: int, server: datetime) -> bool:
+        """Keep the highest horizon proven by the current server; whether reading again
+        may return more."""
+        if server != self._server:
+            self._server, self._proven = server, proven
+        elif proven > self._proven:
             self._proven = proven
         return proven > used
 
@@ -661,19 +671,21 @@ class PostgresEventStore(EventStore):
         unordered = False
         async with self.pool.acquire() as conn:
             for _ in range(2):
-                rows = await conn.fetch(self._sql_after, position, limit, self._proven)
+                rows = await conn.fetch(
+                    self._sql_after, position, limit, self._proven, self._server
+                )
                 event = self._event
                 for r in rows:
-                    at = r[2]
+                    at = r[3]
                     if at is None:  # the LEFT JOIN's one row when there is no event
                         break
                     if at > position:
                         position = at
                     else:  # pragma: no cover - the lateral join keeps the index order
                         unordered = True
-                    out.append(event(r, 2))
+                    out.append(event(r, 3))
                 first = rows[0]
-                if not self._learn(first[0], first[1]) or len(out) >= limit:
+                if not self._learn(first[0], first[1], first[2]) or len(out) >= limit:
                     break
                 limit -= len(out)
         if unordered:  # pragma: no cover
@@ -684,8 +696,10 @@ class PostgresEventStore(EventStore):
         """See :meth:`EventStore.head` (the highest position below the horizon)."""
         async with self.pool.acquire() as conn:
             for _ in range(2):
-                used, proven, head = await conn.fetchrow(self._sql_head, self._proven)
-                if not self._learn(used, proven):
+                used, proven, server, head = await conn.fetchrow(
+                    self._sql_head, self._proven, self._server
+                )
+                if not self._learn(used, proven, server):
                     break
         return int(head)
 

@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -274,17 +275,25 @@ async def test_every_unit_of_work_takes_the_appender_lock_before_its_xid(
         await store.close()
 
 
-async def test_a_stale_proven_horizon_is_not_trusted(
+async def test_a_horizon_proven_elsewhere_is_not_trusted(
     log: PgTestLog, postgres_dsn: str, pg_schema: str
 ) -> None:
-    """A horizon proven against another server (higher xids) is ignored, not used."""
+    """A horizon kept from another server (another start time: a restart, a failover), or
+    beyond the snapshot's xmax, is ignored. Planted wrong on purpose, it would be used."""
     early = await log.begin()
     assert isinstance(early, PostgresUnitOfWork)
     await early.connection.execute("SELECT pg_current_xact_id()")
     later = await write(log, "later")
-    log._proven = 1 << 40  # as if learnt from a server far ahead
-    assert await log.read_after(0) == []
-    assert await log.head() == 0
+    assert await log.head() == 0  # learns the server
+    server = log._server
+    assert server is not None
+    wrong = (later >> 20) + 1  # above the open appender: not a true horizon
+    log._proven, log._server = wrong, server - timedelta(seconds=1)
+    assert await log.read_after(0) == []  # another server's: ignored
+    log._proven, log._server = 1 << 40, server
+    assert await log.read_after(0) == []  # beyond xmax: ignored
+    log._proven, log._server = wrong, server
+    assert [e.position for e in await log.read_after(0)] == [later]  # trusted (planted)
     await early.rollback()
     await wait_visible(log, later, WAIT)
 
