@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cqrskit.errors import MissingExtraError, PersistenceError
+from cqrskit.errors import CommitOutcomeUnknownError, MissingExtraError, PersistenceError
 from cqrskit.eventlog import UnitOfWork
 from cqrskit.messages import Metadata
 from cqrskit.postgres._connections import (
@@ -100,7 +100,7 @@ class PostgresUnitOfWork(UnitOfWork):
             if not isinstance(exc, asyncpg.PostgresError):
                 await self._abort()
                 raise
-            raise await self._refused(exc) from exc
+            raise await self._refused(exc, committing) from exc
         except BaseException:
             await self._abort()
             raise
@@ -110,9 +110,21 @@ class PostgresUnitOfWork(UnitOfWork):
             store._wake()
         return last
 
-    async def _refused(self, exc: asyncpg.PostgresError) -> Exception:
+    async def _refused(self, exc: asyncpg.PostgresError, committing: bool) -> Exception:
         """Roll back after the server refused the commit; the typed error to raise."""
-        if getattr(exc, "sqlstate", None) == _NO_SUCH_STATEMENT:
+        state = getattr(exc, "sqlstate", None) or ""
+        if committing and (state.startswith("53") or state == "57014"):
+            # the round trip carries "...; COMMIT; BEGIN; SELECT <appender lock>": a lack of
+            # resources (out of shared memory for locks, disk full) or a cancellation may
+            # have struck after COMMIT, so whether it committed is unknown
+            await self._abort(broken=True)
+            return CommitOutcomeUnknownError(
+                f"PostgreSQL reported an error in the round trip that carries COMMIT ({exc}); "
+                "it may have come after the COMMIT, so the command may or may not have "
+                "committed.",
+                hint="retry with the same idempotency key (cqrskit.idempotency).",
+            )
+        if state == _NO_SUCH_STATEMENT:
             # the handler ran DISCARD ALL or DEALLOCATE: this connection lost the prepared
             # event INSERT; a new connection prepares it again
             await self._abort(broken=True)

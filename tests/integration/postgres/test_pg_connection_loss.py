@@ -346,3 +346,31 @@ async def test_commit_without_reply_times_out(
 async def test_commit_timeout_is_validated(postgres_dsn: str, pg_schema: str, bad: object) -> None:
     with pytest.raises(ConfigurationError, match="commit_timeout"):
         await PostgresEventStore.open(postgres_dsn, schema=pg_schema, commit_timeout=bad)  # type: ignore[arg-type]
+
+
+async def test_an_error_after_commit_in_the_same_round_trip_is_an_unknown_outcome(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """The commit's string is "...; COMMIT; BEGIN; SELECT <appender lock>": an error raised
+    after COMMIT (here a statement timeout, standing in for the lock table running out of
+    shared memory) must not be reported as a refused commit: the command did commit."""
+    store = await open_store(postgres_dsn, pg_schema)
+    try:
+        store._sql_commit += "; SELECT pg_sleep(5)"  # runs after COMMIT; BEGIN
+
+        async def short_timeout(uow: PostgresUnitOfWork) -> None:
+            await uow.connection.execute("SET statement_timeout = '100ms'")
+
+        plan = Plan(short_timeout)
+        mediator = await app(store, pg_schema, plan, retry=False)
+        with idempotency_key("late"), pytest.raises(CommitOutcomeUnknownError) as info:
+            await asyncio.wait_for(mediator.send(Put("a")), BOUND)
+        assert "may have come after the COMMIT" in str(info.value)
+        assert await counts(postgres_dsn, pg_schema) == (1, 1, 1)  # it committed
+        store._sql_commit = store._sql_commit.removesuffix("; SELECT pg_sleep(5)")
+        with idempotency_key("late"):
+            assert await asyncio.wait_for(mediator.send(Put("a")), BOUND) == "a"
+        assert plan.calls == 1  # the retry found the committed key
+        assert await counts(postgres_dsn, pg_schema) == (1, 1, 1)
+    finally:
+        await store.close()
