@@ -115,20 +115,22 @@ class Phase:
 
 
 @contextlib.asynccontextmanager
-async def held_transactions(dsn: str, schema: str) -> AsyncIterator[None]:
-    """Two sessions holding an xid: one in a throwaway database, one in this database that
-    never touches the event log."""
+async def held_transactions(dsn: str, schema: str, where: str) -> AsyncIterator[None]:
+    """Sessions holding an xid: one in a throwaway database, one in this database that
+    never touches the event log (``where``: "both", "other" or "same")."""
     name = f"cqrskit_bench_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     conns: list[asyncpg.Connection] = []
     try:
-        other = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/" + name)
-        conns.append(other)
-        await other.execute("BEGIN; CREATE TABLE report (x int)")
-        same = await asyncpg.connect(dsn)
-        conns.append(same)
-        await same.execute(f'BEGIN; CREATE TABLE "{schema}".report (x int)')
+        if where in ("both", "other"):
+            other = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/" + name)
+            conns.append(other)
+            await other.execute("BEGIN; CREATE TABLE report (x int)")
+        if where in ("both", "same"):
+            same = await asyncpg.connect(dsn)
+            conns.append(same)
+            await same.execute(f'BEGIN; CREATE TABLE "{schema}".report (x int)')
         yield
     finally:
         for c in conns:
@@ -165,6 +167,37 @@ async def run_phase(mediator: Mediator, phase: Phase, rate: float, seconds: floa
     await asyncio.gather(*tasks)
 
 
+async def reader_cost(store: PostgresEventStore, n: int, rounds: int) -> list[float]:
+    """Per-round ratios: ``store.head()`` against the former single statement (the
+    snapshot's xmin as the horizon, no lock table), on the same pool, interleaved."""
+    table = f'"{store.schema}"."{store.table}"'
+    former = (
+        f"SELECT coalesce(max(position), 0) FROM {table} "
+        "WHERE position < (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
+    )
+
+    async def old(count: int) -> None:
+        for _ in range(count):
+            async with store.pool.acquire() as conn:
+                await conn.fetchval(former)
+
+    async def new(count: int) -> None:
+        for _ in range(count):
+            await store.head()
+
+    ratios = []
+    await old(n // 10)
+    await new(n // 10)
+    for i in range(rounds):
+        took = {}
+        for fn in (old, new) if i % 2 == 0 else (new, old):
+            t0 = time.perf_counter()
+            await fn(n)
+            took[fn] = time.perf_counter() - t0
+        ratios.append(took[new] / took[old])
+    return ratios
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
@@ -172,11 +205,33 @@ async def main() -> None:
     parser.add_argument("--hold", type=float, default=60.0, help="seconds held open")
     parser.add_argument("--quiet", type=float, default=20.0, help="seconds per quiet phase")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument(
+        "--read-models",
+        choices=["schema", "database"],
+        default="schema",
+        help="read models in another schema of the log's database, or in another database",
+    )
+    parser.add_argument(
+        "--held-in",
+        choices=["both", "other", "same"],
+        default="both",
+        help="where the transactions are held: another database, this one, or both",
+    )
+    parser.add_argument(
+        "--reads", type=int, default=2000, help="head() calls per round of the reader cost"
+    )
     args = parser.parse_args()
     suffix = uuid.uuid4().hex[:10]
     ws, rs = f"bench_w_{suffix}", f"bench_r_{suffix}"
     store = await PostgresEventStore.open(args.dsn, schema=ws, encoder=serializer.encode)
-    read_db = PostgresReadDatabase(args.dsn, schema=rs)
+    read_dsn, read_name = args.dsn, None
+    if args.read_models == "database":
+        read_name = f"cqrskit_bench_r_{suffix}"
+        admin = await asyncpg.connect(args.dsn)
+        await admin.execute(f'CREATE DATABASE "{read_name}"')
+        await admin.close()
+        read_dsn = args.dsn.rsplit("/", 1)[0] + "/" + read_name
+    read_db = PostgresReadDatabase(read_dsn, schema=rs)
     registry = Registry()
 
     @registry.handler
@@ -201,9 +256,11 @@ async def main() -> None:
                 behaviors=[store.transaction(), for_queries(gate.behavior)],
             )
             await run_phase(mediator, Phase("warm-up"), args.rate, 2)
+            quiet_cost = await reader_cost(store, args.reads, 5)
             await run_phase(mediator, phases[0], args.rate, args.quiet)
-            async with held_transactions(args.dsn, ws):
+            async with held_transactions(args.dsn, ws, args.held_in):
                 await run_phase(mediator, phases[1], args.rate, args.hold)
+                held_cost = await reader_cost(store, args.reads, 5)
             await run_phase(mediator, phases[2], args.rate, args.quiet)
     finally:
         await read_db.close()
@@ -211,12 +268,15 @@ async def main() -> None:
         conn = await asyncpg.connect(args.dsn)
         for schema in (ws, rs):
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        if read_name is not None:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{read_name}" WITH (FORCE)')
         await conn.close()
     quiet = Phase("quiet", phases[0].latencies + phases[2].latencies)
     print("\n### P9 read-your-writes with other transactions held open\n")
     print(
-        f"Python {sys.version.split()[0]}, {args.rate:g} commands/s, held {args.hold:g} s, "
-        f"quiet phases {args.quiet:g} s each\n"
+        f"Python {sys.version.split()[0]}, {args.rate:g} commands/s, held {args.hold:g} s "
+        f"({args.held_in}), quiet phases {args.quiet:g} s each, read models in another "
+        f"{args.read_models}\n"
     )
     print("| phase | samples | p50 ms | p99 ms | max ms | stale reads |\n|---|---|---|---|---|---|")
     for p in phases:
@@ -224,6 +284,12 @@ async def main() -> None:
     ratio = phases[1].pct(0.99) / quiet.pct(0.99) if quiet.latencies else float("nan")
     median = statistics.median(quiet.latencies) if quiet.latencies else float("nan")
     print(f"\nheld p99 / quiet p99: **{ratio:.2f}×** (quiet median {median:.1f} ms)")
+    print(
+        "\nreader cost, head() / the former xmin-only statement, median of 5 rounds of "
+        f"{args.reads}: quiet **{statistics.median(quiet_cost):.2f}×**, with the "
+        f"transactions held **{statistics.median(held_cost):.2f}×** (the former one then "
+        "reads nothing new)"
+    )
     if args.json:
         _write_json(args.json, phases)
 
