@@ -33,10 +33,13 @@ exists), so any later snapshot sees it. (b) ``X`` in ``xip(S)``: ``X < proven`` 
 before ``t_S`` and keeps it until it ends; not holding it at ``t_L`` means ``W`` had ended
 (and released its locks) by ``t_L``, and PostgreSQL releases a transaction's locks only
 after its end is visible to new snapshots. So every snapshot after ``t_L`` sees the row.
-The snapshot's xmin remains a valid bound by itself (every xid below it had ended at
-``t_S``), so ``max(xmin(S), P)`` is sound for the statement that uses it. Either way of
-being inexact only holds readers back longer: a transaction whose xid lock is not yet in
-the lock table, or that ended between ``t_S`` and ``t_L``, is not ``foreign``.
+The store sends the statement that uses ``P`` only after the reply of the one that proved
+it, so its snapshot is taken after that ``t_L``; the snapshot's own xmin is a valid bound by
+itself (every xid below it had ended at ``t_S``), so ``max(xmin(S), P)`` is sound. Being
+inexact only holds readers back longer, never skips a row: a transaction whose xid lock is
+not yet in the lock table is not ``foreign``; one that ended between ``t_S`` and ``t_L``
+is not ``foreign`` either, or, if its locks were released one at a time and only ``K`` was
+gone, falls under (b). A prepared transaction (two-phase commit) keeps both locks.
 
 So a reader waits only for this log's appenders that hold an xid: a transaction in another
 database, or one in this database that never appends, does not hold it back. An appender
@@ -44,19 +47,21 @@ that stays open (a slow handler, an ``idle in transaction`` session holding a un
 work) does, at its xid, until it ends: :meth:`PostgresEventStore.appenders` lists them
 with pid and age. A read costs one round trip, two when it proved a higher horizon than it
 could use (then it reads again with it). ``P`` is also ignored when it exceeds the
-snapshot's xmax. On a standby the primary's locks are not visible
-and the horizon is the snapshot's xmin. A transaction that inserts into the log without
-``K`` (hand-written SQL) breaks **I**: run ``store.appender_lock_sql`` first.
+snapshot's xmax. On a standby the primary's locks are not visible and the horizon is the
+snapshot's xmin. A transaction that inserts into the log without ``K`` (hand-written SQL)
+breaks **I**: run ``store.appender_lock_sql`` first.
 
 **One round trip for events + COMMIT.** asyncpg has no pipeline API, but a simple-protocol
 query string with several statements is one round trip: the events are rendered as SQL
 literals (escape-string literals, E'...', with backslashes and quotes doubled: safe whatever
 ``standard_conforming_strings`` a session sets;
-NUL refused) and sent as ``INSERT ...; COMMIT; BEGIN`` (the next command's transaction
-begins with this one's commit: ``begin_ahead``). When the caller wants the positions
-(``send_tracked``), a ``DO`` block in the same string raises a NOTICE with the transaction
-id, from which they follow. When inline hooks need them before COMMIT, the INSERT runs with
-``RETURNING`` first and COMMIT follows: one more round trip.
+NUL refused) and sent as ``INSERT ...; COMMIT; BEGIN; SELECT <K>`` (the next command's
+transaction begins with this one's commit: ``begin_ahead``). An error from that string may
+come after its COMMIT, so a lack of resources or a cancellation there is reported as an
+unknown outcome; the reply is awaited at most ``commit_timeout`` seconds. When the caller
+wants the positions (``send_tracked``), a ``DO`` block in the same string raises a NOTICE
+with the transaction id, from which they follow. When inline hooks need them before
+COMMIT, the INSERT runs with ``RETURNING`` first and COMMIT follows: one more round trip.
 """
 
 from __future__ import annotations
