@@ -141,7 +141,7 @@ class Appender:
     Attributes:
         pid: the database server's process id of its session (PostgreSQL:
             ``pg_terminate_backend(pid)`` ends it).
-        xid: its transaction id.
+        xid: its transaction id (PostgreSQL: 32 bits, as ``pg_stat_activity`` shows it).
         seconds: how long its transaction has been open (``None`` when not visible to the
             monitoring role).
         state: its session's state (``active``, ``idle in transaction``, ...), if visible.
