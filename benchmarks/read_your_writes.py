@@ -13,8 +13,10 @@ query's answer. Phases, in one run:
 * ``quiet`` again.
 
 The table shows p50, p99 and max per phase, the number of stale reads (StaleReadError after
-5 s), and the ratio of the held phase's p99 to the quiet phases' p99 (target: p99 < 50 ms
-at 200 commands/s with the transactions held).
+5 s), the CPU this process used per second of the phase (application, projector and
+gate share one event loop: near 1.0 means it is saturated and latency is queueing) and the
+machine's load average, and the ratio of the held phase's p99 to the quiet phases' p99
+(target: p99 < 50 ms at 200 commands/s with the transactions held).
 
 Run it on a server nobody else uses: the held transactions hold back the readers of every
 other application on that server that still use a cluster-wide horizon.
@@ -29,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -102,6 +105,8 @@ class Phase:
     name: str
     latencies: list[float] = field(default_factory=list)
     stale: int = 0
+    cpu: float = 0.0  # this process's CPU seconds per wall-clock second during the phase
+    load: float = 0.0  # the machine's 1-minute load average at the phase's end
 
     def pct(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -110,7 +115,8 @@ class Phase:
     def row(self) -> str:
         return (
             f"| {self.name} | {len(self.latencies)} | {self.pct(0.5):.1f} | "
-            f"{self.pct(0.99):.1f} | {max(self.latencies, default=0):.1f} | {self.stale} |"
+            f"{self.pct(0.99):.1f} | {max(self.latencies, default=0):.1f} | {self.stale} | "
+            f"{self.cpu:.2f} | {self.load:.1f} |"
         )
 
 
@@ -144,6 +150,7 @@ async def run_phase(mediator: Mediator, phase: Phase, rate: float, seconds: floa
     loop = asyncio.get_running_loop()
     count = int(rate * seconds)
     start = loop.time()
+    cpu0 = time.process_time()
 
     async def one(i: int) -> None:
         account = f"acc-{i % 50}"
@@ -165,6 +172,8 @@ async def run_phase(mediator: Mediator, phase: Phase, rate: float, seconds: floa
             await asyncio.sleep(delay)  # the schedule of an open-loop load, not a wait
         tasks.append(asyncio.ensure_future(one(i)))
     await asyncio.gather(*tasks)
+    phase.cpu = (time.process_time() - cpu0) / max(loop.time() - start, 1e-9)
+    phase.load = os.getloadavg()[0]
 
 
 async def reader_cost(store: PostgresEventStore, n: int, rounds: int) -> list[float]:
@@ -278,7 +287,10 @@ async def main() -> None:
         f"({args.held_in}), quiet phases {args.quiet:g} s each, read models in another "
         f"{args.read_models}\n"
     )
-    print("| phase | samples | p50 ms | p99 ms | max ms | stale reads |\n|---|---|---|---|---|---|")
+    print(
+        "| phase | samples | p50 ms | p99 ms | max ms | stale reads | client CPU | load |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     for p in phases:
         print(p.row())
     ratio = phases[1].pct(0.99) / quiet.pct(0.99) if quiet.latencies else float("nan")
