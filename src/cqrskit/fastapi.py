@@ -17,6 +17,7 @@
       ConcurrencyError       409
       NotAuthorizedError     403
       StaleReadError         503  with Retry-After: the write happened, the read model lags
+      ConnectionLostError    503  with Retry-After: the database connection was lost, nothing saved
       TokenFromFutureError   400  (and a malformed token header)
       any other CqrsError    500  generic text only: nothing internal reaches the client
 
@@ -47,6 +48,7 @@ from cqrskit.errors import (
     CommitOutcomeUnknownError,
     ConcurrencyError,
     ConfigurationError,
+    ConnectionLostError,
     CqrsError,
     DispatchTimeoutError,
     IdempotencyError,
@@ -165,6 +167,13 @@ DEFAULT_PROBLEMS: dict[type[Exception], Problem] = {
         "Outcome unknown",
         "The change may or may not have been saved. Retry with the same Idempotency-Key: "
         "it is applied at most once.",
+        retry_after=1,
+    ),
+    ConnectionLostError: Problem(
+        503,
+        "database-unavailable",
+        "Database connection lost",
+        "Nothing was saved; retry the request.",
         retry_after=1,
     ),
     DispatchTimeoutError: Problem(
