@@ -367,6 +367,32 @@ async def p2b(dsn: str, n: int, rounds: int, only_lock: bool = False) -> list[Ca
     return cases
 
 
+async def lock_statement(dsn: str, rounds: int, n: int = 2000) -> str:
+    """The appender lock's own price: ``COMMIT; BEGIN`` round trips of an empty transaction
+    with and without the lock statement, on one connection, interleaved."""
+    conn = await asyncpg.connect(dsn)
+    plain = "COMMIT; BEGIN"
+    locked = f"{plain}; SELECT pg_advisory_xact_lock_shared(1129402963, 42)"
+    took: dict[str, list[float]] = {plain: [], locked: []}
+    try:
+        await conn.execute("BEGIN")
+        for i in range(rounds):
+            for sql in (plain, locked) if i % 2 == 0 else (locked, plain):
+                start = time.perf_counter()
+                for _ in range(n):
+                    await conn.execute(sql)
+                took[sql].append((time.perf_counter() - start) / n * 1e6)
+        await conn.execute("ROLLBACK")
+    finally:
+        await conn.close()
+    ratios = [b / a for a, b in zip(took[plain], took[locked], strict=True)]
+    return (
+        f"`COMMIT; BEGIN` round trip: {statistics.median(took[plain]):.1f} µs; with the "
+        f"appender lock: {statistics.median(took[locked]):.1f} µs (ratio "
+        f"{statistics.median(ratios):.2f}×, median of {rounds} rounds of {n})"
+    )
+
+
 async def main() -> None:
     """Run the cases and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -387,11 +413,15 @@ async def main() -> None:
     cases = [] if args.no_sqlite else [await p2a(args.n_sqlite, args.rounds, args.synchronous)]
     if not args.no_pg:
         cases += await p2b(args.dsn, args.n_pg, args.rounds, args.only_lock)
+    only_lock = args.only_lock and not args.no_pg
+    lock_line = await lock_statement(args.dsn, 10) if only_lock else None
     print("\n### Write path\n")
     print(f"Python {sys.version.split()[0]} on {sys.platform}, {args.rounds} rounds\n")
     print(HEADER)
     for c in cases:
         print(c.row())
+    if lock_line:
+        print(f"\n{lock_line}")
     if args.json:
         _write_json(args.json, cases)
 
