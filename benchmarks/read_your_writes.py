@@ -176,9 +176,10 @@ async def run_phase(mediator: Mediator, phase: Phase, rate: float, seconds: floa
     phase.load = os.getloadavg()[0]
 
 
-async def reader_cost(store: PostgresEventStore, n: int, rounds: int) -> list[float]:
-    """Per-round ratios: ``store.head()`` against the former single statement (the
-    snapshot's xmin as the horizon, no lock table), on the same pool, interleaved."""
+async def reader_cost(store: PostgresEventStore, n: int, rounds: int) -> str:
+    """``store.head()`` against the former single statement (the snapshot's xmin as the
+    horizon, no lock table), on the same pool, interleaved: µs per call and the median of
+    the per-round ratios."""
     table = f'"{store.schema}"."{store.table}"'
     former = (
         f"SELECT coalesce(max(position), 0) FROM {table} "
@@ -194,7 +195,8 @@ async def reader_cost(store: PostgresEventStore, n: int, rounds: int) -> list[fl
         for _ in range(count):
             await store.head()
 
-    ratios = []
+    ratios: list[float] = []
+    per_call: dict[str, list[float]] = {"old": [], "new": []}
     await old(n // 10)
     await new(n // 10)
     for i in range(rounds):
@@ -204,7 +206,12 @@ async def reader_cost(store: PostgresEventStore, n: int, rounds: int) -> list[fl
             await fn(n)
             took[fn] = time.perf_counter() - t0
         ratios.append(took[new] / took[old])
-    return ratios
+        per_call["old"].append(took[old] / n * 1e6)
+        per_call["new"].append(took[new] / n * 1e6)
+    return (
+        f"**{statistics.median(ratios):.2f}×** ({statistics.median(per_call['new']):.0f} µs "
+        f"against {statistics.median(per_call['old']):.0f} µs per call)"
+    )
 
 
 async def main() -> None:
@@ -298,9 +305,8 @@ async def main() -> None:
     print(f"\nheld p99 / quiet p99: **{ratio:.2f}×** (quiet median {median:.1f} ms)")
     print(
         "\nreader cost, head() / the former xmin-only statement, median of 5 rounds of "
-        f"{args.reads}: quiet **{statistics.median(quiet_cost):.2f}×**, with the "
-        f"transactions held **{statistics.median(held_cost):.2f}×** (the former one then "
-        "reads nothing new)"
+        f"{args.reads}: quiet {quiet_cost}, with the transactions held {held_cost} (the "
+        "former one then reads nothing new)"
     )
     if args.json:
         _write_json(args.json, phases)
