@@ -31,6 +31,7 @@ this path; they find the events on their next poll.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -118,8 +119,18 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
                 for hook in store._hooks:
                     await hook(self, stored)
                 last = stored[-1].position
+            # the event log's commit_timeout bounds the wait for COMMIT's reply here too:
+            # the driver connection is ended, and the error below is an unknown outcome
+            raw = await (await session.connection()).get_raw_connection()
+            driver: Any = raw.driver_connection  # the asyncpg connection (checked dialect)
+            timer = asyncio.get_running_loop().call_later(
+                store.events._commit_timeout, driver.terminate
+            )
             committing = True
-            await session.commit()
+            try:
+                await session.commit()
+            finally:
+                timer.cancel()
         except BaseException as exc:
             await self._abort(quiet=True)
             translated = await store._translate(exc, committing, self.recorded)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -367,3 +368,33 @@ async def test_a_session_unit_of_work_is_an_appender_from_its_begin(
         await admin.close()
     await wait_visible(app.store, later.token)
     assert await app.store.oldest_appender() is None
+
+
+async def test_a_commit_without_reply_on_the_session_times_out(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """The event log's commit_timeout bounds the session's COMMIT too: the reply is held
+    back by the proxy, the command fails with CommitOutcomeUnknownError in time."""
+    proxy = FaultProxy("127.0.0.1", 5432)
+    await proxy.start()
+    url = _asyncpg_url(proxy.dsn(postgres_dsn)).replace("sslmode=", "ssl=")
+    engine = create_async_engine(url).execution_options(schema_translate_map={"app": pg_schema})
+    log = await PostgresEventStore.open(
+        postgres_dsn, schema=pg_schema, max_size=2, commit_timeout=0.5
+    )
+    try:
+        mediator = await _one_command_app(engine, log)
+        proxy.mode = Mode.HOLD_COMMIT_REPLY
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(CommitOutcomeUnknownError):
+            await asyncio.wait_for(mediator.send(OpenAccount("1", "ada")), 10)
+        assert loop.time() - started < 10
+        proxy.mode = Mode.FORWARD
+        proxy.release_replies.set()
+        assert await mediator.send(OpenAccount("2", "bob")) == "2"  # a fresh connection
+    finally:
+        proxy.release_replies.set()
+        await log.close()
+        await engine.dispose()
+        await proxy.close()
