@@ -722,7 +722,9 @@ class PostgresEventStore(EventStore):
     async def appenders(self) -> list[Appender]:
         """The transactions that may still append to this log and hold an xid, oldest
         first: each holds readers back at its xid until it ends (see the module
-        docstring). Idle ``begin_ahead`` transactions have no xid and are not listed."""
+        docstring). Idle ``begin_ahead`` transactions have no xid and are not listed; nor
+        is a prepared (two-phase) transaction, which has no session (``pg_prepared_xacts``
+        shows it)."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(self._sql_appenders)
         return [Appender(int(r[0]), int(r[1]), r[2], r[3]) for r in rows]
