@@ -1,5 +1,5 @@
 """P8 and the replication mode's other figures, on a throw-away primary with two streaming
-standbys on loopback (tests/support/pg_cluster.py; needs the PostgreSQL server binaries).
+standbys on loopback (tests/support/pg_replicas.py; needs the PostgreSQL server binaries).
 
 tokens   Which proof that a standby replayed a command: for commits made while a background
          writer keeps the primary busy, the time from the commit's return until the standby
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, ROOT)
 
 import asyncpg  # noqa: E402
-from tests.support.pg_cluster import PgCluster  # noqa: E402
+from tests.support.pg_replicas import PgCluster  # noqa: E402
 from tests.support.replica_app import (  # noqa: E402
     Deposit,
     GetAccount,

@@ -13,6 +13,11 @@ Rounds alternate baseline and candidate (A B B A ...); the table shows throughpu
 min, max over rounds) and the median per-round throughput ratio candidate/baseline.
 
     python benchmarks/write_path.py [--rounds 7] [--json out.json] [--dsn ...] [--no-pg]
+        [--no-sqlite] [--only-lock]
+
+``--only-lock`` measures what the appender lock (the read side's horizon, see
+``cqrskit.postgres.eventlog``) costs the write path: the store as shipped against the same
+store with the lock statement removed from its BEGIN strings, interleaved in one run.
 """
 
 from __future__ import annotations
@@ -185,7 +190,7 @@ async def p2a(n: int, rounds: int, synchronous: str) -> Case:
 # -- P2b: PostgreSQL -------------------------------------------------------------------------
 
 
-async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
+async def p2b(dsn: str, n: int, rounds: int, only_lock: bool = False) -> list[Case]:
     """PostgreSQL: mediator + transaction behavior vs raw asyncpg (and psycopg for reference)."""
     schema = f"cqrskit_bench_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(dsn)
@@ -274,9 +279,45 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
             )
             await conn.commit()
 
+    # the same store without the appender lock in its BEGIN strings (the read side's horizon
+    # then has no proof; measured only to show what the lock costs the write path)
+    unlocked = await PostgresEventStore.open(dsn, schema=schema, min_size=8, max_size=8)
+    lock = "; " + unlocked.appender_lock_sql
+    for attr in ("_sql_begin", "_sql_commit", "_sql_end", "_sql_rollback"):
+        setattr(unlocked, attr, getattr(unlocked, attr).replace(lock, ""))
+    unlocked_mediator = Mediator(
+        registry, behaviors=[unlocked.transaction()], resolver=unlocked.resolver()
+    )
+
+    async def cqrs_send_unlocked(w: int) -> None:
+        await unlocked_mediator.send(Deposit(_key(), 5))
+
+    async def cqrs_tracked_unlocked(w: int) -> None:
+        await unlocked_mediator.send_tracked(Deposit(_key(), 5))
+
     cases: list[Case] = []
     try:
         for conc in (1, 8):
+            if only_lock:
+                for what, without, with_lock in (
+                    ("send", cqrs_send_unlocked, cqrs_send),
+                    ("send_tracked", cqrs_tracked_unlocked, cqrs_tracked),
+                ):
+                    cases.append(
+                        await measure(
+                            Case(
+                                "lock",
+                                f"PostgreSQL, {conc} conn., {what}: with the appender lock "
+                                "/ without",
+                                "≈ 1.0×",
+                            ),
+                            spread(conc, without),
+                            spread(conc, with_lock),
+                            n,
+                            rounds,
+                        )
+                    )
+                continue
             base = spread(conc, raw_asyncpg)
             cases.append(
                 await measure(
@@ -319,10 +360,37 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
             await c.close()
         for p in pconns:
             await p.close()
+        await unlocked.close()
         await store.close()
         await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await admin.close()
     return cases
+
+
+async def lock_statement(dsn: str, rounds: int, n: int = 2000) -> str:
+    """The appender lock's own price: ``COMMIT; BEGIN`` round trips of an empty transaction
+    with and without the lock statement, on one connection, interleaved."""
+    conn = await asyncpg.connect(dsn)
+    plain = "COMMIT; BEGIN"
+    locked = f"{plain}; SELECT pg_advisory_xact_lock_shared(1129402963, 42)"
+    took: dict[str, list[float]] = {plain: [], locked: []}
+    try:
+        await conn.execute("BEGIN")
+        for i in range(rounds):
+            for sql in (plain, locked) if i % 2 == 0 else (locked, plain):
+                start = time.perf_counter()
+                for _ in range(n):
+                    await conn.execute(sql)
+                took[sql].append((time.perf_counter() - start) / n * 1e6)
+        await conn.execute("ROLLBACK")
+    finally:
+        await conn.close()
+    ratios = [b / a for a, b in zip(took[plain], took[locked], strict=True)]
+    return (
+        f"`COMMIT; BEGIN` round trip: {statistics.median(took[plain]):.1f} µs; with the "
+        f"appender lock: {statistics.median(took[locked]):.1f} µs (ratio "
+        f"{statistics.median(ratios):.2f}×, median of {rounds} rounds of {n})"
+    )
 
 
 async def main() -> None:
@@ -334,16 +402,26 @@ async def main() -> None:
     parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL cases")
+    parser.add_argument(
+        "--only-lock",
+        action="store_true",
+        help="only the cost of the appender lock: the store with it against without it",
+    )
+    parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite case")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
-    cases = [await p2a(args.n_sqlite, args.rounds, args.synchronous)]
+    cases = [] if args.no_sqlite else [await p2a(args.n_sqlite, args.rounds, args.synchronous)]
     if not args.no_pg:
-        cases += await p2b(args.dsn, args.n_pg, args.rounds)
+        cases += await p2b(args.dsn, args.n_pg, args.rounds, args.only_lock)
+    only_lock = args.only_lock and not args.no_pg
+    lock_line = await lock_statement(args.dsn, 10) if only_lock else None
     print("\n### Write path\n")
     print(f"Python {sys.version.split()[0]} on {sys.platform}, {args.rounds} rounds\n")
     print(HEADER)
     for c in cases:
         print(c.row())
+    if lock_line:
+        print(f"\n{lock_line}")
     if args.json:
         _write_json(args.json, cases)
 

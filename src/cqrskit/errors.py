@@ -24,6 +24,7 @@ tests can act on them without parsing text::
     │   ├── IdempotencyError          an idempotency key was reused for another command
     │   ├── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
     │   └── UnavailableError          a database cannot be reached or is out of connections
+    │       ├── ConnectionLostError   the connection was lost before COMMIT: nothing committed
     │       └── ReplicaUnavailableError no replica could serve a query (or one failed mid-query)
     ├── ConsistencyError              a read model is behind a consistency token
     │   ├── StaleReadError            ... and the policy is to fail
@@ -44,6 +45,7 @@ __all__ = [
     "CommitOutcomeUnknownError",
     "ConcurrencyError",
     "ConfigurationError",
+    "ConnectionLostError",
     "ConsistencyError",
     "CqrsError",
     "DependencyError",
@@ -334,6 +336,12 @@ class UnavailableError(PersistenceError):
     Raised by the drivers for an exhausted pool; ``cqrskit.fastapi`` also recognizes the
     drivers' own connection errors as this (503 with ``Retry-After``).
     """
+
+
+class ConnectionLostError(UnavailableError, ConnectionError):
+    """The connection to the database was lost before COMMIT was sent: nothing of the
+    command was committed, and running it again applies it once. Also a built-in
+    ``ConnectionError``, so the retry behavior retries it by default."""
 
 
 class ReplicaUnavailableError(UnavailableError):

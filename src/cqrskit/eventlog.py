@@ -25,6 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from cqrskit._encoding import Encoded, Encoder, encode_event
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from cqrskit.idempotency import IdempotencyBackend
 
 __all__ = [
+    "Appender",
     "EventStore",
     "InMemoryEventStore",
     "InMemoryUnitOfWork",
@@ -66,6 +68,16 @@ known) and before COMMIT; an error rolls the whole command back."""
 
 PublishErrorHandler = Callable[[Event, Exception], None]
 """``fn(event, error)``: told when an in-process event handler fails after commit."""
+
+
+def _epoch(stamp: object) -> float | None:
+    """An ISO timestamp from event metadata as seconds since the epoch (``None`` if bad)."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return None
 
 
 def validate_identifier(name: str, what: str = "identifier") -> str:
@@ -120,6 +132,26 @@ class StoredEvent:
     schema_version: int
     data: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Appender:
+    """A transaction that can still append to the log and so holds readers back (see
+    :meth:`EventStore.oldest_appender`).
+
+    Attributes:
+        pid: the database server's process id of its session (PostgreSQL:
+            ``pg_terminate_backend(pid)`` ends it).
+        xid: its transaction id (PostgreSQL: 32 bits, as ``pg_stat_activity`` shows it).
+        seconds: how long its transaction has been open (``None`` when not visible to the
+            monitoring role).
+        state: its session's state (``active``, ``idle in transaction``, ...), if visible.
+    """
+
+    pid: int
+    xid: int
+    seconds: float | None
+    state: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +297,12 @@ class UnitOfWork(ABC):
     def _close(self) -> None:
         self._active = False
 
+    def _failure(self, exc: BaseException) -> BaseException:
+        """The error to raise for ``exc``, which escaped the handler (after rollback):
+        a driver turns its own "connection lost" errors into
+        :class:`~cqrskit.errors.ConnectionLostError` here; by default ``exc`` itself."""
+        return exc
+
     @abstractmethod
     async def commit(self) -> int | None:
         """Append the recorded events, run inline hooks, commit; return the last position.
@@ -387,11 +425,40 @@ class EventStore(ABC):
         """The highest committed position, readable or not (0 for an empty log).
 
         Equal to :meth:`head` except on PostgreSQL, where :meth:`head` stops below the
-        visibility horizon while any write transaction in the cluster is open. Use this one
+        readable horizon while a transaction that may append to the log is open. Use this one
         to ask "is a reader behind the log?" and to check a token from the future; use
         :meth:`head` for what :meth:`read_after` can return now.
         """
         return await self.head()
+
+    async def backlog(self, position: int, limit: int) -> tuple[int, float | None]:
+        """Committed events with a position ``> position``, readable yet or not: how many
+        (counted up to ``limit``) and the recording time (seconds since the epoch) of the
+        oldest of those counted, ``None`` when there are none.
+
+        The base implementation counts with :meth:`read_after` (right for stores whose
+        reads have no horizon); the PostgreSQL store counts every committed row.
+        """
+        count, oldest, after = 0, None, position
+        while count < limit:
+            batch = await self.read_after(after, min(1000, limit - count))
+            if not batch:
+                break
+            for e in batch:
+                stamp = _epoch(e.metadata.get("timestamp"))
+                if stamp is not None and (oldest is None or stamp < oldest):
+                    oldest = stamp
+            count += len(batch)
+            after = batch[-1].position
+        return count, oldest
+
+    async def oldest_appender(self) -> Appender | None:
+        """The open transaction that holds readers back the longest, if any.
+
+        ``None`` by default: only the PostgreSQL store has writers that can hold readers
+        back (an open transaction that may still append, at its transaction id).
+        """
+        return None
 
     async def wait_for(self, position: int, timeout: float) -> bool:
         """Wait until an event with position ``> position`` may be readable.
@@ -505,6 +572,9 @@ class _TransactionBehavior:
                     # rolled back: running it again applies it once (a timeout of another
                     # dispatch passing through says nothing about what that one committed)
                     exc.retry_safe = True
+            failure = uow._failure(exc)
+            if failure is not exc:
+                raise failure from exc
             raise
         if position is not None:
             record_token(position)

@@ -21,6 +21,7 @@
                                   connections (drivers' own connection errors too)
       ReadModelMissingError  503  a read-model table nobody set up (the log names the step)
       ReplicaUnavailableError 503 with Retry-After: no read replica could answer
+      ConnectionLostError    503  with Retry-After: the database connection was lost, nothing saved
       TokenFromFutureError   400  (and a malformed token header)
       any other error        500  generic text only: nothing internal reaches the client
 
@@ -65,6 +66,7 @@ from cqrskit.errors import (
     CommitOutcomeUnknownError,
     ConcurrencyError,
     ConfigurationError,
+    ConnectionLostError,
     CqrsError,
     DispatchTimeoutError,
     IdempotencyError,
@@ -203,6 +205,13 @@ DEFAULT_PROBLEMS: dict[type[Exception], Problem] = {
         "Outcome unknown",
         "The change may or may not have been saved. Retry with the same Idempotency-Key: "
         "it is applied at most once.",
+        retry_after=1,
+    ),
+    ConnectionLostError: Problem(
+        503,
+        "database-unavailable",
+        "Database connection lost",
+        "Nothing was saved; retry the request.",
         retry_after=1,
     ),
     DispatchTimeoutError: Problem(

@@ -106,7 +106,9 @@ class _FrontendParser:
                 break
             msg = bytes(buf[:end])
             del buf[:end]
-            carries = msg[:1] in (b"Q", b"P") and _COMMIT.search(msg, 5) is not None
+            # search the body only: with search(msg, 5), \b would look at the length's
+            # last byte (a length of 80 is b"P", a word character, and hid a COMMIT)
+            carries = msg[:1] in (b"Q", b"P") and _COMMIT.search(msg[5:]) is not None
             out.append((msg, carries))
         return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -172,3 +173,19 @@ async def test_wait_for_refuses_a_nan_timeout() -> None:
     store = InMemoryEventStore()
     with pytest.raises(ValueError, match="timeout"):
         await store.wait_for(0, float("nan"))
+
+
+async def test_backlog_counts_committed_events_up_to_a_limit() -> None:
+    store = InMemoryEventStore()
+    assert await store.backlog(0, 10) == (0, None)
+    for i in range(5):
+        uow = await store.begin()
+        uow.record("s", Pinged(i))
+        await uow.commit()
+    count, oldest = await store.backlog(2, 10)
+    assert count == 3
+    assert oldest is not None
+    assert abs(oldest - time.time()) < 60
+    assert (await store.backlog(0, 2))[0] == 2
+    assert await store.backlog(5, 10) == (0, None)
+    assert await store.oldest_appender() is None  # nothing holds in-memory readers back

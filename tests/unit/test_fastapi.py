@@ -243,12 +243,14 @@ def test_missing_fastapi_names_the_extra() -> None:
     [
         ("idempotency", 422, "idempotency-key-reused"),
         ("unknown", 503, "outcome-unknown"),
+        ("lost", 503, "database-unavailable"),
         ("timeout", 504, "timeout"),
     ],
 )
 async def test_retry_related_errors_are_mapped(error: str, status: int, slug: str) -> None:
     from cqrskit import (
         CommitOutcomeUnknownError,
+        ConnectionLostError,
         DispatchTimeoutError,
         IdempotencyError,
         Mediator,
@@ -260,6 +262,7 @@ async def test_retry_related_errors_are_mapped(error: str, status: int, slug: st
     errors: dict[str, Exception] = {
         "idempotency": IdempotencyError("key k used for another command"),
         "unknown": CommitOutcomeUnknownError("connection lost during COMMIT to db-secret-host"),
+        "lost": ConnectionLostError("connection to db-secret-host lost before COMMIT"),
         "timeout": DispatchTimeoutError("handler took too long"),
     }
 
@@ -272,7 +275,7 @@ async def test_retry_related_errors_are_mapped(error: str, status: int, slug: st
         r = await c.post(f"/fail/{error}")
     body = problem(r, status, slug)
     assert "db-secret-host" not in r.text
-    assert "Idempotency-Key" in str(body["detail"]) or status == 422
+    assert "Idempotency-Key" in str(body["detail"]) or status == 422 or slug.startswith("data")
     if status == 503:
         assert r.headers["retry-after"] == "1"
 

@@ -4,7 +4,8 @@
 Commands::
 
     run           run projectors until SIGTERM/SIGINT (graceful: the batch in flight commits)
-    status        checkpoint, lag (events, seconds) and dead letters per projection
+    status        checkpoint, lag (events, seconds) and dead letters per projection, and
+                  the open writer of the event log that holds readers back, if any
     rebuild       start rebuilding a projection into a new generation
     dead-letters  list parked events; --retry flags them for the projector to re-apply
 
@@ -437,6 +438,13 @@ async def _status(args: argparse.Namespace) -> int:
         )
     headers = ["projection", "mode", "gen", "checkpoint", "lag", "lag s", "dead", "lease"]
     sys.stdout.write(render_table(headers, table, right=[2, 3, 4, 5, 6]))
+    held = rows[0] if rows and rows[0].oldest_appender_pid is not None else None
+    if held is not None:
+        age = held.oldest_appender_seconds
+        print(
+            f"readers held back by an open writer of the event log: pid "
+            f"{held.oldest_appender_pid}, open {'?' if age is None else f'{age:.1f}'} s"
+        )
     return 0
 
 

@@ -2,7 +2,8 @@
 idempotency backend and the read database. Needs the ``postgres`` extra (asyncpg).
 
 * :class:`PostgresEventStore` / :class:`PostgresUnitOfWork` — :mod:`cqrskit.postgres.eventlog`
-  (write connections in ``_connections``, SQL text and DDL in ``_sql``);
+  (the unit of work's commit in ``_unitofwork``, write connections in ``_connections``, the
+  readable horizon's SQL in ``_horizon``, SQL text and DDL in ``_sql``);
 * :class:`PostgresReadDatabase` / :class:`PostgresSession` — :mod:`cqrskit.postgres.readdb`;
 * :class:`PostgresIdempotencyBackend` and :func:`postgres_idempotency_ddl` —
   :mod:`cqrskit.postgres.idempotency`;

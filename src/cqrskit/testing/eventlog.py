@@ -36,8 +36,9 @@ __all__ = ["Deposited", "EventStoreConformance", "Opened", "wait_visible"]
 async def wait_visible(store: EventStore, position: int, timeout: float = 10.0) -> None:
     """Wait until ``store.head() >= position``.
 
-    On PostgreSQL any open write transaction in the cluster (another test's, say) keeps
-    readers below its xid for a moment, so a reader may lag its own writer briefly.
+    On PostgreSQL an open transaction of another writer of the same event log (one that
+    has already written) keeps readers below its position until it ends, so a reader may
+    lag its own writer briefly.
 
     Raises:
         TimeoutError: the position did not become visible within ``timeout`` seconds.

@@ -14,7 +14,12 @@ from tests.support.idempotency_kit import Balance, Deposit, IdempotencyChecks, P
 from tests.support.proxy import FaultProxy, Mode
 
 from cqrskit.dependencies import Dependencies
-from cqrskit.errors import CommitOutcomeUnknownError, ConcurrencyError, PersistenceError
+from cqrskit.errors import (
+    CommitOutcomeUnknownError,
+    ConcurrencyError,
+    ConnectionLostError,
+    PersistenceError,
+)
 from cqrskit.eventlog import EventStore, UnitOfWork
 from cqrskit.idempotency import Idempotency, idempotency_key, postgres_idempotency_ddl
 from cqrskit.mediator import Mediator, Receipt
@@ -162,12 +167,6 @@ async def test_commit_never_arrives_then_retry_runs_once(
         await store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#10 §3: a connection lost before COMMIT still surfaces as the driver's "
-    "ConnectionDoesNotExistError; the translation to PersistenceError is being done on the "
-    "pg-horizon branch (remove this marker when it lands)",
-)
 async def test_reset_before_commit_is_a_plain_persistence_error(
     postgres_dsn: str, pg_schema: str, proxy: FaultProxy
 ) -> None:
@@ -186,8 +185,9 @@ async def test_reset_before_commit_is_a_plain_persistence_error(
         probe.gate.set()  # type: ignore[union-attr]
         # nothing was committed and the client knows it: the documented PersistenceError
         # (retryable as such), not an unknown outcome, with the driver's error chained
-        with pytest.raises(PersistenceError) as info:
+        with pytest.raises(ConnectionLostError) as info:
             await asyncio.wait_for(task, 10)
+        assert isinstance(info.value, PersistenceError)
         assert not isinstance(info.value, CommitOutcomeUnknownError)
         assert info.value.__cause__ is not None  # the driver's error, chained
         proxy.mode = Mode.FORWARD
