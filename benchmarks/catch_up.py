@@ -1,0 +1,314 @@
+"""P3u: projection catch-up with the handler the docs teach, against a batched loop.
+
+The candidate is a ``Projector`` running the handler of docs/projections.md: one
+``ctx.execute`` upsert per event. The baseline is what one writes by hand to go fast: read
+a batch by position (``store.read_after``), decode, one ``executemany`` upsert for the whole
+batch, write the checkpoint, commit. Same event log, same decoder, same batch size, same
+kind of read database (a separate SQLite file; a separate PostgreSQL schema). The
+projector's start-up (lease, views) and its fencing update per batch are included.
+
+Rounds alternate (loop, projector), (projector, loop), ...; the ratio of a round is loop
+time / projector time (projector throughput / loop throughput, higher is better); the
+table shows the median over rounds.
+
+    python benchmarks/catch_up.py [--events 50000] [--rounds 5] [--batch 500]
+        [--dsn postgresql://postgres@127.0.0.1:5432/test] [--no-pg] [--no-sqlite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _harness import Result
+
+from cqrskit import Event
+from cqrskit.eventlog import EventStore
+from cqrskit.projections import ConsistencyGate, Projection, ProjectionContext, Projector
+from cqrskit.projections.db import ReadDatabase
+from cqrskit.serialization import EventTypes, JsonSerializer
+from cqrskit.sqlite import SqliteEventStore, SqliteReadDatabase
+
+
+@dataclass(frozen=True, slots=True)
+class Deposited(Event):
+    """The benchmark event."""
+
+    account: str
+    amount: int
+
+
+types = EventTypes()
+types.register(Deposited, "bench.deposited")
+serializer = JsonSerializer(types)
+
+balances = Projection(
+    "balances",
+    tables={"accounts": ("CREATE TABLE {accounts} (id TEXT PRIMARY KEY, balance BIGINT)",)},
+)
+
+
+# the handler exactly as docs/projections.md writes it
+@balances.on
+async def on_deposited(e: Deposited, ctx: ProjectionContext) -> None:
+    t = ctx.table("accounts")
+    await ctx.execute(
+        f"INSERT INTO {t} (id, balance) VALUES (?, ?) "
+        f"ON CONFLICT (id) DO UPDATE SET balance = {t}.balance + excluded.balance",
+        e.account,
+        e.amount,
+    )
+
+
+def upsert(table: str, placeholder: Callable[[int], str]) -> str:
+    return (
+        f"INSERT INTO {table} (id, balance) VALUES ({placeholder(1)}, {placeholder(2)}) "
+        f"ON CONFLICT (id) DO UPDATE SET balance = {table}.balance + excluded.balance"
+    )
+
+
+async def projector_catch_up(store: EventStore, db: ReadDatabase, batch: int) -> None:
+    """The candidate: a Projector started, run until caught up (the gate), stopped."""
+    head = await store.head()
+    async with Projector(store, db, [balances], serializer, batch_size=batch) as p:
+        await ConsistencyGate(store, db, signal=p.signal).check(["balances"], head, "wait", 900)
+
+
+# -- SQLite --------------------------------------------------------------------------------
+
+
+def sqlite_log(path: Path, events: int) -> SqliteEventStore:
+    """A log of ``events`` deposits over 1,000 accounts, bulk-inserted."""
+    store = SqliteEventStore(path, encoder=serializer.encode)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO cqrskit_events (stream, version, type, schema_version, data, message_id, "
+        "recorded_at) VALUES (?, ?, 'bench.deposited', 1, ?, ?, '2026-01-01T00:00:00+00:00')",
+        (
+            (
+                f"acc-{i % 1000}",
+                i // 1000 + 1,
+                json.dumps({"account": f"acc-{i % 1000}", "amount": i % 7}),
+                f"m{i}",
+            )
+            for i in range(events)
+        ),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    return store
+
+
+async def sqlite_loop(store: EventStore, read_path: str, batch: int) -> None:
+    """The baseline on SQLite: executemany per batch, checkpoint, commit."""
+    conn = sqlite3.connect(read_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("CREATE TABLE accounts (id TEXT PRIMARY KEY, balance BIGINT)")
+    conn.execute("CREATE TABLE checkpoint (name TEXT PRIMARY KEY, position BIGINT)")
+    conn.execute("INSERT INTO checkpoint VALUES ('balances', 0)")
+    sql = upsert("accounts", lambda n: "?")
+    decode = serializer.decode_stored
+    position = 0
+    while True:
+        events = await store.read_after(position, batch)
+        if not events:
+            break
+        rows = []
+        for stored in events:
+            e = decode(stored)
+            assert isinstance(e, Deposited)
+            rows.append((e.account, e.amount))
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sql, rows)
+        position = events[-1].position
+        conn.execute("UPDATE checkpoint SET position = ? WHERE name = 'balances'", (position,))
+        conn.execute("COMMIT")
+    conn.close()
+
+
+async def p3u_sqlite(tmp: Path, events: int, rounds: int, batch: int) -> Result:
+    store = sqlite_log(tmp / "log.db", events)
+    result = Result(
+        "P3u SQLite",
+        f"catch-up of {events:,} events, batch {batch}, per-event ctx.execute vs executemany loop",
+        "≥ 0.8×",
+    )
+    counter = iter(range(10**6))
+
+    async def loop() -> None:
+        await sqlite_loop(store, str(tmp / f"loop-{next(counter)}.db"), batch)
+
+    async def projector() -> None:
+        db = SqliteReadDatabase(str(tmp / f"proj-{next(counter)}.db"))
+        try:
+            await projector_catch_up(store, db, batch)
+        finally:
+            await db.close()
+
+    try:
+        return await interleave(result, loop, projector, events, rounds)
+    finally:
+        store.close()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+
+
+async def p3u_postgres(dsn: str, events: int, rounds: int, batch: int) -> Result:
+    import asyncpg
+
+    from cqrskit.postgres import PostgresEventStore, PostgresReadDatabase
+
+    suffix = uuid.uuid4().hex[:10]
+    write_schema = f"bench_cu_w_{suffix}"
+    schemas = [write_schema]
+    store = await PostgresEventStore.open(dsn, schema=write_schema, encoder=serializer.encode)
+    admin = await asyncpg.connect(dsn)
+    result = Result(
+        "P3u PostgreSQL",
+        f"catch-up of {events:,} events, batch {batch}, per-event ctx.execute vs executemany loop",
+        "≥ 0.8×",
+    )
+    counter = iter(range(10**6))
+    try:
+        for start in range(0, events, 1000):
+            uow = await store.begin()
+            for i in range(start, min(events, start + 1000)):
+                uow.record(f"acc-{i % 1000}", Deposited(f"acc-{i % 1000}", i % 7))
+            await uow.commit()
+
+        async def loop() -> None:
+            schema = f"bench_cu_l_{suffix}_{next(counter)}"
+            schemas.append(schema)
+            await admin.execute(
+                f'CREATE SCHEMA "{schema}"; '
+                f'CREATE TABLE "{schema}".accounts (id TEXT PRIMARY KEY, balance BIGINT); '
+                f'CREATE TABLE "{schema}".checkpoint (name TEXT PRIMARY KEY, position BIGINT); '
+                f"INSERT INTO \"{schema}\".checkpoint VALUES ('balances', 0)"
+            )
+            conn = await asyncpg.connect(dsn)
+            try:
+                await pg_loop(store, conn, schema, batch)
+            finally:
+                await conn.close()
+
+        async def projector() -> None:
+            schema = f"bench_cu_p_{suffix}_{next(counter)}"
+            schemas.append(schema)
+            db = PostgresReadDatabase(dsn, schema=schema)
+            try:
+                await projector_catch_up(store, db, batch)
+            finally:
+                await db.close()
+
+        return await interleave(result, loop, projector, events, rounds)
+    finally:
+        await store.close()
+        for schema in schemas:
+            await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
+
+
+async def pg_loop(store: EventStore, conn: Any, schema: str, batch: int) -> None:
+    """The baseline on PostgreSQL: one executemany per batch, checkpoint, commit."""
+    sql = upsert(f'"{schema}".accounts', lambda n: f"${n}")
+    checkpoint = f"UPDATE \"{schema}\".checkpoint SET position = $1 WHERE name = 'balances'"
+    decode = serializer.decode_stored
+    position = 0
+    while True:
+        events = await store.read_after(position, batch)
+        if not events:
+            break
+        rows = []
+        for stored in events:
+            e = decode(stored)
+            assert isinstance(e, Deposited)
+            rows.append((e.account, e.amount))
+        position = events[-1].position
+        async with conn.transaction():
+            await conn.executemany(sql, rows)
+            await conn.execute(checkpoint, position)
+
+
+# -- harness -------------------------------------------------------------------------------
+
+
+async def interleave(
+    result: Result,
+    loop: Callable[[], Awaitable[None]],
+    projector: Callable[[], Awaitable[None]],
+    events: int,
+    rounds: int,
+) -> Result:
+    result.higher_is_better = True
+    for i in range(rounds):
+        times: dict[str, float] = {}
+        order = (("loop", loop), ("projector", projector))
+        for who, run in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter_ns()
+            await run()
+            times[who] = (time.perf_counter_ns() - start) / events
+        result.baseline_ns.append(times["loop"])
+        result.candidate_ns.append(times["projector"])
+        result.ratios.append(times["loop"] / times["projector"])
+        print(f"  {result.case} round {i + 1}: ratio {result.ratios[-1]:.2f}", file=sys.stderr)
+    return result
+
+
+def row(r: Result) -> str:
+    b, c = r.baseline_ns, r.candidate_ns
+    return (
+        f"| {r.case} | {r.what} | {1e9 / statistics.median(b):,.0f} "
+        f"({1e9 / max(b):,.0f}–{1e9 / min(b):,.0f}) | {1e9 / statistics.median(c):,.0f} "
+        f"({1e9 / max(c):,.0f}–{1e9 / min(c):,.0f}) | **{r.ratio:.2f}×** | {r.target} |"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--no-pg", action="store_true")
+    parser.add_argument("--no-sqlite", action="store_true")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    results = []
+    if not args.no_sqlite:
+        with tempfile.TemporaryDirectory() as d:
+            results.append(await p3u_sqlite(Path(d), args.events, args.rounds, args.batch))
+    if not args.no_pg:
+        results.append(await p3u_postgres(args.dsn, args.events, args.rounds, args.batch))
+    print(f"\n### Catch-up in the docs' shape (P3u), {args.rounds} rounds\n")
+    print(f"Python {sys.version.split()[0]} on {sys.platform}\n")
+    print(
+        "| case | what | loop events/s median (min–max) | projector events/s median (min–max) "
+        "| ratio | target |\n|---|---|---|---|---|---|"
+    )
+    for r in results:
+        print(row(r))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:  # noqa: ASYNC230 - after the runs
+            json.dump([{"case": r.case, "ratios": r.ratios, "ratio": r.ratio} for r in results], f)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
