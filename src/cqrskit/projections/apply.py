@@ -1,9 +1,11 @@
 """Applying events to one projection generation, with poison-event parking.
 
-A batch is first applied on the fast path: every event in one transaction, no savepoints.
-If a handler raises, the caller rolls the transaction back and re-applies the batch on the
-careful path: one savepoint per event, bounded attempts, and a failing event parked in
-``cqrskit_dead_letters`` (with the later events of its stream when order matters).
+A batch is first applied on the fast path: every event in one transaction, no savepoints,
+the handlers' writes queued and sent together (:mod:`cqrskit.projections.batch`). If a
+handler or a statement fails, the caller rolls the transaction back and re-applies the
+batch on the careful path: one savepoint per event (its writes sent before the savepoint
+ends, so a failing statement fails its own event), bounded attempts, and a failing event
+parked in ``cqrskit_dead_letters`` (with the later events of its stream when order matters).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from cqrskit.errors import SerializationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.messages import Event
 from cqrskit.projections.api import Handler, Projection, ProjectionContext
+from cqrskit.projections.batch import BatchSession
 from cqrskit.projections.db import Session
 
 __all__ = ["Applier", "as_decoder"]
@@ -55,6 +58,8 @@ class Applier:
         # stored type name -> handler, or None for types this projection ignores
         self._by_name: dict[str, Handler | None] = {}
         self.blocked: set[str] = set()
+        # handlers that need their statements run at once (see projections.batch)
+        self._unbatched: set[Any] = set()
 
     async def apply_one(self, ctx: ProjectionContext, stored: StoredEvent) -> None:
         """Decode ``stored`` and run its handler (events of other types are skipped)."""
@@ -75,7 +80,11 @@ class Applier:
             if handler is None:
                 return
         ctx.stored = stored
-        await handler(event, ctx)
+        session = ctx.session
+        if isinstance(session, BatchSession):
+            await session.call(handler, event, ctx)
+        else:
+            await handler(event, ctx)
 
     def _handler_by_name(self, name: str) -> Handler | None:
         assert self._type_for is not None
@@ -86,22 +95,33 @@ class Applier:
         return self.projection.handler_for(cls)
 
     def context(self, session: Session, generation: int) -> ProjectionContext:
-        """A handler context writing ``generation``'s tables through ``session``."""
+        """A handler context writing ``generation``'s tables through ``session``; its writes
+        are queued until a read, a savepoint or :meth:`flush` (see projections.batch)."""
         tables = self.projection.physical_tables(generation, session.qualify)
-        return ProjectionContext(session, generation, tables)
+        return ProjectionContext(BatchSession(session, self._unbatched), generation, tables)
+
+    @staticmethod
+    async def flush(ctx: ProjectionContext) -> None:
+        """Send the writes ``ctx``'s handlers queued."""
+        session = ctx.session
+        if isinstance(session, BatchSession):
+            await session.flush()
 
     async def apply_fast(
         self, session: Session, generation: int, events: Sequence[StoredEvent]
     ) -> None:
         """Apply a batch with no savepoints; raises on the first handler error."""
         ctx = self.context(session, generation)
+        batch = ctx.session
+        assert isinstance(batch, BatchSession)
+        call = batch.call
         blocked = self.blocked
         by_name = self._by_name
         decode = self._decode
         # the per-event hot path of a catch-up: apply_one inlined for known types
         for stored in events:
             if blocked and stored.stream in blocked:
-                await self.park(session, generation, stored, _blocked_text(stored), 0)
+                await self.park(batch, generation, stored, _blocked_text(stored), 0)
                 continue
             handler = by_name.get(stored.type, _UNSEEN)
             if handler is None:
@@ -110,7 +130,8 @@ class Applier:
                 await self.apply_one(ctx, stored)
                 continue
             ctx.stored = stored
-            await handler(decode(stored), ctx)
+            await call(handler, decode(stored), ctx)
+        await batch.flush()
 
     async def apply_careful(
         self, session: Session, generation: int, events: Sequence[StoredEvent]
@@ -136,7 +157,7 @@ class Applier:
         error = None
         for _ in range(self.max_attempts):
             try:
-                async with session.savepoint():
+                async with ctx.session.savepoint():  # sends the event's writes before it ends
                     await self.apply_one(ctx, stored)
             except Exception as exc:  # a handler failure is data: park it
                 if infrastructure_fault(exc):

@@ -99,4 +99,5 @@ class InlineProjections:
             ctx = applier.context(session, generation)
             for stored in stored_events:
                 await applier.apply_one(ctx, stored)
+            await applier.flush(ctx)
             await schema.set_checkpoint(session, name, generation, last)

@@ -1,0 +1,278 @@
+"""Statements of projection handlers, sent together: batched speed from per-event code.
+
+A projector applies a batch of events in one read-database transaction, and handlers are
+written per event (``await ctx.execute(...)`` once or twice per event). Sent one by one,
+each statement costs a round trip on PostgreSQL and a trip through the driver on SQLite.
+:class:`BatchSession` stands between the handlers' context and the real session and queues
+their writes instead:
+
+* consecutive statements with the same SQL run as one ``executemany`` (asyncpg pipelines
+  the executions in one round trip); other statements follow in the order they were issued;
+* a read (``fetchall``/``fetchone``/``fetchval``), a savepoint and the end of the batch send
+  what is queued first, so a handler reads its own writes and those of earlier events;
+* the order of effects is exactly the order of the handlers' calls.
+
+Row counts. ``execute`` returns the number of rows a statement changed, which a queued
+statement does not know yet: it returns a stand-in that becomes that number when the
+handler uses it (compares, tests, adds, prints or passes it on). Used while the statement is
+still queued, the stand-in stops the handler (:class:`_Unbatch`, a ``BaseException`` so an
+``except Exception`` in the handler does not swallow it); its queued statements are
+dropped — none of them was sent — and the handler runs again for that event with every
+statement executed at once, as it does from then on. Reaching for the driver connection
+(``ctx.connection``) while statements are queued does the same. A handler that reads after
+writing has its own queued statements sent one by one (with their counts) and continues
+unbatched until it returns, so a count it holds is always known or its statement unsent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+from cqrskit.errors import PersistenceError
+from cqrskit.projections.db import Row, Session
+
+__all__ = ["BatchSession"]
+
+_GROUPED = -2  # executed as part of an executemany: the count of this row is not known
+
+
+class _Unbatch(BaseException):
+    """The running handler needs what a queued statement cannot give: run it unbatched."""
+
+
+class _Queued:
+    """A queued statement; also the stand-in for its row count (see the module docstring)."""
+
+    __slots__ = ("sql", "args", "many", "count", "batch")
+
+    def __init__(self, sql: str, args: Any, many: bool, batch: BatchSession) -> None:
+        self.sql = sql
+        self.args = args  # the parameters, or a list of parameter rows when many
+        self.many = many
+        self.count: int | None = None  # None while queued
+        self.batch = batch
+
+    def _value(self) -> int:
+        count = self.count
+        if count is None:
+            self.batch._unbatch(self)
+        if count == _GROUPED:
+            raise PersistenceError(
+                "the row count of a statement was used after its handler returned; it ran "
+                "together with others and its own count is not known.",
+                hint="use the value returned by ctx.execute inside the handler that ran it.",
+            )
+        assert count is not None
+        return count
+
+
+def _forward(name: str) -> Callable[..., Any]:
+    op = getattr(int, name)
+
+    def method(self: _Queued, *args: Any) -> Any:
+        return op(self._value(), *args)
+
+    method.__name__ = name
+    return method
+
+
+_INT_METHODS = (
+    "__int__ __index__ __bool__ __float__ __hash__ __repr__ __str__ __format__ "
+    "__eq__ __ne__ __lt__ __le__ __gt__ __ge__ __neg__ __pos__ __abs__ "
+    "__add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __floordiv__ __rfloordiv__ "
+    "__truediv__ __rtruediv__ __mod__ __rmod__ __pow__ __rpow__ __and__ __rand__ "
+    "__or__ __ror__ __xor__ __rxor__"
+)
+for _name in _INT_METHODS.split():
+    setattr(_Queued, _name, _forward(_name))
+
+
+class BatchSession(Session):
+    """A :class:`Session` that queues writes and sends them together (see the module).
+
+    Args:
+        session: the real session, inside the transaction the statements belong to.
+        unbatched: handlers known to need statements executed at once (shared by the
+            batches of one applier, so a handler is run twice at most once).
+    """
+
+    __slots__ = ("_session", "_pending", "_own", "_direct", "_wanted", "unbatched", "dialect")
+
+    def __init__(self, session: Session, unbatched: set[Any] | None = None) -> None:
+        self._session = session
+        self.dialect = session.dialect
+        self._pending: list[_Queued] = []
+        # index in _pending where the running handler's statements start (-1: none runs)
+        self._own = -1
+        self._direct = False  # the running handler's statements run at once
+        self._wanted = False  # the running handler asked for what a queued statement lacks
+        self.unbatched: set[Any] = set() if unbatched is None else unbatched
+
+    # -- running handlers ----------------------------------------------------------------
+
+    async def call(self, handler: Any, event: Any, ctx: Any) -> None:
+        """Run ``handler(event, ctx)``, its writes queued (or at once, see the module)."""
+        if handler in self.unbatched:
+            await self._call_direct(handler, event, ctx)
+            return
+        self._own = len(self._pending)
+        try:
+            await handler(event, ctx)
+        except _Unbatch:
+            pass
+        except BaseException:
+            if self._wanted:
+                self.unbatched.add(handler)
+            self._wanted = self._direct = False
+            self._own = -1
+            raise
+        if not self._wanted:
+            self._own = -1
+            self._direct = False
+            return
+        # nothing this handler queued was sent (see _unbatch): drop it and run it again
+        del self._pending[self._own :]
+        self._wanted = False
+        self._own = -1
+        self.unbatched.add(handler)
+        await self._call_direct(handler, event, ctx)
+
+    async def _call_direct(self, handler: Any, event: Any, ctx: Any) -> None:
+        await self.flush()
+        self._direct = True
+        try:
+            await handler(event, ctx)
+        finally:
+            self._direct = False
+
+    def _unbatch(self, queued: _Queued) -> None:
+        own = self._own
+        if own < 0 or not any(q is queued for q in self._pending[own:]):
+            raise PersistenceError(
+                "the row count of a queued statement was used outside the handler that ran it.",
+                hint="use the value returned by ctx.execute inside that handler.",
+            )
+        self._wanted = True
+        raise _Unbatch
+
+    def discard(self) -> None:
+        """Drop what is queued (its transaction or savepoint was rolled back)."""
+        self._pending = []
+        if self._own >= 0:
+            self._own = 0
+
+    # -- Session -------------------------------------------------------------------------
+
+    @property
+    def connection(self) -> Any:
+        """The driver connection; while writes are queued, the running handler first goes
+        unbatched (statements sent behind the queue's back would overtake it)."""
+        if self._pending:
+            if self._own < 0:
+                raise PersistenceError("queued statements must be flushed before this.")
+            self._wanted = True
+            raise _Unbatch
+        return self._session.connection
+
+    def qualify(self, name: str) -> str:
+        """See :meth:`Session.qualify`."""
+        return self._session.qualify(name)
+
+    async def execute(self, sql: str, *params: Any) -> int:
+        """Queue one statement; return a stand-in for its row count (see the module)."""
+        if self._direct:
+            return await self._session.execute(sql, *params)
+        for p in params:
+            if p.__class__ is _Queued:
+                params = tuple(p._value() if p.__class__ is _Queued else p for p in params)
+                break
+        queued = _Queued(sql, params, False, self)
+        self._pending.append(queued)
+        return cast(int, queued)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Queue one statement per parameter row."""
+        if self._direct:
+            await self._session.executemany(sql, rows)
+            return
+        self._pending.append(_Queued(sql, list(rows), True, self))
+
+    async def fetchall(self, sql: str, *params: Any) -> list[Row]:
+        """Send what is queued, then run the query."""
+        if self._pending:
+            await self.flush()
+        return await self._session.fetchall(sql, *params)
+
+    async def fetchone(self, sql: str, *params: Any) -> Row | None:
+        """Send what is queued, then run the query."""
+        if self._pending:
+            await self.flush()
+        return await self._session.fetchone(sql, *params)
+
+    async def fetchval(self, sql: str, *params: Any) -> Any:
+        """Send what is queued, then run the query."""
+        if self._pending:
+            await self.flush()
+        return await self._session.fetchval(sql, *params)
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """Send what is queued; statements inside the block are sent before it ends."""
+        if self._pending:
+            await self.flush()
+        async with self._session.savepoint():
+            try:
+                yield
+                if self._pending:
+                    await self.flush()
+            except BaseException:
+                self.discard()
+                raise
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Send every queued statement, in order.
+
+        Runs of one SQL text from handlers that returned go as one ``executemany``; the
+        running handler's own statements go one by one (their counts become known) and the
+        handler continues unbatched. On an error nothing stays queued; the caller rolls
+        the transaction (or savepoint) back.
+        """
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        own = self._own
+        split = len(pending) if own < 0 else own
+        if own >= 0:
+            self._own = 0
+        session = self._session
+        i = 0
+        while i < split:
+            first = pending[i]
+            sql = first.sql
+            j = i + 1
+            while j < split and pending[j].sql == sql:
+                j += 1
+            if j == i + 1 and not first.many:
+                first.count = await session.execute(sql, *first.args)
+            else:
+                rows: list[Sequence[Any]] = []
+                for q in pending[i:j]:
+                    if q.many:
+                        rows.extend(q.args)
+                    else:
+                        rows.append(q.args)
+                        q.count = _GROUPED
+                await session.executemany(sql, rows)
+            i = j
+        if split < len(pending):
+            self._direct = True
+            for q in pending[split:]:
+                if q.many:
+                    await session.executemany(q.sql, q.args)
+                else:
+                    q.count = await session.execute(q.sql, *q.args)
