@@ -3,9 +3,10 @@
 A batch is first applied on the fast path: every event in one transaction, no savepoints,
 the handlers' writes queued and sent together (:mod:`cqrskit.projections.batch`). If a
 handler or a statement fails, the caller rolls the transaction back and re-applies the
-batch on the careful path: one savepoint per event (its writes sent before the savepoint
-ends, so a failing statement fails its own event), bounded attempts, and a failing event
-parked in ``cqrskit_dead_letters`` (with the later events of its stream when order matters).
+batch on the careful path: one savepoint per event, each statement sent when the handler
+issues it (so a failing statement fails its own event, and a handler that catches its own
+statement's error sees it as before), bounded attempts, and a failing event parked in
+``cqrskit_dead_letters`` (with the later events of its stream when order matters).
 """
 
 from __future__ import annotations
@@ -46,15 +47,25 @@ class Applier:
         projection: the projection.
         decoder: stored event -> event object.
         max_attempts: attempts of one event on the careful path before it is parked.
+        batch_writes: queue the handlers' writes on the fast path and send them together
+            (``False``: each statement is sent when the handler issues it).
     """
 
-    def __init__(self, projection: Projection, decoder: Any, *, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        projection: Projection,
+        decoder: Any,
+        *,
+        max_attempts: int = 3,
+        batch_writes: bool = True,
+    ) -> None:
         self.projection = projection
         self._decode = as_decoder(decoder)
         # a serializer's registry lets unhandled types be skipped without decoding them
         types = getattr(decoder, "event_types", None)
         self._type_for: Callable[[str], type] | None = getattr(types, "type_for", None)
         self.max_attempts = max(1, max_attempts)
+        self.batch_writes = batch_writes
         # stored type name -> handler, or None for types this projection ignores
         self._by_name: dict[str, Handler | None] = {}
         self.blocked: set[str] = set()
@@ -94,11 +105,16 @@ class Applier:
             return None  # a type nobody registered cannot have a handler here
         return self.projection.handler_for(cls)
 
-    def context(self, session: Session, generation: int) -> ProjectionContext:
-        """A handler context writing ``generation``'s tables through ``session``; its writes
-        are queued until a read, a savepoint or :meth:`flush` (see projections.batch)."""
+    def context(
+        self, session: Session, generation: int, *, batched: bool = False
+    ) -> ProjectionContext:
+        """A handler context writing ``generation``'s tables through ``session``; when
+        ``batched``, its writes are queued until a read, a savepoint or :meth:`flush`
+        (see projections.batch)."""
         tables = self.projection.physical_tables(generation, session.qualify)
-        return ProjectionContext(BatchSession(session, self._unbatched), generation, tables)
+        if batched:
+            session = BatchSession(session, self._unbatched)
+        return ProjectionContext(session, generation, tables)
 
     @staticmethod
     async def flush(ctx: ProjectionContext) -> None:
@@ -111,17 +127,16 @@ class Applier:
         self, session: Session, generation: int, events: Sequence[StoredEvent]
     ) -> None:
         """Apply a batch with no savepoints; raises on the first handler error."""
-        ctx = self.context(session, generation)
-        batch = ctx.session
-        assert isinstance(batch, BatchSession)
-        call = batch.call
+        ctx = self.context(session, generation, batched=self.batch_writes)
+        batch = ctx.session if isinstance(ctx.session, BatchSession) else None
+        call = batch.call if batch is not None else _call
         blocked = self.blocked
         by_name = self._by_name
         decode = self._decode
         # the per-event hot path of a catch-up: apply_one inlined for known types
         for stored in events:
             if blocked and stored.stream in blocked:
-                await self.park(batch, generation, stored, _blocked_text(stored), 0)
+                await self.park(ctx.session, generation, stored, _blocked_text(stored), 0)
                 continue
             handler = by_name.get(stored.type, _UNSEEN)
             if handler is None:
@@ -131,7 +146,8 @@ class Applier:
                 continue
             ctx.stored = stored
             await call(handler, decode(stored), ctx)
-        await batch.flush()
+        if batch is not None:
+            await batch.flush()
 
     async def apply_careful(
         self, session: Session, generation: int, events: Sequence[StoredEvent]
@@ -157,7 +173,7 @@ class Applier:
         error = None
         for _ in range(self.max_attempts):
             try:
-                async with ctx.session.savepoint():  # sends the event's writes before it ends
+                async with session.savepoint():
                     await self.apply_one(ctx, stored)
             except Exception as exc:  # a handler failure is data: park it
                 if infrastructure_fault(exc):
@@ -253,6 +269,10 @@ class Applier:
             )
         await self.load_blocked(session, generation)
         return done
+
+
+async def _call(handler: Handler, event: Event, ctx: ProjectionContext) -> None:
+    await handler(event, ctx)
 
 
 def _blocked_text(stored: StoredEvent) -> str:

@@ -10,7 +10,17 @@ their writes instead:
   the executions in one round trip); other statements follow in the order they were issued;
 * a read (``fetchall``/``fetchone``/``fetchval``), a savepoint and the end of the batch send
   what is queued first, so a handler reads its own writes and those of earlier events;
-* the order of effects is exactly the order of the handlers' calls.
+* the order of effects is exactly the order of the handlers' calls;
+* inside a savepoint block a handler opens (``ctx.session.savepoint()``), statements run
+  at once, so an error is raised where the handler issued the statement, as without
+  batching.
+
+Errors. A statement that fails when the queue is sent fails the whole batch, even when the
+handler that was running at that moment catches the exception (it may not be that
+handler's statement): the caller then rolls the transaction back and applies the batch
+again event by event, each statement sent as it is issued (``Applier.apply_careful``), so
+the failure is attributed to the event that issued the statement, exactly as without
+batching.
 
 Row counts. ``execute`` returns the number of rows a statement changed, which a queued
 statement does not know yet: it returns a stand-in that becomes that number when the
@@ -98,7 +108,16 @@ class BatchSession(Session):
             batches of one applier, so a handler is run twice at most once).
     """
 
-    __slots__ = ("_session", "_pending", "_own", "_direct", "_wanted", "unbatched", "dialect")
+    __slots__ = (
+        "_session",
+        "_pending",
+        "_own",
+        "_direct",
+        "_wanted",
+        "_failed",
+        "unbatched",
+        "dialect",
+    )
 
     def __init__(self, session: Session, unbatched: set[Any] | None = None) -> None:
         self._session = session
@@ -108,6 +127,7 @@ class BatchSession(Session):
         self._own = -1
         self._direct = False  # the running handler's statements run at once
         self._wanted = False  # the running handler asked for what a queued statement lacks
+        self._failed: BaseException | None = None  # a send failed: the batch is lost
         self.unbatched: set[Any] = set() if unbatched is None else unbatched
 
     # -- running handlers ----------------------------------------------------------------
@@ -127,7 +147,11 @@ class BatchSession(Session):
                 self.unbatched.add(handler)
             self._wanted = self._direct = False
             self._own = -1
+            if self._failed is not None:
+                raise self._failed  # noqa: B904 - the send's own error, whatever the handler did
             raise
+        if self._failed is not None:
+            raise self._failed  # the handler swallowed a failed send
         if not self._wanted:
             self._own = -1
             self._direct = False
@@ -146,6 +170,8 @@ class BatchSession(Session):
             await handler(event, ctx)
         finally:
             self._direct = False
+        if self._failed is not None:
+            raise self._failed
 
     def _unbatch(self, queued: _Queued) -> None:
         own = self._own
@@ -156,12 +182,6 @@ class BatchSession(Session):
             )
         self._wanted = True
         raise _Unbatch
-
-    def discard(self) -> None:
-        """Drop what is queued (its transaction or savepoint was rolled back)."""
-        self._pending = []
-        if self._own >= 0:
-            self._own = 0
 
     # -- Session -------------------------------------------------------------------------
 
@@ -219,17 +239,18 @@ class BatchSession(Session):
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
-        """Send what is queued; statements inside the block are sent before it ends."""
+        """Send what is queued; inside the block statements run at once (errors are raised
+        where they are issued), and so they do for the rest of the running handler."""
         if self._pending:
             await self.flush()
-        async with self._session.savepoint():
-            try:
+        direct = self._direct
+        self._direct = True
+        try:
+            async with self._session.savepoint():
                 yield
-                if self._pending:
-                    await self.flush()
-            except BaseException:
-                self.discard()
-                raise
+        finally:
+            # what ran in the block was sent: the running handler must not run again
+            self._direct = direct or self._own >= 0
 
     # -- sending -------------------------------------------------------------------------
 
@@ -238,13 +259,22 @@ class BatchSession(Session):
 
         Runs of one SQL text from handlers that returned go as one ``executemany``; the
         running handler's own statements go one by one (their counts become known) and the
-        handler continues unbatched. On an error nothing stays queued; the caller rolls
-        the transaction (or savepoint) back.
+        handler continues unbatched. A failure is kept: every later use of this batch
+        raises it again (the caller rolls the transaction back).
         """
+        if self._failed is not None:
+            raise self._failed
         pending = self._pending
         if not pending:
             return
         self._pending = []
+        try:
+            await self._send(pending)
+        except BaseException as exc:
+            self._failed = exc
+            raise
+
+    async def _send(self, pending: list[_Queued]) -> None:
         own = self._own
         split = len(pending) if own < 0 else own
         if own >= 0:

@@ -39,7 +39,17 @@ class SqliteSession(Session):
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """See :meth:`Session.executemany`."""
-        self._conn.executemany(sql, rows)
+        rows = rows if isinstance(rows, list) else list(rows)
+        try:
+            self._conn.executemany(sql, rows)
+        except sqlite3.ProgrammingError as exc:
+            # sqlite3 refuses executemany for a statement that does not start with
+            # INSERT/UPDATE/DELETE/REPLACE (e.g. a SELECT calling a function), before
+            # running any row: run them one by one instead
+            if "only execute DML" not in str(exc):
+                raise
+            for row in rows:
+                self._conn.execute(sql, row)
 
     async def fetchall(self, sql: str, *params: Any) -> list[Row]:
         """See :meth:`Session.fetchall`."""
