@@ -19,7 +19,7 @@ from cqrskit.errors import SerializationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.messages import Event
 from cqrskit.projections.api import Handler, Projection, ProjectionContext
-from cqrskit.projections.batch import BatchSession
+from cqrskit.projections.batch import BatchContext, BatchSession
 from cqrskit.projections.db import Session
 
 __all__ = ["Applier", "as_decoder"]
@@ -113,7 +113,7 @@ class Applier:
         (see projections.batch)."""
         tables = self.projection.physical_tables(generation, session.qualify)
         if batched:
-            session = BatchSession(session, self._unbatched)
+            return BatchContext(BatchSession(session, self._unbatched), generation, tables)
         return ProjectionContext(session, generation, tables)
 
     @staticmethod

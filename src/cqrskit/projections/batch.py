@@ -36,16 +36,15 @@ unbatched until it returns, so a count it holds is always known or its statement
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
 from cqrskit.errors import PersistenceError
+from cqrskit.projections.api import ProjectionContext
 from cqrskit.projections.db import Row, Session
 
-__all__ = ["BatchSession"]
-
-_GROUPED = -2  # executed as part of an executemany: the count of this row is not known
+__all__ = ["BatchContext", "BatchSession"]
 
 
 class _Unbatch(BaseException):
@@ -67,14 +66,8 @@ class _Queued:
     def _value(self) -> int:
         count = self.count
         if count is None:
-            self.batch._unbatch(self)
-        if count == _GROUPED:
-            raise PersistenceError(
-                "the row count of a statement was used after its handler returned; it ran "
-                "together with others and its own count is not known.",
-                hint="use the value returned by ctx.execute inside the handler that ran it.",
-            )
-        assert count is not None
+            self.batch._unbatch(self)  # raises
+            raise AssertionError  # pragma: no cover
         return count
 
 
@@ -97,6 +90,11 @@ _INT_METHODS = (
 )
 for _name in _INT_METHODS.split():
     setattr(_Queued, _name, _forward(_name))
+
+
+def _resolved(params: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row count passed on as a parameter is used: it must be known."""
+    return tuple(p._value() if type(p) is _Queued else p for p in params)
 
 
 class BatchSession(Session):
@@ -176,9 +174,12 @@ class BatchSession(Session):
     def _unbatch(self, queued: _Queued) -> None:
         own = self._own
         if own < 0 or not any(q is queued for q in self._pending[own:]):
+            # a count kept past its handler: sent in a group, or not sent yet
             raise PersistenceError(
-                "the row count of a queued statement was used outside the handler that ran it.",
-                hint="use the value returned by ctx.execute inside that handler.",
+                "the row count of a statement was used after the handler that ran it "
+                "returned; statements of a projector batch are sent together, so it is not "
+                "known.",
+                hint="use the value returned by ctx.execute inside the handler that ran it.",
             )
         self._wanted = True
         raise _Unbatch
@@ -205,12 +206,12 @@ class BatchSession(Session):
         if self._direct:
             return await self._session.execute(sql, *params)
         for p in params:
-            if p.__class__ is _Queued:
-                params = tuple(p._value() if p.__class__ is _Queued else p for p in params)
+            if type(p) is _Queued:
+                params = _resolved(params)
                 break
         queued = _Queued(sql, params, False, self)
         self._pending.append(queued)
-        return cast(int, queued)
+        return queued  # type: ignore[return-value] # an int when used (see the module)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Queue one statement per parameter row."""
@@ -283,21 +284,21 @@ class BatchSession(Session):
         i = 0
         while i < split:
             first = pending[i]
-            sql = first.sql
+            sql, args = first.sql, first.args
             j = i + 1
-            while j < split and pending[j].sql == sql:
-                j += 1
-            if j == i + 1 and not first.many:
-                first.count = await session.execute(sql, *first.args)
-            else:
-                rows: list[Sequence[Any]] = []
-                for q in pending[i:j]:
+            if j < split and pending[j].sql == sql:  # a run of one SQL text: one executemany
+                rows: list[Sequence[Any]] = list(args) if first.many else [args]
+                while j < split and (q := pending[j]).sql == sql:
                     if q.many:
                         rows.extend(q.args)
                     else:
                         rows.append(q.args)
-                        q.count = _GROUPED
+                    j += 1
                 await session.executemany(sql, rows)
+            elif first.many:
+                await session.executemany(sql, args)
+            else:
+                first.count = await session.execute(sql, *args)
             i = j
         if split < len(pending):
             self._direct = True
@@ -306,3 +307,28 @@ class BatchSession(Session):
                     await session.executemany(q.sql, q.args)
                 else:
                     q.count = await session.execute(q.sql, *q.args)
+
+
+class BatchContext(ProjectionContext):
+    """The context handlers get when their writes are batched: ``execute`` queues on the
+    :class:`BatchSession` directly (one coroutine per statement, the per-event hot path);
+    everything else goes through the session as in :class:`ProjectionContext`."""
+
+    __slots__ = ("_batch",)
+
+    def __init__(self, batch: BatchSession, generation: int, tables: Mapping[str, str]) -> None:
+        super().__init__(batch, generation, tables)
+        self._batch = batch
+
+    async def execute(self, sql: str, *params: Any) -> int:
+        """Queue a statement (``?`` placeholders); see :meth:`BatchSession.execute`."""
+        batch = self._batch
+        if batch._direct:
+            return await batch._session.execute(sql, *params)
+        for p in params:
+            if type(p) is _Queued:
+                params = _resolved(params)
+                break
+        queued = _Queued(sql, params, False, batch)
+        batch._pending.append(queued)
+        return queued  # type: ignore[return-value] # an int when used (see the module)
