@@ -13,6 +13,12 @@ table shows the median over rounds.
 
     python benchmarks/catch_up.py [--events 50000] [--rounds 5] [--batch 500]
         [--dsn postgresql://postgres@127.0.0.1:5432/test] [--no-pg] [--no-sqlite]
+
+``--instructions`` counts instructions instead (valgrind's callgrind; SQLite only, both
+databases on /dev/shm): each side catches up over the same prepared log in its own
+process, once over N events and once over none; (count(N) - count(0)) / N per side, which
+includes the projector's start-up and bookkeeping. Counts do not move with the machine's
+load, wall-clock ratios on a shared machine do.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -287,6 +296,60 @@ def row(r: Result) -> str:
     )
 
 
+# -- instruction counts (SQLite) ----------------------------------------------------------
+
+
+def _child(side: str, log_path: str, read_path: str, batch: int) -> None:
+    async def run() -> None:
+        store = SqliteEventStore(log_path, encoder=serializer.encode)
+        if side == "loop":
+            await sqlite_loop(store, read_path, batch)
+        else:
+            db = SqliteReadDatabase(read_path)
+            await projector_catch_up(store, db, batch)
+            await db.close()
+        store.close()
+
+    asyncio.run(run())
+
+
+def _instructions(side: str, log_path: str, tmp: str, batch: int) -> int:
+    read_path = os.path.join(tmp, f"read-{side}-{os.path.basename(log_path)}")
+    child = [os.path.abspath(__file__), "--child", side, log_path, read_path, str(batch)]
+    proc = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, *child],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    match = re.search(r"Collected : (\d+)", proc.stderr)
+    if match is None:
+        raise RuntimeError(f"no callgrind total in:\n{proc.stderr}")
+    return int(match.group(1))
+
+
+def instructions(events: int, batch: int) -> None:
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed; skipping the instruction counts")
+        return
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        full, empty = os.path.join(d, "full.db"), os.path.join(d, "empty.db")
+        sqlite_log(Path(full), events).close()
+        sqlite_log(Path(empty), 0).close()
+        per = {
+            side: (_instructions(side, full, d, batch) - _instructions(side, empty, d, batch))
+            / events
+            for side in ("loop", "projector")
+        }
+    print(f"\n### P3u SQLite in instructions (callgrind), {events:,} events, batch {batch}\n")
+    print("| case | loop instr/event | projector instr/event | ratio (loop / projector) |")
+    print("|---|---|---|---|")
+    print(
+        f"| P3u SQLite | {per['loop']:,.0f} | {per['projector']:,.0f} | "
+        f"**{per['loop'] / per['projector']:.2f}×** |"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
@@ -296,7 +359,11 @@ async def main() -> None:
     parser.add_argument("--no-pg", action="store_true")
     parser.add_argument("--no-sqlite", action="store_true")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--instructions", action="store_true", help="callgrind, SQLite only")
     args = parser.parse_args()
+    if args.instructions:
+        instructions(args.events, args.batch)
+        return
     results = []
     if not args.no_sqlite:
         with tempfile.TemporaryDirectory() as d:
@@ -317,4 +384,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    else:
+        asyncio.run(main())
