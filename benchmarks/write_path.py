@@ -13,6 +13,9 @@ Each operation writes 1 state row and 1 event row in one transaction.
   INSERTs, COMMIT statement by statement, on 1 connection and on 8 concurrent ones. Also
   measured: ``send_tracked`` (positions read back: one more round trip), and raw psycopg 3
   statement by statement and pipelined, which informed the driver choice.
+* P2b twin: the same ``send`` against raw asyncpg in cqrskit's own two round trips — the
+  state INSERT, then the event INSERT (literal values) with ``COMMIT; BEGIN`` in one
+  string, so the next command's BEGIN rides on this COMMIT.
 
 Rounds alternate baseline and candidate (A B B A ...); the table shows throughput (median,
 min, max over rounds) and the median per-round throughput ratio candidate/baseline.
@@ -221,7 +224,7 @@ async def p2a(n: int, rounds: int, synchronous: str) -> list[Case]:
 # -- P2b: PostgreSQL -------------------------------------------------------------------------
 
 
-async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
+async def p2b(dsn: str, n: int, rounds: int, *, send_only: bool = False) -> list[Case]:
     """PostgreSQL: mediator + transaction behavior vs raw asyncpg (and psycopg for reference)."""
     schema = f"cqrskit_bench_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(dsn)
@@ -285,6 +288,22 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
         await mediator.send_tracked(Deposit(_key(), 5))
 
     pconns = [await psycopg.AsyncConnection.connect(dsn) for _ in range(8)]
+    twin_conns = [await asyncpg.connect(dsn) for _ in range(8)]
+    twin_event = (
+        f"INSERT INTO {raw_ev} (stream, version, type, schema_version, data, message_id, "
+        "correlation_id, causation_id, recorded_at) VALUES ('{key}', 1, 'Deposited', 1, "
+        "'{data}', '{mid}', NULL, NULL, now()); COMMIT; BEGIN"
+    )
+
+    async def raw_twin(w: int) -> None:
+        # what cqrskit sends, by hand: 2 round trips, BEGIN riding on the previous COMMIT
+        conn = twin_conns[w]
+        if not conn.is_in_transaction():
+            await conn.execute("BEGIN")
+        key = _key()
+        await conn.execute(f"INSERT INTO {raw_st} VALUES ($1, $2)", key, 5)
+        data = json.dumps({"key": key, "amount": 5}).replace("'", "''")
+        await conn.execute(twin_event.format(key=key, data=data, mid=uuid.uuid4().hex))
 
     async def raw_psycopg(w: int) -> None:
         conn = pconns[w]
@@ -325,6 +344,22 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
             )
             cases.append(
                 await measure(
+                    Case(
+                        "P2b twin",
+                        f"PostgreSQL, {conc} connection(s), send; baseline: raw asyncpg in "
+                        "the same 2 round trips",
+                        "≥ 0.9×",
+                    ),
+                    spread(conc, raw_twin),
+                    spread(conc, cqrs_send),
+                    n,
+                    rounds,
+                )
+            )
+            if send_only:
+                continue
+            cases.append(
+                await measure(
                     Case("P2b'", f"PostgreSQL, {conc} connection(s), send_tracked", "—"),
                     base,
                     spread(conc, cqrs_tracked),
@@ -355,6 +390,8 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
             await c.close()
         for p in pconns:
             await p.close()
+        for c in twin_conns:
+            await c.close()
         await store.close()
         await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await admin.close()
@@ -370,11 +407,15 @@ async def main() -> None:
     parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL cases")
+    parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite cases")
+    parser.add_argument(
+        "--send-only", action="store_true", help="PostgreSQL: only send (P2b and its twin)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
-    cases = await p2a(args.n_sqlite, args.rounds, args.synchronous)
+    cases = [] if args.no_sqlite else await p2a(args.n_sqlite, args.rounds, args.synchronous)
     if not args.no_pg:
-        cases += await p2b(args.dsn, args.n_pg, args.rounds)
+        cases += await p2b(args.dsn, args.n_pg, args.rounds, send_only=args.send_only)
     print("\n### Write path\n")
     print(f"Python {sys.version.split()[0]} on {sys.platform}, {args.rounds} rounds\n")
     print(HEADER)
