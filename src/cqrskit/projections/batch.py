@@ -6,8 +6,10 @@ each statement costs a round trip on PostgreSQL and a trip through the driver on
 :class:`BatchSession` stands between the handlers' context and the real session and queues
 their writes instead:
 
-* consecutive statements with the same SQL run as one ``executemany`` (asyncpg pipelines
-  the executions in one round trip); other statements follow in the order they were issued;
+* a run of consecutive statements with the same SQL (at least :data:`RUN` of them) goes as
+  one ``executemany`` (asyncpg pipelines the executions in one round trip); the statements
+  between such runs go together through ``Session.execute_all`` (on PostgreSQL one
+  multi-statement string, see ``cqrskit.postgres.readdb``), in the order they were issued;
 * a read (``fetchall``/``fetchone``/``fetchval``), a savepoint and the end of the batch send
   what is queued first, so a handler reads its own writes and those of earlier events;
 * the order of effects is exactly the order of the handlers' calls;
@@ -44,7 +46,12 @@ from cqrskit.errors import PersistenceError
 from cqrskit.projections.api import ProjectionContext
 from cqrskit.projections.db import Row, Session
 
-__all__ = ["BatchContext", "BatchSession"]
+__all__ = ["RUN", "BatchContext", "BatchSession"]
+
+RUN = 3
+"""Consecutive statements of one SQL text from this many on are sent as one executemany;
+shorter runs go with the other statements (one round trip on PostgreSQL either way, but
+an executemany is planned once)."""
 
 
 class _Unbatch(BaseException):
@@ -281,25 +288,29 @@ class BatchSession(Session):
         if own >= 0:
             self._own = 0
         session = self._session
+        others: list[tuple[str, Sequence[Any]]] = []
         i = 0
         while i < split:
             first = pending[i]
             sql, args = first.sql, first.args
+            rows: list[Sequence[Any]] = list(args) if first.many else [args]
             j = i + 1
-            if j < split and pending[j].sql == sql:  # a run of one SQL text: one executemany
-                rows: list[Sequence[Any]] = list(args) if first.many else [args]
-                while j < split and (q := pending[j]).sql == sql:
-                    if q.many:
-                        rows.extend(q.args)
-                    else:
-                        rows.append(q.args)
-                    j += 1
+            while j < split and (q := pending[j]).sql == sql:
+                if q.many:
+                    rows.extend(q.args)
+                else:
+                    rows.append(q.args)
+                j += 1
+            if len(rows) >= RUN:
+                if others:
+                    await session.execute_all(others)
+                    others = []
                 await session.executemany(sql, rows)
-            elif first.many:
-                await session.executemany(sql, args)
             else:
-                first.count = await session.execute(sql, *args)
+                others.extend((sql, row) for row in rows)
             i = j
+        if others:
+            await session.execute_all(others)
         if split < len(pending):
             self._direct = True
             for q in pending[split:]:

@@ -68,6 +68,11 @@ class Recording(Session):
         self.calls.append(("executemany", self._name(sql), len(rows)))
         await self.inner.executemany(sql, rows)
 
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        names = "; ".join(self._name(sql) for sql, _ in statements)
+        self.calls.append(("execute_all", names, len(statements)))
+        await self.inner.execute_all(statements)
+
     async def fetchall(self, sql: str, *params: Any) -> list[Row]:
         self.calls.append(("fetch", self._name(sql), 1))
         return await self.inner.fetchall(sql, *params)
@@ -136,15 +141,14 @@ async def test_statements_are_sent_together_in_order(read_db: ReadDatabase) -> N
         # 41 upserts of finished handlers, one executemany, sent by the read
         ("executemany", 'INSERT "sums__g1"', 41),
         ("fetch", 'SELECT "sums__g1"', 1),
-        # the read's log row and the next upsert are different statements: one by one
-        ("execute", 'INSERT "logs__g1"', 1),
-        ("execute", 'INSERT "sums__g1"', 1),
+        # the read's log row and the next upsert are different statements: together
+        ("execute_all", 'INSERT "logs__g1"; INSERT "sums__g1"', 2),
         # "own": its upsert is sent with a count before its read, then it runs unbatched
         ("execute", 'INSERT "sums__g1"', 1),
         ("fetch", 'SELECT "sums__g1"', 1),
         ("execute", 'INSERT "logs__g1"', 1),
-        # the end of the batch
-        ("executemany", 'INSERT "sums__g1"', 2),
+        # the end of the batch: a run shorter than RUN goes with the other statements
+        ("execute_all", 'INSERT "sums__g1"; INSERT "sums__g1"', 2),
     ]
     sums, logs, _ = await snapshot(read_db)
     assert dict(sums) == {"k0": 14, "k1": 13, "k2": 13, "a": 5, "b": 9, "c": 6}
