@@ -102,5 +102,6 @@ class InlineProjections:
             ctx = applier.context(session, generation, batched=batched)
             for stored in stored_events:
                 await applier.apply_one(ctx, stored)
+            # with the handlers' statements: one round trip on PostgreSQL
+            await schema.set_checkpoint(ctx.session, name, generation, last)
             await applier.flush(ctx)
-            await schema.set_checkpoint(session, name, generation, last)
