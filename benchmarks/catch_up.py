@@ -84,6 +84,44 @@ async def on_deposited(e: Deposited, ctx: ProjectionContext) -> None:
     )
 
 
+# a second shape: two different statements per event (an upsert and a history row)
+ledger = Projection(
+    "ledger",
+    tables={
+        "accounts": ("CREATE TABLE {accounts} (id TEXT PRIMARY KEY, balance BIGINT)",),
+        "entries": (
+            "CREATE TABLE {entries} (position BIGINT PRIMARY KEY, account TEXT, amount BIGINT)",
+        ),
+    },
+)
+
+
+@ledger.on
+async def on_deposited_two(e: Deposited, ctx: ProjectionContext) -> None:
+    t, h = ctx.table("accounts"), ctx.table("entries")
+    await ctx.execute(
+        f"INSERT INTO {t} (id, balance) VALUES (?, ?) "
+        f"ON CONFLICT (id) DO UPDATE SET balance = {t}.balance + excluded.balance",
+        e.account,
+        e.amount,
+    )
+    assert ctx.stored is not None
+    await ctx.execute(
+        f"INSERT INTO {h} (position, account, amount) VALUES (?, ?, ?)",
+        ctx.stored.position,
+        e.account,
+        e.amount,
+    )
+
+
+ENTRIES = "CREATE TABLE {s}entries (position BIGINT PRIMARY KEY, account TEXT, amount BIGINT)"
+
+
+def entry(table: str, placeholder: Callable[[int], str]) -> str:
+    p = placeholder
+    return f"INSERT INTO {table} (position, account, amount) VALUES ({p(1)}, {p(2)}, {p(3)})"
+
+
 def upsert(table: str, placeholder: Callable[[int], str]) -> str:
     return (
         f"INSERT INTO {table} (id, balance) VALUES ({placeholder(1)}, {placeholder(2)}) "
@@ -91,17 +129,21 @@ def upsert(table: str, placeholder: Callable[[int], str]) -> str:
     )
 
 
-async def projector_catch_up(store: EventStore, db: ReadDatabase, batch: int) -> None:
+async def projector_catch_up(
+    store: EventStore, db: ReadDatabase, batch: int, two: bool = False
+) -> None:
     """The candidate: a Projector started, run until caught up, stopped. It is watched
     through its in-memory checkpoint (a consistency gate would add a read-database query
     per batch that the loop does not pay); the gate confirms the end once."""
     head = await store.head()
-    async with Projector(store, db, [balances], serializer, batch_size=batch) as p:
+    projection = ledger if two else balances
+    name = projection.name
+    async with Projector(store, db, [projection], serializer, batch_size=batch) as p:
         deadline = time.monotonic() + 900
-        while p.checkpoint("balances") < head:
+        while p.checkpoint(name) < head:
             assert time.monotonic() < deadline, "the projector did not catch up"
             await p.signal.wait(1.0)
-        await ConsistencyGate(store, db, signal=p.signal).check(["balances"], head, "fail", 0)
+        await ConsistencyGate(store, db, signal=p.signal).check([name], head, "fail", 0)
 
 
 # -- SQLite --------------------------------------------------------------------------------
@@ -130,15 +172,18 @@ def sqlite_log(path: Path, events: int) -> SqliteEventStore:
     return store
 
 
-async def sqlite_loop(store: EventStore, read_path: str, batch: int) -> None:
-    """The baseline on SQLite: executemany per batch, checkpoint, commit."""
+async def sqlite_loop(store: EventStore, read_path: str, batch: int, two: bool = False) -> None:
+    """The baseline on SQLite: executemany per batch (per table), checkpoint, commit."""
     conn = sqlite3.connect(read_path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("CREATE TABLE accounts (id TEXT PRIMARY KEY, balance BIGINT)")
     conn.execute("CREATE TABLE checkpoint (name TEXT PRIMARY KEY, position BIGINT)")
     conn.execute("INSERT INTO checkpoint VALUES ('balances', 0)")
+    if two:
+        conn.execute(ENTRIES.format(s=""))
     sql = upsert("accounts", lambda n: "?")
+    history = entry("entries", lambda n: "?")
     decode = serializer.decode_stored
     position = 0
     while True:
@@ -146,34 +191,50 @@ async def sqlite_loop(store: EventStore, read_path: str, batch: int) -> None:
         if not events:
             break
         rows = []
+        entries = []
         for stored in events:
             e = decode(stored)
             assert isinstance(e, Deposited)
             rows.append((e.account, e.amount))
+            if two:
+                entries.append((stored.position, e.account, e.amount))
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(sql, rows)
+        if two:
+            conn.executemany(history, entries)
         position = events[-1].position
         conn.execute("UPDATE checkpoint SET position = ? WHERE name = 'balances'", (position,))
         conn.execute("COMMIT")
     conn.close()
 
 
-async def p3u_sqlite(tmp: Path, events: int, rounds: int, batch: int) -> Result:
-    store = sqlite_log(tmp / "log.db", events)
-    result = Result(
-        "P3u SQLite",
+def _result(db: str, events: int, batch: int, two: bool) -> Result:
+    if two:
+        return Result(
+            f"P3u-2 {db}",
+            f"catch-up of {events:,} events, batch {batch}, two statements per event (upsert + "
+            "history row) vs two executemany per batch",
+            "—",
+        )
+    return Result(
+        f"P3u {db}",
         f"catch-up of {events:,} events, batch {batch}, per-event ctx.execute vs executemany loop",
         "≥ 0.8×",
     )
+
+
+async def p3u_sqlite(tmp: Path, events: int, rounds: int, batch: int, two: bool) -> Result:
+    store = sqlite_log(tmp / f"log-{two}.db", events)
+    result = _result("SQLite", events, batch, two)
     counter = iter(range(10**6))
 
     async def loop() -> None:
-        await sqlite_loop(store, str(tmp / f"loop-{next(counter)}.db"), batch)
+        await sqlite_loop(store, str(tmp / f"loop-{two}-{next(counter)}.db"), batch, two)
 
     async def projector() -> None:
-        db = SqliteReadDatabase(str(tmp / f"proj-{next(counter)}.db"))
+        db = SqliteReadDatabase(str(tmp / f"proj-{two}-{next(counter)}.db"))
         try:
-            await projector_catch_up(store, db, batch)
+            await projector_catch_up(store, db, batch, two)
         finally:
             await db.close()
 
@@ -186,7 +247,7 @@ async def p3u_sqlite(tmp: Path, events: int, rounds: int, batch: int) -> Result:
 # -- PostgreSQL ----------------------------------------------------------------------------
 
 
-async def p3u_postgres(dsn: str, events: int, rounds: int, batch: int) -> Result:
+async def p3u_postgres(dsn: str, events: int, rounds: int, batch: int, two: bool) -> Result:
     import asyncpg
 
     from cqrskit.postgres import PostgresEventStore, PostgresReadDatabase
@@ -196,11 +257,7 @@ async def p3u_postgres(dsn: str, events: int, rounds: int, batch: int) -> Result
     schemas = [write_schema]
     store = await PostgresEventStore.open(dsn, schema=write_schema, encoder=serializer.encode)
     admin = await asyncpg.connect(dsn)
-    result = Result(
-        "P3u PostgreSQL",
-        f"catch-up of {events:,} events, batch {batch}, per-event ctx.execute vs executemany loop",
-        "≥ 0.8×",
-    )
+    result = _result("PostgreSQL", events, batch, two)
     counter = iter(range(10**6))
     try:
         for start in range(0, events, 1000):
@@ -216,11 +273,12 @@ async def p3u_postgres(dsn: str, events: int, rounds: int, batch: int) -> Result
                 f'CREATE SCHEMA "{schema}"; '
                 f'CREATE TABLE "{schema}".accounts (id TEXT PRIMARY KEY, balance BIGINT); '
                 f'CREATE TABLE "{schema}".checkpoint (name TEXT PRIMARY KEY, position BIGINT); '
-                f"INSERT INTO \"{schema}\".checkpoint VALUES ('balances', 0)"
+                f"INSERT INTO \"{schema}\".checkpoint VALUES ('balances', 0); "
+                + ENTRIES.format(s=f'"{schema}".')
             )
             conn = await asyncpg.connect(dsn)
             try:
-                await pg_loop(store, conn, schema, batch)
+                await pg_loop(store, conn, schema, batch, two)
             finally:
                 await conn.close()
 
@@ -229,7 +287,7 @@ async def p3u_postgres(dsn: str, events: int, rounds: int, batch: int) -> Result
             schemas.append(schema)
             db = PostgresReadDatabase(dsn, schema=schema)
             try:
-                await projector_catch_up(store, db, batch)
+                await projector_catch_up(store, db, batch, two)
             finally:
                 await db.close()
 
@@ -241,9 +299,10 @@ async def p3u_postgres(dsn: str, events: int, rounds: int, batch: int) -> Result
         await admin.close()
 
 
-async def pg_loop(store: EventStore, conn: Any, schema: str, batch: int) -> None:
-    """The baseline on PostgreSQL: one executemany per batch, checkpoint, commit."""
+async def pg_loop(store: EventStore, conn: Any, schema: str, batch: int, two: bool) -> None:
+    """The baseline on PostgreSQL: one executemany per batch (per table), checkpoint, commit."""
     sql = upsert(f'"{schema}".accounts', lambda n: f"${n}")
+    history = entry(f'"{schema}".entries', lambda n: f"${n}")
     checkpoint = f"UPDATE \"{schema}\".checkpoint SET position = $1 WHERE name = 'balances'"
     decode = serializer.decode_stored
     position = 0
@@ -252,13 +311,18 @@ async def pg_loop(store: EventStore, conn: Any, schema: str, batch: int) -> None
         if not events:
             break
         rows = []
+        entries = []
         for stored in events:
             e = decode(stored)
             assert isinstance(e, Deposited)
             rows.append((e.account, e.amount))
+            if two:
+                entries.append((stored.position, e.account, e.amount))
         position = events[-1].position
         async with conn.transaction():
             await conn.executemany(sql, rows)
+            if two:
+                await conn.executemany(history, entries)
             await conn.execute(checkpoint, position)
 
 
@@ -360,16 +424,21 @@ async def main() -> None:
     parser.add_argument("--no-sqlite", action="store_true")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--instructions", action="store_true", help="callgrind, SQLite only")
+    parser.add_argument(
+        "--two", action="store_true", help="also two statements per event (P3u-2, no target)"
+    )
     args = parser.parse_args()
     if args.instructions:
         instructions(args.events, args.batch)
         return
     results = []
-    if not args.no_sqlite:
-        with tempfile.TemporaryDirectory() as d:
-            results.append(await p3u_sqlite(Path(d), args.events, args.rounds, args.batch))
-    if not args.no_pg:
-        results.append(await p3u_postgres(args.dsn, args.events, args.rounds, args.batch))
+    shapes = [False, True] if args.two else [False]
+    for two in shapes:
+        if not args.no_sqlite:
+            with tempfile.TemporaryDirectory() as d:
+                results.append(await p3u_sqlite(Path(d), args.events, args.rounds, args.batch, two))
+        if not args.no_pg:
+            results.append(await p3u_postgres(args.dsn, args.events, args.rounds, args.batch, two))
     print(f"\n### Catch-up in the docs' shape (P3u), {args.rounds} rounds\n")
     print(f"Python {sys.version.split()[0]} on {sys.platform}\n")
     print(

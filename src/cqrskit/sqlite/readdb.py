@@ -51,6 +51,12 @@ class SqliteSession(Session):
             for row in rows:
                 self._conn.execute(sql, row)
 
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """See :meth:`Session.execute_all` (one call each, no coroutine per statement)."""
+        execute = self._conn.execute
+        for sql, params in statements:
+            execute(sql, params)
+
     async def fetchall(self, sql: str, *params: Any) -> list[Row]:
         """See :meth:`Session.fetchall`."""
         return self._conn.execute(sql, params).fetchall()
