@@ -318,7 +318,7 @@ def sqlite_dbs() -> Callable[[], AbstractAsyncContextManager[ReadDatabase]]:
     return open_db
 
 
-@PARITY
+@settings(PARITY, max_examples=300)
 @given(ops=programs, batch=st.integers(min_value=1, max_value=15))
 def test_batched_equals_unbatched_sqlite(ops: list[tuple[str, str, str, int]], batch: int) -> None:
     asyncio.run(check_parity(sqlite_dbs(), ops, batch))
