@@ -5,6 +5,7 @@ a failing statement and a failing handler. Used to compare batched and unbatched
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tests.support.bank import event_types, serializer
@@ -32,6 +33,7 @@ KINDS = (
     "own",
     "count",
     "own_count",
+    "uses",
     "many",
     "conn",
     "raise",
@@ -88,6 +90,11 @@ async def on_op(e: Op, ctx: ProjectionContext) -> None:
         changed = await ctx.execute(f"UPDATE {sums} SET v = v WHERE k = ?", e.key + "x")
         if changed == 0:
             await ctx.execute(log, pos, e.key, row[0] if row else -1, kind)
+    elif kind == "uses":  # a row count used as typed code uses an int
+        changed = await ctx.execute(f"UPDATE {sums} SET v = v WHERE k = ?", e.key)
+        assert isinstance(changed, int)
+        seen = round(changed) + math.floor(changed) + len(f"{changed}") + (1 if changed else 0)
+        await ctx.execute(log, pos, e.key, seen, kind)
     elif kind == "many":
         await ctx.executemany(log, [(pos, e.key, 1, kind), (-pos, e.key, 2, kind)])
     elif kind == "conn":  # the driver connection, behind the session's back

@@ -77,6 +77,11 @@ class _Queued:
             raise AssertionError  # pragma: no cover
         return count
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(count, int) is a use as well
+        self._value()
+        return int
+
 
 def _forward(name: str) -> Callable[..., Any]:
     op = getattr(int, name)
@@ -93,7 +98,8 @@ _INT_METHODS = (
     "__eq__ __ne__ __lt__ __le__ __gt__ __ge__ __neg__ __pos__ __abs__ "
     "__add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __floordiv__ __rfloordiv__ "
     "__truediv__ __rtruediv__ __mod__ __rmod__ __pow__ __rpow__ __and__ __rand__ "
-    "__or__ __ror__ __xor__ __rxor__"
+    "__or__ __ror__ __xor__ __rxor__ __lshift__ __rlshift__ __rshift__ __rrshift__ "
+    "__divmod__ __rdivmod__ __invert__ __round__ __trunc__ __floor__ __ceil__"
 )
 for _name in _INT_METHODS.split():
     setattr(_Queued, _name, _forward(_name))

@@ -177,6 +177,7 @@ async def test_row_counts_and_the_connection_stay_exact(
     # driver connection and must see every write queued before it
     ops = [("count", "x", 2), ("add", "x", 1), ("count", "x", 4), ("conn", "x", 0)]
     ops += [("add", "y", 7), ("conn", "y", 0), ("count", "y", 1), ("count", "z", 3)]
+    ops += [("uses", "y", 0), ("uses", "none", 0)]
     for kind, key, amount in ops:
         await log.append(f"s-{key}", Op(kind, key, amount))
     await projected(log, read_db, batch_size=100)
@@ -189,6 +190,8 @@ async def test_row_counts_and_the_connection_stay_exact(
         ("y", 7, "conn"),
         ("y", 11, "count"),
         ("z", 10, "count"),
+        ("y", 4, "uses"),  # one row changed: round 1 + floor 1 + len("1") + 1
+        ("none", 1, "uses"),  # none: 0 + 0 + len("0") + 0
     ]
     assert parked == []
 
