@@ -126,7 +126,7 @@ class Applier:
     async def apply_fast(
         self, session: Session, generation: int, events: Sequence[StoredEvent]
     ) -> None:
-        """Apply a batch with no savepoints; raises on the first handler error."""
+        """Apply a batch with no savepoints; raises on the first handler or statement error."""
         ctx = self.context(session, generation, batched=self.batch_writes)
         batch = ctx.session if isinstance(ctx.session, BatchSession) else None
         call = batch.call if batch is not None else _call
