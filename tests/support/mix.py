@@ -34,6 +34,7 @@ KINDS = (
     "count",
     "own_count",
     "uses",
+    "savepoint",
     "many",
     "conn",
     "raise",
@@ -95,6 +96,14 @@ async def on_op(e: Op, ctx: ProjectionContext) -> None:
         assert isinstance(changed, int)
         seen = round(changed) + math.floor(changed) + len(f"{changed}") + (1 if changed else 0)
         await ctx.execute(log, pos, e.key, seen, kind)
+    elif kind == "savepoint":  # catches its own statement's error around a savepoint
+        await ctx.execute(upsert, e.key, 1)
+        try:
+            async with ctx.session.savepoint():
+                await ctx.execute(log, 0, e.key, e.amount, kind)  # fails once key 0 is taken
+        except Exception:
+            pass
+        await ctx.execute(upsert, e.key, 1)
     elif kind == "many":
         await ctx.executemany(log, [(pos, e.key, 1, kind), (-pos, e.key, 2, kind)])
     elif kind == "conn":  # the driver connection, behind the session's back
