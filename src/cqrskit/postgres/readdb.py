@@ -5,14 +5,28 @@ Bookkeeping tables and read-model tables live in the given schema; statements wr
 statement (``$n`` placeholders, schema-qualified names). Query sessions run in
 ``BEGIN READ ONLY`` transactions with ``search_path`` set to the schema, so a query reads
 the views by their plain names and any write fails with a PostgreSQL error.
+
+Several statements in one round trip (:meth:`PostgresSession.execute_all`, used by the
+projection batches): asyncpg pipelines only executions of one prepared statement, so
+different statements go as one multi-statement string. Each ``$n`` becomes a quoted literal
+cast to the parameter's own type, as the server described it when the statement was first
+seen (one ``prepare`` per distinct statement and database object), so the server reads the
+same value it would have received as a parameter. Only values whose Python type asyncpg
+itself would encode for that parameter type are written as literals (``int`` for the
+integer types, ``str`` for text and JSON, aware ``datetime`` for ``timestamptz`` ...);
+a statement with any other value, or with text the rewriting cannot see through (dollar
+quoting, comments), runs on its own through asyncpg, exactly as without batching.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from decimal import Decimal
 from typing import Any
 
 from cqrskit.errors import MissingExtraError, UnavailableError
@@ -30,16 +44,87 @@ _TOKENS = re.compile(
 )
 
 
+_PARAMS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\d+)")
+_OPAQUE = re.compile(r"\$[A-Za-z_]*\$|--|/\*")  # dollar quoting, comments
+
+Render = Callable[[Any], "str | None"]
+
+
+def _quote(text: str) -> str | None:
+    return None if "\x00" in text else "'" + text.replace("'", "''") + "'"
+
+
+def _ints(bits: int) -> Render:
+    top = 2 ** (bits - 1)
+    return lambda v: f"'{v}'" if type(v) is int and -top <= v < top else None
+
+
+def _float(v: Any) -> str | None:
+    if type(v) is int:
+        return f"'{v}'"
+    if type(v) is not float:
+        return None
+    if v != v:
+        return "'NaN'"
+    if v in (float("inf"), float("-inf")):
+        return "'Infinity'" if v > 0 else "'-Infinity'"
+    return f"'{v!r}'"
+
+
+def _numeric(v: Any) -> str | None:
+    if type(v) is int or (type(v) is Decimal and v.is_finite()):
+        return f"'{v}'"
+    return None
+
+
+# the Python types asyncpg encodes for each parameter type, as literal text
+_RENDER: dict[str, Render] = {
+    "int2": _ints(16),
+    "int4": _ints(32),
+    "int8": _ints(64),
+    "float8": _float,
+    "numeric": _numeric,
+    "bool": lambda v: ("'true'" if v else "'false'") if type(v) is bool else None,
+    "text": lambda v: _quote(v) if type(v) is str else None,
+    "varchar": lambda v: _quote(v) if type(v) is str else None,
+    "bpchar": lambda v: _quote(v) if type(v) is str else None,
+    "json": lambda v: _quote(v) if type(v) is str else None,
+    "jsonb": lambda v: _quote(v) if type(v) is str else None,
+    "uuid": lambda v: f"'{v}'" if type(v) is uuid.UUID else None,
+    "bytea": lambda v: f"'\\x{v.hex()}'" if type(v) is bytes else None,
+    "date": lambda v: f"'{v.isoformat()}'" if type(v) is dt.date else None,
+    "timestamp": lambda v: (
+        f"'{v.isoformat()}'" if type(v) is dt.datetime and v.tzinfo is None else None
+    ),
+    "timestamptz": lambda v: (
+        f"'{v.isoformat()}'"
+        if type(v) is dt.datetime and v.tzinfo is not None and v.utcoffset() is not None
+        else None
+    ),
+}
+
+# a statement as literal text: the pieces between its $n, which parameter goes in each
+# gap, and per parameter its renderer and cast
+_Literal = tuple[list[str], list[int], list[tuple[Render, str]]]
+
+
 class PostgresSession(Session):
     """A :class:`Session` over an ``asyncpg`` connection already inside a transaction."""
 
     dialect = "postgres"
 
-    def __init__(self, conn: Any, schema: str, cache: dict[str, str]) -> None:
+    def __init__(
+        self,
+        conn: Any,
+        schema: str,
+        cache: dict[str, str],
+        literals: dict[str, _Literal | None] | None = None,
+    ) -> None:
         self._conn = conn
         self._schema = schema
         self._prefix = f'"{schema}".'
         self._cache = cache
+        self._literals: dict[str, _Literal | None] = {} if literals is None else literals
         self._sp = 0
 
     @property
@@ -82,6 +167,88 @@ class PostgresSession(Session):
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """See :meth:`Session.executemany`."""
         await self._conn.executemany(self._sql(sql), list(rows))
+
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run the statements in order, as few round trips as the values allow: those that
+        can be written as literals go together in one string (see the module)."""
+        if self._conn.get_settings().standard_conforming_strings != "on":
+            await super().execute_all(statements)  # backslashes would be escapes: no literals
+            return
+        script: list[str] = []
+        first: tuple[str, Sequence[Any]] | None = None
+        for sql, params in statements:
+            text = await self._literal(sql, params)
+            if text is None:
+                await self._send(script, first)
+                script, first = [], None
+                await self.execute(sql, *params)
+                continue
+            if not script:
+                first = (sql, params)
+            script.append(text)
+        await self._send(script, first)
+
+    async def _send(self, script: list[str], first: tuple[str, Sequence[Any]] | None) -> None:
+        if len(script) == 1 and first is not None:
+            await self.execute(first[0], *first[1])  # one statement: the prepared path
+        elif script:
+            await self._conn.execute(";\n".join(script))
+
+    async def _literal(self, sql: str, params: Sequence[Any]) -> str | None:
+        """``sql`` with ``params`` written in as typed literals, or ``None`` when a value
+        cannot be (then the statement runs on its own)."""
+        literals = self._literals
+        try:
+            form = literals[sql]
+        except KeyError:
+            if len(literals) >= 4096:
+                return None  # SQL text built per event: not worth a describe each
+            form = literals[sql] = await self._describe(sql)
+        if form is None:
+            return None
+        pieces, order, kinds = form
+        if len(params) != len(kinds):
+            return None  # asyncpg raises the error this deserves
+        values: list[str] = []
+        for value, (render, cast) in zip(params, kinds, strict=True):
+            if value is None:
+                values.append("NULL::" + cast)
+                continue
+            text = render(value)
+            if text is None:
+                return None
+            values.append(text + "::" + cast)
+        out = [pieces[0]]
+        for k, piece in zip(order, pieces[1:], strict=True):
+            out.append(values[k])
+            out.append(piece)
+        return "".join(out)
+
+    async def _describe(self, sql: str) -> _Literal | None:
+        dollar = self._sql(sql)
+        if _OPAQUE.search(dollar):
+            return None
+        pieces: list[str] = []
+        order: list[int] = []
+        last = 0
+        for m in _PARAMS.finditer(dollar):
+            if m.group(1) is None:
+                continue
+            pieces.append(dollar[last : m.start()])
+            order.append(int(m.group(1)) - 1)
+            last = m.end()
+        pieces.append(dollar[last:])
+        kinds: list[tuple[Render, str]] = []
+        if order:
+            statement = await self._conn.prepare(dollar)
+            for t in statement.get_parameters():
+                render = _RENDER.get(t.name) if t.schema == "pg_catalog" else None
+                if render is None or t.kind != "scalar":
+                    return None
+                kinds.append((render, f'"pg_catalog"."{t.name}"'))
+            if sorted(set(order)) != list(range(len(kinds))):
+                return None
+        return pieces, order, kinds
 
     async def fetchall(self, sql: str, *params: Any) -> list[Row]:
         """See :meth:`Session.fetchall`."""
@@ -137,6 +304,10 @@ class PostgresReadDatabase(ReadDatabase):
         self._pool: Any = None
         self._pool_lock = asyncio.Lock()
         self._cache: dict[str, str] = {}
+        # statements as typed literal text (execute_all): read-pool and write connections
+        # apart, their search_path may differ
+        self._literals: dict[str, _Literal | None] = {}
+        self._inline_literals: dict[str, _Literal | None] = {}
 
     def __repr__(self) -> str:
         return f"PostgresReadDatabase(schema={self.schema!r})"
@@ -191,7 +362,7 @@ class PostgresReadDatabase(ReadDatabase):
         try:
             await conn.execute(begin)
             try:
-                yield PostgresSession(conn, self.schema, self._cache)
+                yield PostgresSession(conn, self.schema, self._cache, self._literals)
             except BaseException:
                 if conn.is_in_transaction():
                     await conn.execute("ROLLBACK")
@@ -202,7 +373,7 @@ class PostgresReadDatabase(ReadDatabase):
 
     def inline(self, connection: Any) -> Session:
         """See :meth:`ReadDatabase.inline`."""
-        return PostgresSession(connection, self.schema, self._cache)
+        return PostgresSession(connection, self.schema, self._cache, self._inline_literals)
 
     async def close(self) -> None:
         """See :meth:`ReadDatabase.close`."""

@@ -87,6 +87,12 @@ class Session(ABC):
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per parameter row."""
 
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run ``(sql, params)`` statements in order, their row counts unused. A driver may
+        send them together (the PostgreSQL session: one round trip)."""
+        for sql, params in statements:
+            await self.execute(sql, *params)
+
     @abstractmethod
     async def fetchall(self, sql: str, *params: Any) -> list[Row]:
         """Run a query and return every row."""

@@ -46,7 +46,23 @@ class SqliteSession(Session):
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """See :meth:`Session.executemany`."""
-        self._conn.executemany(sql, rows)
+        rows = rows if isinstance(rows, list) else list(rows)
+        try:
+            self._conn.executemany(sql, rows)
+        except sqlite3.ProgrammingError as exc:
+            # sqlite3 refuses executemany for a statement that does not start with
+            # INSERT/UPDATE/DELETE/REPLACE (e.g. a SELECT calling a function), before
+            # running any row: run them one by one instead
+            if "only execute DML" not in str(exc):
+                raise
+            for row in rows:
+                self._conn.execute(sql, row)
+
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """See :meth:`Session.execute_all` (one call each, no coroutine per statement)."""
+        execute = self._conn.execute
+        for sql, params in statements:
+            execute(sql, params)
 
     async def fetchall(self, sql: str, *params: Any) -> list[Row]:
         """See :meth:`Session.fetchall`."""

@@ -88,13 +88,15 @@ class ClaimFaultStore(PostgresEventStore):
         store = self
 
         class Backend(PostgresIdempotencyBackend):
-            async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
+            async def claim(
+                self, uow: UnitOfWork, key: str, scope: str
+            ) -> IdempotencyRecord | None:
                 hook, store.before_claim = store.before_claim, None
                 if hook is not None:
                     hook()
-                return await super().claim(uow, key)
+                return await super().claim(uow, key, scope)
 
-        return Backend(self, table)
+        return Backend(self, table, wait_timeout)
 
 
 async def open_store(
