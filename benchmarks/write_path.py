@@ -2,17 +2,30 @@
 
 Each operation writes 1 state row and 1 event row in one transaction.
 
-* P2a (SQLite): ``mediator.send`` with ``SqliteEventStore.transaction()`` vs raw ``sqlite3``
-  doing BEGIN, two INSERTs, COMMIT; both WAL with the same ``synchronous`` setting.
+* P2a-u (SQLite, the shape the docs teach): ``mediator.send`` with
+  ``SqliteEventStore.transaction()``, the handler inserting its state row with
+  ``uow.connection.execute`` and recording one event into a new stream
+  (``expected_version=0``), vs raw ``sqlite3`` doing BEGIN IMMEDIATE, two INSERTs, COMMIT;
+  all WAL with the same ``synchronous`` setting. Two baselines: plain two rows (the state
+  row and an outbox-like row: integer id, type, JSON payload) and rows of the event table's
+  own shape (``sqlite_ddl``: its columns and indexes, a fresh uuid and timestamp per row).
 * P2b (PostgreSQL): the same with ``PostgresEventStore`` vs raw asyncpg doing BEGIN, two
   INSERTs, COMMIT statement by statement, on 1 connection and on 8 concurrent ones. Also
   measured: ``send_tracked`` (positions read back: one more round trip), and raw psycopg 3
   statement by statement and pipelined, which informed the driver choice.
+* P2b twin: the same ``send`` against raw asyncpg in cqrskit's own two round trips — the
+  state INSERT, then the event INSERT (literal values) with ``COMMIT; BEGIN`` in one
+  string, so the next command's BEGIN rides on this COMMIT.
 
 Rounds alternate baseline and candidate (A B B A ...); the table shows throughput (median,
 min, max over rounds) and the median per-round throughput ratio candidate/baseline.
 
     python benchmarks/write_path.py [--rounds 7] [--json out.json] [--dsn ...] [--no-pg]
+        [--no-sqlite] [--only-lock]
+
+``--only-lock`` measures what the appender lock (the read side's horizon, see
+``cqrskit.postgres.eventlog``) costs the write path: the store as shipped against the same
+store with the lock statement removed from its BEGIN strings, interleaved in one run.
 """
 
 from __future__ import annotations
@@ -124,14 +137,33 @@ def _key() -> str:
 # -- P2a: SQLite -----------------------------------------------------------------------------
 
 
-async def p2a(n: int, rounds: int, synchronous: str) -> Case:
-    """SQLite: mediator + transaction behavior vs raw sqlite3."""
-    tmp = Path(tempfile.mkdtemp(prefix="cqrskit-bench-"))
-    raw = sqlite3.connect(tmp / "raw.db", isolation_level=None)
+def _raw_sqlite(path: Path, synchronous: str) -> sqlite3.Connection:
+    raw = sqlite3.connect(path, isolation_level=None)
     raw.execute("PRAGMA journal_mode = WAL")
     raw.execute(f"PRAGMA synchronous = {synchronous}")
     raw.execute("CREATE TABLE state (key TEXT PRIMARY KEY, amount INTEGER)")
+    return raw
+
+
+async def p2a(n: int, rounds: int, synchronous: str) -> list[Case]:
+    """SQLite: mediator + transaction behavior vs raw sqlite3 (two baselines)."""
+    tmp = Path(tempfile.mkdtemp(prefix="cqrskit-bench-"))
+    plain = _raw_sqlite(tmp / "plain.db", synchronous)
+    plain.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, type TEXT NOT NULL, payload TEXT)")
+    raw = _raw_sqlite(tmp / "raw.db", synchronous)
     raw.executescript(sqlite_ddl("events"))
+
+    async def plain_rows(count: int) -> None:
+        # the least one writes by hand: a state row and an outbox-like row
+        for _ in range(count):
+            key = _key()
+            plain.execute("BEGIN IMMEDIATE")
+            plain.execute("INSERT INTO state VALUES (?, ?)", (key, 5))
+            plain.execute(
+                "INSERT INTO outbox (type, payload) VALUES (?, ?)",
+                ("Deposited", json.dumps({"key": key, "amount": 5})),
+            )
+            plain.execute("COMMIT")
 
     async def baseline(count: int) -> None:
         # a hand-written outbox row: same columns, a fresh id and timestamp, JSON payload
@@ -170,14 +202,26 @@ async def p2a(n: int, rounds: int, synchronous: str) -> Case:
         for _ in range(count):
             await send(Deposit(_key(), 5))
 
-    case = Case(
-        "P2a",
-        f"SQLite WAL synchronous={synchronous}: 1 state row + 1 event per command",
-        "≥ 0.8×",
-    )
+    what = f"SQLite WAL synchronous={synchronous}: 1 state row + 1 event per command"
     try:
-        return await measure(case, baseline, candidate, n, rounds)
+        return [
+            await measure(
+                Case("P2a-u", f"{what}; baseline: plain two rows", "≥ 0.8×"),
+                plain_rows,
+                candidate,
+                n,
+                rounds,
+            ),
+            await measure(
+                Case("P2a-u", f"{what}; baseline: rows of the event table's shape", "≥ 0.8×"),
+                baseline,
+                candidate,
+                n,
+                rounds,
+            ),
+        ]
     finally:
+        plain.close()
         raw.close()
         store.close()
 
@@ -185,7 +229,9 @@ async def p2a(n: int, rounds: int, synchronous: str) -> Case:
 # -- P2b: PostgreSQL -------------------------------------------------------------------------
 
 
-async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
+async def p2b(
+    dsn: str, n: int, rounds: int, *, only_lock: bool = False, send_only: bool = False
+) -> list[Case]:
     """PostgreSQL: mediator + transaction behavior vs raw asyncpg (and psycopg for reference)."""
     schema = f"cqrskit_bench_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(dsn)
@@ -249,6 +295,22 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
         await mediator.send_tracked(Deposit(_key(), 5))
 
     pconns = [await psycopg.AsyncConnection.connect(dsn) for _ in range(8)]
+    twin_conns = [await asyncpg.connect(dsn) for _ in range(8)]
+    twin_event = (
+        f"INSERT INTO {raw_ev} (stream, version, type, schema_version, data, message_id, "
+        "correlation_id, causation_id, recorded_at) VALUES ('{key}', 1, 'Deposited', 1, "
+        "'{data}', '{mid}', NULL, NULL, now()); COMMIT; BEGIN"
+    )
+
+    async def raw_twin(w: int) -> None:
+        # what cqrskit sends, by hand: 2 round trips, BEGIN riding on the previous COMMIT
+        conn = twin_conns[w]
+        if not conn.is_in_transaction():
+            await conn.execute("BEGIN")
+        key = _key()
+        await conn.execute(f"INSERT INTO {raw_st} VALUES ($1, $2)", key, 5)
+        data = json.dumps({"key": key, "amount": 5}).replace("'", "''")
+        await conn.execute(twin_event.format(key=key, data=data, mid=uuid.uuid4().hex))
 
     async def raw_psycopg(w: int) -> None:
         conn = pconns[w]
@@ -274,9 +336,45 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
             )
             await conn.commit()
 
+    # the same store without the appender lock in its BEGIN strings (the read side's horizon
+    # then has no proof; measured only to show what the lock costs the write path)
+    unlocked = await PostgresEventStore.open(dsn, schema=schema, min_size=8, max_size=8)
+    lock = "; " + unlocked.appender_lock_sql
+    for attr in ("_sql_begin", "_sql_commit", "_sql_end", "_sql_rollback"):
+        setattr(unlocked, attr, getattr(unlocked, attr).replace(lock, ""))
+    unlocked_mediator = Mediator(
+        registry, behaviors=[unlocked.transaction()], resolver=unlocked.resolver()
+    )
+
+    async def cqrs_send_unlocked(w: int) -> None:
+        await unlocked_mediator.send(Deposit(_key(), 5))
+
+    async def cqrs_tracked_unlocked(w: int) -> None:
+        await unlocked_mediator.send_tracked(Deposit(_key(), 5))
+
     cases: list[Case] = []
     try:
         for conc in (1, 8):
+            if only_lock:
+                for what, without, with_lock in (
+                    ("send", cqrs_send_unlocked, cqrs_send),
+                    ("send_tracked", cqrs_tracked_unlocked, cqrs_tracked),
+                ):
+                    cases.append(
+                        await measure(
+                            Case(
+                                "lock",
+                                f"PostgreSQL, {conc} conn., {what}: with the appender lock "
+                                "/ without",
+                                "≈ 1.0×",
+                            ),
+                            spread(conc, without),
+                            spread(conc, with_lock),
+                            n,
+                            rounds,
+                        )
+                    )
+                continue
             base = spread(conc, raw_asyncpg)
             cases.append(
                 await measure(
@@ -287,6 +385,22 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
                     rounds,
                 )
             )
+            cases.append(
+                await measure(
+                    Case(
+                        "P2b twin",
+                        f"PostgreSQL, {conc} connection(s), send; baseline: raw asyncpg in "
+                        "the same 2 round trips",
+                        "≥ 0.9×",
+                    ),
+                    spread(conc, raw_twin),
+                    spread(conc, cqrs_send),
+                    n,
+                    rounds,
+                )
+            )
+            if send_only:
+                continue
             cases.append(
                 await measure(
                     Case("P2b'", f"PostgreSQL, {conc} connection(s), send_tracked", "—"),
@@ -319,10 +433,39 @@ async def p2b(dsn: str, n: int, rounds: int) -> list[Case]:
             await c.close()
         for p in pconns:
             await p.close()
+        await unlocked.close()
+        for c in twin_conns:
+            await c.close()
         await store.close()
         await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await admin.close()
     return cases
+
+
+async def lock_statement(dsn: str, rounds: int, n: int = 2000) -> str:
+    """The appender lock's own price: ``COMMIT; BEGIN`` round trips of an empty transaction
+    with and without the lock statement, on one connection, interleaved."""
+    conn = await asyncpg.connect(dsn)
+    plain = "COMMIT; BEGIN"
+    locked = f"{plain}; SELECT pg_advisory_xact_lock_shared(1129402963, 42)"
+    took: dict[str, list[float]] = {plain: [], locked: []}
+    try:
+        await conn.execute("BEGIN")
+        for i in range(rounds):
+            for sql in (plain, locked) if i % 2 == 0 else (locked, plain):
+                start = time.perf_counter()
+                for _ in range(n):
+                    await conn.execute(sql)
+                took[sql].append((time.perf_counter() - start) / n * 1e6)
+        await conn.execute("ROLLBACK")
+    finally:
+        await conn.close()
+    ratios = [b / a for a, b in zip(took[plain], took[locked], strict=True)]
+    return (
+        f"`COMMIT; BEGIN` round trip: {statistics.median(took[plain]):.1f} µs; with the "
+        f"appender lock: {statistics.median(took[locked]):.1f} µs (ratio "
+        f"{statistics.median(ratios):.2f}×, median of {rounds} rounds of {n})"
+    )
 
 
 async def main() -> None:
@@ -334,16 +477,31 @@ async def main() -> None:
     parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL cases")
+    parser.add_argument(
+        "--only-lock",
+        action="store_true",
+        help="only the cost of the appender lock: the store with it against without it",
+    )
+    parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite cases")
+    parser.add_argument(
+        "--send-only", action="store_true", help="PostgreSQL: only send (P2b and its twin)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
-    cases = [await p2a(args.n_sqlite, args.rounds, args.synchronous)]
+    cases = [] if args.no_sqlite else await p2a(args.n_sqlite, args.rounds, args.synchronous)
     if not args.no_pg:
-        cases += await p2b(args.dsn, args.n_pg, args.rounds)
+        cases += await p2b(
+            args.dsn, args.n_pg, args.rounds, only_lock=args.only_lock, send_only=args.send_only
+        )
+    only_lock = args.only_lock and not args.no_pg
+    lock_line = await lock_statement(args.dsn, 10) if only_lock else None
     print("\n### Write path\n")
     print(f"Python {sys.version.split()[0]} on {sys.platform}, {args.rounds} rounds\n")
     print(HEADER)
     for c in cases:
         print(c.row())
+    if lock_line:
+        print(f"\n{lock_line}")
     if args.json:
         _write_json(args.json, cases)
 

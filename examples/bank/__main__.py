@@ -5,6 +5,7 @@ Examples::
     python -m examples.bank                         # SQLite files in a temporary directory
     python -m examples.bank --dir data              # ... in ./data (kept)
     python -m examples.bank --postgres postgresql://postgres@127.0.0.1/test
+    python -m examples.bank --postgres DSN --replica REPLICA_DSN --serve  # history on a replica
     python -m examples.bank --serve --port 8000     # HTTP API (needs cqrskit[fastapi], uvicorn)
     python -m examples.bank --history-via broker    # history through a relay + broker consumer
     python -m examples.bank --history-via broker --broker nats://127.0.0.1:4222
@@ -33,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--schema",
         help="PostgreSQL schema to use and keep (default: a new one, dropped at the end)",
+    )
+    p.add_argument(
+        "--replica",
+        metavar="DSN",
+        action="append",
+        default=[],
+        help="with --serve: a streaming replica of --postgres to read the history from "
+        "(repeatable)",
     )
     p.add_argument("--operations", type=int, default=400, help="commands to send (400)")
     p.add_argument("--seed", type=int, default=7, help="random seed (7)")
@@ -65,10 +74,10 @@ async def _drop_schema(dsn: str, schema: str) -> None:
 
 async def _with_bank(args: argparse.Namespace, directory: Path | None) -> int:
     schema = args.schema or f"cqrskit_demo_{uuid.uuid4().hex[:8]}"
-    bank: Bank
-    if args.postgres:
-        bank = await open_postgres_bank(args.postgres, schema)
-    else:
+
+    async def open_bank() -> Bank:
+        if args.postgres:
+            return await open_postgres_bank(args.postgres, schema, replicas=args.replica)
         assert directory is not None
         broker = None
         if args.broker:
@@ -80,14 +89,15 @@ async def _with_bank(args: argparse.Namespace, directory: Path | None) -> int:
                 open_transport(args.broker, destination),
                 open_source(args.broker, destination),
             )
-        bank = open_sqlite_bank(directory, history_via=args.history_via, broker=broker)
-    try:
-        async with bank:
-            if args.serve:
-                from examples.bank.api import serve
+        return open_sqlite_bank(directory, history_via=args.history_via, broker=broker)
 
-                await serve(bank, host=args.host, port=args.port)
-                return 0
+    try:
+        if args.serve:
+            from examples.bank.api import serve
+
+            await serve(open_bank, host=args.host, port=args.port)  # lifespan opens the bank
+            return 0
+        async with await open_bank() as bank:
             outcome = await run_demo(bank, operations=args.operations, seed=args.seed)
             return 0 if outcome.ok else 1
     finally:
@@ -100,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.operations < 0:
         _parser().error("--operations must be >= 0")
+    if args.replica and not (args.postgres and args.serve):
+        _parser().error("--replica needs --postgres (the primary) and --serve")
     try:
         if args.postgres or args.dir:
             return asyncio.run(_with_bank(args, args.dir))

@@ -5,6 +5,14 @@ consistency token of each command in ``CQRS-Consistency-Token`` and makes a late
 that sends it back read its own writes from the async ``history``; errors become problem
 details (overdraft → 409, someone else's account → 403, bad amount → 422 ...).
 
+The bank opens in the application's lifespan (``install(app, services)``): the server
+starts it — store, read databases, the async ``history`` projector — before the first
+request and stops it on SIGTERM or Ctrl-C, the projector finishing its batch and releasing
+its lease. Serve it with any ASGI server::
+
+    BANK_DIR=data uvicorn --factory examples.bank.api:app_from_env
+    BANK_DIR=data gunicorn -k uvicorn_worker.UvicornWorker 'examples.bank.api:app_from_env()'
+
 Who is calling comes from the ``X-Customer`` header — a stand-in for real authentication
 (a session or a verified token) that keeps the example short; ``teller`` acts for the bank.
 Needs the ``fastapi`` extra (and uvicorn to serve).
@@ -12,14 +20,20 @@ Needs the ``fastapi`` extra (and uvicorn to serve).
 
 from __future__ import annotations
 
+import inspect
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header
 from pydantic import BaseModel
 
+from cqrskit import ConfigurationError, Mediator
 from cqrskit.fastapi import CqrsDep, Problem, install
-from examples.bank.app import Bank
+from examples.bank.app import Bank, open_postgres_bank, open_sqlite_bank
 from examples.bank.domain import (
     Customer,
     Deposit,
@@ -62,12 +76,24 @@ async def customer(x_customer: Annotated[str | None, Header()] = None) -> Custom
 Caller = Annotated[Customer | None, Depends(customer)]
 
 
-def create_app(bank: Bank) -> FastAPI:
-    """The HTTP API over a started ``bank``."""
+OpenBank = Callable[[], Bank | Awaitable[Bank]]
+
+
+def create_app(open_bank: OpenBank) -> FastAPI:
+    """The HTTP API; ``open_bank()`` makes the bank (not yet started) at server startup."""
+
+    @asynccontextmanager
+    async def services(app: FastAPI) -> AsyncIterator[Mediator]:
+        made = open_bank()
+        bank = await made if inspect.isawaitable(made) else made
+        async with bank:  # starts the projector; on shutdown stops it and closes the stores
+            app.state.bank = bank
+            yield bank.mediator
+
     app = FastAPI(title="cqrskit example bank")
     install(
         app,
-        bank.mediator,
+        services,
         problems={InsufficientFunds: Problem(409, "insufficient-funds", "Insufficient funds")},
     )
 
@@ -109,10 +135,27 @@ def create_app(bank: Bank) -> FastAPI:
     return app
 
 
-async def serve(bank: Bank, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the API with uvicorn until interrupted (the bank is already started)."""
+def app_from_env() -> FastAPI:
+    """The app for an ASGI server's ``--factory``: SQLite files in ``$BANK_DIR``, or
+    PostgreSQL at ``$BANK_POSTGRES`` in schema ``$BANK_SCHEMA`` (default ``bank``)."""
+    dsn = os.environ.get("BANK_POSTGRES")
+    if dsn:
+        schema = os.environ.get("BANK_SCHEMA", "bank")
+        return create_app(lambda: open_postgres_bank(dsn, schema))
+    directory = os.environ.get("BANK_DIR")
+    if not directory:
+        raise ConfigurationError(
+            "app_from_env() needs BANK_DIR (a directory for the SQLite files) or "
+            "BANK_POSTGRES (a DSN).",
+            hint="for example: BANK_DIR=data uvicorn --factory examples.bank.api:app_from_env",
+        )
+    return create_app(lambda: open_sqlite_bank(Path(directory)))
+
+
+async def serve(open_bank: OpenBank, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the API with uvicorn until SIGTERM or Ctrl-C (the lifespan opens the bank)."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(bank), host=host, port=port, lifespan="off")
+    config = uvicorn.Config(create_app(open_bank), host=host, port=port, lifespan="on")
     print(f"serving the bank on http://{host}:{port} (docs at /docs); Ctrl-C stops")
     await uvicorn.Server(config).serve()

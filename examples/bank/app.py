@@ -18,6 +18,7 @@ object, the same handlers::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,16 +203,33 @@ def open_sqlite_bank(
     return bank
 
 
-async def open_postgres_bank(dsn: str, schema: str, *, batch_size: int = 100) -> Bank:
-    """The same bank on PostgreSQL: event log, ``balances`` and ``history`` in ``schema``."""
+async def open_postgres_bank(
+    dsn: str, schema: str, *, batch_size: int = 100, replicas: Sequence[str] = ()
+) -> Bank:
+    """The same bank on PostgreSQL: event log, ``balances`` and ``history`` in ``schema``.
+
+    With ``replicas`` (streaming replicas of ``dsn``), ``history`` is read on them through a
+    :class:`~cqrskit.postgres.replica.PostgresReplicaRouter` (mode 4): a request with a
+    consistency token reads a replica that has replayed it. ``balances`` stays on the
+    primary: ``GetBalance`` and the authorization checks declare no ``@reads`` and must see
+    the caller's writes at once.
+    """
     from cqrskit.postgres import PostgresEventStore, PostgresReadDatabase
 
     serializer = JsonSerializer(event_types)
     store = await PostgresEventStore.open(dsn, schema=schema, encoder=serializer.encode)
     write_db = PostgresReadDatabase(dsn, schema=schema)
-    read_db = write_db
-    bank = _assemble(
-        store, write_db, read_db, f"PostgreSQL schema {schema!r}", batch_size=batch_size
-    )
-    bank._close += [store.close, write_db.close]
+    read_db: ReadDatabase = write_db
+    where = f"PostgreSQL schema {schema!r}"
+    closers: list[Any] = [store.close, write_db.close]
+    if replicas:
+        from cqrskit.postgres.replica import PostgresReplicaRouter
+
+        read_db = PostgresReplicaRouter(
+            PostgresReadDatabase(dsn, schema=schema), list(replicas), store=store
+        )
+        where += f", history read on {len(replicas)} replica(s)"
+        closers.append(read_db.close)
+    bank = _assemble(store, write_db, read_db, where, batch_size=batch_size)
+    bank._close += closers
     return bank

@@ -111,7 +111,7 @@ def describe_text(registry: Registry, **options: Any) -> str:
         edges = [e for e in graph.edges if graph.nodes[e[0]][0] == kind]
         if not edges:
             continue
-        lines.append(f"{kind}s:")
+        lines.append("queries:" if kind == "query" else f"{kind}s:")
         for src, dst, label in edges:
             arrow = f" -[{label}]-> " if label else " -> "
             dkind, dlabel = graph.nodes[dst]

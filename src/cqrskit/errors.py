@@ -8,7 +8,8 @@ tests can act on them without parsing text::
     ├── ConfigurationError            the application is wired wrongly (found at build time)
     │   ├── RegistrationError         a handler cannot be registered as written
     │   ├── DependencyError           a handler parameter cannot be resolved
-    │   └── MissingExtraError         an optional dependency is not installed
+    │   ├── MissingExtraError         an optional dependency is not installed
+    │   └── ReadModelMissingError     a query read a read-model table nobody set up
     ├── DispatchError                 a message could not be dispatched or its handler failed
     │   ├── NoHandlerError            no handler is registered for the message type
     │   ├── WrongMessageKindError     e.g. a query given to ``send``
@@ -21,7 +22,10 @@ tests can act on them without parsing text::
     ├── PersistenceError              the database refused or lost something
     │   ├── SerializationError        a message could not be encoded or decoded
     │   ├── IdempotencyError          an idempotency key was reused for another command
-    │   └── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
+    │   ├── CommitOutcomeUnknownError the connection was lost during COMMIT (retry with a key)
+    │   └── UnavailableError          a database cannot be reached or is out of connections
+    │       ├── ConnectionLostError   the connection was lost before COMMIT: nothing committed
+    │       └── ReplicaUnavailableError no replica could serve a query (or one failed mid-query)
     ├── ConsistencyError              a read model is behind a consistency token
     │   ├── StaleReadError            ... and the policy is to fail
     │   └── TokenFromFutureError      the token lies beyond the end of the event log
@@ -41,6 +45,7 @@ __all__ = [
     "CommitOutcomeUnknownError",
     "ConcurrencyError",
     "ConfigurationError",
+    "ConnectionLostError",
     "ConsistencyError",
     "CqrsError",
     "DependencyError",
@@ -55,12 +60,15 @@ __all__ = [
     "NotFoundError",
     "PersistenceError",
     "PublishError",
+    "ReadModelMissingError",
     "RegistrationError",
+    "ReplicaUnavailableError",
     "SerializationError",
     "SignatureError",
     "StaleReadError",
     "TokenFromFutureError",
     "TransportError",
+    "UnavailableError",
     "ValidationError",
     "WrongMessageKindError",
 ]
@@ -140,6 +148,26 @@ class MissingExtraError(ConfigurationError, ImportError):
             f"cqrskit needs the optional package {module!r} for this feature.",
             hint=f"install it with: pip install 'cqrskit[{extra}]'",
         )
+
+
+class ReadModelMissingError(ConfigurationError):
+    """A query read a read-model table that does not exist: the projection that builds it
+    was never set up in this read database (no projector ran against it, and no
+    ``InlineProjections.setup()``).
+
+    Attributes:
+        table: the missing table, as the database named it.
+    """
+
+    def __init__(self, table: str, **kwargs: Any) -> None:
+        self.table = table
+        kwargs.setdefault(
+            "hint",
+            "set the read database up before serving queries: start the projector that "
+            "builds it (Projector in the application's lifespan, or `cqrskit projections "
+            "run`), or call InlineProjections.setup() at startup.",
+        )
+        super().__init__(f"the read-model table {table!r} does not exist.", **kwargs)
 
 
 class DispatchError(CqrsError):
@@ -299,6 +327,35 @@ class CommitOutcomeUnknownError(PersistenceError):
     """
 
     retry_safe: bool = False
+
+
+class UnavailableError(PersistenceError):
+    """A database (or another service a request needs) cannot be reached right now, lost
+    its connection, or has no free connection: nothing was committed; retry later.
+
+    Raised by the drivers for an exhausted pool; ``cqrskit.fastapi`` also recognizes the
+    drivers' own connection errors as this (503 with ``Retry-After``).
+    """
+
+
+class ConnectionLostError(UnavailableError, ConnectionError):
+    """The connection to the database was lost before COMMIT was sent: nothing of the
+    command was committed, and running it again applies it once. Also a built-in
+    ``ConnectionError``, so the retry behavior retries it by default."""
+
+
+class ReplicaUnavailableError(UnavailableError):
+    """No streaming replica could serve a query (none in rotation, and falling back to the
+    primary is off), or the replica serving it failed mid-query (connection lost, no answer
+    within the router's query timeout). Nothing was written: the query can be retried.
+
+    Attributes:
+        replica: the replica's name, when one failed.
+    """
+
+    def __init__(self, text: str, *, replica: str | None = None, **kwargs: Any) -> None:
+        self.replica = replica
+        super().__init__(text, **kwargs)
 
 
 class ConsistencyError(CqrsError):

@@ -18,13 +18,15 @@ The read side uses only :class:`StoredEvent`, :meth:`EventStore.read_after`,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from cqrskit._encoding import Encoded, Encoder, encode_event
 from cqrskit.dependencies import Provider, Scope
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from cqrskit.idempotency import IdempotencyBackend
 
 __all__ = [
+    "Appender",
     "EventStore",
     "InMemoryEventStore",
     "InMemoryUnitOfWork",
@@ -57,7 +60,7 @@ __all__ = [
 
 _log = logging.getLogger("cqrskit.eventlog")
 
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: "$" accepts a final newline
 
 InlineHook = Callable[["UnitOfWork", "list[StoredEvent]"], Awaitable[None]]
 """``async hook(uow, stored_events)``: runs inside the transaction, after the append (positions
@@ -67,13 +70,23 @@ PublishErrorHandler = Callable[[Event, Exception], None]
 """``fn(event, error)``: told when an in-process event handler fails after commit."""
 
 
+def _epoch(stamp: object) -> float | None:
+    """An ISO timestamp from event metadata as seconds since the epoch (``None`` if bad)."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return None
+
+
 def validate_identifier(name: str, what: str = "identifier") -> str:
     """Return ``name`` double-quoted for SQL after checking ``^[a-z_][a-z0-9_]{0,62}$``.
 
     Raises:
         ConfigurationError: the name does not match (nothing is ever interpolated raw).
     """
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
         raise ConfigurationError(
             f"invalid {what} {name!r}: it must match ^[a-z_][a-z0-9_]{{0,62}}$.",
             hint="use lower-case letters, digits and underscores, starting with a letter or _.",
@@ -119,6 +132,26 @@ class StoredEvent:
     schema_version: int
     data: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Appender:
+    """A transaction that can still append to the log and so holds readers back (see
+    :meth:`EventStore.oldest_appender`).
+
+    Attributes:
+        pid: the database server's process id of its session (PostgreSQL:
+            ``pg_terminate_backend(pid)`` ends it).
+        xid: its transaction id (PostgreSQL: 32 bits, as ``pg_stat_activity`` shows it).
+        seconds: how long its transaction has been open (``None`` when not visible to the
+            monitoring role).
+        state: its session's state (``active``, ``idle in transaction``, ...), if visible.
+    """
+
+    pid: int
+    xid: int
+    seconds: float | None
+    state: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +297,12 @@ class UnitOfWork(ABC):
     def _close(self) -> None:
         self._active = False
 
+    def _failure(self, exc: BaseException) -> BaseException:
+        """The error to raise for ``exc``, which escaped the handler (after rollback):
+        a driver turns its own "connection lost" errors into
+        :class:`~cqrskit.errors.ConnectionLostError` here; by default ``exc`` itself."""
+        return exc
+
     @abstractmethod
     async def commit(self) -> int | None:
         """Append the recorded events, run inline hooks, commit; return the last position.
@@ -350,6 +389,25 @@ class EventStore(ABC):
             "cqrskit.sqlalchemy.SqlAlchemyEventStore.",
         )
 
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the store's connections, whether its driver's ``close()`` is sync or async
+        (nothing to do for stores without one)."""
+        close = getattr(self, "close", None)
+        if close is not None:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
+
+    async def __aenter__(self) -> Self:
+        """``async with store:`` closes the store when the block ends (an application's
+        lifespan: ``async with SqliteEventStore("app.db") as store: ...``)."""
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     # -- read side -----------------------------------------------------------------------
 
     @abstractmethod
@@ -367,11 +425,40 @@ class EventStore(ABC):
         """The highest committed position, readable or not (0 for an empty log).
 
         Equal to :meth:`head` except on PostgreSQL, where :meth:`head` stops below the
-        visibility horizon while any write transaction in the cluster is open. Use this one
+        readable horizon while a transaction that may append to the log is open. Use this one
         to ask "is a reader behind the log?" and to check a token from the future; use
         :meth:`head` for what :meth:`read_after` can return now.
         """
         return await self.head()
+
+    async def backlog(self, position: int, limit: int) -> tuple[int, float | None]:
+        """Committed events with a position ``> position``, readable yet or not: how many
+        (counted up to ``limit``) and the recording time (seconds since the epoch) of the
+        oldest of those counted, ``None`` when there are none.
+
+        The base implementation counts with :meth:`read_after` (right for stores whose
+        reads have no horizon); the PostgreSQL store counts every committed row.
+        """
+        count, oldest, after = 0, None, position
+        while count < limit:
+            batch = await self.read_after(after, min(1000, limit - count))
+            if not batch:
+                break
+            for e in batch:
+                stamp = _epoch(e.metadata.get("timestamp"))
+                if stamp is not None and (oldest is None or stamp < oldest):
+                    oldest = stamp
+            count += len(batch)
+            after = batch[-1].position
+        return count, oldest
+
+    async def oldest_appender(self) -> Appender | None:
+        """The open transaction that holds readers back the longest, if any.
+
+        ``None`` by default: only the PostgreSQL store has writers that can hold readers
+        back (an open transaction that may still append, at its transaction id).
+        """
+        return None
 
     async def wait_for(self, position: int, timeout: float) -> bool:
         """Wait until an event with position ``> position`` may be readable.
@@ -379,13 +466,26 @@ class EventStore(ABC):
         A hint only (returns ``True`` on a wake-up, ``False`` on timeout); callers must
         re-read and may be woken spuriously. The base implementation wakes on commits made
         through this store object in this process; drivers add cross-process hints.
+
+        Raises:
+            ValueError: ``timeout`` is NaN (a NaN deadline would corrupt the event loop's
+                timer order).
         """
-        if await self.head() > position:
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if timeout != timeout:
+            raise ValueError("wait_for: timeout must be a number of seconds, got NaN.")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        fut: asyncio.Future[None] = loop.create_future()
+        # registered before the head is read: a commit landing while head() runs still
+        # wakes this waiter (checking first and registering after would lose that wake-up)
         self._waiters.add(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            if await self.head() > position or fut.done():
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.wait_for(asyncio.shield(fut), left)
         except TimeoutError:
             return False
         finally:
@@ -472,6 +572,9 @@ class _TransactionBehavior:
                     # rolled back: running it again applies it once (a timeout of another
                     # dispatch passing through says nothing about what that one committed)
                     exc.retry_safe = True
+            failure = uow._failure(exc)
+            if failure is not exc:
+                raise failure from exc
             raise
         if position is not None:
             record_token(position)

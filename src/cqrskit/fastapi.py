@@ -17,19 +17,35 @@
       ConcurrencyError       409
       NotAuthorizedError     403
       StaleReadError         503  with Retry-After: the write happened, the read model lags
+      UnavailableError       503  with Retry-After: a database is down, lost or out of
+                                  connections (drivers' own connection errors too)
+      ReadModelMissingError  503  a read-model table nobody set up (the log names the step)
+      ReplicaUnavailableError 503 with Retry-After: no read replica could answer
+      ConnectionLostError    503  with Retry-After: the database connection was lost, nothing saved
       TokenFromFutureError   400  (and a malformed token header)
-      any other CqrsError    500  generic text only: nothing internal reaches the client
+      any other error        500  generic text only: nothing internal reaches the client
 
-  Your own exception types are mapped with ``install(..., problems={MyError: Problem(...)})``.
+  Your own exception types are mapped with ``install(..., problems={MyError: Problem(...)})``;
+* **a request body limit** — a body over ``max_body_size`` bytes (default 1 MiB) is answered
+  413 before it is read in full: at once from ``Content-Length``, or as soon as a streamed
+  body passes the limit.
 
-Usage::
+Usage — the application's services (stores, projectors, the mediator) open in the
+lifespan and close when the server stops, projectors releasing their leases::
+
+    @asynccontextmanager
+    async def services(app: FastAPI) -> AsyncIterator[Mediator]:
+        async with SqliteEventStore("app.db") as store:
+            yield Mediator(registry, behaviors=recommended(store), resolver=store.resolver())
 
     app = FastAPI()
-    install(app, mediator)
+    install(app, services)
 
     @app.post("/accounts")
     async def open_account(body: OpenBody, cqrs: CqrsDep) -> dict[str, str]:
         return {"id": await cqrs.send(OpenAccount(body.owner))}
+
+``install(app, mediator)`` with a mediator built beforehand works as well.
 
 Needs the ``fastapi`` extra (``pip install 'cqrskit[fastapi]'``).
 """
@@ -38,23 +54,30 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeAlias, TypeVar
 
+from cqrskit._faults import missing_table, unavailable
 from cqrskit.errors import (
     CommitOutcomeUnknownError,
     ConcurrencyError,
     ConfigurationError,
+    ConnectionLostError,
     CqrsError,
     DispatchTimeoutError,
     IdempotencyError,
     MissingExtraError,
     NotAuthorizedError,
     NotFoundError,
+    ReadModelMissingError,
+    ReplicaUnavailableError,
     StaleReadError,
     TokenFromFutureError,
+    UnavailableError,
     ValidationError,
 )
 from cqrskit.mediator import Mediator
@@ -70,6 +93,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 __all__ = [
     "CORRELATION_HEADER",
+    "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_PROBLEMS",
     "STALE_HEADER",
     "TOKEN_HEADER",
@@ -77,6 +101,7 @@ __all__ = [
     "CqrsDep",
     "MediatorDep",
     "Problem",
+    "Services",
     "get_cqrs",
     "get_mediator",
     "install",
@@ -88,7 +113,14 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+Services: TypeAlias = Callable[[Any], AbstractAsyncContextManager[Mediator]]
+"""An async context manager factory: given the app, it opens what the application needs
+and yields the mediator; leaving it stops projectors and closes stores (see :func:`install`)."""
+
 _log = logging.getLogger("cqrskit.fastapi")
+
+DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+"""The default request body limit of :func:`install`, in bytes (1 MiB)."""
 
 CORRELATION_HEADER = "X-Correlation-ID"
 """The request/response header carrying the correlation id."""
@@ -98,8 +130,9 @@ STALE_HEADER = "CQRS-Stale"
 """Response header set to ``true`` when a query served data behind the request's token."""
 
 _SCOPE_KEY = "cqrskit"
-_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_TOKEN = re.compile(r"^[0-9]{1,19}$")
+# matched with fullmatch: a pattern ending in "$" would accept a trailing newline
+_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_TOKEN = re.compile(r"[0-9]{1,19}")
 _PROBLEM_JSON = "application/problem+json"
 _REQUEST_PARTS = ("body", "query", "path", "header", "cookie")
 
@@ -146,6 +179,13 @@ DEFAULT_PROBLEMS: dict[type[Exception], Problem] = {
         "The data you asked for has not caught up with your last change yet; retry shortly.",
         retry_after=1,
     ),
+    ReplicaUnavailableError: Problem(
+        503,
+        "replica-unavailable",
+        "Read replica unavailable",
+        "The data could not be read right now; retry shortly.",
+        retry_after=1,
+    ),
     TokenFromFutureError: Problem(
         400,
         "invalid-consistency-token",
@@ -167,12 +207,36 @@ DEFAULT_PROBLEMS: dict[type[Exception], Problem] = {
         "it is applied at most once.",
         retry_after=1,
     ),
+    ConnectionLostError: Problem(
+        503,
+        "database-unavailable",
+        "Database connection lost",
+        "Nothing was saved; retry the request.",
+        retry_after=1,
+    ),
     DispatchTimeoutError: Problem(
         504,
         "timeout",
         "Timed out",
         "The request did not finish in time; its outcome is unknown. Retry with the same "
         "Idempotency-Key.",
+    ),
+    UnavailableError: Problem(
+        503,
+        "unavailable",
+        "Service unavailable",
+        "A database this request needs is unavailable right now; nothing was changed. "
+        "Retry shortly.",
+        retry_after=2,
+    ),
+    ReadModelMissingError: Problem(
+        503,
+        "read-model-missing",
+        "Read model not set up",
+        "A read model this request needs has not been set up yet: the projection that "
+        "builds it never ran against this read database. Start its projector (or call "
+        "InlineProjections.setup() at startup); the server log names the table.",
+        retry_after=5,
     ),
     CqrsError: Problem(
         500,
@@ -279,12 +343,29 @@ class _Problems:
     def types(self) -> list[type[Exception]]:
         return list(self._problems)
 
-    def lookup(self, exc_type: type[Exception]) -> Problem:
+    def lookup(self, exc_type: type[BaseException]) -> Problem:
         for cls in exc_type.__mro__:
             problem = self._problems.get(cls)
             if problem is not None:
                 return problem
         return self._problems[CqrsError]
+
+    def classify(self, exc: Exception) -> tuple[Problem, Exception]:
+        """The problem for ``exc``; an error only the catch-all would map is looked at once
+        more for an infrastructure fault (a missing read-model table, a database down)."""
+        problem = self.lookup(type(exc))
+        generic = (self._problems[CqrsError], self._problems.get(Exception))
+        if problem not in generic:
+            return problem, exc
+        table = missing_table(exc)
+        if table is not None:
+            fault: Exception = (
+                exc if isinstance(exc, ReadModelMissingError) else ReadModelMissingError(table)
+            )
+            return self.lookup(ReadModelMissingError), fault
+        if unavailable(exc):
+            return self.lookup(UnavailableError), exc
+        return problem, exc
 
     def response(
         self,
@@ -308,19 +389,23 @@ class _Problems:
             body, status_code=problem.status, headers=headers, media_type=_PROBLEM_JSON
         )
 
+    def _log(self, request: Request, cid: str | None, problem: Problem, exc: Exception) -> None:
+        where = f"{request.method} {request.url.path} (correlation id {cid})"
+        if problem.slug == "read-model-missing":
+            fault = exc if isinstance(exc, ReadModelMissingError) else None
+            table = fault.table if fault else missing_table(exc)
+            hint = fault.hint if fault else ReadModelMissingError(str(table)).hint
+            _log.error("request %s: read-model table %r does not exist: %s", where, table, hint)
+        elif problem.slug == "unavailable":
+            _log.error("request %s: a database is unavailable: %r", where, exc, exc_info=exc)
+        elif problem.status >= 500 and not isinstance(exc, StaleReadError):
+            _log.error("request %s failed: %s", where, type(exc).__name__, exc_info=exc)
+
     async def handle(self, request: Request, exc: Exception) -> JSONResponse:
-        problem = self.lookup(type(exc))
+        problem, exc = self.classify(exc)
         ctx = request.scope.get(_SCOPE_KEY)
         cid = ctx.correlation_id if isinstance(ctx, Cqrs) else None
-        if problem.status >= 500 and not isinstance(exc, StaleReadError):
-            _log.error(
-                "request %s %s failed (correlation id %s): %s",
-                request.method,
-                request.url.path,
-                cid,
-                type(exc).__name__,
-                exc_info=exc,
-            )
+        self._log(request, cid, problem, exc)
         if problem.detail is not None:
             detail = problem.detail
         elif isinstance(exc, CqrsError):
@@ -341,6 +426,9 @@ class _Problems:
         assert isinstance(exc, RequestValidationError)
         errors: list[dict[str, str]] = []
         for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                errors.append(_json_error(err, getattr(exc, "body", None)))
+                continue
             loc = [str(part) for part in err.get("loc", ())]
             if loc and loc[0] in _REQUEST_PARTS and len(loc) > 1:
                 loc = loc[1:]
@@ -351,43 +439,120 @@ class _Problems:
         return self.response(problem, problem.detail or "invalid request", cid, {"errors": errors})
 
 
-class _RequestScopeMiddleware:
-    """Pure ASGI middleware: correlation id, token header, and the mediator's scope."""
+def _json_error(err: Mapping[str, Any], document: object) -> dict[str, str]:
+    """A malformed JSON body: FastAPI gives a character offset; say line and column."""
+    loc = list(err.get("loc", ()))
+    reason = str((err.get("ctx") or {}).get("error") or "invalid JSON")
+    offset = loc[-1] if loc and isinstance(loc[-1], int) else None
+    if isinstance(document, bytes):
+        document = document.decode("utf-8", "replace")
+    if offset is None or not isinstance(document, str):
+        return {"field": "body", "message": f"the body is not valid JSON: {reason}"}
+    line = document.count("\n", 0, offset) + 1
+    column = offset - (document.rfind("\n", 0, offset) + 1) + 1
+    return {
+        "field": "body",
+        "message": f"the body is not valid JSON: {reason} at line {line}, column {column}",
+    }
 
-    def __init__(self, app: ASGIApp, *, mediator: Mediator, problems: _Problems) -> None:
-        self.app = app
+
+class _Holder:
+    """The mediator the middleware serves: given at install time, or set by the lifespan."""
+
+    __slots__ = ("mediator", "lifespan")
+
+    def __init__(self, mediator: Mediator | None, lifespan: bool) -> None:
         self.mediator = mediator
+        self.lifespan = lifespan
+
+
+class _BodyTooLarge(Exception):
+    """Raised from ``receive`` once a streamed body passes the limit."""
+
+
+class _RequestScopeMiddleware:
+    """Pure ASGI middleware: body limit, correlation id, token header, the mediator's scope."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        holder: _Holder,
+        problems: _Problems,
+        max_body_size: int | None,
+    ) -> None:
+        self.app = app
+        self.holder = holder
         self.problems = problems
+        self.max_body_size = max_body_size
         self._correlation = CORRELATION_HEADER.lower().encode("latin-1")
         self._token = TOKEN_HEADER.lower().encode("latin-1")
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, problem: Problem, detail: str, cid: str
+    ) -> None:
+        response = self.problems.response(problem, detail, cid)
+        response.headers[CORRELATION_HEADER] = cid
+        await response(scope, receive, send)
+
+    def _too_large(self, cid: str) -> JSONResponse:
+        limit = self.max_body_size
+        response = self.problems.response(
+            _TOO_LARGE, f"The request body is larger than the limit of {limit} bytes.", cid
+        )
+        response.headers[CORRELATION_HEADER] = cid
+        response.headers["Connection"] = "close"
+        return response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         cid = _header(scope, self._correlation)
-        if cid is None or not _CORRELATION_ID.match(cid):
+        if cid is None or not _CORRELATION_ID.fullmatch(cid):
             cid = uuid.uuid4().hex
+        mediator = self.holder.mediator
+        if mediator is None:
+            await self._answer(scope, receive, send, _NOT_READY, _NOT_READY.detail or "", cid)
+            return
+        limit = self.max_body_size
+        if limit is not None:
+            length = _header(scope, b"content-length")
+            if length is not None and length.strip().isdigit() and int(length) > limit:
+                await self._too_large(cid)(scope, receive, send)
+                return
+            receive = _limited(receive, limit)
         raw_token = _header(scope, self._token)
         token: int | None = None
         if raw_token is not None and raw_token.strip():
-            if not _TOKEN.match(raw_token.strip()):
-                problem = self.problems.lookup(TokenFromFutureError)
-                response = self.problems.response(
-                    problem,
+            if not _TOKEN.fullmatch(raw_token.strip()):
+                await self._answer(
+                    scope,
+                    receive,
+                    send,
+                    self.problems.lookup(TokenFromFutureError),
                     f"The {TOKEN_HEADER} header must be a non-negative integer as returned by "
                     "a previous response.",
                     cid,
                 )
-                response.headers[CORRELATION_HEADER] = cid
-                await response(scope, receive, send)
                 return
             token = int(raw_token.strip())
-        ctx = Cqrs(self.mediator, cid, token)
+        ctx = Cqrs(mediator, cid, token)
         scope[_SCOPE_KEY] = ctx
+        started = False
+        replaced = False
 
         async def send_with_headers(message: MutableMapping[str, Any]) -> None:
+            nonlocal started, replaced
+            if replaced:
+                return  # the app's own answer to a body that was cut off: 413 went instead
             if message["type"] == "http.response.start":
+                if getattr(receive, "exceeded", False):
+                    # FastAPI turns any error while reading the body into its own 400
+                    replaced = started = True
+                    await self._too_large(cid)(scope, receive, send)
+                    return
+                started = True
                 headers = list(message.get("headers", ()))
                 if not any(name == self._correlation for name, _ in headers):
                     headers.append((self._correlation, cid.encode("latin-1")))
@@ -398,39 +563,160 @@ class _RequestScopeMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        async with self.mediator.scope(metadata=Metadata(correlation_id=cid)):
-            await self.app(scope, receive, send_with_headers)
+        try:
+            async with mediator.scope(metadata=Metadata(correlation_id=cid)):
+                await self.app(scope, receive, send_with_headers)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self._too_large(cid)(scope, receive, send)
+
+
+class _LimitedReceive:
+    """``receive`` that counts body bytes and raises once they pass the limit."""
+
+    __slots__ = ("receive", "limit", "seen", "exceeded")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.seen = 0
+        self.exceeded = False
+
+    async def __call__(self) -> MutableMapping[str, Any]:
+        if self.exceeded:
+            raise _BodyTooLarge
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                self.exceeded = True
+                raise _BodyTooLarge
+        return message
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    return _LimitedReceive(receive, limit)
+
+
+_TOO_LARGE = Problem(413, "request-too-large", "Request body too large")
+_NOT_READY = Problem(
+    503,
+    "not-ready",
+    "Not ready",
+    "The service is starting or stopping; retry shortly.",
+    retry_after=1,
+)
+
+# raw driver and OS errors that may mean a database is unavailable (classified per error;
+# the others become the generic 500 problem); registered so Starlette's inner exception
+# layer answers them, with the correlation id, instead of its plain-text 500
+_RAW_FAULTS: tuple[type[Exception], ...] = (OSError, sqlite3.Error)
+
+
+def _driver_faults() -> list[type[Exception]]:
+    import sys
+
+    found: list[type[Exception]] = []
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is not None:
+        for name in ("PostgresError", "InterfaceError"):
+            cls = getattr(asyncpg, name, None)
+            if isinstance(cls, type) and issubclass(cls, Exception):
+                found.append(cls)
+    sqlalchemy_exc = sys.modules.get("sqlalchemy.exc")
+    if sqlalchemy_exc is not None:
+        cls = getattr(sqlalchemy_exc, "SQLAlchemyError", None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            found.append(cls)
+    return found
+
+
+def _chain_lifespan(app: FastAPI, services: Services, holder: _Holder) -> None:
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        async with services(app_) as mediator:
+            if not isinstance(mediator, Mediator):
+                raise ConfigurationError(
+                    f"the services given to install() yielded {type(mediator).__name__}, "
+                    "not a Mediator.",
+                    hint="end the services context manager with `yield mediator`.",
+                )
+            holder.mediator = mediator
+            app.state.cqrskit_mediator = mediator
+            try:
+                async with inner(app_) as state:
+                    yield state
+            finally:
+                holder.mediator = None  # stopping: new requests get 503 not-ready
+
+    app.router.lifespan_context = lifespan
 
 
 def install(
     app: FastAPI,
-    mediator: Mediator,
+    mediator: Mediator | Services,
     *,
     problems: Mapping[type[Exception], Problem] | None = None,
     request_validation: bool = True,
+    max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
 ) -> None:
-    """Wire ``mediator`` into ``app``: dependencies, per-request scope, error mapping.
+    """Wire cqrskit into ``app``: dependencies, per-request scope, error mapping, limits.
 
     Args:
-        app: the FastAPI application (call before it starts serving).
-        mediator: the application's mediator.
+        app: the FastAPI application (call when building it, before it starts serving).
+        mediator: the application's mediator, or — the recommended shape — its services:
+            a function taking the app and returning an async context manager that opens
+            stores and read databases, starts in-process projectors and yields the
+            mediator (an ``@asynccontextmanager``). It runs in the app's lifespan, around
+            any lifespan the app has: entered at server startup, left at shutdown (SIGTERM,
+            SIGINT), when projectors finish their batch and release their leases and
+            stores close. Requests that arrive before startup finished or after shutdown
+            began get 503 ``not-ready``.
         problems: extra or overriding exception type → :class:`Problem` mappings (e.g. your
             domain errors); the most derived registered class of an exception wins.
+            Map ``Exception`` to change the catch-all 500.
         request_validation: also render FastAPI's own request-validation errors as
             problem+json 422 with the same ``errors`` list (default ``True``).
+        max_body_size: the largest request body accepted, in bytes (default 1 MiB); a larger
+            one is answered 413 before it is read in full. ``None`` turns the limit off.
 
     Raises:
-        ConfigurationError: ``install`` was already called on ``app``.
+        ConfigurationError: ``install`` was already called on ``app``, or ``mediator`` is
+            neither a Mediator nor a callable.
     """
-    if getattr(app.state, "cqrskit_mediator", None) is not None:
+    if getattr(app.state, "cqrskit_installed", False):
         raise ConfigurationError(
             "cqrskit.fastapi.install() was called twice on the same application.",
             hint="install one mediator per application, once, when building it.",
         )
-    table = _Problems({**DEFAULT_PROBLEMS, **(problems or {})})
-    app.state.cqrskit_mediator = mediator
-    app.add_middleware(_RequestScopeMiddleware, mediator=mediator, problems=table)
-    for exc_type in table.types:
+    if max_body_size is not None and max_body_size < 0:
+        raise ConfigurationError(f"max_body_size must be >= 0 or None, not {max_body_size}.")
+    if isinstance(mediator, Mediator):
+        holder = _Holder(mediator, lifespan=False)
+        app.state.cqrskit_mediator = mediator
+    elif callable(mediator):
+        holder = _Holder(None, lifespan=True)
+        _chain_lifespan(app, mediator, holder)
+    else:
+        raise ConfigurationError(
+            f"install() needs a Mediator or a services function, not {type(mediator).__name__}.",
+            hint="pass the mediator, or an @asynccontextmanager function that yields it.",
+        )
+    app.state.cqrskit_installed = True
+    generic = Problem(
+        500,
+        "internal-error",
+        "Internal error",
+        "The request could not be completed. Quote the correlation id when reporting this.",
+    )
+    table = _Problems({Exception: generic, **DEFAULT_PROBLEMS, **(problems or {})})
+    app.add_middleware(
+        _RequestScopeMiddleware, holder=holder, problems=table, max_body_size=max_body_size
+    )
+    for exc_type in [*table.types, *_RAW_FAULTS, *_driver_faults()]:
         app.add_exception_handler(exc_type, table.handle)
     if request_validation:
         app.add_exception_handler(RequestValidationError, table.handle_request_validation)

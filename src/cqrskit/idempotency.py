@@ -14,10 +14,15 @@ COMMIT (:class:`~cqrskit.errors.CommitOutcomeUnknownError`) — finds the row an
 stored result and token without running the handler; if the first attempt did not commit,
 there is no row and the retry runs the command once.
 
+Keys belong to the caller: when an
+:class:`~cqrskit.pipeline.AuthorizationBehavior` granted the command, the key is scoped to
+the principal it checked (and the principal's tenant), so two callers never share a key;
+``Idempotency(store, scope=...)`` chooses another scope (see :func:`principal_scope`).
+
 Reusing a key for another command type or another payload raises
 :class:`~cqrskit.errors.IdempotencyError`. Two attempts in flight with the same key: the
 second waits until the first finishes, then returns its stored result (or runs, if the first
-rolled back).
+rolled back); after ``wait_timeout`` seconds it gets :func:`key_in_progress` instead.
 
 Results are encoded from the command's declared result type (``Command[R]``) with the plans
 of :mod:`cqrskit.serialization`: a type that cannot be serialized raises
@@ -32,8 +37,10 @@ import contextlib
 import contextvars
 import hashlib
 import inspect
+import json
+import re
 import typing
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -59,6 +66,7 @@ from cqrskit.eventlog import (
 from cqrskit.mediator import Mediator, record_token
 from cqrskit.messages import result_type
 from cqrskit.pipeline import ScopedBehavior, for_commands
+from cqrskit.pipeline.authorization import authorized_principal
 from cqrskit.registry import Registry
 from cqrskit.serialization import ValueCodec, ValueCodecs
 
@@ -69,9 +77,11 @@ __all__ = [
     "IdempotencyRecord",
     "IdempotencyRow",
     "IdempotentCommand",
+    "ScopeHook",
     "current_idempotency_key",
     "idempotency_key",
     "key_in_progress",
+    "principal_scope",
 ]
 
 _MAX_KEY = 255
@@ -81,12 +91,21 @@ _key_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_key(key: object) -> str:
-    if not isinstance(key, str) or not key or len(key) > _MAX_KEY or "\x00" in key:
+    if (
+        not isinstance(key, str)
+        or not key
+        or len(key) > _MAX_KEY
+        or "\x00" in key
+        or _SURROGATE.search(key) is not None  # not encodable: the driver would fail with 500
+    ):
         raise ValidationError(
             {
                 "idempotency_key": f"must be a non-empty string of at most {_MAX_KEY} characters "
-                "without NUL"
+                "without NUL or lone surrogates"
             }
         )
     return key
@@ -101,7 +120,8 @@ def idempotency_key(key: str) -> Iterator[None]:
     variable).
 
     Raises:
-        ValidationError: ``key`` is empty, longer than 255 characters or contains NUL.
+        ValidationError: ``key`` is empty, longer than 255 characters or contains NUL or a
+            lone surrogate (text that cannot be encoded as UTF-8).
     """
     token = _key_var.set(_check_key(key))
     try:
@@ -139,6 +159,7 @@ class IdempotencyRecord:
         result: the handler's result as JSON text.
         token: the consistency token of the command's commit (``None``: no event).
         created_at: when the command committed (UTC).
+        scope: whose key it is (``""``: unscoped); see :func:`principal_scope`.
     """
 
     key: str
@@ -147,6 +168,7 @@ class IdempotencyRecord:
     result: str
     token: int | None
     created_at: datetime
+    scope: str = ""
 
 
 # -- per-command codecs --------------------------------------------------------------------
@@ -241,6 +263,7 @@ class IdempotencyRow:
     Attributes:
         events: how many events the command recorded; the token is the position of the
             last of them (0: no event, no token).
+        scope: whose key it is (``""``: unscoped).
     """
 
     key: str
@@ -248,6 +271,7 @@ class IdempotencyRow:
     payload_hash: str
     result: str
     events: int
+    scope: str = ""
 
 
 class IdempotencyBackend(Protocol):
@@ -266,25 +290,26 @@ class IdempotencyBackend(Protocol):
         """Get ready to serve lookups without creating anything (``create_tables=False``)."""
         ...
 
-    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
-        """The committed record for ``key``, or ``None`` after claiming the key for ``uow``
-        (a concurrent duplicate waits a bounded time, then raises :func:`key_in_progress`)."""
+    async def claim(self, uow: UnitOfWork, key: str, scope: str) -> IdempotencyRecord | None:
+        """The committed record for (``scope``, ``key``), or ``None`` after claiming it for
+        ``uow`` (a concurrent duplicate waits a bounded time, then raises
+        :func:`key_in_progress`)."""
         ...
 
     async def save(self, uow: UnitOfWork, row: IdempotencyRow) -> None:
         """Store ``row`` in ``uow``'s transaction (the token is known once events are)."""
         ...
 
-    def release(self, key: str) -> None:
-        """The attempt that claimed ``key`` has ended, committed or not."""
+    def release(self, key: str, scope: str) -> None:
+        """The attempt that claimed (``scope``, ``key``) has ended, committed or not."""
         ...
 
     def forget(self, uow: UnitOfWork) -> None:
         """Drop anything still pending for ``uow`` (it ended)."""
         ...
 
-    async def lookup(self, key: str) -> IdempotencyRecord | None:
-        """The committed record for ``key``, outside any command."""
+    async def lookup(self, key: str, scope: str) -> IdempotencyRecord | None:
+        """The committed record for (``scope``, ``key``), outside any command."""
         ...
 
     async def purge(self, before: datetime) -> int:
@@ -319,16 +344,21 @@ class _MemoryBackend:
     def close(self) -> None:
         return None
 
-    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
+    def _name(self, key: str, scope: str) -> str:
+        # unambiguous for any (scope, key): JSON quotes both
+        return self._PREFIX + (json.dumps([scope, key]) if scope else key)
+
+    async def claim(self, uow: UnitOfWork, key: str, scope: str) -> IdempotencyRecord | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_timeout
+        name = self._name(key, scope)
         for _ in range(1000):
-            found = self.store.state.get(self._PREFIX + key)
+            found = self.store.state.get(name)
             if found is not None:
                 return typing.cast(IdempotencyRecord, found)
-            other = self._inflight.get(key)
+            other = self._inflight.get(name)
             if other is None:
-                self._inflight[key] = loop.create_future()
+                self._inflight[name] = loop.create_future()
                 return None
             left = deadline - loop.time()
             if left <= 0:
@@ -346,25 +376,26 @@ class _MemoryBackend:
         if row.events:
             self._pending[id(uow)] = (uow, row)  # the token is known in the hook
         else:
-            uow.changes[self._PREFIX + row.key] = _record(row, None)
+            uow.changes[self._name(row.key, row.scope)] = _record(row, None)
 
     async def _hook(self, uow: UnitOfWork, stored: list[StoredEvent]) -> None:
         pending = self._pending.pop(id(uow), None)
         if pending is not None and pending[0] is uow:
             assert isinstance(uow, InMemoryUnitOfWork)
             row = pending[1]
-            uow.changes[self._PREFIX + row.key] = _record(row, stored[row.events - 1].position)
+            token = stored[row.events - 1].position
+            uow.changes[self._name(row.key, row.scope)] = _record(row, token)
 
-    def release(self, key: str) -> None:
-        fut = self._inflight.pop(key, None)
+    def release(self, key: str, scope: str) -> None:
+        fut = self._inflight.pop(self._name(key, scope), None)
         if fut is not None and not fut.done():
             fut.set_result(None)
 
     def forget(self, uow: UnitOfWork) -> None:
         self._pending.pop(id(uow), None)
 
-    async def lookup(self, key: str) -> IdempotencyRecord | None:
-        found = self.store.state.get(self._PREFIX + key)
+    async def lookup(self, key: str, scope: str) -> IdempotencyRecord | None:
+        found = self.store.state.get(self._name(key, scope))
         return typing.cast("IdempotencyRecord | None", found)
 
     async def purge(self, before: datetime) -> int:
@@ -383,7 +414,13 @@ class _MemoryBackend:
 
 def _record(row: IdempotencyRow, token: int | None) -> IdempotencyRecord:
     return IdempotencyRecord(
-        row.key, row.command_type, row.payload_hash, row.result, token, datetime.now(UTC)
+        row.key,
+        row.command_type,
+        row.payload_hash,
+        row.result,
+        token,
+        datetime.now(UTC),
+        row.scope,
     )
 
 
@@ -394,6 +431,73 @@ def key_in_progress(key: str, timeout: float) -> ConcurrencyError:
         f"another attempt with idempotency key {key[:40]!r} is still running after {timeout} s.",
         hint="retry later with the same key: it returns that attempt's result once it commits.",
     )
+
+
+# -- whose key: the scope -----------------------------------------------------------------
+
+ScopeHook = Callable[[Any, Any], "str | None"]
+"""``scope(principal, command) -> str | None``: whose key a command's key is. ``principal``
+is what the :class:`~cqrskit.pipeline.AuthorizationBehavior` granted for this dispatch
+(``None`` when none ran, or for an anonymous caller); ``None`` or ``""`` means unscoped."""
+
+_MAX_SCOPE = 1000
+
+
+def _identity(value: Any, name: str) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(name)
+    return getattr(value, name, None)
+
+
+def principal_scope(principal: Any, command: Any) -> str | None:
+    """The default :data:`ScopeHook`: the authorized principal, with its tenant.
+
+    ``None`` (no authorization ran, or an anonymous caller) leaves the key unscoped. A
+    ``str`` or ``int`` principal is its own identity; another object (or mapping) is
+    identified by its ``id`` (or ``sub``) attribute (or key), and its ``tenant_id`` (or
+    ``tenant``), if it has one, is part of the scope. The scope is the JSON text
+    ``[tenant, id]`` (``tenant`` ``null`` when there is none).
+
+    Raises:
+        ConfigurationError: a principal with no ``id`` or ``sub`` to identify it.
+    """
+    if principal is None:
+        return None
+    if isinstance(principal, str | int) and not isinstance(principal, bool):
+        return json.dumps([None, str(principal)])
+    ident = _identity(principal, "id")
+    if ident is None:
+        ident = _identity(principal, "sub")
+    if ident is None:
+        raise ConfigurationError(
+            f"cannot scope idempotency keys to a principal of type "
+            f"{type(principal).__qualname__}: it has no 'id' or 'sub'.",
+            hint="give the principal an 'id', or pass Idempotency(store, scope=...) returning "
+            "the caller's identity as a str.",
+        )
+    tenant = _identity(principal, "tenant_id")
+    if tenant is None:
+        tenant = _identity(principal, "tenant")
+    return json.dumps([None if tenant is None else str(tenant), str(ident)])
+
+
+def _check_scope(scope: object) -> str:
+    if scope is None or scope == "":
+        return ""
+    if (
+        not isinstance(scope, str)
+        or len(scope) > _MAX_SCOPE
+        or "\x00" in scope
+        or _SURROGATE.search(scope) is not None
+    ):
+        raise ConfigurationError(
+            "the idempotency scope hook returned "
+            + (f"a {type(scope).__name__}" if not isinstance(scope, str) else "a bad string")
+            + f"; it must return None or a str of at most {_MAX_SCOPE} characters without NUL "
+            "or lone surrogates.",
+            hint="return a stable identity such as a user id, or a tenant id and a user id.",
+        )
+    return scope
 
 
 # -- the behavior --------------------------------------------------------------------------
@@ -413,8 +517,12 @@ class Idempotency:
     Args:
         store: the event store whose transactions carry the idempotency rows.
         table: the table name (validated, quoted; in the store's schema on PostgreSQL).
-        wait_timeout: in-memory store only: how long a duplicate in flight waits for the
-            first attempt (PostgreSQL waits on the row lock; SQLite on its write lock).
+        wait_timeout: how long a duplicate in flight waits for the first attempt before
+            :func:`key_in_progress` is raised (in memory: on an in-process future;
+            PostgreSQL: on the key's row lock, as its ``lock_timeout``; SQLite waits on its
+            write lock, bounded by the store's own lock timeout).
+        scope: whose key a command's key is (default :func:`principal_scope`: the
+            principal an authorization behavior granted, with its tenant).
     """
 
     def __init__(
@@ -423,10 +531,23 @@ class Idempotency:
         *,
         table: str = "cqrskit_idempotency",
         wait_timeout: float = 10.0,
+        scope: ScopeHook = principal_scope,
     ) -> None:
         validate_identifier(table, "table name")
+        if not (isinstance(wait_timeout, int | float) and 0 < wait_timeout < 86_400):
+            raise ConfigurationError(
+                f"wait_timeout must be a number of seconds > 0 (and below a day), "
+                f"got {wait_timeout!r}.",
+                hint="e.g. wait_timeout=10.0.",
+            )
+        if not callable(scope):
+            raise ConfigurationError(
+                f"scope must be a callable (principal, command) -> str | None, got {scope!r}."
+            )
         self.store = store
         self.table = table
+        self.wait_timeout = wait_timeout
+        self._scope_hook = scope
         self._backend: IdempotencyBackend = (
             _MemoryBackend(store, wait_timeout)
             if isinstance(store, InMemoryEventStore)
@@ -444,9 +565,21 @@ class Idempotency:
         table: str = "cqrskit_idempotency",
         create_tables: bool = True,
         wait_timeout: float = 10.0,
+        scope: ScopeHook = principal_scope,
     ) -> Idempotency:
-        """Make an :class:`Idempotency` for ``store`` and create its table if missing."""
-        idem = cls(store, table=table, wait_timeout=wait_timeout)
+        """Make an :class:`Idempotency` for ``store`` and create its table if missing.
+
+        Args:
+            store: the event store whose transactions carry the keys.
+            table: the idempotency table (default ``"cqrskit_idempotency"``; validated).
+            create_tables: create the table when missing (default ``True``); ``False``
+                checks that it exists (your migrations created it).
+            wait_timeout: seconds a duplicate waits for the first attempt with the same key
+                to finish (default 10).
+            scope: ``(principal, command) -> str | None``, the scope a key belongs to
+                (default :func:`principal_scope`: the authorized principal and tenant).
+        """
+        idem = cls(store, table=table, wait_timeout=wait_timeout, scope=scope)
         if create_tables:
             await idem._backend.create()
         else:
@@ -470,9 +603,23 @@ class Idempotency:
         inner = self.store.transaction(on_publish_error=on_publish_error).behavior
         return for_commands(_IdempotentTransaction(self, inner))
 
-    async def lookup(self, key: str) -> IdempotencyRecord | None:
-        """The committed record for ``key``, if any."""
-        record: IdempotencyRecord | None = await self._backend.lookup(_check_key(key))
+    async def lookup(self, key: str, *, scope: str | None = None) -> IdempotencyRecord | None:
+        """The committed record for ``key`` in ``scope``, or ``None`` when no command with
+        that key committed (never used, rolled back, or purged) — for operations scripts
+        and support ("did the payment with key K go through, and with what result?").
+
+        ``scope`` is ``None`` for unscoped keys; the scope of a principal's keys is
+        ``principal_scope(principal, None)`` (or what your scope hook returns). Reads the
+        committed state only: a command with that key still in flight is not seen until it
+        commits. ``record.result`` is the handler's result as JSON text, ``record.token``
+        the consistency token of its commit.
+
+        Raises:
+            ValidationError: ``key`` is empty, longer than 255 characters, or holds NUL.
+        """
+        record: IdempotencyRecord | None = await self._backend.lookup(
+            _check_key(key), _check_scope(scope)
+        )
         return record
 
     async def purge(self, older_than: timedelta) -> int:
@@ -490,6 +637,10 @@ class Idempotency:
         if spec is None:
             spec = self._specs[command_type] = _Spec(command_type, self._codecs)
         return spec
+
+    def _scope_of(self, command: object, dispatch: Scope) -> str:
+        granted, principal = authorized_principal(dispatch)
+        return _check_scope(self._scope_hook(principal if granted else None, command))
 
     def _key_of(self, command: object) -> str | None:
         key: str | None = _key_var.get()
@@ -522,6 +673,7 @@ class _IdempotentTransaction:
         cls = type(message)
         spec = idem._spec(cls)
         digest = spec.digest(message)
+        owner = idem._scope_of(message, scope)
         backend = idem._backend
         store = idem.store
         replayed: list[IdempotencyRecord] = []
@@ -531,7 +683,7 @@ class _IdempotentTransaction:
         async def inside(msg: Any) -> Any:
             uow: UnitOfWork = scope[store]
             uows.append(uow)
-            record = await backend.claim(uow, key)
+            record = await backend.claim(uow, key, owner)
             if record is None:
                 claimed.append(True)
             else:
@@ -553,7 +705,8 @@ class _IdempotentTransaction:
             finally:
                 _key_var.reset(reset)
             text = spec.dump(result, cls)
-            await backend.save(uow, IdempotencyRow(key, spec.name, digest, text, len(uow._events)))
+            row = IdempotencyRow(key, spec.name, digest, text, len(uow._events), owner)
+            await backend.save(uow, row)
             return result
 
         # Nothing this command causes (nested sends, after-commit event handlers) inherits
@@ -567,7 +720,7 @@ class _IdempotentTransaction:
         finally:
             _key_var.reset(key_token)
             if claimed:
-                backend.release(key)
+                backend.release(key, owner)
             for uow in uows:
                 backend.forget(uow)
         if replayed and replayed[0].token is not None:

@@ -31,6 +31,7 @@ this path; they find the events on their next poll.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ from cqrskit.errors import (
     MissingExtraError,
     PersistenceError,
 )
-from cqrskit.eventlog import EventStore, NewEvent, StoredEvent, UnitOfWork
+from cqrskit.eventlog import Appender, EventStore, NewEvent, StoredEvent, UnitOfWork
 from cqrskit.mediator import record_token
 from cqrskit.messages import Event, Metadata
 from cqrskit.pipeline._core import ScopedBehavior, for_commands
@@ -118,8 +119,18 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
                 for hook in store._hooks:
                     await hook(self, stored)
                 last = stored[-1].position
+            # the event log's commit_timeout bounds the wait for COMMIT's reply here too:
+            # the driver connection is ended, and the error below is an unknown outcome
+            raw = await (await session.connection()).get_raw_connection()
+            driver: Any = raw.driver_connection  # the asyncpg connection (checked dialect)
+            timer = asyncio.get_running_loop().call_later(
+                store.events._commit_timeout, driver.terminate
+            )
             committing = True
-            await session.commit()
+            try:
+                await session.commit()
+            finally:
+                timer.cancel()
         except BaseException as exc:
             await self._abort(quiet=True)
             translated = await store._translate(exc, committing, self.recorded)
@@ -190,6 +201,10 @@ class SqlAlchemyEventStore(EventStore):
             self._check_dialect(session)
         try:
             await session.begin()
+            conn = await session.connection()
+            # the appender lock before anything can take an xid: readers then wait only
+            # for this log's writers (see cqrskit.postgres.eventlog); one round trip
+            await conn.exec_driver_sql(self.events.appender_lock_sql)
             if not self._same_database:
                 await self._check_database(session)
         except BaseException:
@@ -287,7 +302,7 @@ class SqlAlchemyEventStore(EventStore):
         """Rows in ``table`` of the PostgreSQL schema, through the command's session."""
         from cqrskit.postgres.idempotency import SessionIdempotencyBackend
 
-        return SessionIdempotencyBackend(self.events, table)
+        return SessionIdempotencyBackend(self.events, table, wait_timeout)
 
     async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
         """See :meth:`EventStore.read_after` (read by the PostgreSQL store)."""
@@ -296,6 +311,18 @@ class SqlAlchemyEventStore(EventStore):
     async def head(self) -> int:
         """See :meth:`EventStore.head`."""
         return await self.events.head()
+
+    async def last_position(self) -> int:
+        """See :meth:`EventStore.last_position`."""
+        return await self.events.last_position()
+
+    async def backlog(self, position: int, limit: int) -> tuple[int, float | None]:
+        """See :meth:`EventStore.backlog`."""
+        return await self.events.backlog(position, limit)
+
+    async def oldest_appender(self) -> Appender | None:
+        """See :meth:`EventStore.oldest_appender`."""
+        return await self.events.oldest_appender()
 
     async def read_stream(self, stream: str, after_version: int = 0) -> list[StoredEvent]:
         """See :meth:`EventStore.read_stream`."""

@@ -1,11 +1,14 @@
 """Every ```python block in README.md and docs/*.md runs as a program and exits 0.
 
 A block whose first line is ``# requires: <service>`` needs that local service (skipped on a
-laptop without it, a failure under CI=true). Blocks fenced as ``text`` or ``bash`` are not run.
+laptop without it, a failure under CI=true). Blocks fenced as ``text`` or ``bash`` are not
+run — so none of them may hold Python: a ``text`` block that compiles as Python fails
+:func:`test_no_python_hides_in_a_text_block` (shell lines, output and diagrams do not).
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -18,6 +21,7 @@ from tests.conftest import require_service
 
 ROOT = Path(__file__).resolve().parents[2]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+TEXT_FENCE = re.compile(r"^```text\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def _blocks() -> list[tuple[str, str]]:
@@ -29,6 +33,25 @@ def _blocks() -> list[tuple[str, str]]:
 
 
 BLOCKS = _blocks()
+
+
+def _compiles(code: str) -> bool:
+    try:
+        compile(code, "<doc>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    except SyntaxError:
+        return False
+    return True
+
+
+def test_no_python_hides_in_a_text_block() -> None:
+    hidden = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        for match in TEXT_FENCE.finditer(text):
+            if _compiles(match.group(1)):
+                line = text[: match.start()].count("\n") + 1
+                hidden.append(f"{path.relative_to(ROOT)}:{line}")
+    assert hidden == [], "fence these as ```python and make them run"
 
 
 def test_docs_have_examples() -> None:

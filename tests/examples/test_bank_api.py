@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 from examples.bank.api import create_app
-from examples.bank.app import Bank
+from examples.bank.app import open_sqlite_bank
 
 from cqrskit.fastapi import TOKEN_HEADER
 
@@ -15,9 +16,14 @@ PROBLEM = "application/problem+json"
 
 
 @pytest.fixture
-async def client(bank: Bank) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(bank))
-    async with httpx.AsyncClient(transport=transport, base_url="http://bank") as c:
+async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(lambda: open_sqlite_bank(tmp_path / "bank", batch_size=20))
+    transport = httpx.ASGITransport(app=app)
+    # what an ASGI server does around serving: the lifespan opens and closes the bank
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://bank") as c,
+    ):
         yield c
 
 

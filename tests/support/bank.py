@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 
@@ -49,11 +50,17 @@ balances = Projection(
 
 # the poison handler fails while this file exists: "fixing the bug" = deleting it
 POISON_FLAG = "CQRSKIT_TEST_POISON_FLAG"
+# seconds each event's handler awaits inside the batch transaction (a slowed apply, so a
+# fault can be injected while a projector holds its transaction open)
+SLOW_APPLY = "CQRSKIT_TEST_SLOW_APPLY"
+_slow = float(os.environ.get(SLOW_APPLY) or 0)
 
 
 async def _touch(ctx: ProjectionContext, account: str, amount: int) -> None:
     stored = ctx.stored
     assert stored is not None
+    if _slow:
+        await asyncio.sleep(_slow)  # fault injection (a handler awaiting I/O), not a sync
     row = await ctx.fetchone(
         f"SELECT last_version FROM {ctx.table('accounts')} WHERE id = ?", account
     )

@@ -15,6 +15,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from tests.support import faults
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -65,6 +67,7 @@ class OwnServer:
         self.kill()
         self.start()
         self.restarts += 1
+        faults.record("broker_restart")
 
     def close(self) -> None:
         self.kill()

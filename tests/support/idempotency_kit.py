@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
 from cqrskit.dependencies import Dependencies
 from cqrskit.errors import IdempotencyError, SerializationError, ValidationError
 from cqrskit.eventlog import EventStore, UnitOfWork
-from cqrskit.idempotency import Idempotency, idempotency_key
+from cqrskit.idempotency import Idempotency, idempotency_key, principal_scope
 from cqrskit.mediator import Mediator
 from cqrskit.messages import Command, Event
+from cqrskit.pipeline import AuthorizationBehavior, authenticated
 from cqrskit.registry import Registry
 
 
@@ -104,7 +107,16 @@ class IdempotencyChecks(ABC):
 
     # -- helpers -------------------------------------------------------------------------
 
-    def app(self, store: EventStore, idem: Idempotency, probe: Probe) -> Mediator:
+    def app(
+        self,
+        store: EventStore,
+        idem: Idempotency,
+        probe: Probe,
+        *,
+        principal: ContextVar[Any] | None = None,
+    ) -> Mediator:
+        """The test application; with ``principal``, an AuthorizationBehavior (any
+        authenticated caller may send anything) runs before the idempotency behavior."""
         registry = Registry()
         kit = self
 
@@ -143,9 +155,11 @@ class IdempotencyChecks(ABC):
             probe.published.append(e)
 
         idem.check(registry)
-        return Mediator(
-            registry, behaviors=[idem.transaction()], resolver=[store.resolver(), Dependencies()]
-        )
+        behaviors: list[Any] = [idem.transaction()]
+        if principal is not None:
+            policies = {Command: authenticated}
+            behaviors.insert(0, AuthorizationBehavior(policies, principal=principal))
+        return Mediator(registry, behaviors=behaviors, resolver=[store.resolver(), Dependencies()])
 
     async def events(self, store: EventStore) -> int:
         # read_stream, not read_after: on PostgreSQL another test's open transaction may
@@ -348,6 +362,67 @@ class IdempotencyChecks(ABC):
                 assert token == event.position
             assert probe.calls == 5
             assert sorted(await self.state_keys(store)) == sorted(f"a{k}:{k}" for k in range(5))
+        finally:
+            idem.close()
+            await self.close_store(store)
+
+    async def test_keys_are_scoped_to_the_authorized_principal(self) -> None:
+        """Principal A and principal B send the same command with the same key: both run,
+        each gets its own result; a retry by A replays A's result only."""
+        store = await self.make_store()
+        idem = await Idempotency.open(store)
+        user: ContextVar[str | None] = ContextVar("user", default=None)
+        try:
+            probe = Probe()
+            mediator = self.app(store, idem, probe, principal=user)
+
+            async def send_as(who: str, cmd: Deposit) -> object:
+                token = user.set(who)
+                try:
+                    with idempotency_key("K-123"):
+                        return await mediator.send(cmd)
+                finally:
+                    user.reset(token)
+
+            assert await send_as("alice", Deposit("a", 5)) == Balance("a", 5)
+            assert await send_as("bob", Deposit("a", 5)) == Balance("a", 5)
+            assert probe.calls == 2  # bob's handler ran: he did not get alice's result
+            assert await send_as("alice", Deposit("a", 5)) == Balance("a", 5)
+            assert await send_as("bob", Deposit("a", 5)) == Balance("a", 5)
+            assert probe.calls == 2  # each one's retry replays their own
+            # carol's K-123 is hers: another command under it runs (shared keys: refused)
+            assert await send_as("carol", Withdraw("b", 1)) == -1
+            assert probe.calls == 3
+            assert set(await self.state_keys(store)) == {"a:5", "b:-1"}
+            assert await self.events(store) == 2  # alice's deposit and bob's
+            alice = await idem.lookup("K-123", scope=principal_scope("alice", None))
+            assert alice is not None
+            assert alice.scope == principal_scope("alice", None)
+            assert await idem.lookup("K-123") is None  # nothing stored without a scope
+        finally:
+            idem.close()
+            await self.close_store(store)
+
+    async def test_the_scope_hook_chooses_the_scope(self) -> None:
+        """``Idempotency(scope=...)``: here the tenant, whoever the principal is."""
+        store = await self.make_store()
+        tenant: ContextVar[str] = ContextVar("tenant", default="t0")
+        user: ContextVar[str | None] = ContextVar("user", default=None)
+        idem = await Idempotency.open(store, scope=lambda principal, command: tenant.get())
+        try:
+            probe = Probe()
+            mediator = self.app(store, idem, probe, principal=user)
+            for who, where in (("alice", "t1"), ("bob", "t1"), ("alice", "t2")):
+                u, t = user.set(who), tenant.set(where)
+                try:
+                    with idempotency_key("same"):
+                        await mediator.send(Deposit("a", 1))
+                finally:
+                    user.reset(u)
+                    tenant.reset(t)
+            assert probe.calls == 2  # t1 once (alice, then bob's replay), t2 once
+            assert (await idem.lookup("same", scope="t1")) is not None
+            assert (await idem.lookup("same", scope="t2")) is not None
         finally:
             idem.close()
             await self.close_store(store)

@@ -24,7 +24,13 @@ waits (bounded) for the next one; in ``DROP_COMMIT_REPLY`` a fault is counted on
 server's first reply bytes arrived, i.e. after the server executed the COMMIT.
 
 ``FaultProxy(host, port, protocol="raw")`` forwards any TCP protocol (a broker's) without
-parsing it; the COMMIT modes then do nothing, the others work the same.
+parsing it; the COMMIT modes then do nothing, the others work the same. With
+``ack_marker=`` (bytes that start each acknowledgement in the server's replies, e.g.
+:data:`ACK_MARKERS` per broker) ``DROP_REPLIES`` also counts the acknowledgements it drops
+in :attr:`FaultProxy.dropped_acks`.
+
+Every fault is counted in the run's fault ledger (:mod:`tests.support.faults`): a switch
+into ``BLACKHOLE`` or ``RESET``, each dropped or blackholed COMMIT, each held COMMIT reply.
 
 Everything is bounded: reads are chunked, each wait has a timeout, and :meth:`close` aborts
 every connection.
@@ -38,7 +44,15 @@ import enum
 import re
 import struct
 
-__all__ = ["FaultProxy", "Mode"]
+from tests.support import faults
+
+__all__ = ["ACK_MARKERS", "FaultProxy", "Mode"]
+
+# what starts one publish acknowledgement in a broker's reply stream: NATS delivers each
+# PubAck as a MSG/HMSG to the publisher's inbox; Redis answers XADD with a bulk string (an
+# entry id holds no '$'); RabbitMQ confirms with a Basic.Ack method frame (class 60, method
+# 80), which may confirm several messages at once
+ACK_MARKERS = {"nats": b"MSG ", "redis": b"$", "rabbitmq": b"\x00\x3c\x00\x50"}
 
 _COMMIT = re.compile(rb"\bCOMMIT\b", re.IGNORECASE)
 _SSL_REQUEST = 80877103
@@ -92,7 +106,9 @@ class _FrontendParser:
                 break
             msg = bytes(buf[:end])
             del buf[:end]
-            carries = msg[:1] in (b"Q", b"P") and _COMMIT.search(msg, 5) is not None
+            # search the body only: with search(msg, 5), \b would look at the length's
+            # last byte (a length of 80 is b"P", a word character, and hid a COMMIT)
+            carries = msg[:1] in (b"Q", b"P") and _COMMIT.search(msg[5:]) is not None
             out.append((msg, carries))
         return out
 
@@ -156,6 +172,8 @@ class _Link:
                 if carries_commit and proxy.mode is Mode.DROP_COMMIT_REPLY:
                     self.commit_sent = True
                 if carries_commit and proxy.mode is Mode.HOLD_COMMIT_REPLY:
+                    if not self.hold:
+                        faults.record("proxy")
                     self.hold = True
                     proxy.commit_seen.set()
             await self.server_w.drain()
@@ -177,7 +195,12 @@ class _Link:
             if mode is Mode.BLACKHOLE:
                 continue
             if mode is Mode.DROP_REPLIES:
+                if not proxy._drop_counted:  # one fault per window that dropped something
+                    proxy._drop_counted = True
+                    faults.record("proxy")
                 proxy.dropped_replies += 1
+                if proxy.ack_marker is not None:
+                    proxy.dropped_acks += data.count(proxy.ack_marker)
                 continue
             if self.hold:
                 await proxy.release_replies.wait()  # released by the test, bounded there
@@ -198,9 +221,19 @@ class FaultProxy:
         connections: how many client connections were accepted.
     """
 
-    def __init__(self, target_host: str, target_port: int, *, protocol: str = "postgres") -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        protocol: str = "postgres",
+        ack_marker: bytes | None = None,
+    ) -> None:
         self.protocol = protocol
-        self.dropped_replies = 0
+        self.dropped_replies = 0  # reply chunks dropped in DROP_REPLIES
+        self.ack_marker = ack_marker
+        self.dropped_acks = 0  # acknowledgements among them (with ack_marker)
+        self._drop_counted = False
         self.target_host = target_host
         self.target_port = target_port
         self._mode = Mode.FORWARD
@@ -223,9 +256,13 @@ class FaultProxy:
 
     @mode.setter
     def mode(self, value: Mode) -> None:
+        if value in (Mode.BLACKHOLE, Mode.RESET) and value is not self._mode:
+            faults.record("proxy")
+        if value is Mode.DROP_REPLIES and value is not self._mode:
+            self._drop_counted = False
         self._mode = value
         if value is Mode.RESET:
-            self.reset_all()
+            self._abort_links()
 
     async def start(self) -> int:
         """Listen on a free loopback port; return it."""
@@ -244,7 +281,12 @@ class FaultProxy:
         return f"{scheme}://{host}127.0.0.1:{self.port}/{path}{sep}sslmode=disable"
 
     def reset_all(self) -> None:
-        """Abort every open connection now (whatever the mode)."""
+        """Abort every open connection now (whatever the mode); one fault if any was open."""
+        if self._links:
+            faults.record("proxy")
+        self._abort_links()
+
+    def _abort_links(self) -> None:
         for link in list(self._links):
             link.abort()
 
@@ -261,6 +303,7 @@ class FaultProxy:
 
     def _fault(self) -> None:
         self.commit_faults += 1
+        faults.record("proxy")
         if self.faults_left is not None:
             self.faults_left -= 1
             if self.faults_left <= 0:
@@ -304,7 +347,7 @@ class FaultProxy:
         """Stop listening and abort every connection."""
         if self._server is not None:
             self._server.close()
-        self.reset_all()
+        self._abort_links()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

@@ -2,6 +2,10 @@
 
 writer LOG ID COUNT      append COUNT deposits (amount = ID * 1_000_000 + i) to 8 shared
                          streams of the SQLite log, one command each; prints DONE
+paced LOG ID RATE SECONDS OUT
+                         commit RATE deposits per second for SECONDS (same streams and
+                         amounts as writer); write {"ok", "failed", "times"} (monotonic
+                         commit times) as JSON to OUT
 relay LOG BROKER URL NAME  run a relay (state in the same SQLite file) to nats|redis|rabbitmq
                          until SIGTERM; NAME is the stream / key prefix / exchange
 """
@@ -9,9 +13,11 @@ relay LOG BROKER URL NAME  run a relay (state in the same SQLite file) to nats|r
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
-import sqlite3
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from tests.support.bank import Deposited
@@ -38,17 +44,8 @@ def make_transport(broker: str, url: str, name: str) -> Transport:
 
 
 async def open_log(path: str) -> SqliteTestLog:
-    """The log, retrying SQLITE_BUSY at open: the writer connection opens (journal_mode =
-    WAL) without a busy handler while another connection may be recovering the WAL of a
-    SIGKILLed process."""
-    for attempt in range(40):
-        try:
-            return SqliteTestLog(path)
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == 39:
-                raise
-            await asyncio.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
+    """The log (the store retries SQLITE_BUSY while another process recovers the WAL)."""
+    return SqliteTestLog(path)
 
 
 async def writer(path: str, ident: int, count: int) -> None:
@@ -56,19 +53,32 @@ async def writer(path: str, ident: int, count: int) -> None:
     try:
         for i in range(count):
             stream = f"acct-{(ident + i) % 8}"
-            for attempt in range(20):
-                # opening a connection can meet SQLITE_BUSY without the busy handler while
-                # another connection recovers the WAL of a SIGKILLed relay: nothing was
-                # written then, so the command is simply tried again (bounded)
-                try:
-                    await log.append(stream, Deposited(stream, ident * 1_000_000 + i))
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == 19:
-                        raise
-                    await asyncio.sleep(0.05 * (attempt + 1))
+            await log.append(stream, Deposited(stream, ident * 1_000_000 + i))
     finally:
         log.close()
+    print("DONE", flush=True)
+
+
+async def paced(path: str, ident: int, rate: float, seconds: float, out: str) -> None:
+    log = SqliteTestLog(path)
+    times: list[float] = []
+    failed: list[str] = []
+    start = time.monotonic()
+    try:
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the load's schedule, not synchronization
+            stream = f"acct-{(ident + i) % 8}"
+            try:
+                await log.append(stream, Deposited(stream, ident * 1_000_000 + i))
+            except Exception as exc:
+                failed.append(f"{type(exc).__name__}: {exc}")
+                continue
+            times.append(time.monotonic())
+    finally:
+        log.close()
+        Path(out).write_text(json.dumps({"ok": len(times), "failed": failed, "times": times}))
     print("DONE", flush=True)
 
 
@@ -90,7 +100,13 @@ async def relay(path: str, broker: str, url: str, name: str) -> None:
 
 def main(argv: list[str]) -> None:
     kind, *rest = argv
-    coro: Any = writer(rest[0], int(rest[1]), int(rest[2])) if kind == "writer" else relay(*rest)
+    coro: Any
+    if kind == "writer":
+        coro = writer(rest[0], int(rest[1]), int(rest[2]))
+    elif kind == "paced":
+        coro = paced(rest[0], int(rest[1]), float(rest[2]), float(rest[3]), rest[4])
+    else:
+        coro = relay(*rest)
     asyncio.run(coro)
 
 

@@ -22,7 +22,7 @@ async def until(
 
 async def visible(log: EventStore, position: int, timeout: float = 10.0) -> None:
     """Wait until ``position`` is readable (on PostgreSQL a commit becomes readable once no
-    older transaction in the cluster is still open)."""
+    older writer of the same event log is still open)."""
     deadline = time.monotonic() + timeout
     while await log.head() < position:
         remaining = deadline - time.monotonic()

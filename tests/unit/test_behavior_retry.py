@@ -12,7 +12,9 @@ import pytest
 
 from cqrskit import (
     Command,
+    CommitOutcomeUnknownError,
     ConcurrencyError,
+    ConnectionLostError,
     DispatchTimeoutError,
     Event,
     FieldError,
@@ -79,6 +81,8 @@ def test_default_predicate() -> None:
     safe.retry_safe = True
     assert is_transient(safe)
     assert is_transient(ConnectionResetError())
+    assert is_transient(ConnectionLostError("lost before COMMIT"))  # nothing was committed
+    assert not is_transient(CommitOutcomeUnknownError("lost during COMMIT"))
     assert is_transient(SerializationFailure())
     assert not is_transient(UniqueViolation())
     assert is_transient(sqlite3.OperationalError("database is locked"))

@@ -49,8 +49,14 @@ def test_text_and_mermaid_render_every_edge() -> None:
 
 def test_cli_routes_and_graph(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["routes", "tests.unit.appfixture:registry"]) == 0
-    assert "OpenAccount -> " in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    [row] = [line for line in lines if "OpenAccount" in line]
+    assert row.split()[:3] == ["command", "OpenAccount", "tests.unit.appfixture.open_account"]
     assert main(["graph", "tests.unit.appfixture:registry"]) == 0
+    assert "OpenAccount -> tests.unit.appfixture.open_account (handler)" in (
+        capsys.readouterr().out
+    )
+    assert main(["graph", "tests.unit.appfixture:registry", "--mermaid"]) == 0
     assert capsys.readouterr().out.startswith("flowchart LR")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -56,7 +58,8 @@ def test_valid_identifiers_are_quoted(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "Events", "1abc", "a" * 64, 'x"; drop table y; --', "a-b", "a b", "é"]
+    "name",
+    ["", "Events", "1abc", "a" * 64, 'x"; drop table y; --', "a-b", "a b", "é", "events\n"],
 )
 def test_invalid_identifiers_are_rejected(name: str) -> None:
     with pytest.raises(ConfigurationError, match="must match"):
@@ -135,3 +138,54 @@ async def test_read_after_pages_by_position() -> None:
     rest = await store.read_after(first[-1].position, 10)
     assert [e.version for e in rest] == [3, 4, 5]
     assert await store.read_after(rest[-1].position) == []
+
+
+class _SlowHeadStore(InMemoryEventStore):
+    """The issue's reproduction: ``head()`` reads the log, then takes a while to answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def head(self) -> int:
+        value = await super().head()
+        self.entered.set()
+        await self.release.wait()
+        return value
+
+
+async def test_wait_for_sees_a_commit_made_while_head_runs() -> None:
+    # a commit lands while wait_for is inside head() (which answered 0): the wake-up must
+    # not be lost, so wait_for returns True at once instead of sleeping its whole timeout
+    store = _SlowHeadStore()
+    waiter = asyncio.ensure_future(store.wait_for(0, timeout=2.0))
+    await asyncio.wait_for(store.entered.wait(), 5)
+    uow = await store.begin()
+    uow.record("s", Pinged(1))
+    assert await uow.commit() == 1
+    store.release.set()
+    assert await asyncio.wait_for(waiter, 5) is True  # woken (False: slept to the timeout)
+    assert await store.head() == 1
+
+
+async def test_wait_for_refuses_a_nan_timeout() -> None:
+    store = InMemoryEventStore()
+    with pytest.raises(ValueError, match="timeout"):
+        await store.wait_for(0, float("nan"))
+
+
+async def test_backlog_counts_committed_events_up_to_a_limit() -> None:
+    store = InMemoryEventStore()
+    assert await store.backlog(0, 10) == (0, None)
+    for i in range(5):
+        uow = await store.begin()
+        uow.record("s", Pinged(i))
+        await uow.commit()
+    count, oldest = await store.backlog(2, 10)
+    assert count == 3
+    assert oldest is not None
+    assert abs(oldest - time.time()) < 60
+    assert (await store.backlog(0, 2))[0] == 2
+    assert await store.backlog(5, 10) == (0, None)
+    assert await store.oldest_appender() is None  # nothing holds in-memory readers back

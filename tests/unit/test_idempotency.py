@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from cqrskit.dependencies import Dependencies
 from cqrskit.errors import CommitOutcomeUnknownError, ConfigurationError
 from cqrskit.eventlog import (
     EventStore,
@@ -23,10 +25,12 @@ from cqrskit.idempotency import (
     Idempotency,
     current_idempotency_key,
     idempotency_key,
+    principal_scope,
     sqlite_idempotency_ddl,
 )
 from cqrskit.mediator import Mediator
 from cqrskit.messages import Command, Event
+from cqrskit.pipeline import AuthorizationBehavior, allow_all
 from cqrskit.pipeline.retry import is_transient
 from cqrskit.registry import Registry
 from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork
@@ -268,3 +272,74 @@ async def test_commands_sent_after_commit_do_not_inherit_the_key() -> None:
     with idempotency_key("k-1"):  # the retry replays; the follow-up does not run again
         assert await mediator.send(OpenThing("a")) == "a"
     assert welcomed == ["a"]
+
+
+@dataclass(frozen=True, slots=True)
+class _User:
+    id: int
+    tenant_id: str | None = None
+    roles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Nameless:
+    name: str
+
+
+def test_principal_scope_identifies_the_caller_and_tenant() -> None:
+    assert principal_scope(None, None) is None
+    assert principal_scope("alice", None) == '[null, "alice"]'
+    assert principal_scope(7, None) == '[null, "7"]'
+    # roles are not identity: a retry after a role change still finds the key
+    assert principal_scope(_User(7), None) == principal_scope(_User(7, roles=("admin",)), None)
+    assert principal_scope(_User(7, "acme"), None) == '["acme", "7"]'
+    assert principal_scope(_User(7, "acme"), None) != principal_scope(_User(7, "other"), None)
+    assert principal_scope({"sub": "u1", "tenant": "t"}, None) == '["t", "u1"]'
+    # no way to confuse a tenant/id pair with a plain id that looks like one
+    assert principal_scope('["acme", "7"]', None) != principal_scope(_User(7, "acme"), None)
+    with pytest.raises(ConfigurationError, match="_Nameless") as info:
+        principal_scope(_Nameless("x"), None)
+    assert info.value.hint is not None
+    assert "scope=" in info.value.hint
+
+
+async def test_a_bad_scope_hook_result_is_a_configuration_error() -> None:
+    store = InMemoryEventStore()
+    probe = Probe()
+    for bad in (42, "x" * 2000, "a\x00b"):
+        idem = Idempotency(store, scope=lambda principal, command, bad=bad: bad)
+        mediator = TestInMemoryIdempotency().app(store, idem, probe)
+        with pytest.raises(ConfigurationError, match="scope hook"), idempotency_key("k"):
+            await mediator.send(Deposit("a", 1))
+    assert probe.calls == 0
+    with pytest.raises(ConfigurationError, match="wait_timeout"):
+        Idempotency(store, wait_timeout=float("nan"))
+    with pytest.raises(ConfigurationError, match="wait_timeout"):
+        Idempotency(store, wait_timeout=0)
+
+
+async def test_an_anonymous_caller_uses_unscoped_keys() -> None:
+    store = InMemoryEventStore()
+    idem = Idempotency(store)
+    probe = Probe()
+    user: ContextVar[str | None] = ContextVar("user", default=None)
+    registry = TestInMemoryIdempotency().app(store, idem, probe).registry
+    authz = AuthorizationBehavior({Command: allow_all}, principal=user)
+    mediator = Mediator(
+        registry,
+        behaviors=[authz, idem.transaction()],
+        resolver=[store.resolver(), Dependencies()],
+    )
+    with idempotency_key("k"):
+        await mediator.send(Deposit("a", 1))  # anonymous: the key is unscoped
+    assert await idem.lookup("k") is not None
+    token = user.set("alice")
+    try:
+        with idempotency_key("k"):
+            await mediator.send(Deposit("a", 1))  # alice's own "k"
+    finally:
+        user.reset(token)
+    with idempotency_key("k"):
+        await mediator.send(Deposit("a", 1))  # anonymous retry: replayed
+    assert probe.calls == 2
+    assert await idem.lookup("k", scope=principal_scope("alice", None)) is not None

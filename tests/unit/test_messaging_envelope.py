@@ -86,6 +86,9 @@ def test_headers_as_bytes_and_in_any_case_decode() -> None:
         ({"cqrskit-position": "9" * 30}, "cqrskit-position"),
         ({"cqrskit-partition": "8/8"}, "partition"),
         ({"cqrskit-partition": "x"}, "partition"),
+        ({"cqrskit-partition": "\u00b2/4"}, "partition"),  # a digit to isdigit(), not to int()
+        ({"cqrskit-partition": "0/\u0664"}, "partition"),  # an Arabic-Indic four
+        ({"cqrskit-position": "9" * 19}, "cqrskit-position"),  # past a signed 64-bit integer
         ({"cqrskit-kind": "py/object"}, "kind"),
         ({"cqrskit-stream": "%ff%fe"}, "percent"),
         ({"cqrskit-type": "x" * 5000}, "longer"),
@@ -171,7 +174,9 @@ def test_partition_is_crc32_mod_n_and_spreads() -> None:
             check_partitions(bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", ["a*", "a>", "a b", "a\r\n", "", "a..b", "a#", "x\x00"])
+@pytest.mark.parametrize(
+    "bad", ["a*", "a>", "a b", "a\r\n", "", "a..b", "a#", "x\x00", "a\n", "cqrskit.events\n"]
+)
 def test_broker_name_tokens_reject_wildcards_and_whitespace(bad: str) -> None:
     with pytest.raises(ConfigurationError):
         check_token(bad, "subject prefix")

@@ -78,7 +78,7 @@ def test_registration_errors_name_the_problem() -> None:
         async def second(e: Base, ctx: ProjectionContext) -> None: ...
 
 
-@pytest.mark.parametrize("name", ["Upper", "1abc", "a-b", 'x"; drop', "", "a" * 64])
+@pytest.mark.parametrize("name", ["Upper", "1abc", "a-b", 'x"; drop', "", "a" * 64, "balances\n"])
 def test_identifiers_are_validated(name: str) -> None:
     with pytest.raises(ConfigurationError):
         check_identifier(name)

@@ -1,66 +1,55 @@
-"""The ``cqrskit`` command line: describe an application, print DDL, projection status.
+"""The ``cqrskit`` command line: see an application, print DDL, operate projections.
 
-Subcommands:
+Commands::
 
-* ``cqrskit routes module:registry`` — every route as text;
-* ``cqrskit graph module:registry`` — the same as a Mermaid flowchart;
-* ``cqrskit ddl sqlite|postgres [--schema S] [--table T]`` — the event log's DDL;
-* ``cqrskit projections run|status|rebuild|dead-letters ...`` — see
-  :mod:`cqrskit.cli.projections`;
-* ``cqrskit relay run|status ...`` — the outbox relay, see :mod:`cqrskit.cli.relay`;
-* ``cqrskit consume run|status ...`` — broker consumers, see :mod:`cqrskit.cli.consume`.
+    cqrskit routes module:registry        every message and its handler(s), as a table
+    cqrskit graph module:registry         the whole application (text, or --mermaid)
+    cqrskit ddl sqlite|postgres           the event log's DDL, for your own migrations
+    cqrskit projections run|status|rebuild|dead-letters ...   (cqrskit.cli.projections)
+    cqrskit relay run|status ...          the outbox relay to a broker (cqrskit.cli.relay)
+    cqrskit consume run|status ...        broker consumers (cqrskit.cli.consume)
 
-The CLI sits above every technology package: it is what picks one from a URL.
+``python -m cqrskit`` is the same. Both put the working directory on the import path, so
+``module:registry`` is found from the project root.
+
+Each command group is a module with a ``register_cli(subparsers)`` function, added with one
+:func:`register_group` call (in :data:`GROUPS` for the built-in ones). The CLI sits above
+every technology package: it is what picks one from a URL.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from cqrskit.cli._load import load_object
-from cqrskit.describe import describe_mermaid, describe_text
 from cqrskit.errors import ConfigurationError
-from cqrskit.registry import Registry
 
-__all__ = ["load_object", "main"]
+__all__ = ["GROUPS", "build_parser", "load_object", "main", "register_group"]
 
 Command = Callable[[argparse.Namespace], int]
 
-
-def _registry(spec: str) -> Registry:
-    obj = load_object(spec)
-    registry = getattr(obj, "registry", obj)
-    if not isinstance(registry, Registry):
-        raise ConfigurationError(
-            f"{spec!r} is a {type(obj).__name__}, not a Registry or Mediator.",
-            hint="point at the Registry your handlers are registered in.",
-        )
-    return registry
+GROUPS: list[str] = [
+    "cqrskit.cli.describe",
+    "cqrskit.cli.projections",
+    "cqrskit.cli.relay",
+    "cqrskit.cli.consume",
+]
+"""Modules whose ``register_cli(subparsers)`` adds their commands, in help order."""
 
 
-def _routes(args: argparse.Namespace) -> int:
-    sys.stdout.write(describe_text(_registry(args.target)))
-    return 0
+def register_group(module: str) -> None:
+    """Add the commands of ``module`` (which defines ``register_cli(subparsers)``) to the
+    ``cqrskit`` CLI, e.g. ``register_group("cqrskit.cli.relay")`` for ``cqrskit relay ...``.
 
-
-def _graph(args: argparse.Namespace) -> int:
-    sys.stdout.write(describe_mermaid(_registry(args.target)))
-    return 0
-
-
-def _ddl(args: argparse.Namespace) -> int:
-    if args.driver == "sqlite":
-        from cqrskit.sqlite import sqlite_ddl
-
-        sys.stdout.write(sqlite_ddl(args.table).rstrip() + "\n")
-    else:
-        from cqrskit.postgres import postgres_ddl
-
-        sys.stdout.write(postgres_ddl(args.schema, args.table).rstrip() + "\n")
-    return 0
+    The module is imported when the parser is built, so a group whose extra is missing
+    only fails when that group is used.
+    """
+    if module not in GROUPS:
+        GROUPS.append(module)
 
 
 def _cwd_on_path() -> None:
@@ -71,28 +60,36 @@ def _cwd_on_path() -> None:
         sys.path.insert(0, os.getcwd())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, with every available subcommand."""
-    parser = argparse.ArgumentParser(prog="cqrskit", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    routes = sub.add_parser("routes", help="list every route of a registry as text")
-    routes.add_argument("target", help="module:registry (or module:mediator)")
-    routes.set_defaults(run=_routes)
-    graph = sub.add_parser("graph", help="print the application graph as Mermaid")
-    graph.add_argument("target", help="module:registry (or module:mediator)")
-    graph.set_defaults(run=_graph)
-    ddl = sub.add_parser("ddl", help="print the event log's DDL, for your own migrations")
-    ddl.add_argument("driver", choices=["sqlite", "postgres"])
-    ddl.add_argument("--schema", default="public", help="PostgreSQL schema (default public)")
-    ddl.add_argument("--table", default="cqrskit_events", help="event log table name")
-    ddl.set_defaults(run=_ddl)
-    from cqrskit.cli.consume import register_cli as register_consume
-    from cqrskit.cli.projections import register_cli
-    from cqrskit.cli.relay import register_cli as register_relay
+class _MissingGroup:
+    """A command group whose module could not be imported (its extra is missing)."""
 
-    register_cli(sub)
-    register_relay(sub)
-    register_consume(sub)
+    def __init__(self, module: str, error: ImportError) -> None:
+        self.module = module
+        self.error = error
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        print(f"cqrskit: {self.error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with every registered command group."""
+    parser = argparse.ArgumentParser(
+        prog="cqrskit",
+        description="cqrskit: see a CQRS application and operate its projections.",
+        epilog="cqrskit COMMAND --help describes each command and its options.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in GROUPS:
+        try:
+            register = importlib.import_module(module).register_cli
+        except ImportError as exc:
+            name = module.rsplit(".", 1)[-1]
+            missing = sub.add_parser(name, help=f"(unavailable: {exc})", add_help=False)
+            missing.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            missing.set_defaults(run=_MissingGroup(module, exc))
+            continue
+        register(sub)
     return parser
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 from cqrskit.errors import ConfigurationError
 
 __all__ = ["load_object"]
+
+_SPEC = re.compile(r"[A-Za-z0-9_.:]+")
 
 
 def load_object(spec: str) -> Any:
@@ -16,6 +19,15 @@ def load_object(spec: str) -> Any:
     Raises:
         ConfigurationError: the spec is malformed, or the module or attribute is missing.
     """
+    if not _SPEC.fullmatch(spec):
+        # not even shaped like one: likely a DSN or URL (--store takes both), which may
+        # hold a password, so it is not repeated
+        raise ConfigurationError(
+            "cannot load the value given: expected 'package.module:attribute' (the value "
+            "is not shown, as it may hold a password).",
+            hint="a store or read database is sqlite:///path or postgresql://...; other "
+            "objects are named like myapp.handlers:registry",
+        )
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigurationError(

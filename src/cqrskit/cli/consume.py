@@ -26,7 +26,6 @@ from cqrskit.cli.projections import (
     open_read_db,
     open_store,
 )
-from cqrskit.cli.relay import _broker_url
 from cqrskit.errors import ConfigurationError
 from cqrskit.messaging import Consumer, EventHandlers, Source
 from cqrskit.projections.api import Projection
@@ -107,7 +106,7 @@ async def _run(args: argparse.Namespace) -> int:
     ]
     if not targets:
         raise ConfigurationError("give at least one --projection or --handlers.")
-    source = open_source(_broker_url(args.broker), args.destination)
+    source = open_source(args.broker, args.destination)
     read_db = open_read_db(args.read, args.schema)
     consumer = Consumer(
         source,

@@ -6,7 +6,8 @@ Commands::
     run           run projectors until SIGTERM/SIGINT (graceful: the batch in flight commits);
                   with --partitions N, a partitioned worker sharing N partitions
     status        checkpoint, lag (events, seconds) and dead letters per projection (and
-                  each partition's owner, checkpoint, lag and gap)
+                  each partition's owner, checkpoint, lag and gap), and the open writer of
+                  the event log that holds readers back, if any
     rebuild       start rebuilding a projection into a new generation
     dead-letters  list parked events; --retry flags them for the projector to re-apply
 
@@ -29,10 +30,13 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from cqrskit.cli._load import load_object
+from cqrskit.cli._monitor import Monitor
+from cqrskit.cli._output import Progress, Reporter, render_table
 from cqrskit.errors import ConfigurationError, CqrsError
 from cqrskit.eventlog import EventStore
 from cqrskit.projections.api import Projection
@@ -51,18 +55,36 @@ from cqrskit.sqlite import SqliteReadDatabase
 __all__ = ["load_object", "main", "open_read_db", "open_store", "register_cli"]
 
 
-async def open_store(spec: str, schema: str | None = None, *, listen: bool = False) -> EventStore:
-    """An event store from ``sqlite:///path``, a PostgreSQL DSN or ``module:attr``."""
-    if spec.startswith("sqlite:///"):
-        from cqrskit.sqlite import SqliteEventStore
+async def open_store(
+    spec: str, schema: str | None = None, *, listen: bool = False, create_tables: bool = False
+) -> EventStore:
+    """An event store from ``sqlite:///path``, a PostgreSQL DSN or ``module:attr``.
 
-        return SqliteEventStore(spec.removeprefix("sqlite:///"), create_tables=False)
-    if spec.startswith(("postgresql://", "postgres://")):
-        from cqrskit.postgres import PostgresEventStore
+    Raises:
+        ConfigurationError: the event log does not exist (and ``create_tables`` is off), or
+            ``module:attr`` does not give an event store.
+    """
+    try:
+        if spec.startswith("sqlite:///"):
+            from cqrskit.sqlite import SqliteEventStore
 
-        return await PostgresEventStore.open(
-            spec, schema=schema or "public", create_tables=False, notify=listen
-        )
+            return SqliteEventStore(spec.removeprefix("sqlite:///"), create_tables=create_tables)
+        if spec.startswith(("postgresql://", "postgres://")):
+            from cqrskit.postgres import PostgresEventStore
+
+            return await PostgresEventStore.open(
+                spec, schema=schema or "public", create_tables=create_tables, notify=listen
+            )
+    except ConfigurationError as exc:
+        if "does not exist" not in exc.text:
+            raise
+        driver = "sqlite" if spec.startswith("sqlite") else "postgres"
+        # the drivers' hint names the Python argument; on the command line it is an option
+        raise ConfigurationError(
+            exc.text,
+            hint="start the application that writes the log first, pass --create-tables, "
+            f"or apply the output of `cqrskit ddl {driver}` in your migrations.",
+        ) from None
     obj = load_object(spec)
     if not isinstance(obj, EventStore) and callable(obj):
         obj = obj()
@@ -99,25 +121,45 @@ def load_projections(specs: Sequence[str]) -> list[Projection]:
     return out
 
 
-_LOCATIONS = {"store": "CQRSKIT_STORE", "read": "CQRSKIT_READ"}
+_LOCATIONS = {"store": "CQRSKIT_STORE", "read": "CQRSKIT_READ", "broker": "CQRSKIT_BROKER"}
 
 
 def _connection_args(parser: argparse.ArgumentParser, *, store: bool = True) -> None:
     if store:
         parser.add_argument(
             "--store",
-            help="sqlite:///path, DSN, module:attr or env:NAME (default: $CQRSKIT_STORE)",
+            metavar="LOCATION",
+            help="the event log: sqlite:///path, a PostgreSQL DSN, module:attr (an event "
+            "store or a function returning one) or env:NAME (default: $CQRSKIT_STORE)",
         )
-        parser.add_argument("--store-schema", help="PostgreSQL schema of the event log")
+        parser.add_argument(
+            "--store-schema",
+            metavar="SCHEMA",
+            help="PostgreSQL schema of the event log (default: public)",
+        )
+        parser.add_argument(
+            "--create-tables",
+            action="store_true",
+            help="create the event log tables if they are missing (the application that "
+            "writes the log usually does)",
+        )
     parser.add_argument(
-        "--read", help="sqlite:///path, a PostgreSQL DSN or env:NAME (default: $CQRSKIT_READ)"
+        "--read",
+        metavar="LOCATION",
+        help="the read database: sqlite:///path, a PostgreSQL DSN or env:NAME "
+        "(default: $CQRSKIT_READ)",
     )
-    parser.add_argument("--schema", help="PostgreSQL schema of the read models")
+    parser.add_argument(
+        "--schema",
+        metavar="SCHEMA",
+        help="PostgreSQL schema of the read models and bookkeeping (default: public)",
+    )
 
 
 def resolve_locations(args: argparse.Namespace) -> None:
-    """Fill ``--store``/``--read`` from the environment: ``env:NAME`` reads ``$NAME``, a
-    missing option reads ``$CQRSKIT_STORE``/``$CQRSKIT_READ`` (DSNs stay out of ``ps``).
+    """Fill ``--store``/``--read`` (and a command's ``--broker``) from the environment:
+    ``env:NAME`` reads ``$NAME``, a missing option reads ``$CQRSKIT_STORE``,
+    ``$CQRSKIT_READ`` or ``$CQRSKIT_BROKER`` (DSNs and URLs stay out of ``ps``).
 
     Raises:
         ConfigurationError: neither the option nor its variable is set.
@@ -132,7 +174,7 @@ def resolve_locations(args: argparse.Namespace) -> None:
                 raise ConfigurationError(
                     f"--{name} is missing and {default_var} is not set.",
                     hint=f"pass --{name} env:NAME or set {default_var}, which keeps a DSN "
-                    "out of the process list.",
+                    "or a password out of the process list.",
                 )
         elif value.startswith("env:"):
             var = value.removeprefix("env:")
@@ -151,42 +193,153 @@ async def _close(obj: Any) -> None:
 
 
 def _add_commands(sub: Any) -> None:
-    run = sub.add_parser("run", help="run projectors until SIGTERM/SIGINT")
+    run = sub.add_parser(
+        "run",
+        help="run projectors until SIGTERM/SIGINT",
+        description="Run projectors until SIGTERM or SIGINT (the batch in flight commits, "
+        "or is abandoned after --stop-timeout; the leases are released). Prints one line "
+        "per change: lease taken or waiting, caught up, lag.",
+    )
     run.set_defaults(run=_runner(_run))
     _connection_args(run)
-    run.add_argument("--projection", action="append", required=True)
-    run.add_argument("--decoder", required=True)
-    run.add_argument("--batch-size", type=int, default=500)
-    run.add_argument("--lease-ttl", type=float, default=5.0)
-    run.add_argument("--poll-interval", type=float, default=1.0)
+    run.add_argument(
+        "--projection",
+        action="append",
+        required=True,
+        metavar="MODULE:ATTR",
+        help="a projection (or a list of them) to run; repeat for more",
+    )
+    run.add_argument(
+        "--decoder",
+        required=True,
+        metavar="MODULE:ATTR",
+        help="turns stored events into events: a serializer or a function",
+    )
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=500,
+        metavar="N",
+        help="events per read-database transaction (default: 500)",
+    )
+    run.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds without a heartbeat before a standby takes the lease over (default: 5)",
+    )
+    run.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="longest idle wait between reads when no wake-up comes (default: 1)",
+    )
+    run.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long the batch in flight may take before it is "
+        "abandoned (default: 10)",
+    )
     run.add_argument(
         "--listen",
         action="store_true",
-        help="PostgreSQL: LISTEN for the writers' NOTIFY (writers need notify=True)",
+        help="PostgreSQL: LISTEN for the writers' NOTIFY (writers need notify=True): "
+        "wake at once on a commit instead of polling",
     )
-    run.add_argument("--owner")
+    run.add_argument(
+        "--owner",
+        metavar="ID",
+        help="lease owner id shown by status (default: <hostname>:<pid>:<random hex>)",
+    )
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="log one JSON object per line on stderr (for log collectors)",
+    )
     run.add_argument(
         "--partitions",
         type=int,
+        metavar="N",
         help="split the work into N partitions shared by every process started with the "
         "same N (PartitionedProjector)",
     )
-    run.add_argument("--max-partitions", type=int, help="hold at most this many partitions")
-    status = sub.add_parser("status", help="checkpoint, lag and dead letters")
+    run.add_argument(
+        "--max-partitions", type=int, metavar="K", help="with --partitions: hold at most K"
+    )
+    status = sub.add_parser(
+        "status",
+        help="checkpoint, lag and dead letters per projection",
+        description="Where each projection stands: generation, checkpoint, lag in events "
+        "and seconds, dead letters and the lease holder.",
+    )
     status.set_defaults(run=_runner(_status))
     _connection_args(status)
-    status.add_argument("--json", action="store_true")
-    rebuild = sub.add_parser("rebuild", help="rebuild a projection into a new generation")
+    status.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="only these projections (default: every projection set up)",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rebuild = sub.add_parser(
+        "rebuild",
+        help="rebuild a projection into a new generation",
+        description="Create the next generation's empty tables; the projector holding the "
+        "lease replays the log into them and switches over when caught up. With --wait, "
+        "show its progress until then.",
+    )
     rebuild.set_defaults(run=_runner(_rebuild))
     _connection_args(rebuild, store=False)
-    rebuild.add_argument("--projection", required=True)
-    dead = sub.add_parser("dead-letters", help="list (or --retry) parked events")
+    rebuild.add_argument(
+        "--projection",
+        required=True,
+        metavar="MODULE:ATTR",
+        help="the projection to rebuild",
+    )
+    rebuild.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the rebuild (progress) until the projector switches over",
+    )
+    rebuild.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="with --wait: give up waiting after this long (default: 3600)",
+    )
+    dead = sub.add_parser(
+        "dead-letters",
+        help="list (or --retry) parked events",
+        description="List a projection's parked events, or flag them for the projector to "
+        "apply again (--retry).",
+    )
     dead.set_defaults(run=_runner(_dead_letters))
     _connection_args(dead, store=False)
-    dead.add_argument("name")
-    dead.add_argument("--retry", action="store_true")
-    dead.add_argument("--stream")
-    dead.add_argument("--json", action="store_true")
+    dead.add_argument("name", help="the projection's name")
+    dead.add_argument(
+        "--retry",
+        action="store_true",
+        help="flag the parked events for the projector to apply again, in order",
+    )
+    dead.add_argument("--stream", metavar="STREAM", help="with --retry: only this stream's events")
+    dead.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --retry: follow the replay (progress) until every flagged event was tried",
+    )
+    dead.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="with --wait: give up waiting after this long (default: 600)",
+    )
+    dead.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _runner(
@@ -205,7 +358,11 @@ def _runner(
 
 def register_cli(sub: Any) -> None:
     """Add ``cqrskit projections <run|status|rebuild|dead-letters>`` to the ``cqrskit`` CLI."""
-    parser = sub.add_parser("projections", help="run projectors; status, rebuild, dead letters")
+    parser = sub.add_parser(
+        "projections",
+        help="run projectors; status, rebuild, dead letters",
+        description="Run projectors and operate on projections.",
+    )
     _add_commands(parser.add_subparsers(dest="projections_command", required=True))
 
 
@@ -216,46 +373,67 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    store = await open_store(args.store, args.store_schema, listen=args.listen)
-    read_db = open_read_db(args.read, args.schema)
-    projector: Projector | PartitionedProjector
-    if args.partitions:
-        projector = PartitionedProjector(
-            store,
-            read_db,
-            load_projections(args.projection),
-            load_object(args.decoder),
-            partitions=args.partitions,
-            max_partitions=args.max_partitions,
-            batch_size=args.batch_size,
-            lease_ttl=args.lease_ttl,
-            poll_interval=args.poll_interval,
-            owner=args.owner,
-        )
-    else:
-        projector = Projector(
-            store,
-            read_db,
-            load_projections(args.projection),
-            load_object(args.decoder),
-            batch_size=args.batch_size,
-            lease_ttl=args.lease_ttl,
-            poll_interval=args.poll_interval,
-            owner=args.owner,
-        )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, projector.request_stop)
+    reporter = Reporter(json_lines=args.json)
     try:
-        await projector.run()
+        store = await open_store(
+            args.store, args.store_schema, listen=args.listen, create_tables=args.create_tables
+        )
+        read_db = open_read_db(args.read, args.schema)
+        projections = load_projections(args.projection)
+        projector: Projector | PartitionedProjector
+        if args.partitions:
+            projector = PartitionedProjector(
+                store,
+                read_db,
+                projections,
+                load_object(args.decoder),
+                partitions=args.partitions,
+                max_partitions=args.max_partitions,
+                batch_size=args.batch_size,
+                lease_ttl=args.lease_ttl,
+                poll_interval=args.poll_interval,
+                owner=args.owner,
+            )
+        else:
+            projector = Projector(
+                store,
+                read_db,
+                projections,
+                load_object(args.decoder),
+                batch_size=args.batch_size,
+                lease_ttl=args.lease_ttl,
+                poll_interval=args.poll_interval,
+                owner=args.owner,
+                stop_timeout=args.stop_timeout,
+            )
+        names = [p.name for p in projections]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, projector.request_stop)
+        reporter.say(
+            "started",
+            f"projector {projector.owner} started: {', '.join(names)} "
+            f"(batch {args.batch_size}, lease ttl {args.lease_ttl:g} s"
+            f"{', listening' if args.listen else ''})",
+            owner=projector.owner,
+            projections=names,
+        )
+        monitor = asyncio.ensure_future(Monitor(projector, names, reporter).run())
+        try:
+            await projector.run()
+        finally:
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+            await read_db.close()
+            await _close(store)
+        reporter.say("stopped", f"projector {projector.owner} stopped; leases released")
+        return 0
     finally:
-        await read_db.close()
-        await _close(store)
-    return 0
+        reporter.close()
 
 
 async def _status(args: argparse.Namespace) -> int:
-    store = await open_store(args.store, args.store_schema)
+    store = await open_store(args.store, args.store_schema, create_tables=args.create_tables)
     read_db = open_read_db(args.read, args.schema)
     try:
         rows = await projection_status(read_db, store)
@@ -267,6 +445,9 @@ async def _status(args: argparse.Namespace) -> int:
     finally:
         await read_db.close()
         await _close(store)
+    if args.names:
+        _known(args.names, [r.name for r in rows])
+        rows = [r for r in rows if r.name in args.names]
     if args.json:
         out = []
         for r in rows:
@@ -276,22 +457,76 @@ async def _status(args: argparse.Namespace) -> int:
             out.append(row)
         print(json.dumps(out, indent=2))
         return 0
-    print(
-        f"{'projection':20} {'mode':6} {'gen':>4} {'checkpoint':>12} {'lag':>8} "
-        f"{'lag s':>8} {'dead':>5}  lease"
-    )
+    if not rows:
+        print("no projections are set up in this read database yet")
+        return 0
+    table = []
     for r in rows:
         lag = f"{r.lag_events}{'+' if r.lag_capped else ''}"
-        gen = f"{r.generation}" + (f">{r.rebuilding}" if r.rebuilding else "")
-        print(
-            f"{r.name:20} {r.mode:6} {gen:>4} {r.checkpoint:>12} {lag:>8} "
-            f"{r.lag_seconds:>8.1f} {r.dead_letters:>5}  {r.lease_owner or '-'}"
+        gen = f"{r.generation}" + (f" > {r.rebuilding}" if r.rebuilding else "")
+        table.append(
+            [
+                r.name,
+                r.mode,
+                gen,
+                r.checkpoint,
+                lag,
+                f"{r.lag_seconds:.1f}",
+                r.dead_letters,
+                r.lease_owner or "-",
+            ]
         )
+    headers = ["projection", "mode", "gen", "checkpoint", "lag", "lag s", "dead", "lease"]
+    sys.stdout.write(render_table(headers, table, right=[2, 3, 4, 5, 6]))
+    for r in rows:
         if r.name in parts:
             from cqrskit.cli.consume import print_partitions
 
+            print(f"{r.name} partitions:")
             print_partitions(parts[r.name])
+    held = rows[0] if rows and rows[0].oldest_appender_pid is not None else None
+    if held is not None:
+        age = held.oldest_appender_seconds
+        print(
+            f"readers held back by an open writer of the event log: pid "
+            f"{held.oldest_appender_pid}, open {'?' if age is None else f'{age:.1f}'} s"
+        )
     return 0
+
+
+def _known(asked: Sequence[str], known: Sequence[str]) -> None:
+    unknown = [n for n in asked if n not in known]
+    if unknown:
+        listed = ", ".join(sorted(known)) or "none"
+        raise ConfigurationError(
+            f"unknown projection {', '.join(map(repr, unknown))}; this read database has: "
+            f"{listed}.",
+            hint="check the name (and --read/--schema), or run its projector once to set it up.",
+        )
+
+
+async def _names(read_db: ReadDatabase) -> list[str]:
+    async with read_db.read_only() as s:
+        try:
+            async with s.savepoint():
+                rows = await s.fetchall("SELECT name FROM cqrskit_projections ORDER BY name")
+        except Exception:  # noqa: BLE001 - no bookkeeping tables: nothing was set up
+            return []
+    return [str(r[0]) for r in rows]
+
+
+async def _building(read_db: ReadDatabase, name: str, generation: int) -> tuple[int, bool]:
+    async with read_db.read_only() as s:
+        row = await s.fetchone(
+            "SELECT p.active_generation, c.position FROM cqrskit_projections p LEFT JOIN "
+            "cqrskit_checkpoints c ON c.projection = p.name AND c.generation = ? "
+            "WHERE p.name = ?",
+            generation,
+            name,
+        )
+    if row is None:
+        return 0, False
+    return int(row[1] or 0), int(row[0]) == generation
 
 
 async def _rebuild(args: argparse.Namespace) -> int:
@@ -299,18 +534,52 @@ async def _rebuild(args: argparse.Namespace) -> int:
     read_db = open_read_db(args.read, args.schema)
     try:
         generation = await request_rebuild(read_db, projection)
+        print(f"{projection.name}: rebuilding into generation {generation}")
+        if not args.wait:
+            print("the projector holding its lease replays the log, then switches over")
+            return 0
+        progress = Progress(f"{projection.name}: rebuilding generation {generation}")
+        deadline = time.monotonic() + args.timeout
+        while True:
+            position, switched = await _building(read_db, projection.name, generation)
+            async with read_db.read_only() as s:
+                target = await s.fetchval(
+                    "SELECT position FROM cqrskit_checkpoints WHERE projection = ? AND "
+                    "generation = (SELECT active_generation FROM cqrskit_projections "
+                    "WHERE name = ?)",
+                    projection.name,
+                    projection.name,
+                )
+            progress.update(position, max(int(target or 0), position))
+            if switched:
+                progress.finish()
+                print(f"{projection.name}: switched to generation {generation}")
+                return 0
+            if time.monotonic() > deadline:
+                progress.finish()
+                print(
+                    f"{projection.name}: still rebuilding after {args.timeout:g} s; is a "
+                    "projector running for it? (cqrskit projections status)",
+                    file=sys.stderr,
+                )
+                return 1
+            await asyncio.sleep(0.5)  # another process does the work: poll its progress
     finally:
         await read_db.close()
-    print(f"{projection.name}: rebuilding into generation {generation}")
-    return 0
 
 
 async def _dead_letters(args: argparse.Namespace) -> int:
     read_db = open_read_db(args.read, args.schema)
     try:
+        _known([args.name], await _names(read_db))
         if args.retry:
             flagged = await request_retry(read_db, args.name, stream=args.stream)
+            if not flagged:
+                print(f"{args.name}: no dead letters to retry")
+                return 0
             print(f"{args.name}: {flagged} parked event(s) flagged for retry")
+            if args.wait:
+                return await _follow_retry(read_db, args.name, flagged, args.timeout)
             return 0
         letters = await dead_letters(read_db, args.name)
     finally:
@@ -318,12 +587,51 @@ async def _dead_letters(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(d) for d in letters]))
         return 0
-    for d in letters:
-        print(
-            f"{d.position:>12} {d.stream} v{d.version} {d.type} attempts={d.attempts} "
-            f"{'retry ' if d.retry else ''}{d.error}"
-        )
+    if not letters:
+        print(f"{args.name}: no dead letters")
+        return 0
+    rows = [
+        [
+            d.position,
+            d.stream,
+            d.version,
+            d.type,
+            d.attempts,
+            "yes" if d.retry else "",
+            d.error if len(d.error) <= 80 else d.error[:77] + "...",
+        ]
+        for d in letters
+    ]
+    headers = ["position", "stream", "version", "type", "attempts", "retry", "error"]
+    sys.stdout.write(render_table(headers, rows, right=[0, 2, 4]))
     return 0
+
+
+async def _follow_retry(read_db: ReadDatabase, name: str, flagged: int, timeout: float) -> int:
+    progress = Progress(f"{name}: replaying dead letters")
+    deadline = time.monotonic() + timeout
+    while True:
+        letters = await dead_letters(read_db, name)
+        waiting = sum(1 for d in letters if d.retry)
+        progress.update(flagged - min(waiting, flagged), flagged)
+        if waiting == 0:
+            still = len(letters)
+            progress.finish()
+            print(
+                f"{name}: replay done; {still} event(s) still parked"
+                if still
+                else f"{name}: replay done; no dead letters left"
+            )
+            return 0 if not still else 1
+        if time.monotonic() > deadline:
+            progress.finish()
+            print(
+                f"{name}: {waiting} event(s) not retried after {timeout:g} s; is a "
+                "projector running for it?",
+                file=sys.stderr,
+            )
+            return 1
+        await asyncio.sleep(0.5)  # another process does the work: poll its progress
 
 
 def main(argv: Sequence[str] | None = None) -> int:

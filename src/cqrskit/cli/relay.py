@@ -3,7 +3,8 @@
 ``--store`` and ``--read`` (the relay's state database, usually the write database itself)
 work as for ``cqrskit projections``; ``--broker`` is a broker URL — ``nats://...``,
 ``amqp://...`` (RabbitMQ) or ``redis://...`` — or ``env:NAME``, and defaults to
-``$CQRSKIT_BROKER``, so neither DSNs nor broker credentials show in ``ps``.
+``$CQRSKIT_BROKER`` (all three resolved by ``resolve_locations``), so neither DSNs nor
+broker credentials show in ``ps``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 from typing import Any
 
@@ -20,23 +20,6 @@ from cqrskit.errors import ConfigurationError
 from cqrskit.messaging import Relay, Transport, relay_status
 
 __all__ = ["open_transport", "register_cli"]
-
-
-def _broker_url(value: str | None) -> str:
-    if value is None:
-        value = os.environ.get("CQRSKIT_BROKER")
-        if not value:
-            raise ConfigurationError(
-                "--broker is missing and CQRSKIT_BROKER is not set.",
-                hint="pass --broker env:NAME or set CQRSKIT_BROKER (keeps credentials out "
-                "of the process list).",
-            )
-    elif value.startswith("env:"):
-        var = value.removeprefix("env:")
-        value = os.environ.get(var)
-        if not value:
-            raise ConfigurationError(f"--broker env:{var}: the variable {var} is not set.")
-    return value
 
 
 def open_transport(url: str, destination: str | None = None) -> Transport:
@@ -71,20 +54,57 @@ def _add_commands(sub: Any) -> None:
     run = sub.add_parser("run", help="publish the event log to a broker until SIGTERM/SIGINT")
     run.set_defaults(run=_runner(_run))
     _connection_args(run)
-    run.add_argument("--broker", help="nats://, amqp://, redis:// URL or env:NAME")
-    run.add_argument("--destination", help="subject prefix / exchange / key prefix")
-    run.add_argument("--name", default="relay")
-    run.add_argument("--partitions", type=int, default=1)
-    run.add_argument("--batch-size", type=int, default=500)
-    run.add_argument("--lease-ttl", type=float, default=5.0)
-    run.add_argument("--poll-interval", type=float, default=1.0)
-    run.add_argument("--listen", action="store_true", help="PostgreSQL: LISTEN for NOTIFY")
-    run.add_argument("--owner")
+    run.add_argument(
+        "--broker",
+        metavar="URL",
+        help="nats://, amqp:// or redis:// URL, or env:NAME (default: $CQRSKIT_BROKER)",
+    )
+    run.add_argument(
+        "--destination",
+        metavar="PREFIX",
+        help="NATS subject prefix, RabbitMQ exchange or Redis key prefix "
+        "(default: the transport's own)",
+    )
+    run.add_argument(
+        "--name", default="relay", help="the relay's name in status and leases (default: relay)"
+    )
+    run.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="partitions: stable hash of the stream id modulo N (default: 1)",
+    )
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=500,
+        help="events read and published per batch (default: 500)",
+    )
+    run.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=5.0,
+        help="seconds before a silent relay's lease can be taken over (default: 5)",
+    )
+    run.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        help="seconds between reads of the log when idle (default: 1)",
+    )
+    run.add_argument(
+        "--listen",
+        action="store_true",
+        help="PostgreSQL: wake on NOTIFY instead of waiting for the next poll",
+    )
+    run.add_argument(
+        "--owner", help="the lease owner's name (default: host:pid:random, unique per process)"
+    )
     status = sub.add_parser("status", help="the relay's checkpoint, lag and parked events")
     status.set_defaults(run=_runner(_status))
     _connection_args(status)
-    status.add_argument("--name", default="relay")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--name", default="relay", help="the relay's name (default: relay)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
 def register_cli(sub: Any) -> None:
@@ -94,8 +114,10 @@ def register_cli(sub: Any) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    transport = open_transport(_broker_url(args.broker), args.destination)
-    store = await open_store(args.store, args.store_schema, listen=args.listen)
+    transport = open_transport(args.broker, args.destination)
+    store = await open_store(
+        args.store, args.store_schema, listen=args.listen, create_tables=args.create_tables
+    )
     state = open_read_db(args.read, args.schema)
     relay = Relay(
         store,
@@ -121,7 +143,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    store = await open_store(args.store, args.store_schema)
+    store = await open_store(args.store, args.store_schema, create_tables=args.create_tables)
     state = open_read_db(args.read, args.schema)
     try:
         s = await relay_status(state, store, args.name)

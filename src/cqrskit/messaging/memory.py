@@ -42,6 +42,7 @@ class InMemoryTransport(Transport):
     """
 
     name = "memory"
+    max_bytes: int
 
     def __init__(
         self,
@@ -71,6 +72,12 @@ class InMemoryTransport(Transport):
         """See :meth:`Transport.destination`."""
         return f"{self.prefix}.{partition}"
 
+    def refusal(self, envelope: Envelope) -> str | None:
+        """See :meth:`Transport.refusal`: a payload over ``max_bytes``."""
+        if len(envelope.payload) > self.max_bytes:
+            return f"message of {len(envelope.payload)} bytes exceeds {self.max_bytes}"
+        return None
+
     def lose_acks(self, calls: int = 1) -> None:
         """Let the next ``calls`` publish calls store their messages, then raise
         :class:`~cqrskit.errors.BrokerUnavailableError` as if the acks were lost."""
@@ -83,6 +90,10 @@ class InMemoryTransport(Transport):
 
     async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
         """See :meth:`Transport.publish`."""
+        return await (await self.send(messages))
+
+    async def send(self, messages: Sequence[Envelope]) -> asyncio.Future[list[str | None]]:
+        """See :meth:`Transport.send`: stores at once, acknowledges on a later loop pass."""
         if not self.available:
             raise BrokerUnavailableError("in-memory broker is marked unavailable.")
         results: list[str | None] = []
@@ -92,8 +103,9 @@ class InMemoryTransport(Transport):
             while seen and next(iter(seen.values())) < now - self.dedup_window:
                 seen.popitem(last=False)
         for env in messages:
-            if len(env.payload) > self.max_bytes:
-                results.append(f"message of {len(env.payload)} bytes exceeds {self.max_bytes}")
+            reason = self.refusal(env)
+            if reason is not None:
+                results.append(reason)
                 continue
             if self.destinations is not None and env.partition not in self.destinations:
                 results.append(f"no such destination {self.destination(env.partition)!r}")
@@ -107,11 +119,18 @@ class InMemoryTransport(Transport):
             self._stored.setdefault(dest, []).append((env.headers(), env.payload))
             self.published += 1
         self._wake()
-        if self._gate is not None:
-            await self._gate.wait()
-            self._gate = None
-        if self._lose:
-            self._lose -= 1
+        gate, self._gate = self._gate, None
+        lose = self._lose > 0
+        self._lose -= lose
+        return asyncio.ensure_future(self._ack(results, gate, lose))
+
+    @staticmethod
+    async def _ack(
+        results: list[str | None], gate: asyncio.Event | None, lose: bool
+    ) -> list[str | None]:
+        if gate is not None:
+            await gate.wait()
+        if lose:
             raise BrokerUnavailableError("in-memory broker: acknowledgements lost.")
         await asyncio.sleep(0)
         return results

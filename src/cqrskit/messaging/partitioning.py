@@ -19,7 +19,8 @@ MAX_PARTITIONS = 4096
 
 # a NATS subject token / AMQP routing-key part / Redis key part without wildcards,
 # separators, whitespace or control characters
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+# (fullmatch: a pattern ending in ``$`` would also accept a trailing newline)
+_TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 def partition_of(stream: str, partitions: int) -> int:
@@ -58,7 +59,7 @@ def check_token(value: str, what: str) -> str:
         ConfigurationError: it is not.
     """
     parts = value.split(".") if isinstance(value, str) else [""]
-    if not all(_TOKEN.match(p) for p in parts):
+    if not all(_TOKEN.fullmatch(p) for p in parts):
         raise ConfigurationError(
             f"invalid {what} {value!r}: each dot-separated part must be letters, digits, "
             "'_' or '-'.",

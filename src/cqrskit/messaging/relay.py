@@ -6,7 +6,10 @@ a standby takes over within ``lease_ttl``), the same checkpoint, status, lag and
 letters (it is recorded as a projection in mode ``relay``). For each batch it numbers the
 events per partition, hands the envelopes to the :class:`~cqrskit.messaging.Transport`,
 and only after the broker acknowledged all of them commits, in one transaction that checks
-the lease epoch, the checkpoint, the sequence counters and any refusals.
+the lease epoch, the checkpoint, the sequence counters and any refusals. Up to
+``pipeline`` batches are on their way at once (read and sent while earlier ones are being
+acknowledged and checkpointed); checkpoints still commit in order, each after its own
+batch's acknowledgements.
 
 Sequence numbers are a function of the committed state and the log alone, so a relay that
 restarts (or a standby taking over) republishes an unacknowledged tail with the same ids
@@ -21,7 +24,10 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from cqrskit.errors import BrokerUnavailableError, ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
@@ -44,6 +50,21 @@ log = logging.getLogger("cqrskit.messaging")
 
 class _Stopped(Exception):
     pass
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch on its way: the events read, the envelopes sent (placeholders for events
+    parked before sending), those parked, the counters after it, and the acks' future.
+    Once acknowledged it keeps only what its checkpoint commit needs."""
+
+    events: Sequence[StoredEvent]
+    sent: list[Envelope]
+    refused: dict[int, tuple[StoredEvent, str]]
+    seqs: dict[int, int]
+    last: int  # position of the batch's last event
+    results: asyncio.Future[list[str | None]] | None = None
+    acked: int = 0  # events the broker acknowledged
 
 
 async def relay_status(
@@ -74,6 +95,10 @@ class Relay:
             partitions between them need distinct names.
         signer: sign every envelope with this :class:`HmacSigner` (optional).
         batch_size: events per read, publish call and checkpoint commit.
+        pipeline: batches on their way at once: the next batch is read and sent while
+            the broker acknowledges the previous one and its checkpoint commits (with a
+            transport that overlaps sends, see :meth:`Transport.send`). The relay holds
+            at most ``pipeline * batch_size`` events.
         max_bytes: payloads larger than this are parked without being sent.
         lease_ttl: seconds without a heartbeat before a standby takes over.
         poll_interval: the longest idle wait when no wake-up hint comes.
@@ -93,6 +118,7 @@ class Relay:
         owned: Collection[int] | None = None,
         signer: HmacSigner | None = None,
         batch_size: int = 500,
+        pipeline: int = 2,
         max_bytes: int = 1 << 20,
         lease_ttl: float = 5.0,
         poll_interval: float = 1.0,
@@ -116,6 +142,9 @@ class Relay:
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1.")
         self.batch_size = batch_size
+        if pipeline < 1:
+            raise ConfigurationError("pipeline must be at least 1.")
+        self.pipeline = pipeline
         self.max_bytes = max_bytes
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
@@ -133,8 +162,18 @@ class Relay:
         self.gaps = 0
         self.outages = 0
         self._generation = 1
-        self._sequences: dict[int, int] = {}
+        self._sequences: dict[int, int] = {}  # committed with the checkpoint
         self._blocked: set[str] = set()
+        # where the batches sent leave off: read position, counters, parked streams
+        self._read_to = 0
+        self._ahead: dict[int, int] = {}
+        self._ahead_blocked: set[str] = set()
+        # the same after the last acknowledged batch (its checkpoint may not be committed)
+        self._acked_to = 0
+        self._acked_seqs: dict[int, int] = {}
+        self._acked_blocked: set[str] = set()
+        self._acked: list[_Batch] = []  # acknowledged, checkpoint not committed yet
+        self._committing: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -254,19 +293,54 @@ class Relay:
             self._sequences = await state.load_sequences(s, self.name, self.partitions)
             self._blocked = await state.load_blocked(s, self.name, self._generation)
         self.signal.notify()
+        inflight: deque[_Batch] = deque()  # sent; acknowledgements outstanding
+        self._acked.clear()
+        self._settle()
         next_check = last_beat = time.monotonic()
         backoff: float | None = None
         outage: float | None = None
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + self.state_interval
-                await self._check_state(epoch)
-            events = await self.store.read_after(self.checkpoint, self.batch_size)
-            if events:
+        limit = min(self.poll_interval, self.lease_ttl / 3)
+        try:
+            while not self._stop.is_set():
                 try:
-                    await self._publish_batch(epoch, events)
+                    self._committing = self._reap(epoch)
+                    if time.monotonic() >= next_check:
+                        next_check = time.monotonic() + self.state_interval
+                        retries = await self._retry_requests(epoch)
+                        if retries:  # retries number on from the committed counters
+                            await self._drain(epoch, inflight)
+                            await self._retry(epoch, retries)
+                            self._settle()
+                    room = len(inflight) < self.pipeline and len(self._acked) < self.pipeline
+                    if room:
+                        events = await self.store.read_after(self._read_to, self.batch_size)
+                        if events:
+                            batch = self._prepare(events)
+                            inflight.append(batch)
+                            if batch.sent:
+                                batch.results = await self.transport.send(batch.sent)
+                            continue
+                    if inflight:
+                        acks = inflight[0].results
+                        if room and acks is not None and not acks.done():
+                            # send what commits meanwhile rather than wait for these acks
+                            await self._acks_or_events(acks, limit)
+                            continue
+                        await self._take_acks(inflight.popleft())
+                        self._committing = self._reap(epoch)
+                        if outage is not None:
+                            log.info("relay %s: broker available again", self.name)
+                            outage = None
+                        last_beat = time.monotonic()
+                        backoff = None
+                        await asyncio.sleep(0)
+                        continue
+                    if self._acked and self._committing is not None:
+                        # nothing to read or send: let the checkpoint catch up
+                        await asyncio.wait([self._committing])
+                        continue
                 except BrokerUnavailableError as exc:
+                    await self._abandon(inflight)
                     if outage is None:
                         self.outages += 1
                         log.warning(
@@ -279,37 +353,86 @@ class Relay:
                         last_beat = time.monotonic()
                     await self._pause(outage)
                     continue
-                if outage is not None:
-                    log.info("relay %s: broker available again", self.name)
-                    outage = None
-                last_beat = time.monotonic()
-                backoff = None
-                await asyncio.sleep(0)
-                continue
-            if time.monotonic() - last_beat >= self.lease_ttl / 3:
-                async with self.state_db.transaction() as s:
-                    await self._fence(s, epoch)
-                last_beat = time.monotonic()
-            limit = min(self.poll_interval, self.lease_ttl / 3)
-            woke = await self._wait_for_events(backoff or limit)
-            if woke:
-                backoff = 0.001 if backoff is None else min(backoff * 2, limit)
-            elif backoff is None or backoff >= limit:
-                backoff = None
-            else:
-                backoff = min(backoff * 2, limit)
+                if time.monotonic() - last_beat >= self.lease_ttl / 3:
+                    async with self.state_db.transaction() as s:
+                        await self._fence(s, epoch)
+                    last_beat = time.monotonic()
+                woke = await self._wait_for_events(backoff or limit)
+                if woke:
+                    backoff = 0.001 if backoff is None else min(backoff * 2, limit)
+                elif backoff is None or backoff >= limit:
+                    backoff = None
+                else:
+                    backoff = min(backoff * 2, limit)
+            try:  # stopping: finish what is in flight, unless the broker is down
+                await self._drain(epoch, inflight)
+            except BrokerUnavailableError:
+                await self._drain(epoch, deque())  # commit what was acknowledged
+        finally:
+            await self._abandon(inflight)
+            committing, self._committing = self._committing, None
+            if committing is not None and not committing.done():
+                committing.cancel()
+            if committing is not None:
+                await asyncio.gather(committing, return_exceptions=True)
 
-    def _envelopes(
-        self, events: Sequence[StoredEvent]
-    ) -> tuple[list[Envelope], dict[int, tuple[StoredEvent, str]], dict[int, int]]:
-        """Number the batch. Returns the envelopes to send (a ``parked`` placeholder, in
-        place, for each event parked before sending), the parked events by position, and
-        the new sequence counters."""
-        seqs = dict(self._sequences)
-        owned, n, blocked = self.owned, self.partitions, set(self._blocked)
+    def _settle(self) -> None:
+        """Everything acknowledged is committed: number on from the committed state."""
+        self._acked_to = self.checkpoint
+        self._acked_seqs = dict(self._sequences)
+        self._acked_blocked = set(self._blocked)
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Read and number on from the last acknowledged batch (after an outage)."""
+        self._read_to = self._acked_to
+        self._ahead = dict(self._acked_seqs)
+        self._ahead_blocked = set(self._acked_blocked)
+
+    async def _abandon(self, inflight: deque[_Batch]) -> None:
+        """Give up the batches in flight: their outcome no longer matters, because the
+        relay publishes again after the last acknowledged batch with the same ids and
+        numbers."""
+        pending = [b.results for b in inflight if b.results is not None]
+        inflight.clear()
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._rewind()
+
+    def _reap(self, epoch: int) -> asyncio.Task[None] | None:
+        """The checkpoint commit task: raise its error if it failed; start the next one
+        when acknowledged batches wait and none is running."""
+        task = self._committing
+        if task is not None and task.done():
+            task.result()  # raises LeaseLostError, a database error ...
+            task = None
+        if task is None and self._acked:
+            task = asyncio.create_task(self._commit(epoch), name=f"relay:{self.name}:commit")
+        return task
+
+    async def _drain(self, epoch: int, inflight: deque[_Batch]) -> None:
+        """Take the acknowledgements of every batch in flight, then commit them all."""
+        while inflight:
+            await self._take_acks(inflight.popleft())
+        while True:
+            self._committing = self._reap(epoch)
+            if self._committing is None:
+                return
+            await asyncio.wait([self._committing])
+
+    def _prepare(self, events: Sequence[StoredEvent]) -> _Batch:
+        """Number the batch on from the batches already in flight. The envelopes to send
+        hold a ``parked`` placeholder, in place, for each event parked before sending."""
+        seqs = dict(self._ahead)
+        owned, n, blocked = self.owned, self.partitions, self._ahead_blocked
         send: list[Envelope] = []
         refused: dict[int, tuple[StoredEvent, str]] = {}
         max_bytes = self.max_bytes
+        refusal = self.transport.refusal
+        limit = self.transport.max_bytes
+        if limit is not None and limit < max_bytes:
+            max_bytes = limit
         for e in events:
             p = partition_of(e.stream, n)
             if owned is not None and p not in owned:
@@ -322,11 +445,20 @@ class Relay:
                 reason = f"payload of {len(env.payload)} bytes exceeds max_bytes={max_bytes}"
                 blocked.add(e.stream)
             else:
-                send.append(self._sign(env))
-                continue
+                signed = self._sign(env)
+                why = refusal(signed)
+                if why is None:
+                    send.append(signed)
+                    continue
+                # the transport would refuse it unsent: park it here, in its place, so
+                # the stream's later events in this batch wait behind it
+                reason = why
+                blocked.add(e.stream)
             refused[e.position] = (e, reason)
             send.append(self._sign(env.parked()))
-        return send, refused, seqs
+        self._read_to = events[-1].position
+        self._ahead = seqs
+        return _Batch(events, send, refused, seqs, events[-1].position)
 
     def _sign(self, env: Envelope) -> Envelope:
         signer = self.signer
@@ -334,52 +466,65 @@ class Relay:
             return env
         return env.signed(signer, self.transport.destination(env.partition))
 
-    async def _publish_batch(self, epoch: int, events: Sequence[StoredEvent]) -> None:
-        send, refused, seqs = self._envelopes(events)
-        acked = 0
-        if send:
-            results = await self.transport.publish(send)
+    async def _take_acks(self, batch: _Batch) -> None:
+        """Wait for the batch's acknowledgements; hand it to the checkpoint commit."""
+        if batch.results is not None:
+            results = await batch.results
             late: list[Envelope] = []
-            for env, reason in zip(send, results, strict=True):
+            for env, reason in zip(batch.sent, results, strict=True):
                 if reason is None:
-                    acked += env.kind == "event"
+                    batch.acked += env.kind == "event"
                 elif env.kind == "parked":
                     self._hole(env, reason)
                 else:
                     # refused by the broker itself: park it; its placeholder goes after the
-                    # batch (a consumer sees that sequence number late, never missing)
-                    refused[env.position] = (
-                        next(e for e in events if e.position == env.position),
+                    # batches in flight (a consumer sees that sequence number late, never
+                    # missing)
+                    batch.refused[env.position] = (
+                        next(e for e in batch.events if e.position == env.position),
                         reason,
                     )
+                    self._ahead_blocked.add(env.stream)
                     late.append(self._sign(env.parked()))
             if late:
                 for env, reason in zip(late, await self.transport.publish(late), strict=True):
                     if reason is not None:
                         self._hole(env, reason)
-        parked = [refused[k] for k in sorted(refused)]
-        async with self.state_db.transaction() as s:
-            await self._fence(s, epoch)
+        self._acked_to = batch.last
+        self._acked_seqs = batch.seqs
+        self._acked_blocked.update(stored.stream for stored, _ in batch.refused.values())
+        batch.events, batch.sent, batch.results = (), [], None  # only the bookkeeping stays
+        self._acked.append(batch)
+
+    async def _commit(self, epoch: int) -> None:
+        """Commit the checkpoint of every acknowledged batch, oldest first, in one
+        transaction per round (the lease epoch checked in it)."""
+        while self._acked:
+            batches, self._acked = self._acked, []
+            parked = [b.refused[k] for b in batches for k in sorted(b.refused)]
+            seqs, last = batches[-1].seqs, batches[-1].last
+            async with self.state_db.transaction() as s:
+                await self._fence(s, epoch)
+                for stored, reason in parked:
+                    await state.park(s, self.name, self._generation, stored, reason)
+                touched = [(p, q) for p, q in seqs.items() if self._sequences.get(p) != q]
+                await state.save_sequences(s, self.name, self.partitions, touched)
+                await schema.set_checkpoint(s, self.name, self._generation, last)
+            self._sequences = seqs
             for stored, reason in parked:
-                await state.park(s, self.name, self._generation, stored, reason)
-            touched = [(p, q) for p, q in seqs.items() if self._sequences.get(p) != q]
-            await state.save_sequences(s, self.name, self.partitions, touched)
-            await schema.set_checkpoint(s, self.name, self._generation, events[-1].position)
-        self._sequences = seqs
-        for stored, reason in parked:
-            if stored.stream not in self._blocked:
-                log.warning(
-                    "relay %s: parked stream %r at version %d: %s",
-                    self.name,
-                    stored.stream,
-                    stored.version,
-                    reason,
-                )
-            self._blocked.add(stored.stream)
-        self.parked += len(parked)
-        self.published += acked
-        self.checkpoint = events[-1].position
-        self.signal.notify()
+                if stored.stream not in self._blocked:
+                    log.warning(
+                        "relay %s: parked stream %r at version %d: %s",
+                        self.name,
+                        stored.stream,
+                        stored.version,
+                        reason,
+                    )
+                self._blocked.add(stored.stream)
+            self.parked += len(parked)
+            self.published += sum(b.acked for b in batches)
+            self.checkpoint = last
+            self.signal.notify()
 
     def _hole(self, env: Envelope, reason: str) -> None:
         """A placeholder was refused too: the partition's sequence has a hole (loud)."""
@@ -397,7 +542,8 @@ class Relay:
 
     # -- state checks and retries --------------------------------------------------------
 
-    async def _check_state(self, epoch: int) -> None:
+    async def _retry_requests(self, epoch: int) -> list[tuple[int, str, int]]:
+        """Check the lease (and beat it); return the parked events flagged for a retry."""
         async with self.state_db.transaction() as s:
             await self._fence(s, epoch)
             rows = await s.fetchall(
@@ -406,8 +552,7 @@ class Relay:
                 self.name,
                 self._generation,
             )
-        if rows:
-            await self._retry(epoch, [(int(p), str(s), int(v)) for p, s, v in rows])
+        return [(int(p), str(s), int(v)) for p, s, v in rows]
 
     async def _retry(self, epoch: int, rows: list[tuple[int, str, int]]) -> None:
         """Publish flagged parked events again (new sequence numbers, in order per stream);
@@ -458,10 +603,15 @@ class Relay:
                     *key,
                     position,
                 )
-            await s.execute(
-                "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND generation = ?",
-                *key,
-            )
+            # only the requests read above: one made since (another stream's) stays set
+            done = set(ok).union(failed)
+            for position in [p for p, _, _ in rows if p not in done]:  # streams stopped
+                await s.execute(
+                    "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND "
+                    "generation = ? AND position = ?",
+                    *key,
+                    position,
+                )
             await state.save_sequences(s, self.name, self.partitions, seqs.items())
             self._blocked = await state.load_blocked(s, self.name, self._generation)
         self._sequences = seqs
@@ -470,8 +620,20 @@ class Relay:
             "relay %s: retried %d parked event(s), %d published", self.name, len(rows), len(ok)
         )
 
+    async def _acks_or_events(self, acks: asyncio.Future[list[str | None]], timeout: float) -> None:
+        """Wait until the acknowledgements are in, new events may be readable, or
+        ``timeout`` passed."""
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(
+            self.store.wait_for(self._read_to, timeout)
+        )
+        pair: set[asyncio.Future[Any]] = {acks, waiter}
+        await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
     async def _wait_for_events(self, timeout: float) -> bool:
-        waiter = asyncio.ensure_future(self.store.wait_for(self.checkpoint, timeout))
+        waiter = asyncio.ensure_future(self.store.wait_for(self._read_to, timeout))
         stopper = asyncio.ensure_future(self._stop.wait())
         done, pending = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:

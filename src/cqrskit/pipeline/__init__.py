@@ -25,6 +25,7 @@ from cqrskit.pipeline.authorization import (
     authenticated,
 )
 from cqrskit.pipeline.logging import LoggingBehavior, SyncLoggingBehavior
+from cqrskit.pipeline.recommended import recommended
 from cqrskit.pipeline.retry import RetryBehavior, SyncRetryBehavior, is_transient
 from cqrskit.pipeline.timeout import TimeoutBehavior
 from cqrskit.pipeline.validation import (
@@ -58,4 +59,5 @@ __all__ = [
     "for_events",
     "for_queries",
     "is_transient",
+    "recommended",
 ]

@@ -13,6 +13,10 @@ new message is unreachable until someone decides who may send it. Events pass th
 are facts already authorized through the command that caused them. The policy for each
 message type is looked up once (a policy for a base class covers its subclasses; the most
 derived wins) and cached.
+
+The principal a policy granted is recorded in the dispatch's scope
+(:func:`authorized_principal`), so that behaviors further in — idempotency keys are scoped
+to it — act for the same caller.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from cqrskit.errors import NotAuthorizedError
+from cqrskit.errors import ConfigurationError, NotAuthorizedError
 from cqrskit.messages import Event
 from cqrskit.pipeline._core import Next
 from cqrskit.pipeline._support import SyncNext, failed, returns_awaitable, type_name
@@ -33,6 +37,7 @@ __all__ = [
     "SyncAuthorizationBehavior",
     "allow_all",
     "authenticated",
+    "authorized_principal",
 ]
 
 Policy = Callable[[Any, Any], "bool | Awaitable[bool]"]
@@ -47,6 +52,31 @@ def allow_all(principal: object, message: object) -> bool:
 def authenticated(principal: object, message: object) -> bool:
     """A policy that grants any caller with a principal (``principal is not None``)."""
     return principal is not None
+
+
+_PRINCIPAL_KEY = "cqrskit.authorized_principal"
+_current_scope: Callable[[], Any] | None = None
+
+
+def _record(principal: Any) -> None:
+    """Note ``principal`` in the running dispatch's scope (read by :func:`authorized_principal`)."""
+    global _current_scope
+    if _current_scope is None:
+        from cqrskit.mediator import current_scope  # the mediator imports this package
+
+        _current_scope = current_scope
+    scope = _current_scope()
+    if scope is not None:
+        scope[_PRINCIPAL_KEY] = principal
+
+
+def authorized_principal(scope: Mapping[Any, Any] | None) -> tuple[bool, Any]:
+    """``(True, principal)`` when an :class:`AuthorizationBehavior` granted the dispatch
+    whose scope is ``scope`` (``principal`` may be ``None``: an anonymous caller a policy
+    let through); ``(False, None)`` when no policy ran for it."""
+    if scope is None or _PRINCIPAL_KEY not in scope:
+        return False, None
+    return True, scope[_PRINCIPAL_KEY]
 
 
 class _Missing:
@@ -86,6 +116,16 @@ class _AuthorizationConfig:
         for tp, policy in policies.items():
             if not callable(policy):
                 raise TypeError(f"policy for {type_name(tp)} is not callable: {policy!r}")
+            if isinstance(tp, type) and issubclass(tp, Event):
+                # events pass through unchecked: such a policy would be silently ignored
+                raise ConfigurationError(
+                    f"an authorization policy is configured for the event type "
+                    f"{type_name(tp)}; events are not authorized (they are facts, already "
+                    "authorized through the command that recorded them), so it would never run.",
+                    message_type=tp,
+                    hint="remove it and put the policy on the command (or query) whose handler "
+                    "records or reads this event.",
+                )
         self._policies = dict(policies)
         self._strict = strict
         self._principal = _principal_getter(principal)
@@ -150,6 +190,9 @@ class AuthorizationBehavior(_AuthorizationConfig):
             ``None``, anonymous) or a zero-argument callable.
         strict: refuse command and query types that have no policy (default ``True``).
 
+    Raises:
+        ConfigurationError: (when built) a policy is given for an event type.
+
     Raises (at dispatch):
         NotAuthorizedError: the policy denied, or strict mode found no policy.
     """
@@ -167,11 +210,13 @@ class AuthorizationBehavior(_AuthorizationConfig):
             return next(message)
         if policy.__class__ is _Missing:
             return failed(self._missing(message.__class__))
-        verdict = policy(self._principal(), message)  # type: ignore[operator]
+        principal = self._principal()
+        verdict = policy(principal, message)  # type: ignore[operator]
         if verdict is True:
+            _record(principal)
             return next(message)
         if inspect.isawaitable(verdict):
-            return self._awaiting(verdict, message, next)
+            return self._awaiting(verdict, message, next, principal)
         return failed(self._denied(message.__class__, verdict))
 
     def authorize(self, message: Any, next: Next, principal: Any) -> Awaitable[Any]:
@@ -184,15 +229,19 @@ class AuthorizationBehavior(_AuthorizationConfig):
             return failed(self._missing(cls))
         verdict = policy(principal, message)
         if verdict is True:
+            _record(principal)
             return next(message)
         if inspect.isawaitable(verdict):
-            return self._awaiting(verdict, message, next)
+            return self._awaiting(verdict, message, next, principal)
         return failed(self._denied(cls, verdict))
 
-    async def _awaiting(self, verdict: Awaitable[Any], message: Any, next: Next) -> Any:
+    async def _awaiting(
+        self, verdict: Awaitable[Any], message: Any, next: Next, principal: Any
+    ) -> Any:
         decided = await verdict
         if decided is not True:
             raise self._denied(message.__class__, decided)
+        _record(principal)
         return await next(message)
 
     @classmethod

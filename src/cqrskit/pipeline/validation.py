@@ -25,6 +25,7 @@ import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from cqrskit._redact import key_label, scrub_msgspec
 from cqrskit.errors import FieldError, ValidationError
 from cqrskit.pipeline._core import Next
 from cqrskit.pipeline._support import SyncNext, failed, returns_awaitable
@@ -39,15 +40,18 @@ _MAX_DEPTH = 64  # nesting beyond this is not walked (guards against cyclic cont
 
 
 def field_path(loc: Iterable[str | int]) -> str:
-    """Render a location as a stable path: ``("items", 0, "qty")`` → ``"items[0].qty"``."""
+    """Render a location as a stable path: ``("items", 0, "qty")`` → ``"items[0].qty"``.
+
+    A name longer than 40 characters (a key sent by a caller) is cut to 40 and ``...``.
+    """
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         elif out:
-            out += f".{part}"
+            out += f".{key_label(part)}"
         else:
-            out = str(part)
+            out = key_label(part)
     return out
 
 
@@ -129,9 +133,7 @@ def _msgspec_check(message_type: type) -> _Check | None:
         try:
             convert(to_builtins(value), tp)
         except error_type as exc:
-            text = str(exc)
-            text, sep, where = text.partition(" - at `$")
-            suffix = where[:-1] if sep else ""
+            text, suffix = scrub_msgspec(str(exc))  # the rejected value is never echoed
             if suffix and not suffix.startswith("["):
                 suffix = "." + suffix.lstrip(".")
             out.append(FieldError(path + suffix, text))

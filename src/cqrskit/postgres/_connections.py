@@ -15,6 +15,8 @@ from typing import Any
 from cqrskit.errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
+    ConnectionLostError,
+    CqrsError,
     MissingExtraError,
     PersistenceError,
 )
@@ -30,22 +32,35 @@ _log = logging.getLogger("cqrskit.postgres")
 class _CommitTask(asyncio.Task[Any]):
     """A task running the round trip that ends in COMMIT; it cannot be cancelled."""
 
+    expired = False  # set when the commit timeout ended the connection
+
     def cancel(self, msg: Any | None = None) -> bool:
         """Refuse: the outcome of a COMMIT on the wire cannot be recalled."""
         return False
 
 
-async def _commit_round_trip(conn: Any, sql: str) -> None:
-    """Send the round trip that ends in COMMIT so that a cancellation cannot cut it in half.
+def _expire(task: _CommitTask, conn: Any) -> None:
+    """The commit timeout: end the connection; the round trip then fails at once."""
+    task.expired = True
+    conn.terminate()
+
+
+async def _commit_round_trip(conn: Any, sql: str, timeout: float) -> None:
+    """Send the round trip that ends in COMMIT so that a cancellation cannot cut it in half,
+    and wait at most ``timeout`` seconds for its reply.
 
     Once COMMIT is on the wire its outcome cannot be recalled: a cancellation that arrives
     meanwhile waits for the outcome (the commit then completes, its token is reported) and
-    is delivered again at the caller's next await.
+    is delivered again at the caller's next await. A reply that does not come within
+    ``timeout`` (a frozen server, a black-holed link, a synchronous standby gone) ends the
+    connection, which the caller then discards, and raises
+    :class:`~cqrskit.errors.CommitOutcomeUnknownError`.
     """
     # The task refuses cancellation itself, so this coroutine can await it directly: a
     # cancellation of the caller then arrives once the outcome is in, with no shield's
-    # extra future and event-loop hop per commit.
+    # extra future and event-loop hop per commit. The timeout is one timer handle.
     task = _CommitTask(conn.execute(sql))
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, task, conn)
     interrupted = False
     try:
         while True:
@@ -56,7 +71,19 @@ async def _commit_round_trip(conn: Any, sql: str) -> None:
                 if task.cancelled():
                     raise
                 interrupted = True
+            except Exception as exc:
+                if task.expired:
+                    raise CommitOutcomeUnknownError(
+                        f"no reply to COMMIT from PostgreSQL within {timeout:g} s; the "
+                        "connection was closed and the command may or may not have "
+                        "committed.",
+                        hint="retry with the same idempotency key (cqrskit.idempotency); "
+                        "raise commit_timeout in PostgresEventStore.open() if commits are "
+                        "legitimately that slow (a synchronous standby far away).",
+                    ) from exc
+                raise
     finally:
+        timer.cancel()
         if interrupted:
             current = asyncio.current_task()
             if current is not None:
@@ -226,6 +253,31 @@ async def _no_reset(conn: Any) -> None:
 
 
 _CONNECTION_LOST = (asyncpg.PostgresConnectionError, OSError)
+# the server ended the session: administrator command (pg_terminate_backend), crash or
+# shutdown, idle-session timeouts (not 57014, a cancelled statement: the session lives)
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05", "25P03"})
+
+
+def _lost(exc: BaseException, conn: Any) -> bool:
+    """Whether ``exc`` (raised by a statement on ``conn``) means the connection is gone."""
+    if isinstance(exc, CqrsError):  # already typed (ConnectionLostError is an OSError)
+        return False
+    if isinstance(exc, _CONNECTION_LOST):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return getattr(exc, "sqlstate", None) in _SESSION_ENDED
+    if isinstance(exc, asyncpg.InterfaceError):
+        try:
+            return bool(conn.is_closed())
+        except asyncpg.InterfaceError:  # a pool proxy already released: gone as well
+            return True
+    return False
+
+
+def _unsent(exc: BaseException) -> bool:
+    """asyncpg refuses a statement on a connection it already knows is closed with an
+    InterfaceError, before anything is sent: a COMMIT that failed so was never sent."""
+    return isinstance(exc, asyncpg.InterfaceError)
 
 
 def _connection_lost(exc: BaseException, committing: bool) -> PersistenceError:
@@ -236,7 +288,7 @@ def _connection_lost(exc: BaseException, committing: bool) -> PersistenceError:
             hint="retry with the same idempotency key (cqrskit.idempotency), which returns "
             "the stored result if the first attempt committed.",
         )
-    return PersistenceError(
+    return ConnectionLostError(
         f"the connection to PostgreSQL was lost before COMMIT ({exc}); nothing was committed.",
-        hint="retry the command.",
+        hint="retry the command (the retry behavior does: this is a ConnectionError).",
     )

@@ -4,23 +4,64 @@
 order than the transactions commit: a reader could read position 11 while 10 is still
 uncommitted and skip 10 for ever. Here the position is derived from the writing
 transaction's id: ``position = (xid << 20) + n``, ``n`` being the event's index in the
-transaction. Readers only return rows below ``pg_snapshot_xmin(pg_current_snapshot()) << 20``
-(the *horizon*): every transaction with an xid below the snapshot's xmin has finished, so
-every row below the horizon that will ever exist is already visible, and every row that is
-still invisible belongs to a transaction with ``xid >= xmin`` and so lies above the horizon.
-Writers never wait on a shared lock. The cost: while any write transaction in the cluster is
-open, readers stop at its xid (a long write transaction holds projections back; their lag
-metric shows it). Positions have gaps; tokens are plain ints.
+transaction. Readers return only rows below a *horizon* ``H << 20`` such that every row
+with an xid below ``H`` that will ever exist is already visible to them. Positions have
+gaps; tokens are plain ints. Writers never wait on a lock that readers take.
+
+**The horizon depends only on this log's appenders.** Every transaction that may append
+takes a shared transaction-level advisory lock ``K`` (keyed by schema and table) as its
+first statement, before it has an xid: it rides in the ``BEGIN`` string, so it costs no
+round trip (``COMMIT; BEGIN; SELECT pg_advisory_xact_lock_shared(...)``). Invariant **I**:
+a transaction that inserts into the log took ``K`` before its xid was assigned and holds
+it until it ends. A reader's statement, with snapshot ``S`` taken at time ``t_S``, reads
+the lock table at ``t_L > t_S`` and computes::
+
+    foreign = xids whose transaction, at t_L, holds its xid lock but not K
+    proven  = min({x in xip(S) : x not in foreign} + {xmax(S)})
+
+and reads rows below ``used << 20``, where ``used = max(xmin(S), P)`` and ``P`` is the
+highest ``proven`` returned by an *earlier* statement on the same server (kept by the
+store with the server's start time: after a restart or a failover, xids an earlier
+statement saw running may be handed out again, so a horizon proven before is dropped).
+
+*Claim*: a statement whose snapshot is taken after ``t_L`` sees every row that will ever
+exist with an xid below ``proven``. Let transaction ``W`` with xid ``X < proven`` commit a
+row. Then ``X < xmax(S)``, so ``X`` was assigned before ``t_S``. (a) ``X`` not in
+``xip(S)``: ``W`` had ended at ``t_S``, committed (or it aborted and the row never
+exists), so any later snapshot sees it. (b) ``X`` in ``xip(S)``: ``X < proven`` puts it in
+``foreign``, so at ``t_L`` ``W`` held its xid lock and not ``K``. By **I**, ``W`` took ``K``
+before ``t_S`` and keeps it until it ends; not holding it at ``t_L`` means ``W`` had ended
+(and released its locks) by ``t_L``, and PostgreSQL releases a transaction's locks only
+after its end is visible to new snapshots. So every snapshot after ``t_L`` sees the row.
+The store sends the statement that uses ``P`` only after the reply of the one that proved
+it, so its snapshot is taken after that ``t_L``; the snapshot's own xmin is a valid bound by
+itself (every xid below it had ended at ``t_S``), so ``max(xmin(S), P)`` is sound. Being
+inexact only holds readers back longer, never skips a row: a transaction whose xid lock is
+not yet in the lock table is not ``foreign``; one that ended between ``t_S`` and ``t_L``
+is not ``foreign`` either, or, if its locks were released one at a time and only ``K`` was
+gone, falls under (b). A prepared transaction (two-phase commit) keeps both locks.
+
+So a reader waits only for this log's appenders that hold an xid: a transaction in another
+database, or one in this database that never appends, does not hold it back. An appender
+that stays open (a slow handler, an ``idle in transaction`` session holding a unit of
+work) does, at its xid, until it ends: :meth:`PostgresEventStore.appenders` lists them
+with pid and age. A read costs one round trip, two when it proved a higher horizon than it
+could use (then it reads again with it). ``P`` is also ignored when it exceeds the
+snapshot's xmax. On a standby the primary's locks are not visible and the horizon is the
+snapshot's xmin. A transaction that inserts into the log without ``K`` (hand-written SQL)
+breaks **I**: run ``store.appender_lock_sql`` first.
 
 **One round trip for events + COMMIT.** asyncpg has no pipeline API, but a simple-protocol
 query string with several statements is one round trip: the events are rendered as SQL
 literals (escape-string literals, E'...', with backslashes and quotes doubled: safe whatever
 ``standard_conforming_strings`` a session sets;
-NUL refused) and sent as ``INSERT ...; COMMIT; BEGIN`` (the next command's transaction
-begins with this one's commit: ``begin_ahead``). When the caller wants the positions
-(``send_tracked``), a ``DO`` block in the same string raises a NOTICE with the transaction
-id, from which they follow. When inline hooks need them before COMMIT, the INSERT runs with
-``RETURNING`` first and COMMIT follows: one more round trip.
+NUL refused) and sent as ``INSERT ...; COMMIT; BEGIN; SELECT <K>`` (the next command's
+transaction begins with this one's commit: ``begin_ahead``). An error from that string may
+come after its COMMIT, so a lack of resources or a cancellation there is reported as an
+unknown outcome; the reply is awaited at most ``commit_timeout`` seconds. When the caller
+wants the positions (``send_tracked``), a ``DO`` block in the same string raises a NOTICE
+with the transaction id, from which they follow. When inline hooks need them before
+COMMIT, the INSERT runs with ``RETURNING`` first and COMMIT follows: one more round trip.
 """
 
 from __future__ import annotations
@@ -28,39 +69,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from cqrskit._encoding import Encoder
 from cqrskit.errors import (
     ConcurrencyError,
     ConfigurationError,
+    ConnectionLostError,
     MissingExtraError,
     PersistenceError,
 )
 from cqrskit.eventlog import (
+    Appender,
     EventStore,
     NewEvent,
     PendingRow,
     StoredEvent,
-    UnitOfWork,
     validate_identifier,
 )
 from cqrskit.messages import Metadata
 from cqrskit.postgres._connections import (
     _CONNECTION_LOST,
     _check_connection,
-    _commit_round_trip,
-    _connection_lost,
+    _lost,
     _no_reset,
     _Retry,
     _WriteConnections,
 )
+from cqrskit.postgres._horizon import appenders_sql, horizon_cte, lock_key, lock_sql
 from cqrskit.postgres._sql import (
     _CONFLICT_STATE,
-    _MAX_PER_TX,
-    _NO_SUCH_STATEMENT,
-    _SQL_REPORT_XID,
     _XID_NOTICE,
     SCHEMA_VERSION,
     _literal,
@@ -69,6 +110,7 @@ from cqrskit.postgres._sql import (
     _stream_from_detail,
     postgres_ddl,
 )
+from cqrskit.postgres._unitofwork import PostgresUnitOfWork
 
 if TYPE_CHECKING:
     from cqrskit.idempotency import IdempotencyBackend
@@ -83,119 +125,8 @@ __all__ = ["SCHEMA_VERSION", "PostgresEventStore", "PostgresUnitOfWork", "postgr
 _log = logging.getLogger("cqrskit.postgres")
 
 
-class PostgresUnitOfWork(UnitOfWork):
-    """One command's PostgreSQL transaction.
-
-    Attributes:
-        connection: the asyncpg connection, inside ``BEGIN``; change state with
-            ``await uow.connection.execute(...)``.
-    """
-
-    __slots__ = ("connection", "_want_positions", "_prefix")
-
-    store: PostgresEventStore
-
-    def __init__(
-        self,
-        store: PostgresEventStore,
-        metadata: Metadata | None,
-        connection: Any,
-        want_positions: bool,
-    ) -> None:
-        super().__init__(store, metadata)
-        self.connection = connection
-        self._want_positions = want_positions
-        self._prefix = ""  # the events' message-id prefix, once rendered
-
-    async def commit(self) -> int | None:
-        """See :meth:`UnitOfWork.commit`."""
-        store = self.store
-        conn = self.connection
-        last: int | None = None
-        committing = False
-        try:
-            if not self._events:
-                committing = True
-                await _commit_round_trip(conn, store._sql_end)
-            else:
-                if len(self._events) >= _MAX_PER_TX:
-                    raise PersistenceError(
-                        f"{len(self._events)} events in one transaction; the limit is "
-                        f"{_MAX_PER_TX - 1}."
-                    )
-                if store._hooks or (self._want_positions and not store._xid_notices):
-                    rows = self.pending_rows(store._encode)
-                    stored = await store._insert_returning(conn, rows)
-                    for hook in store._hooks:
-                        await hook(self, stored)
-                    committing = True
-                    await _commit_round_trip(conn, store._sql_commit)
-                    last = stored[-1].position
-                elif self._want_positions:
-                    # the transaction id comes back as a NOTICE in the same round trip
-                    # (asyncpg discards the rows of a multi-statement query)
-                    xids = store._xids
-                    xids.pop(id(conn), None)
-                    sql = store._render_insert(self) + _SQL_REPORT_XID + store._sql_commit
-                    committing = True
-                    await _commit_round_trip(conn, sql)
-                    xid = xids.pop(id(conn), None)
-                    if xid is None:  # pragma: no cover - the notice is always sent
-                        last = await store._find_last(conn, self)
-                    else:
-                        last = (xid << 20) + len(self._events) - 1
-                else:
-                    sql = store._render_insert(self) + store._sql_commit
-                    committing = True
-                    await _commit_round_trip(conn, sql)
-        except _CONNECTION_LOST as exc:
-            await self._abort()
-            raise _connection_lost(exc, committing) from exc
-        except asyncpg.PostgresError as exc:
-            if getattr(exc, "sqlstate", None) == _NO_SUCH_STATEMENT:
-                # the handler ran DISCARD ALL or DEALLOCATE: this connection lost the
-                # prepared event INSERT; a new connection prepares it again
-                await self._abort(broken=True)
-                raise PersistenceError(
-                    "the event log's prepared INSERT is gone from this connection (did the "
-                    f"handler run DISCARD ALL or DEALLOCATE?): {exc}; nothing was committed.",
-                    hint="do not deallocate prepared statements on uow.connection; the "
-                    "command can be retried (it will get a new connection).",
-                ) from exc
-            await self._abort()
-            raise await store._translate(exc, self.recorded) from exc
-        except BaseException:
-            await self._abort()
-            raise
-        self._close()
-        await store._release(conn)
-        if self._events:
-            store._wake()
-        return last
-
-    async def rollback(self) -> None:
-        """See :meth:`UnitOfWork.rollback`."""
-        await self._abort()
-
-    async def _abort(self, broken: bool = False) -> None:
-        if not self._active:
-            return
-        self._close()
-        conn = self.connection
-        try:
-            closed = conn.is_closed()  # lost: the server has rolled the transaction back
-        except asyncpg.InterfaceError:  # the pool already took back the dead connection
-            return
-        if closed:
-            await self.store._release(conn, broken=True)
-            return
-        try:
-            if conn.is_in_transaction():
-                await conn.execute(self.store._sql_rollback)
-        except BaseException:
-            await self.store._release(conn, broken=True)
-            raise
-        await self.store._release(conn, broken=broken)
+def _by_position(e: StoredEvent) -> int:
+    return e.position
 
 
 class PostgresEventStore(EventStore):
@@ -212,6 +143,7 @@ class PostgresEventStore(EventStore):
             hint; readers still poll). Off by default: PostgreSQL serializes the commits of
             every transaction that notifies (a database-wide lock held through the WAL
             flush), which cost about a third of the throughput with 8 writers.
+        commit_timeout: seconds to wait for a COMMIT's reply (see :meth:`open`).
     """
 
     unit_of_work_type = PostgresUnitOfWork
@@ -224,8 +156,10 @@ class PostgresEventStore(EventStore):
         table: str = "cqrskit_events",
         notify: bool = False,
         encoder: Encoder | None = None,
+        commit_timeout: float = 5.0,
     ) -> None:
         super().__init__(encoder=encoder)
+        self._commit_timeout = self._check_commit_timeout(commit_timeout)
         self.pool = pool
         self.dsn: str | None = None
         self._writers: _WriteConnections | None = None
@@ -242,9 +176,18 @@ class PostgresEventStore(EventStore):
         )
         self._xids: dict[int, int] = {}  # id(connection) -> xid reported by its last commit
         self._xid_notices = False  # set by open() when the role may run DO blocks
+        key = lock_key(schema, table)
+        # every transaction that may append takes the appender lock first, before it has
+        # an xid (see the module docstring); it rides in the BEGIN string
+        self.appender_lock_sql = lock_sql(key)
+        """The statement a transaction must run first if it inserts into the log itself."""
+        self._sql_begin = f"BEGIN; {self.appender_lock_sql}"
         self._sql_end = "COMMIT"  # a unit of work without events
         self._sql_rollback = "ROLLBACK"
-        horizon = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
+        # an xid below which every row that will ever exist is readable, and the server
+        # (its start time) that proved it
+        self._proven = 0
+        self._server: datetime | None = None
         cols = (
             "position, stream, version, type, schema_version, data, message_id, "
             "correlation_id, causation_id, recorded_at"
@@ -288,12 +231,23 @@ class PostgresEventStore(EventStore):
             self._sql_insert_tpl.format(*(f"${i}" for i in range(1, 11)))
             + " RETURNING position, stream, version"
         )
+        with_horizon = horizon_cte(key, "$3::bigint", "$4::timestamptz")
         self._sql_after = (
-            f"SELECT {cols} FROM {s}.{t} WHERE position > $1 AND position < {horizon} "
-            "ORDER BY position LIMIT $2"
+            f"{with_horizon}SELECT h.used, h.proven, h.server, e.* FROM h LEFT JOIN LATERAL "
+            f"(SELECT {cols} FROM {s}.{t} WHERE position > $1 AND position < (h.used << 20) "
+            "ORDER BY position LIMIT $2) e ON true"
         )
         self._sql_head = (
-            f"SELECT coalesce(max(position), 0) FROM {s}.{t} WHERE position < {horizon}"
+            f"{horizon_cte(key, '$1::bigint', '$2::timestamptz')}SELECT h.used, h.proven, "
+            "h.server, "
+            f"(SELECT coalesce(max(position), 0) FROM {s}.{t} "
+            "WHERE position < (h.used << 20)) FROM h"
+        )
+        self._sql_appenders = appenders_sql(key)
+        self._sql_backlog = (
+            "SELECT count(*), extract(epoch FROM min(recorded_at))::float8 FROM "
+            f"(SELECT recorded_at FROM {s}.{t} WHERE position > $1 ORDER BY position "
+            "LIMIT $2) b"
         )
         self._sql_stream = (
             f"SELECT {cols} FROM {s}.{t} WHERE stream = $1 AND version > $2 ORDER BY version"
@@ -306,6 +260,20 @@ class PostgresEventStore(EventStore):
         )
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    @staticmethod
+    def _check_commit_timeout(seconds: object) -> float:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 < seconds < math.inf  # also refuses NaN
+        ):
+            raise ConfigurationError(
+                f"commit_timeout must be a finite number of seconds > 0, got {seconds!r}.",
+                hint="the default is 5 seconds; a COMMIT without a reply by then is ended "
+                "and reported as CommitOutcomeUnknownError.",
+            )
+        return float(seconds)
 
     @classmethod
     async def open(
@@ -320,10 +288,17 @@ class PostgresEventStore(EventStore):
         max_size: int = 10,
         encoder: Encoder | None = None,
         begin_ahead: float = 0.05,
+        commit_timeout: float = 5.0,
     ) -> PostgresEventStore:
         """Connect a pool to ``dsn`` and prepare (or check) the tables.
 
         Args:
+            commit_timeout: seconds to wait for the reply to a COMMIT. A reply that does
+                not come by then (a frozen server, a black-holed link, a synchronous
+                standby that is down) ends the connection, which is discarded, and the
+                command fails with :class:`~cqrskit.errors.CommitOutcomeUnknownError`: it
+                may have committed (a retry with the same idempotency key has one
+                effect). Set it above the slowest commit you expect.
             begin_ahead: seconds a write connection may wait, idle, inside the next
                 command's transaction. Each commit is sent as ``COMMIT; BEGIN`` so that
                 the next command on that connection starts with no BEGIN round trip; a
@@ -334,12 +309,14 @@ class PostgresEventStore(EventStore):
                 exact time. ``0`` sends BEGIN with every command instead.
 
         Raises:
-            ConfigurationError: bad names, a negative ``begin_ahead``,
+            ConfigurationError: bad names, a negative ``begin_ahead``, a ``commit_timeout``
+                that is not a finite number > 0,
                 ``standard_conforming_strings`` off, tables missing with
                 ``create_tables=False``, or a schema version mismatch.
         """
         validate_identifier(schema, "schema name")
         validate_identifier(table, "table name")
+        cls._check_commit_timeout(commit_timeout)
         if not begin_ahead >= 0:  # also refuses NaN
             raise ConfigurationError(
                 f"begin_ahead must be a number of seconds >= 0, got {begin_ahead!r}.",
@@ -352,13 +329,20 @@ class PostgresEventStore(EventStore):
             init=_check_connection,
             reset=_no_reset,
         )
-        store = cls(pool, schema=schema, table=table, notify=notify, encoder=encoder)
+        store = cls(
+            pool,
+            schema=schema,
+            table=table,
+            notify=notify,
+            encoder=encoder,
+            commit_timeout=commit_timeout,
+        )
         store.dsn = dsn
         store._writers = _WriteConnections(dsn, max_size, begin_ahead, store._setup_writer)
         if begin_ahead > 0:
-            store._sql_commit += "; BEGIN"
-            store._sql_end += "; BEGIN"
-            store._sql_rollback += "; BEGIN"
+            store._sql_commit += "; " + store._sql_begin
+            store._sql_end += "; " + store._sql_begin
+            store._sql_rollback += "; " + store._sql_begin
         try:
             await store._prepare_tables(create_tables)
             store._xid_notices = await store._probe_notices()
@@ -440,11 +424,14 @@ class PostgresEventStore(EventStore):
                 continue
             try:
                 # a begun-ahead transaction that waited too long starts afresh (now())
-                await conn.execute("ROLLBACK; BEGIN" if conn.is_in_transaction() else "BEGIN")
-            except _CONNECTION_LOST as exc:
+                sql = self._sql_begin
+                await conn.execute(f"ROLLBACK; {sql}" if conn.is_in_transaction() else sql)
+            except Exception as exc:
                 await self._release(conn, broken=True)
+                if not _lost(exc, conn):
+                    raise
                 if attempt == 2:
-                    raise PersistenceError(
+                    raise ConnectionLostError(
                         f"cannot start a transaction: the connection to PostgreSQL was lost "
                         f"({exc}); nothing was written.",
                         hint="check that the server is up; the command can be retried.",
@@ -457,14 +444,20 @@ class PostgresEventStore(EventStore):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _acquire_writer(self) -> tuple[Any, bool]:
-        writers = self._writers
-        if writers is None:
-            return await self.pool.acquire(), False
-        for _ in range(100):
-            try:
-                return await writers.acquire()
-            except _Retry:
-                continue
+        try:
+            writers = self._writers
+            if writers is None:
+                return await self.pool.acquire(), False
+            for _ in range(100):
+                try:
+                    return await writers.acquire()
+                except _Retry:
+                    continue
+        except (*_CONNECTION_LOST, TimeoutError, asyncpg.CannotConnectNowError) as exc:
+            raise ConnectionLostError(
+                f"cannot connect to PostgreSQL ({exc}); nothing was written.",
+                hint="check that the server is up; the command can be retried.",
+            ) from exc
         raise PersistenceError(  # pragma: no cover - 100 connections failing in a row
             "could not obtain a PostgreSQL connection."
         )
@@ -644,19 +637,19 @@ class PostgresEventStore(EventStore):
     # -- read side -----------------------------------------------------------------------
 
     @staticmethod
-    def _event(r: Any) -> StoredEvent:
+    def _event(r: Any, i: int = 0) -> StoredEvent:
         return StoredEvent(
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            r[4],
-            r[5],
+            r[i],
+            r[i + 1],
+            r[i + 2],
+            r[i + 3],
+            r[i + 4],
+            r[i + 5],
             {
-                "message_id": r[6],
-                "correlation_id": r[7],
-                "causation_id": r[8],
-                "timestamp": r[9].isoformat(),
+                "message_id": r[i + 6],
+                "correlation_id": r[i + 7],
+                "causation_id": r[i + 8],
+                "timestamp": r[i + 9].isoformat(),
             },
         )
 
@@ -664,23 +657,82 @@ class PostgresEventStore(EventStore):
         """Rows in ``table`` of this store's schema, claimed in the command's transaction."""
         from cqrskit.postgres.idempotency import PostgresIdempotencyBackend
 
-        return PostgresIdempotencyBackend(self, table)
+        return PostgresIdempotencyBackend(self, table, wait_timeout)
+
+    def _learn(self, used: int, proven: int, server: datetime) -> bool:
+        """Keep the highest horizon proven by the current server; whether reading again
+        may return more."""
+        if server != self._server:
+            self._server, self._proven = server, proven
+        elif proven > self._proven:
+            self._proven = proven
+        return proven > used
 
     async def read_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
-        """See :meth:`EventStore.read_after`: stops below the visibility horizon."""
+        """See :meth:`EventStore.read_after`: stops below the readable horizon (see the
+        module docstring). One round trip; a second one when this read proved a higher
+        horizon than it could use and returned less than ``limit`` events."""
+        out: list[StoredEvent] = []
+        unordered = False
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(self._sql_after, position, limit)
-        return [self._event(r) for r in rows]
+            for _ in range(2):
+                rows = await conn.fetch(
+                    self._sql_after, position, limit, self._proven, self._server
+                )
+                event = self._event
+                for r in rows:
+                    at = r[3]
+                    if at is None:  # the LEFT JOIN's one row when there is no event
+                        break
+                    if at > position:
+                        position = at
+                    else:  # pragma: no cover - the lateral join keeps the index order
+                        unordered = True
+                    out.append(event(r, 3))
+                first = rows[0]
+                if not self._learn(first[0], first[1], first[2]) or len(out) >= limit:
+                    break
+                limit -= len(out)
+        if unordered:  # pragma: no cover
+            out.sort(key=_by_position)
+        return out
 
     async def head(self) -> int:
         """See :meth:`EventStore.head` (the highest position below the horizon)."""
         async with self.pool.acquire() as conn:
-            return int(await conn.fetchval(self._sql_head))
+            for _ in range(2):
+                used, proven, server, head = await conn.fetchrow(
+                    self._sql_head, self._proven, self._server
+                )
+                if not self._learn(used, proven, server):
+                    break
+        return int(head)
 
     async def last_position(self) -> int:
         """See :meth:`EventStore.last_position` (no horizon)."""
         async with self.pool.acquire() as conn:
             return int(await conn.fetchval(self._sql_last))
+
+    async def backlog(self, position: int, limit: int) -> tuple[int, float | None]:
+        """See :meth:`EventStore.backlog`: committed events, readable or not."""
+        async with self.pool.acquire() as conn:
+            count, oldest = await conn.fetchrow(self._sql_backlog, position, limit)
+        return int(count), oldest
+
+    async def appenders(self) -> list[Appender]:
+        """The transactions that may still append to this log and hold an xid, oldest
+        first: each holds readers back at its xid until it ends (see the module
+        docstring). Idle ``begin_ahead`` transactions have no xid and are not listed; nor
+        is a prepared (two-phase) transaction, which has no session (``pg_prepared_xacts``
+        shows it)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(self._sql_appenders)
+        return [Appender(int(r[0]), int(r[1]), r[2], r[3]) for r in rows]
+
+    async def oldest_appender(self) -> Appender | None:
+        """See :meth:`EventStore.oldest_appender`: the first of :meth:`appenders`."""
+        found = await self.appenders()
+        return found[0] if found else None
 
     async def read_stream(self, stream: str, after_version: int = 0) -> list[StoredEvent]:
         """See :meth:`EventStore.read_stream` (committed events, no horizon)."""

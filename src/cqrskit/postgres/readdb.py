@@ -5,16 +5,31 @@ Bookkeeping tables and read-model tables live in the given schema; statements wr
 statement (``$n`` placeholders, schema-qualified names). Query sessions run in
 ``BEGIN READ ONLY`` transactions with ``search_path`` set to the schema, so a query reads
 the views by their plain names and any write fails with a PostgreSQL error.
+
+Several statements in one round trip (:meth:`PostgresSession.execute_all`, used by the
+projection batches): asyncpg pipelines only executions of one prepared statement, so
+different statements go as one multi-statement string. Each ``$n`` becomes a quoted literal
+cast to the parameter's own type, as the server described it when the statement was first
+seen (one ``prepare`` per distinct statement and database object), so the server reads the
+same value it would have received as a parameter. Only values whose Python type asyncpg
+itself would encode for that parameter type are written as literals (``int`` for the
+integer types, ``str`` for text and JSON, aware ``datetime`` for ``timestamptz`` ...);
+a statement with any other value, or with text the rewriting cannot see through (dollar
+quoting, comments), runs on its own through asyncpg, exactly as without batching.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from decimal import Decimal
 from typing import Any
 
-from cqrskit.errors import MissingExtraError
+from cqrskit.errors import MissingExtraError, UnavailableError
 from cqrskit.projections.db import ReadDatabase, Row, Session, check_identifier
 
 try:
@@ -25,8 +40,72 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["PostgresReadDatabase", "PostgresSession"]
 
 _TOKENS = re.compile(
-    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|\bcqrskit_(?:projections|checkpoints|dead_letters)\b"
+    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|\bcqrskit_(?:projections|checkpoints|dead_letters|lease_holders)\b"
 )
+
+
+_PARAMS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\d+)")
+_OPAQUE = re.compile(r"\$[A-Za-z_]*\$|--|/\*")  # dollar quoting, comments
+
+Render = Callable[[Any], "str | None"]
+
+
+def _quote(text: str) -> str | None:
+    return None if "\x00" in text else "'" + text.replace("'", "''") + "'"
+
+
+def _ints(bits: int) -> Render:
+    top = 2 ** (bits - 1)
+    return lambda v: f"'{v}'" if type(v) is int and -top <= v < top else None
+
+
+def _float(v: Any) -> str | None:
+    if type(v) is int:
+        return f"'{v}'"
+    if type(v) is not float:
+        return None
+    if v != v:
+        return "'NaN'"
+    if v in (float("inf"), float("-inf")):
+        return "'Infinity'" if v > 0 else "'-Infinity'"
+    return f"'{v!r}'"
+
+
+def _numeric(v: Any) -> str | None:
+    if type(v) is int or (type(v) is Decimal and v.is_finite()):
+        return f"'{v}'"
+    return None
+
+
+# the Python types asyncpg encodes for each parameter type, as literal text
+_RENDER: dict[str, Render] = {
+    "int2": _ints(16),
+    "int4": _ints(32),
+    "int8": _ints(64),
+    "float8": _float,
+    "numeric": _numeric,
+    "bool": lambda v: ("'true'" if v else "'false'") if type(v) is bool else None,
+    "text": lambda v: _quote(v) if type(v) is str else None,
+    "varchar": lambda v: _quote(v) if type(v) is str else None,
+    "bpchar": lambda v: _quote(v) if type(v) is str else None,
+    "json": lambda v: _quote(v) if type(v) is str else None,
+    "jsonb": lambda v: _quote(v) if type(v) is str else None,
+    "uuid": lambda v: f"'{v}'" if type(v) is uuid.UUID else None,
+    "bytea": lambda v: f"'\\x{v.hex()}'" if type(v) is bytes else None,
+    "date": lambda v: f"'{v.isoformat()}'" if type(v) is dt.date else None,
+    "timestamp": lambda v: (
+        f"'{v.isoformat()}'" if type(v) is dt.datetime and v.tzinfo is None else None
+    ),
+    "timestamptz": lambda v: (
+        f"'{v.isoformat()}'"
+        if type(v) is dt.datetime and v.tzinfo is not None and v.utcoffset() is not None
+        else None
+    ),
+}
+
+# a statement as literal text: the pieces between its $n, which parameter goes in each
+# gap, and per parameter its renderer and cast
+_Literal = tuple[list[str], list[int], list[tuple[Render, str]]]
 
 
 class PostgresSession(Session):
@@ -34,11 +113,18 @@ class PostgresSession(Session):
 
     dialect = "postgres"
 
-    def __init__(self, conn: Any, schema: str, cache: dict[str, str]) -> None:
+    def __init__(
+        self,
+        conn: Any,
+        schema: str,
+        cache: dict[str, str],
+        literals: dict[str, _Literal | None] | None = None,
+    ) -> None:
         self._conn = conn
         self._schema = schema
         self._prefix = f'"{schema}".'
         self._cache = cache
+        self._literals: dict[str, _Literal | None] = {} if literals is None else literals
         self._sp = 0
 
     @property
@@ -82,6 +168,88 @@ class PostgresSession(Session):
         """See :meth:`Session.executemany`."""
         await self._conn.executemany(self._sql(sql), list(rows))
 
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run the statements in order, as few round trips as the values allow: those that
+        can be written as literals go together in one string (see the module)."""
+        if self._conn.get_settings().standard_conforming_strings != "on":
+            await super().execute_all(statements)  # backslashes would be escapes: no literals
+            return
+        script: list[str] = []
+        first: tuple[str, Sequence[Any]] | None = None
+        for sql, params in statements:
+            text = await self._literal(sql, params)
+            if text is None:
+                await self._send(script, first)
+                script, first = [], None
+                await self.execute(sql, *params)
+                continue
+            if not script:
+                first = (sql, params)
+            script.append(text)
+        await self._send(script, first)
+
+    async def _send(self, script: list[str], first: tuple[str, Sequence[Any]] | None) -> None:
+        if len(script) == 1 and first is not None:
+            await self.execute(first[0], *first[1])  # one statement: the prepared path
+        elif script:
+            await self._conn.execute(";\n".join(script))
+
+    async def _literal(self, sql: str, params: Sequence[Any]) -> str | None:
+        """``sql`` with ``params`` written in as typed literals, or ``None`` when a value
+        cannot be (then the statement runs on its own)."""
+        literals = self._literals
+        try:
+            form = literals[sql]
+        except KeyError:
+            if len(literals) >= 4096:
+                return None  # SQL text built per event: not worth a describe each
+            form = literals[sql] = await self._describe(sql)
+        if form is None:
+            return None
+        pieces, order, kinds = form
+        if len(params) != len(kinds):
+            return None  # asyncpg raises the error this deserves
+        values: list[str] = []
+        for value, (render, cast) in zip(params, kinds, strict=True):
+            if value is None:
+                values.append("NULL::" + cast)
+                continue
+            text = render(value)
+            if text is None:
+                return None
+            values.append(text + "::" + cast)
+        out = [pieces[0]]
+        for k, piece in zip(order, pieces[1:], strict=True):
+            out.append(values[k])
+            out.append(piece)
+        return "".join(out)
+
+    async def _describe(self, sql: str) -> _Literal | None:
+        dollar = self._sql(sql)
+        if _OPAQUE.search(dollar):
+            return None
+        pieces: list[str] = []
+        order: list[int] = []
+        last = 0
+        for m in _PARAMS.finditer(dollar):
+            if m.group(1) is None:
+                continue
+            pieces.append(dollar[last : m.start()])
+            order.append(int(m.group(1)) - 1)
+            last = m.end()
+        pieces.append(dollar[last:])
+        kinds: list[tuple[Render, str]] = []
+        if order:
+            statement = await self._conn.prepare(dollar)
+            for t in statement.get_parameters():
+                render = _RENDER.get(t.name) if t.schema == "pg_catalog" else None
+                if render is None or t.kind != "scalar":
+                    return None
+                kinds.append((render, f'"pg_catalog"."{t.name}"'))
+            if sorted(set(order)) != list(range(len(kinds))):
+                return None
+        return pieces, order, kinds
+
     async def fetchall(self, sql: str, *params: Any) -> list[Row]:
         """See :meth:`Session.fetchall`."""
         rows: list[Row] = await self._conn.fetch(self._sql(sql), *params)
@@ -114,36 +282,66 @@ class PostgresReadDatabase(ReadDatabase):
         dsn: the connection string (never logged or echoed).
         schema: the schema holding read models and bookkeeping (created if missing).
         max_size: pool size.
+        acquire_timeout: seconds a transaction waits for a free pooled connection before
+            :class:`~cqrskit.errors.UnavailableError` (default 10; an HTTP app answers it
+            503 with ``Retry-After``).
     """
 
     dialect = "postgres"
 
-    def __init__(self, dsn: str, *, schema: str = "public", max_size: int = 4) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "public",
+        max_size: int = 4,
+        acquire_timeout: float = 10.0,
+    ) -> None:
         self._dsn = dsn
         self.schema = check_identifier(schema, "schema name")
         self._max = max_size
+        self._acquire_timeout = acquire_timeout
         self._pool: Any = None
+        self._pool_lock = asyncio.Lock()
         self._cache: dict[str, str] = {}
+        # statements as typed literal text (execute_all): read-pool and write connections
+        # apart, their search_path may differ
+        self._literals: dict[str, _Literal | None] = {}
+        self._inline_literals: dict[str, _Literal | None] = {}
 
     def __repr__(self) -> str:
         return f"PostgresReadDatabase(schema={self.schema!r})"
 
     async def _get_pool(self) -> Any:
-        if self._pool is None:
+        if self._pool is not None:
+            return self._pool
+        async with self._pool_lock:  # concurrent first sessions: one pool, not one each
+            if self._pool is not None:
+                return self._pool
             pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=1,
                 max_size=self._max,
                 server_settings={"search_path": self.schema},
             )
-            async with pool.acquire() as conn:
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            try:
+                async with pool.acquire() as conn:
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            except BaseException:
+                pool.terminate()
+                raise
             self._pool = pool
         return self._pool
 
-    def transaction(self) -> AbstractAsyncContextManager[Session]:
-        """See :meth:`ReadDatabase.transaction`."""
-        return self._tx("BEGIN")
+    def transaction(
+        self, *, lock_timeout: float | None = None
+    ) -> AbstractAsyncContextManager[Session]:
+        """See :meth:`ReadDatabase.transaction` (``lock_timeout`` is set for this
+        transaction only: ``SET LOCAL lock_timeout``)."""
+        if lock_timeout is None:
+            return self._tx("BEGIN")
+        millis = max(1, round(lock_timeout * 1000))
+        return self._tx(f"BEGIN; SET LOCAL lock_timeout = {millis}")
 
     def read_only(self) -> AbstractAsyncContextManager[Session]:
         """See :meth:`ReadDatabase.read_only` (``BEGIN READ ONLY``)."""
@@ -152,19 +350,30 @@ class PostgresReadDatabase(ReadDatabase):
     @asynccontextmanager
     async def _tx(self, begin: str) -> AsyncIterator[Session]:
         pool = await self._get_pool()
-        async with pool.acquire() as conn:
+        try:
+            acquired = await pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError as exc:
+            raise UnavailableError(
+                f"all {self._max} read-database connections stayed busy for "
+                f"{self._acquire_timeout:g} s (pool exhausted).",
+                hint="raise max_size=, shorten the transactions holding them, or retry.",
+            ) from exc
+        conn = acquired
+        try:
             await conn.execute(begin)
             try:
-                yield PostgresSession(conn, self.schema, self._cache)
+                yield PostgresSession(conn, self.schema, self._cache, self._literals)
             except BaseException:
                 if conn.is_in_transaction():
                     await conn.execute("ROLLBACK")
                 raise
             await conn.execute("COMMIT")
+        finally:
+            await pool.release(conn)
 
     def inline(self, connection: Any) -> Session:
         """See :meth:`ReadDatabase.inline`."""
-        return PostgresSession(connection, self.schema, self._cache)
+        return PostgresSession(connection, self.schema, self._cache, self._inline_literals)
 
     async def close(self) -> None:
         """See :meth:`ReadDatabase.close`."""

@@ -81,7 +81,11 @@ class ProjectionContext:
         return self.session.connection
 
     def execute(self, sql: str, *params: Any) -> Awaitable[int]:
-        """Run a statement (``?`` placeholders); see :meth:`Session.execute`."""
+        """Run a statement (``?`` placeholders); see :meth:`Session.execute`.
+
+        In a projector batch the statement is queued and sent with others (reads see it;
+        see :mod:`cqrskit.projections.batch`); the row count returned becomes the number
+        when used, and then the handler runs unbatched for that event and after."""
         return self.session.execute(sql, *params)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Awaitable[None]:

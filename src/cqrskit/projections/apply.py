@@ -1,8 +1,11 @@
 """Applying events to one projection generation, with poison-event parking.
 
-A batch is first applied on the fast path: every event in one transaction, no savepoints.
-If a handler raises, the caller rolls the transaction back and re-applies the batch on the
-careful path: one savepoint per event, bounded attempts, and a failing event parked in
+A batch is first applied on the fast path: every event in one transaction, no savepoints,
+the handlers' writes queued and sent together (:mod:`cqrskit.projections.batch`). If a
+handler or a statement fails, the caller rolls the transaction back and re-applies the
+batch on the careful path: one savepoint per event, each statement sent when the handler
+issues it (so a failing statement fails its own event, and a handler that catches its own
+statement's error sees it as before), bounded attempts, and a failing event parked in
 ``cqrskit_dead_letters`` (with the later events of its stream when order matters).
 """
 
@@ -12,10 +15,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cqrskit.errors import SerializationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.messages import Event
 from cqrskit.projections.api import Handler, Projection, ProjectionContext
+from cqrskit.projections.batch import BatchContext, BatchSession
 from cqrskit.projections.db import Session
 
 __all__ = ["Applier", "as_decoder"]
@@ -43,18 +46,30 @@ class Applier:
         projection: the projection.
         decoder: stored event -> event object.
         max_attempts: attempts of one event on the careful path before it is parked.
+        batch_writes: queue the handlers' writes on the fast path and send them together
+            (``False``: each statement is sent when the handler issues it).
     """
 
-    def __init__(self, projection: Projection, decoder: Any, *, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        projection: Projection,
+        decoder: Any,
+        *,
+        max_attempts: int = 3,
+        batch_writes: bool = True,
+    ) -> None:
         self.projection = projection
         self._decode = as_decoder(decoder)
         # a serializer's registry lets unhandled types be skipped without decoding them
         types = getattr(decoder, "event_types", None)
         self._type_for: Callable[[str], type] | None = getattr(types, "type_for", None)
         self.max_attempts = max(1, max_attempts)
+        self.batch_writes = batch_writes
         # stored type name -> handler, or None for types this projection ignores
         self._by_name: dict[str, Handler | None] = {}
         self.blocked: set[str] = set()
+        # handlers that need their statements run at once (see projections.batch)
+        self._unbatched: set[Any] = set()
 
     async def apply_one(self, ctx: ProjectionContext, stored: StoredEvent) -> None:
         """Decode ``stored`` and run its handler (events of other types are skipped)."""
@@ -75,33 +90,51 @@ class Applier:
             if handler is None:
                 return
         ctx.stored = stored
-        await handler(event, ctx)
+        session = ctx.session
+        if isinstance(session, BatchSession):
+            await session.call(handler, event, ctx)
+        else:
+            await handler(event, ctx)
 
     def _handler_by_name(self, name: str) -> Handler | None:
+        # A type this process cannot decode is not known to be irrelevant: a newer release
+        # may handle it (a rolling upgrade). Its SerializationError propagates, so the
+        # event is parked with the reason — retried after the upgrade — never skipped.
         assert self._type_for is not None
-        try:
-            cls = self._type_for(name)
-        except SerializationError:
-            return None  # a type nobody registered cannot have a handler here
-        return self.projection.handler_for(cls)
+        return self.projection.handler_for(self._type_for(name))
 
-    def context(self, session: Session, generation: int) -> ProjectionContext:
-        """A handler context writing ``generation``'s tables through ``session``."""
+    def context(
+        self, session: Session, generation: int, *, batched: bool = False
+    ) -> ProjectionContext:
+        """A handler context writing ``generation``'s tables through ``session``; when
+        ``batched``, its writes are queued until a read, a savepoint or :meth:`flush`
+        (see projections.batch)."""
         tables = self.projection.physical_tables(generation, session.qualify)
+        if batched:
+            return BatchContext(BatchSession(session, self._unbatched), generation, tables)
         return ProjectionContext(session, generation, tables)
+
+    @staticmethod
+    async def flush(ctx: ProjectionContext) -> None:
+        """Send the writes ``ctx``'s handlers queued."""
+        session = ctx.session
+        if isinstance(session, BatchSession):
+            await session.flush()
 
     async def apply_fast(
         self, session: Session, generation: int, events: Sequence[StoredEvent]
     ) -> None:
-        """Apply a batch with no savepoints; raises on the first handler error."""
-        ctx = self.context(session, generation)
+        """Apply a batch with no savepoints; raises on the first handler or statement error."""
+        ctx = self.context(session, generation, batched=self.batch_writes)
+        batch = ctx.session if isinstance(ctx.session, BatchSession) else None
+        call = batch.call if batch is not None else _call
         blocked = self.blocked
         by_name = self._by_name
         decode = self._decode
         # the per-event hot path of a catch-up: apply_one inlined for known types
         for stored in events:
             if blocked and stored.stream in blocked:
-                await self.park(session, generation, stored, _blocked_text(stored), 0)
+                await self.park(ctx.session, generation, stored, _blocked_text(stored), 0)
                 continue
             handler = by_name.get(stored.type, _UNSEEN)
             if handler is None:
@@ -110,7 +143,9 @@ class Applier:
                 await self.apply_one(ctx, stored)
                 continue
             ctx.stored = stored
-            await handler(decode(stored), ctx)
+            await call(handler, decode(stored), ctx)
+        if batch is not None:
+            await batch.flush()
 
     async def apply_careful(
         self, session: Session, generation: int, events: Sequence[StoredEvent]
@@ -224,14 +259,23 @@ class Applier:
                 time.time(),
                 *key,
             )
-        if failed:
-            await session.execute(
-                "UPDATE cqrskit_dead_letters SET retry = 0 WHERE projection = ? AND generation = ?",
-                name,
-                generation,
-            )
+        # clear only the requests read above (those still parked: failed again, or behind
+        # a failure); one committed since then (another stream's) stays set for next time
+        for position, stream, _ in rows:
+            if stream in failed:
+                await session.execute(
+                    "UPDATE cqrskit_dead_letters SET retry = 0 "
+                    "WHERE projection = ? AND generation = ? AND position = ?",
+                    name,
+                    generation,
+                    position,
+                )
         await self.load_blocked(session, generation)
         return done
+
+
+async def _call(handler: Handler, event: Event, ctx: ProjectionContext) -> None:
+    await handler(event, ctx)
 
 
 def _blocked_text(stored: StoredEvent) -> str:

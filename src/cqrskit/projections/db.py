@@ -12,7 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from cqrskit.errors import ConfigurationError
 
@@ -21,7 +21,7 @@ __all__ = ["Dialect", "ReadDatabase", "Session", "check_identifier", "quote", "t
 Dialect = Literal["sqlite", "postgres"]
 Row = Sequence[Any]
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: "$" accepts a final newline
 _TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?")
 _dollar_cache: dict[str, str] = {}
 
@@ -32,7 +32,7 @@ def check_identifier(name: str, what: str = "identifier") -> str:
     Raises:
         ConfigurationError: the name would need quoting tricks or is too long.
     """
-    if not isinstance(name, str) or not _IDENT.match(name):
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
         raise ConfigurationError(
             f"invalid {what} {name!r}.",
             hint="use lowercase letters, digits and '_' only, starting with a letter or '_', "
@@ -87,6 +87,12 @@ class Session(ABC):
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per parameter row."""
 
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run ``(sql, params)`` statements in order, their row counts unused. A driver may
+        send them together (the PostgreSQL session: one round trip)."""
+        for sql, params in statements:
+            await self.execute(sql, *params)
+
     @abstractmethod
     async def fetchall(self, sql: str, *params: Any) -> list[Row]:
         """Run a query and return every row."""
@@ -118,10 +124,22 @@ class ReadDatabase(ABC):
     """
 
     dialect: Dialect
+    routes_tokens: ClassVar[bool] = False
+    """``True`` for a database that chooses the server of each read-only session (a
+    replica router): the :class:`~cqrskit.projections.ConsistencyGate` then hands it the
+    query's resolved :class:`~cqrskit.projections.consistency.TokenRequest` (in the
+    context's ``ReadAfter.request``) instead of waiting itself."""
 
     @abstractmethod
-    def transaction(self) -> AbstractAsyncContextManager[Session]:
-        """A read-write transaction (committed when the block exits normally)."""
+    def transaction(
+        self, *, lock_timeout: float | None = None
+    ) -> AbstractAsyncContextManager[Session]:
+        """A read-write transaction (committed when the block exits normally).
+
+        ``lock_timeout``: the longest its statements wait for another transaction's lock
+        (seconds; ``None``: the database's default), after which they raise the driver's
+        lock error — which :func:`~cqrskit.projections.apply.infrastructure_fault` knows.
+        """
 
     @abstractmethod
     def read_only(self) -> AbstractAsyncContextManager[Session]:
@@ -134,6 +152,24 @@ class ReadDatabase(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Close every connection this object opened."""
+
+    async def __aenter__(self) -> Self:
+        """``async with read_db:`` closes it when the block ends (an application's lifespan)."""
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def end_frozen_writer(self, host: str, pid: int) -> bool:
+        """The last resort against a lease holder that froze holding the write lock.
+
+        Called by a projector once a lease expired and its own attempt to take it could not
+        get the database's write lock. Where one process's lock blocks every writer
+        (SQLite's file lock) and process ``pid`` on ``host`` (this one's host) is the
+        holder, end that process and return ``True``. The default does nothing: a server
+        database ends such a session itself (see :func:`cqrskit.projections.schema.fence`).
+        """
+        return False
 
     async def session(self) -> AsyncIterator[Session]:
         """A scoped-dependency factory: a read-only session per dispatch.

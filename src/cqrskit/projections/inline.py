@@ -92,11 +92,16 @@ class InlineProjections:
         if not stored_events:
             return
         session = self.read_db.inline(uow.connection)
+        # on PostgreSQL the events' writes go together (round trips); on SQLite they run as
+        # issued: no round trip to save, and a handler may catch its own statement's error
+        batched = session.dialect == "postgres"
         last = max(e.position for e in stored_events)
         for applier in self._appliers:
             name = applier.projection.name
             generation = generations[name]
-            ctx = applier.context(session, generation)
+            ctx = applier.context(session, generation, batched=batched)
             for stored in stored_events:
                 await applier.apply_one(ctx, stored)
-            await schema.set_checkpoint(session, name, generation, last)
+            # with the handlers' statements: one round trip on PostgreSQL
+            await schema.set_checkpoint(ctx.session, name, generation, last)
+            await applier.flush(ctx)

@@ -91,6 +91,16 @@ class PartitionedProjector:
         """Partitions (-> lease epoch) this worker holds for projection ``name``."""
         return next((dict(g.leases.owned) for g in self._groups if g.name == name), {})
 
+    def leading(self, name: str) -> bool:
+        """Whether this worker holds any partition of projection ``name``."""
+        return bool(self.owned(name))
+
+    def checkpoint(self, name: str) -> int:
+        """The lowest position this worker committed among the partitions it holds of
+        ``name`` (0 when it holds none)."""
+        cps = self.checkpoints(name)
+        return min(cps.values()) if cps else 0
+
     def checkpoints(self, name: str) -> dict[int, int]:
         """The positions this worker committed for the partitions it holds of ``name``."""
         return next((dict(g.cps) for g in self._groups if g.name == name), {})

@@ -5,6 +5,13 @@ projection's lease (standing by while another process holds a live one), then lo
 batch after its checkpoint, apply it and raise the checkpoint in one read-database
 transaction that also checks the lease epoch (fencing), announce it, and when there is
 nothing to read wait on the store's wake-up hint (never a fixed sleep on that path).
+
+Every wait is bounded. A lease holder's transaction lasts at most ``3/4 lease_ttl`` (a handler
+awaiting something that never comes is cancelled and rolled back; a batch that is merely
+slow is retried in halves); on PostgreSQL the server ends a holder's session that froze
+inside a transaction (SIGSTOP) after ``lease_ttl`` idle; a standby's lease attempts wait at
+most ``lease_ttl / 4`` for a lock; :meth:`Projector.stop` returns within ``lease_ttl`` plus
+a grace period.
 """
 
 from __future__ import annotations
@@ -15,14 +22,16 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
+from cqrskit import _failpoints
 from cqrskit.errors import ConcurrencyError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
 from cqrskit.projections.api import Projection
-from cqrskit.projections.apply import Applier
+from cqrskit.projections.apply import Applier, infrastructure_fault
 from cqrskit.projections.db import ReadDatabase
 from cqrskit.projections.signal import Signal
 
@@ -35,8 +44,15 @@ class LeaseLostError(ConcurrencyError):
     """Another projector took this projection's lease over; this one stops writing."""
 
 
+_WORK_SHARE = 0.75  # of lease_ttl: the longest a lease holder's transaction may last
+
+
 class _Stopped(Exception):
     pass
+
+
+class _Overran(Exception):
+    """A lease holder's transaction ran past ``lease_ttl`` and was rolled back."""
 
 
 class _Worker:
@@ -46,27 +62,92 @@ class _Worker:
         self.name = projection.name
         self.epoch: int | None = None
         self.checkpoint = 0
+        self.batch_size = owner.batch_size
 
     # -- lease ---------------------------------------------------------------------------
 
     async def acquire(self) -> int:
+        """Take the lease: at once when free, else once its heartbeat stood still for
+        ``lease_ttl`` (on this process's monotonic clock). The lease row is watched in
+        read-only snapshots, which no holder's lock blocks; a take waits at most
+        ``lease_ttl / 4`` for a lock, then tries again at the next look."""
         p = self.p
         seen: tuple[int, int] | None = None
         since = time.monotonic()
         while not p._stop.is_set():
-            async with p.read_db.transaction() as s:
-                row = await schema.ensure_projection(s, self.projection, "async")
-                mark = (row.lease_epoch, row.lease_beat)
-                if mark != seen:
-                    seen, since = mark, time.monotonic()
-                free = row.lease_owner is None or row.lease_owner == p.owner
-                if free or time.monotonic() - since >= p.lease_ttl:
-                    epoch = await schema.take_lease(s, self.name, p.owner, row)
-                    if epoch is not None:
-                        log.info("projection %s: lease taken (epoch %d)", self.name, epoch)
-                        return epoch
+            async with p.read_db.read_only() as s:
+                row = await schema.load(s, self.name)
+            if row is None:  # not set up (start() does it; a rebuild tool may drop it)
+                async with p.read_db.transaction(lock_timeout=p.lease_ttl / 4) as s:
+                    row = await schema.ensure_projection(s, self.projection, "async")
+            mark = (row.lease_epoch, row.lease_beat)
+            if mark != seen:
+                seen, since = mark, time.monotonic()
+            free = row.lease_owner is None or row.lease_owner == p.owner
+            expired = time.monotonic() - since >= p.lease_ttl
+            if free or expired:
+                epoch = await self._take(row, expired and not free)
+                if epoch is not None:
+                    log.info("projection %s: lease taken (epoch %d)", self.name, epoch)
+                    return epoch
             await p._pause(p.lease_ttl / 4)
         raise _Stopped
+
+    async def _take(self, seen: schema.ProjectionRow, expired: bool) -> int | None:
+        p = self.p
+        for _ in range(2):
+            try:
+                async with p.read_db.transaction(lock_timeout=p.lease_ttl / 4) as s:
+                    return await schema.take_lease(s, self.name, p.owner, seen)
+            except Exception as exc:
+                if not infrastructure_fault(exc):
+                    raise
+                # the holder's lock is still there (or the database is busy)
+                log.info("projection %s: lease not taken yet (%s)", self.name, exc)
+            if not (expired and await self._end_frozen_holder(seen)):
+                return None  # look again at the next poll
+        return None
+
+    async def _end_frozen_holder(self, seen: schema.ProjectionRow) -> bool:
+        """A holder whose lease expired while it holds the database's write lock is frozen
+        (SIGSTOP, a blocked event loop): where nothing else can free that lock (SQLite),
+        the read database ends the holder process. ``True`` when it did."""
+        p = self.p
+        async with p.read_db.read_only() as s:
+            holder = await schema.lease_holder(s, self.name)
+        if holder is None or holder.epoch != seen.lease_epoch:
+            return False
+        if not await p.read_db.end_frozen_writer(holder.host, holder.pid):
+            return False
+        log.warning(
+            "projection %s: ended the frozen lease holder %s (pid %d)",
+            self.name,
+            seen.lease_owner,
+            holder.pid,
+        )
+        return True
+
+    @asynccontextmanager
+    async def _holding(self, epoch: int) -> AsyncIterator[Any]:
+        """A transaction of the lease holder: fenced first (the lease row stays locked until
+        it ends), and over after ``3/4 lease_ttl`` whatever happens inside — before a
+        standby may find the lease expired, and before PostgreSQL's own backstop (the
+        fence's idle timeout of ``lease_ttl``) ends the session."""
+        p = self.p
+        deadline = asyncio.timeout(p.lease_ttl * _WORK_SHARE)
+        try:
+            # the deadline covers the work, never the COMMIT (whose outcome a cancellation
+            # would leave unknown): once it expired nothing was committed
+            async with p.read_db.transaction() as s, deadline:
+                await self._fence(s, epoch)
+                yield s
+        except Exception as exc:
+            if deadline.expired():
+                raise _Overran(
+                    f"projection {self.name}: a transaction ran past 3/4 of lease_ttl "
+                    f"({p.lease_ttl:g}s) and was rolled back"
+                ) from exc
+            raise
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -82,6 +163,13 @@ class _Worker:
                 break
             except LeaseLostError:
                 log.warning("projection %s: lease lost; standing by", self.name)
+            except _Overran as exc:
+                # one event's handler outlasted the lease: step back so that a standby
+                # takes over (this process would most likely hang on it again)
+                log.error("%s; handing the lease over", exc)
+                await self.release()
+                self.epoch = None
+                await p._pause(p.lease_ttl)
             except Exception:
                 failures += 1
                 log.exception("projection %s: worker failed; restarting", self.name)
@@ -126,15 +214,14 @@ class _Worker:
                         active,
                     )
                 if retries:
-                    async with p.read_db.transaction() as s:
-                        await self._fence(s, epoch)
+                    async with self._holding(epoch) as s:
                         await applier.retry_requested(s, active, p.store)
                     p.signal.notify()
             progressed = False
-            events = await p.store.read_after(self.checkpoint, p.batch_size)
+            events = await p.store.read_after(self.checkpoint, self.batch_size)
             if events:
-                await self.commit(epoch, active, applier, events)
-                self.checkpoint = events[-1].position
+                done = await self.commit(epoch, active, applier, events)
+                self.checkpoint = done
                 last_beat = time.monotonic()
                 p.signal.notify()
                 progressed = True
@@ -142,15 +229,13 @@ class _Worker:
                 gen, bapplier = building
                 bevents = [
                     e
-                    for e in await p.store.read_after(bcp, p.batch_size)
+                    for e in await p.store.read_after(bcp, self.batch_size)
                     if e.position <= self.checkpoint
                 ]
                 if bevents:
-                    await self.commit(epoch, gen, bapplier, bevents)
-                    bcp = bevents[-1].position
+                    bcp = await self.commit(epoch, gen, bapplier, bevents)
                 else:
-                    async with p.read_db.transaction() as s:
-                        await self._fence(s, epoch)
+                    async with self._holding(epoch) as s:
                         await schema.set_checkpoint(s, self.name, gen, self.checkpoint)
                         await schema.switch_over(s, self.projection, active, gen)
                     log.info("projection %s: switched to generation %d", self.name, gen)
@@ -164,8 +249,8 @@ class _Worker:
                 await asyncio.sleep(0)
                 continue
             if time.monotonic() - last_beat >= p.lease_ttl / 3:
-                async with p.read_db.transaction() as s:
-                    await self._fence(s, epoch)
+                async with self._holding(epoch):
+                    pass
                 last_beat = time.monotonic()
             # after a wake-up that found nothing readable (on PostgreSQL, a commit can stay
             # above the readable horizon while an older transaction is open; nobody signals
@@ -181,26 +266,67 @@ class _Worker:
                 backoff = min(backoff * 2, limit)
 
     async def _fence(self, s: Any, epoch: int) -> None:
-        if not await schema.fence(s, self.name, epoch):
+        if not await schema.fence(s, self.name, epoch, hold=self.p.lease_ttl):
             raise LeaseLostError(f"projection {self.name}: lease epoch {epoch} was fenced off")
 
     async def commit(
         self, epoch: int, generation: int, applier: Applier, events: Sequence[StoredEvent]
+    ) -> int:
+        """Apply ``events`` (or, when that overruns the lease, a first part of them, halving
+        the batch size for the batches that follow); return the position now applied."""
+        while True:
+            try:
+                await self._commit(epoch, generation, applier, events)
+            except _Overran:
+                # rolled back: reload what the database holds (the parked streams too)
+                async with self.p.read_db.read_only() as s:
+                    await applier.load_blocked(s, generation)
+                    done = await schema.get_checkpoint(s, self.name, generation)
+                rest = [e for e in events if e.position > done]
+                if not rest:
+                    return done
+                if len(rest) == 1:
+                    raise  # one event's handler alone outlasts the lease: it hangs
+                self.batch_size = max(1, len(rest) // 2)
+                log.warning(
+                    "projection %s: a batch of %d events overran lease_ttl; batches of %d now",
+                    self.name,
+                    len(rest),
+                    self.batch_size,
+                )
+                events = rest[: self.batch_size]
+                continue
+            return events[-1].position
+
+    async def _commit(
+        self, epoch: int, generation: int, applier: Applier, events: Sequence[StoredEvent]
     ) -> None:
-        db = self.p.read_db
         last = events[-1].position
+        point = {
+            "projection": self.name,
+            "generation": generation,
+            "epoch": epoch,
+            "first": events[0].position,
+            "last": last,
+        }
+        await _failpoints.reached("projector.before_commit", **point)
         try:
-            async with db.transaction() as s:
-                await self._fence(s, epoch)
+            async with self._holding(epoch) as s:
                 await applier.apply_fast(s, generation, events)
+                await _failpoints.reached("projector.applied", **point)
                 await schema.set_checkpoint(s, self.name, generation, last)
+                await _failpoints.reached("projector.checkpointed", **point)
+            await _failpoints.reached("projector.committed", **point)
             return
-        except LeaseLostError:
+        except (LeaseLostError, _Overran):
             raise
         except Exception as exc:  # noqa: BLE001 - handled by the careful path below
             log.info("projection %s: batch failed (%s); applying event by event", self.name, exc)
-        async with db.transaction() as s:
-            await self._fence(s, epoch)
+        async with self._holding(epoch) as s:
+            # the fast attempt may have committed although it raised (the connection was
+            # lost during its COMMIT): apply only what the checkpoint does not cover yet
+            done = await schema.get_checkpoint(s, self.name, generation)
+            events = [e for e in events if e.position > done]
             await applier.load_blocked(s, generation)
             parked = await applier.apply_careful(s, generation, events)
             await schema.set_checkpoint(s, self.name, generation, last)
@@ -212,7 +338,7 @@ class _Worker:
         if epoch is None:
             return
         try:
-            async with self.p.read_db.transaction() as s:
+            async with self.p.read_db.transaction(lock_timeout=self.p.lease_ttl / 4) as s:
                 await schema.release_lease(s, self.name, epoch)
         except Exception:
             log.exception("projection %s: could not release the lease", self.name)
@@ -230,12 +356,21 @@ class Projector:
         projections: the projections to run (one worker each).
         decoder: stored event -> event (a callable or a serializer's ``decode_stored``).
         batch_size: events per read-database transaction.
-        lease_ttl: seconds (monotonic) without a heartbeat before a standby takes over.
+        lease_ttl: seconds (monotonic) without a heartbeat before a standby takes over; a
+            lease holder's transaction is rolled back after 3/4 of it (size batches so
+            that one finishes well within it).
         max_attempts: attempts per failing event before it is parked.
         state_interval: seconds between checks for rebuild and retry requests.
         poll_interval: the longest idle wait between reads when no wake-up comes (the
             safety net under the store's hints; also capped at ``lease_ttl / 3``).
-        owner: this projector's lease owner id (default: host, pid and a random suffix).
+        owner: this projector's lease owner id, stored in the lease row and shown by
+            ``cqrskit projections status`` (default ``"<hostname>:<pid>:<8 hex digits>"``,
+            e.g. ``"web-1:4242:9f1c2a7b"``: unique per projector object, so two projectors
+            in one process never share a lease).
+        stop_timeout: seconds :meth:`stop` waits for the batches in flight to commit
+            before abandoning them (their transactions roll back; the events are applied
+            again by the next lease holder); the leases are released either way
+            (default 10).
     """
 
     def __init__(
@@ -251,6 +386,7 @@ class Projector:
         state_interval: float = 0.5,
         poll_interval: float = 1.0,
         owner: str | None = None,
+        stop_timeout: float = 10.0,
     ) -> None:
         self.store = store
         self.read_db = read_db
@@ -261,13 +397,18 @@ class Projector:
         self.state_interval = state_interval
         self.poll_interval = poll_interval
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stop_timeout = stop_timeout
         self.signal = Signal()
         self._workers = [_Worker(self, p) for p in projections]
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def leading(self, name: str) -> bool:
-        """Whether this projector currently holds the lease of projection ``name``."""
+        """Whether this projector currently holds the lease of projection ``name``.
+
+        ``False`` while it stands by for another owner's lease, before :meth:`start` and
+        after :meth:`stop`; a projection this projector does not run is never led.
+        """
         return any(w.name == name and w.epoch is not None for w in self._workers)
 
     def checkpoint(self, name: str) -> int:
@@ -277,18 +418,68 @@ class Projector:
     async def start(self) -> None:
         """Set the projections up (tables, views, bookkeeping), then start one worker each."""
         self._stop.clear()
-        async with self.read_db.transaction() as s:
-            for w in self._workers:
-                await schema.ensure_projection(s, w.projection, "async")
+        # looked at read-only first: while another projector's batch holds the database's
+        # write lock (SQLite), a standby starting up must not queue behind it for nothing
+        if await self._needs_setup():
+            async with self.read_db.transaction() as s:
+                for w in self._workers:
+                    await schema.ensure_projection(s, w.projection, "async")
         self._tasks = [
             asyncio.create_task(w.run(), name=f"projector:{w.name}") for w in self._workers
         ]
 
-    async def stop(self) -> None:
-        """Finish the batches in flight, release the leases and stop."""
+    async def _needs_setup(self) -> bool:
+        try:
+            async with self.read_db.read_only() as s:
+                if not await schema.installed(s):
+                    return True
+                for w in self._workers:
+                    row = await schema.load(s, w.name)
+                    if row is None or row.mode != "async":
+                        return True
+        except Exception as exc:  # noqa: BLE001 - e.g. the tables do not exist yet
+            log.debug("projections not set up yet (%s)", exc)
+            return True
+        return False
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finish the batches in flight, release the leases and stop.
+
+        A batch still running after ``timeout`` seconds (default :attr:`stop_timeout`) is
+        abandoned: its task is cancelled, its transaction rolls back, and the lease is
+        released all the same, so a standby takes over at once instead of after
+        ``lease_ttl``.
+        """
         self._stop.set()
         tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        held = {w.name: w.epoch for w in self._workers if w.epoch is not None}
+        limit = self.stop_timeout if timeout is None else timeout
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, limit))
+        if not pending:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return
+        log.warning(
+            "projector %s: %d worker(s) still busy after %.1f s; abandoning their batch",
+            self.owner,
+            len(pending),
+            limit,
+        )
+        for task in pending:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._release_abandoned(held)
+
+    async def _release_abandoned(self, held: dict[str, int]) -> None:
+        # a cancelled worker did not reach its own release; the epoch guard makes this a
+        # no-op for a lease that was released or taken over meanwhile
+        for name, epoch in held.items():
+            try:
+                async with self.read_db.transaction() as s:
+                    await schema.release_lease(s, name, epoch)
+            except Exception:
+                log.exception("projection %s: could not release the lease", name)
 
     async def run(self) -> None:
         """Start, then run until :meth:`stop` is called (e.g. from a signal handler)."""

@@ -4,19 +4,24 @@
                           and the lease (owner, epoch, heartbeat counter).
 ``cqrskit_checkpoints``   per (projection, generation): the last applied position.
 ``cqrskit_dead_letters``  parked (poison) events with the error and the attempts.
+``cqrskit_lease_holders`` per projection: the host and process id that took the current
+                          lease epoch (to end a frozen holder of SQLite's write lock); the
+                          host column names the process exactly (:func:`process_identity`).
 
 Every statement uses ``?`` placeholders and runs on SQLite and PostgreSQL alike.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
 
 from cqrskit.projections.api import Projection, physical_table
 from cqrskit.projections.db import Session
 
-__all__ = ["ProjectionRow", "install", "ensure_projection"]
+__all__ = ["LeaseHolder", "ProjectionRow", "ensure_projection", "install"]
 
 DDL = (
     """CREATE TABLE IF NOT EXISTS cqrskit_projections (
@@ -45,6 +50,12 @@ DDL = (
         parked_at DOUBLE PRECISION NOT NULL,
         retry INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (projection, generation, position))""",
+    """CREATE TABLE IF NOT EXISTS cqrskit_lease_holders (
+        name TEXT PRIMARY KEY,
+        epoch BIGINT NOT NULL,
+        host TEXT NOT NULL,
+        pid BIGINT NOT NULL,
+        taken_at DOUBLE PRECISION NOT NULL)""",
 )
 
 
@@ -61,6 +72,52 @@ class ProjectionRow:
     lease_beat: int
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    """The process that took a projection's current lease epoch."""
+
+    epoch: int
+    host: str
+    pid: int
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def process_state(pid: int) -> tuple[str, str] | None:
+    """``(state letter, start time in clock ticks since boot)`` of process ``pid`` from
+    ``/proc/<pid>/stat`` (Linux), or ``None`` where it cannot be read."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None or ")" not in stat:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and ")"
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def process_identity(pid: int) -> str:
+    """What names process ``pid`` (as this process sees it) across hosts, containers and
+    pid reuse: the host name, then — where ``/proc`` shows them — the boot, the pid
+    namespace and the process's start time. Recorded as a lease holder's ``host``; a
+    standby compares it before it may end a frozen holder (:meth:`ReadDatabase.end_frozen_writer`),
+    so a process of another host, another container (pid namespace) or a later process that
+    reuses the pid never matches."""
+    parts = [socket.gethostname()]
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        namespace: int | None = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = None
+    state = process_state(pid)
+    if boot and namespace and state:
+        parts += [f"boot={boot}", f"pidns={namespace}", f"start={state[1]}"]
+    return " ".join(parts)
+
+
 async def install(session: Session) -> None:
     """Create the bookkeeping tables if missing."""
     if session.dialect == "postgres":
@@ -68,6 +125,17 @@ async def install(session: Session) -> None:
         await session.execute("SELECT pg_advisory_xact_lock(7263541)")
     for stmt in DDL:
         await session.execute(stmt)
+
+
+async def installed(session: Session) -> bool:
+    """Whether every bookkeeping table exists (a read-only check; raises if none does)."""
+    await session.fetchone("SELECT name FROM cqrskit_projections LIMIT 1")
+    try:
+        async with session.savepoint():
+            await session.fetchone("SELECT name FROM cqrskit_lease_holders LIMIT 1")
+    except Exception:  # noqa: BLE001 - a table added by a later release: install() adds it
+        return False
+    return True
 
 
 async def load(session: Session, name: str) -> ProjectionRow | None:
@@ -148,19 +216,31 @@ async def set_checkpoint(session: Session, name: str, generation: int, position:
     )
 
 
-async def fence(session: Session, name: str, epoch: int) -> bool:
-    """Check the lease is still ours (and beat it); ``False`` means another took over."""
-    changed = await session.execute(
+async def fence(session: Session, name: str, epoch: int, *, hold: float | None = None) -> bool:
+    """Check the lease is still ours (and beat it); ``False`` means another took over.
+
+    The fence locks the projection's row until the transaction ends. With ``hold`` (seconds)
+    on PostgreSQL, the server ends this session if it then sits idle in the transaction that
+    long (``idle_in_transaction_session_timeout``, for this transaction only): a holder that
+    froze mid-transaction (SIGSTOP, a stalled host) cannot keep the row locked, so a standby
+    takes over, and the frozen one's transaction can never commit.
+    """
+    sql = (
         "UPDATE cqrskit_projections SET lease_beat = lease_beat + 1 "
-        "WHERE name = ? AND lease_epoch = ?",
-        name,
-        epoch,
+        "WHERE name = ? AND lease_epoch = ?"
     )
-    return changed == 1
+    if hold is not None and session.dialect == "postgres":
+        # RETURNING runs for the fenced row only: one round trip, nothing set if not ours
+        millis = str(max(1, round(hold * 1000)))
+        sql += " RETURNING set_config('idle_in_transaction_session_timeout', ?, true)"
+        return await session.execute(sql, name, epoch, millis) == 1
+    return await session.execute(sql, name, epoch) == 1
 
 
 async def take_lease(session: Session, name: str, owner: str, seen: ProjectionRow) -> int | None:
-    """Take the lease if it is still as ``seen``; return the new epoch, else ``None``."""
+    """Take the lease if it is still as ``seen``; return the new epoch, else ``None``.
+
+    Records this process (:func:`process_identity`, pid) as the holder of the new epoch."""
     changed = await session.execute(
         "UPDATE cqrskit_projections SET lease_owner = ?, lease_epoch = lease_epoch + 1 "
         "WHERE name = ? AND lease_epoch = ? AND lease_beat = ?",
@@ -169,7 +249,31 @@ async def take_lease(session: Session, name: str, owner: str, seen: ProjectionRo
         seen.lease_epoch,
         seen.lease_beat,
     )
-    return seen.lease_epoch + 1 if changed == 1 else None
+    if changed != 1:
+        return None
+    epoch = seen.lease_epoch + 1
+    await session.execute(
+        "INSERT INTO cqrskit_lease_holders (name, epoch, host, pid, taken_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET epoch = excluded.epoch, "
+        "host = excluded.host, pid = excluded.pid, taken_at = excluded.taken_at",
+        name,
+        epoch,
+        process_identity(os.getpid()),
+        os.getpid(),
+        time.time(),
+    )
+    return epoch
+
+
+async def lease_holder(session: Session, name: str) -> LeaseHolder | None:
+    """The process that took ``name``'s current lease epoch, if recorded."""
+    row = await session.fetchone(
+        "SELECT h.epoch, h.host, h.pid FROM cqrskit_lease_holders h "
+        "JOIN cqrskit_projections p ON p.name = h.name AND p.lease_epoch = h.epoch "
+        "WHERE h.name = ?",
+        name,
+    )
+    return None if row is None else LeaseHolder(int(row[0]), str(row[1]), int(row[2]))
 
 
 async def release_lease(session: Session, name: str, epoch: int) -> None:

@@ -23,7 +23,7 @@ class Signal:
 
     async def wait(self, timeout: float) -> bool:
         """Wait for the next :meth:`notify` or ``timeout`` seconds; ``True`` if notified."""
-        if timeout <= 0:
+        if not timeout > 0:  # also NaN: never hand the event loop a NaN deadline
             return False
         try:
             await asyncio.wait_for(self._event.wait(), timeout)

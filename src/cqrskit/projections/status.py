@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
 
 from cqrskit.eventlog import EventStore
@@ -41,6 +40,10 @@ class ProjectionStatus:
         lag_seconds: age of the oldest unapplied event (0 when caught up).
         dead_letters: parked events of the active generation.
         lease_owner, lease_epoch: who holds the lease and its epoch.
+        oldest_appender_pid, oldest_appender_seconds: the session (server pid) and age of
+            the oldest open transaction that may still append to the event log and so
+            holds every reader back at its position (PostgreSQL; ``None`` when there is
+            none). See :meth:`cqrskit.eventlog.EventStore.oldest_appender`.
     """
 
     name: str
@@ -55,6 +58,8 @@ class ProjectionStatus:
     dead_letters: int
     lease_owner: str | None
     lease_epoch: int
+    oldest_appender_pid: int | None = None
+    oldest_appender_seconds: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -78,25 +83,11 @@ class DeadLetter:
 
 
 async def _lag(store: EventStore, checkpoint: int) -> tuple[int, bool, float]:
-    count, capped, oldest = 0, False, None
-    position = checkpoint
-    while count < LAG_COUNT_CAP:
-        batch = await store.read_after(position, min(1000, LAG_COUNT_CAP - count))
-        if not batch:
-            break
-        if oldest is None:
-            oldest = batch[0].metadata.get("timestamp")
-        count += len(batch)
-        position = batch[-1].position
-    else:
-        capped = bool(await store.read_after(position, 1))
-    seconds = 0.0
-    if oldest:
-        try:
-            seconds = max(0.0, time.time() - datetime.fromisoformat(str(oldest)).timestamp())
-        except ValueError:
-            seconds = 0.0
-    return count, capped, seconds
+    # every committed event after the checkpoint, whether readers may read it yet or not
+    # (on PostgreSQL an open appender holds reads back; the lag must still show)
+    count, oldest = await store.backlog(checkpoint, LAG_COUNT_CAP + 1)
+    seconds = 0.0 if oldest is None else max(0.0, time.time() - oldest)
+    return min(count, LAG_COUNT_CAP), count > LAG_COUNT_CAP, seconds
 
 
 async def projection_status(
@@ -113,6 +104,7 @@ async def projection_status(
             "ON c.projection = p.name AND c.generation = p.active_generation ORDER BY p.name"
         )
     head = await store.last_position()
+    appender = await store.oldest_appender()
     out = []
     for name, mode, gen, building, cp, owner, epoch, dead in rows:
         if names is not None and name not in names:
@@ -139,6 +131,8 @@ async def projection_status(
                 int(dead),
                 owner,
                 int(epoch),
+                None if appender is None else appender.pid,
+                None if appender is None else appender.seconds,
             )
         )
     return out

@@ -59,6 +59,7 @@ class RabbitMQTransport(Transport):
 
     name = "rabbitmq"
     broker_dedup = False
+    max_bytes: int
 
     def __init__(
         self,
@@ -85,6 +86,12 @@ class RabbitMQTransport(Transport):
     def __repr__(self) -> str:  # the URL holds a password: never shown
         return f"RabbitMQTransport(exchange={self.exchange_name!r})"
 
+    def refusal(self, envelope: Envelope) -> str | None:
+        """See :meth:`Transport.refusal`: a payload over ``max_bytes``."""
+        if len(envelope.payload) > self.max_bytes:
+            return f"payload of {len(envelope.payload)} bytes exceeds {self.max_bytes}"
+        return None
+
     def destination(self, partition: int) -> str:
         """See :meth:`Transport.destination`: routing key and queue ``<exchange>.<p>``."""
         return f"{self.exchange_name}.{partition}"
@@ -99,18 +106,17 @@ class RabbitMQTransport(Transport):
             try:
                 conn = await asyncio.wait_for(aio_pika.connect(self.url), self.ack_timeout)
             except amqp_errors.ProbableAuthenticationError as exc:
-                return f"RabbitMQ refused the login ({type(exc).__name__})"
+                # about the connection, not the messages: parking them would dead-letter
+                # the whole log over a password being rotated
+                raise BrokerUnavailableError(
+                    f"RabbitMQ refused the login ({type(exc).__name__}): check the user, "
+                    "password and vhost of the URL (not shown)."
+                ) from exc
             except (OSError, TimeoutError, amqp_errors.AMQPError) as exc:
                 raise BrokerUnavailableError(f"RabbitMQ: cannot connect ({exc!r}).") from exc
             self._conn = conn
             try:
-                ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
-                if self.create:
-                    ex = await ch.declare_exchange(
-                        self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
-                    )
-                else:
-                    ex = await ch.get_exchange(self.exchange_name, ensure=True)
+                ch, ex = await asyncio.wait_for(self._setup(conn), self.ack_timeout)
             except _REFUSING as exc:
                 await self._drop()
                 return f"RabbitMQ refused the exchange {self.exchange_name!r}: {exc}"
@@ -120,13 +126,25 @@ class RabbitMQTransport(Transport):
             self._channel, self._exchange = ch, ex
             return ex
 
+    async def _setup(self, conn: AbstractConnection) -> tuple[AbstractChannel, AbstractExchange]:
+        ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        if self.create:
+            ex = await ch.declare_exchange(
+                self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+        else:
+            ex = await ch.get_exchange(self.exchange_name, ensure=True)
+        return ch, ex
+
     async def _declare(self, partition: int) -> None:
         if partition in self._declared or not self.create:
             return
         assert self._channel is not None
         name = self.destination(partition)
-        queue = await self._channel.declare_queue(name, durable=True, arguments=QUEUE_ARGUMENTS)
-        await queue.bind(self.exchange_name, routing_key=name)
+        # bounded like a confirm: a broker that stops answering is an outage
+        async with asyncio.timeout(self.ack_timeout):
+            queue = await self._channel.declare_queue(name, durable=True, arguments=QUEUE_ARGUMENTS)
+            await queue.bind(self.exchange_name, routing_key=name)
         self._declared.add(partition)
 
     async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
@@ -160,8 +178,9 @@ class RabbitMQTransport(Transport):
         tasks: list[tuple[int, asyncio.Future[Any]]] = []
         for i in range(start, min(start + self.window, len(messages))):
             env = messages[i]
-            if len(env.payload) > self.max_bytes:
-                results[i] = f"payload of {len(env.payload)} bytes exceeds {self.max_bytes}"
+            reason = self.refusal(env)
+            if reason is not None:
+                results[i] = reason
                 continue
             msg = aio_pika.Message(
                 env.payload,

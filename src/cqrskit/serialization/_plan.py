@@ -16,6 +16,7 @@ from datetime import date, datetime, time
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
+from cqrskit._redact import key_label, scrub_msgspec, unknown_fields
 from cqrskit.errors import ConfigurationError, describe
 
 
@@ -45,10 +46,8 @@ def _shorten(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "...'"
 
 
-def _key_label(key: object) -> str:
-    """A dict key as shown in an error path: shortened, never a whole attacker's string."""
-    text = key if type(key) is str else repr(key)
-    return text if len(text) <= 40 else text[:40] + "..."
+_key_label = key_label
+"""A dict key as shown in an error path: shortened, never a whole attacker's string."""
 
 
 def _module_class(module: str, name: str) -> type | None:
@@ -160,7 +159,7 @@ class _Planner:
             if not ignore_unknown and len(kwargs) != len(obj):
                 extra = sorted(k for k in obj if k not in names)
                 if extra:
-                    raise _Invalid(f"unknown field(s) {', '.join(map(repr, extra))}")
+                    raise _Invalid(unknown_fields(extra))
             return _construct(cls, kwargs)
 
         if not all(name.isidentifier() and not keyword.iskeyword(name) for name in names):
@@ -676,7 +675,7 @@ def _pydantic_plan(cls: type, ignore_unknown: bool) -> tuple[_Enc, _Dec]:
         if check_unknown:
             extra = sorted(k for k in obj if k not in known)
             if extra:
-                raise _Invalid(f"unknown field(s) {', '.join(map(repr, extra))}")
+                raise _Invalid(unknown_fields(extra))
         try:
             return model.model_validate(obj)
         except ValueError as exc:
@@ -685,7 +684,7 @@ def _pydantic_plan(cls: type, ignore_unknown: bool) -> tuple[_Enc, _Dec]:
                 raise _Invalid(f"{describe(cls)} rejected the data: {exc}") from exc
             # Without the input values: payloads may hold secrets.
             listed = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
+                f"{'.'.join(map(key_label, e['loc'])) or '<root>'}: {e['msg']}"
                 for e in errors(include_input=False, include_url=False)
             )
             raise _Invalid(f"{describe(cls)} rejected the data: {listed}") from exc
@@ -710,10 +709,12 @@ def _msgspec_plan(cls: type, ignore_unknown: bool) -> tuple[_Enc, _Dec]:
         if check_unknown:
             extra = sorted(k for k in obj if k not in known)
             if extra:
-                raise _Invalid(f"unknown field(s) {', '.join(map(repr, extra))}")
+                raise _Invalid(unknown_fields(extra))
         try:
             return msgspec.convert(obj, cls)
         except msgspec.ValidationError as exc:
-            raise _Invalid(f"{describe(cls)} rejected the data: {exc}") from exc
+            reason, where = scrub_msgspec(str(exc))  # never the rejected value itself
+            at = f" - at `${where}`" if where else ""
+            raise _Invalid(f"{describe(cls)} rejected the data: {reason}{at}") from exc
 
     return encode, decode

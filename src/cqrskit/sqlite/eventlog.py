@@ -7,10 +7,15 @@ more than the statement. A transaction holds the store's write lock from ``begin
 queue on an ``asyncio.Lock`` instead of on SQLite's busy handler.
 
 Commit order: SQLite serializes writers (``BEGIN IMMEDIATE`` takes the write lock up
-front), and ``position`` is an ``INTEGER PRIMARY KEY AUTOINCREMENT`` assigned inside that
-exclusive section, so positions are allocated in commit order and a reader never sees a
-higher position before a lower one commits. AUTOINCREMENT also prevents reuse of the
-position of a deleted last row.
+front), and ``position`` is an ``INTEGER PRIMARY KEY`` assigned inside that exclusive
+section (the highest position plus one), so positions are allocated in commit order and a
+reader never sees a higher position before a lower one commits.
+
+Positions are never reused: SQLite would hand out the position of a deleted newest row
+again, so a trigger refuses deleting the newest event and another refuses changing a
+position. (Layout version 1 used ``AUTOINCREMENT`` for this, which costs a write to
+``sqlite_sequence`` — one more page in the WAL — in every commit; tables of version 1 keep
+working unchanged.)
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,8 +47,10 @@ __all__ = ["SCHEMA_VERSION", "SqliteEventStore", "SqliteUnitOfWork", "sqlite_ddl
 
 _log = logging.getLogger("cqrskit.sqlite")
 
-SCHEMA_VERSION = 1
-"""Version of the event-log table layout this module writes."""
+SCHEMA_VERSION = 2
+"""Version of the event-log table layout this module creates (version 1 tables, with
+``AUTOINCREMENT``, are still read and written)."""
+_KNOWN_VERSIONS = (1, 2)
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 _SYNC_LEVELS = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
@@ -54,9 +64,11 @@ def sqlite_ddl(table: str = "cqrskit_events") -> str:
     """
     t = validate_identifier(table, "table name")
     idx = validate_identifier(f"{table}_stream_version"[:63], "index name")
+    keep = validate_identifier(f"{table}_keep_newest"[:63], "trigger name")
+    fixed = validate_identifier(f"{table}_fixed_position"[:63], "trigger name")
     return (
         f"CREATE TABLE IF NOT EXISTS {t} (\n"
-        "    position INTEGER PRIMARY KEY AUTOINCREMENT,\n"
+        "    position INTEGER PRIMARY KEY,\n"
         "    stream TEXT NOT NULL,\n"
         "    version INTEGER NOT NULL,\n"
         "    type TEXT NOT NULL,\n"
@@ -68,6 +80,13 @@ def sqlite_ddl(table: str = "cqrskit_events") -> str:
         "    recorded_at TEXT NOT NULL\n"
         ");\n"
         f"CREATE UNIQUE INDEX IF NOT EXISTS {idx} ON {t} (stream, version);\n"
+        # the next position is the highest plus one: the newest row stays, positions stay
+        f"CREATE TRIGGER IF NOT EXISTS {keep} BEFORE DELETE ON {t}\n"
+        f"WHEN old.position >= (SELECT max(position) FROM {t})\n"
+        "BEGIN SELECT RAISE(ABORT, 'cqrskit: the newest event cannot be deleted, "
+        "its position would be handed out again'); END;\n"
+        f"CREATE TRIGGER IF NOT EXISTS {fixed} BEFORE UPDATE OF position ON {t}\n"
+        "BEGIN SELECT RAISE(ABORT, 'cqrskit: event positions never change'); END;\n"
         'CREATE TABLE IF NOT EXISTS "cqrskit_schema" (\n'
         "    name TEXT PRIMARY KEY,\n"
         "    version INTEGER NOT NULL\n"
@@ -75,6 +94,44 @@ def sqlite_ddl(table: str = "cqrskit_events") -> str:
         f"INSERT OR IGNORE INTO \"cqrskit_schema\" (name, version) VALUES ('{table}', "
         f"{SCHEMA_VERSION});\n"
     )
+
+
+class _WriteLock:
+    """The store's in-process write lock: first come, first served, like ``asyncio.Lock``,
+    with the uncontended path a flag test in :meth:`SqliteEventStore.begin` instead of a
+    coroutine (a command takes and releases it once)."""
+
+    __slots__ = ("held", "_waiters")
+
+    def __init__(self) -> None:
+        self.held = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        """Wait until the lock is handed over (the caller saw it held)."""
+        if not self.held:
+            self.held = True
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed over, then cancelled: pass it on
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        """Hand the lock to the next live waiter, or free it."""
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # still held: now by that waiter
+                return
+        self.held = False
 
 
 class SqliteUnitOfWork(UnitOfWork):
@@ -184,7 +241,7 @@ class SqliteEventStore(EventStore):
         self._t = validate_identifier(table, "table name")
         self._synchronous = synchronous
         self._lock_timeout = lock_timeout
-        self._write_lock = asyncio.Lock()
+        self._write_lock = _WriteLock()
         self._writer = self._connect(busy_ms=0)
         self._reader = self._connect(busy_ms=int(lock_timeout * 1000))
         self._check_durability(self._writer)
@@ -198,7 +255,7 @@ class SqliteEventStore(EventStore):
             insert + "SELECT ?1, coalesce(max(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
             f"FROM {t} WHERE stream = ?1 RETURNING position, version"
         )
-        self._sql_insert_new = insert + "VALUES (?1, ?9 + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        self._sql_insert_first = insert + "VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
         self._sql_insert_after = (
             insert + "SELECT ?1, ?9 + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
             f"WHERE EXISTS (SELECT 1 FROM {t} WHERE stream = ?1 AND version = ?9)"
@@ -217,11 +274,35 @@ class SqliteEventStore(EventStore):
     # -- connections ---------------------------------------------------------------------
 
     def _connect(self, busy_ms: int) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        return conn
+        """Open a connection; ``busy_ms`` is its busy timeout once set up.
+
+        Setting up waits up to ``lock_timeout`` for other connections (the writer's own
+        busy timeout of 0 would fail at once while another process recovers the WAL of a
+        crashed one), and SQLITE_BUSY seen without the busy handler (recovery) is retried
+        with a bounded back-off.
+        """
+        deadline = time.monotonic() + self._lock_timeout
+        delay = 0.005
+        while True:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._lock_timeout * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                return conn
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                text = str(exc)
+                if "locked" not in text and "busy" not in text:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise PersistenceError(
+                        f"could not open {self.path}: {text} for more than {self._lock_timeout} s.",
+                        hint="another process holds the database; raise lock_timeout.",
+                    ) from exc
+            time.sleep(delay)  # in the constructor, before any event loop work
+            delay = min(delay * 2, 0.1)
 
     def _check_durability(self, conn: sqlite3.Connection) -> None:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
@@ -257,11 +338,11 @@ class SqliteEventStore(EventStore):
         row = conn.execute(
             'SELECT version FROM "cqrskit_schema" WHERE name = ?', (self.table,)
         ).fetchone()
-        if row is None or row[0] != SCHEMA_VERSION:
+        if row is None or row[0] not in _KNOWN_VERSIONS:
             found = "no version row" if row is None else f"version {row[0]}"
             raise ConfigurationError(
-                f"event log table {self.table!r} has {found}; this cqrskit writes version "
-                f"{SCHEMA_VERSION}.",
+                f"event log table {self.table!r} has {found}; this cqrskit writes versions "
+                f"{', '.join(map(str, _KNOWN_VERSIONS))}.",
                 hint="run the DDL from cqrskit.sqlite.sqlite_ddl(), or upgrade cqrskit.",
             )
 
@@ -270,13 +351,47 @@ class SqliteEventStore(EventStore):
         self._writer.close()
         self._reader.close()
 
+    @asynccontextmanager
+    async def write_connection(self) -> AsyncIterator[sqlite3.Connection]:
+        """The write connection for your own statements outside a command — creating your
+        tables, a data fix, a script — inside one ``BEGIN IMMEDIATE`` transaction.
+
+        Commands wait while the block runs (it holds the store's write lock); the block's
+        statements commit when it exits and roll back if it raises. Use ``execute``
+        (``executescript`` commits on its own and is refused by SQLite inside a
+        transaction)::
+
+            async with store.write_connection() as conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS accounts (id TEXT PRIMARY KEY)")
+        """
+        await self._write_lock.acquire()
+        conn = self._writer
+        try:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                await self._begin_immediate()
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            self._write_lock.release()
+
     # -- write side ----------------------------------------------------------------------
 
     async def begin(
         self, metadata: Metadata | None = None, *, positions: bool = True
     ) -> SqliteUnitOfWork:
         """See :meth:`EventStore.begin`; waits for the in-process write lock first."""
-        await self._write_lock.acquire()
+        lock = self._write_lock
+        if lock.held or lock._waiters:
+            await lock.acquire()
+        else:
+            lock.held = True
         conn = self._writer
         try:
             try:
@@ -319,45 +434,64 @@ class SqliteEventStore(EventStore):
         prefix, correlation, causation, timestamp = uow._lineage()
         encode = self._encode
         bases = uow._base
+        events = uow._events
+        if len(events) == 1:  # the commonest command: no per-stream counting
+            stream, event = events[0]
+            enc = encode(event)
+            values: tuple[Any, ...] = (stream, enc.type, enc.schema_version, enc.data)
+            values += (prefix + "-0", correlation, causation, timestamp)
+            return [self._insert(conn, stream, bases.get(stream), enc, values)]
         seen: dict[str, int] = {}
         out: list[_Row] = []
-        for n, (stream, event) in enumerate(uow._events):
+        for n, (stream, event) in enumerate(events):
             i = seen.get(stream, 0)
             seen[stream] = i + 1
             base = bases.get(stream)
-            expected = None if base is None else base + i
             enc = encode(event)
-            message_id = f"{prefix}-{n}"
             values = (
                 stream,
                 enc.type,
                 enc.schema_version,
                 enc.data,
-                message_id,
+                f"{prefix}-{n}",
                 correlation,
                 causation,
                 timestamp,
             )
-            try:
-                if expected is None:
-                    got = conn.execute(self._sql_insert_next, values).fetchone()
-                    if got is None:  # pragma: no cover - the HAVING clause always holds
-                        raise self._conflict(conn, stream, expected)
-                    position, version = got
-                else:
-                    # versions are contiguous, so "version `expected` exists and version
-                    # `expected + 1` does not" (the unique index) means "stream is at
-                    # `expected`"; a plain INSERT costs less than a max() aggregate
-                    sql = self._sql_insert_new if expected == 0 else self._sql_insert_after
-                    cur = conn.execute(sql, (*values, expected))
-                    if cur.rowcount != 1:
-                        raise self._conflict(conn, stream, expected)
-                    position, version = cur.lastrowid, expected + 1
-            except sqlite3.IntegrityError as exc:
-                raise self._conflict(conn, stream, expected) from exc
-            assert position is not None
-            out.append((position, stream, version, enc, values))
+            out.append(self._insert(conn, stream, None if base is None else base + i, enc, values))
         return out
+
+    def _insert(
+        self,
+        conn: sqlite3.Connection,
+        stream: str,
+        expected: int | None,
+        enc: Encoded,
+        values: tuple[Any, ...],
+    ) -> _Row:
+        """INSERT one event row (``values``: the row but its version) at ``expected + 1``,
+        or after the stream's last version when ``expected`` is ``None``."""
+        try:
+            if expected is None:
+                got = conn.execute(self._sql_insert_next, values).fetchone()
+                if got is None:  # pragma: no cover - the HAVING clause always holds
+                    raise self._conflict(conn, stream, expected)
+                position, version = got
+            else:
+                # versions are contiguous, so "version `expected` exists and version
+                # `expected + 1` does not" (the unique index) means "stream is at
+                # `expected`"; a plain INSERT costs less than a max() aggregate
+                if expected == 0:  # a new stream: the commonest case
+                    cur = conn.execute(self._sql_insert_first, values)
+                else:
+                    cur = conn.execute(self._sql_insert_after, (*values, expected))
+                if cur.rowcount != 1:
+                    raise self._conflict(conn, stream, expected)
+                position, version = cur.lastrowid, expected + 1
+        except sqlite3.IntegrityError as exc:
+            raise self._conflict(conn, stream, expected) from exc
+        assert position is not None
+        return (position, stream, version, enc, values)
 
     def _conflict(
         self, conn: sqlite3.Connection, stream: str, expected: int | None

@@ -22,12 +22,14 @@ def sqlite_idempotency_ddl(table: str = "cqrskit_idempotency") -> str:
     idx = validate_identifier(f"{table}_created"[:63], "index name")
     return (
         f"CREATE TABLE IF NOT EXISTS {t} (\n"
-        "    key TEXT PRIMARY KEY,\n"
+        "    scope TEXT NOT NULL DEFAULT '',\n"
+        "    key TEXT NOT NULL,\n"
         "    command_type TEXT NOT NULL,\n"
         "    payload_hash TEXT NOT NULL,\n"
         "    result TEXT NOT NULL,\n"
         "    token INTEGER,\n"
-        "    created_at TEXT NOT NULL\n"
+        "    created_at TEXT NOT NULL,\n"
+        "    PRIMARY KEY (scope, key)\n"
         ");\n"
         f"CREATE INDEX IF NOT EXISTS {idx} ON {t} (created_at);\n"
     )
@@ -44,14 +46,26 @@ class SqliteIdempotencyBackend:
         self._t = t = validate_identifier(table, "table name")
         self._table = table
         self._pending: dict[int, tuple[UnitOfWork, IdempotencyRow]] = {}
-        self._sql_get = f"SELECT {_COLS} FROM {t} WHERE key = ?"
-        self._sql_put = f"INSERT INTO {t} ({_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
+        self._sql_get = f"SELECT {_COLS}, scope FROM {t} WHERE scope = ? AND key = ?"
+        self._sql_put = f"INSERT INTO {t} ({_COLS}, scope) VALUES (?, ?, ?, ?, ?, ?, ?)"
         self._reader: sqlite3.Connection | None = None
         store.add_inline_hook(self._hook)
 
     async def prepare(self) -> None:
-        """See :meth:`cqrskit.idempotency.IdempotencyBackend.prepare`."""
-        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        """See :meth:`cqrskit.idempotency.IdempotencyBackend.prepare` (checks the table)."""
+        reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        columns = {
+            r[1] for r in reader.execute("SELECT * FROM pragma_table_info(?)", (self._table,))
+        }
+        if "scope" not in columns:
+            reader.close()
+            what = "does not exist" if not columns else "predates scoped keys"
+            raise ConfigurationError(
+                f"the idempotency table {self._table!r} in {self.path} {what}.",
+                hint="run the DDL from cqrskit.sqlite.sqlite_idempotency_ddl() (an older table: "
+                "drop it first), or open with create_tables=True.",
+            )
+        self._reader = reader
 
     def close(self) -> None:
         """See :meth:`cqrskit.idempotency.IdempotencyBackend.close`."""
@@ -68,15 +82,15 @@ class SqliteIdempotencyBackend:
             )
         finally:
             conn.close()
-        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        await self.prepare()
 
     @staticmethod
     def _parse(r: Any) -> IdempotencyRecord:
-        return IdempotencyRecord(r[0], r[1], r[2], r[3], r[4], datetime.fromisoformat(r[5]))
+        return IdempotencyRecord(r[0], r[1], r[2], r[3], r[4], datetime.fromisoformat(r[5]), r[6])
 
-    async def claim(self, uow: UnitOfWork, key: str) -> IdempotencyRecord | None:
+    async def claim(self, uow: UnitOfWork, key: str, scope: str) -> IdempotencyRecord | None:
         """See :meth:`cqrskit.idempotency.IdempotencyBackend.claim`."""
-        r = uow.connection.execute(self._sql_get, (key,)).fetchone()  # type: ignore[attr-defined]
+        r = uow.connection.execute(self._sql_get, (scope, key)).fetchone()  # type: ignore[attr-defined]
         return None if r is None else self._parse(r)
 
     def _put(self, uow: UnitOfWork, row: IdempotencyRow, token: int | None) -> None:
@@ -89,6 +103,7 @@ class SqliteIdempotencyBackend:
                 row.result,
                 token,
                 datetime.now(UTC).isoformat(),
+                row.scope,
             ),
         )
 
@@ -104,7 +119,7 @@ class SqliteIdempotencyBackend:
         if pending is not None and pending[0] is uow:
             self._put(uow, pending[1], stored[pending[1].events - 1].position)
 
-    def release(self, key: str) -> None:
+    def release(self, key: str, scope: str) -> None:
         """See :meth:`cqrskit.idempotency.IdempotencyBackend.release`."""
 
     def forget(self, uow: UnitOfWork) -> None:
@@ -119,9 +134,9 @@ class SqliteIdempotencyBackend:
             )
         return self._reader
 
-    async def lookup(self, key: str) -> IdempotencyRecord | None:
+    async def lookup(self, key: str, scope: str) -> IdempotencyRecord | None:
         """See :meth:`cqrskit.idempotency.IdempotencyBackend.lookup`."""
-        r = self._read().execute(self._sql_get, (key,)).fetchone()
+        r = self._read().execute(self._sql_get, (scope, key)).fetchone()
         return None if r is None else self._parse(r)
 
     async def purge(self, before: datetime) -> int:

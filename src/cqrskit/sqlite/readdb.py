@@ -8,14 +8,21 @@ projection batches moderate to bound how long the event loop is held.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from cqrskit.projections.db import ReadDatabase, Row, Session
+from cqrskit.projections.schema import process_identity, process_state
 
 __all__ = ["SqliteReadDatabase", "SqliteSession"]
+
+log = logging.getLogger("cqrskit.projections")
 
 
 class SqliteSession(Session):
@@ -39,7 +46,23 @@ class SqliteSession(Session):
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """See :meth:`Session.executemany`."""
-        self._conn.executemany(sql, rows)
+        rows = rows if isinstance(rows, list) else list(rows)
+        try:
+            self._conn.executemany(sql, rows)
+        except sqlite3.ProgrammingError as exc:
+            # sqlite3 refuses executemany for a statement that does not start with
+            # INSERT/UPDATE/DELETE/REPLACE (e.g. a SELECT calling a function), before
+            # running any row: run them one by one instead
+            if "only execute DML" not in str(exc):
+                raise
+            for row in rows:
+                self._conn.execute(sql, row)
+
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """See :meth:`Session.execute_all` (one call each, no coroutine per statement)."""
+        execute = self._conn.execute
+        for sql, params in statements:
+            execute(sql, params)
 
     async def fetchall(self, sql: str, *params: Any) -> list[Row]:
         """See :meth:`Session.fetchall`."""
@@ -76,18 +99,100 @@ def _connect(path: str, *, read_only: bool, busy_timeout_ms: int) -> sqlite3.Con
     return conn
 
 
+# SQLite's locking protocol (unix VFS): in WAL mode the writer holds a POSIX write lock on
+# byte 120 of the "-shm" file (the first WAL-index lock byte); in rollback-journal mode a
+# writer holds the RESERVED byte, PENDING_BYTE + 1, of the database file. The holder is
+# read from /proc/locks (Linux): probing with fcntl(F_GETLK) would mean opening and closing
+# the file here, and closing any descriptor of a file drops every POSIX lock this process
+# holds on it — this process's own SQLite connections' locks included.
+_LOCK_BYTES = (("-shm", 120), ("", 0x40000001))
+
+
+def _write_lock_holder(path: str, locks: str = "/proc/locks") -> int | None:
+    """The id of the process holding ``path``'s SQLite write lock, when it can be seen."""
+    wanted: dict[tuple[int, int, int], int] = {}
+    for suffix, offset in _LOCK_BYTES:
+        try:
+            st = os.stat(path + suffix)
+        except OSError:
+            continue
+        wanted[(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)] = offset
+    try:
+        with open(locks, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        # "1: POSIX  ADVISORY  WRITE 22830 fe:00:2149979 120 120" ("->" marks waiters)
+        if len(parts) != 8 or parts[1] != "POSIX" or parts[3] != "WRITE":
+            continue
+        try:
+            major, minor, inode = parts[5].split(":")
+            where = (int(major, 16), int(minor, 16), int(inode))
+            first = int(parts[6])
+            end = None if parts[7] == "EOF" else int(parts[7])
+            pid = int(parts[4])
+        except ValueError:
+            continue
+        byte = wanted.get(where)
+        if byte is not None and first <= byte and (end is None or byte <= end):
+            return pid
+    return None
+
+
+async def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
+    """``BEGIN IMMEDIATE`` without blocking the event loop while another process holds the
+    write lock: SQLite's own busy handler would sleep inside the (synchronous) call and
+    freeze every other task of the process — a web application's requests too — for up to
+    the busy timeout. So the lock is tried with no busy wait, and retried after short
+    asyncio sleeps (SQLite offers no notification) until ``timeout`` seconds have passed;
+    then the last ``database is locked`` error is raised."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        pause = 0.001
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+    finally:
+        # statements inside the transaction hold the lock already; keep a short busy wait
+        # for the rare cases that still need one (WAL recovery after a crash)
+        conn.execute(f"PRAGMA busy_timeout = {max(0, round(min(timeout, 1.0) * 1000))}")
+
+
 class SqliteReadDatabase(ReadDatabase):
     """A read database in a SQLite file (the write database's file or another one).
 
     Args:
         path: the database file.
         busy_timeout_ms: how long a statement waits for another writer's lock.
+        end_stopped_holder: whether a projector standing by may end (SIGKILL) the process
+            holding an expired projection lease when that process is *stopped* (SIGSTOP,
+            state ``T`` in ``/proc``) while it holds this file's write lock — the one case
+            in which nothing else ever frees the lock (default ``True``; see
+            :meth:`end_frozen_writer`). With ``False`` the standby waits until the holder
+            resumes or dies. A holder that runs (busy, a blocked event loop, another
+            component of its application writing) is never ended: it frees the lock by
+            itself and its lease is fenced.
     """
 
     dialect = "sqlite"
 
-    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000) -> None:
+    def __init__(
+        self, path: str, *, busy_timeout_ms: int = 10_000, end_stopped_holder: bool = True
+    ) -> None:
         self.path = path
+        self.end_stopped_holder = end_stopped_holder
         self._busy = busy_timeout_ms
         self._writer: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
@@ -100,15 +205,20 @@ class SqliteReadDatabase(ReadDatabase):
             self._all.append(self._writer)
         return self._writer
 
-    def transaction(self) -> AbstractAsyncContextManager[Session]:
-        """See :meth:`ReadDatabase.transaction` (``BEGIN IMMEDIATE`` on one shared writer)."""
-        return self._transaction()
+    def transaction(
+        self, *, lock_timeout: float | None = None
+    ) -> AbstractAsyncContextManager[Session]:
+        """See :meth:`ReadDatabase.transaction` (``BEGIN IMMEDIATE`` on one shared writer;
+        ``lock_timeout`` is the busy timeout of this transaction's statements)."""
+        return self._transaction(lock_timeout)
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Session]:
+    async def _transaction(self, lock_timeout: float | None = None) -> AsyncIterator[Session]:
         async with self._lock:
             conn = self._writer_conn()
-            conn.execute("BEGIN IMMEDIATE")
+            await _begin_immediate(
+                conn, self._busy / 1000 if lock_timeout is None else lock_timeout
+            )
             try:
                 yield SqliteSession(conn)
             except BaseException:
@@ -139,6 +249,46 @@ class SqliteReadDatabase(ReadDatabase):
             else:
                 self._all.remove(conn)
                 conn.close()
+
+    async def end_frozen_writer(self, host: str, pid: int) -> bool:
+        """See :meth:`ReadDatabase.end_frozen_writer`: SIGKILL process ``pid`` when, all at
+        once, ``end_stopped_holder`` is on, ``host`` names that very process as this one
+        sees it (same host, boot and pid namespace, same start time: not a later process
+        reusing the pid, not one in another container), the kernel shows it *stopped*, and
+        it holds this file's write lock (``/proc/locks``). Anything else (another platform
+        included) does nothing and returns ``False``: the standby waits.
+
+        The process is named by a pidfd opened before the checks (Linux 5.3+), so the
+        signal cannot reach a process that took the pid over after them."""
+        if not self.end_stopped_holder or pid == os.getpid() or pid <= 0:
+            return False
+        try:
+            handle: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            handle = None  # gone, or no pidfds: the checks below still name the process
+        try:
+            state = process_state(pid)
+            if state is None or state[0] != "T" or host != process_identity(pid):
+                return False
+            if _write_lock_holder(self.path) != pid:
+                return False
+            log.warning(
+                "process %d holds the write lock of %s with an expired projection lease and "
+                "is stopped: ending it (SIGKILL) so a standby can take over",
+                pid,
+                self.path,
+            )
+            try:
+                if handle is not None:
+                    signal.pidfd_send_signal(handle, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return False
+            return True
+        finally:
+            if handle is not None:
+                os.close(handle)
 
     def inline(self, connection: Any) -> Session:
         """See :meth:`ReadDatabase.inline`."""

@@ -36,8 +36,9 @@ __all__ = ["Deposited", "EventStoreConformance", "Opened", "wait_visible"]
 async def wait_visible(store: EventStore, position: int, timeout: float = 10.0) -> None:
     """Wait until ``store.head() >= position``.
 
-    On PostgreSQL any open write transaction in the cluster (another test's, say) keeps
-    readers below its xid for a moment, so a reader may lag its own writer briefly.
+    On PostgreSQL an open transaction of another writer of the same event log (one that
+    has already written) keeps readers below its position until it ends, so a reader may
+    lag its own writer briefly.
 
     Raises:
         TimeoutError: the position did not become visible within ``timeout`` seconds.
@@ -355,6 +356,33 @@ class EventStoreConformance(ABC):
             await wait_visible(store, last)
             assert await store.wait_for(0, 0.01) is True
         finally:
+            await self.close_store(store)
+
+    async def test_wait_for_sees_a_commit_made_while_it_reads_the_head(self) -> None:
+        """A commit landing while wait_for is still reading the head wakes it (no lost
+        wake-up): wait_for returns True, not False after its whole timeout."""
+        store = await self.make_store()
+        real_head = store.head
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_head() -> int:
+            value = await real_head()
+            entered.set()
+            await release.wait()
+            return value
+
+        try:
+            store.head = slow_head  # type: ignore[method-assign]
+            waiter = asyncio.ensure_future(store.wait_for(0, 3.0))
+            await asyncio.wait_for(entered.wait(), 10)
+            uow = await store.begin()
+            uow.record("lost-wake", Opened("lost-wake", "x"))
+            await uow.commit()
+            release.set()
+            assert await asyncio.wait_for(waiter, 10) is True
+        finally:
+            release.set()
+            del store.head
             await self.close_store(store)
 
     async def test_mediator_commits_publishes_after_commit_and_tracks_token(self) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from cqrskit.errors import BrokerUnavailableError, SignatureError
 from cqrskit.eventlog import InMemoryEventStore, StoredEvent
 from cqrskit.messaging import Envelope, HmacSigner, Relay, Transport, partition_of
+from cqrskit.projections import dead_letters, request_retry
 from cqrskit.sqlite import SqliteReadDatabase
 
 __all__ = ["TransportConformance", "envelopes_for", "stored_events"]
@@ -235,6 +236,9 @@ class TransportConformance(ABC):
                 json.dumps({"blob": "x" * 5000}), big.metadata,
             )  # fmt: skip
             envs = envelopes_for(events, self.partitions)
+            # refusal() says so before sending (the relay parks such an event in place)
+            assert t.refusal(envs[0]) is None
+            assert isinstance(t.refusal(envs[1]), str)
             results = await t.publish(envs)
             assert results[0] is None, results
             assert results[2] is None, results
@@ -310,6 +314,48 @@ class TransportConformance(ABC):
             got = await self._eventually_read(t, 20)
             kept = [e.message_id for v in got.values() for e in self.deduplicated(v)]
             assert sorted(kept) == sorted(e.message_id for e in envs)
+        finally:
+            await self.dispose(t)
+
+    async def test_sends_in_flight_keep_order_across_a_cut(self) -> None:
+        """Overlapping sends are stored in call order; a connection cut with sends in
+        flight never lets a later batch be stored ahead of an earlier batch's lost tail, so
+        publishing again from the first batch not acknowledged restores every partition."""
+        t = await self.make_transport()
+        try:
+            envs = envelopes_for(stored_events(90), self.partitions)
+            batches = [envs[0:30], envs[30:60], envs[60:90]]
+            futures = [await t.send(batches[0]), await t.send(batches[1])]
+            await self.interrupt(t)
+            try:
+                futures.append(await t.send(batches[2]))
+            except BrokerUnavailableError:
+                pass
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            for outcome in outcomes:
+                assert outcome == [None] * 30 or isinstance(outcome, BrokerUnavailableError), (
+                    outcome
+                )
+            first = next(
+                (i for i, o in enumerate(outcomes) if not isinstance(o, list)), len(outcomes)
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.timeout
+            i = first
+            while i < len(batches):  # what the relay does: the same batches, in order
+                try:
+                    assert await t.publish(batches[i]) == [None] * 30
+                    i += 1
+                except BrokerUnavailableError:
+                    if loop.time() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            got = await self._eventually_read(t, 90)
+            for p in range(self.partitions):
+                kept = self.deduplicated(got[p])  # asserts: no gap in first-copy order
+                assert [e.message_id for e in kept] == [
+                    e.message_id for e in envs if e.partition == p
+                ], f"partition {p}"
         finally:
             await self.dispose(t)
 
@@ -398,6 +444,49 @@ class TransportConformance(ABC):
                     "'relay' ORDER BY position"
                 )
             assert [tuple(r) for r in rows] == [("kit-1", v) for v in range(2, 6)]
+        finally:
+            await db.close()
+            await self.dispose(t)
+
+    async def test_relay_retries_parked_events_in_stream_order(self) -> None:
+        """Parked events are published again on request, in stream order, under new
+        sequence numbers; their dead letters go."""
+        t = await self.make_transport()
+        store, db, _ = await self._relay_setup()
+        try:
+            events = stored_events(20, streams=4)
+            bad = events[4]  # position 5: stream kit-1, version 2
+            events[4] = StoredEvent(
+                bad.position, bad.stream, bad.version, bad.type, 1,
+                json.dumps({"blob": "x" * 3000}), bad.metadata,
+            )  # fmt: skip
+            await self._append(store, events)
+            relay = Relay(
+                store, db, t, partitions=self.partitions, max_bytes=1000, state_interval=0.05
+            )
+            async with relay:
+                assert await relay.wait_published(20, self.timeout)
+                assert relay.parked == 4
+                relay.max_bytes = 1 << 20  # the fix: the limit allows the event now
+                assert await request_retry(db, "relay") == 4
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + self.timeout
+                while relay.published < 20 or await dead_letters(db, "relay"):
+                    assert loop.time() < deadline, (relay.published, relay.parked)
+                    await asyncio.sleep(0.02)
+            got = await self._eventually_read(t, 24)
+            kept = {p: self.deduplicated(v) for p, v in got.items()}
+            real = [e for v in kept.values() for e in v if e.kind == "event"]
+            assert sorted(e.position for e in real) == list(range(1, 21))
+            p = partition_of("kit-1", self.partitions)
+            versions = [e.version for e in kept[p] if e.stream == "kit-1" and e.kind == "event"]
+            assert versions == [1, 2, 3, 4, 5], versions
+            retried = [
+                e for e in kept[p] if e.stream == "kit-1" and e.version > 1 and e.kind == "event"
+            ]
+            placeholders = [e for e in kept[p] if e.kind == "parked"]
+            assert len(placeholders) == 4
+            assert min(e.sequence for e in retried) > max(e.sequence for e in placeholders)
         finally:
             await db.close()
             await self.dispose(t)

@@ -28,11 +28,12 @@ from typing import Any
 
 import pytest
 from tests.conftest import require_service
-from tests.integration.messaging.test_relay_faults import need_binary
+from tests.support import faults as ledger
 from tests.support.bank import Deposited
 from tests.support.brokers import NatsServer, OwnServer, RedisServer
 from tests.support.consumer_procs import LEASE_TTL
 from tests.support.proxy import FaultProxy
+from tests.support.relay_checks import need_binary
 from tests.support.sqlite_log import SqliteTestLog
 
 from cqrskit.projections import ReadDatabase
@@ -212,7 +213,7 @@ async def test_bank_transfers_through_a_broker_survive_consumer_and_broker_fault
             if step == 7:
                 duplicates = await republish(broker, direct, name, path)
             i = rng.randrange(CONSUMERS)
-            consumers[i].send_signal(signal.SIGKILL)
+            ledger.send_signal(consumers[i], signal.SIGKILL)
             consumers[i].wait(10)
             faults["SIGKILL"] += 1
             consumers[i] = start_consumer(i)
@@ -249,6 +250,9 @@ async def test_bank_transfers_through_a_broker_survive_consumer_and_broker_fault
             f"SIGSTOP in {', '.join(f'{t:.2f}' for t in takeovers)} s; final consumers "
             f"counted {sum(c.get('duplicates', 0) for c in counts)} duplicates, "
             f"{sum(c.get('gaps', 0) for c in counts)} gaps"
+        )
+        ledger.check_invariants(
+            f"consumer {broker}", {"lost": lost, "double": double, "reordered": order_errors}
         )
         assert got == want
         assert sum(b for b, _n, _v in got.values()) == SEED * ACCOUNTS
@@ -291,7 +295,7 @@ async def stop_past_lease(
     proc = consumers[i]
     owner = f"c{i}-{incarnation[i]}"
     mine = {p for p, (o, _e) in held.items() if o == owner}
-    proc.send_signal(signal.SIGSTOP)
+    ledger.send_signal(proc, signal.SIGSTOP)
     start = time.monotonic()
     try:
         while True:
@@ -351,7 +355,7 @@ async def bank_run_on_the_log(tmp_path: Path, read_spec: str, db: ReadDatabase) 
                     takeovers.append(taken)
                     faults["SIGSTOP"] += 1
             i = rng.randrange(CONSUMERS)
-            workers[i].send_signal(signal.SIGKILL)
+            ledger.send_signal(workers[i], signal.SIGKILL)
             workers[i].wait(10)
             faults["SIGKILL"] += 1
             workers[i] = start_worker(i)
@@ -380,6 +384,11 @@ async def bank_run_on_the_log(tmp_path: Path, read_spec: str, db: ReadDatabase) 
             f"\nprojector faults [log]: {faults['SIGKILL']} SIGKILL, {faults['SIGSTOP']} "
             f"SIGSTOP; {total} events, {applied} applied, {order_errors} reordered; "
             f"takeovers after SIGSTOP in {', '.join(f'{t:.2f}' for t in takeovers)} s"
+        )
+        lost = sum(max(0, w[1] - got.get(s, (0, 0, 0))[1]) for s, w in want.items())
+        double = sum(max(0, g[1] - want.get(s, (0, 0, 0))[1]) for s, g in got.items())
+        ledger.check_invariants(
+            "partitioned projector", {"lost": lost, "double": double, "reordered": order_errors}
         )
         assert got == want
         assert sum(b for b, _n, _v in got.values()) == SEED * ACCOUNTS

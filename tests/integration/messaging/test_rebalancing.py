@@ -29,8 +29,9 @@ from tests.integration.messaging.test_consumer_faults import (
     spawn,
     stop_all,
 )
-from tests.integration.messaging.test_relay_faults import need_binary
+from tests.support import faults as ledger
 from tests.support.brokers import NatsServer
+from tests.support.relay_checks import need_binary
 from tests.support.sqlite_log import SqliteTestLog
 
 from cqrskit.projections import ReadDatabase, partition_status
@@ -112,6 +113,11 @@ async def test_rebalancing_under_load(
         finally:
             store.close()
         got, order_errors = await read_model(db)
+        lost = sum(max(0, w[1] - got.get(k, (0, 0, 0))[1]) for k, w in want.items())
+        double = sum(max(0, g[1] - want.get(k, (0, 0, 0))[1]) for k, g in got.items())
+        ledger.check_invariants(
+            f"rebalancing {kind}", {"lost": lost, "double": double, "reordered": order_errors}
+        )
         assert got == want
         assert sum(b for b, _n, _v in got.values()) == SEED * ACCOUNTS
         assert order_errors == 0

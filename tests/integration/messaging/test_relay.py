@@ -116,13 +116,17 @@ async def test_a_standby_takes_over_and_continues_the_numbering(backend: Backend
     log, db = backend
     t = InMemoryTransport(dedup_window=None)
     first = await fill(log, 20)
-    a = Relay(log, db, t, partitions=2, owner="a", lease_ttl=0.5)
-    b = Relay(log, db, t, partitions=2, owner="b", lease_ttl=0.5)
+    a = Relay(log, db, t, partitions=2, owner="a", lease_ttl=1.0)
+    b = Relay(log, db, t, partitions=2, owner="b", lease_ttl=1.0)
     async with a:
         assert await a.wait_published(first, 20)
         await b.start()
-        await asyncio.sleep(0.2)  # b had its chance to take a live lease
-        assert not b.leading
+        # for well past lease_ttl, an idle holder's heartbeats keep the standby out
+        watch_until = time.monotonic() + 2.5 * b.lease_ttl
+        while time.monotonic() < watch_until:
+            assert not b.leading, "the standby took a lease its holder kept alive"
+            assert a.leading
+            await asyncio.sleep(0.05)
     # a released its lease on stop: b takes over and numbers on from a's counters
     try:
         second = await fill(log, 20, start=20)
@@ -181,6 +185,88 @@ async def test_refused_events_park_their_stream_and_retry_republishes(backend: B
     assert [e.version for e in real if e.stream == "acct-0"] == [1, 2, 3, 4, 5, 6]
 
 
+async def test_a_retry_while_the_broker_is_down_backs_off_like_a_batch(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    log, db = backend
+    t = InMemoryTransport()
+    await log.append("acct-0", Unrelated("x" * 500))
+    last = await fill(log, 3, streams=2, start=100)
+    relay = Relay(log, db, t, max_bytes=200, state_interval=0.05, max_backoff=0.05)
+    async with relay:
+        assert await relay.wait_published(last, 20)
+        epoch = relay.epoch
+        t.available = False
+        relay.max_bytes = 1 << 20
+        assert await request_retry(db, "relay") == 3
+        await until(lambda: relay.outages >= 1, timeout=10)
+        assert relay.epoch == epoch  # an outage: the lease is kept, not lost and re-taken
+        t.available = True
+        await until(lambda: relay.published == 4)  # every event of the log
+        assert await dead_letters(db, "relay") == []
+    assert not [r for r in caplog.records if "failed; restarting" in r.getMessage()]
+
+
+class _FlagDuringPublish(InMemoryTransport):
+    """Runs ``during`` (once) inside a publish call: an operator acting meanwhile."""
+
+    during: Any = None
+
+    async def publish(self, messages: Any) -> list[str | None]:
+        during, self.during = self.during, None
+        if during is not None:
+            await during()
+        return await super().publish(messages)
+
+
+async def test_a_retry_requested_while_another_is_published_is_not_lost(
+    backend: Backend,
+) -> None:
+    log, db = backend
+    t = _FlagDuringPublish()
+    await log.append("acct-0", Unrelated("x" * 500))
+    await log.append("acct-1", Unrelated("y" * 500))
+    last = await fill(log, 4, streams=2, start=100)
+    relay = Relay(log, db, t, partitions=2, max_bytes=200, state_interval=0.05)
+    async with relay:
+        assert await relay.wait_published(last, 20)
+        assert {d.stream for d in await dead_letters(db, "relay")} == {"acct-0", "acct-1"}
+
+        async def flag_acct_1() -> None:
+            assert await request_retry(db, "relay", stream="acct-1") == 3
+
+        t.during = flag_acct_1  # flagged while acct-0's retry is being published
+        assert await request_retry(db, "relay", stream="acct-0") == 3
+        deadline = time.monotonic() + 20
+        while letters := await dead_letters(db, "relay"):
+            assert any(d.retry for d in letters), f"a retry request was dropped: {letters}"
+            assert time.monotonic() < deadline, letters
+            await asyncio.sleep(0.02)
+    assert relay.published == 6
+
+
+async def test_an_event_the_transport_refuses_parks_its_stream_in_order(backend: Backend) -> None:
+    """The transport's own limit is lower than the relay's: the event it would refuse is
+    parked in place, and the later events of its stream in the same batch wait behind it
+    instead of reaching the broker ahead of it; the sequence has no hole."""
+    log, db = backend
+    t = InMemoryTransport(max_bytes=200)
+    await fill(log, 4, streams=2)
+    big = (await log.append("acct-0", Unrelated("x" * 500)))[-1]
+    await log.append("acct-0", Deposited("acct-0", 1))
+    last = await fill(log, 4, streams=2, start=100)
+    async with Relay(log, db, t, partitions=2) as relay:  # one batch holds them all
+        assert await relay.wait_published(last, 20)
+    letters = await dead_letters(db, "relay")
+    assert [(d.stream, d.position) for d in letters][:1] == [("acct-0", big.position)]
+    assert len(letters) == 4  # the big one, then acct-0's later events wait behind it
+    envs = kept(t, 2)  # checks each partition's sequence is whole and in order
+    assert len(envs) == 10
+    real = [(e.stream, e.version) for e in envs if e.kind == "event"]
+    assert [v for s, v in real if s == "acct-0"] == [1, 2]
+    assert relay.gaps == 0
+
+
 async def test_partition_sets_split_the_work_between_named_relays(backend: Backend) -> None:
     log, db = backend
     t = InMemoryTransport(dedup_window=None)
@@ -214,3 +300,66 @@ async def test_signed_relay_messages_verify(backend: Backend) -> None:
             Envelope.from_wire(h, b, destination=t.destination(p), verifier=signer)
             n += 1
     assert n == 12
+
+
+class Gated(InMemoryTransport):
+    """Stores each send at once; acknowledges only once :attr:`release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(dedup_window=None)
+        self.release = asyncio.Event()
+        self.sends = 0
+
+    async def send(self, messages: Any) -> asyncio.Future[list[str | None]]:
+        acks = await super().send(messages)
+        self.sends += 1
+
+        async def later() -> list[str | None]:
+            await self.release.wait()
+            return await acks
+
+        return asyncio.ensure_future(later())
+
+
+async def test_pipeline_sends_ahead_of_acks_and_checkpoints_only_acked_batches(
+    backend: Backend,
+) -> None:
+    log, db = backend
+    t = Gated()
+    last = await fill(log, 30)
+    async with Relay(log, db, t, partitions=2, batch_size=10, pipeline=2) as relay:
+        await until(lambda: t.sends == 2)
+        await asyncio.sleep(0.05)  # a relay ignoring its pipeline bound would send more now
+        assert t.sends == 2
+        assert t.published == 20  # two batches on the broker, neither acknowledged
+        assert relay.checkpoint == 0
+        assert (await relay_status(db, log)).checkpoint == 0
+        t.release.set()
+        assert await relay.wait_published(last, 20)
+    assert t.sends == 3
+    envs = kept(t, 2)
+    assert len(envs) == 30
+    check_stream_order(envs)
+
+
+async def test_lost_acks_with_batches_in_flight_republish_in_order(backend: Backend) -> None:
+    log, db = backend
+    t = InMemoryTransport(dedup_window=None)
+    t.lose_acks(2)  # the first two batches are stored but their acks never come
+    last = await fill(log, 40)
+    async with Relay(log, db, t, partitions=3, batch_size=10, pipeline=3, max_backoff=0.05) as r:
+        assert await r.wait_published(last, 20)
+        assert r.outages >= 1
+    raw = [e for p in range(3) for e in t.messages(p)]
+    assert len(raw) > 40  # batches in flight when the ack was lost went out again
+    envs = kept(t, 3)  # asserts each partition's first copies are gap-free
+    assert len(envs) == 40
+    by_seq = {(e.partition, e.sequence): e.message_id for e in envs}
+    assert all(by_seq[(e.partition, e.sequence)] == e.message_id for e in raw)
+    check_stream_order(envs)
+
+
+async def test_pipeline_must_be_positive(backend: Backend) -> None:
+    log, db = backend
+    with pytest.raises(ConfigurationError, match="pipeline"):
+        Relay(log, db, InMemoryTransport(), pipeline=0)

@@ -3,149 +3,84 @@
 Four writer processes commit to a SQLite log while a relay process publishes it; the relay
 is SIGKILLed at random (>= 10 times per run), the broker is restarted (own NATS / Redis
 instance on a free port, same data directory, >= 2 times per run), and a TCP proxy drops
-the broker's replies (publish acks) and then cuts the connection (>= 2 times per run). For
-RabbitMQ (the shared node; a second node takes ~8 s to start) the proxy cuts stand in for
-restarts. Afterwards the broker must hold every committed event exactly once per partition
-sequence, in per-stream order: count, sum and order are checked. Each run prints one line
-counting its faults.
+the broker's replies (publish acks) while the relay has publishes in flight, until at
+least 50 acks (10 RabbitMQ ack frames) were dropped, and then cuts the connection (>= 2
+times per run). For RabbitMQ (the shared node; a second node takes ~8 s to start) the
+proxy cuts stand in for restarts. Afterwards the broker must hold every committed event
+exactly once per partition sequence, in per-stream order: count, sum and order are
+checked. Each run prints one line counting its faults.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
-import shutil
 import signal
-import sqlite3
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import IN_CI, require_service
-from tests.support.brokers import (
-    NatsServer,
-    OwnServer,
-    RedisServer,
-    nats_read,
-    rabbit_take,
-    redis_read,
+from tests.conftest import require_service
+from tests.support import faults as ledger
+from tests.support.bank import Deposited
+from tests.support.brokers import NatsServer, OwnServer, RedisServer
+from tests.support.proxy import ACK_MARKERS, FaultProxy, Mode
+from tests.support.relay_checks import (
+    check,
+    committed,
+    need_binary,
+    read_broker,
+    relay_checkpoint,
+    spawn,
 )
-from tests.support.proxy import FaultProxy, Mode
 from tests.support.sqlite_log import SqliteTestLog
 
-from cqrskit.messaging import Envelope
-
-ROOT = Path(__file__).resolve().parents[3]
-PARTITIONS = 4
 WRITERS = 4
 PER_WRITER = 250
 
 
-def need_binary(name: str) -> None:
-    if shutil.which(name):
-        return
-    if IN_CI:
-        pytest.fail(f"{name} is not installed; under CI=true that is a failure", pytrace=False)
-    pytest.skip(f"{name} is not installed")
+# a lost-ack window lasts until at least this many acknowledgements were dropped (RabbitMQ
+# counts Basic.Ack frames, and one frame may confirm several messages)
+MIN_LOST = {"nats": 50, "redis": 50, "rabbitmq": 10}
+BURST = 100  # commands the test commits itself per window, so publishes are in flight
 
 
-def spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    with log.open("ab") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests.support.relay_procs", *args],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-
-
-def relay_checkpoint(path: str) -> int:
-    conn = sqlite3.connect(path, timeout=10)
+async def lose_acks(
+    proxy: FaultProxy, broker: str, path: str, step: int, relay: Any, relay_log: Path
+) -> int:
+    """One lost-ack window: wait until the relay publishes through the proxy, then drop the
+    broker's replies while the test commits a burst (the relay has publishes in flight)
+    until at least ``MIN_LOST`` acknowledgements were dropped, then cut the connection (as
+    a lost ack's connection dies). Returns how many acknowledgements were dropped."""
+    log = SqliteTestLog(path)
     try:
-        row = conn.execute(
-            "SELECT position FROM cqrskit_checkpoints WHERE projection = 'relay'"
-        ).fetchone()
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        conn.close()
-    return int(row[0]) if row else 0
-
-
-def committed(path: str) -> list[tuple[int, str, int, int, str]]:
-    conn = sqlite3.connect(path, timeout=10)
-    try:
-        return [
-            (int(p), s, int(v), int(json.loads(d)["amount"]), m)
-            for p, s, v, d, m in conn.execute(
-                "SELECT position, stream, version, data, message_id FROM cqrskit_events "
-                "ORDER BY position"
+        for i in range(10):  # the relay connects (through the proxy) and publishes these
+            await log.append(f"acct-{i % 8}", Deposited(f"acct-{i % 8}", step * 10_000 + i))
+        head = await log.head()
+        deadline = time.monotonic() + 30
+        while relay_checkpoint(path) < head:
+            assert relay.poll() is None, relay_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the relay did not publish before the window"
+            await asyncio.sleep(0.02)
+        before = proxy.dropped_acks
+        proxy.mode = Mode.DROP_REPLIES  # publishes arrive, their acks are lost
+        for i in range(10, BURST):
+            await log.append(f"acct-{i % 8}", Deposited(f"acct-{i % 8}", step * 10_000 + i))
+        deadline = time.monotonic() + 30
+        while proxy.dropped_acks - before < MIN_LOST[broker]:
+            assert relay.poll() is None, relay_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, (
+                f"only {proxy.dropped_acks - before} acks dropped in the window"
             )
-        ]
+            await asyncio.sleep(0.02)
+        proxy.mode = Mode.RESET  # then the connection dies, as a lost ack's does
+        proxy.mode = Mode.FORWARD
+        return proxy.dropped_acks - before
     finally:
-        conn.close()
-
-
-async def read_broker(broker: str, url: str, name: str) -> dict[int, list[Envelope]]:
-    out: dict[int, list[Envelope]] = {}
-    for p in range(PARTITIONS):
-        raw: list[tuple[Mapping[str, Any], bytes]]
-        if broker == "nats":
-            raw = await nats_read(url, name.upper(), f"{name}.{p}")
-        elif broker == "redis":
-            raw = await redis_read(url, f"{name}:{p}")
-        else:
-            raw = await rabbit_drain(url, f"{name}.{p}")
-        out[p] = [Envelope.from_wire(h, b) for h, b in raw]
-    return out
-
-
-async def rabbit_drain(url: str, queue_name: str) -> list[tuple[Mapping[str, Any], bytes]]:
-    import aio_pika
-
-    conn = await aio_pika.connect(url)
-    try:
-        ch = await conn.channel()
-        out = await rabbit_take(ch, queue_name)
-        await ch.queue_delete(queue_name)
-        await ch.exchange_delete(queue_name.rsplit(".", 1)[0])
-        return out
-    finally:
-        await conn.close()
-
-
-def check(held: dict[int, list[Envelope]], log: list[tuple[int, str, int, int, str]]) -> int:
-    """Count/sum/order checks; returns how many duplicate copies the consumer drops."""
-    dropped = 0
-    kept: list[Envelope] = []
-    for p, envs in held.items():
-        first: dict[int, str] = {}
-        for env in envs:
-            assert env.partition == p
-            if env.sequence in first:
-                assert first[env.sequence] == env.message_id, "a sequence number was reused"
-                dropped += 1
-                continue
-            assert env.sequence == len(first) + 1, f"partition {p}: gap before {env.sequence}"
-            first[env.sequence] = env.message_id
-            kept.append(env)
-    assert len(kept) == len(log), f"broker holds {len(kept)} events, log has {len(log)}"
-    by_id = {m: (pos, s, v, amount) for pos, s, v, amount, m in log}
-    assert {e.message_id for e in kept} == set(by_id), "lost or unexpected events"
-    assert sum(json.loads(e.payload)["amount"] for e in kept) == sum(r[3] for r in log)
-    last: dict[str, int] = {}
-    for env in sorted(kept, key=lambda e: (e.partition, e.sequence)):
-        assert by_id[env.message_id][:3] == (env.position, env.stream, env.version)
-        assert env.version == last.get(env.stream, 0) + 1, f"{env.stream} reordered"
-        last[env.stream] = env.version
-    return dropped
+        log.close()
 
 
 @pytest.mark.slow
@@ -162,7 +97,7 @@ async def test_relay_survives_kills_broker_restarts_and_lost_acks(
         server = NatsServer() if broker == "nats" else RedisServer()
         server.start()
         target = server.port
-    proxy = FaultProxy("127.0.0.1", target, protocol="raw")
+    proxy = FaultProxy("127.0.0.1", target, protocol="raw", ack_marker=ACK_MARKERS[broker])
     await proxy.start()
     scheme = {"nats": "nats://", "redis": "redis://", "rabbitmq": "amqp://guest:guest@"}[broker]
     url = f"{scheme}127.0.0.1:{proxy.port}" + ("/0" if broker == "redis" else "/")
@@ -171,7 +106,8 @@ async def test_relay_survives_kills_broker_restarts_and_lost_acks(
     path = str(tmp_path / "log.db")
     SqliteTestLog(path).close()  # tables exist before the processes start
     rng = random.Random(os.environ.get("CQRSKIT_FAULT_SEED", "relay-faults"))
-    faults = {"SIGKILL": 0, "broker restarts": 0, "dropped acks": 0, "connection cuts": 0}
+    faults = {"SIGKILL": 0, "broker restarts": 0, "lost-ack windows": 0, "connection cuts": 0}
+    lost: list[int] = []  # acknowledgements dropped per lost-ack window
     relay_log = tmp_path / "relay.log"
     relay = spawn("relay", path, broker, url, name, log=relay_log)
     writers = [
@@ -182,11 +118,8 @@ async def test_relay_survives_kills_broker_restarts_and_lost_acks(
         for step in range(40):  # bounded: stops once every fault quota is met
             await asyncio.sleep(rng.uniform(0.1, 0.35))  # when the next fault strikes
             if step in (1, 4):
-                proxy.mode = Mode.DROP_REPLIES  # publishes arrive, their acks are lost
-                await asyncio.sleep(rng.uniform(1.0, 1.5))
-                proxy.mode = Mode.RESET  # then the connection dies, as a lost ack's does
-                proxy.mode = Mode.FORWARD
-                faults["dropped acks"] += 1
+                lost.append(await lose_acks(proxy, broker, path, step, relay, relay_log))
+                faults["lost-ack windows"] += 1
             relay.send_signal(signal.SIGKILL)
             relay.wait(10)
             faults["SIGKILL"] += 1
@@ -204,7 +137,7 @@ async def test_relay_survives_kills_broker_restarts_and_lost_acks(
         for w in writers:
             assert w.wait(120) == 0, f"a writer failed: see {tmp_path}"
         log = committed(path)
-        assert len(log) == WRITERS * PER_WRITER
+        assert len(log) == WRITERS * PER_WRITER + sum(BURST for _ in lost)
         head = log[-1][0]
         deadline = time.monotonic() + 90
         while relay_checkpoint(path) < head:
@@ -214,16 +147,19 @@ async def test_relay_survives_kills_broker_restarts_and_lost_acks(
         relay.send_signal(signal.SIGTERM)
         relay.wait(20)
         held = await read_broker(broker, direct, name)
-        dropped = check(held, log)
+        dropped = check(held, log)  # asserts: none lost, none unexpected, order per stream
+        ledger.check_invariants(f"relay {broker}", {"lost": 0, "double": 0, "reordered": 0})
         print(
             f"\nrelay faults [{broker}]: "
             + ", ".join(f"{v} {k}" for k, v in faults.items())
-            + f", proxy dropped {proxy.dropped_replies} reply chunks; {len(log)} events, "
-            f"{dropped} duplicate copies dropped by sequence"
+            + f"; acks dropped per window {lost} ({proxy.dropped_replies} reply chunks); "
+            f"{len(log)} events, {dropped} duplicate copies dropped by sequence"
         )
         assert faults["SIGKILL"] >= 10
-        assert faults["dropped acks"] >= 2
+        assert faults["lost-ack windows"] >= 2
         assert faults["broker restarts" if server else "connection cuts"] >= 2
+        ledger.record("sigkill", faults["SIGKILL"])
+        # proxy faults are not recorded here: the ledger's proxy counts its own RESETs
     finally:
         for p in [relay, *writers]:
             if p.poll() is None:

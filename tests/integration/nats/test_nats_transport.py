@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -11,9 +13,10 @@ from tests.conftest import require_service
 from tests.support.brokers import nats_delete_stream, nats_read
 from tests.support.proxy import FaultProxy
 
-from cqrskit.messaging import Transport
+from cqrskit.eventlog import StoredEvent
+from cqrskit.messaging import Envelope, Transport
 from cqrskit.nats import NatsTransport
-from cqrskit.testing.transport import TransportConformance
+from cqrskit.testing.transport import TransportConformance, envelopes_for, stored_events
 
 URL = "nats://127.0.0.1:4222"
 
@@ -57,3 +60,28 @@ class TestNatsTransport(TransportConformance):
 
     async def dispose(self, transport: Transport) -> None:
         await transport.close()
+
+
+async def test_a_message_over_the_servers_max_payload_is_refused_not_retried() -> None:
+    """A payload within ``max_bytes`` whose headers take the message past the server's
+    ``max_payload`` is refused; the server would drop the connection instead, forever."""
+    require_service("nats")
+    tag = uuid.uuid4().hex[:12]
+    t = NatsTransport(URL, stream=f"CQRSKIT_T_{tag}", subject_prefix=f"cqrskit_t.{tag}")
+    try:
+        first, after = stored_events(2, streams=2)
+        data = json.dumps({"blob": "x" * ((1 << 20) - 12)})
+        assert len(data) == 1 << 20  # the default max_bytes and NATS's default max_payload
+        big = StoredEvent(
+            first.position, first.stream, 1, first.type, 1, data, first.metadata
+        )  # fmt: skip
+        envs = envelopes_for([big, after], 1)
+        results = await asyncio.wait_for(t.publish(envs), 30)
+        assert results[1] is None, results
+        assert isinstance(results[0], str), results
+        assert "max_payload" in results[0], results
+        held = await nats_read(URL, t.stream, t.destination(0))
+        assert [Envelope.from_wire(h, b).message_id for h, b in held] == [envs[1].message_id]
+    finally:
+        await t.close()
+        await nats_delete_stream(URL, t.stream)

@@ -1,12 +1,14 @@
-"""Per-test schemas on the shared PostgreSQL test database."""
+"""Per-test schemas on the shared PostgreSQL test database, and throwaway clusters."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
+from tests.conftest import missing
+from tests.support.pg_cluster import PgCluster, PgToolsMissing
 
 
 @pytest.fixture
@@ -19,3 +21,23 @@ async def pg_schema(postgres_dsn: str) -> AsyncIterator[str]:
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
         await conn.close()
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    """A started PostgreSQL cluster of this test's own (free port, temporary directory),
+    which the test may stop, crash and restart; stopped and removed afterwards."""
+    cluster = PgCluster()
+    try:
+        cluster.create()
+        cluster.start()
+    except PgToolsMissing as exc:
+        cluster.cleanup()
+        missing(str(exc), "install the PostgreSQL server package to run this test")
+    except BaseException:
+        cluster.cleanup()
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()

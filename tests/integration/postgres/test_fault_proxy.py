@@ -103,3 +103,13 @@ def test_parser_finds_commit_in_simple_and_extended_messages() -> None:
         got.extend(parser.feed(data[i : i + 7]))
     assert [flag for _, flag in got] == [False, False, True, True, False]
     assert b"".join(m for m, _ in got) == data
+
+
+def test_parser_finds_commit_whatever_the_length_byte() -> None:
+    """A Query of 80 bytes has b"P" as its length's last byte: still a COMMIT."""
+    body = b"COMMIT; BEGIN; SELECT 1".ljust(75) + b"\x00"
+    q = b"Q" + (len(body) + 4).to_bytes(4, "big") + body
+    assert q[4:5] == b"P"
+    parser = _FrontendParser()
+    parser.feed(b"\x00\x00\x00\x08\x00\x03\x00\x00")  # a startup message
+    assert parser.feed(q) == [(q, True)]

@@ -27,6 +27,7 @@ import cqrskit.postgres._connections as pg
 from cqrskit import Command, Event, Mediator, Registry
 from cqrskit.errors import ConfigurationError
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
+from cqrskit.testing.eventlog import wait_visible
 
 pytestmark = pytest.mark.postgres
 
@@ -109,7 +110,10 @@ async def test_the_begun_transaction_holds_back_no_reader(
         assert row is not None
         assert (row[0], row[1]) == (None, None)  # no xid, no snapshot
         # the reader's horizon reaches the last commit although the writer sits in BEGIN
-        assert await store.head() == await store.last_position()
+        # (for 60 s: a wait bounded well below that would time out if it held readers)
+        last = await store.last_position()
+        await wait_visible(store, last, timeout=10.0)
+        assert await store.head() == last
         assert [e.stream for e in await store.read_after(0)] == ["a", "b", "c"]
 
 

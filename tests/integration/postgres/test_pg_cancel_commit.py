@@ -11,7 +11,7 @@ import pytest
 from tests.support.proxy import FaultProxy, Mode
 
 from cqrskit import Command, Event, Mediator, Receipt, Registry
-from cqrskit.errors import CommitOutcomeUnknownError
+from cqrskit.errors import CommitOutcomeUnknownError, ConnectionLostError
 from cqrskit.mediator import _receipt_var
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
 
@@ -139,11 +139,13 @@ async def test_a_connection_that_died_unnoticed_fails_one_command_and_commits_no
     try:
         await mediator.send(Open("before"))
         proxy.reset_all()  # no await in between: the client has not seen it yet
-        # the handler's own statement meets the dead connection first (asyncpg's error
-        # passes through), or else the COMMIT does: its outcome cannot be known
-        expected = asyncpg.PostgresConnectionError if touch else CommitOutcomeUnknownError
-        with pytest.raises(expected):
+        # the handler's own statement meets the dead connection first (nothing was
+        # committed: ConnectionLostError, a typed error the retry behavior retries), or
+        # else the COMMIT does: its outcome cannot be known
+        expected = ConnectionLostError if touch else CommitOutcomeUnknownError
+        with pytest.raises(expected) as info:
             await mediator.send(Open("lost"))
+        assert isinstance(info.value.__cause__, asyncpg.PostgresConnectionError)
         await mediator.send(Open("after"))
         assert await store.read_stream("lost") == []
         assert [e.version for e in await store.read_stream("after")] == [1]

@@ -52,7 +52,8 @@ async def test_eight_processes_exactly_once_contiguous(postgres_dsn: str, pg_sch
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 240
-        while not done.done() and loop.time() < deadline:
+        # tail while the writers run, and until the tail has something (bounded)
+        while (not done.done() or not tail) and loop.time() < deadline:
             tail.extend(await store.read_after(tail[-1].position if tail else 0, 500))
             await store.wait_for(tail[-1].position if tail else 0, 0.05)
         outputs = await done

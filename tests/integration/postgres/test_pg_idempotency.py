@@ -10,14 +10,19 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from tests.support.idempotency_kit import Balance, Deposit, IdempotencyChecks, Probe
+from tests.support.idempotency_kit import Balance, Deposit, IdempotencyChecks, Probe, Withdraw
 from tests.support.proxy import FaultProxy, Mode
 
 from cqrskit.dependencies import Dependencies
-from cqrskit.errors import CommitOutcomeUnknownError
+from cqrskit.errors import (
+    CommitOutcomeUnknownError,
+    ConcurrencyError,
+    ConnectionLostError,
+    PersistenceError,
+)
 from cqrskit.eventlog import EventStore, UnitOfWork
 from cqrskit.idempotency import Idempotency, idempotency_key, postgres_idempotency_ddl
-from cqrskit.mediator import Mediator
+from cqrskit.mediator import Mediator, Receipt
 from cqrskit.pipeline.retry import RetryBehavior
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
 
@@ -51,7 +56,7 @@ class TestPostgresIdempotency(IdempotencyChecks):
         return sorted(r[0] for r in rows)
 
     async def wait_blocked(self, idem: Idempotency, store: EventStore) -> None:
-        # the duplicate's claim INSERT waits on the first attempt's uncommitted key
+        # the duplicate's claim (its INSERT) waits on the first attempt's uncommitted key
         sql = (
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1"
         )
@@ -59,7 +64,7 @@ class TestPostgresIdempotency(IdempotencyChecks):
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
-            while await conn.fetchval(sql, f'%"{self.schema}"."cqrskit_idempotency"%') < 1:
+            while await conn.fetchval(sql, f'%"{self.schema}"."cqrskit_idempotency_claim"%') < 1:
                 if loop.time() > deadline:
                     raise TimeoutError("the duplicate never waited for the first attempt")
                 await asyncio.sleep(0.005)
@@ -178,9 +183,13 @@ async def test_reset_before_commit_is_a_plain_persistence_error(
         await asyncio.wait_for(probe.entered.wait(), 10)
         proxy.mode = Mode.RESET  # the connection dies while the handler runs
         probe.gate.set()  # type: ignore[union-attr]
-        with pytest.raises(Exception) as info:
+        # nothing was committed and the client knows it: the documented PersistenceError
+        # (retryable as such), not an unknown outcome, with the driver's error chained
+        with pytest.raises(ConnectionLostError) as info:
             await asyncio.wait_for(task, 10)
+        assert isinstance(info.value, PersistenceError)
         assert not isinstance(info.value, CommitOutcomeUnknownError)
+        assert info.value.__cause__ is not None  # the driver's error, chained
         proxy.mode = Mode.FORWARD
         with idempotency_key("r"):
             assert await mediator.send(Deposit("a", 5)) == Balance("a", 5)
@@ -246,5 +255,57 @@ async def test_retry_behavior_retries_a_lost_commit_reply_only_with_a_key(
         assert proxy.commit_faults == 2
         assert probe.calls == 2
         assert await _counts(postgres_dsn, pg_schema) == (2, 2, 1)
+    finally:
+        await store.close()
+
+
+async def _waiting_on_claims(dsn: str, schema: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE $1",
+                f'%"{schema}"."cqrskit_idempotency_claim"%',
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_duplicate_in_flight_waits_a_bounded_time_then_gets_in_progress(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, max_size=4)
+    try:
+        async with store.pool.acquire() as c:
+            await c.execute(f'CREATE TABLE "{pg_schema}".state (key text NOT NULL)')
+        idem = await Idempotency.open(store, wait_timeout=0.3)
+        probe = Probe(gate=asyncio.Event())
+        mediator = _Kit(pg_schema).app(store, idem, probe)
+
+        async def attempt() -> Receipt[Balance]:
+            with idempotency_key("slow"):
+                return await mediator.send_tracked(Deposit("a", 3))
+
+        first = asyncio.create_task(attempt())
+        await asyncio.wait_for(probe.entered.wait(), 10)
+        # the first attempt holds the key (its handler waits on the gate): the retry waits
+        # on the key's row lock for wait_timeout, then gets a typed "in progress" error
+        with pytest.raises(ConcurrencyError, match="still running") as info:
+            await asyncio.wait_for(attempt(), 10)
+        assert info.value.hint is not None
+        assert "same key" in info.value.hint
+        assert await _waiting_on_claims(postgres_dsn, pg_schema) == 0  # nothing left pinned
+        # the duplicate's connection went back: other commands run meanwhile
+        with idempotency_key("other"):
+            assert await mediator.send(Withdraw("b", 1)) == -1
+        probe.gate.set()  # type: ignore[union-attr]
+        done = await asyncio.wait_for(first, 10)
+        again = await attempt()
+        assert again.result == done.result == Balance("a", 3)
+        assert again.token == done.token
+        assert probe.calls == 2  # the deposit once, the withdrawal once
+        assert await _counts(postgres_dsn, pg_schema) == (2, 1, 2)
     finally:
         await store.close()

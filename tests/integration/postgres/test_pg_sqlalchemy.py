@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from cqrskit.messages import Command, Event
 from cqrskit.postgres import PostgresEventStore
 from cqrskit.registry import Registry
 from cqrskit.sqlalchemy import SqlAlchemyEventStore, SqlAlchemyUnitOfWork
+from cqrskit.testing.eventlog import wait_visible
 
 pytestmark = pytest.mark.postgres
 
@@ -334,3 +336,105 @@ async def test_the_database_check_ignores_session_settings(
     finally:
         await engine.dispose()
         await log.close()
+
+
+async def test_a_keyed_duplicate_on_the_session_waits_a_bounded_time(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    engine = create_async_engine(_asyncpg_url(postgres_dsn), pool_size=3).execution_options(
+        schema_translate_map={"app": pg_schema}
+    )
+    log = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, max_size=2)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        store = SqlAlchemyEventStore(log, async_sessionmaker(engine, expire_on_commit=False))
+        idem = await Idempotency.open(store, wait_timeout=0.3)
+        registry = Registry()
+        entered, gate = asyncio.Event(), asyncio.Event()
+
+        @registry.handler
+        async def open_account(cmd: OpenAccount, session: AsyncSession, uow: UnitOfWork) -> str:
+            session.add(Account(id=cmd.account_id, owner=cmd.owner))
+            entered.set()
+            await asyncio.wait_for(gate.wait(), 10)
+            return cmd.account_id
+
+        mediator = Mediator(registry, behaviors=[idem.transaction()], resolver=store.resolver())
+
+        async def attempt() -> str:
+            with idempotency_key("slow-open"):
+                return await mediator.send(OpenAccount("9", "ada"))
+
+        first = asyncio.create_task(attempt())
+        await asyncio.wait_for(entered.wait(), 10)
+        with pytest.raises(ConcurrencyError, match="still running"):
+            await asyncio.wait_for(attempt(), 10)
+        gate.set()
+        assert await asyncio.wait_for(first, 10) == "9"
+        assert await attempt() == "9"  # the retry now replays the stored result
+    finally:
+        await log.close()
+        await engine.dispose()
+
+
+async def test_a_session_unit_of_work_is_an_appender_from_its_begin(
+    app: App, postgres_dsn: str
+) -> None:
+    """The session takes the event log's appender lock before anything takes an xid, so a
+    session that wrote but has not committed holds readers back (and is reported)."""
+    uow = await app.store.begin()
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        conn = await uow.session.connection()
+        pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+        held = await admin.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.pid = $1 AND l.locktype = 'advisory' AND l.granted "
+            "AND a.backend_xid IS NULL",
+            pid,
+        )
+        assert held == 1  # the lock, and no xid yet
+        uow.session.add(Account(id="9", owner="held"))
+        await uow.session.flush()  # an xid now
+        later = await app.mediator.send_tracked(OpenAccount("1", "ada"))
+        assert later.token is not None
+        assert await app.store.head() < later.token  # held back by the open session
+        appender = await app.store.oldest_appender()
+        assert appender is not None
+        assert appender.pid == pid
+    finally:
+        await uow.rollback()
+        await admin.close()
+    await wait_visible(app.store, later.token)
+    assert await app.store.oldest_appender() is None
+
+
+async def test_a_commit_without_reply_on_the_session_times_out(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """The event log's commit_timeout bounds the session's COMMIT too: the reply is held
+    back by the proxy, the command fails with CommitOutcomeUnknownError in time."""
+    proxy = FaultProxy("127.0.0.1", 5432)
+    await proxy.start()
+    url = _asyncpg_url(proxy.dsn(postgres_dsn)).replace("sslmode=", "ssl=")
+    engine = create_async_engine(url).execution_options(schema_translate_map={"app": pg_schema})
+    log = await PostgresEventStore.open(
+        postgres_dsn, schema=pg_schema, max_size=2, commit_timeout=0.5
+    )
+    try:
+        mediator = await _one_command_app(engine, log)
+        proxy.mode = Mode.HOLD_COMMIT_REPLY
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(CommitOutcomeUnknownError):
+            await asyncio.wait_for(mediator.send(OpenAccount("1", "ada")), 10)
+        assert loop.time() - started < 10
+        proxy.mode = Mode.FORWARD
+        proxy.release_replies.set()
+        assert await mediator.send(OpenAccount("2", "bob")) == "2"  # a fresh connection
+    finally:
+        proxy.release_replies.set()
+        await log.close()
+        await engine.dispose()
+        await proxy.close()

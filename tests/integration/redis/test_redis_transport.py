@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from tests.conftest import require_service
 from tests.support.brokers import redis_read
 from tests.support.proxy import FaultProxy
+from tests.support.transport_retry import refused_then_retried
 
 from cqrskit.messaging import Transport
 from cqrskit.redis import RedisTransport
@@ -61,3 +62,23 @@ class TestRedisTransport(TransportConformance):
 
     async def dispose(self, transport: Transport) -> None:
         await transport.close()
+
+    async def test_relay_retries_events_the_broker_refused(self) -> None:
+        """A partition key that is not a stream (WRONGTYPE) is refused; once it is
+        deleted, a retry publishes the parked events in order."""
+        t = await self.make_transport()
+        assert isinstance(t, RedisTransport)
+        client = aioredis.from_url(URL)
+
+        async def wrong_type(p: int) -> None:
+            await client.delete(t.destination(p))
+            await client.set(t.destination(p), "not a stream")
+
+        async def repair(p: int) -> None:
+            await client.delete(t.destination(p))
+
+        try:
+            await refused_then_retried(self, t, wrong_type, repair)
+        finally:
+            await client.aclose()
+            await self.dispose(t)

@@ -12,6 +12,8 @@ from tests.support.waiting import visible
 
 from cqrskit.projections import (
     ConsistencyGate,
+    Projection,
+    ProjectionContext,
     Projector,
     ReadDatabase,
     projection_status,
@@ -174,3 +176,118 @@ async def test_catch_up_leaves_the_event_loop_running(
         task.cancel()
     # 1500 events in batches of 50: the projector hands the loop back after each batch
     assert ticks >= 20
+
+
+# -- a lease holder hung inside a batch: bounded, taken over --------------------------------
+
+hanging = Projection(
+    "hanging",
+    tables={"seen": ("CREATE TABLE {seen} (position BIGINT PRIMARY KEY, account TEXT)",)},
+)
+
+
+class _Hang:
+    """The ``hanging`` projection's handler awaits, inside its batch, something that never
+    comes — for the ``times`` first events of account ``"hang"``."""
+
+    times = 0
+    entered: asyncio.Event | None = None
+    cancelled = 0
+
+
+@hanging.on
+async def _hanging_deposit(e: Deposited, ctx: ProjectionContext) -> None:
+    if e.account == "hang" and _Hang.times > 0:
+        _Hang.times -= 1
+        assert _Hang.entered is not None
+        _Hang.entered.set()
+        try:
+            await asyncio.Event().wait()  # never set
+        except asyncio.CancelledError:
+            _Hang.cancelled += 1
+            raise
+    assert ctx.stored is not None
+    await ctx.execute(
+        f"INSERT INTO {ctx.table('seen')} (position, account) VALUES (?, ?)",
+        ctx.stored.position,
+        e.account,
+    )
+
+
+def _arm(times: int) -> asyncio.Event:
+    _Hang.times, _Hang.cancelled, _Hang.entered = times, 0, asyncio.Event()
+    return _Hang.entered
+
+
+async def _seen(db: ReadDatabase) -> list[tuple[object, ...]]:
+    async with db.read_only() as s:
+        return [tuple(r) for r in await s.fetchall("SELECT position, account FROM seen")]
+
+
+async def test_a_leader_hung_in_a_handler_is_taken_over(
+    log: AppendLog, read_db: ReadDatabase, open_read_db: Callable[..., ReadDatabase]
+) -> None:
+    ttl = 1.0
+    entered = _arm(1)
+    other_db = open_read_db()
+    first = Projector(log, read_db, [hanging], decode, lease_ttl=ttl, owner="first")
+    second = Projector(log, other_db, [hanging], decode, lease_ttl=ttl, owner="second")
+    loop = asyncio.get_running_loop()
+    try:
+        await first.start()
+        gate = ConsistencyGate(log, other_db)
+        [e0] = await log.append("x", Deposited("x", 1))
+        await gate.check(["hanging"], e0.position, "wait", 10.0)
+        await second.start()
+        assert first.leading("hanging")
+        [stuck] = await log.append("hang", Deposited("hang", 1))
+        await asyncio.wait_for(entered.wait(), 10)
+        hung_at = loop.time()
+        # the leader's handler never returns: its transaction is rolled back after
+        # lease_ttl, it hands the lease over and the standby applies the event
+        await gate.check(["hanging"], stuck.position, "wait", 20.0)
+        took = loop.time() - hung_at
+        assert second.leading("hanging")
+        assert not first.leading("hanging")
+        assert _Hang.cancelled == 1  # the hung handler was cancelled, never completed
+        # generous slack for a loaded machine; the bound itself is lease_ttl + a poll
+        assert took < ttl + ttl / 4 + 5.0, took
+        [e2] = await log.append("x", Deposited("x", 2))
+        await gate.check(["hanging"], e2.position, "wait", 10.0)
+    finally:
+        await asyncio.wait_for(first.stop(), ttl + 5)
+        await asyncio.wait_for(second.stop(), ttl + 5)
+        await other_db.close()
+    # each event applied once: the hung batch never committed
+    assert sorted(await _seen(read_db)) == [
+        (e0.position, "x"),
+        (stuck.position, "hang"),
+        (e2.position, "x"),
+    ]
+
+
+async def test_stop_is_bounded_while_a_leader_hangs(
+    log: AppendLog, read_db: ReadDatabase, open_read_db: Callable[..., ReadDatabase]
+) -> None:
+    ttl = 1.0
+    entered = _arm(1_000)  # hangs on every attempt
+    other_db = open_read_db()
+    first = Projector(log, read_db, [hanging], decode, lease_ttl=ttl, owner="first")
+    standby = Projector(log, other_db, [hanging], decode, lease_ttl=ttl, owner="standby")
+    try:
+        await first.start()
+        gate = ConsistencyGate(log, read_db)
+        [e0] = await log.append("x", Deposited("x", 1))
+        await gate.check(["hanging"], e0.position, "wait", 10.0)
+        await standby.start()
+        await log.append("hang", Deposited("hang", 1))
+        await asyncio.wait_for(entered.wait(), 10)
+        # neither the standby (waiting for the lease) nor the hung leader may hang stop()
+        await asyncio.wait_for(standby.stop(), ttl + 5)
+        await asyncio.wait_for(first.stop(), 2 * ttl + 5)
+    finally:
+        _Hang.times = 0
+        await asyncio.wait_for(first.stop(), ttl + 5)
+        await asyncio.wait_for(standby.stop(), ttl + 5)
+        await other_db.close()
+    assert sorted(await _seen(read_db)) == [(e0.position, "x")]

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from tests.support.bank import Deposited, balances, decode
+from tests.support.bank import Deposited, Poison, balances, decode
 from tests.support.logs import AppendLog
 
 from cqrskit import Command, Dependencies, Mediator, Query, Registry, for_queries
-from cqrskit.errors import ConfigurationError, StaleReadError, TokenFromFutureError
+from cqrskit.errors import (
+    ConfigurationError,
+    StaleReadError,
+    TokenFromFutureError,
+    ValidationError,
+)
 from cqrskit.eventlog import UnitOfWork
 from cqrskit.projections import (
     ConsistencyGate,
@@ -22,6 +29,7 @@ from cqrskit.projections import (
     ask_consistent,
     read_after,
     reads,
+    request_retry,
 )
 
 
@@ -205,3 +213,84 @@ async def test_inline_mode_is_never_stale(
             assert (read.value, read.stale) == (2 * i, False)
     finally:
         await read_db.close()
+
+
+BAD_TIMEOUTS = [float("nan"), float("inf"), float("-inf"), -1.0]
+
+
+@pytest.mark.parametrize("bad", BAD_TIMEOUTS, ids=["nan", "inf", "-inf", "negative"])
+async def test_bad_timeouts_are_refused(log: AppendLog, read_db: ReadDatabase, bad: float) -> None:
+    token = await stopped_projector_setup(log, read_db)
+    mediator = build(log, read_db, ConsistencyGate(log, read_db))
+    with pytest.raises(ValidationError, match="timeout"):
+        await asyncio.wait_for(ask_consistent(mediator, GetBalance("c"), token, timeout=bad), 10)
+    with pytest.raises(ValidationError, match="timeout"):
+        async with read_after(token, timeout=bad):
+            pass
+    with pytest.raises(ValidationError, match="timeout"):
+        await asyncio.wait_for(
+            ConsistencyGate(log, read_db).check(["balances"], token, "wait", bad), 10
+        )
+    with pytest.raises(ConfigurationError, match="timeout"):
+        reads("balances", timeout=bad)
+    with pytest.raises(ConfigurationError, match="max_timeout"):
+        ConsistencyGate(log, read_db, max_timeout=bad)
+
+
+async def test_a_nan_timeout_cannot_delay_another_querys_deadline(
+    log: AppendLog, read_db: ReadDatabase
+) -> None:
+    # a NaN deadline used to reach the event loop's timer heap (breaking its order, so
+    # other queries' deadlines fired late) and to spin forever; now it is refused at once
+    token = await stopped_projector_setup(log, read_db)
+    mediator = build(log, read_db, ConsistencyGate(log, read_db))
+    loop = asyncio.get_running_loop()
+
+    async def on_time() -> float:
+        started = loop.time()
+        with pytest.raises(StaleReadError):
+            await ask_consistent(mediator, GetBalance("c"), token, policy="wait", timeout=0.3)
+        return loop.time() - started
+
+    bad = asyncio.ensure_future(
+        ask_consistent(mediator, GetBalance("c"), token, policy="wait", timeout=float("nan"))
+    )
+    good = asyncio.ensure_future(on_time())
+    try:
+        outcome = await asyncio.wait_for(asyncio.gather(bad, good, return_exceptions=True), 15)
+    finally:
+        bad.cancel()
+        good.cancel()
+    assert isinstance(outcome[0], ValidationError)
+    assert isinstance(outcome[1], float), outcome[1]
+    assert 0.3 <= outcome[1] < 5.0  # its own deadline, not delayed
+
+
+async def test_a_token_whose_event_is_parked_is_stale_not_missing(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector, poison_flag: Path
+) -> None:
+    # the checkpoint moves past a parked event, but the read model does not contain that
+    # write: a query with its token is stale (or fails, by policy), never a silent miss
+    poison_flag.touch()
+    mediator = build(log, read_db, ConsistencyGate(log, read_db, signal=projector.signal))
+    await log.append("p", Deposited("p", 1))
+    [parked] = await log.append("p", Poison("p"))
+    [other] = await log.append("q", Deposited("q", 5))
+    gate = ConsistencyGate(log, read_db, signal=projector.signal)
+    # the later, unrelated command is readable: the parked event is not its write
+    read = await ask_consistent(mediator, GetBalance("q"), other.position, timeout=10.0)
+    assert (read.value, read.stale) == (5, False)
+    assert (await gate.positions(["balances"]))["balances"] >= parked.position
+    read = await ask_consistent(
+        mediator, GetBalance("p"), parked.position, policy="stale", timeout=0
+    )
+    assert read.stale is True
+    with pytest.raises(StaleReadError, match="parked"):
+        await ask_consistent(mediator, GetBalance("p"), parked.position, policy="fail")
+    with pytest.raises(StaleReadError, match="parked"):
+        await ask_consistent(mediator, GetBalance("p"), parked.position, timeout=0.1)
+    # fixed and retried: the token is served, fresh
+    poison_flag.unlink()
+    await request_retry(read_db, "balances")
+    read = await ask_consistent(mediator, GetBalance("p"), parked.position, timeout=10.0)
+    assert (read.value, read.stale) == (1, False)

@@ -6,11 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.support.bank import Deposited, Poison, balances, decode
+from tests.support.bank import Deposited, Poison, Unrelated, balances, decode
 from tests.support.logs import AppendLog
 from tests.support.waiting import until
 
-from cqrskit.errors import ConfigurationError
+from cqrskit.errors import ConfigurationError, StaleReadError
 from cqrskit.projections import (
     ConsistencyGate,
     InlineProjections,
@@ -23,6 +23,7 @@ from cqrskit.projections import (
     request_rebuild,
     request_retry,
 )
+from cqrskit.serialization import EventTypes, JsonSerializer
 
 
 async def rows(db: ReadDatabase) -> list[tuple[object, ...]]:
@@ -101,10 +102,18 @@ async def test_poison_parked_then_retried(
         assert "earlier event" in parked[1].error
         assert {r[0]: r[1] for r in await rows(read_db)} == {"a": 1, "b": 5}
         # the rest keeps flowing, the parked stream stays parked
-        await log.append("b", Deposited("b", 5))
-        await log.append("a", Deposited("a", 100))
-        await gate.check(["balances"], await log.last_position(), "wait", 10.0)
+        [b2] = await log.append("b", Deposited("b", 5))
+        [a100] = await log.append("a", Deposited("a", 100))
+        await gate.check(["balances"], b2.position, "wait", 10.0)
+
+        async def past_a100() -> bool:
+            return (await gate.positions(["balances"]))["balances"] >= a100.position
+
+        await until(past_a100, p.signal)
         assert len(await dead_letters(read_db, "balances")) == 3
+        # the checkpoint is past a's new event, but it is parked: its token reads stale
+        with pytest.raises(StaleReadError, match="parked"):
+            await gate.check(["balances"], a100.position, "fail", 0)
         # a retry that fails again keeps them parked with more attempts
         assert await request_retry(read_db, "balances") == 3
 
@@ -222,3 +231,78 @@ async def test_database_faults_are_retried_not_parked(
         seen = [r[0] for r in await s.fetchall("SELECT id FROM seen ORDER BY id")]
     assert seen == ["a", "b", "c"]
     assert faults == {"b": 0}
+
+
+ledger = Projection(
+    "ledger",
+    tables={"entries": ("CREATE TABLE {entries} (position BIGINT PRIMARY KEY, kind TEXT)",)},
+)
+
+
+@ledger.on
+async def _ledger_deposit(e: Deposited, ctx: ProjectionContext) -> None:
+    assert ctx.stored is not None
+    await ctx.execute(
+        f"INSERT INTO {ctx.table('entries')} (position, kind) VALUES (?, 'deposit')",
+        ctx.stored.position,
+    )
+
+
+@ledger.on
+async def _ledger_note(e: Unrelated, ctx: ProjectionContext) -> None:
+    assert ctx.stored is not None
+    await ctx.execute(
+        f"INSERT INTO {ctx.table('entries')} (position, kind) VALUES (?, 'note')",
+        ctx.stored.position,
+    )
+
+
+def _older_decoder() -> JsonSerializer:
+    """The decoder of an older release: it does not know ``bank.unrelated`` yet."""
+    types = EventTypes()
+    types.register(Deposited, "bank.deposited")
+    types.register(Poison, "bank.poison")
+    return JsonSerializer(types)
+
+
+async def test_an_undecodable_event_type_is_parked_not_skipped(
+    log: AppendLog, read_db: ReadDatabase
+) -> None:
+    # a rolling upgrade: a newer writer records a type the older projector cannot decode
+    [d1] = await log.append("a", Deposited("a", 1))
+    [note] = await log.append("a", Unrelated("hello"))
+    [d2] = await log.append("a", Deposited("a", 2))
+    [d3] = await log.append("b", Deposited("b", 3))
+    async with Projector(log, read_db, [ledger], _older_decoder(), state_interval=0.01) as p:
+        await ConsistencyGate(log, read_db, signal=p.signal).check(
+            ["ledger"], d3.position, "wait", 10.0
+        )
+        parked = await dead_letters(read_db, "ledger")
+    # parked with the reason (and, stream order mattering, a's later event behind it)
+    assert [(d.position, d.type) for d in parked] == [
+        (note.position, "bank.unrelated"),
+        (d2.position, "bank.deposited"),
+    ]
+    assert "unknown event type" in parked[0].error
+    assert "earlier event" in parked[1].error
+    async with read_db.read_only() as s:
+        kinds = [tuple(r) for r in await s.fetchall("SELECT position, kind FROM entries")]
+    assert sorted(kinds) == [(d1.position, "deposit"), (d3.position, "deposit")]
+    # the upgraded projector knows the type: a retry applies both, in stream order
+    async with Projector(log, read_db, [ledger], decode, state_interval=0.01) as p:
+        await request_retry(read_db, "ledger")
+
+        async def drained() -> bool:
+            return not await dead_letters(read_db, "ledger")
+
+        await until(drained, p.signal)
+    async with read_db.read_only() as s:
+        kinds = [tuple(r) for r in await s.fetchall("SELECT position, kind FROM entries")]
+    assert sorted(kinds) == sorted(
+        [
+            (d1.position, "deposit"),
+            (note.position, "note"),
+            (d2.position, "deposit"),
+            (d3.position, "deposit"),
+        ]
+    )

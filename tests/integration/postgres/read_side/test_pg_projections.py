@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import pytest
 from tests.integration.sqlite.test_async_projection import (  # noqa: F401
+    test_a_leader_hung_in_a_handler_is_taken_over,
     test_catches_up_and_follows,
     test_fenced_projector_cannot_commit,
     test_lag_reported_while_stopped,
     test_query_session_is_read_only,
     test_resumes_from_checkpoint_without_reapplying,
     test_second_projector_stands_by_and_takes_over,
+    test_stop_is_bounded_while_a_leader_hangs,
     test_stop_is_prompt_when_idle,
 )
 from tests.integration.sqlite.test_consistency import (  # noqa: F401
     projector,
+    test_a_nan_timeout_cannot_delay_another_querys_deadline,
+    test_a_token_whose_event_is_parked_is_stale_not_missing,
+    test_bad_timeouts_are_refused,
     test_fail_policy_raises_at_once,
     test_inline_mode_is_never_stale,
     test_misconfigurations_are_loud,
@@ -27,6 +32,7 @@ from tests.integration.sqlite.test_consistency import (  # noqa: F401
     test_wait_policy_times_out,
 )
 from tests.integration.sqlite.test_rebuild_poison_modes import (  # noqa: F401
+    test_an_undecodable_event_type_is_parked_not_skipped,
     test_database_faults_are_retried_not_parked,
     test_inline_failure_fails_the_command,
     test_move_inline_to_async_and_back,

@@ -1,0 +1,58 @@
+"""Every public parameter an operator sets is documented with its default: in the
+callable's docstring and in docs/operations.md's parameter reference."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cqrskit import Idempotency
+from cqrskit.fastapi import install
+from cqrskit.pipeline import recommended
+from cqrskit.postgres import PostgresReadDatabase
+from cqrskit.projections import Projector
+from cqrskit.sqlite import SqliteEventStore
+
+OPERATIONS = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+
+CALLABLES: list[tuple[str, Any, Any]] = [
+    ("Projector", Projector, Projector),
+    ("Idempotency.open", Idempotency.open, Idempotency.open),
+    ("install", install, install),
+    ("recommended", recommended, recommended),
+    ("PostgresReadDatabase", PostgresReadDatabase, PostgresReadDatabase),
+]
+
+
+@pytest.mark.parametrize(("name", "target", "doc_of"), CALLABLES, ids=[c[0] for c in CALLABLES])
+def test_every_keyword_parameter_is_documented(name: str, target: Any, doc_of: Any) -> None:
+    signature = inspect.signature(target)
+    doc = inspect.getdoc(doc_of) or ""
+    if name == "Idempotency.open":
+        doc += inspect.getdoc(Idempotency) or ""
+    keywords = [p for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert keywords, name
+    for param in keywords:
+        assert f"{param.name}:" in doc or f"``{param.name}``" in doc, (name, param.name)
+        assert param.name in OPERATIONS, (name, param.name)
+
+
+def test_projector_defaults_in_the_reference_match_the_code() -> None:
+    for param in inspect.signature(Projector).parameters.values():
+        if param.kind is not param.KEYWORD_ONLY or param.default is None:
+            continue
+        default = param.default
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        row = next(line for line in OPERATIONS.splitlines() if line.startswith(f"| `{param.name}`"))
+        assert shown in row, (param.name, row)
+
+
+def test_the_lease_owner_format_and_leading_are_documented() -> None:
+    doc = inspect.getdoc(Projector) or ""
+    assert "<hostname>:<pid>:<8 hex digits>" in doc
+    assert "stands by" in (inspect.getdoc(Projector.leading) or "")
+    assert "``None`` when no command" in (inspect.getdoc(Idempotency.lookup) or "")
+    assert "outside a command" in (inspect.getdoc(SqliteEventStore.write_connection) or "")
