@@ -78,19 +78,49 @@ def _add_commands(sub: Any) -> None:
     _connection_args(run, store=False)
     run.add_argument("--broker", help="nats://, amqp://, redis:// URL or env:NAME")
     run.add_argument("--destination", help="subject prefix / exchange / key prefix")
-    run.add_argument("--projection", action="append", default=[])
-    run.add_argument("--handlers", action="append", default=[], help="module:EventHandlers")
-    run.add_argument("--decoder", required=True)
-    run.add_argument("--partitions", type=int, required=True)
-    run.add_argument("--max-partitions", type=int)
-    run.add_argument("--batch-size", type=int, default=500)
-    run.add_argument("--lease-ttl", type=float, default=5.0)
-    run.add_argument("--owner")
+    run.add_argument(
+        "--projection",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="a Projection to feed (repeatable)",
+    )
+    run.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="EventHandlers with side effects to feed, at least once (repeatable)",
+    )
+    run.add_argument(
+        "--decoder", required=True, metavar="MODULE:ATTR", help="the event decoder (required)"
+    )
+    run.add_argument(
+        "--partitions",
+        type=int,
+        required=True,
+        help="N: the relay's partition count (stable hash of the stream id modulo N)",
+    )
+    run.add_argument(
+        "--max-partitions",
+        type=int,
+        help="the most partitions this process claims (default: its fair share)",
+    )
+    run.add_argument(
+        "--batch-size", type=int, default=500, help="messages applied per batch (default: 500)"
+    )
+    run.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=5.0,
+        help="seconds before a silent worker's partitions move to another (default: 5)",
+    )
+    run.add_argument("--owner", help="this worker's lease owner name (default: host:pid:random)")
     status = sub.add_parser("status", help="each partition's owner, checkpoint, lag and gap")
     status.set_defaults(run=_runner(_status))
     _connection_args(status)
     status.add_argument("name", help="a projection or event handlers name")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
 def register_cli(sub: Any) -> None:
