@@ -73,54 +73,82 @@ def _handlers(specs: list[str]) -> list[EventHandlers]:
 
 
 def _add_commands(sub: Any) -> None:
-    run = sub.add_parser("run", help="consume a broker into projections / event handlers")
+    run = sub.add_parser(
+        "run",
+        help="consume a broker into projections / event handlers until SIGTERM/SIGINT",
+        description="Apply projections and run event handlers from a broker, sharing the "
+        "partitions with every process started with the same --partitions.",
+    )
     run.set_defaults(run=_runner(_run))
     _connection_args(run, store=False)
-    run.add_argument("--broker", help="nats://, amqp://, redis:// URL or env:NAME")
-    run.add_argument("--destination", help="subject prefix / exchange / key prefix")
+    run.add_argument(
+        "--broker",
+        metavar="URL",
+        help="nats://, amqp:// or redis:// URL, or env:NAME (default: $CQRSKIT_BROKER)",
+    )
+    run.add_argument(
+        "--destination",
+        metavar="PREFIX",
+        help="the relay's NATS subject prefix, RabbitMQ exchange or Redis key prefix",
+    )
     run.add_argument(
         "--projection",
         action="append",
         default=[],
         metavar="MODULE:ATTR",
-        help="a Projection to feed (repeatable)",
+        help="a projection (or a list of them) to apply; repeat for more",
     )
     run.add_argument(
         "--handlers",
         action="append",
         default=[],
         metavar="MODULE:ATTR",
-        help="EventHandlers with side effects to feed, at least once (repeatable)",
+        help="an EventHandlers (at least once, with an inbox); repeat for more",
     )
     run.add_argument(
-        "--decoder", required=True, metavar="MODULE:ATTR", help="the event decoder (required)"
+        "--decoder",
+        required=True,
+        metavar="MODULE:ATTR",
+        help="stored event -> event: a serializer or a function",
     )
     run.add_argument(
         "--partitions",
         type=int,
         required=True,
-        help="N: the relay's partition count (stable hash of the stream id modulo N)",
+        metavar="N",
+        help="the relay's number of partitions (the same in every consumer)",
     )
     run.add_argument(
-        "--max-partitions",
+        "--max-partitions", type=int, metavar="K", help="hold at most K partitions per target"
+    )
+    run.add_argument(
+        "--batch-size",
         type=int,
-        help="the most partitions this process claims (default: its fair share)",
-    )
-    run.add_argument(
-        "--batch-size", type=int, default=500, help="messages applied per batch (default: 500)"
+        default=500,
+        metavar="N",
+        help="messages per fetch and per read-database transaction (default: 500)",
     )
     run.add_argument(
         "--lease-ttl",
         type=float,
         default=5.0,
-        help="seconds before a silent worker's partitions move to another (default: 5)",
+        metavar="SECONDS",
+        help="a partition whose holder is silent this long moves (default: 5)",
     )
-    run.add_argument("--owner", help="this worker's lease owner name (default: host:pid:random)")
-    status = sub.add_parser("status", help="each partition's owner, checkpoint, lag and gap")
+    run.add_argument(
+        "--owner",
+        metavar="ID",
+        help="lease owner id shown by status (default: <hostname>:<pid>:<random hex>)",
+    )
+    status = sub.add_parser(
+        "status",
+        help="each partition's owner, checkpoint, lag and gap",
+        description="Where each partition of a projection (or event handlers) stands.",
+    )
     status.set_defaults(run=_runner(_status))
     _connection_args(status)
-    status.add_argument("name", help="a projection or event handlers name")
-    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("name", help="a projection's or event handlers' name")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def register_cli(sub: Any) -> None:

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tests.support.bank import POISON_FLAG, Deposited, Poison, Unrelated, balances, serializer
+from tests.support.bank import POISON_FLAG, Deposited, Unrelated, balances, serializer
 
 from cqrskit import Mediator, Metadata, Registry
 from cqrskit.eventlog import StoredEvent
@@ -314,10 +314,6 @@ async def test_event_handlers_run_at_least_once_with_an_inbox(backend: Any) -> N
         inbox = await s.fetchval("SELECT count(*) FROM cqrskit_inbox WHERE consumer = 'mailer'")
     assert int(inbox) == len(events)
     assert not await dead_letters(db, "mailer")
-
-
-def test_poison_type_is_registered() -> None:
-    assert Poison is not None
 
 
 async def test_event_handlers_from_a_registry_see_the_events_lineage(backend: Any) -> None:
