@@ -17,6 +17,7 @@ import json
 import signal
 from typing import Any
 
+from cqrskit.cli._brokers import broker_options
 from cqrskit.cli._load import load_object
 from cqrskit.cli.projections import (
     _close,
@@ -37,29 +38,18 @@ __all__ = ["open_source", "print_partitions", "register_cli"]
 def open_source(url: str, destination: str | None = None) -> Source:
     """A broker source chosen by the URL's scheme; ``destination`` names the stream /
     subject prefix (NATS), exchange (RabbitMQ) or key prefix (Redis), as for the relay."""
-    if url.startswith(("nats://", "tls://")):
+    kind, options = broker_options(url, destination)
+    if kind == "nats":
         from cqrskit.nats import NatsSource
 
-        if destination is None:
-            return NatsSource(url)
-        return NatsSource(
-            url, stream=destination.upper().replace(".", "_"), subject_prefix=destination
-        )
-    if url.startswith(("amqp://", "amqps://")):
+        return NatsSource(url, **options)
+    if kind == "rabbitmq":
         from cqrskit.rabbitmq import RabbitMQSource
 
-        if destination is None:
-            return RabbitMQSource(url)
-        return RabbitMQSource(url, exchange=destination)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from cqrskit.redis import RedisSource
+        return RabbitMQSource(url, **options)
+    from cqrskit.redis import RedisSource
 
-        if destination is None:
-            return RedisSource(url)
-        return RedisSource(url, key_prefix=destination.replace(".", ":"))
-    raise ConfigurationError(
-        "--broker must be a nats://, amqp:// or redis:// URL (the URL is not echoed)."
-    )
+    return RedisSource(url, **options)
 
 
 def _handlers(specs: list[str]) -> list[EventHandlers]:

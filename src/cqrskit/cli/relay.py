@@ -15,8 +15,8 @@ import json
 import signal
 from typing import Any
 
+from cqrskit.cli._brokers import broker_options
 from cqrskit.cli.projections import _close, _connection_args, _runner, open_read_db, open_store
-from cqrskit.errors import ConfigurationError
 from cqrskit.messaging import Relay, Transport, relay_status
 
 __all__ = ["open_transport", "register_cli"]
@@ -25,29 +25,18 @@ __all__ = ["open_transport", "register_cli"]
 def open_transport(url: str, destination: str | None = None) -> Transport:
     """A transport chosen by the URL's scheme; ``destination`` names the stream / subject
     prefix (NATS), exchange (RabbitMQ) or key prefix (Redis)."""
-    if url.startswith(("nats://", "tls://")):
+    kind, options = broker_options(url, destination)
+    if kind == "nats":
         from cqrskit.nats import NatsTransport
 
-        if destination is None:
-            return NatsTransport(url)
-        return NatsTransport(
-            url, stream=destination.upper().replace(".", "_"), subject_prefix=destination
-        )
-    if url.startswith(("amqp://", "amqps://")):
+        return NatsTransport(url, **options)
+    if kind == "rabbitmq":
         from cqrskit.rabbitmq import RabbitMQTransport
 
-        if destination is None:
-            return RabbitMQTransport(url)
-        return RabbitMQTransport(url, exchange=destination)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from cqrskit.redis import RedisTransport
+        return RabbitMQTransport(url, **options)
+    from cqrskit.redis import RedisTransport
 
-        if destination is None:
-            return RedisTransport(url)
-        return RedisTransport(url, key_prefix=destination.replace(".", ":"))
-    raise ConfigurationError(
-        "--broker must be a nats://, amqp:// or redis:// URL (the URL is not echoed)."
-    )
+    return RedisTransport(url, **options)
 
 
 def _add_commands(sub: Any) -> None:
