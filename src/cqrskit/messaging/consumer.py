@@ -345,7 +345,7 @@ class _Partition:
                     pass
 
     async def load(self) -> PartitionState:
-        async with self.c.read_db.transaction() as s:
+        async with self.c.read_db.transaction(hold=self.c.lease_ttl) as s:
             state = await self.g.leases.load(s, self.p)
             await self.g.target.load(s, self.g.leases.generation)
         return state
@@ -448,7 +448,7 @@ class _Partition:
                 known=c.known,
             )
 
-        return Lane(p, self.g.leases.generation, read, plan, self.checkpoint)
+        return Lane(p, self.g.leases.generation, read, plan, self.checkpoint, c.lease_ttl)
 
     def checkpoint(self, state: PartitionState) -> Checkpoint:
         """The fenced statement storing ``state`` (and the current gap) for this partition."""

@@ -151,7 +151,7 @@ class HandlerTarget(Target):
         ids = [_id(i.stored) for i in batch.items if i.kind == "apply" and i.stored]
         seen = await self._seen(read_db, ids)
         handled, parks = await self._run(batch.items, seen)
-        async with read_db.transaction() as s:
+        async with read_db.transaction(hold=lane.hold) as s:
             await self._record(s, handled)
             for item, reason in parks:
                 await self._park(s, lane, item, reason)

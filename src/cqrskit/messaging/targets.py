@@ -45,6 +45,9 @@ class Lane:
         read: a delivery -> its trusted envelope, or why it is rejected.
         plan: classify deliveries against a checkpoint (see :func:`intake.plan_batch`).
         checkpoint: a checkpoint state -> the fenced statement that stores it.
+        hold: the ``hold`` of the lane's write transactions (see
+            :meth:`~cqrskit.projections.ReadDatabase.transaction`): a worker frozen inside
+            one cannot keep the partition's rows locked past its lease.
     """
 
     partition: int
@@ -52,6 +55,7 @@ class Lane:
     read: Callable[[Delivery], Envelope | str]
     plan: Callable[[Sequence[Delivery], PartitionState], intake.Batch]
     checkpoint: Callable[[PartitionState], Checkpoint]
+    hold: float | None = None
 
 
 class Target(ABC):
@@ -101,7 +105,7 @@ class Target(ABC):
         its first event that fails again. A rejected message is read again (a key added
         since may verify it) and, if trusted now, takes its place in the sequence."""
         name, gen, p = self.name, lane.generation, lane.partition
-        async with read_db.transaction() as s:
+        async with read_db.transaction(hold=lane.hold) as s:
             rows = await s.fetchall(
                 "SELECT d.position, d.stream, m.headers, m.body FROM cqrskit_dead_letters d "
                 "JOIN cqrskit_parked_messages m ON m.projection = d.projection "
@@ -266,7 +270,7 @@ class ProjectionTarget(Target):
     ) -> None:
         items = batch.items
         try:
-            async with read_db.transaction() as s:
+            async with read_db.transaction(hold=lane.hold) as s:
                 await self._items(s, items, lane, careful=False)
                 await checkpoint(s)
             return
@@ -276,7 +280,7 @@ class ProjectionTarget(Target):
             if infrastructure_fault(exc):
                 raise
             log.info("consumer %s: batch failed (%s); applying event by event", self.name, exc)
-        async with read_db.transaction() as s:
+        async with read_db.transaction(hold=lane.hold) as s:
             await self.applier.load_blocked(s, lane.generation)
             await self._items(s, items, lane, careful=True)
             await checkpoint(s)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -29,7 +30,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
-from cqrskit.errors import MissingExtraError, UnavailableError
+from cqrskit.errors import ConfigurationError, MissingExtraError, UnavailableError
 from cqrskit.projections.db import ReadDatabase, Row, Session, check_identifier
 
 try:
@@ -275,6 +276,16 @@ class PostgresSession(Session):
         await self._conn.execute(f"RELEASE SAVEPOINT {name}")
 
 
+def _millis(seconds: float, name: str) -> int:
+    """``seconds`` as whole milliseconds (at least 1) for a ``SET LOCAL``."""
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        raise ConfigurationError(
+            f"{name}={seconds!r} is not a positive number of seconds.",
+            hint=f"pass {name}= as seconds > 0 (e.g. 2.5), or None for no limit.",
+        )
+    return max(1, round(seconds * 1000))
+
+
 class PostgresReadDatabase(ReadDatabase):
     """A read database in a PostgreSQL schema (the write database's or another one).
 
@@ -334,14 +345,19 @@ class PostgresReadDatabase(ReadDatabase):
         return self._pool
 
     def transaction(
-        self, *, lock_timeout: float | None = None
+        self, *, lock_timeout: float | None = None, hold: float | None = None
     ) -> AbstractAsyncContextManager[Session]:
-        """See :meth:`ReadDatabase.transaction` (``lock_timeout`` is set for this
-        transaction only: ``SET LOCAL lock_timeout``)."""
-        if lock_timeout is None:
+        """See :meth:`ReadDatabase.transaction` (``lock_timeout`` and ``hold`` are set for
+        this transaction only, in the same round trip as ``BEGIN``: ``SET LOCAL
+        lock_timeout`` and ``SET LOCAL idle_in_transaction_session_timeout``)."""
+        if lock_timeout is None and hold is None:
             return self._tx("BEGIN")
-        millis = max(1, round(lock_timeout * 1000))
-        return self._tx(f"BEGIN; SET LOCAL lock_timeout = {millis}")
+        begin = "BEGIN"
+        if lock_timeout is not None:
+            begin += f"; SET LOCAL lock_timeout = {_millis(lock_timeout, 'lock_timeout')}"
+        if hold is not None:
+            begin += f"; SET LOCAL idle_in_transaction_session_timeout = {_millis(hold, 'hold')}"
+        return self._tx(begin)
 
     def read_only(self) -> AbstractAsyncContextManager[Session]:
         """See :meth:`ReadDatabase.read_only` (``BEGIN READ ONLY``)."""

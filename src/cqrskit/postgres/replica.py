@@ -441,10 +441,10 @@ class PostgresReplicaRouter(ReadDatabase):
     # -- ReadDatabase --------------------------------------------------------------------
 
     def transaction(
-        self, *, lock_timeout: float | None = None
+        self, *, lock_timeout: float | None = None, hold: float | None = None
     ) -> AbstractAsyncContextManager[Session]:
         """A read-write transaction on the primary (projectors, bookkeeping)."""
-        return self.primary.transaction(lock_timeout=lock_timeout)
+        return self.primary.transaction(lock_timeout=lock_timeout, hold=hold)
 
     def inline(self, connection: Any) -> Session:
         """See :meth:`ReadDatabase.inline` (the write connection is the primary's)."""

@@ -132,13 +132,19 @@ class ReadDatabase(ABC):
 
     @abstractmethod
     def transaction(
-        self, *, lock_timeout: float | None = None
+        self, *, lock_timeout: float | None = None, hold: float | None = None
     ) -> AbstractAsyncContextManager[Session]:
         """A read-write transaction (committed when the block exits normally).
 
         ``lock_timeout``: the longest its statements wait for another transaction's lock
         (seconds; ``None``: the database's default), after which they raise the driver's
         lock error — which :func:`~cqrskit.projections.apply.infrastructure_fault` knows.
+
+        ``hold``: the longest the transaction may sit idle between statements (seconds;
+        ``None``: no limit). A holder that freezes mid-transaction (SIGSTOP, a stalled
+        host) then cannot keep its row locks: the server ends its session and the
+        transaction never commits. PostgreSQL only (``idle_in_transaction_session_timeout``
+        for this transaction); databases without such a setting ignore it.
         """
 
     @abstractmethod

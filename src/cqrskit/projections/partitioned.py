@@ -250,7 +250,7 @@ class _LogGroup:
         new = [part for part in owned if part not in self.cps]
         if not new:
             return
-        async with self.p.read_db.transaction() as s:
+        async with self.p.read_db.transaction(hold=self.p.lease_ttl) as s:
             for part in new:
                 self.cps[part] = (await self.leases.load(s, part)).position
             await self.applier.load_blocked(s, self.leases.generation)
@@ -298,7 +298,7 @@ class _LogGroup:
             if dict(self.leases.owned) != owned:
                 return  # the tick changed the partitions since the read: read again
             try:
-                async with db.transaction() as s:
+                async with db.transaction(hold=self.p.lease_ttl) as s:
                     await self.applier.apply_fast(s, gen, mine)
                     await self.leases.commit_log_position(s, owned, last)
             except PartitionLostError:
@@ -307,7 +307,7 @@ class _LogGroup:
                 if infrastructure_fault(exc):
                     raise
                 log.info("projection %s: batch failed (%s); event by event", self.name, exc)
-                async with db.transaction() as s:
+                async with db.transaction(hold=self.p.lease_ttl) as s:
                     await self.applier.load_blocked(s, gen)
                     parked = await self.applier.apply_careful(s, gen, mine)
                     await self.leases.commit_log_position(s, owned, last)
@@ -336,7 +336,7 @@ class _LogGroup:
         async with self.lock:
             if dict(self.leases.owned) != owned:
                 return
-            async with db.transaction() as s:
+            async with db.transaction(hold=self.p.lease_ttl) as s:
                 failed: set[str] = set()
                 for position, stream, version in rows:
                     if stream in failed:

@@ -281,12 +281,12 @@ class PartitionLeases:
         fresh = now - self.lease_ttl / 2
         gained: dict[int, int] = {}
         lost: set[int] = set()
-        async with self.read_db.transaction() as s:
-            if s.dialect == "postgres":
-                # a peer stuck inside a transaction (paused, hung) must not stall the tick:
-                # bounded lock waits, and claims skip rows someone holds a lock on
-                wait_ms = max(50, int(self.lease_ttl * 250))
-                await s.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+        # a peer stuck inside a transaction (paused, hung) must not stall the tick: bounded
+        # lock waits, claims and clean-ups skip rows someone holds a lock on, and (``hold``)
+        # a peer frozen mid-transaction is ended by the server, which frees its rows
+        async with self.read_db.transaction(
+            lock_timeout=max(0.05, self.lease_ttl / 4), hold=self.lease_ttl
+        ) as s:
             await s.execute(
                 "INSERT INTO cqrskit_workers (projection, owner, beat) VALUES (?, ?, 1) "
                 "ON CONFLICT (projection, owner) DO UPDATE SET beat = cqrskit_workers.beat + 1",
@@ -301,9 +301,22 @@ class PartitionLeases:
                 o for o, (_b, since) in self._members.items() if now - since > 3 * self.lease_ttl
             ]
             for o in gone:
-                await s.execute(
-                    "DELETE FROM cqrskit_workers WHERE projection = ? AND owner = ?", self.name, o
-                )
+                if s.dialect == "postgres":
+                    # the row of a peer frozen inside its tick is locked: leave it for later
+                    await s.execute(
+                        "DELETE FROM cqrskit_workers WHERE projection = ? AND owner IN "
+                        "(SELECT owner FROM cqrskit_workers WHERE projection = ? AND owner = ? "
+                        "FOR UPDATE SKIP LOCKED)",
+                        self.name,
+                        self.name,
+                        o,
+                    )
+                else:
+                    await s.execute(
+                        "DELETE FROM cqrskit_workers WHERE projection = ? AND owner = ?",
+                        self.name,
+                        o,
+                    )
             rows = await s.fetchall(
                 "SELECT partition, owner, epoch, beat FROM cqrskit_partitions "
                 "WHERE projection = ? ORDER BY partition",
@@ -382,7 +395,7 @@ class PartitionLeases:
         ps = [p for p in partitions if p in self.owned]
         if not ps:
             return
-        async with self.read_db.transaction() as s:
+        async with self.read_db.transaction(hold=self.lease_ttl) as s:
             for p in ps:
                 await s.execute(
                     "UPDATE cqrskit_partitions SET owner = NULL, epoch = epoch + 1, "

@@ -206,10 +206,11 @@ class SqliteReadDatabase(ReadDatabase):
         return self._writer
 
     def transaction(
-        self, *, lock_timeout: float | None = None
+        self, *, lock_timeout: float | None = None, hold: float | None = None
     ) -> AbstractAsyncContextManager[Session]:
         """See :meth:`ReadDatabase.transaction` (``BEGIN IMMEDIATE`` on one shared writer;
-        ``lock_timeout`` is the busy timeout of this transaction's statements)."""
+        ``lock_timeout`` is the busy timeout of this transaction's statements; ``hold`` is
+        ignored: SQLite has no server to end a frozen holder's session)."""
         return self._transaction(lock_timeout)
 
     @asynccontextmanager
