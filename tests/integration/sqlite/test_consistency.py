@@ -101,6 +101,37 @@ async def test_wait_policy_reads_own_write(
         assert read.positions["balances"] >= receipt.token
 
 
+class _NoReads:
+    """A read database the gate must not touch."""
+
+    def __init__(self, db: ReadDatabase) -> None:
+        self.db = db
+        self.routes_tokens = False
+        self.reads = 0
+
+    def read_only(self) -> object:
+        self.reads += 1
+        return self.db.read_only()
+
+
+async def test_a_token_this_process_applied_needs_no_read_database_round_trip(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector
+) -> None:
+    """The leading projector in this process tells the gate what it committed: an applied
+    token (nothing parked near it) is answered without a query; once the projector
+    stops, the gate asks the read database again."""
+    gate = ConsistencyGate(log, read_db, signal=projector.signal)
+    [e] = await log.append("a", Deposited("a", 1))
+    await gate.check(["balances"], e.position, "wait", 5.0)  # applied (either way)
+    counting = _NoReads(read_db)
+    gate.read_db = counting  # type: ignore[assignment]
+    assert await gate.check(["balances"], e.position, "fail", 0) is False
+    assert counting.reads == 0
+    await projector.stop()
+    assert await gate.check(["balances"], e.position, "fail", 0) is False
+    assert counting.reads == 1
+
+
 async def test_read_after_context(
     log: AppendLog, read_db: ReadDatabase, projector: Projector
 ) -> None:
