@@ -195,24 +195,29 @@ class _Worker:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + p.state_interval
-                async with p.read_db.transaction() as s:
+                # a look, read-only: on SQLite a write transaction is the database's one
+                # write lock, which an idle leader must not take at every poll (every other
+                # writer would queue behind it); the lock is taken below only when there
+                # is something to write
+                async with p.read_db.read_only() as s:
                     row = await schema.load(s, self.name)
-                    if row is None or row.lease_epoch != epoch:
-                        raise LeaseLostError(f"projection {self.name}: lease epoch moved on")
-                    if building is None and row.building_generation is not None:
-                        gen = row.building_generation
-                        building = (
-                            gen,
-                            Applier(self.projection, p.decoder, max_attempts=p.max_attempts),
-                        )
-                        bcp = await schema.get_checkpoint(s, self.name, gen)
-                        await building[1].load_blocked(s, gen)
                     retries = await s.fetchval(
                         "SELECT count(*) FROM cqrskit_dead_letters "
                         "WHERE projection = ? AND generation = ? AND retry = 1",
                         self.name,
                         active,
                     )
+                if row is None or row.lease_epoch != epoch:
+                    raise LeaseLostError(f"projection {self.name}: lease epoch moved on")
+                if building is None and row.building_generation is not None:
+                    gen = row.building_generation
+                    bapplier = Applier(self.projection, p.decoder, max_attempts=p.max_attempts)
+                    # where the rebuild starts is read under the lease (fenced), never from
+                    # a read-only session that might lag (a replica)
+                    async with self._holding(epoch) as s:
+                        bcp = await schema.get_checkpoint(s, self.name, gen)
+                        await bapplier.load_blocked(s, gen)
+                    building = (gen, bapplier)
                 if retries:
                     async with self._holding(epoch) as s:
                         await applier.retry_requested(s, active, p.store)
