@@ -23,7 +23,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from cqrskit import _failpoints
@@ -195,11 +195,9 @@ class _Worker:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + p.state_interval
-                # a look, read-only: on SQLite a write transaction is the database's one
-                # write lock, which an idle leader must not take at every poll (every other
-                # writer would queue behind it); the lock is taken below only when there
-                # is something to write
-                async with p.read_db.read_only() as s:
+                # a look, without the write lock: an idle leader looks at every poll; the
+                # lock is taken below only when there is something to write
+                async with self._look() as s:
                     row = await schema.load(s, self.name)
                     retries = await s.fetchval(
                         "SELECT count(*) FROM cqrskit_dead_letters "
@@ -269,6 +267,15 @@ class _Worker:
                 next_check = 0.0
             else:
                 backoff = min(backoff * 2, limit)
+
+    def _look(self) -> AbstractAsyncContextManager[Any]:
+        """A session for the leader's reads of its own bookkeeping: read-only, so that it
+        takes no write lock (on SQLite a write transaction is the file's one write lock,
+        which every other writer queues behind) — except on a read database that routes
+        read-only sessions to other servers (a replica router, whose replicas may lag):
+        there a transaction on the primary, which locks nothing by itself."""
+        db = self.p.read_db
+        return db.transaction() if db.routes_tokens else db.read_only()
 
     async def _fence(self, s: Any, epoch: int) -> None:
         if not await schema.fence(s, self.name, epoch, hold=self.p.lease_ttl):
