@@ -34,7 +34,8 @@ With :attr:`FaultProxy.hold_server_close` on, a connection the server ends (afte
 ``FATAL`` error, e.g. ``pg_terminate_backend``) is forwarded up to the server's last byte,
 but the client's side stays open until :attr:`FaultProxy.release_close` is set: the client
 has read the server's goodbye and not yet seen the connection close (the window a server
-shutdown leaves between the two). :attr:`FaultProxy.server_closed` is set at that point.
+shutdown leaves between the two). :attr:`FaultProxy.server_closed` is set at that point
+and :attr:`FaultProxy.held_closes` counts such connections.
 
 Every fault is counted in the run's fault ledger (:mod:`tests.support.faults`): a switch
 into ``BLACKHOLE`` or ``RESET``, each dropped or blackholed COMMIT, each held COMMIT reply.
@@ -195,6 +196,7 @@ class _Link:
                 if proxy.hold_server_close:
                     self.server_gone = True
                     faults.record("proxy")
+                    proxy.held_closes += 1
                     proxy.server_closed.set()
                     await proxy.release_close.wait()  # released by the test, bounded there
                 break
@@ -262,6 +264,7 @@ class FaultProxy:
         self.commit_seen = asyncio.Event()  # HOLD_COMMIT_REPLY: a COMMIT went through
         self.release_replies = asyncio.Event()  # HOLD_COMMIT_REPLY: let held replies go
         self.hold_server_close = False  # keep a client's side open after the server's close
+        self.held_closes = 0  # hold_server_close: connections held open so far
         self.server_closed = asyncio.Event()  # hold_server_close: a server ended a connection
         self.release_close = asyncio.Event()  # hold_server_close: close the held client sides
 
