@@ -173,7 +173,7 @@ async def test_a_cancelled_statement_gives_its_connection_up(
     store = await open_store(postgres_dsn, pg_schema)
     try:
         plan = Plan()
-        mediator = build(store, pg_schema, plan, TimeoutBehavior(0.5))
+        mediator = build(store, pg_schema, plan, TimeoutBehavior(2.0))
         first = await asyncio.wait_for(mediator.send(Put("a")), BOUND)
 
         async def sleep_long(uow: PostgresUnitOfWork) -> None:
@@ -204,7 +204,7 @@ async def test_a_statement_cancelled_on_a_silent_server_ends_at_its_deadline(
     store = await open_store(proxy.dsn(postgres_dsn), pg_schema, commit_timeout=1.0)
     try:
         plan = Plan()
-        mediator = build(store, pg_schema, plan, TimeoutBehavior(0.5))
+        mediator = build(store, pg_schema, plan, TimeoutBehavior(2.0))
         first = await asyncio.wait_for(mediator.send(Put("a")), BOUND)
 
         async def silence(uow: PostgresUnitOfWork) -> None:
