@@ -269,9 +269,14 @@ class PostgresSession(Session):
         await self._conn.execute(f"SAVEPOINT {name}")
         try:
             yield
-        except BaseException:
+        except Exception:
             await self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
             await self._conn.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        except BaseException:
+            # cancelled (a deadline): the whole transaction is rolled back by its owner,
+            # within its bound; a statement here would first wait for the server to
+            # confirm the cancellation, for ever if it stopped answering
             raise
         await self._conn.execute(f"RELEASE SAVEPOINT {name}")
 

@@ -1,6 +1,7 @@
 """A read-database transaction whose statement was interrupted (a deadline: the projector's
-``3/4 lease_ttl``, a query's timeout) ends within ``acquire_timeout`` even when the server
-stopped answering, with the caller's own error; the next transaction works.
+``3/4 lease_ttl``, a query's timeout), inside a savepoint or not, or that failed otherwise,
+ends within ``acquire_timeout`` even when the server stopped answering, with the caller's
+own error; the next transaction works.
 
 asyncpg makes the next statement on such a connection (the ROLLBACK) wait until the server
 confirmed the cancellation — for ever when no answer comes. Here a proxy swallows every byte
@@ -32,7 +33,7 @@ async def proxy() -> AsyncIterator[FaultProxy]:
         await p.close()
 
 
-@pytest.mark.parametrize("kind", ["interrupted", "failed"])
+@pytest.mark.parametrize("kind", ["interrupted", "interrupted in a savepoint", "failed"])
 async def test_a_transaction_on_a_silent_server_ends_within_the_bound(
     postgres_dsn: str, pg_schema: str, proxy: FaultProxy, kind: str
 ) -> None:
@@ -47,6 +48,9 @@ async def test_a_transaction_on_a_silent_server_ends_within_the_bound(
                 proxy.mode = Mode.BLACKHOLE
                 if kind == "interrupted":
                     await asyncio.wait_for(s.fetchval("SELECT 2"), 0.3)
+                if kind == "interrupted in a savepoint":
+                    async with asyncio.timeout(0.3), s.savepoint():
+                        await s.fetchval("SELECT 2")
                 raise ValueError("the caller's own error")
 
         task = asyncio.ensure_future(silenced())
@@ -56,7 +60,7 @@ async def test_a_transaction_on_a_silent_server_ends_within_the_bound(
             await asyncio.gather(task, return_exceptions=True)
         assert done, "the failed transaction did not end within the bound"
         error = task.exception()
-        if kind == "interrupted":
+        if kind.startswith("interrupted"):
             assert isinstance(error, TimeoutError)
         else:
             assert isinstance(error, ValueError)
