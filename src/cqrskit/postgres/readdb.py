@@ -21,6 +21,7 @@ quoting, comments), runs on its own through asyncpg, exactly as without batching
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import math
 import re
@@ -281,6 +282,13 @@ class PostgresSession(Session):
         await self._conn.execute(f"RELEASE SAVEPOINT {name}")
 
 
+def _end(conn: Any) -> None:
+    """End a pooled connection now (asyncpg may have ended it already, which detaches it
+    from the pool's proxy)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
 def _millis(seconds: float, name: str) -> int:
     """``seconds`` as whole milliseconds (at least 1) for a ``SET LOCAL``."""
     if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
@@ -402,9 +410,9 @@ class PostgresReadDatabase(ReadDatabase):
             if not conn.is_closed() and conn.is_in_transaction():
                 await conn.execute("ROLLBACK", timeout=self._acquire_timeout)
         except Exception:  # noqa: BLE001 - the caller's own error is the one to report
-            conn.terminate()
+            _end(conn)
         except BaseException:
-            conn.terminate()
+            _end(conn)
             raise
 
     def inline(self, connection: Any) -> Session:

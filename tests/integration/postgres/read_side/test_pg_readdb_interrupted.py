@@ -45,12 +45,14 @@ async def test_a_transaction_on_a_silent_server_ends_within_the_bound(
         async def silenced() -> None:
             async with db.transaction() as s:
                 await s.fetchval("SELECT 1")
-                proxy.mode = Mode.BLACKHOLE
                 if kind == "interrupted":
+                    proxy.mode = Mode.BLACKHOLE
                     await asyncio.wait_for(s.fetchval("SELECT 2"), 0.3)
                 if kind == "interrupted in a savepoint":
                     async with asyncio.timeout(0.3), s.savepoint():
+                        proxy.mode = Mode.BLACKHOLE
                         await s.fetchval("SELECT 2")
+                proxy.mode = Mode.BLACKHOLE
                 raise ValueError("the caller's own error")
 
         task = asyncio.ensure_future(silenced())
