@@ -23,7 +23,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from cqrskit import _failpoints
@@ -201,25 +201,28 @@ class _Worker:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + p.state_interval
-                async with p.read_db.transaction() as s:
+                # a look, without the write lock: an idle leader looks at every poll; the
+                # lock is taken below only when there is something to write
+                async with self._look() as s:
                     row = await schema.load(s, self.name)
-                    if row is None or row.lease_epoch != epoch:
-                        raise LeaseLostError(f"projection {self.name}: lease epoch moved on")
-                    if building is None and row.building_generation is not None:
-                        gen = row.building_generation
-                        building = (
-                            gen,
-                            Applier(self.projection, p.decoder, max_attempts=p.max_attempts),
-                        )
-                        bcp = await schema.get_checkpoint(s, self.name, gen)
-                        await building[1].load_blocked(s, gen)
-                        self.parked[gen] = await schema.max_parked(s, self.name, gen)
                     retries = await s.fetchval(
                         "SELECT count(*) FROM cqrskit_dead_letters "
                         "WHERE projection = ? AND generation = ? AND retry = 1",
                         self.name,
                         active,
                     )
+                if row is None or row.lease_epoch != epoch:
+                    raise LeaseLostError(f"projection {self.name}: lease epoch moved on")
+                if building is None and row.building_generation is not None:
+                    gen = row.building_generation
+                    bapplier = Applier(self.projection, p.decoder, max_attempts=p.max_attempts)
+                    # where the rebuild starts is read under the lease (fenced), never from
+                    # a read-only session that might lag (a replica)
+                    async with self._holding(epoch) as s:
+                        bcp = await schema.get_checkpoint(s, self.name, gen)
+                        await bapplier.load_blocked(s, gen)
+                        self.parked[gen] = await schema.max_parked(s, self.name, gen)
+                    building = (gen, bapplier)
                 if retries:
                     async with self._holding(epoch) as s:
                         await applier.retry_requested(s, active, p.store)
@@ -286,6 +289,15 @@ class _Worker:
             ),
         )
         p.signal.notify()
+
+    def _look(self) -> AbstractAsyncContextManager[Any]:
+        """A session for the leader's reads of its own bookkeeping: read-only, so that it
+        takes no write lock (on SQLite a write transaction is the file's one write lock,
+        which every other writer queues behind) — except on a read database that routes
+        read-only sessions to other servers (a replica router, whose replicas may lag):
+        there a transaction on the primary, which locks nothing by itself."""
+        db = self.p.read_db
+        return db.transaction() if db.routes_tokens else db.read_only()
 
     async def _fence(self, s: Any, epoch: int) -> None:
         # every transaction of the holder locks the lease row; it also beats (writes a new

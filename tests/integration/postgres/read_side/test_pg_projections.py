@@ -27,6 +27,7 @@ from tests.integration.sqlite.test_consistency import (  # noqa: F401
     test_inline_mode_is_never_stale,
     test_misconfigurations_are_loud,
     test_no_token_means_no_check,
+    test_only_the_commands_own_parked_events_make_its_token_stale,
     test_query_that_writes_fails,
     test_read_after_context,
     test_stale_policy_flags_old_data,
