@@ -16,6 +16,7 @@ from cqrskit.messaging import (
     partition_of,
     traceparent_for,
 )
+from cqrskit.messaging.partitioning import MAX_PARTITIONS
 
 KEY = b"k" * 32
 
@@ -88,6 +89,9 @@ def test_headers_as_bytes_and_in_any_case_decode() -> None:
         ({"cqrskit-partition": "x"}, "partition"),
         ({"cqrskit-partition": "\u00b2/4"}, "partition"),  # a digit to isdigit(), not to int()
         ({"cqrskit-partition": "0/\u0664"}, "partition"),  # an Arabic-Indic four
+        ({"cqrskit-partition": "0/4097"}, "partition"),  # more than MAX_PARTITIONS
+        ({"cqrskit-partition": "4096/65536"}, "partition"),
+        ({"cqrskit-partition": "0/0"}, "partition"),
         ({"cqrskit-position": "9" * 19}, "cqrskit-position"),  # past a signed 64-bit integer
         ({"cqrskit-kind": "py/object"}, "kind"),
         ({"cqrskit-stream": "%ff%fe"}, "percent"),
@@ -104,6 +108,17 @@ def test_malformed_headers_are_envelope_errors(change: dict[str, str | None], te
             h[k] = v
     with pytest.raises(EnvelopeError, match=text):
         Envelope.from_wire(h, env.payload)
+
+
+def test_the_envelope_takes_the_partition_counts_the_relay_can_use() -> None:
+    """One bound for both: a relay can run MAX_PARTITIONS partitions, no more."""
+    last = Envelope.from_stored(stored(), MAX_PARTITIONS - 1, MAX_PARTITIONS, 1)
+    assert Envelope.from_wire(last.headers(), last.payload) == last
+    with pytest.raises(ConfigurationError):
+        check_partitions(MAX_PARTITIONS + 1)
+    beyond = Envelope.from_stored(stored(), 0, MAX_PARTITIONS + 1, 1)
+    with pytest.raises(EnvelopeError, match="partition"):
+        Envelope.from_wire(beyond.headers(), beyond.payload)
 
 
 def test_size_is_checked_before_anything_else() -> None:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -32,11 +34,13 @@ from tests.support.sqlite_log import SqliteTestLog
 
 pytest.importorskip("asyncpg")
 
+import asyncpg
+
 from cqrskit.postgres import PostgresReadDatabase
-from cqrskit.postgres._replica_nodes import Lag, Node, Pool, describe_problem
+from cqrskit.postgres._replica_nodes import Lag, Node, Pool, describe_problem, failure_kind
 from cqrskit.postgres.replica import PostgresReplicaRouter
 
-DSN = "postgresql://nobody@127.0.0.1:1/none"  # never connected to in these tests
+DSN = "postgresql://nobody@127.0.0.1:1/none"  # nothing listens there: refused at once
 
 
 def router(**options: Any) -> PostgresReplicaRouter:
@@ -221,6 +225,54 @@ def test_a_replica_leaves_at_once_and_returns_after_healthy_probes() -> None:
     r.fail("query failed (ConnectionResetError)")
     assert not r.in_rotation
     assert r.status().failures == 1
+
+
+async def test_an_unreachable_reason_is_short_and_the_driver_text_goes_to_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    r, _ = node("r1")  # DSN: nothing listens on 127.0.0.1:1
+    with caplog.at_level(logging.DEBUG, logger="cqrskit.postgres.replica"):
+        problem = await r.probe(5.0)
+    assert problem == "unreachable (connection refused)"
+    assert "probe of r1 failed: ConnectionRefusedError" in caplog.text
+
+    async def refused(timeout: float) -> Any:
+        raise asyncpg.InvalidPasswordError(
+            'password authentication failed for user "canary_user" of database "canary_db"'
+        )
+
+    r._ask = refused  # type: ignore[method-assign]
+    assert await r.probe(5.0) == "unreachable (authentication refused, SQLSTATE 28P01)"
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (TimeoutError(), "timeout"),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('10.0.0.7', 5432)"),
+         "connection refused"),
+        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), "connection lost"),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+         "host name not resolved"),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), "network error EHOSTUNREACH"),
+        (OSError("Multiple exceptions: [Errno 111] ..., [Errno 99] ..."), "network error"),
+        (asyncpg.CannotConnectNowError("the database system is starting up"),
+         "not accepting connections, SQLSTATE 57P03"),
+        (asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+         "too many connections, SQLSTATE 53300"),
+        (asyncpg.InvalidCatalogNameError('database "canary_db" does not exist'),
+         "no such database, SQLSTATE 3D000"),
+        (asyncpg.ConnectionDoesNotExistError("connection was closed in the middle"),
+         "connection lost, SQLSTATE 08003"),
+        (asyncpg.AdminShutdownError("terminating connection"), "shutting down, SQLSTATE 57P01"),
+        (asyncpg.UndefinedFunctionError("function pg_last_wal_replay_lsn() does not exist"),
+         "server error, SQLSTATE 42883"),
+        (asyncpg.InterfaceError("cannot perform operation: connection is closed"),
+         "connection unusable"),
+    ],
+)  # fmt: skip
+def test_failures_are_classified_in_a_few_fixed_words(exc: BaseException, kind: str) -> None:
+    assert failure_kind(exc) == kind
 
 
 def test_lag_bounds_promotion_pause_and_cluster_are_problems() -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import pytest
+
 from cqrskit.messaging import InMemoryTransport, Source, Transport
 from cqrskit.testing.source import SourceConformance
 
@@ -20,3 +25,11 @@ class TestInMemorySource(SourceConformance):
 
     async def dispose(self, transport: Transport, source: Source) -> None:
         await source.close()
+
+
+async def test_the_kit_leaves_no_temporary_directory_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    await TestInMemorySource().test_consumer_applies_every_event_once_in_order()
+    assert list(tmp_path.iterdir()) == []

@@ -5,8 +5,10 @@
 sharing ``--partitions`` N with every other process started the same way (start as many
 as you like; they balance). ``--broker`` is a ``nats://``, ``amqp://`` or ``redis://`` URL
 or ``env:NAME`` (default ``$CQRSKIT_BROKER``) and ``--read`` the read database (default
-``$CQRSKIT_READ``), so no secret shows in ``ps``. ``status NAME`` prints each partition's
-owner, checkpoint, lag (with ``--store``) and gap.
+``$CQRSKIT_READ``), so no secret shows in ``ps``. ``--verify-key-file PATH`` /
+``--verify-key-env NAME`` (repeatable: the current key and, during a rotation, the
+previous one) make the consumer accept only messages the relay signed; others are parked.
+``status NAME`` prints each partition's owner, checkpoint, lag (with ``--store``) and gap.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 from typing import Any
 
 from cqrskit.cli._brokers import broker_options
+from cqrskit.cli._keys import verifier_from
 from cqrskit.cli._load import load_object
 from cqrskit.cli.projections import (
     _close,
@@ -130,6 +133,22 @@ def _add_commands(sub: Any) -> None:
         metavar="ID",
         help="lease owner id shown by status (default: <hostname>:<pid>:<random hex>)",
     )
+    run.add_argument(
+        "--verify-key-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="accept only messages signed with a key in this file (KEY_ID:SECRET_HEX per "
+        "line, mode 0600 or 0640); repeat, or list several keys, for a rotation",
+    )
+    run.add_argument(
+        "--verify-key-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="as --verify-key-file, the keys in the environment variable NAME "
+        "(comma-separated); repeatable",
+    )
     status = sub.add_parser(
         "status",
         help="each partition's owner, checkpoint, lag and gap",
@@ -154,6 +173,7 @@ async def _run(args: argparse.Namespace) -> int:
     ]
     if not targets:
         raise ConfigurationError("give at least one --projection or --handlers.")
+    verifier = verifier_from(args.verify_key_file, args.verify_key_env)
     source = open_source(args.broker, args.destination)
     read_db = open_read_db(args.read, args.schema)
     consumer = Consumer(
@@ -162,6 +182,7 @@ async def _run(args: argparse.Namespace) -> int:
         targets,
         load_object(args.decoder),
         partitions=args.partitions,
+        verifier=verifier,
         batch_size=args.batch_size,
         lease_ttl=args.lease_ttl,
         max_partitions=args.max_partitions,

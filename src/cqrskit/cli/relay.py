@@ -4,7 +4,9 @@
 work as for ``cqrskit projections``; ``--broker`` is a broker URL — ``nats://...``,
 ``amqp://...`` (RabbitMQ) or ``redis://...`` — or ``env:NAME``, and defaults to
 ``$CQRSKIT_BROKER`` (all three resolved by ``resolve_locations``), so neither DSNs nor
-broker credentials show in ``ps``.
+broker credentials show in ``ps``. ``--signing-key-file PATH`` or ``--signing-key-env NAME``
+signs every message (HMAC, see :mod:`cqrskit.cli._keys` for the format); the key itself is
+never an argument.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 from typing import Any
 
 from cqrskit.cli._brokers import broker_options
+from cqrskit.cli._keys import signer_from
 from cqrskit.cli.projections import _close, _connection_args, _runner, open_read_db, open_store
 from cqrskit.messaging import Relay, Transport, relay_status
 
@@ -89,6 +92,18 @@ def _add_commands(sub: Any) -> None:
     run.add_argument(
         "--owner", help="the lease owner's name (default: host:pid:random, unique per process)"
     )
+    keys = run.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--signing-key-file",
+        metavar="PATH",
+        help="sign every message with the key in this file (KEY_ID:SECRET_HEX, mode 0600 "
+        "or 0640; see docs/operations.md#signing-keys)",
+    )
+    keys.add_argument(
+        "--signing-key-env",
+        metavar="NAME",
+        help="sign every message with the key in the environment variable NAME (KEY_ID:SECRET_HEX)",
+    )
     status = sub.add_parser("status", help="the relay's checkpoint, lag and parked events")
     status.set_defaults(run=_runner(_status))
     _connection_args(status)
@@ -103,6 +118,7 @@ def register_cli(sub: Any) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    signer = signer_from(args.signing_key_file, args.signing_key_env)
     transport = open_transport(args.broker, args.destination)
     store = await open_store(
         args.store, args.store_schema, listen=args.listen, create_tables=args.create_tables
@@ -118,6 +134,7 @@ async def _run(args: argparse.Namespace) -> int:
         lease_ttl=args.lease_ttl,
         poll_interval=args.poll_interval,
         owner=args.owner,
+        signer=signer,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -36,6 +36,7 @@ from urllib.parse import quote, unquote
 
 from cqrskit.errors import EnvelopeError
 from cqrskit.eventlog import StoredEvent
+from cqrskit.messaging.partitioning import MAX_PARTITIONS
 from cqrskit.messaging.signing import HmacSigner
 
 __all__ = ["DEFAULT_MAX_BYTES", "HEADER_PREFIX", "Envelope", "traceparent_for"]
@@ -309,7 +310,7 @@ class Envelope:
         need, number = _need, _number
         text, _, count_text = need(h, _PARTITION).partition("/")
         part, count = _uint(text), _uint(count_text)
-        if part is None or count is None or not part < count <= 1 << 16:
+        if part is None or count is None or not part < count <= MAX_PARTITIONS:
             raise EnvelopeError(f"header 'cqrskit-partition' is malformed: {h[_PARTITION]!r}.")
         kind = h.get(_KIND, "event")
         if kind not in KINDS:

@@ -12,6 +12,7 @@ from typing import Any
 from cqrskit.errors import BrokerUnavailableError, MissingExtraError
 from cqrskit.messaging.partitioning import check_token
 from cqrskit.messaging.source import Delivery, Source, Subscription
+from cqrskit.nats._options import check_connect_options
 
 try:
     import nats
@@ -168,7 +169,8 @@ class NatsSource(Source):
         ack_wait: seconds before JetStream redelivers an unacknowledged message.
         max_ack_pending: the most unacknowledged messages per consumer (the look-ahead past
             a gap is bounded by it).
-        connect_options: extra keyword arguments for ``nats.connect``.
+        connect_options: extra keyword arguments for ``nats.connect`` (credentials, TLS);
+            not the reconnect options, as for :class:`~cqrskit.nats.NatsTransport`.
     """
 
     name = "nats"
@@ -189,7 +191,7 @@ class NatsSource(Source):
         self.ack_wait = ack_wait
         self.extend_interval = ack_wait / 3
         self.max_unacked = max_ack_pending
-        self.connect_options = dict(connect_options or {})
+        self.connect_options = check_connect_options(connect_options, "NatsSource")
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()

@@ -13,6 +13,7 @@ from cqrskit.errors import BrokerUnavailableError, MissingExtraError
 from cqrskit.messaging.envelope import DEFAULT_MAX_BYTES, Envelope
 from cqrskit.messaging.partitioning import check_token
 from cqrskit.messaging.transport import Transport
+from cqrskit.nats._options import check_connect_options
 
 try:
     import nats
@@ -84,7 +85,9 @@ class NatsTransport(Transport):
         ack_timeout: seconds to wait for the acknowledgements of one call before the
             broker counts as unavailable.
         max_bytes: larger payloads are refused without being sent.
-        connect_options: extra keyword arguments for ``nats.connect`` (credentials, TLS).
+        connect_options: extra keyword arguments for ``nats.connect`` (credentials, TLS);
+            not the reconnect options (``allow_reconnect`` ...): the transport reconnects
+            itself, a :class:`~cqrskit.errors.ConfigurationError` says so.
     """
 
     name = "nats"
@@ -112,7 +115,7 @@ class NatsTransport(Transport):
         self.window = window
         self.ack_timeout = ack_timeout
         self.max_bytes = max_bytes
-        self.connect_options = dict(connect_options or {})
+        self.connect_options = check_connect_options(connect_options, "NatsTransport")
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()

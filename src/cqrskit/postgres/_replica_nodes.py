@@ -11,7 +11,9 @@ decision list.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,6 +66,42 @@ _SYSTEM_ID = "SELECT system_identifier::text FROM pg_control_system()"
 
 def _kind(reason: str | None) -> str:
     return (reason or "").split(" ", 1)[0]
+
+
+# server errors a probe or a connect can meet, in a few words each (order: subclasses first)
+_SERVER_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncpg.CannotConnectNowError, "not accepting connections"),
+    (asyncpg.AdminShutdownError, "shutting down"),
+    (asyncpg.CrashShutdownError, "crash shutdown"),
+    (asyncpg.TooManyConnectionsError, "too many connections"),
+    (asyncpg.InvalidAuthorizationSpecificationError, "authentication refused"),
+    (asyncpg.InvalidCatalogNameError, "no such database"),
+    (asyncpg.PostgresConnectionError, "connection lost"),
+)
+
+
+def failure_kind(exc: BaseException) -> str:
+    """Why a server could not be asked, in a few fixed words (plus an errno or SQLSTATE
+    code): a status or an error never carries the driver's text, which can name users,
+    hosts and databases and runs to hundreds of characters. Log that text at debug."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionError):
+        return "connection lost"
+    if isinstance(exc, socket.gaierror):
+        return "host name not resolved"
+    if isinstance(exc, OSError):
+        code = errno.errorcode.get(exc.errno or 0)
+        return f"network error {code}" if code else "network error"
+    if isinstance(exc, asyncpg.PostgresError):
+        words = next((w for cls, w in _SERVER_ERRORS if isinstance(exc, cls)), "server error")
+        sqlstate = getattr(exc, "sqlstate", None)
+        return f"{words}, SQLSTATE {sqlstate}" if sqlstate else words
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "connection unusable"
+    return type(exc).__name__
 
 
 def lsn_text(lsn: int | None) -> str | None:
@@ -253,7 +291,8 @@ class Node:
             self._drop_probe_conn()
             self.reachable = False
             self.failures += 1
-            return f"unreachable ({type(exc).__name__}: {exc})".replace("\n", " ")[:200]
+            _log.debug("probe of %s failed: %s: %s", self.name, type(exc).__name__, exc)
+            return f"unreachable ({failure_kind(exc)})"
         finally:
             self.last_probe = time.time()
             self.probe_ms = (time.monotonic() - started) * 1000

@@ -72,6 +72,7 @@ from cqrskit.postgres._replica_nodes import (
     RouterStatus,
     describe_problem,
     end,
+    failure_kind,
     lsn_text,
 )
 from cqrskit.postgres._replica_tokens import Lease, TokenRoute
@@ -578,7 +579,8 @@ class PostgresReplicaRouter(ReadDatabase):
             node.suspect = True  # tried last until a probe says otherwise
             self._wake.set()  # no answer in time: let the probe decide at once
             return
-        node.fail(f"query failed ({text})")
+        _log.debug("a query on %s failed: %s", node.name, text)
+        node.fail(f"query failed ({failure_kind(exc)})")
         self._wake.set()
         self._note_fallback()
 

@@ -136,26 +136,46 @@ class RabbitMQTransport(Transport):
             ex = await ch.get_exchange(self.exchange_name, ensure=True)
         return ch, ex
 
-    async def _declare(self, partition: int) -> None:
+    async def _declare(self, partition: int) -> str | None:
+        """Declare ``partition``'s queue and binding (once per connection); return why
+        RabbitMQ refused them, or ``None``."""
         if partition in self._declared or not self.create:
-            return
+            return None
         assert self._channel is not None
         name = self.destination(partition)
-        # bounded like a confirm: a broker that stops answering is an outage
-        async with asyncio.timeout(self.ack_timeout):
-            queue = await self._channel.declare_queue(name, durable=True, arguments=QUEUE_ARGUMENTS)
-            await queue.bind(self.exchange_name, routing_key=name)
+        try:
+            # bounded like a confirm: a broker that stops answering is an outage
+            async with asyncio.timeout(self.ack_timeout):
+                queue = await self._channel.declare_queue(
+                    name, durable=True, arguments=QUEUE_ARGUMENTS
+                )
+                await queue.bind(self.exchange_name, routing_key=name)
+        except _REFUSING as exc:
+            # e.g. a queue of that name declared otherwise (PRECONDITION_FAILED): about
+            # this partition only. The refusal closed the channel: the caller opens another
+            await self._drop()
+            return f"RabbitMQ refused the queue {name!r}: {exc}"
         self._declared.add(partition)
+        return None
 
     async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
-        """See :meth:`Transport.publish`."""
+        """See :meth:`Transport.publish`. A partition whose queue RabbitMQ refuses to
+        declare refuses that partition's messages; the others are published."""
         ex = await self._open()
         if isinstance(ex, str):
             return [ex] * len(messages)
         results: list[str | None] = [None] * len(messages)
         try:
-            for p in {env.partition for env in messages}:
-                await self._declare(p)
+            refused: dict[int, str] = {}
+            for p in sorted({env.partition for env in messages}):
+                reason = await self._declare(p)
+                if reason is not None:
+                    refused[p] = reason
+                    ex = await self._open()  # nothing was published yet in this call
+                    if isinstance(ex, str):
+                        return [ex] * len(messages)
+            if refused:
+                results = [refused.get(env.partition) for env in messages]
             for start in range(0, len(messages), self.window):
                 await self._publish_window(ex, messages, start, results)
         except _REFUSING as exc:
@@ -177,6 +197,8 @@ class RabbitMQTransport(Transport):
     ) -> None:
         tasks: list[tuple[int, asyncio.Future[Any]]] = []
         for i in range(start, min(start + self.window, len(messages))):
+            if results[i] is not None:
+                continue  # its partition's queue was refused
             env = messages[i]
             reason = self.refusal(env)
             if reason is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
@@ -285,4 +286,5 @@ class SourceConformance(ABC):
             assert sum(w.counts.get("applied", 0) for w in workers) == 200
         finally:
             await db.close()
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
             await self.dispose(t, src)

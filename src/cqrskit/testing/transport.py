@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -362,9 +363,16 @@ class TransportConformance(ABC):
     # -- the relay on this transport -------------------------------------------------------
 
     async def _relay_setup(self) -> tuple[InMemoryEventStore, SqliteReadDatabase, str]:
+        """An event log and a state database in a new temporary directory, which
+        :meth:`_relay_teardown` removes."""
         store = InMemoryEventStore()
         path = os.path.join(tempfile.mkdtemp(prefix="cqrskit-kit-"), "state.db")
         return store, SqliteReadDatabase(path), path
+
+    async def _relay_teardown(self, db: SqliteReadDatabase) -> None:
+        """Close ``db`` and remove the temporary directory :meth:`_relay_setup` made."""
+        await db.close()
+        shutil.rmtree(os.path.dirname(db.path), ignore_errors=True)
 
     async def _append(self, store: InMemoryEventStore, events: Sequence[StoredEvent]) -> None:
         store._apply(list(events))  # synthetic events straight into the log
@@ -390,7 +398,7 @@ class TransportConformance(ABC):
                     assert e.version == last.get(e.stream, 0) + 1, "per-stream order"
                     last[e.stream] = e.version
         finally:
-            await db.close()
+            await self._relay_teardown(db)
             await self.dispose(t)
 
     async def test_relay_advances_its_checkpoint_only_after_the_ack(self) -> None:
@@ -414,7 +422,7 @@ class TransportConformance(ABC):
             got = await self._eventually_read(inner, 30)
             assert sum(len(self.deduplicated(v)) for v in got.values()) == 30
         finally:
-            await db.close()
+            await self._relay_teardown(db)
             await self.dispose(inner)
 
     async def test_relay_parks_a_refused_event_and_keeps_the_sequence_whole(self) -> None:
@@ -445,7 +453,7 @@ class TransportConformance(ABC):
                 )
             assert [tuple(r) for r in rows] == [("kit-1", v) for v in range(2, 6)]
         finally:
-            await db.close()
+            await self._relay_teardown(db)
             await self.dispose(t)
 
     async def test_relay_retries_parked_events_in_stream_order(self) -> None:
@@ -488,5 +496,5 @@ class TransportConformance(ABC):
             assert len(placeholders) == 4
             assert min(e.sequence for e in retried) > max(e.sequence for e in placeholders)
         finally:
-            await db.close()
+            await self._relay_teardown(db)
             await self.dispose(t)

@@ -13,9 +13,10 @@ from tests.conftest import require_service
 from tests.support.brokers import nats_delete_stream, nats_read
 from tests.support.proxy import FaultProxy
 
+from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import StoredEvent
 from cqrskit.messaging import Envelope, Transport
-from cqrskit.nats import NatsTransport
+from cqrskit.nats import NatsSource, NatsTransport
 from cqrskit.testing.transport import TransportConformance, envelopes_for, stored_events
 
 URL = "nats://127.0.0.1:4222"
@@ -85,3 +86,29 @@ async def test_a_message_over_the_servers_max_payload_is_refused_not_retried() -
     finally:
         await t.close()
         await nats_delete_stream(URL, t.stream)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"allow_reconnect": True},
+        {"allow_reconnect": 1},
+        {"max_reconnect_attempts": -1},  # would retry even the first connect forever
+        {"reconnect_time_wait": 0.5},
+        {"servers": ["nats://elsewhere:4222"]},
+    ],
+)
+def test_connect_options_cannot_turn_the_clients_own_reconnects_back_on(
+    options: dict[str, Any],
+) -> None:
+    """The transport and the source reconnect themselves (the client's reconnect would
+    resend buffered publishes out of order): user options may not undo that."""
+    for cls in (NatsTransport, NatsSource):
+        with pytest.raises(ConfigurationError) as info:
+            cls(URL, connect_options=options)
+        assert next(iter(options)) in str(info.value)
+        assert info.value.hint
+    # what the transport sets itself, and options of other kinds, are taken
+    kept = NatsTransport(URL, connect_options={"allow_reconnect": False, "name": "relay-1"})
+    assert kept.connect_options == {"name": "relay-1"}
+    assert NatsSource(URL, connect_options={"name": "c"}).connect_options == {"name": "c"}

@@ -17,7 +17,7 @@ from tests.support.transport_retry import refused_then_retried
 
 from cqrskit.errors import BrokerUnavailableError
 from cqrskit.eventlog import InMemoryEventStore
-from cqrskit.messaging import Relay, Transport
+from cqrskit.messaging import Envelope, Relay, Transport
 from cqrskit.projections import SqliteReadDatabase, dead_letters
 from cqrskit.rabbitmq import RabbitMQTransport
 from cqrskit.testing.transport import TransportConformance, envelopes_for, stored_events
@@ -161,3 +161,38 @@ async def test_a_silent_broker_is_an_outage_within_the_ack_timeout() -> None:
             await ch.exchange_delete(exchange)
         finally:
             await conn.close()
+
+
+async def test_a_queue_refused_at_declare_refuses_only_its_partitions_messages() -> None:
+    """One partition's queue cannot be declared as the transport declares it (a classic
+    queue of that name exists: PRECONDITION_FAILED). Its messages are refused; the other
+    partitions' messages of the same batch are published, and later calls keep working."""
+    require_service("rabbitmq")
+    exchange = f"cqrskit_t.{uuid.uuid4().hex[:12]}"
+    conn = await aio_pika.connect(URL)
+    ch = await conn.channel()
+    await ch.declare_queue(f"{exchange}.1", durable=True)  # classic, not quorum
+    t = RabbitMQTransport(URL, exchange=exchange, ack_timeout=5.0)
+    try:
+        envs = envelopes_for(stored_events(40, streams=40), 4)
+        assert {e.partition for e in envs} == {0, 1, 2, 3}
+        results = await t.publish(envs)
+        for env, reason in zip(envs, results, strict=True):
+            if env.partition == 1:
+                assert reason is not None
+                assert f"{exchange}.1" in reason, reason
+            else:
+                assert reason is None, reason
+        later = envelopes_for(stored_events(8, streams=8, start=41), 4)
+        again = await t.publish(later)
+        assert [r is None for r in again] == [e.partition != 1 for e in later]
+        for p in (0, 2, 3):
+            held = await rabbit_take(ch, f"{exchange}.{p}")
+            want = [e.message_id for e in [*envs, *later] if e.partition == p]
+            assert [Envelope.from_wire(h, b).message_id for h, b in held] == want
+    finally:
+        await t.close()
+        for p in range(4):
+            await ch.queue_delete(f"{exchange}.{p}")
+        await ch.exchange_delete(exchange)
+        await conn.close()
