@@ -72,6 +72,10 @@ def _unavailable_one(error: BaseException) -> bool:
         return True
     if name in ("TimeoutError", "DisconnectionError"):  # SQLAlchemy: pool exhausted, lost
         return True
+    if name == "InternalClientError" and text.startswith("cannot switch to state"):
+        # asyncpg, on a session that read the server's goodbye (shutdown, terminated,
+        # idle timeout) while idle: the statement was refused before it was sent
+        return True
     return name == "InterfaceError" and any(t in text for t in _CLOSED_TEXT)
 
 

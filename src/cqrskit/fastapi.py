@@ -620,7 +620,7 @@ def _driver_faults() -> list[type[Exception]]:
     found: list[type[Exception]] = []
     asyncpg = sys.modules.get("asyncpg")
     if asyncpg is not None:
-        for name in ("PostgresError", "InterfaceError"):
+        for name in ("PostgresError", "InterfaceError", "InternalClientError"):
             cls = getattr(asyncpg, name, None)
             if isinstance(cls, type) and issubclass(cls, Exception):
                 found.append(cls)

@@ -58,6 +58,12 @@ async def fail(cmd: Fail) -> None:
             raise PersistenceError("could not reach the database") from exc
     if cmd.how == "raw-oserror":
         raise OSError(errno.EHOSTUNREACH, "No route to host")
+    if cmd.how == "ended-session":  # what asyncpg raises on a session the server ended
+        import asyncpg
+
+        raise asyncpg.InternalClientError(
+            "cannot switch to state 15; another operation (2) is in progress"
+        )
     if cmd.how == "bug":
         raise KeyError("a bug with internal text")
     raise PersistenceError("a constraint said no")  # not infrastructure: a plain 500
@@ -324,7 +330,7 @@ def test_a_negative_limit_is_refused() -> None:
 
 async def test_an_unreachable_database_is_503_with_retry_after() -> None:
     async with client(build(make())) as c:
-        for how in ("refused", "raw-oserror"):
+        for how in ("refused", "raw-oserror", "ended-session"):
             r = await c.post(f"/fail/{how}")
             assert (r.status_code, r.headers["content-type"]) == (503, PROBLEM), how
             assert r.json()["type"] == "urn:cqrskit:problem:unavailable"
