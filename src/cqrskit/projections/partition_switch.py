@@ -92,12 +92,12 @@ async def prepare_build(
         "ON CONFLICT (projection, partition) DO NOTHING",
         [(key, p, n, position, position, now) for p in range(n)],
     )
-    return n
+    return await key_partitions(session, key)  # another worker's, if it came first
 
 
 async def cancel_build(session: Session, projection: Projection, generation: int) -> None:
-    """Drop ``generation`` (being rebuilt) of a partitioned projection: its tables, rows,
-    checkpoint and dead letters. Its workers are fenced (their rows are gone) and stop
+    """Drop ``generation`` (being rebuilt) of a partitioned projection: its tables, rows
+    and dead letters (its number is not used again). Its workers are fenced (their rows are gone) and stop
     building at their next tick.
 
     Raises:
@@ -121,10 +121,18 @@ async def cancel_build(session: Session, projection: Projection, generation: int
         await session.execute(
             f"DROP TABLE IF EXISTS {session.qualify(physical_table(table, generation))}"
         )
-    for table in ("cqrskit_checkpoints", "cqrskit_dead_letters"):
-        await session.execute(
-            f"DELETE FROM {table} WHERE projection = ? AND generation = ?", name, generation
-        )
+    await session.execute(
+        "DELETE FROM cqrskit_dead_letters WHERE projection = ? AND generation = ?",
+        name,
+        generation,
+    )
+    # the checkpoint row stays (at -1): the next rebuild takes the next number, so a worker
+    # that still builds this generation can never meet rows of a new one under its key
+    await session.execute(
+        "UPDATE cqrskit_checkpoints SET position = -1 WHERE projection = ? AND generation = ?",
+        name,
+        generation,
+    )
 
 
 class Switcher:
@@ -279,8 +287,8 @@ class Switcher:
 
     async def _switch(self) -> bool:
         name, key, n = self.name, self.leases.key, self.leases.partitions
-        lock = " FOR UPDATE" if self.read_db.dialect == "postgres" else ""
         async with self._tx() as s:
+            lock = " FOR UPDATE" if s.dialect == "postgres" else ""
             await self._lock_generations(s)
             active = await s.fetchall(
                 "SELECT partition, epoch, position, sequence, broker_cursor, partitions "
