@@ -97,8 +97,8 @@ async def prepare_build(
 
 async def cancel_build(session: Session, projection: Projection, generation: int) -> None:
     """Drop ``generation`` (being rebuilt) of a partitioned projection: its tables, rows
-    and dead letters (its number is not used again). Its workers are fenced (their rows are gone) and stop
-    building at their next tick.
+    and dead letters (its number is not used again). Its workers are fenced (their rows
+    are gone) and stop building at their next tick.
 
     Raises:
         GenerationMovedError: ``generation`` is no longer being rebuilt (it switched over).
