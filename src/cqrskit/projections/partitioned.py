@@ -313,20 +313,20 @@ class _Slot:
             self._start_loops()
             while not p._stop.is_set():
                 try:
-                    again = False
-                    if time.monotonic() >= next_tick:
-                        next_tick = time.monotonic() + p.lease_ttl / 4
-                        again = await self._tick()
-                    if not again:
-                        again = await self._switch()
+                    try:
+                        again = False
+                        if time.monotonic() >= next_tick:
+                            next_tick = time.monotonic() + p.lease_ttl / 4
+                            again = await self._tick()
+                        if not again:
+                            again = await self._switch()
+                    except GenerationMovedError as exc:
+                        log.info("projection %s: %s; setting up again", self.name, exc)
+                        again = True
                     if again:
                         await self._reconcile()
                         next_tick = 0.0
                     failures = 0
-                except GenerationMovedError as exc:
-                    log.info("projection %s: %s; setting up again", self.name, exc)
-                    await self._reconcile()
-                    next_tick = 0.0
                 except ConfigurationError as exc:
                     p._fail(exc)
                     break
@@ -471,7 +471,7 @@ class _LogGroup:
                 await self._run()
                 failures = 0
             except PartitionLostError as exc:
-                log.warning("projection %s: %s", self.leases.label, exc)
+                log.warning("%s", exc)
                 # until the tick says which partitions this worker still holds
                 self.changed.clear()
                 await self._pause(self.p.lease_ttl / 4, self.changed)

@@ -589,7 +589,7 @@ class PartitionLeases:
         )
         if changed != len(owned):
             raise PartitionLostError(
-                f"projection {self.name}: a partition of {sorted(owned)} was taken over"
+                f"projection {self.label}: a partition of {sorted(owned)} was taken over"
             )
 
     async def commit_consumer(
@@ -622,7 +622,7 @@ class PartitionLeases:
         )
         if changed != 1:
             raise PartitionLostError(
-                f"projection {self.name}: partition {partition} was taken over"
+                f"projection {self.label}: partition {partition} was taken over"
             )
 
 
