@@ -26,12 +26,13 @@ from tests.integration.messaging.test_consumer_faults import (
     spawn,
     stop_all,
 )
+from tests.support import faults as ledger
 from tests.support.sqlite_log import SqliteTestLog
 
 from cqrskit.projections import ReadDatabase, partition_status, projection_status
 
 WRITERS = 2
-PER_WRITER = 120
+PER_WRITER = 500
 
 
 async def wait_for(check: object, what: str, timeout: float = 60.0) -> None:
@@ -65,7 +66,7 @@ async def test_rebuild_into_more_partitions_with_worker_processes(
     store = SqliteTestLog(path)
     old = [spawn("projector", path, "2", spec, f"old{i}", log=logs) for i in range(2)]
     writers = [
-        spawn("writer", path, str(w), str(PER_WRITER), str(ACCOUNTS), "0.01", log=logs)
+        spawn("writer", path, str(w), str(PER_WRITER), str(ACCOUNTS), "0.02", log=logs)
         for w in range(1, WRITERS + 1)
     ]
     new: list[subprocess.Popen[bytes]] = []
@@ -95,7 +96,8 @@ async def test_rebuild_into_more_partitions_with_worker_processes(
             return len(rows) == 3 and all(r.owner for r in rows) and rows[0].position > 0
 
         await wait_for(building, "the N=3 workers building")
-        new[0].send_signal(signal.SIGKILL)  # a builder dies mid-rebuild: its share moves
+        writing = sum(w.poll() is None for w in writers)
+        ledger.send_signal(new[0], signal.SIGKILL)  # a builder dies mid-rebuild
         new[0].wait(10)
         new[0] = spawn("projector", path, "3", spec, "new0-again", log=logs)
         for w in writers:
@@ -105,6 +107,7 @@ async def test_rebuild_into_more_partitions_with_worker_processes(
             return await generation(db, store) == (2, None)
 
         await wait_for(switched, "the switch to generation 2")
+        assert writing > 0, "the writers were done before the rebuild: not under writes"
         for p in old:  # the N=2 workers stop by themselves, saying why
             assert await asyncio.to_thread(p.wait, 60) != 0
         errors = logs.read_text()
