@@ -277,6 +277,41 @@ async def test_broker_consumers_continue_on_the_rebuilt_generation(backend: Any)
     assert await order_errors(db) == 0
 
 
+async def test_consumers_with_the_old_number_stop_after_a_switch(backend: Any) -> None:
+    log, db = backend
+    transport = InMemoryTransport(dedup_window=None)
+    relay = Relay(log, db, transport, partitions=4, batch_size=20, poll_interval=0.05)
+    consumer = Consumer(transport.source(), db, [balances], serializer, partitions=4, lease_ttl=TTL)
+    await relay.start()
+    builder = worker(log, db, "log-2", 2)
+    try:
+        events = await write(log, 60)
+        serving = worker(log, db, "log-4", 4)
+        async with serving:  # a log worker once: the projection is partitioned
+            await until(lambda: accounts_match(db, events), what="log worker")
+        assert await request_rebuild(db, balances, partitions=2) == 2
+        run = asyncio.create_task(consumer.run())  # serves generation 1 meanwhile
+        await until(lambda: len(consumer.owned("balances")) == 4, what="consumer serving")
+        await builder.start()
+
+        async def switched() -> bool:
+            return await generation(db, log) == (2, None)
+
+        await until(switched, what="switched to 2 partitions")
+        with pytest.raises(ConfigurationError) as info:
+            await asyncio.wait_for(run, 10)
+        events += await write(log, 20)
+        await until(lambda: accounts_match(db, events), what="the new generation serving")
+    finally:
+        consumer.request_stop()
+        await builder.stop()
+        await relay.stop()
+    assert consumer.error is info.value
+    assert "split into 2 partitions" in str(info.value)
+    assert "started with 4" in str(info.value)
+    assert await order_errors(db) == 0
+
+
 async def test_a_pending_rebuild_can_be_cancelled(backend: Any) -> None:
     log, db = backend
     events = await write(log, 60)
