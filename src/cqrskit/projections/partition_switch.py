@@ -23,11 +23,12 @@ beating them: the active workers take them back after ``lease_ttl``.
 
 The switch itself is one transaction: it checks the condition again under locks, repoints
 the views, deletes the active rows, moves the new rows under the projection's name with a
-new epoch above every old one and no owner (fencing every worker of either side; the new
-generation's workers claim them again at their next tick), carries a broker consumer's
-sequence and cursor over when N is unchanged, and drops the old tables. Every tick reads the
-projection's generations first (share-locked on PostgreSQL), so no group claims a row of a
-generation it was not set up for.
+new epoch above every old one and the placeholder owner ``switched>g<N>`` (fencing every
+worker of either side; the new generation's workers claim them at their next tick, while a
+worker of an older cqrskit, which knows no generations, sees them owned), carries a broker
+consumer's sequence and cursor over when N is unchanged, and drops the old tables. Every
+tick reads the projection's generations first (share-locked on PostgreSQL), so no group
+claims a row of a generation it was not set up for.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from cqrskit.projections.partitions import (
     build_key,
     install,
     key_partitions,
+    switched_owner,
 )
 
 __all__ = ["Switcher", "cancel_build", "prepare_build"]
@@ -314,9 +316,10 @@ class Switcher:
             epoch = max(int(r[1]) for r in [*active, *built]) + 1
             await s.execute("DELETE FROM cqrskit_partitions WHERE projection = ?", name)
             await s.execute(
-                "UPDATE cqrskit_partitions SET projection = ?, owner = NULL, epoch = ?, "
+                "UPDATE cqrskit_partitions SET projection = ?, owner = ?, epoch = ?, "
                 "beat = beat + 1, updated_at = ? WHERE projection = ?",
                 name,
+                switched_owner(self.building),
                 epoch,
                 time.time(),
                 key,

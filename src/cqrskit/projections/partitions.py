@@ -56,8 +56,8 @@ from cqrskit.projections.db import ReadDatabase, Session
 from cqrskit.projections.runner import LeaseLostError
 
 __all__ = [
-    "PARTITIONED_MODES",
     "GenerationMovedError",
+    "PARTITIONED_MODES",
     "PartitionLeases",
     "PartitionLostError",
     "PartitionState",
@@ -67,6 +67,7 @@ __all__ = [
     "partition_mismatch",
     "partition_status",
     "partitioned_lag",
+    "switched_owner",
     "token_positions",
 ]
 
@@ -100,6 +101,13 @@ DDL = (
 
 SWITCH_OWNER = "switch>"
 """Owner prefix of the active generation's partitions while a rebuild's switch holds them."""
+
+
+def switched_owner(generation: int) -> str:
+    """The owner a switch gives the partitions of ``generation`` it made active: free for
+    that generation's workers to claim at once (see :meth:`PartitionLeases.tick`)."""
+    return f"switched>g{generation}"
+
 
 _LAG_CAP = 10_000
 _SCAN_CAP = 5_000
@@ -469,8 +477,11 @@ class PartitionLeases:
                 if p in self.owned:
                     continue
                 idle = now - self._since[p]
-                if owner is None or idle >= self.lease_ttl:
-                    orphan = owner is not None and idle >= 2 * self.lease_ttl
+                # rows a switch just made this generation's are free for its groups (an
+                # older cqrskit, which knows no generations, sees an owner: it waits)
+                free = owner is None or owner == switched_owner(self.generation)
+                if free or idle >= self.lease_ttl:
+                    orphan = not free and idle >= 2 * self.lease_ttl
                     candidates.append((p, epoch, beat, orphan))
             if candidates and (want > 0 or any(c[3] for c in candidates)):
                 if s.dialect == "postgres":
