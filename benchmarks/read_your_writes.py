@@ -104,6 +104,8 @@ class Phase:
 
     name: str
     latencies: list[float] = field(default_factory=list)
+    #: per command: (seconds into the phase, send_tracked ms, whole ms), for --json
+    series: list[tuple[float, float, float]] = field(default_factory=list)
     stale: int = 0
     cpu: float = 0.0  # this process's CPU seconds per wall-clock second during the phase
     load: float = 0.0  # the machine's 1-minute load average at the phase's end
@@ -156,6 +158,7 @@ async def run_phase(mediator: Mediator, phase: Phase, rate: float, seconds: floa
         account = f"acc-{i % 50}"
         t0 = time.perf_counter()
         receipt = await mediator.send_tracked(Deposit(account, 1))
+        sent = time.perf_counter()
         assert receipt.token is not None
         try:
             await ask_consistent(
@@ -163,7 +166,9 @@ async def run_phase(mediator: Mediator, phase: Phase, rate: float, seconds: floa
             )
         except StaleReadError:
             phase.stale += 1
-        phase.latencies.append((time.perf_counter() - t0) * 1000)
+        whole = (time.perf_counter() - t0) * 1000
+        phase.latencies.append(whole)
+        phase.series.append((loop.time() - start, (sent - t0) * 1000, whole))
 
     tasks = []
     for i in range(count):
@@ -320,6 +325,7 @@ def _write_json(path: str, phases: list[Phase]) -> None:
             "p50_ms": p.pct(0.5),
             "p99_ms": p.pct(0.99),
             "stale": p.stale,
+            "series": [[round(x, 4) for x in row] for row in p.series],
         }
         for p in phases
     ]

@@ -14,6 +14,7 @@ switched at run time::
     proxy.mode = Mode.DROP_REPLIES      # forward requests, drop every reply (lost acks)
     proxy.mode = Mode.FORWARD           # back to normal
     proxy.faults_left = 1               # a COMMIT mode for the next COMMIT only
+    proxy.hold_server_close = True      # the server closed: keep the client side open
     await proxy.close()
 
 The two COMMIT modes parse the PostgreSQL frontend protocol in the client-to-server
@@ -28,6 +29,13 @@ parsing it; the COMMIT modes then do nothing, the others work the same. With
 ``ack_marker=`` (bytes that start each acknowledgement in the server's replies, e.g.
 :data:`ACK_MARKERS` per broker) ``DROP_REPLIES`` also counts the acknowledgements it drops
 in :attr:`FaultProxy.dropped_acks`.
+
+With :attr:`FaultProxy.hold_server_close` on, a connection the server ends (after a
+``FATAL`` error, e.g. ``pg_terminate_backend``) is forwarded up to the server's last byte,
+but the client's side stays open until :attr:`FaultProxy.release_close` is set: the client
+has read the server's goodbye and not yet seen the connection close (the window a server
+shutdown leaves between the two). :attr:`FaultProxy.server_closed` is set at that point
+and :attr:`FaultProxy.held_closes` counts such connections.
 
 Every fault is counted in the run's fault ledger (:mod:`tests.support.faults`): a switch
 into ``BLACKHOLE`` or ``RESET``, each dropped or blackholed COMMIT, each held COMMIT reply.
@@ -130,6 +138,7 @@ class _Link:
         self.parser = _FrontendParser()
         self.commit_sent = False  # DROP_COMMIT_REPLY armed on this link
         self.hold = False  # HOLD_COMMIT_REPLY armed on this link
+        self.server_gone = False  # the server ended the connection; the client's side held
         self.closed = False
 
     def abort(self) -> None:
@@ -156,7 +165,7 @@ class _Link:
             mode = proxy.mode
             if mode is Mode.RESET:
                 break
-            if mode is Mode.BLACKHOLE:
+            if mode is Mode.BLACKHOLE or self.server_gone:
                 continue
             await self._delay()
             if proxy.protocol == "raw":
@@ -184,6 +193,12 @@ class _Link:
         while not self.closed:
             data = await self.server_r.read(_CHUNK)
             if not data:
+                if proxy.hold_server_close:
+                    self.server_gone = True
+                    faults.record("proxy")
+                    proxy.held_closes += 1
+                    proxy.server_closed.set()
+                    await proxy.release_close.wait()  # released by the test, bounded there
                 break
             if self.commit_sent:
                 # the server answered the COMMIT: it has committed; lose the answer
@@ -248,6 +263,10 @@ class FaultProxy:
         self._changed = asyncio.Condition()
         self.commit_seen = asyncio.Event()  # HOLD_COMMIT_REPLY: a COMMIT went through
         self.release_replies = asyncio.Event()  # HOLD_COMMIT_REPLY: let held replies go
+        self.hold_server_close = False  # keep a client's side open after the server's close
+        self.held_closes = 0  # hold_server_close: connections held open so far
+        self.server_closed = asyncio.Event()  # hold_server_close: a server ended a connection
+        self.release_close = asyncio.Event()  # hold_server_close: close the held client sides
 
     @property
     def mode(self) -> Mode:

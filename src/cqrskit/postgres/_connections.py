@@ -1,10 +1,15 @@
 """PostgreSQL write connections: a light LIFO pool for units of work, ``begin_ahead``
-transactions, the uncancellable COMMIT round trip and the translation of connection loss."""
+transactions, the uncancellable COMMIT round trip and the translation of connection loss.
+
+A connection is used again only after its unit of work ended cleanly. One whose statement
+was interrupted (a timeout, a cancelled task), whose server ended the session, or that gave
+no answer within the bound is dropped; an interrupted one is closed in the background once
+the server confirmed the cancellation (or after the bound), so that nothing of it keeps
+running there."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import time
@@ -93,7 +98,9 @@ async def _commit_round_trip(conn: Any, sql: str, timeout: float) -> None:
 class _WriteConnections:
     """Connections for units of work: idle ones reused last-in first-out, new ones opened
     on demand up to ``size``, then callers queue. Lighter than a general pool: a unit of
-    work always ends its transaction, so a connection needs no reset between uses.
+    work always ends its transaction, so a connection needs no reset between uses (one
+    whose statement was interrupted is retired instead: :meth:`retire`). ``bound`` limits
+    the wait for the pool's own round trips (the idle rollback, the goodbye).
 
     With ``begin_ahead > 0`` a unit of work ends with ``COMMIT; BEGIN`` (or ``ROLLBACK;
     BEGIN``): the connection comes back already inside the next, empty transaction and
@@ -110,11 +117,13 @@ class _WriteConnections:
         size: int,
         begin_ahead: float = 0.0,
         on_connect: Callable[[Any], Awaitable[None]] | None = None,
+        bound: float = 5.0,
     ) -> None:
         self._dsn = dsn
         self._on_connect = on_connect
         self._size = size
         self._ahead = begin_ahead
+        self._bound = bound  # seconds a round trip of the pool's own may wait for a reply
         self._idle: list[tuple[Any, float]] = []  # (connection, released at)
         self._opened = 0
         self._waiters: deque[asyncio.Future[Any]] = deque()
@@ -159,13 +168,8 @@ class _WriteConnections:
 
     def release(self, conn: Any, broken: bool = False) -> None:
         if broken or self._closed or conn.is_closed():
-            self._opened -= 1
             conn.terminate()
-            while self._waiters:  # a queued caller may open a fresh connection now
-                fut = self._waiters.popleft()
-                if not fut.done():
-                    fut.set_exception(_Retry())
-                    break
+            self._forget()
             return
         while self._waiters:
             fut = self._waiters.popleft()
@@ -178,6 +182,41 @@ class _WriteConnections:
             self._sweeper = asyncio.get_running_loop().call_later(
                 self._ahead, self._sweep, context=contextvars.Context()
             )
+
+    def retire(self, conn: Any) -> None:
+        """Give ``conn`` up for good: a statement on it was interrupted (cancelled, timed
+        out) and may still run on the server. Its slot is free at once. asyncpg has asked
+        the server to cancel that statement; the connection is closed in the background
+        once the server confirmed (then nothing of it keeps running or holds locks there;
+        the server rolls its transaction back), or after ``bound`` seconds at most."""
+        self._forget()
+        task = asyncio.get_running_loop().create_task(
+            self._close_one(conn), context=contextvars.Context()
+        )
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    def _forget(self) -> None:
+        """A connection of this pool is gone: free its slot; a queued caller may open a
+        fresh connection now."""
+        self._opened -= 1
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(_Retry())
+                break
+
+    async def _close_one(self, conn: Any) -> None:
+        """Close ``conn`` politely within ``bound`` seconds (asyncpg first waits for a
+        pending cancellation to be confirmed), else end it."""
+        try:
+            async with asyncio.timeout(self._bound):
+                await conn.close(timeout=self._bound)
+        except Exception as exc:  # noqa: BLE001 - no answer or already gone: ended below
+            _log.debug("ending a write connection: %s", exc)
+        finally:
+            if not conn.is_closed():
+                conn.terminate()
 
     def _sweep(self) -> None:
         """Roll back the begun-ahead transactions of connections idle past ``begin_ahead``."""
@@ -205,7 +244,7 @@ class _WriteConnections:
 
     async def _end(self, conn: Any) -> None:
         try:
-            await conn.execute("ROLLBACK")
+            await conn.execute("ROLLBACK", timeout=self._bound)
         except Exception as exc:  # noqa: BLE001 - a background task: drop the connection
             _log.debug("discarding a write connection: %s", exc)
             self.release(conn, broken=True)
@@ -225,8 +264,9 @@ class _WriteConnections:
             await asyncio.gather(*self._ending, return_exceptions=True)
         for conn, _since in idle:
             self._opened -= 1
-            with contextlib.suppress(Exception):
-                await conn.close()
+            await self._close_one(conn)
+        if self._ending:  # connections given up meanwhile (retire)
+            await asyncio.gather(*self._ending, return_exceptions=True)
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -266,7 +306,10 @@ def _lost(exc: BaseException, conn: Any) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresError):
         return getattr(exc, "sqlstate", None) in _SESSION_ENDED
-    if isinstance(exc, asyncpg.InterfaceError):
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        # asyncpg ends a connection whose protocol state it cannot trust any more, e.g.
+        # one that read the server's FATAL goodbye while idle (a shutdown, an idle timeout,
+        # pg_terminate_backend) and then refused the next statement
         try:
             return bool(conn.is_closed())
         except asyncpg.InterfaceError:  # a pool proxy already released: gone as well
@@ -275,9 +318,31 @@ def _lost(exc: BaseException, conn: Any) -> bool:
 
 
 def _unsent(exc: BaseException) -> bool:
-    """asyncpg refuses a statement on a connection it already knows is closed with an
-    InterfaceError, before anything is sent: a COMMIT that failed so was never sent."""
-    return isinstance(exc, asyncpg.InterfaceError)
+    """Whether asyncpg refused the statement before sending anything, so that a COMMIT
+    that failed so was never sent: an InterfaceError on a connection it already knows is
+    closed, or its protocol-state check ("cannot switch to state ...", raised before the
+    statement is written) on one that read the server's goodbye while idle."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return True
+    return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith(
+        "cannot switch to state"
+    )
+
+
+def _interrupted(conn: Any) -> bool:
+    """Whether a statement on ``conn`` was cancelled (a timeout, a cancelled task) and the
+    server has not confirmed the cancellation yet. asyncpg makes the next statement wait
+    for that confirmation, without a bound when the server is gone, so such a connection
+    is given up instead of being rolled back and reused. asyncpg has no public test for
+    this; its pool asks the protocol the same way. Without the method (another asyncpg)
+    the answer is ``False`` and the ROLLBACK's own bound applies."""
+    probe = getattr(getattr(conn, "_protocol", None), "_is_cancelling", None)
+    if probe is None:
+        return False
+    try:
+        return bool(probe())
+    except Exception:  # noqa: BLE001 - a protocol in an unknown state: give it up
+        return True
 
 
 def _connection_lost(exc: BaseException, committing: bool) -> PersistenceError:

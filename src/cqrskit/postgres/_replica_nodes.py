@@ -33,13 +33,22 @@ _log = logging.getLogger("cqrskit.postgres.replica")
 UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     OSError,
     TimeoutError,
 )
 
-# errors of a statement that mean the server is gone, not that the SQL is wrong
-LOST = (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError)
+# errors of a statement that mean the server is gone, not that the SQL is wrong. asyncpg's
+# InternalClientError is among them: a connection that read the server's FATAL goodbye
+# while idle (a shutdown, an idle timeout) before seeing it close refuses the next
+# statement with one ("cannot switch to state ...") and ends itself
+LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InternalClientError,
+    OSError,
+)
 
 _PROBE_STANDBY = (
     "SELECT pg_is_in_recovery(), "

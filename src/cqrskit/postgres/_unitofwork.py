@@ -4,6 +4,7 @@ failures into typed errors."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from cqrskit.errors import CommitOutcomeUnknownError, MissingExtraError, PersistenceError
@@ -12,6 +13,7 @@ from cqrskit.messages import Metadata
 from cqrskit.postgres._connections import (
     _commit_round_trip,
     _connection_lost,
+    _interrupted,
     _lost,
     _unsent,
 )
@@ -26,6 +28,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingExtraError("postgres", "asyncpg") from exc
 
 __all__ = ["PostgresUnitOfWork"]
+
+_log = logging.getLogger("cqrskit.postgres")
 
 
 class PostgresUnitOfWork(UnitOfWork):
@@ -150,21 +154,34 @@ class PostgresUnitOfWork(UnitOfWork):
         await self._abort()
 
     async def _abort(self, broken: bool = False) -> None:
+        """Roll back and give the connection back, never raising for a connection that
+        fails meanwhile: the caller's own error is the one to report, and the server rolls
+        back the transaction of a session that ends."""
         if not self._active:
             return
         self._close()
         conn = self.connection
+        store = self.store
         try:
             closed = conn.is_closed()  # lost: the server has rolled the transaction back
         except asyncpg.InterfaceError:  # the pool already took back the dead connection
             return
         if closed:
-            await self.store._release(conn, broken=True)
+            await store._release(conn, broken=True)
+            return
+        if _interrupted(conn):
+            # a statement was cancelled mid-flight: the connection is given up, not reused
+            await store._retire(conn)
             return
         try:
             if conn.is_in_transaction():
-                await conn.execute(self.store._sql_rollback)
+                # bounded: a server that stopped answering must not hang the caller
+                await conn.execute(store._sql_rollback, timeout=store._commit_timeout)
+        except Exception as exc:  # noqa: BLE001 - the caller's own error is reported
+            _log.debug("rollback failed (%s); discarding the connection", exc)
+            await store._release(conn, broken=True)
+            return
         except BaseException:
-            await self.store._release(conn, broken=True)
+            await store._release(conn, broken=True)
             raise
-        await self.store._release(conn, broken=broken)
+        await store._release(conn, broken=broken)

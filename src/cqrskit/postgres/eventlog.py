@@ -97,6 +97,7 @@ from cqrskit.postgres._connections import (
     _lost,
     _no_reset,
     _Retry,
+    _unsent,
     _WriteConnections,
 )
 from cqrskit.postgres._horizon import appenders_sql, horizon_cte, lock_key, lock_sql
@@ -298,7 +299,10 @@ class PostgresEventStore(EventStore):
                 standby that is down) ends the connection, which is discarded, and the
                 command fails with :class:`~cqrskit.errors.CommitOutcomeUnknownError`: it
                 may have committed (a retry with the same idempotency key has one
-                effect). Set it above the slowest commit you expect.
+                effect). Set it above the slowest commit you expect. It also bounds the
+                other round trips the store sends by itself (BEGIN, the ROLLBACK of a
+                failed command, the close of a connection whose statement was
+                interrupted): a server that stops answering never hangs a command.
             begin_ahead: seconds a write connection may wait, idle, inside the next
                 command's transaction. Each commit is sent as ``COMMIT; BEGIN`` so that
                 the next command on that connection starts with no BEGIN round trip; a
@@ -338,7 +342,9 @@ class PostgresEventStore(EventStore):
             commit_timeout=commit_timeout,
         )
         store.dsn = dsn
-        store._writers = _WriteConnections(dsn, max_size, begin_ahead, store._setup_writer)
+        store._writers = _WriteConnections(
+            dsn, max_size, begin_ahead, store._setup_writer, bound=commit_timeout
+        )
         if begin_ahead > 0:
             store._sql_commit += "; " + store._sql_begin
             store._sql_end += "; " + store._sql_begin
@@ -407,8 +413,11 @@ class PostgresEventStore(EventStore):
         in it as a NOTICE (see the module docstring).
         """
         # An idle connection may have died meanwhile (server restart, idle timeout): nothing
-        # has run yet, so BEGIN is retried once on a fresh connection.
-        for attempt in (1, 2):
+        # has run yet, so the command takes another one. A connection found dead before
+        # anything was sent on it (closed, or refusing the statement unsent) is simply
+        # dropped; a BEGIN lost on the wire is retried once on a fresh connection.
+        lost = 0
+        for _ in range(100):  # each pass drops one dead connection; fresh ones are not begun
             conn, begun = await self._acquire_writer()
             if begun:
                 # one pass of the event loop first: a connection that died while idle
@@ -425,15 +434,24 @@ class PostgresEventStore(EventStore):
             try:
                 # a begun-ahead transaction that waited too long starts afresh (now())
                 sql = self._sql_begin
-                await conn.execute(f"ROLLBACK; {sql}" if conn.is_in_transaction() else sql)
+                await conn.execute(
+                    f"ROLLBACK; {sql}" if conn.is_in_transaction() else sql,
+                    timeout=self._commit_timeout,  # a server that stopped answering
+                )
             except Exception as exc:
                 await self._release(conn, broken=True)
                 if not _lost(exc, conn):
                     raise
-                if attempt == 2:
+                if not _unsent(exc):
+                    lost += 1
+                if lost == 2:
+                    what = (
+                        f"no reply to BEGIN within {self._commit_timeout:g} s"
+                        if isinstance(exc, TimeoutError)
+                        else f"the connection to PostgreSQL was lost ({exc})"
+                    )
                     raise ConnectionLostError(
-                        f"cannot start a transaction: the connection to PostgreSQL was lost "
-                        f"({exc}); nothing was written.",
+                        f"cannot start a transaction: {what}; nothing was written.",
                         hint="check that the server is up; the command can be retried.",
                     ) from exc
                 continue
@@ -441,7 +459,11 @@ class PostgresEventStore(EventStore):
                 await self._release(conn, broken=True)
                 raise
             return PostgresUnitOfWork(self, metadata, conn, positions)
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise ConnectionLostError(  # pragma: no cover - 100 dead connections in a row
+            "cannot start a transaction: every PostgreSQL connection tried was dead; nothing "
+            "was written.",
+            hint="check that the server is up; the command can be retried.",
+        )
 
     async def _acquire_writer(self) -> tuple[Any, bool]:
         try:
@@ -469,6 +491,13 @@ class PostgresEventStore(EventStore):
         if broken:
             conn.terminate()
         await self.pool.release(conn)
+
+    async def _retire(self, conn: Any) -> None:
+        """Give up a connection whose statement was interrupted (never reused)."""
+        if self._writers is not None:
+            self._writers.retire(conn)
+            return
+        await self._release(conn, broken=True)
 
     @staticmethod
     def _columns(rows: list[PendingRow]) -> list[list[Any]]:

@@ -21,6 +21,7 @@ quoting, comments), runs on its own through asyncpg, exactly as without batching
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import math
 import re
@@ -269,11 +270,23 @@ class PostgresSession(Session):
         await self._conn.execute(f"SAVEPOINT {name}")
         try:
             yield
-        except BaseException:
+        except Exception:
             await self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
             await self._conn.execute(f"RELEASE SAVEPOINT {name}")
             raise
+        except BaseException:
+            # cancelled (a deadline): the whole transaction is rolled back by its owner,
+            # within its bound; a statement here would first wait for the server to
+            # confirm the cancellation, for ever if it stopped answering
+            raise
         await self._conn.execute(f"RELEASE SAVEPOINT {name}")
+
+
+def _end(conn: Any) -> None:
+    """End a pooled connection now (asyncpg may have ended it already, which detaches it
+    from the pool's proxy)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 def _millis(seconds: float, name: str) -> int:
@@ -295,7 +308,8 @@ class PostgresReadDatabase(ReadDatabase):
         max_size: pool size.
         acquire_timeout: seconds a transaction waits for a free pooled connection before
             :class:`~cqrskit.errors.UnavailableError` (default 10; an HTTP app answers it
-            503 with ``Retry-After``).
+            503 with ``Retry-After``); also the longest wait for the ROLLBACK of a failed
+            transaction (a server that gives no answer by then has the connection ended).
     """
 
     dialect = "postgres"
@@ -380,12 +394,26 @@ class PostgresReadDatabase(ReadDatabase):
             try:
                 yield PostgresSession(conn, self.schema, self._cache, self._literals)
             except BaseException:
-                if conn.is_in_transaction():
-                    await conn.execute("ROLLBACK")
+                await self._roll_back(conn)
                 raise
             await conn.execute("COMMIT")
         finally:
             await pool.release(conn)
+
+    async def _roll_back(self, conn: Any) -> None:
+        """Roll a failed transaction back without hiding the caller's error, within
+        ``acquire_timeout``: after an interrupted statement asyncpg first waits for the
+        server to confirm the cancellation, for ever if the server stopped answering. A
+        connection that gets no answer (or fails) is ended; the server rolls back the
+        transaction of a session that ends."""
+        try:
+            if not conn.is_closed() and conn.is_in_transaction():
+                await conn.execute("ROLLBACK", timeout=self._acquire_timeout)
+        except Exception:  # noqa: BLE001 - the caller's own error is the one to report
+            _end(conn)
+        except BaseException:
+            _end(conn)
+            raise
 
     def inline(self, connection: Any) -> Session:
         """See :meth:`ReadDatabase.inline`."""

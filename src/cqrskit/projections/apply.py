@@ -68,6 +68,9 @@ class Applier:
         # stored type name -> handler, or None for types this projection ignores
         self._by_name: dict[str, Handler | None] = {}
         self.blocked: set[str] = set()
+        #: the highest position this applier parked (an upper bound: its transaction may
+        #: have rolled back)
+        self.last_parked = 0
         # handlers that need their statements run at once (see projections.batch)
         self._unbatched: set[Any] = set()
 
@@ -203,6 +206,8 @@ class Applier:
             attempts,
             time.time(),
         )
+        if stored.position > self.last_parked:
+            self.last_parked = stored.position
         if self.projection.ordered_streams:
             self.blocked.add(stored.stream)
 

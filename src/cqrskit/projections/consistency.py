@@ -384,6 +384,11 @@ class ConsistencyGate:
         first: list[int] = []  # the command's first position, looked up once if needed
 
         async def behind() -> tuple[dict[str, int], list[str], list[str]]:
+            local = self.signal.reached(names, token, _UNIT_SPAN)
+            if local is not None:  # this process's projectors committed it: no round trip
+                if state is not None:
+                    state.positions = local
+                return local, [], []
             positions, parked = await self._observe(names, token)
             if state is not None:
                 state.positions = positions

@@ -23,7 +23,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from cqrskit import _failpoints
@@ -33,7 +33,7 @@ from cqrskit.projections import schema
 from cqrskit.projections.api import Projection
 from cqrskit.projections.apply import Applier, infrastructure_fault
 from cqrskit.projections.db import ReadDatabase
-from cqrskit.projections.signal import Signal
+from cqrskit.projections.signal import Applied, Signal
 
 __all__ = ["LeaseLostError", "Projector"]
 
@@ -63,6 +63,10 @@ class _Worker:
         self.epoch: int | None = None
         self.checkpoint = 0
         self.batch_size = owner.batch_size
+        #: monotonic time of the last fence that beat the lease
+        self.beaten = 0.0
+        #: generation -> an upper bound of its parked positions (as this leader knows)
+        self.parked: dict[int, int] = {}
 
     # -- lease ---------------------------------------------------------------------------
 
@@ -176,6 +180,7 @@ class _Worker:
                 await p._pause(min(5.0, 0.05 * 2 ** min(failures, 7)))
             finally:
                 self.epoch = None
+                p.signal.applied(self.name, None)
 
     async def lead(self, epoch: int) -> None:
         p = self.p
@@ -186,33 +191,38 @@ class _Worker:
             applier = Applier(self.projection, p.decoder, max_attempts=p.max_attempts)
             await applier.load_blocked(s, active)
             self.checkpoint = await schema.get_checkpoint(s, self.name, active)
-        p.signal.notify()
+            self.parked = {active: await schema.max_parked(s, self.name, active)}
+        self.publish(active)
         building: tuple[int, Applier] | None = None
         bcp = 0
-        last_beat = next_check = time.monotonic()
+        next_check = time.monotonic()
         backoff: float | None = None
         while not p._stop.is_set():
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + p.state_interval
-                async with p.read_db.transaction() as s:
+                # a look, without the write lock: an idle leader looks at every poll; the
+                # lock is taken below only when there is something to write
+                async with self._look() as s:
                     row = await schema.load(s, self.name)
-                    if row is None or row.lease_epoch != epoch:
-                        raise LeaseLostError(f"projection {self.name}: lease epoch moved on")
-                    if building is None and row.building_generation is not None:
-                        gen = row.building_generation
-                        building = (
-                            gen,
-                            Applier(self.projection, p.decoder, max_attempts=p.max_attempts),
-                        )
-                        bcp = await schema.get_checkpoint(s, self.name, gen)
-                        await building[1].load_blocked(s, gen)
                     retries = await s.fetchval(
                         "SELECT count(*) FROM cqrskit_dead_letters "
                         "WHERE projection = ? AND generation = ? AND retry = 1",
                         self.name,
                         active,
                     )
+                if row is None or row.lease_epoch != epoch:
+                    raise LeaseLostError(f"projection {self.name}: lease epoch moved on")
+                if building is None and row.building_generation is not None:
+                    gen = row.building_generation
+                    bapplier = Applier(self.projection, p.decoder, max_attempts=p.max_attempts)
+                    # where the rebuild starts is read under the lease (fenced), never from
+                    # a read-only session that might lag (a replica)
+                    async with self._holding(epoch) as s:
+                        bcp = await schema.get_checkpoint(s, self.name, gen)
+                        await bapplier.load_blocked(s, gen)
+                        self.parked[gen] = await schema.max_parked(s, self.name, gen)
+                    building = (gen, bapplier)
                 if retries:
                     async with self._holding(epoch) as s:
                         await applier.retry_requested(s, active, p.store)
@@ -222,8 +232,7 @@ class _Worker:
             if events:
                 done = await self.commit(epoch, active, applier, events)
                 self.checkpoint = done
-                last_beat = time.monotonic()
-                p.signal.notify()
+                self.publish(active)
                 progressed = True
             if building is not None:
                 gen, bapplier = building
@@ -240,7 +249,7 @@ class _Worker:
                         await schema.switch_over(s, self.projection, active, gen)
                     log.info("projection %s: switched to generation %d", self.name, gen)
                     active, applier, building = gen, bapplier, None
-                    p.signal.notify()
+                    self.publish(active)
                 progressed = True
             if progressed:
                 backoff = None
@@ -248,10 +257,10 @@ class _Worker:
                 # yield once per batch so the application keeps running during a catch-up
                 await asyncio.sleep(0)
                 continue
-            if time.monotonic() - last_beat >= p.lease_ttl / 3:
+            if time.monotonic() - self.beaten >= p.lease_ttl / 3:
                 async with self._holding(epoch):
                     pass
-                last_beat = time.monotonic()
+                self.publish(active)
             # after a wake-up that found nothing readable (on PostgreSQL, a commit can stay
             # above the readable horizon while an older transaction is open; nobody signals
             # when that one ends) poll with a short, growing backoff instead of a full wait
@@ -265,9 +274,40 @@ class _Worker:
             else:
                 backoff = min(backoff * 2, limit)
 
+    def publish(self, generation: int) -> None:
+        """Tell this process's waiters what is committed: the checkpoint, and (for a
+        :class:`ConsistencyGate` that then needs no round trip) how far it is surely ours:
+        half a lease past the last beat."""
+        p = self.p
+        p.signal.applied(
+            self.name,
+            Applied(
+                generation,
+                self.checkpoint,
+                self.parked.get(generation, 0),
+                self.beaten + p.lease_ttl / 2,
+            ),
+        )
+        p.signal.notify()
+
+    def _look(self) -> AbstractAsyncContextManager[Any]:
+        """A session for the leader's reads of its own bookkeeping: read-only, so that it
+        takes no write lock (on SQLite a write transaction is the file's one write lock,
+        which every other writer queues behind) — except on a read database that routes
+        read-only sessions to other servers (a replica router, whose replicas may lag):
+        there a transaction on the primary, which locks nothing by itself."""
+        db = self.p.read_db
+        return db.transaction() if db.routes_tokens else db.read_only()
+
     async def _fence(self, s: Any, epoch: int) -> None:
-        if not await schema.fence(s, self.name, epoch, hold=self.p.lease_ttl):
+        # every transaction of the holder locks the lease row; it also beats (writes a new
+        # version of the row) only every lease_ttl / 8, not once per batch
+        now = time.monotonic()
+        beat = now - self.beaten >= self.p.lease_ttl / 8
+        if not await schema.fence(s, self.name, epoch, hold=self.p.lease_ttl, beat=beat):
             raise LeaseLostError(f"projection {self.name}: lease epoch {epoch} was fenced off")
+        if beat:
+            self.beaten = now
 
     async def commit(
         self, epoch: int, generation: int, applier: Applier, events: Sequence[StoredEvent]
@@ -276,7 +316,11 @@ class _Worker:
         the batch size for the batches that follow); return the position now applied."""
         while True:
             try:
-                await self._commit(epoch, generation, applier, events)
+                try:
+                    await self._commit(epoch, generation, applier, events)
+                finally:  # parked or not, committed or not: an upper bound for the gate
+                    if applier.last_parked > self.parked.get(generation, 0):
+                        self.parked[generation] = applier.last_parked
             except _Overran:
                 # rolled back: reload what the database holds (the parked streams too)
                 async with self.p.read_db.read_only() as s:

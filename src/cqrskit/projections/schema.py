@@ -203,6 +203,16 @@ async def get_checkpoint(session: Session, name: str, generation: int) -> int:
     return int(value or 0)
 
 
+async def max_parked(session: Session, name: str, generation: int) -> int:
+    """The highest position of a parked event of ``generation`` (0: none)."""
+    value = await session.fetchval(
+        "SELECT max(position) FROM cqrskit_dead_letters WHERE projection = ? AND generation = ?",
+        name,
+        generation,
+    )
+    return int(value or 0)
+
+
 async def set_checkpoint(session: Session, name: str, generation: int, position: int) -> None:
     """Raise the checkpoint to ``position`` (never lowers it)."""
     greatest = "max" if session.dialect == "sqlite" else "GREATEST"
@@ -216,20 +226,45 @@ async def set_checkpoint(session: Session, name: str, generation: int, position:
     )
 
 
-async def fence(session: Session, name: str, epoch: int, *, hold: float | None = None) -> bool:
-    """Check the lease is still ours (and beat it); ``False`` means another took over.
+async def fence(
+    session: Session, name: str, epoch: int, *, hold: float | None = None, beat: bool = True
+) -> bool:
+    """Check the lease is still ours (and, with ``beat``, beat it); ``False`` means another
+    took over.
 
-    The fence locks the projection's row until the transaction ends. With ``hold`` (seconds)
-    on PostgreSQL, the server ends this session if it then sits idle in the transaction that
-    long (``idle_in_transaction_session_timeout``, for this transaction only): a holder that
-    froze mid-transaction (SIGSTOP, a stalled host) cannot keep the row locked, so a standby
-    takes over, and the frozen one's transaction can never commit.
+    The fence locks the projection's row until the transaction ends, so a standby's take
+    waits for it. With ``hold`` (seconds) on PostgreSQL, the server ends this session if it
+    then sits idle in the transaction that long (``idle_in_transaction_session_timeout``,
+    for this transaction only): a holder that froze mid-transaction (SIGSTOP, a stalled
+    host) cannot keep the row locked, so a standby takes over, and the frozen one's
+    transaction can never commit.
+
+    ``beat=False`` locks the row without writing a new version of it: a leader committing
+    hundreds of batches a second beats only every so often (the caller decides), so the
+    lease row does not pile up dead versions while a long transaction elsewhere holds
+    PostgreSQL's xmin back.
     """
+    postgres = session.dialect == "postgres"
+    if not beat:
+        # SQLite's BEGIN IMMEDIATE already holds the database's write lock
+        lock = " FOR NO KEY UPDATE" if postgres else ""
+        where = f"FROM cqrskit_projections WHERE name = ? AND lease_epoch = ?{lock}"
+        if hold is not None and postgres:
+            millis = str(max(1, round(hold * 1000)))
+            row = await session.fetchone(
+                f"SELECT set_config('idle_in_transaction_session_timeout', ?, true) {where}",
+                millis,
+                name,
+                epoch,
+            )
+        else:
+            row = await session.fetchone(f"SELECT 1 {where}", name, epoch)
+        return row is not None
     sql = (
         "UPDATE cqrskit_projections SET lease_beat = lease_beat + 1 "
         "WHERE name = ? AND lease_epoch = ?"
     )
-    if hold is not None and session.dialect == "postgres":
+    if hold is not None and postgres:
         # RETURNING runs for the fenced row only: one round trip, nothing set if not ours
         millis = str(max(1, round(hold * 1000)))
         sql += " RETURNING set_config('idle_in_transaction_session_timeout', ?, true)"

@@ -146,6 +146,67 @@ async def test_fenced_projector_cannot_commit(log: AppendLog, read_db: ReadDatab
         assert await schema.fence(s, "balances", epoch + 1)
 
 
+async def test_a_fence_that_does_not_beat_still_fences_and_locks(
+    log: AppendLog, read_db: ReadDatabase, open_read_db: Callable[[], ReadDatabase]
+) -> None:
+    """``fence(beat=False)``: a stale epoch is refused, the holder's row stays locked for
+    the transaction (a standby's take waits, then gives up), no new version is written."""
+    from cqrskit.projections import schema
+
+    async with read_db.transaction() as s:
+        await schema.ensure_projection(s, balances, "async")
+        row = await schema.load(s, "balances")
+        assert row is not None
+        epoch = await schema.take_lease(s, "balances", "holder", row)
+        assert epoch is not None
+        row = await schema.load(s, "balances")
+    assert row is not None
+    other_db = open_read_db()
+    try:
+        async with read_db.transaction() as s:
+            assert not await schema.fence(s, "balances", epoch - 1, beat=False)
+            assert await schema.fence(s, "balances", epoch, hold=5.0, beat=False)
+            with pytest.raises(Exception) as caught:
+                async with other_db.transaction(lock_timeout=0.2) as o:
+                    await schema.take_lease(o, "balances", "standby", row)
+            assert "lock" in str(caught.value).lower()
+        async with read_db.read_only() as s:
+            after = await schema.load(s, "balances")
+        assert after is not None
+        assert (after.lease_owner, after.lease_epoch, after.lease_beat) == (
+            "holder",
+            epoch,
+            row.lease_beat,
+        )
+    finally:
+        await other_db.close()
+
+
+async def test_a_busy_leader_beats_its_lease_every_so_often_not_per_batch(
+    log: AppendLog, read_db: ReadDatabase
+) -> None:
+    """40 batches in well under lease_ttl / 8 write the lease row a few times, not 40
+    (under a long transaction elsewhere, every version of that row stays on disk)."""
+    from cqrskit.projections import schema
+
+    async with Projector(log, read_db, [balances], decode, lease_ttl=60.0) as projector:
+        gate = ConsistencyGate(log, read_db, signal=projector.signal)
+        [first] = await log.append("a", Deposited("a", 1))
+        await wait_checkpoint(gate, first.position)
+        async with read_db.read_only() as s:
+            before = await schema.load(s, "balances")
+        for _ in range(40):
+            [e] = await log.append("a", Deposited("a", 1))
+            await wait_checkpoint(gate, e.position)  # one batch per event
+        async with read_db.read_only() as s:
+            after = await schema.load(s, "balances")
+    assert before is not None
+    assert after is not None
+    assert after.lease_epoch == before.lease_epoch
+    assert after.lease_beat - before.lease_beat <= 3
+    assert (await balances_of(read_db))["a"] == 41
+
+
 async def test_stop_is_prompt_when_idle(log: AppendLog, read_db: ReadDatabase) -> None:
     p = Projector(log, read_db, [balances], decode, lease_ttl=30.0)
     await p.start()

@@ -7,19 +7,20 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 from tests.support.bank import Deposited, Poison, balances, decode
 from tests.support.logs import AppendLog
 
-from cqrskit import Command, Dependencies, Mediator, Query, Registry, for_queries
+from cqrskit import Command, Dependencies, Event, Mediator, Query, Registry, for_queries
 from cqrskit.errors import (
     ConfigurationError,
     StaleReadError,
     TokenFromFutureError,
     ValidationError,
 )
-from cqrskit.eventlog import UnitOfWork
+from cqrskit.eventlog import EventStore, UnitOfWork
 from cqrskit.projections import (
     ConsistencyGate,
     InlineProjections,
@@ -99,6 +100,37 @@ async def test_wait_policy_reads_own_write(
         assert read.value == i
         assert read.stale is False
         assert read.positions["balances"] >= receipt.token
+
+
+class _NoReads:
+    """A read database the gate must not touch."""
+
+    def __init__(self, db: ReadDatabase) -> None:
+        self.db = db
+        self.routes_tokens = False
+        self.reads = 0
+
+    def read_only(self) -> object:
+        self.reads += 1
+        return self.db.read_only()
+
+
+async def test_a_token_this_process_applied_needs_no_read_database_round_trip(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector
+) -> None:
+    """The leading projector in this process tells the gate what it committed: an applied
+    token (nothing parked near it) is answered without a query; once the projector
+    stops, the gate asks the read database again."""
+    gate = ConsistencyGate(log, read_db, signal=projector.signal)
+    [e] = await log.append("a", Deposited("a", 1))
+    await gate.check(["balances"], e.position, "wait", 5.0)  # applied (either way)
+    counting = _NoReads(read_db)
+    gate.read_db = counting  # type: ignore[assignment]
+    assert await gate.check(["balances"], e.position, "fail", 0) is False
+    assert counting.reads == 0
+    await projector.stop()
+    assert await gate.check(["balances"], e.position, "fail", 0) is False
+    assert counting.reads == 1
 
 
 async def test_read_after_context(
@@ -294,3 +326,42 @@ async def test_a_token_whose_event_is_parked_is_stale_not_missing(
     await request_retry(read_db, "balances")
     read = await ask_consistent(mediator, GetBalance("p"), parked.position, timeout=10.0)
     assert (read.value, read.stale) == (1, False)
+
+
+async def test_only_the_commands_own_parked_events_make_its_token_stale(
+    log: AppendLog, read_db: ReadDatabase, projector: Projector, poison_flag: Path
+) -> None:
+    # positions are dense on SQLite and (xid << 20) + n on PostgreSQL: either way a parked
+    # event makes a token stale only when it belongs to the token's own command
+    poison_flag.touch()
+    store = cast(EventStore, log)
+
+    async def command(*events: tuple[str, Event]) -> int:
+        uow = await store.begin()
+        for stream, event in events:
+            uow.record(stream, event)
+        last = await uow.commit()
+        assert last is not None
+        return last
+
+    gate = ConsistencyGate(log, read_db, signal=projector.signal)
+
+    async def stale(token: int) -> bool:
+        return await gate.check(["balances"], token, "stale", 10.0)
+
+    before = await command(("a", Deposited("a", 1)))
+    own = await command(("x", Poison("x")), ("y", Deposited("y", 2)))  # parked, then applied
+    after = await command(("z", Deposited("z", 3)))  # right after the parked event
+    pair = await command(("z", Deposited("z", 4)), ("w", Deposited("w", 5)))
+    blocked = await command(("x", Deposited("x", 6)))  # behind the parked event of its stream
+    last = await command(("v", Deposited("v", 7)), ("v", Deposited("v", 8)))
+    assert [await stale(t) for t in (before, own, after, pair, blocked, last)] == [
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
+    positions = await gate.positions(["balances"])
+    assert positions["balances"] >= last
