@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cqrskit.cli.projections import main
-from cqrskit.projections import Projector
+from cqrskit.projections import PartitionedProjector, Projector
 from cqrskit.sqlite import SqliteReadDatabase
 from tests.support.bank import Deposited, Poison, balances, serializer
 from tests.support.sqlite_log import SqliteTestLog
@@ -109,3 +109,59 @@ def test_missing_locations_are_reported(
     assert "--store is missing and CQRSKIT_STORE is not set" in capsys.readouterr().err
     assert main(["dead-letters", "--read", "env:NOT_SET_HERE", "balances"]) == 2
     assert "the variable NOT_SET_HERE is not set" in capsys.readouterr().err
+
+
+def test_rebuild_of_a_partitioned_projection_with_another_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"sqlite:///{tmp_path / 'write.db'}"
+    read = f"sqlite:///{tmp_path / 'read.db'}"
+    spec = "tests.support.bank:balances"
+
+    async def serve() -> None:
+        log = SqliteTestLog(tmp_path / "write.db")
+        db = SqliteReadDatabase(str(tmp_path / "read.db"))
+        [last] = await log.append("a", Deposited("a", 1))
+        async with PartitionedProjector(
+            log, db, [balances], serializer, partitions=2, lease_ttl=0.5
+        ) as p:
+            for _ in range(200):  # bounded: 10 s at most
+                if p.checkpoint("balances") >= last.position and len(p.owned("balances")) == 2:
+                    break
+                await p.signal.wait(0.05)
+            assert p.checkpoint("balances") >= last.position
+        await db.close()
+        log.close()
+
+    asyncio.run(serve())
+    assert main(["rebuild", "--read", read, "--projection", spec, "--cancel"]) == 0
+    assert "no rebuild is pending" in capsys.readouterr().out
+    assert main(["rebuild", "--read", read, "--projection", spec, "--partitions", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "rebuilding into generation 2 (3 partitions)" in out
+    assert "start workers with --partitions 3" in out
+    assert "those with --partitions 2 keep serving" in out
+    assert main(["status", "--store", store, "--read", read]) == 0
+    out = capsys.readouterr().out
+    assert "gen" in out
+    assert "balances partitions of generation 2 (rebuilding):" in out
+    assert main(["status", "--store", store, "--read", read, "--json"]) == 0
+    [status] = json.loads(capsys.readouterr().out)
+    assert [p["partitions"] for p in status["rebuilding_partitions"]] == [3, 3, 3]
+    assert [p["generation"] for p in status["partitions"]] == [1, 1]
+    # another number while one is pending: refused
+    assert main(["rebuild", "--read", read, "--projection", spec, "--partitions", "4"]) == 2
+    assert "already being rebuilt into generation 2 with 3" in capsys.readouterr().err
+    assert main(["rebuild", "--read", read, "--projection", spec, "--cancel"]) == 0
+    assert "generation 2 was cancelled" in capsys.readouterr().out
+
+
+def test_rebuild_with_partitions_of_a_one_process_projection_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _store, read = prepare(tmp_path, monkeypatch)
+    spec = "tests.support.bank:balances"
+    assert main(["rebuild", "--read", read, "--projection", spec, "--partitions", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "not partitioned (mode async)" in err
+    assert "--partitions 4" in err

@@ -8,7 +8,8 @@ Commands::
     status        checkpoint, lag (events, seconds) and dead letters per projection (and
                   each partition's owner, checkpoint, lag and gap), and the open writer of
                   the event log that holds readers back, if any
-    rebuild       start rebuilding a projection into a new generation
+    rebuild       start rebuilding a projection into a new generation (--partitions M: with
+                  another number of partitions; --cancel: drop a partitioned one pending)
     dead-letters  list parked events; --retry flags them for the projector to re-apply
 
 ``--store`` is ``sqlite:///path/to/write.db`` or ``module:attr`` (an event store, or a
@@ -45,8 +46,11 @@ from cqrskit.projections.partitioned import PartitionedProjector
 from cqrskit.projections.partitions import PARTITIONED_MODES, partition_status
 from cqrskit.projections.runner import Projector
 from cqrskit.projections.status import (
+    RebuildProgress,
+    cancel_rebuild,
     dead_letters,
     projection_status,
+    rebuild_progress,
     request_rebuild,
     request_retry,
 )
@@ -289,8 +293,10 @@ def _add_commands(sub: Any) -> None:
         "rebuild",
         help="rebuild a projection into a new generation",
         description="Create the next generation's empty tables; the projector holding the "
-        "lease replays the log into them and switches over when caught up. With --wait, "
-        "show its progress until then.",
+        "lease replays the log into them and switches over when caught up. A partitioned "
+        "projection's new generation gets partitions of its own (--partitions M to change "
+        "their number), built by the workers started with that number while the others "
+        "keep serving. With --wait, show its progress until then.",
     )
     rebuild.set_defaults(run=_runner(_rebuild))
     _connection_args(rebuild, store=False)
@@ -299,6 +305,20 @@ def _add_commands(sub: Any) -> None:
         required=True,
         metavar="MODULE:ATTR",
         help="the projection to rebuild",
+    )
+    rebuild.add_argument(
+        "--partitions",
+        type=int,
+        metavar="M",
+        help="partitioned projections: build the new generation with M partitions (default: "
+        "as many as now); workers started with --partitions M build it and serve it after "
+        "the switch, those with the old number stop then",
+    )
+    rebuild.add_argument(
+        "--cancel",
+        action="store_true",
+        help="partitioned projections: drop the generation being rebuilt (its workers stop "
+        "building it); the active one is untouched",
     )
     rebuild.add_argument(
         "--wait",
@@ -442,6 +462,11 @@ async def _status(args: argparse.Namespace) -> int:
             for r in rows
             if r.mode in PARTITIONED_MODES
         }
+        building = {
+            r.name: await partition_status(read_db, r.name, store, generation=r.rebuilding)
+            for r in rows
+            if r.mode in PARTITIONED_MODES and r.rebuilding is not None
+        }
     finally:
         await read_db.close()
         await _close(store)
@@ -454,6 +479,8 @@ async def _status(args: argparse.Namespace) -> int:
             row = r.as_dict()
             if r.name in parts:
                 row["partitions"] = [x.as_dict() for x in parts[r.name]]
+            if building.get(r.name):
+                row["rebuilding_partitions"] = [x.as_dict() for x in building[r.name]]
             out.append(row)
         print(json.dumps(out, indent=2))
         return 0
@@ -484,6 +511,9 @@ async def _status(args: argparse.Namespace) -> int:
 
             print(f"{r.name} partitions:")
             print_partitions(parts[r.name])
+            if building.get(r.name):
+                print(f"{r.name} partitions of generation {r.rebuilding} (rebuilding):")
+                print_partitions(building[r.name])
     held = rows[0] if rows and rows[0].oldest_appender_pid is not None else None
     if held is not None:
         age = held.oldest_appender_seconds
@@ -515,51 +545,78 @@ async def _names(read_db: ReadDatabase) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-async def _building(read_db: ReadDatabase, name: str, generation: int) -> tuple[int, bool]:
+async def _switched(read_db: ReadDatabase, name: str, generation: int) -> bool:
     async with read_db.read_only() as s:
-        row = await s.fetchone(
-            "SELECT p.active_generation, c.position FROM cqrskit_projections p LEFT JOIN "
-            "cqrskit_checkpoints c ON c.projection = p.name AND c.generation = ? "
-            "WHERE p.name = ?",
-            generation,
-            name,
+        active = await s.fetchval(
+            "SELECT active_generation FROM cqrskit_projections WHERE name = ?", name
         )
-    if row is None:
-        return 0, False
-    return int(row[1] or 0), int(row[0]) == generation
+    return active is not None and int(active) == generation
+
+
+def _explain(p: RebuildProgress) -> str:
+    if p.partitions is None:
+        return "the projector holding its lease replays the log, then switches over"
+    if p.active_partitions in (None, p.partitions):
+        return (
+            f"the partitioned workers (--partitions {p.partitions}) replay the log into it "
+            "beside serving the active generation, then switch over"
+        )
+    return (
+        f"start workers with --partitions {p.partitions} to build it; those with "
+        f"--partitions {p.active_partitions} keep serving until the switch, then stop: start "
+        f"them again with --partitions {p.partitions}"
+    )
 
 
 async def _rebuild(args: argparse.Namespace) -> int:
     [projection] = load_projections([args.projection])
+    name = projection.name
     read_db = open_read_db(args.read, args.schema)
     try:
-        generation = await request_rebuild(read_db, projection)
-        print(f"{projection.name}: rebuilding into generation {generation}")
-        if not args.wait:
-            print("the projector holding its lease replays the log, then switches over")
+        if args.cancel:
+            if args.partitions is not None or args.wait:
+                raise ConfigurationError("--cancel takes neither --partitions nor --wait.")
+            cancelled = await cancel_rebuild(read_db, projection)
+            if cancelled is None:
+                print(f"{name}: no rebuild is pending")
+            else:
+                print(f"{name}: the rebuild into generation {cancelled} was cancelled")
             return 0
-        progress = Progress(f"{projection.name}: rebuilding generation {generation}")
+        generation = await request_rebuild(read_db, projection, partitions=args.partitions)
+        plan = await rebuild_progress(read_db, name)
+        split = (
+            "" if plan is None or plan.partitions is None else f" ({plan.partitions} partitions)"
+        )
+        print(f"{name}: rebuilding into generation {generation}{split}")
+        if not args.wait:
+            if plan is not None:
+                print(_explain(plan))
+            return 0
+        progress = Progress(f"{name}: rebuilding generation {generation}")
         deadline = time.monotonic() + args.timeout
         while True:
-            position, switched = await _building(read_db, projection.name, generation)
-            async with read_db.read_only() as s:
-                target = await s.fetchval(
-                    "SELECT position FROM cqrskit_checkpoints WHERE projection = ? AND "
-                    "generation = (SELECT active_generation FROM cqrskit_projections "
-                    "WHERE name = ?)",
-                    projection.name,
-                    projection.name,
-                )
-            progress.update(position, max(int(target or 0), position))
+            now = await rebuild_progress(read_db, name)  # then: a switch in between shows
+            switched = await _switched(read_db, name, generation)
+            if now is not None:
+                progress.update(now.position, max(now.target, now.position))
             if switched:
                 progress.finish()
-                print(f"{projection.name}: switched to generation {generation}")
+                print(f"{name}: switched to generation {generation}")
                 return 0
+            if now is None or now.generation != generation:
+                progress.finish()
+                print(f"{name}: the rebuild into generation {generation} was cancelled")
+                return 1
             if time.monotonic() > deadline:
                 progress.finish()
+                who = (
+                    "a projector"
+                    if now.partitions is None
+                    else f"a worker started with --partitions {now.partitions}"
+                )
                 print(
-                    f"{projection.name}: still rebuilding after {args.timeout:g} s; is a "
-                    "projector running for it? (cqrskit projections status)",
+                    f"{name}: still rebuilding after {args.timeout:g} s; is {who} running "
+                    "for it? (cqrskit projections status)",
                     file=sys.stderr,
                 )
                 return 1

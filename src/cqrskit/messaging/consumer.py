@@ -42,7 +42,12 @@ from cqrskit.messaging.source import Delivery, Source, Subscription
 from cqrskit.messaging.targets import Checkpoint, Lane, ProjectionTarget, Target
 from cqrskit.projections.api import Projection
 from cqrskit.projections.db import ReadDatabase, Session
-from cqrskit.projections.partitions import PartitionLeases, PartitionLostError, PartitionState
+from cqrskit.projections.partitions import (
+    GenerationMovedError,
+    PartitionLeases,
+    PartitionLostError,
+    PartitionState,
+)
 from cqrskit.projections.signal import Signal
 
 __all__ = ["Consumer"]
@@ -117,6 +122,8 @@ class Consumer:
         #: counters over the process's life: applied, duplicates, parked, rejected, gaps ...
         self.counts: dict[str, int] = {}
         self.known = intake.type_check(decoder)
+        #: why the consumer stopped by itself (a number of partitions it cannot work with)
+        self.error: ConfigurationError | None = None
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"Consumer: two targets share a name in {names}.")
@@ -147,6 +154,7 @@ class Consumer:
     async def start(self) -> None:
         """Set the targets up (tables, bookkeeping), then start claiming partitions."""
         self._stop.clear()
+        self.error = None
         for g in self._groups:
             await g.setup()
         self._tasks = [
@@ -161,10 +169,24 @@ class Consumer:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def run(self) -> None:
-        """Start, then run until :meth:`request_stop`."""
+        """Start, then run until :meth:`request_stop`.
+
+        Raises:
+            ConfigurationError: a rebuild switched a projection to a number of partitions
+                other than this consumer's (it stops; :attr:`error` holds it).
+        """
         await self.start()
         await self._stop.wait()
         await self.stop()
+        if self.error is not None:
+            raise self.error
+
+    def fail(self, error: ConfigurationError) -> None:
+        """Stop every target because of ``error`` (kept in :attr:`error`)."""
+        if self.error is None:
+            self.error = error
+        log.error("consumer %s stops: %s", self.owner, error)
+        self._stop.set()
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop (safe from a signal handler)."""
@@ -201,11 +223,45 @@ class _Group:
             max_partitions=max_partitions,
         )
         self.workers: dict[int, _Partition] = {}
+        self.warned: int | None = None
 
     async def setup(self) -> None:
         async with self.c.read_db.transaction() as s:
             await self.target.install(s)
         await self.leases.setup()
+        self._warn_pending()
+
+    def _warn_pending(self) -> None:
+        pending = self.leases.pending
+        if pending is None or pending == self.warned:
+            return
+        self.warned = pending
+        log.warning(
+            "consumer %s: generation %d is being rebuilt; broker consumers do not build it "
+            "(a broker does not keep the whole log): PartitionedProjector workers do "
+            "(cqrskit projections run --partitions N ...). These consumers keep serving "
+            "generation %d and continue on the new one after the switch.",
+            self.name,
+            pending,
+            self.leases.generation,
+        )
+
+    async def _set_up_again(self) -> None:
+        """The generation moved on (a rebuild switched over): stop the partition loops
+        (their commits are fenced already) and set up on the new active generation."""
+        for p in list(self.workers):
+            await self._stop_worker(p, wait=True)
+        self.leases = PartitionLeases(
+            self.c.read_db,
+            self.target.identity,
+            self.c.partitions,
+            self.c.owner,
+            self.c.lease_ttl,
+            mode="consumer",
+            max_partitions=self.leases.max_partitions,
+        )
+        await self.setup()
+        log.info("consumer %s: now on generation %d", self.name, self.leases.generation)
 
     async def run(self) -> None:
         c = self.c
@@ -214,6 +270,17 @@ class _Group:
             try:
                 tick = await self.leases.tick()
                 failures = 0
+            except GenerationMovedError as exc:
+                log.info("consumer %s: %s; setting up again", self.name, exc)
+                try:
+                    await self._set_up_again()
+                except ConfigurationError as error:
+                    c.fail(error)
+                    break
+                except Exception:
+                    log.exception("consumer %s: could not set up again", self.name)
+                    await c._pause(c.lease_ttl / 4)
+                continue
             except Exception:
                 failures += 1
                 log.exception("consumer %s: lease tick failed", self.name)
@@ -232,6 +299,7 @@ class _Group:
                     del self.workers[p]  # ended on a lost lease
             if tick.gained or tick.lost or tick.release:
                 c.signal.notify()
+            self._warn_pending()
             await self.retry_flags()
             await c._pause(c.lease_ttl / 4)
         for p in list(self.workers):

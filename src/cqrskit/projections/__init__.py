@@ -34,8 +34,11 @@ from cqrskit.projections.signal import Signal
 from cqrskit.projections.status import (
     DeadLetter,
     ProjectionStatus,
+    RebuildProgress,
+    cancel_rebuild,
     dead_letters,
     projection_status,
+    rebuild_progress,
     request_rebuild,
     request_retry,
 )
@@ -61,10 +64,12 @@ __all__ = [
     "ReadDatabase",
     "ReadSession",
     "ReadSpec",
+    "RebuildProgress",
     "Session",
     "Signal",
     "TokenRequest",
     "ask_consistent",
+    "cancel_rebuild",
     "current_read_after",
     "dead_letters",
     "partition_status",
@@ -73,6 +78,7 @@ __all__ = [
     "read_after",
     "read_spec",
     "reads",
+    "rebuild_progress",
     "request_rebuild",
     "request_retry",
 ]

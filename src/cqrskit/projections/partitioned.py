@@ -15,6 +15,15 @@ Starting it on a projection the one-process projector ran before starts every pa
 at that projection's checkpoint: nothing is lost or applied twice. The partitions'
 checkpoints are also what a broker :class:`~cqrskit.messaging.Consumer` uses, so a
 projection can move between the two with the same number of partitions.
+
+Rebuilds: a worker runs up to two groups per projection — the active generation's
+partitions (when their number is the worker's N) and those of a generation being rebuilt
+(when theirs is), each with its own leases, checkpoints and log-reading loop; the worker
+holding the new generation's partition 0 switches it over once it caught up
+(:mod:`cqrskit.projections.partition_switch`). A batch's transaction stores the
+checkpoint *first* (the fenced statement), then applies: a fenced worker touches nothing,
+and every transaction that ends in the old generation's tables takes the partition rows'
+locks before the tables', in the order the switch takes them.
 """
 
 from __future__ import annotations
@@ -28,12 +37,23 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.messaging.partitioning import check_partitions, partition_of
+from cqrskit.projections import schema
 from cqrskit.projections.api import Projection
 from cqrskit.projections.apply import Applier, infrastructure_fault
 from cqrskit.projections.db import ReadDatabase, Session
-from cqrskit.projections.partitions import PartitionLeases, PartitionLostError
+from cqrskit.projections.partition_switch import Switcher, prepare_build
+from cqrskit.projections.partitions import (
+    GenerationMovedError,
+    PartitionLeases,
+    PartitionLostError,
+    build_key,
+    install,
+    key_partitions,
+    partition_mismatch,
+)
 from cqrskit.projections.signal import Signal
 
 __all__ = ["PartitionedProjector"]
@@ -50,8 +70,13 @@ class PartitionedProjector:
 
     Args:
         partitions: N (the same in every worker; a stream's partition is
-            ``partition_of(stream, N)``).
-        max_partitions: hold at most this many partitions per projection.
+            ``partition_of(stream, N)``). A worker serves the active generation when its
+            partitions number N, and builds a generation being rebuilt
+            (:func:`~cqrskit.projections.request_rebuild`) whose partitions number N; one
+            that can do neither stops with a :class:`~cqrskit.errors.ConfigurationError`
+            naming both numbers — at :meth:`start`, or when a rebuild switched to another
+            number (:meth:`run` then raises it; :attr:`error` holds it).
+        max_partitions: hold at most this many partitions per projection (and generation).
     """
 
     def __init__(
@@ -79,17 +104,28 @@ class PartitionedProjector:
         self.max_attempts = max_attempts
         self.state_interval = state_interval
         self.poll_interval = min(poll_interval, lease_ttl / 4)
+        self.max_partitions = max_partitions
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.signal = Signal()
-        #: counters over the process's life: applied, batches
+        #: counters over the process's life: applied, batches, switches
         self.counts: dict[str, int] = {}
-        self._groups = [_LogGroup(self, p, max_partitions) for p in projections]
+        #: why the worker stopped by itself (a number of partitions it cannot work with)
+        self.error: ConfigurationError | None = None
+        self._slots = [_Slot(self, p) for p in projections]
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def owned(self, name: str) -> dict[int, int]:
-        """Partitions (-> lease epoch) this worker holds for projection ``name``."""
-        return next((dict(g.leases.owned) for g in self._groups if g.name == name), {})
+    def _group(self, name: str, building: bool) -> _LogGroup | None:
+        slot = next((s for s in self._slots if s.name == name), None)
+        if slot is None:
+            return None
+        return slot.build if building else slot.serve
+
+    def owned(self, name: str, *, building: bool = False) -> dict[int, int]:
+        """Partitions (-> lease epoch) this worker holds for projection ``name`` (of the
+        generation being rebuilt with ``building=True``)."""
+        g = self._group(name, building)
+        return {} if g is None else dict(g.leases.owned)
 
     def leading(self, name: str) -> bool:
         """Whether this worker holds any partition of projection ``name``."""
@@ -101,33 +137,54 @@ class PartitionedProjector:
         cps = self.checkpoints(name)
         return min(cps.values()) if cps else 0
 
-    def checkpoints(self, name: str) -> dict[int, int]:
+    def checkpoints(self, name: str, *, building: bool = False) -> dict[int, int]:
         """The positions this worker committed for the partitions it holds of ``name``."""
-        return next((dict(g.cps) for g in self._groups if g.name == name), {})
+        g = self._group(name, building)
+        return {} if g is None else dict(g.cps)
+
+    def generations(self, name: str) -> tuple[int | None, int | None]:
+        """The generations of ``name`` this worker works on: (served, being built)."""
+        slot = next((s for s in self._slots if s.name == name), None)
+        if slot is None:
+            return None, None
+        return (
+            None if slot.serve is None else slot.serve.leases.generation,
+            None if slot.build is None else slot.build.leases.generation,
+        )
 
     async def start(self) -> None:
-        """Set the projections up, then start claiming partitions and applying."""
+        """Set the projections up, then start claiming partitions and applying.
+
+        Raises:
+            ConfigurationError: this worker's number of partitions fits neither the active
+                generation nor one being rebuilt.
+        """
         self._stop.clear()
-        for g in self._groups:
-            await g.leases.setup()
-        self._tasks = []
-        for g in self._groups:
-            self._tasks.append(asyncio.create_task(g.tick_loop(), name=f"leases:{g.name}"))
-            self._tasks.append(asyncio.create_task(g.apply_loop(), name=f"projector:{g.name}"))
+        self.error = None
+        for slot in self._slots:
+            await slot.setup()
+        self._tasks = [
+            asyncio.create_task(slot.run(), name=f"partitions:{slot.name}") for slot in self._slots
+        ]
 
     async def stop(self) -> None:
         """Finish the batch in flight, release the partitions and stop."""
         self._stop.set()
         tasks, self._tasks = self._tasks, []
         await asyncio.gather(*tasks, return_exceptions=True)
-        for g in self._groups:
-            await g.leases.release_all()
 
     async def run(self) -> None:
-        """Start, then run until :meth:`request_stop`."""
+        """Start, then run until :meth:`request_stop`.
+
+        Raises:
+            ConfigurationError: see :meth:`start`; also when a rebuild switched the
+                projection to a number of partitions other than this worker's (it stops).
+        """
         await self.start()
         await self._stop.wait()
         await self.stop()
+        if self.error is not None:
+            raise self.error
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop (safe from a signal handler)."""
@@ -140,6 +197,12 @@ class PartitionedProjector:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def _fail(self, error: ConfigurationError) -> None:
+        if self.error is None:
+            self.error = error
+        log.error("partitioned projector %s stops: %s", self.owner, error)
+        self._stop.set()
+
     async def _pause(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stop.wait(), seconds)
@@ -147,11 +210,233 @@ class PartitionedProjector:
             pass
 
 
+class _Slot:
+    """One projection in this worker: the groups it runs (the active generation's
+    partitions, a rebuilt generation's, or both), their lease ticks, the switch."""
+
+    def __init__(self, owner: PartitionedProjector, projection: Projection) -> None:
+        self.p = owner
+        self.projection = projection
+        self.name = projection.name
+        self.serve: _LogGroup | None = None
+        self.build: _LogGroup | None = None
+        self.switcher: Switcher | None = None
+        self.tasks: dict[_LogGroup, asyncio.Task[None]] = {}
+        self.active = 0
+        #: the generation being rebuilt when the groups were set up
+        self.pending: int | None = None
+
+    def groups(self) -> list[_LogGroup]:
+        return [g for g in (self.serve, self.build) if g is not None]
+
+    async def _plan(self) -> tuple[int, int | None, int | None, int | None]:
+        """(active generation and its N, generation being rebuilt and its N)."""
+        async with self.p.read_db.transaction() as s:
+            await install(s)
+            row = await schema.ensure_projection(s, self.projection, "partitioned")
+            active_n = await key_partitions(s, self.name)
+            building = row.building_generation
+            building_n: int | None = None
+            if building is not None:
+                building_n = await key_partitions(s, build_key(self.name, building))
+                if building_n is None:  # requested before any partitioned worker ran
+                    building_n = await prepare_build(
+                        s, self.projection, building, self.p.partitions
+                    )
+        return row.active_generation, active_n, building, building_n
+
+    async def setup(self) -> None:
+        """Choose and set up the groups for the generations as they are now."""
+        for attempt in range(5):
+            try:
+                await self._setup()
+                return
+            except GenerationMovedError:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+
+    async def _setup(self) -> None:
+        p, n = self.p, self.p.partitions
+        active, active_n, building, building_n = await self._plan()
+        serve = active_n is None or active_n == n
+        build = building is not None and building_n == n
+        if not serve and not build:
+            assert active_n is not None
+            raise partition_mismatch(self.name, n, active, active_n, building, building_n)
+        if serve and building is not None and not build:
+            log.warning(
+                "projection %s: generation %d is being rebuilt with %s partitions by the "
+                "workers started with that number; this worker (%d partitions) serves "
+                "generation %d until the switch, then stops (start it again with "
+                "--partitions %s)",
+                self.name,
+                building,
+                building_n,
+                n,
+                active,
+                building_n,
+            )
+        if not serve:
+            log.info(
+                "projection %s: this worker builds generation %d (%d partitions); "
+                "generation %d (%s partitions) is served by the workers started with that "
+                "number",
+                self.name,
+                building,
+                n,
+                active,
+                active_n,
+            )
+        self.active, self.pending = active, building
+        if serve and (self.serve is None or self.serve.leases.generation != active):
+            g = _LogGroup(p, self.projection, None)
+            await g.leases.setup()
+            self.serve = g
+        elif not serve:
+            self.serve = None
+        if build and building is not None:
+            if self.build is None or self.build.leases.building != building:
+                g = _LogGroup(p, self.projection, building)
+                await g.leases.setup()
+                self.build = g
+                self.switcher = Switcher(g.leases, active, p.lease_ttl)
+        else:
+            self.build = None
+            self.switcher = None
+
+    async def run(self) -> None:
+        p = self.p
+        failures = 0
+        next_tick = 0.0
+        try:
+            self._start_loops()
+            while not p._stop.is_set():
+                try:
+                    try:
+                        again = False
+                        if time.monotonic() >= next_tick:
+                            next_tick = time.monotonic() + p.lease_ttl / 4
+                            again = await self._tick()
+                        if not again:
+                            again = await self._switch()
+                    except GenerationMovedError as exc:
+                        log.info("projection %s: %s; setting up again", self.name, exc)
+                        again = True
+                    if again:
+                        await self._reconcile()
+                        next_tick = 0.0
+                    failures = 0
+                except ConfigurationError as exc:
+                    p._fail(exc)
+                    break
+                except Exception as exc:
+                    failures += 1
+                    next_tick = 0.0
+                    if infrastructure_fault(exc):
+                        log.warning("projection %s: lease tick failed (%s)", self.name, exc)
+                    else:
+                        log.exception("projection %s: lease tick failed", self.name)
+                await self._wait(failures, next_tick)
+        except asyncio.CancelledError:
+            for task in self.tasks.values():  # gone without a word (a crash, in tests)
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            raise
+        await self._let_go()
+
+    async def _wait(self, failures: int, next_tick: float) -> None:
+        p = self.p
+        pause = max(0.0, next_tick - time.monotonic())
+        if failures:
+            pause = min(p.lease_ttl / 4, 0.05 * 2**failures)
+        elif self.switcher is not None and self.switcher.holding and self.build is not None:
+            # the active side stands still: look again as soon as the new one committed
+            # (here, or within 50 ms for the other workers' commits)
+            self.build.committed.clear()
+            waiter = asyncio.ensure_future(self.build.committed.wait())
+            stopper = asyncio.ensure_future(p._stop.wait())
+            await asyncio.wait({waiter, stopper}, timeout=min(pause, 0.05))
+            waiter.cancel()
+            stopper.cancel()
+            await asyncio.gather(waiter, stopper, return_exceptions=True)
+            return
+        await p._pause(pause)
+
+    async def _tick(self) -> bool:
+        """Tick every group's leases; ``True`` when the groups must be set up again (a
+        rebuild was requested or cancelled)."""
+        p = self.p
+        for g in self.groups():
+            async with g.lock:  # never between a batch's read of `owned` and commit
+                tick = await g.leases.tick()
+                if tick.release:
+                    await g.leases.release(tick.release)
+            if tick.gained or tick.lost or tick.release:
+                g.changed.set()
+                p.signal.notify()
+        return self.serve is not None and self.serve.leases.pending != self.pending
+
+    async def _switch(self) -> bool:
+        """Run the switch from the worker holding the new generation's partition 0;
+        ``True`` once it switched over."""
+        if self.switcher is None or self.build is None or 0 not in self.build.leases.owned:
+            if self.switcher is not None:
+                await self.switcher.let_go()  # partition 0 moved on: so does the switch
+            return False
+        if not await self.switcher.step():
+            return False
+        p = self.p
+        p.counts["switches"] = p.counts.get("switches", 0) + 1
+        p.signal.notify()
+        return True
+
+    def _start_loops(self) -> None:
+        for g in self.groups():
+            if g not in self.tasks:
+                self.tasks[g] = asyncio.create_task(
+                    g.apply_loop(), name=f"projector:{g.leases.label}"
+                )
+
+    async def _stop_loops(self, keep: set[_LogGroup]) -> None:
+        gone = [g for g in self.tasks if g not in keep]
+        for g in gone:
+            g.stopping.set()
+            g.changed.set()
+        tasks = [self.tasks.pop(g) for g in gone]
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=self.p.lease_ttl)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for g in gone:
+            await g.leases.release_all()
+
+    async def _reconcile(self) -> None:
+        """Set the groups up again for the generations as they are now: keep those still
+        valid, stop the others (their partitions are fenced already), start the new."""
+        if self.switcher is not None:
+            await self.switcher.let_go()
+        try:
+            await self.setup()
+        finally:
+            await self._stop_loops({g for g in (self.serve, self.build) if g is not None})
+        self._start_loops()
+
+    async def _let_go(self) -> None:
+        """A graceful stop: give back anything held for a switch, finish the batches in
+        flight, release the partitions."""
+        if self.switcher is not None:
+            await self.switcher.let_go()
+        await self._stop_loops(set())
+
+
 class _LogGroup:
-    """One projection in this worker: the lease tick and the log-reading loop."""
+    """One generation's partitions of a projection in this worker: the log-reading loop
+    (the lease tick runs in the projection's :class:`_Slot`)."""
 
     def __init__(
-        self, owner: PartitionedProjector, projection: Projection, cap: int | None
+        self, owner: PartitionedProjector, projection: Projection, building: int | None
     ) -> None:
         self.p = owner
         self.projection = projection
@@ -163,53 +448,52 @@ class _LogGroup:
             owner.owner,
             owner.lease_ttl,
             mode="partitioned",
-            max_partitions=cap,
+            max_partitions=owner.max_partitions,
+            building=building,
         )
         self.applier = Applier(projection, owner.decoder, max_attempts=owner.max_attempts)
         #: partition -> committed position, for the partitions held
         self.cps: dict[int, int] = {}
         self.lock = asyncio.Lock()
         self.changed = asyncio.Event()
+        #: set after each committed batch (the switch waits on it)
+        self.committed = asyncio.Event()
+        #: set to end this group's loop (its generation moved on)
+        self.stopping = asyncio.Event()
 
-    async def tick_loop(self) -> None:
-        p = self.p
-        failures = 0
-        while not p._stop.is_set():
-            try:
-                async with self.lock:  # never between a batch's read of `owned` and commit
-                    tick = await self.leases.tick()
-                    if tick.release:
-                        await self.leases.release(tick.release)
-                failures = 0
-                if tick.gained or tick.lost or tick.release:
-                    self.changed.set()
-                    p.signal.notify()
-            except Exception:
-                failures += 1
-                log.exception("projection %s: lease tick failed", self.name)
-            pause = p.lease_ttl / 4
-            await p._pause(min(pause, 0.05 * 2**failures) if failures else pause)
+    def halted(self) -> bool:
+        return self.p._stop.is_set() or self.stopping.is_set()
 
     async def apply_loop(self) -> None:
-        p = self.p
         failures = 0
-        while not p._stop.is_set():
+        while not self.halted():
             try:
                 await self._run()
                 failures = 0
             except PartitionLostError as exc:
-                log.warning("projection %s: %s", self.name, exc)
+                log.warning("%s", exc)
+                # until the tick says which partitions this worker still holds
+                self.changed.clear()
+                await self._pause(self.p.lease_ttl / 4, self.changed)
             except Exception:
                 failures += 1
-                log.exception("projection %s: worker failed; restarting", self.name)
-                await p._pause(min(5.0, 0.05 * 2 ** min(failures, 7)))
+                log.exception("projection %s: worker failed; restarting", self.leases.label)
+                await self._pause(min(5.0, 0.05 * 2 ** min(failures, 7)))
             self.cps.clear()  # reload from the database after any failure
+
+    async def _pause(self, seconds: float, *events: asyncio.Event) -> None:
+        """Wait ``seconds``, or less when stopped or one of ``events`` is set."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self.stopping, self.p._stop, *events)]
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
     async def _run(self) -> None:
         p, leases = self.p, self.leases
         next_check = 0.0
         backoff: float | None = None
-        while not p._stop.is_set():
+        while not self.halted():
             owned = dict(leases.owned)
             now = time.monotonic()
             for part in owned:
@@ -258,7 +542,11 @@ class _LogGroup:
     async def _wait(self, position: int, timeout: float) -> bool:
         p = self.p
         waiter = asyncio.ensure_future(p.store.wait_for(position, timeout))
-        others = [asyncio.ensure_future(p._stop.wait()), asyncio.ensure_future(self.changed.wait())]
+        others = [
+            asyncio.ensure_future(p._stop.wait()),
+            asyncio.ensure_future(self.changed.wait()),
+            asyncio.ensure_future(self.stopping.wait()),
+        ]
         done, pending = await asyncio.wait({waiter, *others}, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
             t.cancel()
@@ -297,27 +585,30 @@ class _LogGroup:
         async with self.lock:
             if dict(self.leases.owned) != owned:
                 return  # the tick changed the partitions since the read: read again
+            # the fenced checkpoint first: a fenced worker touches no table, and the
+            # partition rows are locked before the tables (the switch's order)
             try:
                 async with db.transaction(hold=self.p.lease_ttl) as s:
-                    await self.applier.apply_fast(s, gen, mine)
                     await self.leases.commit_log_position(s, owned, last)
+                    await self.applier.apply_fast(s, gen, mine)
             except PartitionLostError:
                 raise
             except Exception as exc:
                 if infrastructure_fault(exc):
                     raise
-                log.info("projection %s: batch failed (%s); event by event", self.name, exc)
+                log.info("projection %s: batch failed (%s); event by event", self.leases.label, exc)
                 async with db.transaction(hold=self.p.lease_ttl) as s:
+                    await self.leases.commit_log_position(s, owned, last)
                     await self.applier.load_blocked(s, gen)
                     parked = await self.applier.apply_careful(s, gen, mine)
-                    await self.leases.commit_log_position(s, owned, last)
                 if parked:
-                    log.warning("projection %s: parked %d event(s)", self.name, parked)
+                    log.warning("projection %s: parked %d event(s)", self.leases.label, parked)
         for part in owned:
             cps[part] = max(cps[part], last)
         counts = self.p.counts
         counts["applied"] = counts.get("applied", 0) + len(mine)
         counts["batches"] = counts.get("batches", 0) + 1
+        self.committed.set()
 
     async def _retry_flagged(self, owned: dict[int, int]) -> None:
         """Re-apply dead letters flagged for retry whose streams are in held partitions, in
@@ -337,6 +628,7 @@ class _LogGroup:
             if dict(self.leases.owned) != owned:
                 return
             async with db.transaction(hold=self.p.lease_ttl) as s:
+                await self.leases.commit_log_position(s, owned, min(self.cps[q] for q in owned))
                 failed: set[str] = set()
                 for position, stream, version in rows:
                     if stream in failed:
@@ -371,7 +663,6 @@ class _LogGroup:
                         position,
                     )
                 await self.applier.load_blocked(s, gen)
-                await self.leases.commit_log_position(s, owned, min(self.cps[q] for q in owned))
         self.p.signal.notify()
 
     async def _attempt(

@@ -25,6 +25,15 @@ statement that matches the epoch, so a worker that lost a partition (paused, par
 away) can never commit to it again: the fencing that keeps per-stream order across
 handovers. A dead or hung worker's partitions move within ``lease_ttl`` plus one tick.
 
+Generations: the rows of the active generation are kept under the projection's name;
+those of a generation being rebuilt (:func:`~cqrskit.projections.request_rebuild`) under
+:func:`build_key` (``balances@g2``), with their own number of partitions, leases, workers
+and checkpoints, so the active generation keeps serving while the new one is built
+(:mod:`cqrskit.projections.partition_switch` switches them over). Every tick first reads
+the projection's generations (on PostgreSQL with a share lock that the switch waits for):
+a group whose generation was switched or dropped stops with :class:`GenerationMovedError`
+before it could claim a row of another generation.
+
 Clocks: no wall-clock time is compared between processes (``updated_at`` and
 ``gap_since`` are for humans).
 """
@@ -47,14 +56,18 @@ from cqrskit.projections.db import ReadDatabase, Session
 from cqrskit.projections.runner import LeaseLostError
 
 __all__ = [
+    "GenerationMovedError",
     "PARTITIONED_MODES",
     "PartitionLeases",
     "PartitionLostError",
     "PartitionState",
     "PartitionStatus",
     "Tick",
+    "build_key",
+    "partition_mismatch",
     "partition_status",
     "partitioned_lag",
+    "switched_owner",
     "token_positions",
 ]
 
@@ -86,12 +99,70 @@ DDL = (
         PRIMARY KEY (projection, owner))""",
 )
 
+SWITCH_OWNER = "switch>"
+"""Owner prefix of the active generation's partitions while a rebuild's switch holds them."""
+
+
+def switched_owner(generation: int) -> str:
+    """The owner a switch gives the partitions of ``generation`` it made active: free for
+    that generation's workers to claim at once (see :meth:`PartitionLeases.tick`)."""
+    return f"switched>g{generation}"
+
+
 _LAG_CAP = 10_000
 _SCAN_CAP = 5_000
 
 
 class PartitionLostError(LeaseLostError):
     """Another worker took the partition over; this one must not commit to it."""
+
+
+class GenerationMovedError(LeaseLostError):
+    """The generation a group of partitions works on is no longer the one it was set up
+    for (a rebuild switched over, or was requested or cancelled): set the group up again."""
+
+
+def build_key(name: str, generation: int) -> str:
+    """The key of the partition rows of ``name``'s generation being rebuilt
+    (``balances@g2``); the active generation's rows are kept under the name itself. A
+    projection name never holds ``@``, so keys never collide."""
+    return f"{name}@g{generation}"
+
+
+def partition_mismatch(
+    name: str,
+    mine: int,
+    active: int,
+    active_n: int,
+    building: int | None = None,
+    building_n: int | None = None,
+) -> ConfigurationError:
+    """The error of a worker started with ``mine`` partitions for a projection split into
+    ``active_n`` (and, if a rebuild is pending, being rebuilt into ``building_n``): names
+    the numbers and the commands that fix it."""
+    text = (
+        f"projection {name!r} is split into {active_n} partitions in this read database "
+        f"(generation {active}); this worker was started with {mine}."
+    )
+    if building is not None and building_n is not None:
+        text += f" A rebuild into generation {building} with {building_n} partitions is pending."
+        hint = (
+            f"start this worker with --partitions {active_n} (partitions={active_n}) to "
+            f"serve generation {active}, or with {building_n} to build generation "
+            f"{building}; to build it with {mine} instead, cancel the rebuild "
+            f"(cqrskit projections rebuild --cancel ...) and request it again with "
+            f"--partitions {mine}."
+        )
+    else:
+        hint = (
+            f"start it with --partitions {active_n} (partitions={active_n}) like the other "
+            f"workers; to change the number to {mine}, rebuild the projection: "
+            f"cqrskit projections rebuild --projection <module:attr of {name!r}> "
+            f"--partitions {mine} (in code: request_rebuild(read_db, projection, "
+            f"partitions={mine})); workers started with {mine} build the new generation "
+            f"while those with {active_n} keep serving, and take over at the switch."
+        )
+    return ConfigurationError(text, hint=hint)
 
 
 @dataclass(slots=True)
@@ -134,6 +205,8 @@ class PartitionStatus:
         gap_sequence, gap_seconds: the missing broker sequence the partition waits for,
             and for how long (``None`` when there is no gap).
         updated_at: wall-clock time of the last checkpoint commit.
+        generation: the generation these partitions apply to (the active one, or the one
+            being rebuilt when asked for).
     """
 
     projection: str
@@ -147,6 +220,7 @@ class PartitionStatus:
     gap_sequence: int | None
     gap_seconds: float | None
     updated_at: float
+    generation: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -158,6 +232,14 @@ async def install(session: Session) -> None:
     await schema.install(session)
     for stmt in DDL:
         await session.execute(stmt)
+
+
+async def key_partitions(session: Session, key: str) -> int | None:
+    """The number of partitions of the rows kept under ``key`` (``None``: no rows)."""
+    value = await session.fetchval(
+        "SELECT max(partitions) FROM cqrskit_partitions WHERE projection = ?", key
+    )
+    return None if value is None else int(value)
 
 
 def _greatest(session: Session) -> str:
@@ -176,6 +258,8 @@ class PartitionLeases:
             gone.
         mode: recorded in ``cqrskit_projections`` (``"partitioned"`` or ``"consumer"``).
         max_partitions: never hold more than this many (default: no limit).
+        building: the generation being rebuilt whose partitions these are (kept under
+            :func:`build_key`); ``None`` (default): the active generation's.
     """
 
     def __init__(
@@ -188,10 +272,17 @@ class PartitionLeases:
         *,
         mode: str,
         max_partitions: int | None = None,
+        building: int | None = None,
     ) -> None:
         self.read_db = read_db
         self.projection = projection
         self.name = projection.name
+        #: the generation being rebuilt (``None``: these are the active generation's)
+        self.building = building
+        #: the rows' key in ``cqrskit_partitions`` and ``cqrskit_workers``
+        self.key = self.name if building is None else build_key(self.name, building)
+        #: how log lines name these partitions
+        self.label = self.name if building is None else f"{self.name} (rebuild g{building})"
         self.partitions = check_partitions(partitions)
         self.owner = owner
         self.lease_ttl = lease_ttl
@@ -201,46 +292,65 @@ class PartitionLeases:
         self.owned: dict[int, int] = {}
         #: partition -> monotonic time its loop last showed progress (set by the loops)
         self.progress: dict[int, float] = {}
-        self.generation = 1
+        #: the generation these partitions apply to (set by :meth:`setup`)
+        self.generation = building or 1
+        #: for the active generation's partitions: the generation being rebuilt, if any
+        self.pending: int | None = None
         self._marks: dict[int, tuple[str | None, int, int]] = {}
         self._since: dict[int, float] = {}
         self._members: dict[str, tuple[int, float]] = {}
 
     async def setup(self) -> int:
-        """Create tables and the projection's rows (each partition starts at the
-        projection's checkpoint, so moving from the one-process projector loses and
-        repeats nothing); return the active generation.
+        """Create tables and this generation's rows (each partition starts at the
+        generation's checkpoint, so moving from the one-process projector loses and repeats
+        nothing); return the generation.
 
         Raises:
             ConfigurationError: the rows exist with another number of partitions.
+            GenerationMovedError: the generation being rebuilt is no longer ``building``.
         """
         async with self.read_db.transaction() as s:
             await install(s)
-            row = await schema.ensure_projection(s, self.projection, self.mode)
-            if row.building_generation is not None:
-                log.warning(
-                    "projection %s: a rebuild was requested; partitioned projections do not "
-                    "rebuild (the request is ignored)",
-                    self.name,
-                )
-            self.generation = row.active_generation
+            if self.building is None:
+                row = await schema.ensure_projection(s, self.projection, self.mode)
+                self.generation = row.active_generation
+                self.pending = row.building_generation
+            else:
+                found = await schema.load(s, self.name)
+                if found is None or found.building_generation != self.building:
+                    raise GenerationMovedError(
+                        f"projection {self.name}: generation {self.building} is no longer "
+                        "being rebuilt"
+                    )
+                row = found
             checkpoint = await schema.get_checkpoint(s, self.name, self.generation)
             rows = await s.fetchall(
                 "SELECT partition, partitions FROM cqrskit_partitions WHERE projection = ?",
-                self.name,
+                self.key,
             )
             other = {int(r[1]) for r in rows} - {self.partitions}
             if other:
+                if self.building is None:
+                    raise partition_mismatch(
+                        self.name,
+                        self.partitions,
+                        self.generation,
+                        sorted(other)[0],
+                        row.building_generation,
+                        None
+                        if row.building_generation is None
+                        else await key_partitions(s, build_key(self.name, row.building_generation)),
+                    )
                 raise ConfigurationError(
-                    f"projection {self.name!r} is split into {sorted(other)[0]} partitions in "
-                    f"this read database; this worker was started with {self.partitions}.",
-                    hint="start every worker with the same number of partitions; to change "
-                    "it, rebuild the projection into an empty read model.",
+                    f"projection {self.name!r} is being rebuilt into generation "
+                    f"{self.building} with {sorted(other)[0]} partitions; this worker was "
+                    f"started with {self.partitions}.",
+                    hint=f"start the workers that build it with --partitions {sorted(other)[0]}.",
                 )
             have = {int(r[0]) for r in rows}
             now = time.time()
             missing = [
-                (self.name, p, self.partitions, checkpoint, checkpoint, now)
+                (self.key, p, self.partitions, checkpoint, checkpoint, now)
                 for p in range(self.partitions)
                 if p not in have
             ]
@@ -275,8 +385,29 @@ class PartitionLeases:
             share = min(share, self.max_partitions)
         return share
 
+    async def _check_generation(self, s: Session) -> None:
+        """Raise :class:`GenerationMovedError` unless these partitions' generation is still
+        the one they were set up for (on PostgreSQL the projection's row stays share-locked
+        until the tick ends: a switch waits for the tick, the tick for a switch)."""
+        sql = (
+            "SELECT active_generation, building_generation FROM cqrskit_projections WHERE name = ?"
+        )
+        row = await s.fetchone(sql + (" FOR SHARE" if s.dialect == "postgres" else ""), self.name)
+        current = None if row is None else row[0] if self.building is None else row[1]
+        if current is None or int(current) != self.generation:
+            raise GenerationMovedError(
+                f"projection {self.label}: generation {self.generation} is no longer "
+                f"{'being rebuilt' if self.building is not None else 'active'}"
+            )
+        if self.building is None:
+            self.pending = None if row is None or row[1] is None else int(row[1])
+
     async def tick(self) -> Tick:
-        """Beat, count live workers, claim or mark for release (see the module docs)."""
+        """Beat, count live workers, claim or mark for release (see the module docs).
+
+        Raises:
+            GenerationMovedError: the generation changed (nothing was claimed or beaten).
+        """
         now = time.monotonic()
         fresh = now - self.lease_ttl / 2
         gained: dict[int, int] = {}
@@ -287,14 +418,15 @@ class PartitionLeases:
         async with self.read_db.transaction(
             lock_timeout=max(0.05, self.lease_ttl / 4), hold=self.lease_ttl
         ) as s:
+            await self._check_generation(s)
             await s.execute(
                 "INSERT INTO cqrskit_workers (projection, owner, beat) VALUES (?, ?, 1) "
                 "ON CONFLICT (projection, owner) DO UPDATE SET beat = cqrskit_workers.beat + 1",
-                self.name,
+                self.key,
                 self.owner,
             )
             members = await s.fetchall(
-                "SELECT owner, beat FROM cqrskit_workers WHERE projection = ?", self.name
+                "SELECT owner, beat FROM cqrskit_workers WHERE projection = ?", self.key
             )
             live = self._live_members(members, now)
             gone = [
@@ -307,20 +439,20 @@ class PartitionLeases:
                         "DELETE FROM cqrskit_workers WHERE projection = ? AND owner IN "
                         "(SELECT owner FROM cqrskit_workers WHERE projection = ? AND owner = ? "
                         "FOR UPDATE SKIP LOCKED)",
-                        self.name,
-                        self.name,
+                        self.key,
+                        self.key,
                         o,
                     )
                 else:
                     await s.execute(
                         "DELETE FROM cqrskit_workers WHERE projection = ? AND owner = ?",
-                        self.name,
+                        self.key,
                         o,
                     )
             rows = await s.fetchall(
                 "SELECT partition, owner, epoch, beat FROM cqrskit_partitions "
                 "WHERE projection = ? ORDER BY partition",
-                self.name,
+                self.key,
             )
             for p, epoch in list(self.owned.items()):
                 if self.progress.get(p, now) < fresh:
@@ -328,7 +460,7 @@ class PartitionLeases:
                 changed = await s.execute(
                     "UPDATE cqrskit_partitions SET beat = beat + 1 "
                     "WHERE projection = ? AND partition = ? AND epoch = ?",
-                    self.name,
+                    self.key,
                     p,
                     epoch,
                 )
@@ -345,8 +477,11 @@ class PartitionLeases:
                 if p in self.owned:
                     continue
                 idle = now - self._since[p]
-                if owner is None or idle >= self.lease_ttl:
-                    orphan = owner is not None and idle >= 2 * self.lease_ttl
+                # rows a switch just made this generation's are free for its groups (an
+                # older cqrskit, which knows no generations, sees an owner: it waits)
+                free = owner is None or owner == switched_owner(self.generation)
+                if free or idle >= self.lease_ttl:
+                    orphan = not free and idle >= 2 * self.lease_ttl
                     candidates.append((p, epoch, beat, orphan))
             if candidates and (want > 0 or any(c[3] for c in candidates)):
                 if s.dialect == "postgres":
@@ -357,7 +492,7 @@ class PartitionLeases:
                         for r in await s.fetchall(
                             "SELECT partition FROM cqrskit_partitions WHERE projection = ? "
                             f"AND partition IN ({marks}) FOR UPDATE SKIP LOCKED",
-                            self.name,
+                            self.key,
                             *(c[0] for c in candidates),
                         )
                     }
@@ -370,7 +505,7 @@ class PartitionLeases:
                         "beat = beat + 1 WHERE projection = ? AND partition = ? AND epoch = ? "
                         "AND beat = ?",
                         self.owner,
-                        self.name,
+                        self.key,
                         p,
                         epoch,
                         beat,
@@ -378,13 +513,17 @@ class PartitionLeases:
                     if changed == 1:
                         gained[p] = epoch + 1
                         want -= 1
+        holders = {int(r[0]): str(r[1] or "") for r in rows}
         for p in lost:
             self.owned.pop(p, None)
-            log.warning("projection %s: partition %d was taken over", self.name, p)
+            if holders.get(p, "").startswith(SWITCH_OWNER):
+                log.info("projection %s: partition %d held for a rebuild's switch", self.label, p)
+            else:
+                log.warning("projection %s: partition %d was taken over", self.label, p)
         for p, epoch in gained.items():
             self.owned[p] = epoch
             self.progress[p] = now
-            log.info("projection %s: partition %d claimed (epoch %d)", self.name, p, epoch)
+            log.info("projection %s: partition %d claimed (epoch %d)", self.label, p, epoch)
         over = len(self.owned) - target
         release = sorted(self.owned, reverse=True)[: max(0, over)]
         return Tick(gained, frozenset(lost), frozenset(release))
@@ -400,13 +539,13 @@ class PartitionLeases:
                 await s.execute(
                     "UPDATE cqrskit_partitions SET owner = NULL, epoch = epoch + 1, "
                     "beat = beat + 1 WHERE projection = ? AND partition = ? AND epoch = ?",
-                    self.name,
+                    self.key,
                     p,
                     self.owned[p],
                 )
         for p in ps:
             self.owned.pop(p, None)
-            log.info("projection %s: partition %d released", self.name, p)
+            log.info("projection %s: partition %d released", self.label, p)
 
     async def release_all(self) -> None:
         """Release every held partition and leave the worker table (a graceful stop)."""
@@ -415,24 +554,28 @@ class PartitionLeases:
             async with self.read_db.transaction() as s:
                 await s.execute(
                     "DELETE FROM cqrskit_workers WHERE projection = ? AND owner = ?",
-                    self.name,
+                    self.key,
                     self.owner,
                 )
         except Exception:
-            log.exception("projection %s: could not release the partitions", self.name)
+            log.exception("projection %s: could not release the partitions", self.label)
 
     # -- checkpoints ---------------------------------------------------------------------
 
     async def load(self, session: Session, partition: int) -> PartitionState:
-        """The checkpoint of ``partition``."""
+        """The checkpoint of ``partition``.
+
+        Raises:
+            PartitionLostError: the partition's row is gone (its generation moved on).
+        """
         row = await session.fetchone(
             "SELECT position, floor_position, sequence, broker_cursor FROM cqrskit_partitions "
             "WHERE projection = ? AND partition = ?",
-            self.name,
+            self.key,
             partition,
         )
-        if row is None:
-            return PartitionState(0, 0, 0, "")
+        if row is None:  # the generation moved on (a switch, a cancelled rebuild)
+            raise PartitionLostError(f"projection {self.label}: partition {partition} is gone")
         return PartitionState(int(row[0]), int(row[1]), int(row[2]), str(row[3] or ""))
 
     async def commit_log_position(
@@ -446,7 +589,7 @@ class PartitionLeases:
         """
         greatest = _greatest(session)
         match = " OR ".join("(partition = ? AND epoch = ?)" for _ in owned)
-        params: list[Any] = [position, position, time.time(), self.name]
+        params: list[Any] = [position, position, time.time(), self.key]
         for p, epoch in owned.items():
             params += [p, epoch]
         changed = await session.execute(
@@ -457,7 +600,7 @@ class PartitionLeases:
         )
         if changed != len(owned):
             raise PartitionLostError(
-                f"projection {self.name}: a partition of {sorted(owned)} was taken over"
+                f"projection {self.label}: a partition of {sorted(owned)} was taken over"
             )
 
     async def commit_consumer(
@@ -484,13 +627,13 @@ class PartitionLeases:
             None if gap is None else gap[0],
             None if gap is None else gap[1],
             time.time(),
-            self.name,
+            self.key,
             partition,
             epoch,
         )
         if changed != 1:
             raise PartitionLostError(
-                f"projection {self.name}: partition {partition} was taken over"
+                f"projection {self.label}: partition {partition} was taken over"
             )
 
 
@@ -528,17 +671,29 @@ async def _scan(store: EventStore, low: int, high: int, cap: int) -> tuple[list[
 
 
 async def partition_status(
-    read_db: ReadDatabase, name: str, store: EventStore | None = None
+    read_db: ReadDatabase,
+    name: str,
+    store: EventStore | None = None,
+    *,
+    generation: int | None = None,
 ) -> list[PartitionStatus]:
     """Each partition of projection (or consumer group) ``name``: owner, checkpoint, gap,
-    and — given the event log — lag in events (counted up to 10,000)."""
+    and — given the event log — lag in events (counted up to 10,000).
+
+    ``generation``: the partitions of that generation (the one being rebuilt: its own
+    partitions, leases and checkpoints); default: the active generation's."""
     async with read_db.read_only() as s:
         try:
             async with s.savepoint():
-                found = await _rows(s, [name])
+                row = await schema.load(s, name)
+                active = None if row is None else row.active_generation
+                key, gen = name, active
+                if generation is not None and generation != active:
+                    key, gen = build_key(name, generation), generation
+                found = await _rows(s, [key])
         except Exception:  # noqa: BLE001 - no partitioned projection was ever set up here
-            found = {}
-    rows = found.get(name, {})
+            found, key, gen = {}, name, None
+    rows = found.get(key, {})
     lags: dict[int, int] | None = None
     if store is not None and rows:
         n = int(next(iter(rows.values()))[2])
@@ -563,6 +718,7 @@ async def partition_status(
             None if r[7] is None else int(r[7]),
             None if r[8] is None else max(0.0, now - float(r[8])),
             float(r[9]),
+            gen,
         )
         for p, r in sorted(rows.items())
     ]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import EventStore
 from cqrskit.projections import schema
 from cqrskit.projections.api import Projection
@@ -15,8 +16,11 @@ from cqrskit.projections.db import ReadDatabase
 __all__ = [
     "DeadLetter",
     "ProjectionStatus",
+    "RebuildProgress",
+    "cancel_rebuild",
     "dead_letters",
     "projection_status",
+    "rebuild_progress",
     "request_rebuild",
     "request_retry",
 ]
@@ -144,8 +148,6 @@ async def _require_tables(s: Any) -> None:
         async with s.savepoint():
             await s.fetchall("SELECT 1 FROM cqrskit_projections WHERE 1 = 0")
     except Exception:  # noqa: BLE001 - translated below
-        from cqrskit.errors import ConfigurationError
-
         raise ConfigurationError(
             "no projection was ever set up in this read database.",
             hint="start a projector or InlineProjections.setup() against it first.",
@@ -200,12 +202,144 @@ async def request_retry(
         return await s.execute(sql, *params)
 
 
-async def request_rebuild(read_db: ReadDatabase, projection: Projection) -> int:
+async def request_rebuild(
+    read_db: ReadDatabase, projection: Projection, *, partitions: int | None = None
+) -> int:
     """Start a rebuild: create the next generation's empty tables; return its number.
 
     The projector holding the lease replays the log into them from position 0 while the
     active generation keeps serving queries, then switches the views over when caught up.
+    For a partitioned projection the new generation gets partitions of its own, built by
+    the :class:`~cqrskit.projections.PartitionedProjector` workers started with its number
+    of partitions: ``partitions`` (to change it), else the active generation's; it switches
+    over once it holds everything the active one holds (see
+    :mod:`cqrskit.projections.partition_switch`). Asking again while a rebuild is pending
+    returns the same generation.
+
+    Raises:
+        ConfigurationError: the projection is fed by broker consumers (a broker cannot be
+            replayed from the start: rebuild from the log with partitioned workers);
+            ``partitions`` for a projection that is not partitioned; ``partitions``
+            other than the pending rebuild's.
     """
+    from cqrskit.messaging.partitioning import check_partitions
+    from cqrskit.projections.partition_switch import prepare_build
+
+    if partitions is not None:
+        check_partitions(partitions)
+    name = projection.name
     async with read_db.transaction() as s:
         await schema.install(s)
-        return await schema.start_rebuild(s, projection)
+        row = await schema.load(s, name)
+        mode = None if row is None else row.mode
+        if mode == "consumer" and (row is None or row.building_generation is None):
+            raise ConfigurationError(
+                f"projection {name!r} is fed by broker consumers, which cannot rebuild it: "
+                "a broker does not keep the whole log (retention).",
+                hint="rebuild it from the event log: start partitioned log workers for it "
+                "with the consumers' number of partitions (cqrskit projections run "
+                "--partitions N ...; they may run beside the consumers), then request the "
+                "rebuild again. After the switch the consumers continue on the new "
+                "generation where they stopped.",
+            )
+        if partitions is not None and mode not in ("partitioned", "consumer"):
+            raise ConfigurationError(
+                f"projection {name!r} is not partitioned (mode {mode or 'not set up'}): "
+                f"partitions={partitions} has nothing to change.",
+                hint=f"to split it into {partitions} partitions no rebuild is needed: stop "
+                f"its projector and start PartitionedProjector workers with partitions="
+                f"{partitions} (cqrskit projections run --partitions {partitions}); each "
+                "partition starts at the projector's checkpoint.",
+            )
+        generation = await schema.start_rebuild(s, projection)
+        if mode in ("partitioned", "consumer"):
+            await prepare_build(s, projection, generation, partitions)
+        return generation
+
+
+async def cancel_rebuild(read_db: ReadDatabase, projection: Projection) -> int | None:
+    """Cancel the pending rebuild of a partitioned projection: drop the generation being
+    built (tables, partitions, checkpoints); return its number (``None``: none pending).
+    The active generation is untouched; the workers that built it stop doing so.
+
+    Raises:
+        ConfigurationError: the projection runs on the one-process projector, whose
+            rebuild in flight cannot be cancelled.
+    """
+    from cqrskit.projections.partition_switch import cancel_build
+
+    async with read_db.transaction() as s:
+        await schema.install(s)
+        row = await schema.load(s, projection.name)
+        if row is None or row.building_generation is None:
+            return None
+        if row.mode not in ("partitioned", "consumer"):
+            raise ConfigurationError(
+                f"projection {projection.name!r} runs on the one-process projector (mode "
+                f"{row.mode}): its rebuild into generation {row.building_generation} "
+                "cannot be cancelled.",
+                hint="let it switch over, then rebuild again if needed.",
+            )
+        await cancel_build(s, projection, row.building_generation)
+        return row.building_generation
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildProgress:
+    """How far a pending rebuild is.
+
+    Attributes:
+        name: the projection.
+        generation: the generation being rebuilt.
+        position: every event up to here is applied in it (partitioned: its lowest
+            partition's position).
+        target: where the active generation stands (partitioned: its highest partition's
+            position); the rebuild switches over once ``position`` reaches it.
+        partitions: the new generation's number of partitions (``None``: not
+            partitioned, or no partitioned worker took it up yet).
+        active_partitions: the active generation's number of partitions (``None``: not
+            partitioned).
+    """
+
+    name: str
+    generation: int
+    position: int
+    target: int
+    partitions: int | None
+    active_partitions: int | None
+
+
+async def rebuild_progress(read_db: ReadDatabase, name: str) -> RebuildProgress | None:
+    """The pending rebuild of projection ``name`` (``None``: none pending)."""
+    from cqrskit.projections.partitions import build_key
+
+    async with read_db.read_only() as s:
+        await _require_tables(s)
+        row = await schema.load(s, name)
+        if row is None or row.building_generation is None:
+            return None
+        gen, active = row.building_generation, row.active_generation
+        built: Any = None
+        current: Any = None
+        try:
+            async with s.savepoint():
+                built = await s.fetchone(
+                    "SELECT min(position), max(partitions) FROM cqrskit_partitions "
+                    "WHERE projection = ?",
+                    build_key(name, gen),
+                )
+                current = await s.fetchone(
+                    "SELECT max(position), max(partitions) FROM cqrskit_partitions "
+                    "WHERE projection = ?",
+                    name,
+                )
+        except Exception:  # noqa: BLE001 - never partitioned: no partition tables
+            built = current = None
+        position = await schema.get_checkpoint(s, name, gen)
+        target = await schema.get_checkpoint(s, name, active)
+    partitions = active_partitions = None
+    if built is not None and built[1] is not None:
+        position, partitions = int(built[0]), int(built[1])
+    if current is not None and current[1] is not None:
+        target, active_partitions = int(current[0]), int(current[1])
+    return RebuildProgress(name, gen, position, target, partitions, active_partitions)
