@@ -285,6 +285,9 @@ class _Partition:
         self.gap: tuple[int, float] | None = None
         self.gap_logged = 0.0
         self.fetch_size = group.c.batch_size
+        #: the pause before the next subscribe: grows while re-reads and failures repeat,
+        #: back to none once a fetch goes through without a gap
+        self.backoff = 0.0
 
     def running(self) -> bool:
         return (
@@ -298,7 +301,7 @@ class _Partition:
 
     async def run(self) -> None:
         c, name = self.c, self.g.name
-        backoff = 0.0
+        self.backoff = 0.0
         down = False
         while self.running():
             sub: Subscription | None = None
@@ -309,11 +312,11 @@ class _Partition:
                     log.info("consumer %s: partition %d: broker available again", name, self.p)
                     down = False
                 await self.consume(sub, state)
-                backoff = 0.0
+                self.backoff = 0.0
             except _Reread:
                 # look further ahead next time: the missing number may sit behind more
                 self.fetch_size = min(max(c.batch_size, c.source.max_unacked), self.fetch_size * 2)
-                backoff = min(c.max_backoff, max(0.02, backoff * 2))
+                self.backoff = min(c.max_backoff, max(0.02, self.backoff * 2))
             except PartitionLostError:
                 log.warning("consumer %s: partition %d was taken over", name, self.p)
                 self.g.leases.owned.pop(self.p, None)
@@ -325,12 +328,12 @@ class _Partition:
                     )
                     c.count("outages")
                     down = True
-                backoff = min(c.max_backoff, max(0.05, backoff * 2))
+                self.backoff = min(c.max_backoff, max(0.05, self.backoff * 2))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("consumer %s: partition %d failed; restarting", name, self.p)
-                backoff = min(c.max_backoff, max(0.05, backoff * 2))
+                self.backoff = min(c.max_backoff, max(0.05, self.backoff * 2))
             finally:
                 if sub is not None:
                     try:
@@ -338,11 +341,15 @@ class _Partition:
                     except Exception:
                         log.debug("consumer %s: closing a subscription failed", name, exc_info=True)
             self.alive()
-            if backoff and self.running():
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), backoff)
-                except TimeoutError:
-                    pass
+            if self.backoff and self.running():
+                await self.rest(self.backoff)
+
+    async def rest(self, seconds: float) -> None:
+        """Pause before subscribing again (cut short when the worker is asked to stop)."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def load(self) -> PartitionState:
         async with self.c.read_db.transaction(hold=self.c.lease_ttl) as s:
@@ -361,6 +368,7 @@ class _Partition:
             deliveries = await self.fetch(sub)
             self.alive()
             if not deliveries:
+                self.backoff = 0.0  # the broker answers and nothing is missing
                 continue
             batch = lane.plan(deliveries, state)
             gap = self.note_gap(batch.gap)
@@ -377,6 +385,7 @@ class _Partition:
             if batch.gap is not None:
                 raise _Reread
             self.fetch_size = c.batch_size
+            self.backoff = 0.0
 
     async def fetch(self, sub: Subscription) -> list[Delivery]:
         """One fetch, given up at once when the worker is asked to stop (what it may have

@@ -170,6 +170,7 @@ class _LogGroup:
         self.cps: dict[int, int] = {}
         self.lock = asyncio.Lock()
         self.changed = asyncio.Event()
+        self.failures = 0  # restarts of the apply loop since it last completed a round
 
     async def tick_loop(self) -> None:
         p = self.p
@@ -192,17 +193,17 @@ class _LogGroup:
 
     async def apply_loop(self) -> None:
         p = self.p
-        failures = 0
+        self.failures = 0
         while not p._stop.is_set():
             try:
                 await self._run()
-                failures = 0
             except PartitionLostError as exc:
                 log.warning("projection %s: %s", self.name, exc)
             except Exception:
-                failures += 1
+                # grows while failures repeat; back to the shortest once a round succeeds
+                self.failures += 1
                 log.exception("projection %s: worker failed; restarting", self.name)
-                await p._pause(min(5.0, 0.05 * 2 ** min(failures, 7)))
+                await p._pause(min(5.0, 0.05 * 2 ** min(self.failures, 7)))
             self.cps.clear()  # reload from the database after any failure
 
     async def _run(self) -> None:
@@ -232,8 +233,10 @@ class _LogGroup:
                 await self._commit(owned, mine, last)
                 p.signal.notify()
                 backoff = None
+                self.failures = 0
                 await asyncio.sleep(0)
                 continue
+            self.failures = 0  # caught up
             limit = p.poll_interval
             woke = await self._wait(low, backoff or limit)
             if woke:
