@@ -201,6 +201,9 @@ class _Group:
             max_partitions=max_partitions,
         )
         self.workers: dict[int, _Partition] = {}
+        #: partitions whose loop is stopping (then, if released, whose lease is given up)
+        self.leaving: dict[int, asyncio.Task[None]] = {}
+        self.lock = asyncio.Lock()  # a release never runs during a tick
 
     async def setup(self) -> None:
         async with self.c.read_db.transaction() as s:
@@ -212,18 +215,21 @@ class _Group:
         failures = 0
         while not c._stop.is_set():
             try:
-                tick = await self.leases.tick()
+                async with self.lock:
+                    tick = await self.leases.tick()
                 failures = 0
             except Exception:
                 failures += 1
                 log.exception("consumer %s: lease tick failed", self.name)
                 await c._pause(min(c.lease_ttl / 4, 0.05 * 2**failures))
                 continue
+            # a loop may take a while to stop (its batch commits, its subscription closes):
+            # it stops beside this loop, which keeps beating the other partitions meanwhile
             for p in tick.lost:
-                await self._stop_worker(p, wait=False)
-            for p in sorted(tick.release):
-                await self._stop_worker(p, wait=True)
-                await self.leases.release([p])
+                self._retire(p, cancel=True, release=False)
+            for p in tick.release:
+                if p not in self.leaving:
+                    self._retire(p, cancel=False, release=True)
             for p, epoch in tick.gained.items():
                 self.workers[p] = w = _Partition(self, p, epoch)
                 w.task = asyncio.create_task(w.run(), name=f"consumer:{self.name}:{p}")
@@ -234,20 +240,33 @@ class _Group:
                 c.signal.notify()
             await self.retry_flags()
             await c._pause(c.lease_ttl / 4)
-        for p in list(self.workers):
-            await self._stop_worker(p, wait=True)
+        for p in list(self.workers):  # all at once: a graceful stop lasts the slowest one
+            self._retire(p, cancel=False, release=False)
+        await asyncio.gather(*self.leaving.values(), return_exceptions=True)
         await self.leases.release_all()
 
-    async def _stop_worker(self, p: int, *, wait: bool) -> None:
+    def _retire(self, p: int, *, cancel: bool, release: bool) -> None:
+        """Stop partition ``p``'s loop in the background (cancelled at once when the
+        partition was lost), then release its lease if ``release``."""
         w = self.workers.pop(p, None)
-        if w is None or w.task is None:
-            return
-        w.stopping.set()
-        if wait:
-            await asyncio.gather(w.task, return_exceptions=True)
-        else:
-            w.task.cancel()
-            await asyncio.gather(w.task, return_exceptions=True)
+        task = asyncio.create_task(
+            self._leave(p, w, cancel, release), name=f"consumer:{self.name}:{p}:leave"
+        )
+        self.leaving[p] = task
+        task.add_done_callback(lambda t: self.leaving.pop(p) if self.leaving.get(p) is t else None)
+
+    async def _leave(self, p: int, w: _Partition | None, cancel: bool, release: bool) -> None:
+        try:
+            if w is not None and w.task is not None:
+                w.stopping.set()
+                if cancel:
+                    w.task.cancel()
+                await asyncio.gather(w.task, return_exceptions=True)
+            if release:
+                async with self.lock:
+                    await self.leases.release([p])
+        except Exception:
+            log.exception("consumer %s: partition %d: could not hand it over", self.name, p)
 
     async def retry_flags(self) -> None:
         if not self.workers:
