@@ -58,6 +58,20 @@ async def shares(
         await asyncio.sleep(0.05)
 
 
+async def advanced(db: ReadDatabase, parts: list[int], timeout: float = 30) -> None:
+    """Wait (bounded) until each of ``parts`` applied events past where it stands now:
+    the partitions that moved are consumed by their new owners, under load."""
+    start = {r.partition: r.position for r in await partition_status(db, "balances")}
+    deadline = time.monotonic() + timeout
+    while True:
+        now = {r.partition: r.position for r in await partition_status(db, "balances")}
+        behind = [p for p in parts if now[p] <= start[p]]
+        if not behind:
+            return
+        assert time.monotonic() < deadline, f"partitions {behind} made no progress after moving"
+        await asyncio.sleep(0.05)
+
+
 async def delete_rabbitmq(url: str, exchange: str) -> None:
     """Delete the run's queues and exchange from the shared RabbitMQ node."""
     import aio_pika
@@ -113,11 +127,16 @@ async def test_rebalancing_under_load(
         workers["w2"] = start("w2")
         second = await shares(db, ["w0", "w1", "w2"], [3, 3, 2])
         moved = [p for p in second if second[p][0] != "w0"]
-        assert len(moved) == 5
+        # 5 move; on a starved machine a 1 s lease may also lapse and move back and forth
+        assert len(moved) >= 5, second
         assert all(second[p][1] > first[p][1] for p in moved)
+        await advanced(db, moved)
         await stop_all([workers.pop("w1")])
         third = await shares(db, ["w0", "w2"], [4, 4])
-        assert any(second[p][0] == "w1" and third[p][1] > second[p][1] for p in third)
+        from_w1 = [p for p in third if second[p][0] == "w1"]
+        assert from_w1, second
+        assert all(third[p][1] > second[p][1] for p in from_w1)
+        await advanced(db, from_w1)
         assert all(w.poll() is None for w in writers), f"a writer ended early: see {logs}"
         written = await stop_all(writers)  # under load until here
         assert [w.returncode for w in writers] == [0] * WRITERS, f"see {logs}"
