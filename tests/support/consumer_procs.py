@@ -4,7 +4,8 @@ writer LOG ID COUNT ACCOUNTS [PACE]
                                COUNT transfers between ACCOUNTS accounts of the SQLite log:
                                each command records ``Deposited(a, -x)`` on stream a and
                                ``Deposited(b, +x)`` on stream b in one unit of work; PACE
-                               seconds between commands (a steady load; default none)
+                               seconds between commands (a steady load; default none);
+                               SIGTERM stops it after the command in hand (exit 0)
 relay LOG BROKER URL NAME N    a relay (state in the log file) to nats|redis|rabbitmq
 consumer BROKER URL NAME N READ OWNER
                                a Consumer of the ``balances`` projection; READ is
@@ -59,8 +60,13 @@ def open_read(spec: str) -> ReadDatabase:
 async def writer(path: str, ident: int, count: int, accounts: int, pace: float = 0.0) -> None:
     log = await open_log(path)
     rng = random.Random(ident)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    done = 0
     try:
         for _ in range(count):
+            if stop.is_set():
+                break
             a, b = rng.sample(range(accounts), 2)
             amount = rng.randint(1, 100)
             for attempt in range(20):
@@ -76,11 +82,12 @@ async def writer(path: str, ident: int, count: int, accounts: int, pace: float =
                     if "locked" not in str(exc) or attempt == 19:
                         raise
                     await asyncio.sleep(0.05 * (attempt + 1))
+            done += 1
             if pace:
                 await asyncio.sleep(pace)
     finally:
         log.close()
-    print(json.dumps({"done": count}), flush=True)
+    print(json.dumps({"done": done}), flush=True)
 
 
 async def _until_term(runner: Any, stop: Any) -> None:

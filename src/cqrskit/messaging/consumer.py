@@ -224,6 +224,9 @@ class _Group:
         )
         self.workers: dict[int, _Partition] = {}
         self.warned: int | None = None
+        #: partitions whose loop is stopping (then, if released, whose lease is given up)
+        self.leaving: dict[int, asyncio.Task[None]] = {}
+        self.lock = asyncio.Lock()  # a release never runs during a tick
 
     async def setup(self) -> None:
         async with self.c.read_db.transaction() as s:
@@ -250,7 +253,8 @@ class _Group:
         """The generation moved on (a rebuild switched over): stop the partition loops
         (their commits are fenced already) and set up on the new active generation."""
         for p in list(self.workers):
-            await self._stop_worker(p, wait=True)
+            self._retire(p, cancel=False, release=False)
+        await asyncio.gather(*self.leaving.values(), return_exceptions=True)
         self.leases = PartitionLeases(
             self.c.read_db,
             self.target.identity,
@@ -268,7 +272,8 @@ class _Group:
         failures = 0
         while not c._stop.is_set():
             try:
-                tick = await self.leases.tick()
+                async with self.lock:
+                    tick = await self.leases.tick()
                 failures = 0
             except GenerationMovedError as exc:
                 log.info("consumer %s: %s; setting up again", self.name, exc)
@@ -286,11 +291,13 @@ class _Group:
                 log.exception("consumer %s: lease tick failed", self.name)
                 await c._pause(min(c.lease_ttl / 4, 0.05 * 2**failures))
                 continue
+            # a loop may take a while to stop (its batch commits, its subscription closes):
+            # it stops beside this loop, which keeps beating the other partitions meanwhile
             for p in tick.lost:
-                await self._stop_worker(p, wait=False)
-            for p in sorted(tick.release):
-                await self._stop_worker(p, wait=True)
-                await self.leases.release([p])
+                self._retire(p, cancel=True, release=False)
+            for p in tick.release:
+                if p not in self.leaving:
+                    self._retire(p, cancel=False, release=True)
             for p, epoch in tick.gained.items():
                 self.workers[p] = w = _Partition(self, p, epoch)
                 w.task = asyncio.create_task(w.run(), name=f"consumer:{self.name}:{p}")
@@ -302,20 +309,33 @@ class _Group:
             self._warn_pending()
             await self.retry_flags()
             await c._pause(c.lease_ttl / 4)
-        for p in list(self.workers):
-            await self._stop_worker(p, wait=True)
+        for p in list(self.workers):  # all at once: a graceful stop lasts the slowest one
+            self._retire(p, cancel=False, release=False)
+        await asyncio.gather(*self.leaving.values(), return_exceptions=True)
         await self.leases.release_all()
 
-    async def _stop_worker(self, p: int, *, wait: bool) -> None:
+    def _retire(self, p: int, *, cancel: bool, release: bool) -> None:
+        """Stop partition ``p``'s loop in the background (cancelled at once when the
+        partition was lost), then release its lease if ``release``."""
         w = self.workers.pop(p, None)
-        if w is None or w.task is None:
-            return
-        w.stopping.set()
-        if wait:
-            await asyncio.gather(w.task, return_exceptions=True)
-        else:
-            w.task.cancel()
-            await asyncio.gather(w.task, return_exceptions=True)
+        task = asyncio.create_task(
+            self._leave(p, w, cancel, release), name=f"consumer:{self.name}:{p}:leave"
+        )
+        self.leaving[p] = task
+        task.add_done_callback(lambda t: self.leaving.pop(p) if self.leaving.get(p) is t else None)
+
+    async def _leave(self, p: int, w: _Partition | None, cancel: bool, release: bool) -> None:
+        try:
+            if w is not None and w.task is not None:
+                w.stopping.set()
+                if cancel:
+                    w.task.cancel()
+                await asyncio.gather(w.task, return_exceptions=True)
+            if release:
+                async with self.lock:
+                    await self.leases.release([p])
+        except Exception:
+            log.exception("consumer %s: partition %d: could not hand it over", self.name, p)
 
     async def retry_flags(self) -> None:
         if not self.workers:
@@ -353,6 +373,9 @@ class _Partition:
         self.gap: tuple[int, float] | None = None
         self.gap_logged = 0.0
         self.fetch_size = group.c.batch_size
+        #: the pause before the next subscribe: grows while re-reads and failures repeat,
+        #: back to none once a fetch goes through without a gap
+        self.backoff = 0.0
 
     def running(self) -> bool:
         return (
@@ -366,7 +389,7 @@ class _Partition:
 
     async def run(self) -> None:
         c, name = self.c, self.g.name
-        backoff = 0.0
+        self.backoff = 0.0
         down = False
         while self.running():
             sub: Subscription | None = None
@@ -377,11 +400,11 @@ class _Partition:
                     log.info("consumer %s: partition %d: broker available again", name, self.p)
                     down = False
                 await self.consume(sub, state)
-                backoff = 0.0
+                self.backoff = 0.0
             except _Reread:
                 # look further ahead next time: the missing number may sit behind more
                 self.fetch_size = min(max(c.batch_size, c.source.max_unacked), self.fetch_size * 2)
-                backoff = min(c.max_backoff, max(0.02, backoff * 2))
+                self.backoff = min(c.max_backoff, max(0.02, self.backoff * 2))
             except PartitionLostError:
                 log.warning("consumer %s: partition %d was taken over", name, self.p)
                 self.g.leases.owned.pop(self.p, None)
@@ -393,12 +416,12 @@ class _Partition:
                     )
                     c.count("outages")
                     down = True
-                backoff = min(c.max_backoff, max(0.05, backoff * 2))
+                self.backoff = min(c.max_backoff, max(0.05, self.backoff * 2))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("consumer %s: partition %d failed; restarting", name, self.p)
-                backoff = min(c.max_backoff, max(0.05, backoff * 2))
+                self.backoff = min(c.max_backoff, max(0.05, self.backoff * 2))
             finally:
                 if sub is not None:
                     try:
@@ -406,11 +429,15 @@ class _Partition:
                     except Exception:
                         log.debug("consumer %s: closing a subscription failed", name, exc_info=True)
             self.alive()
-            if backoff and self.running():
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), backoff)
-                except TimeoutError:
-                    pass
+            if self.backoff and self.running():
+                await self.rest(self.backoff)
+
+    async def rest(self, seconds: float) -> None:
+        """Pause before subscribing again (cut short when the worker is asked to stop)."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def load(self) -> PartitionState:
         async with self.c.read_db.transaction(hold=self.c.lease_ttl) as s:
@@ -429,6 +456,7 @@ class _Partition:
             deliveries = await self.fetch(sub)
             self.alive()
             if not deliveries:
+                self.backoff = 0.0  # the broker answers and nothing is missing
                 continue
             batch = lane.plan(deliveries, state)
             gap = self.note_gap(batch.gap)
@@ -445,6 +473,7 @@ class _Partition:
             if batch.gap is not None:
                 raise _Reread
             self.fetch_size = c.batch_size
+            self.backoff = 0.0
 
     async def fetch(self, sub: Subscription) -> list[Delivery]:
         """One fetch, given up at once when the worker is asked to stop (what it may have

@@ -105,6 +105,10 @@ class Relay:
         state_interval: seconds between lease checks and looks for retry requests.
         max_backoff: the longest pause between attempts while the broker is unavailable.
         owner: this relay's lease owner id (default: host, pid and a random suffix).
+        stop_timeout: seconds :meth:`stop` waits for the batches in flight to be
+            acknowledged and checkpointed before abandoning them (nothing of theirs is
+            marked published: the next lease holder publishes them again with the same
+            ids and sequence numbers); the lease is released either way (default 10).
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class Relay:
         state_interval: float = 0.5,
         max_backoff: float = 5.0,
         owner: str | None = None,
+        stop_timeout: float = 10.0,
     ) -> None:
         self.identity = Projection(name, tables={})
         self.name = name
@@ -151,6 +156,7 @@ class Relay:
         self.state_interval = state_interval
         self.max_backoff = max_backoff
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stop_timeout = stop_timeout
         self.signal = Signal()
         #: last position up to which the broker acknowledged everything (committed)
         self.checkpoint = 0
@@ -162,6 +168,7 @@ class Relay:
         self.gaps = 0
         self.outages = 0
         self._generation = 1
+        self._failures = 0  # restarts since the relay last completed a round
         self._sequences: dict[int, int] = {}  # committed with the checkpoint
         self._blocked: set[str] = set()
         # where the batches sent leave off: read position, counters, parked streams
@@ -191,13 +198,32 @@ class Relay:
             await state.install(s, self.identity)
         self._task = asyncio.create_task(self._run(), name=f"relay:{self.name}")
 
-    async def stop(self) -> None:
-        """Finish the batch in flight (or give it up if the broker is down), release the
-        lease and stop. The transport stays open (close it yourself)."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finish the batches in flight (or give them up if the broker is down), release
+        the lease and stop. The transport stays open (close it yourself).
+
+        Still busy after ``timeout`` seconds (default :attr:`stop_timeout`) — a publish
+        or a database call that does not return — the relay is cancelled: the batches in
+        flight are abandoned unacknowledged (their checkpoint never committed, so they
+        are published again by the next holder, same ids and numbers) and the lease is
+        released all the same, so a standby takes over at once.
+        """
         self._stop.set()
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        limit = self.stop_timeout if timeout is None else timeout
+        _, pending = await asyncio.wait([task], timeout=max(0.0, limit))
+        if not pending:
             await asyncio.gather(task, return_exceptions=True)
+            return
+        epoch = self.epoch
+        log.warning("relay %s: still busy after %.1f s; abandoning its batches", self.name, limit)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if epoch is not None:
+            # the epoch guard makes this a no-op for a lease released or taken over since
+            await self._release(epoch)
 
     async def run(self) -> None:
         """Start, then run until :meth:`request_stop`."""
@@ -265,7 +291,7 @@ class Relay:
             log.exception("relay %s: could not release the lease", self.name)
 
     async def _run(self) -> None:
-        failures = 0
+        self._failures = 0
         while not self._stop.is_set():
             try:
                 self.epoch = await self._acquire()
@@ -276,9 +302,10 @@ class Relay:
             except LeaseLostError:
                 log.warning("relay %s: lease lost; standing by", self.name)
             except Exception:
-                failures += 1
+                # grows while failures repeat; back to the shortest once a round succeeds
+                self._failures += 1
                 log.exception("relay %s: failed; restarting", self.name)
-                await self._pause(min(5.0, 0.05 * 2 ** min(failures, 7)))
+                await self._pause(min(5.0, 0.05 * 2 ** min(self._failures, 7)))
             finally:
                 self.epoch = None
 
@@ -357,6 +384,8 @@ class Relay:
                     async with self.state_db.transaction() as s:
                         await self._fence(s, epoch)
                     last_beat = time.monotonic()
+                if self._committing is None:  # caught up: read, sent, acked, committed
+                    self._failures = 0
                 woke = await self._wait_for_events(backoff or limit)
                 if woke:
                     backoff = 0.001 if backoff is None else min(backoff * 2, limit)
@@ -524,6 +553,7 @@ class Relay:
             self.parked += len(parked)
             self.published += sum(b.acked for b in batches)
             self.checkpoint = last
+            self._failures = 0  # a round got all the way to its checkpoint
             self.signal.notify()
 
     def _hole(self, env: Envelope, reason: str) -> None:

@@ -460,25 +460,26 @@ class _LogGroup:
         self.committed = asyncio.Event()
         #: set to end this group's loop (its generation moved on)
         self.stopping = asyncio.Event()
+        self.failures = 0  # restarts of the apply loop since it last completed a round
 
     def halted(self) -> bool:
         return self.p._stop.is_set() or self.stopping.is_set()
 
     async def apply_loop(self) -> None:
-        failures = 0
+        self.failures = 0
         while not self.halted():
             try:
                 await self._run()
-                failures = 0
             except PartitionLostError as exc:
                 log.warning("%s", exc)
                 # until the tick says which partitions this worker still holds
                 self.changed.clear()
                 await self._pause(self.p.lease_ttl / 4, self.changed)
             except Exception:
-                failures += 1
+                # grows while failures repeat; back to the shortest once a round succeeds
+                self.failures += 1
                 log.exception("projection %s: worker failed; restarting", self.leases.label)
-                await self._pause(min(5.0, 0.05 * 2 ** min(failures, 7)))
+                await self._pause(min(5.0, 0.05 * 2 ** min(self.failures, 7)))
             self.cps.clear()  # reload from the database after any failure
 
     async def _pause(self, seconds: float, *events: asyncio.Event) -> None:
@@ -516,8 +517,10 @@ class _LogGroup:
                 await self._commit(owned, mine, last)
                 p.signal.notify()
                 backoff = None
+                self.failures = 0
                 await asyncio.sleep(0)
                 continue
+            self.failures = 0  # caught up
             limit = p.poll_interval
             woke = await self._wait(low, backoff or limit)
             if woke:

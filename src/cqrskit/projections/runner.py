@@ -67,6 +67,7 @@ class _Worker:
         self.beaten = 0.0
         #: generation -> an upper bound of its parked positions (as this leader knows)
         self.parked: dict[int, int] = {}
+        self.failures = 0  # restarts since the worker last completed a round
 
     # -- lease ---------------------------------------------------------------------------
 
@@ -157,7 +158,7 @@ class _Worker:
 
     async def run(self) -> None:
         p = self.p
-        failures = 0
+        self.failures = 0
         while not p._stop.is_set():
             try:
                 self.epoch = await self.acquire()
@@ -175,9 +176,10 @@ class _Worker:
                 self.epoch = None
                 await p._pause(p.lease_ttl)
             except Exception:
-                failures += 1
+                # grows while failures repeat; back to the shortest once a round succeeds
+                self.failures += 1
                 log.exception("projection %s: worker failed; restarting", self.name)
-                await p._pause(min(5.0, 0.05 * 2 ** min(failures, 7)))
+                await p._pause(min(5.0, 0.05 * 2 ** min(self.failures, 7)))
             finally:
                 self.epoch = None
                 p.signal.applied(self.name, None)
@@ -253,6 +255,7 @@ class _Worker:
                 progressed = True
             if progressed:
                 backoff = None
+                self.failures = 0
                 # SQLite calls and reads that need not suspend never hand the loop back:
                 # yield once per batch so the application keeps running during a catch-up
                 await asyncio.sleep(0)
@@ -261,6 +264,7 @@ class _Worker:
                 async with self._holding(epoch):
                     pass
                 self.publish(active)
+            self.failures = 0  # caught up
             # after a wake-up that found nothing readable (on PostgreSQL, a commit can stay
             # above the readable horizon while an older transaction is open; nobody signals
             # when that one ends) poll with a short, growing backoff instead of a full wait

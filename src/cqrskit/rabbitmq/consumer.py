@@ -25,9 +25,37 @@ log = logging.getLogger("cqrskit.rabbitmq")
 
 _DOWN = (OSError, TimeoutError, amqp_errors.AMQPError, RuntimeError)
 
+_CLOSE_WAIT = 2.0  # seconds a subscription's close is waited for (it goes on after that)
+_closing: set[asyncio.Future[Any]] = set()  # closes still under way past the wait
+
+
+def _closed(fut: asyncio.Future[Any]) -> None:
+    _closing.discard(fut)
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("RabbitMQ: closing a connection failed", exc_info=fut.exception())
+
+
+async def _close(conn: AbstractConnection) -> None:
+    """Close a subscription's connection: everything it left unacknowledged goes back to
+    the queue, in order, and the next single active consumer gets in. The close is never
+    cancelled: past :data:`_CLOSE_WAIT` it goes on in the background (aiormq ends it by
+    closing the socket, which the broker treats the same)."""
+    closing = asyncio.ensure_future(conn.close())
+    _closing.add(closing)
+    closing.add_done_callback(_closed)
+    try:
+        await asyncio.wait_for(asyncio.shield(closing), _CLOSE_WAIT)
+    except TimeoutError:
+        log.info("RabbitMQ: a subscription is still closing after %.1f s", _CLOSE_WAIT)
+    except Exception:  # noqa: BLE001 - logged by _closed
+        pass
+
 
 class _RabbitSubscription(Subscription):
-    def __init__(self, channel: AbstractChannel, queue: Any, prefetch: int) -> None:
+    def __init__(
+        self, conn: AbstractConnection, channel: AbstractChannel, queue: Any, prefetch: int
+    ) -> None:
+        self.conn = conn
         self.channel = channel
         self.queue = queue
         self.buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue(prefetch + 1)
@@ -60,16 +88,18 @@ class _RabbitSubscription(Subscription):
             raise BrokerUnavailableError(f"RabbitMQ: ack failed ({exc!r}).") from exc
 
     async def close(self) -> None:
-        # closing the channel returns everything unacknowledged to the queue, in order
-        try:
-            await asyncio.wait_for(self.channel.close(), 2.0)
-        except Exception:
-            log.debug("RabbitMQ: closing a channel failed", exc_info=True)
+        await _close(self.conn)
 
 
 class RabbitMQSource(Source):
     """Consumes the relay's quorum queues: ``<exchange>.<p>`` per partition, declared with
     single active consumer, consumed with a bounded prefetch and manual acks.
+
+    Each subscription has a connection of its own, closed with it. A partition moving to
+    another worker then never disturbs this worker's other partitions: a slow broker's
+    late ``Channel.CloseOk`` makes aiormq send a second ``Channel.Close``, which RabbitMQ
+    answers by closing the whole connection; and one partition's deliveries never queue
+    ahead of another's replies on a shared socket.
 
     RabbitMQ removes a message once acknowledged, so a queue serves one consumer group —
     the relay's queues belong to one target (a projection or a set of event handlers). On
@@ -104,6 +134,7 @@ class RabbitMQSource(Source):
         self.max_unacked = prefetch
         self.heartbeat = heartbeat
         self._conn: AbstractConnection | None = None
+        self._subscribed: set[AbstractConnection] = set()  # the subscriptions' own
         self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:  # the URL holds a password: never shown
@@ -113,24 +144,28 @@ class RabbitMQSource(Source):
         """See :meth:`Source.destination`: queue and routing key ``<exchange>.<p>``."""
         return f"{self.exchange_name}.{partition}"
 
+    async def _connect(self) -> AbstractConnection:
+        try:
+            return await asyncio.wait_for(aio_pika.connect(self.url, heartbeat=self.heartbeat), 5.0)
+        except (*_DOWN, amqp_errors.ProbableAuthenticationError) as exc:
+            raise BrokerUnavailableError(f"RabbitMQ: cannot connect ({exc!r}).") from exc
+
     async def _connection(self) -> AbstractConnection:
+        """The connection shared by the status calls (:meth:`backlog`)."""
         async with self._lock:
             conn = self._conn
             if conn is not None and not conn.is_closed:
                 return conn
             self._conn = None
-            try:
-                conn = await asyncio.wait_for(
-                    aio_pika.connect(self.url, heartbeat=self.heartbeat), 5.0
-                )
-            except (*_DOWN, amqp_errors.ProbableAuthenticationError) as exc:
-                raise BrokerUnavailableError(f"RabbitMQ: cannot connect ({exc!r}).") from exc
+            conn = await self._connect()
             self._conn = conn
             return conn
 
     async def subscribe(self, group: str, partition: int, cursor: str) -> Subscription:
         """See :meth:`Source.subscribe` (``cursor`` is not used: RabbitMQ has none)."""
-        conn = await self._connection()
+        conn = await self._connect()
+        self._subscribed.add(conn)
+        conn.close_callbacks.add(lambda *_: self._subscribed.discard(conn))
         name = self.destination(partition)
         try:
             channel = await conn.channel()
@@ -147,13 +182,13 @@ class RabbitMQSource(Source):
                 channel = await conn.channel()
                 await channel.set_qos(prefetch_count=self.prefetch)
                 queue = await channel.declare_queue(name, passive=True)
-            sub = _RabbitSubscription(channel, queue, self.prefetch)
+            sub = _RabbitSubscription(conn, channel, queue, self.prefetch)
             await sub.start()
-        except BrokerUnavailableError:
+        except BaseException as exc:
+            await _close(conn)  # nothing else uses it
+            if isinstance(exc, _DOWN):
+                raise BrokerUnavailableError(f"RabbitMQ: cannot subscribe ({exc!r}).") from exc
             raise
-        except _DOWN as exc:
-            await self.close()  # a broken connection is not used again
-            raise BrokerUnavailableError(f"RabbitMQ: cannot subscribe ({exc!r}).") from exc
         return sub
 
     async def backlog(self, group: str, partition: int) -> int | None:
@@ -171,10 +206,18 @@ class RabbitMQSource(Source):
         return int(count or 0)
 
     async def close(self) -> None:
-        """Close the connection (a later subscribe reconnects)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        """Close the connections, the subscriptions' too, and wait (bounded) for closes
+        still under way (a later subscribe reconnects)."""
+        conns = [c for c in (self._conn, *self._subscribed) if c is not None]
+        self._conn = None
+        self._subscribed.clear()
+        for conn in conns:
             try:
                 await asyncio.wait_for(conn.close(), 2.0)
             except Exception:
                 log.debug("RabbitMQ: error while closing", exc_info=True)
+        if _closing:
+            # left to the event loop's shutdown, a close under way can hang it (aiormq)
+            _, late = await asyncio.wait(set(_closing), timeout=_CLOSE_WAIT + 3.0)
+            if late:
+                log.warning("RabbitMQ: %d connection(s) still closing", len(late))
