@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -44,6 +46,18 @@ def test_new_id_is_a_uuid4_hex() -> None:
         assert u.hex == h
         assert u.version == 4
         assert u.variant == uuid.RFC_4122
+
+
+def test_new_ids_stay_unique_across_blocks_and_threads() -> None:
+    # ids are made 256 at a time: threads running out of a block at once each take a
+    # block of their own
+    per_thread = 3000
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        batches = list(pool.map(lambda _: [_new_id() for _ in range(per_thread)], range(4)))
+    ids = [i for batch in batches for i in batch]
+    assert len(set(ids)) == len(ids) == 4 * per_thread
+    assert all(uuid.UUID(hex=h).version == 4 for h in ids)
+    assert len({h[:16] for h in ids}) == 1  # one process: one random part
 
 
 def test_has_event_handlers_follows_publish() -> None:
@@ -88,6 +102,80 @@ def test_encode_event_matches_the_stdlib_encoder(value: object) -> None:
         {"value": value}, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str
     )
     assert encode_event(Anything(value)).data == expected
+
+
+@dataclass(frozen=True, slots=True)
+class Pair(Event):
+    first: object
+    second: object
+
+
+@dataclass(frozen=True)
+class Nothing(Event):
+    pass
+
+
+class Colour(enum.StrEnum):
+    RED = "red"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Text(str):
+    pass
+
+
+_VALUES: list[object] = [
+    "plain",
+    'quote " \\ and é \u2028 \x00 \ud800',
+    "",
+    0,
+    -7,
+    2**70,
+    1.5,
+    -0.0,
+    1e300,
+    None,
+    True,
+    False,
+    Colour.RED,
+    Level.HIGH,
+    Text("sub"),
+    [1, "a"],
+    {"k": 1.25},
+    (1, 2),
+    uuid.UUID(int=5),
+]
+
+
+@pytest.mark.parametrize("second", _VALUES)
+@pytest.mark.parametrize("first", _VALUES)
+def test_encode_event_of_several_fields_matches_the_stdlib_encoder(
+    first: object, second: object
+) -> None:
+    # exact str/int/float/bool/None values take the fast path, the rest the C encoder;
+    # both must write what json.dumps writes
+    expected = json.dumps(
+        {"first": first, "second": second},
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+        default=str,
+    )
+    assert encode_event(Pair(first, second)).data == expected
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_encode_event_refuses_nan_in_any_field(bad: float) -> None:
+    for event in (Pair(bad, 1), Pair("x", bad)):
+        with pytest.raises(SerializationError, match="Pair"):
+            encode_event(event)
+
+
+def test_encode_event_without_fields() -> None:
+    assert tuple(encode_event(Nothing())) == ("Nothing", 1, "{}")
 
 
 def test_encode_event_refuses_a_container_holding_itself() -> None:

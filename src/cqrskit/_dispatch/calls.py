@@ -16,7 +16,7 @@ from types import MethodType
 from typing import Any
 
 from cqrskit._dispatch.flavours import Flavour, Plan, ScopedCall
-from cqrskit._plan import Binding
+from cqrskit._plan import Binding, _get_scope
 from cqrskit.dependencies import Provider, Scope
 from cqrskit.registry import HandlerSpec
 
@@ -209,29 +209,43 @@ def fold_scoped(b: Binding, inner: ScopedCall) -> ScopedCall:
         return step
     if any(p.is_async for p in b.providers):
         return _fold_awaiting(behavior, b, inner)
-    # singletons bound once; scoped values fetched per call with no dictionary built beyond
-    # the call's own keyword arguments, and no extra coroutine
-    fixed = {
-        n: p.value for n, p in zip(b.names, b.providers, strict=True) if p.lifetime == "singleton"
+    return _fold_direct(behavior, b, inner)
+
+
+def _fold_direct(behavior: Callable[..., Any], b: Binding, inner: ScopedCall) -> ScopedCall:
+    """:func:`fold_scoped` for dependencies made synchronously: one generated ``step`` that
+    passes them as keyword arguments of its one call — singletons as constants, the
+    dispatch's own scope as it is, other scoped values from their getters.
+
+    A ``partial`` holding the singletons and a dictionary of the scoped values, merged at
+    every call, cost ~2.5k instructions per dispatch more (callgrind). The source holds
+    fixed text, the behavior's parameter names (identifiers, from its signature) and
+    indices.
+    """
+    namespace: dict[str, Any] = {
+        "_behavior": behavior,
+        "_partial": partial,
+        "_call_inner": _call_inner,
+        "_inner": inner,
     }
-    per_call = tuple(
-        (n, p.get) for n, p in zip(b.names, b.providers, strict=True) if p.lifetime == "scoped"
+    kwargs: list[str] = []
+    for i, (name, p) in enumerate(zip(b.names, b.providers, strict=True)):
+        if p.lifetime == "singleton":
+            namespace[f"_v{i}"] = p.value
+            kwargs.append(f"{name}=_v{i}")
+        elif p.get is _get_scope:
+            kwargs.append(f"{name}=scope")
+        else:
+            namespace[f"_g{i}"] = p.get
+            kwargs.append(f"{name}=_g{i}(scope)")
+    source = (
+        "def step(message, scope):\n"
+        "    return _behavior(message, _partial(_call_inner, _inner, scope), "
+        f"{', '.join(kwargs)})\n"
     )
-    bound = partial(behavior, **fixed) if fixed else behavior
-    if len(per_call) == 1:
-        name, get = per_call[0]
-        assert get is not None
-
-        def step_one(message: Any, scope: Scope) -> Any:
-            return bound(message, partial(_call_inner, inner, scope), **{name: get(scope)})
-
-        return step_one
-
-    def step_deps(message: Any, scope: Scope) -> Any:
-        kwargs = {n: get(scope) for n, get in per_call}  # type: ignore[misc]
-        return bound(message, partial(_call_inner, inner, scope), **kwargs)
-
-    return step_deps
+    exec(compile(source, "<cqrskit behavior step>", "exec"), namespace)
+    step: ScopedCall = namespace["step"]
+    return step
 
 
 def _fold_awaiting(behavior: Callable[..., Any], b: Binding, inner: ScopedCall) -> ScopedCall:
