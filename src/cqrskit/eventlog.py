@@ -37,7 +37,7 @@ from cqrskit.errors import (
     DispatchTimeoutError,
     PersistenceError,
 )
-from cqrskit.mediator import Mediator, _receipt_var, record_token
+from cqrskit.mediator import Mediator, _receipt_var
 from cqrskit.messages import Event, Metadata, _iso_utc, _new_id
 from cqrskit.pipeline._core import ScopedBehavior, for_commands
 
@@ -290,8 +290,7 @@ class UnitOfWork(ABC):
         """The events' message-id prefix, correlation id, causation id and ISO timestamp."""
         md = self.metadata
         if md is not None:
-            causation = md.message_id
-            return causation, md.correlation_id, causation, md.timestamp_iso()
+            return md._event_lineage()
         return _new_id(), None, None, _iso_utc(time.time_ns())
 
     def _close(self) -> None:
@@ -577,11 +576,15 @@ class _TransactionBehavior:
                 raise failure from exc
             raise
         if position is not None:
-            record_token(position)
+            receipt = _receipt_var.get()  # record_token(position), inline
+            if receipt is not None:
+                receipt.record(position)
         if recorded:
-            has_handlers = mediator.has_event_handlers
-            for _, event in uow._events[:recorded]:
-                if not has_handlers(event.__class__):
+            events = uow._events
+            if len(events) != recorded:
+                events = events[:recorded]
+            for _, event in events:
+                if not mediator.has_event_handlers(event.__class__):
                     continue
                 try:
                     await mediator.publish(event)

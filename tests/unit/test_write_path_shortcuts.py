@@ -6,16 +6,19 @@ import enum
 import json
 import os
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from cqrskit import Event, Mediator, Registry, WrongMessageKindError
+from cqrskit import Command, Event, Mediator, Registry, Scope, WrongMessageKindError
 from cqrskit._encoding import encode_event
 from cqrskit.errors import SerializationError
 from cqrskit.messages import Metadata, _iso_utc, _new_id
+from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork
 
 
 @dataclass(frozen=True)
@@ -262,3 +265,74 @@ def test_iso_utc_before_the_epoch_and_before_year_1000() -> None:
     old = datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
     ns = (old - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
     assert _iso_utc(ns) == old.isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit(Command[None]):
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deposited(Event):
+    key: str
+
+
+@pytest.mark.parametrize("outer", [False, True])
+@pytest.mark.parametrize("read_in_handler", [False, True])
+async def test_events_carry_the_metadata_the_dispatch_sees(
+    tmp_path: Path, outer: bool, read_in_handler: bool
+) -> None:
+    # the lineage is read from the dispatch's metadata in one call at commit; whether the
+    # handler read that metadata first or not, the events, the handler and the event
+    # handlers (dispatched after commit) must agree on it
+    store = SqliteEventStore(tmp_path / "m.db")
+    registry = Registry()
+    seen: dict[str, Metadata] = {}
+
+    @registry.handler
+    async def deposit(cmd: Deposit, uow: SqliteUnitOfWork, md: Metadata) -> None:
+        if read_in_handler:
+            _ = md.message_id, md.timestamp
+        seen["command"] = md
+        uow.record(cmd.key, Deposited(cmd.key), Deposited(cmd.key), expected_version=0)
+
+    @registry.handler
+    async def deposited(event: Deposited, md: Metadata) -> None:
+        seen.setdefault("event", md)
+
+    mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+    try:
+        if outer:
+            async with mediator.scope(metadata=Metadata(correlation_id="req-1")):
+                await mediator.send(Deposit("a"))
+        else:
+            await mediator.send(Deposit("a"))
+        events = await store.read_after(0)
+    finally:
+        store.close()
+    command = seen["command"]
+    assert [e.metadata["message_id"] for e in events] == [
+        f"{command.message_id}-0",
+        f"{command.message_id}-1",
+    ]
+    for e in events:
+        assert e.metadata["causation_id"] == command.message_id
+        assert e.metadata["correlation_id"] == command.correlation_id
+        assert e.metadata["timestamp"] == command.timestamp_iso()
+        assert datetime.fromisoformat(e.metadata["timestamp"]) == command.timestamp
+    assert command.correlation_id == ("req-1" if outer else command.message_id)
+    assert seen["event"].causation_id == command.message_id
+    assert seen["event"].correlation_id == command.correlation_id
+
+
+def test_a_scope_still_takes_attributes_and_weak_references() -> None:
+    # Scope keeps its own fields in slots; an integration may still hang its own on it
+    scope = Scope()
+    scope.custom = 1  # type: ignore[attr-defined]
+    assert scope.custom == 1  # type: ignore[attr-defined]
+    assert weakref.ref(scope)() is scope
+    assert scope.parent is None
+    assert scope.extras == {}
+    child = Scope(scope)
+    assert child.parent is scope
+    assert child.metadata.causation_id == scope.metadata.message_id

@@ -54,9 +54,8 @@ def with_scope(chain):
 
     {async_}def plan(message):
         scope = new_scope(Scope)  # an empty Scope without a Python-level __init__ call
-        parent = get_current()
-        if parent is not None:
-            scope.parent = parent
+        scope.parent = get_current()
+        scope._metadata = scope._extras = None
         token = set_current(scope)
         try:
             result = {await_}chain(message, scope)
