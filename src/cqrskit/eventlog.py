@@ -210,7 +210,8 @@ class UnitOfWork(ABC):
         for e in events:
             if not isinstance(e, Event):
                 raise TypeError(f"record() takes cqrskit.Event instances, got {e!r}")
-        count = self._count.get(stream, 0)
+        counts = self._count
+        count = counts.get(stream, 0)
         if expected_version is not None:
             if expected_version < 0:
                 raise ValueError(f"expected_version must be >= 0, got {expected_version}")
@@ -234,9 +235,11 @@ class UnitOfWork(ABC):
                 )
         elif count == 0:
             self._base[stream] = None
-        self._count[stream] = count + len(events)
-        for e in events:
-            self._events.append((stream, e))
+        counts[stream] = count + len(events)
+        if len(events) == 1:  # the commonest call: no loop
+            self._events.append((stream, events[0]))
+        else:
+            self._events.extend([(stream, e) for e in events])
 
     @property
     def recorded(self) -> Sequence[NewEvent]:

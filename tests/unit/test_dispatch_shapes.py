@@ -631,7 +631,7 @@ def test_tracebacks_show_the_flavours_own_source(flavour: str) -> None:
     with pytest.raises(RuntimeError) as info:
         run(mediator.send(Do("a")))
     text = "".join(traceback.format_exception(info.value))
-    expected = "await chain(message, scope)" if flavour == "async" else "= chain(message, scope)"
+    expected = "await chain(scope, message)" if flavour == "async" else "= chain(scope, message)"
     assert f"<cqrskit {flavour} dispatch>" in text
     assert expected in text
     if flavour == "sync":

@@ -17,6 +17,7 @@ import pytest
 from cqrskit import Command, Event, Mediator, Registry, Scope, WrongMessageKindError
 from cqrskit._encoding import encode_event
 from cqrskit.errors import SerializationError
+from cqrskit.eventlog import InMemoryEventStore, InMemoryUnitOfWork, UnitOfWork
 from cqrskit.messages import Metadata, _iso_utc, _new_id
 from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork
 
@@ -336,3 +337,21 @@ def test_a_scope_still_takes_attributes_and_weak_references() -> None:
     child = Scope(scope)
     assert child.parent is scope
     assert child.metadata.causation_id == scope.metadata.message_id
+
+
+async def test_a_sqlite_unit_of_work_starts_as_the_base_class_would(tmp_path: Path) -> None:
+    # SqliteUnitOfWork.__init__ writes UnitOfWork.__init__ out: every field of the base
+    # must be set, to the same starting value
+    store = SqliteEventStore(tmp_path / "u.db")
+    try:
+        md = Metadata()
+        uow = await store.begin(md)
+        reference = InMemoryUnitOfWork(InMemoryEventStore(), md)
+        for name in UnitOfWork.__slots__:
+            if name == "store":
+                assert uow.store is store
+            else:
+                assert getattr(uow, name) == getattr(reference, name), name
+        await uow.rollback()
+    finally:
+        store.close()

@@ -92,7 +92,7 @@ def direct_factories(spec: HandlerSpec, binding: Binding, flavour: Flavour) -> P
 
 
 def handler_call_scoped(spec: HandlerSpec, binding: Binding, flavour: Flavour) -> ScopedCall:
-    """The general handler call, ``call(message, scope)``: any handler, any dependencies
+    """The general handler call, ``call(scope, message)``: any handler, any dependencies
     (singletons bound, scoped ones fetched from the scope per call)."""
     func = spec.func
     inst = binding.instance
@@ -111,12 +111,12 @@ def handler_call_scoped(spec: HandlerSpec, binding: Binding, flavour: Flavour) -
         assert get is not None
         if _second_positional(func, name):
 
-            def call_positional(message: Any, scope: Scope) -> Any:
+            def call_positional(scope: Scope, message: Any) -> Any:
                 return func(message, get(scope))
 
             return call_positional
 
-        def call_one(message: Any, scope: Scope) -> Any:
+        def call_one(scope: Scope, message: Any) -> Any:
             return func(message, **{name: get(scope)})
 
         return call_one
@@ -126,7 +126,7 @@ def handler_call_scoped(spec: HandlerSpec, binding: Binding, flavour: Flavour) -
     if binding.any_async:
         return _handler_call_awaiting(call, items, inst)
 
-    def call_scoped(message: Any, scope: Scope) -> Any:
+    def call_scoped(scope: Scope, message: Any) -> Any:
         kwargs = {
             name: (p.value if p.lifetime == "singleton" else p.get(scope))  # type: ignore[misc]
             for name, p in items
@@ -147,7 +147,7 @@ def _handler_call_awaiting(
     """:func:`handler_call_scoped` when a dependency (or the handler class's instance) is
     made by an async factory; the async flavour only."""
 
-    async def call_scoped(message: Any, scope: Scope) -> Any:
+    async def call_scoped(scope: Scope, message: Any) -> Any:
         kwargs = await _resolve_awaiting(items, scope)
         if inst is None:
             return await call(message, **kwargs)
@@ -198,13 +198,15 @@ def fold_plain(b: Binding, inner: Plan) -> Plan:
 
 
 def fold_scoped(b: Binding, inner: ScopedCall) -> ScopedCall:
-    """The general fold, ``step(message, scope)``: the behavior gets a ``next`` that carries
-    the scope on, and its dependencies (scoped ones from the scope, per call)."""
+    """The general fold, ``step(scope, message)``: the behavior gets a ``next`` that carries
+    the scope on (``partial(inner, scope)``: the scope comes first so that no frame is needed
+    to put it after the message), and its dependencies (scoped ones from the scope, per
+    call)."""
     behavior = fast_callable(b.func)
     if not b.providers:
 
-        def step(message: Any, scope: Scope) -> Any:
-            return behavior(message, partial(_call_inner, inner, scope))
+        def step(scope: Scope, message: Any) -> Any:
+            return behavior(message, partial(inner, scope))
 
         return step
     if any(p.is_async for p in b.providers):
@@ -225,7 +227,6 @@ def _fold_direct(behavior: Callable[..., Any], b: Binding, inner: ScopedCall) ->
     namespace: dict[str, Any] = {
         "_behavior": behavior,
         "_partial": partial,
-        "_call_inner": _call_inner,
         "_inner": inner,
     }
     kwargs: list[str] = []
@@ -239,8 +240,8 @@ def _fold_direct(behavior: Callable[..., Any], b: Binding, inner: ScopedCall) ->
             namespace[f"_g{i}"] = p.get
             kwargs.append(f"{name}=_g{i}(scope)")
     source = (
-        "def step(message, scope):\n"
-        "    return _behavior(message, _partial(_call_inner, _inner, scope), "
+        "def step(scope, message):\n"
+        "    return _behavior(message, _partial(_inner, scope), "
         f"{', '.join(kwargs)})\n"
     )
     exec(compile(source, "<cqrskit behavior step>", "exec"), namespace)
@@ -253,9 +254,9 @@ def _fold_awaiting(behavior: Callable[..., Any], b: Binding, inner: ScopedCall) 
     only."""
     items = tuple(zip(b.names, b.providers, strict=True))
 
-    async def step(message: Any, scope: Scope) -> Any:
+    async def step(scope: Scope, message: Any) -> Any:
         kwargs = await _resolve_awaiting(items, scope)
-        return await behavior(message, partial(_call_inner, inner, scope), **kwargs)
+        return await behavior(message, partial(inner, scope), **kwargs)
 
     return step
 
@@ -272,7 +273,3 @@ async def _resolve_awaiting(
         else:
             kwargs[name] = p.get(scope)  # type: ignore[misc]
     return kwargs
-
-
-def _call_inner(inner: ScopedCall, scope: Scope, message: Any) -> Any:
-    return inner(message, scope)

@@ -149,7 +149,15 @@ class SqliteUnitOfWork(UnitOfWork):
     def __init__(
         self, store: SqliteEventStore, metadata: Metadata | None, connection: sqlite3.Connection
     ) -> None:
-        UnitOfWork.__init__(self, store, metadata)  # super() costs a lookup per command
+        # UnitOfWork.__init__ written out: a call of it per command costs a frame (its
+        # fields are checked to match by tests/unit/test_write_path_shortcuts.py)
+        self.store = store
+        self.metadata = metadata
+        self._events = []
+        self._base = {}
+        self._count = {}
+        self._active = True
+        self._failed_nested = None
         self.connection = connection
 
     async def commit(self) -> int | None:
@@ -166,7 +174,11 @@ class SqliteUnitOfWork(UnitOfWork):
             self._finish_rollback()
             raise
         self._active = False
-        store._write_lock.release()
+        lock = store._write_lock
+        if lock._waiters:
+            lock.release()
+        else:  # nobody waits: release() would only clear the flag
+            lock.held = False
         if stored is None:
             return None
         if store._waiters:
@@ -433,7 +445,10 @@ class SqliteEventStore(EventStore):
         # UnitOfWork.pending_rows without its per-row objects: the row values go straight
         # into the INSERT; metadata dicts are built only for inline hooks (_stored). `db`:
         # the store's cursor, or a connection (SyncSqlAlchemyStore's session's)
-        prefix, correlation, causation, timestamp = uow._lineage()
+        md = uow.metadata
+        prefix, correlation, causation, timestamp = (
+            uow._lineage() if md is None else md._event_lineage()
+        )
         encode = self._encode
         bases = uow._base
         events = uow._events
@@ -450,7 +465,16 @@ class SqliteEventStore(EventStore):
                 causation,
                 timestamp,
             )
-            return [self._insert(db, stream, bases.get(stream), enc, values)]
+            expected = bases.get(stream)
+            if expected == 0:  # a new stream, the commonest case: _insert's first branch
+                try:
+                    cur = db.execute(self._sql_insert_first, values)
+                except sqlite3.IntegrityError as exc:
+                    raise self._conflict(db, stream, 0) from exc
+                position = cur.lastrowid
+                assert position is not None
+                return [(position, stream, 1, enc, values)]
+            return [self._insert(db, stream, expected, enc, values)]
         seen: dict[str, int] = {}
         out: list[_Row] = []
         for n, (stream, event) in enumerate(events):
