@@ -175,13 +175,14 @@ def _child(case: str, n: int, directory: str) -> None:
             uow.record(cmd.key, Deposited(cmd.key, cmd.amount), expected_version=0)
 
         mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
-        if case == "cqrskit_python":
-            real, store._writer = store._writer, _NoOpConnection()  # type: ignore[assignment]
+        if case == "cqrskit_python":  # the connection and the store's cursor
+            real = store._writer, store._cursor
+            store._writer = store._cursor = _NoOpConnection()  # type: ignore[assignment]
         send = mediator.send
         for _ in range(n):
             await send(Deposit(next(keys), 5))
         if case == "cqrskit_python":
-            store._writer = real
+            store._writer, store._cursor = real
         store.close()
 
     asyncio.run(run())

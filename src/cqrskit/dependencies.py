@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
 from cqrskit.errors import DependencyError, describe
-from cqrskit.messages import Metadata
+from cqrskit.messages import Metadata, _metadata_of
 
 __all__ = ["Dependencies", "Provider", "Resolver", "Scope"]
 
@@ -62,13 +62,18 @@ class Scope(dict[Any, Any]):
         extras: free slots for integrations (e.g. a DI container's request scope).
     """
 
-    parent: Scope | None = None
-    _metadata: Metadata | None = None
-    _extras: dict[str, Any] | None = None
+    # slots, not the instance dict: setting the metadata would create that dict per
+    # dispatch (a scope made with dict.__new__ sets all three itself, see _dispatch)
+    __slots__ = ("parent", "_metadata", "_extras", "__dict__", "__weakref__")
+
+    parent: Scope | None
+    _metadata: Metadata | None
+    _extras: dict[str, Any] | None
 
     def __init__(self, parent: Scope | None = None) -> None:
-        if parent is not None:
-            self.parent = parent
+        self.parent = parent
+        self._metadata = None
+        self._extras = None
 
     def __repr__(self) -> str:
         return f"<Scope values={list(self)!r} parent={self.parent is not None}>"
@@ -87,7 +92,7 @@ class Scope(dict[Any, Any]):
         md = self._metadata
         if md is None:
             parent = self.parent.metadata if self.parent is not None else None
-            md = self._metadata = Metadata(parent=parent)
+            md = self._metadata = _metadata_of(parent)
         return md
 
     @metadata.setter

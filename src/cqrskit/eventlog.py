@@ -37,7 +37,7 @@ from cqrskit.errors import (
     DispatchTimeoutError,
     PersistenceError,
 )
-from cqrskit.mediator import Mediator, _receipt_var, record_token
+from cqrskit.mediator import Mediator, _receipt_var
 from cqrskit.messages import Event, Metadata, _iso_utc, _new_id
 from cqrskit.pipeline._core import ScopedBehavior, for_commands
 
@@ -210,7 +210,8 @@ class UnitOfWork(ABC):
         for e in events:
             if not isinstance(e, Event):
                 raise TypeError(f"record() takes cqrskit.Event instances, got {e!r}")
-        count = self._count.get(stream, 0)
+        counts = self._count
+        count = counts.get(stream, 0)
         if expected_version is not None:
             if expected_version < 0:
                 raise ValueError(f"expected_version must be >= 0, got {expected_version}")
@@ -234,9 +235,11 @@ class UnitOfWork(ABC):
                 )
         elif count == 0:
             self._base[stream] = None
-        self._count[stream] = count + len(events)
-        for e in events:
-            self._events.append((stream, e))
+        counts[stream] = count + len(events)
+        if len(events) == 1:  # the commonest call: no loop
+            self._events.append((stream, events[0]))
+        else:
+            self._events.extend([(stream, e) for e in events])
 
     @property
     def recorded(self) -> Sequence[NewEvent]:
@@ -290,8 +293,7 @@ class UnitOfWork(ABC):
         """The events' message-id prefix, correlation id, causation id and ISO timestamp."""
         md = self.metadata
         if md is not None:
-            causation = md.message_id
-            return causation, md.correlation_id, causation, md.timestamp_iso()
+            return md._event_lineage()
         return _new_id(), None, None, _iso_utc(time.time_ns())
 
     def _close(self) -> None:
@@ -577,11 +579,15 @@ class _TransactionBehavior:
                 raise failure from exc
             raise
         if position is not None:
-            record_token(position)
+            receipt = _receipt_var.get()  # record_token(position), inline
+            if receipt is not None:
+                receipt.record(position)
         if recorded:
-            has_handlers = mediator.has_event_handlers
-            for _, event in uow._events[:recorded]:
-                if not has_handlers(event.__class__):
+            events = uow._events
+            if len(events) != recorded:
+                events = events[:recorded]
+            for _, event in events:
+                if not mediator.has_event_handlers(event.__class__):
                     continue
                 try:
                     await mediator.publish(event)

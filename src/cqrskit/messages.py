@@ -13,6 +13,7 @@ import itertools
 import os
 import time
 import typing
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -49,13 +50,13 @@ class Event(Message):
     __slots__ = ()
 
 
-# the bits uuid.UUID(version=4) clears and sets: version nibble 4, variant 10xx
-_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
-_UUID4_SET = (0x8000 << 48) | (4 << 76)
-_LOW_62 = (1 << 62) - 1
+_LOW_54 = (1 << 54) - 1
+_HEX2 = tuple(f"{i:02x}" for i in range(256))
+_D3 = tuple(f"{i:03d}" for i in range(1000))
 
-_prefix = 0
-_counter = itertools.count()
+_high = ""  # the ids' first 16 hex digits: 60 random bits and the uuid4 version nibble
+_blocks = itertools.count()
+_ids: Iterator[str] = iter(())
 
 
 def result_type(message_type: type) -> Any:
@@ -71,10 +72,12 @@ def result_type(message_type: type) -> Any:
 
 
 def _seed() -> None:
-    """A fresh random prefix and counter start (at import and in every forked child)."""
-    global _prefix, _counter
-    _prefix = int.from_bytes(os.urandom(8)) << 64
-    _counter = itertools.count(int.from_bytes(os.urandom(8)) >> 3)
+    """Fresh random bits and block counter (at import and in every forked child, which
+    also drops the ids its parent had made ahead)."""
+    global _high, _blocks, _ids
+    _high = "%016x" % (int.from_bytes(os.urandom(8)) & ~0xF000 | 0x4000)
+    _blocks = itertools.count(int.from_bytes(os.urandom(8)) >> 11)
+    _ids = iter(())
 
 
 _seed()
@@ -84,8 +87,22 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
 
 def _new_id() -> str:
     """A unique id in the layout of a hex uuid4: 60 random bits per process and a 62-bit
-    counter (no system call per id, unlike ``uuid4()``; a forked child draws new bits)."""
-    return "%032x" % ((_prefix | (next(_counter) & _LOW_62)) & _UUID4_CLEAR | _UUID4_SET)
+    counter (no system call per id, unlike ``uuid4()``; a forked child draws new bits).
+
+    Ids are made 256 at a time (one block of the counter): taking the next one costs a
+    step of an iterator, where formatting a 128-bit integer per id cost ~3x more."""
+    for made in _ids:
+        return made
+    return _next_block()
+
+
+def _next_block() -> str:
+    """Make the next 256 ids: the low 64 bits are the variant bits (10), the block number
+    and a byte. Threads that run out at once each take a block of their own."""
+    global _ids
+    head = _high + "%014x" % (next(_blocks) & _LOW_54 | 1 << 55)
+    ids = _ids = iter([head + byte for byte in _HEX2])
+    return next(ids)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -94,7 +111,8 @@ _iso_cache: tuple[int | None, str] = (None, "")  # (second, its text): swapped a
 
 def _iso_utc(ns: int) -> str:
     """``ns`` (nanoseconds since the epoch) as ISO 8601 UTC with microseconds, a fixed
-    width: the date and time part is formatted once per second."""
+    width: the date and time part is formatted once per second, the fraction from two
+    table lookups (formatting it with ``:06d`` cost ~2x more)."""
     global _iso_cache
     second, rest = divmod(ns, 1_000_000_000)
     cached, prefix = _iso_cache
@@ -102,10 +120,10 @@ def _iso_utc(ns: int) -> str:
         t = time.gmtime(second)
         prefix = (
             f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
         )
         _iso_cache = (second, prefix)
-    return f"{prefix}.{rest // 1000:06d}+00:00"
+    return f"{prefix}{_D3[rest // 1_000_000]}{_D3[rest // 1000 % 1000]}+00:00"
 
 
 class Metadata:
@@ -188,6 +206,24 @@ class Metadata:
             ns = self._ns = time.time_ns()
         return _iso_utc(ns)
 
+    def _event_lineage(self) -> tuple[str, str, str, str]:
+        """What the events recorded while handling this message carry: their message-id
+        prefix and causation id (this message's id), correlation id and timestamp text —
+        the properties' values, read in one call."""
+        mid = self._message_id
+        if mid is None:
+            mid = self._message_id = _new_id()
+        cid = self._correlation_id
+        if cid is None:
+            cid = self.correlation_id
+        ts = self._timestamp
+        if ts is not None:
+            return mid, cid, mid, ts.isoformat()
+        ns = self._ns
+        if ns is None:
+            ns = self._ns = time.time_ns()
+        return mid, cid, mid, _iso_utc(ns)
+
     def as_dict(self) -> dict[str, str | None]:
         """Return the ids and the ISO timestamp as a JSON-ready dict."""
         return {
@@ -202,3 +238,17 @@ class Metadata:
             f"Metadata(message_id={self.message_id!r}, correlation_id={self.correlation_id!r}, "
             f"causation_id={self.causation_id!r})"
         )
+
+
+_new_object = object.__new__
+
+
+def _metadata_of(parent: Metadata | None) -> Metadata:
+    """``Metadata(parent=parent)`` without the keyword call: the metadata a dispatch makes
+    when something first asks for it (~40 % fewer instructions)."""
+    md: Metadata = _new_object(Metadata)
+    md._message_id = md._correlation_id = md._timestamp = md._ns = md.causation_id = None
+    md.parent = parent
+    if parent is not None:
+        md.causation_id = parent.message_id
+    return md

@@ -424,6 +424,44 @@ def test_behavior_dependencies_in_every_shape(flavour: str) -> None:
     ]
 
 
+def test_behavior_dependencies_whatever_their_parameter_names(flavour: str) -> None:
+    # the fold passes them as keywords of one generated call: parameter names that are
+    # also names inside that call must still reach the right parameter
+    registry = Registry()
+    seen: dict[str, Any] = {}
+
+    def do(cmd: Do, session: Session) -> str:
+        seen["handler scope"] = current_scope()
+        seen["handler session"] = session
+        return cmd.text
+
+    def behavior(
+        msg: Any,
+        next: Callable[[Any], Any],
+        message: Config,
+        scope: Session,
+        _inner: Scope,
+        _v0: Audit,
+    ) -> Any:
+        seen.update(message=message, scope=scope, inner=_inner, audit=_v0, msg=msg)
+        return next(msg)
+
+    registry.add(native(flavour, do), Do)
+    config = Config("c")
+    deps = Dependencies()
+    deps.singleton(Config, config)
+    deps.scoped(Session, Session)
+    deps.scoped(Audit, Audit)
+    mediator = build(flavour, registry, resolver=deps, behaviors=[behavior])
+    assert run(mediator.send(Do("a"))) == "a"
+    assert seen["msg"] == Do("a")
+    assert seen["message"] is config
+    assert seen["scope"] is seen["handler session"]  # one per dispatch, shared
+    assert isinstance(seen["inner"], Scope)
+    assert seen["inner"] is seen["handler scope"]  # the dispatch's own scope
+    assert isinstance(seen["audit"], Audit)
+
+
 def test_behavior_with_singletons_only_needs_no_scope(flavour: str) -> None:
     registry = Registry()
     scopes: list[Scope | None] = []
@@ -593,7 +631,7 @@ def test_tracebacks_show_the_flavours_own_source(flavour: str) -> None:
     with pytest.raises(RuntimeError) as info:
         run(mediator.send(Do("a")))
     text = "".join(traceback.format_exception(info.value))
-    expected = "await chain(message, scope)" if flavour == "async" else "= chain(message, scope)"
+    expected = "await chain(scope, message)" if flavour == "async" else "= chain(scope, message)"
     assert f"<cqrskit {flavour} dispatch>" in text
     assert expected in text
     if flavour == "sync":

@@ -16,7 +16,7 @@ from types import MethodType
 from typing import Any
 
 from cqrskit._dispatch.flavours import Flavour, Plan, ScopedCall
-from cqrskit._plan import Binding
+from cqrskit._plan import Binding, _get_scope
 from cqrskit.dependencies import Provider, Scope
 from cqrskit.registry import HandlerSpec
 
@@ -92,7 +92,7 @@ def direct_factories(spec: HandlerSpec, binding: Binding, flavour: Flavour) -> P
 
 
 def handler_call_scoped(spec: HandlerSpec, binding: Binding, flavour: Flavour) -> ScopedCall:
-    """The general handler call, ``call(message, scope)``: any handler, any dependencies
+    """The general handler call, ``call(scope, message)``: any handler, any dependencies
     (singletons bound, scoped ones fetched from the scope per call)."""
     func = spec.func
     inst = binding.instance
@@ -111,12 +111,12 @@ def handler_call_scoped(spec: HandlerSpec, binding: Binding, flavour: Flavour) -
         assert get is not None
         if _second_positional(func, name):
 
-            def call_positional(message: Any, scope: Scope) -> Any:
+            def call_positional(scope: Scope, message: Any) -> Any:
                 return func(message, get(scope))
 
             return call_positional
 
-        def call_one(message: Any, scope: Scope) -> Any:
+        def call_one(scope: Scope, message: Any) -> Any:
             return func(message, **{name: get(scope)})
 
         return call_one
@@ -126,7 +126,7 @@ def handler_call_scoped(spec: HandlerSpec, binding: Binding, flavour: Flavour) -
     if binding.any_async:
         return _handler_call_awaiting(call, items, inst)
 
-    def call_scoped(message: Any, scope: Scope) -> Any:
+    def call_scoped(scope: Scope, message: Any) -> Any:
         kwargs = {
             name: (p.value if p.lifetime == "singleton" else p.get(scope))  # type: ignore[misc]
             for name, p in items
@@ -147,7 +147,7 @@ def _handler_call_awaiting(
     """:func:`handler_call_scoped` when a dependency (or the handler class's instance) is
     made by an async factory; the async flavour only."""
 
-    async def call_scoped(message: Any, scope: Scope) -> Any:
+    async def call_scoped(scope: Scope, message: Any) -> Any:
         kwargs = await _resolve_awaiting(items, scope)
         if inst is None:
             return await call(message, **kwargs)
@@ -198,40 +198,55 @@ def fold_plain(b: Binding, inner: Plan) -> Plan:
 
 
 def fold_scoped(b: Binding, inner: ScopedCall) -> ScopedCall:
-    """The general fold, ``step(message, scope)``: the behavior gets a ``next`` that carries
-    the scope on, and its dependencies (scoped ones from the scope, per call)."""
+    """The general fold, ``step(scope, message)``: the behavior gets a ``next`` that carries
+    the scope on (``partial(inner, scope)``: the scope comes first so that no frame is needed
+    to put it after the message), and its dependencies (scoped ones from the scope, per
+    call)."""
     behavior = fast_callable(b.func)
     if not b.providers:
 
-        def step(message: Any, scope: Scope) -> Any:
-            return behavior(message, partial(_call_inner, inner, scope))
+        def step(scope: Scope, message: Any) -> Any:
+            return behavior(message, partial(inner, scope))
 
         return step
     if any(p.is_async for p in b.providers):
         return _fold_awaiting(behavior, b, inner)
-    # singletons bound once; scoped values fetched per call with no dictionary built beyond
-    # the call's own keyword arguments, and no extra coroutine
-    fixed = {
-        n: p.value for n, p in zip(b.names, b.providers, strict=True) if p.lifetime == "singleton"
+    return _fold_direct(behavior, b, inner)
+
+
+def _fold_direct(behavior: Callable[..., Any], b: Binding, inner: ScopedCall) -> ScopedCall:
+    """:func:`fold_scoped` for dependencies made synchronously: one generated ``step`` that
+    passes them as keyword arguments of its one call — singletons as constants, the
+    dispatch's own scope as it is, other scoped values from their getters.
+
+    A ``partial`` holding the singletons and a dictionary of the scoped values, merged at
+    every call, cost ~2.5k instructions per dispatch more (callgrind). The source holds
+    fixed text, the behavior's parameter names (identifiers, from its signature) and
+    indices.
+    """
+    namespace: dict[str, Any] = {
+        "_behavior": behavior,
+        "_partial": partial,
+        "_inner": inner,
     }
-    per_call = tuple(
-        (n, p.get) for n, p in zip(b.names, b.providers, strict=True) if p.lifetime == "scoped"
+    kwargs: list[str] = []
+    for i, (name, p) in enumerate(zip(b.names, b.providers, strict=True)):
+        if p.lifetime == "singleton":
+            namespace[f"_v{i}"] = p.value
+            kwargs.append(f"{name}=_v{i}")
+        elif p.get is _get_scope:
+            kwargs.append(f"{name}=scope")
+        else:
+            namespace[f"_g{i}"] = p.get
+            kwargs.append(f"{name}=_g{i}(scope)")
+    source = (
+        "def step(scope, message):\n"
+        "    return _behavior(message, _partial(_inner, scope), "
+        f"{', '.join(kwargs)})\n"
     )
-    bound = partial(behavior, **fixed) if fixed else behavior
-    if len(per_call) == 1:
-        name, get = per_call[0]
-        assert get is not None
-
-        def step_one(message: Any, scope: Scope) -> Any:
-            return bound(message, partial(_call_inner, inner, scope), **{name: get(scope)})
-
-        return step_one
-
-    def step_deps(message: Any, scope: Scope) -> Any:
-        kwargs = {n: get(scope) for n, get in per_call}  # type: ignore[misc]
-        return bound(message, partial(_call_inner, inner, scope), **kwargs)
-
-    return step_deps
+    exec(compile(source, "<cqrskit behavior step>", "exec"), namespace)
+    step: ScopedCall = namespace["step"]
+    return step
 
 
 def _fold_awaiting(behavior: Callable[..., Any], b: Binding, inner: ScopedCall) -> ScopedCall:
@@ -239,9 +254,9 @@ def _fold_awaiting(behavior: Callable[..., Any], b: Binding, inner: ScopedCall) 
     only."""
     items = tuple(zip(b.names, b.providers, strict=True))
 
-    async def step(message: Any, scope: Scope) -> Any:
+    async def step(scope: Scope, message: Any) -> Any:
         kwargs = await _resolve_awaiting(items, scope)
-        return await behavior(message, partial(_call_inner, inner, scope), **kwargs)
+        return await behavior(message, partial(inner, scope), **kwargs)
 
     return step
 
@@ -258,7 +273,3 @@ async def _resolve_awaiting(
         else:
             kwargs[name] = p.get(scope)  # type: ignore[misc]
     return kwargs
-
-
-def _call_inner(inner: ScopedCall, scope: Scope, message: Any) -> Any:
-    return inner(message, scope)

@@ -4,7 +4,7 @@
 the handler's and the behaviors' dependencies (through the :class:`~cqrskit._plan.Planner`),
 then builds the plan from the shapes in :mod:`cqrskit._dispatch.calls`:
 
-* **general path**: the handler call taking ``(message, scope)``, each behavior folded
+* **general path**: the handler call taking ``(scope, message)``, each behavior folded
   around it, all under a fresh per-dispatch scope that closes when the dispatch ends (or,
   for a streaming query, when the stream does). It runs every handler and behavior.
 * **fast paths** for what most handlers are, tried first: no scope at all when nothing is

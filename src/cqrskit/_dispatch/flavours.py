@@ -33,8 +33,8 @@ __all__ = ["ASYNC", "SYNC", "Entries", "Flavour", "Plan", "ScopedCall", "scope_v
 
 Plan = Callable[[Any], Any]
 """``plan(message)``: the handler's result (sync) or an awaitable of it (async)."""
-ScopedCall = Callable[[Any, Scope], Any]
-"""A plan's inner chain once a scope exists: ``call(message, scope)``."""
+ScopedCall = Callable[[Scope, Any], Any]
+"""A plan's inner chain once a scope exists: ``call(scope, message)``."""
 Entries = tuple[tuple[object, Plan], ...]
 """The event handlers of one event type, in order: ``(owner, plan)`` pairs."""
 
@@ -54,12 +54,11 @@ def with_scope(chain):
 
     {async_}def plan(message):
         scope = new_scope(Scope)  # an empty Scope without a Python-level __init__ call
-        parent = get_current()
-        if parent is not None:
-            scope.parent = parent
+        scope.parent = get_current()
+        scope._metadata = scope._extras = None
         token = set_current(scope)
         try:
-            result = {await_}chain(message, scope)
+            result = {await_}chain(scope, message)
         except BaseException as exc:
             try:
                 if EXITS in scope:
@@ -93,7 +92,7 @@ def with_stream_scope(chain):
         scope = Scope(get_current())
         token = set_current(scope)
         try:
-            items = {await_}chain(message, scope)
+            items = {await_}chain(scope, message)
         except BaseException as exc:
             try:
                 {await_}scope.{aclose}(exc)

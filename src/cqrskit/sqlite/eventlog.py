@@ -149,25 +149,36 @@ class SqliteUnitOfWork(UnitOfWork):
     def __init__(
         self, store: SqliteEventStore, metadata: Metadata | None, connection: sqlite3.Connection
     ) -> None:
-        super().__init__(store, metadata)
+        # UnitOfWork.__init__ written out: a call of it per command costs a frame (its
+        # fields are checked to match by tests/unit/test_write_path_shortcuts.py)
+        self.store = store
+        self.metadata = metadata
+        self._events = []
+        self._base = {}
+        self._count = {}
+        self._active = True
+        self._failed_nested = None
         self.connection = connection
 
     async def commit(self) -> int | None:
         """See :meth:`UnitOfWork.commit`."""
         store = self.store
-        conn = self.connection
         try:
-            stored = store._append(conn, self) if self._events else None
+            stored = store._append(store._cursor, self) if self._events else None
             if stored is not None and store._hooks:
                 events = store._stored(stored)
                 for hook in store._hooks:
                     await hook(self, events)
-            conn.execute("COMMIT")
+            store._cursor.execute("COMMIT")
         except BaseException:
             self._finish_rollback()
             raise
         self._active = False
-        store._write_lock.release()
+        lock = store._write_lock
+        if lock._waiters:
+            lock.release()
+        else:  # nobody waits: release() would only clear the flag
+            lock.held = False
         if stored is None:
             return None
         if store._waiters:
@@ -243,6 +254,9 @@ class SqliteEventStore(EventStore):
         self._lock_timeout = lock_timeout
         self._write_lock = _WriteLock()
         self._writer = self._connect(busy_ms=0)
+        # the store's own statements (BEGIN, the event INSERT, COMMIT) run on one cursor:
+        # Connection.execute makes a cursor per call (~1.3k instructions each)
+        self._cursor = self._writer.cursor()
         self._reader = self._connect(busy_ms=int(lock_timeout * 1000))
         self._check_durability(self._writer)
         self._prepare_tables(create_tables)
@@ -392,16 +406,15 @@ class SqliteEventStore(EventStore):
             await lock.acquire()
         else:
             lock.held = True
-        conn = self._writer
         try:
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                self._cursor.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError:
                 await self._begin_immediate()
         except BaseException:
             self._write_lock.release()
             raise
-        return SqliteUnitOfWork(self, metadata, conn)
+        return SqliteUnitOfWork(self, metadata, self._writer)
 
     async def _begin_immediate(self) -> None:
         """Retry ``BEGIN IMMEDIATE`` while another process holds the write lock."""
@@ -428,19 +441,40 @@ class SqliteEventStore(EventStore):
     def _release(self) -> None:
         self._write_lock.release()
 
-    def _append(self, conn: sqlite3.Connection, uow: UnitOfWork) -> list[_Row]:
+    def _append(self, db: sqlite3.Cursor | sqlite3.Connection, uow: UnitOfWork) -> list[_Row]:
         # UnitOfWork.pending_rows without its per-row objects: the row values go straight
-        # into the INSERT; metadata dicts are built only for inline hooks (_stored)
-        prefix, correlation, causation, timestamp = uow._lineage()
+        # into the INSERT; metadata dicts are built only for inline hooks (_stored). `db`:
+        # the store's cursor, or a connection (SyncSqlAlchemyStore's session's)
+        md = uow.metadata
+        prefix, correlation, causation, timestamp = (
+            uow._lineage() if md is None else md._event_lineage()
+        )
         encode = self._encode
         bases = uow._base
         events = uow._events
         if len(events) == 1:  # the commonest command: no per-stream counting
             stream, event = events[0]
             enc = encode(event)
-            values: tuple[Any, ...] = (stream, enc.type, enc.schema_version, enc.data)
-            values += (prefix + "-0", correlation, causation, timestamp)
-            return [self._insert(conn, stream, bases.get(stream), enc, values)]
+            values: tuple[Any, ...] = (
+                stream,
+                enc.type,
+                enc.schema_version,
+                enc.data,
+                prefix + "-0",
+                correlation,
+                causation,
+                timestamp,
+            )
+            expected = bases.get(stream)
+            if expected == 0:  # a new stream, the commonest case: _insert's first branch
+                try:
+                    cur = db.execute(self._sql_insert_first, values)
+                except sqlite3.IntegrityError as exc:
+                    raise self._conflict(db, stream, 0) from exc
+                position = cur.lastrowid
+                assert position is not None
+                return [(position, stream, 1, enc, values)]
+            return [self._insert(db, stream, expected, enc, values)]
         seen: dict[str, int] = {}
         out: list[_Row] = []
         for n, (stream, event) in enumerate(events):
@@ -458,12 +492,12 @@ class SqliteEventStore(EventStore):
                 causation,
                 timestamp,
             )
-            out.append(self._insert(conn, stream, None if base is None else base + i, enc, values))
+            out.append(self._insert(db, stream, None if base is None else base + i, enc, values))
         return out
 
     def _insert(
         self,
-        conn: sqlite3.Connection,
+        db: sqlite3.Cursor | sqlite3.Connection,
         stream: str,
         expected: int | None,
         enc: Encoded,
@@ -473,30 +507,30 @@ class SqliteEventStore(EventStore):
         or after the stream's last version when ``expected`` is ``None``."""
         try:
             if expected is None:
-                got = conn.execute(self._sql_insert_next, values).fetchone()
+                got = db.execute(self._sql_insert_next, values).fetchone()
                 if got is None:  # pragma: no cover - the HAVING clause always holds
-                    raise self._conflict(conn, stream, expected)
+                    raise self._conflict(db, stream, expected)
                 position, version = got
             else:
                 # versions are contiguous, so "version `expected` exists and version
                 # `expected + 1` does not" (the unique index) means "stream is at
                 # `expected`"; a plain INSERT costs less than a max() aggregate
                 if expected == 0:  # a new stream: the commonest case
-                    cur = conn.execute(self._sql_insert_first, values)
+                    cur = db.execute(self._sql_insert_first, values)
                 else:
-                    cur = conn.execute(self._sql_insert_after, (*values, expected))
+                    cur = db.execute(self._sql_insert_after, (*values, expected))
                 if cur.rowcount != 1:
-                    raise self._conflict(conn, stream, expected)
+                    raise self._conflict(db, stream, expected)
                 position, version = cur.lastrowid, expected + 1
         except sqlite3.IntegrityError as exc:
-            raise self._conflict(conn, stream, expected) from exc
+            raise self._conflict(db, stream, expected) from exc
         assert position is not None
         return (position, stream, version, enc, values)
 
     def _conflict(
-        self, conn: sqlite3.Connection, stream: str, expected: int | None
+        self, db: sqlite3.Cursor | sqlite3.Connection, stream: str, expected: int | None
     ) -> ConcurrencyError:
-        actual = conn.execute(self._sql_version, (stream,)).fetchone()[0]
+        actual = db.execute(self._sql_version, (stream,)).fetchone()[0]
         return ConcurrencyError(
             f"stream {stream!r} is at version {actual}, expected {expected}.",
             stream=stream,
