@@ -207,3 +207,17 @@ async def rabbit_take(
     finally:
         await queue.cancel(tag)
     return out
+
+
+async def rabbit_delete(url: str, exchange: str, partitions: int) -> None:
+    """Delete a run's queues ``<exchange>.<p>`` and its exchange from the shared node."""
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        for p in range(partitions):
+            await ch.queue_delete(f"{exchange}.{p}")
+        await ch.exchange_delete(exchange)
+    finally:
+        await conn.close()

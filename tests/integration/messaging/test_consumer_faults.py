@@ -30,7 +30,7 @@ import pytest
 from tests.conftest import require_service
 from tests.support import faults as ledger
 from tests.support.bank import Deposited
-from tests.support.brokers import NatsServer, OwnServer, RedisServer
+from tests.support.brokers import NatsServer, OwnServer, RedisServer, rabbit_delete
 from tests.support.consumer_procs import LEASE_TTL
 from tests.support.proxy import FaultProxy
 from tests.support.relay_checks import need_binary
@@ -272,6 +272,8 @@ async def test_bank_transfers_through_a_broker_survive_consumer_and_broker_fault
         await proxy.close()
         if server is not None:
             server.close()
+        if broker == "rabbitmq":  # the shared node: leave nothing behind
+            await rabbit_delete(direct, name, PARTITIONS)
 
 
 async def stop_past_lease(

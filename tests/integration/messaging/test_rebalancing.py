@@ -33,7 +33,7 @@ from tests.integration.messaging.test_consumer_faults import (
     stop_all,
 )
 from tests.support import faults as ledger
-from tests.support.brokers import NatsServer, OwnServer, RedisServer
+from tests.support.brokers import NatsServer, OwnServer, RedisServer, rabbit_delete
 from tests.support.relay_checks import need_binary
 from tests.support.sqlite_log import SqliteTestLog
 
@@ -70,20 +70,6 @@ async def advanced(db: ReadDatabase, parts: list[int], timeout: float = 30) -> N
             return
         assert time.monotonic() < deadline, f"partitions {behind} made no progress after moving"
         await asyncio.sleep(0.05)
-
-
-async def delete_rabbitmq(url: str, exchange: str) -> None:
-    """Delete the run's queues and exchange from the shared RabbitMQ node."""
-    import aio_pika
-
-    conn = await aio_pika.connect(url)
-    try:
-        ch = await conn.channel()
-        for p in range(PARTITIONS):
-            await ch.queue_delete(f"{exchange}.{p}")
-        await ch.exchange_delete(exchange)
-    finally:
-        await conn.close()
 
 
 @pytest.mark.slow
@@ -180,4 +166,4 @@ async def test_rebalancing_under_load(
         if server is not None:
             server.close()
         if kind == "rabbitmq":
-            await delete_rabbitmq(url, name)
+            await rabbit_delete(url, name, PARTITIONS)
