@@ -479,7 +479,9 @@ class _LogGroup:
                 # grows while failures repeat; back to the shortest once a round succeeds
                 self.failures += 1
                 log.exception("projection %s: worker failed; restarting", self.leases.label)
-                await self._pause(min(5.0, 0.05 * 2 ** min(self.failures, 7)))
+                # the worker's own pause (what its stop ends); a group halted meanwhile
+                # ends its loop once the pause is over (at most 5 s)
+                await self.p._pause(min(5.0, 0.05 * 2 ** min(self.failures, 7)))
             self.cps.clear()  # reload from the database after any failure
 
     async def _pause(self, seconds: float, *events: asyncio.Event) -> None:
