@@ -112,6 +112,8 @@ class PostgresUnitOfWork(UnitOfWork):
         await store._release(conn)
         if self._events:
             store._wake()
+            if store._notifier is not None:
+                store._notifier.poke()
         return last
 
     async def _refused(self, exc: asyncpg.PostgresError, committing: bool) -> Exception:

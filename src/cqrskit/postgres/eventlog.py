@@ -101,6 +101,7 @@ from cqrskit.postgres._connections import (
     _WriteConnections,
 )
 from cqrskit.postgres._horizon import appenders_sql, horizon_cte, lock_key, lock_sql
+from cqrskit.postgres._notify import Listener, Notifier
 from cqrskit.postgres._sql import (
     _CONFLICT_STATE,
     _XID_NOTICE,
@@ -140,10 +141,13 @@ class PostgresEventStore(EventStore):
         pool: an asyncpg pool (see :meth:`open`).
         schema: the schema holding the event log (validated, quoted).
         table: the event-log table name (validated, quoted).
-        notify: send ``NOTIFY`` in each commit so readers in other processes wake up (a
-            hint; readers still poll). Off by default: PostgreSQL serializes the commits of
-            every transaction that notifies (a database-wide lock held through the WAL
-            flush), which cost about a third of the throughput with 8 writers.
+        notify: send ``NOTIFY`` after commits so readers in other processes wake up (a
+            hint; readers still poll). A store made by :meth:`open` sends it after the
+            commit returned, on a connection of its own, one for any number of commits
+            that end while one is on its way; writers keep committing in parallel. A store
+            built on your own pool sends it inside each commit, where PostgreSQL
+            serializes the commits of every transaction that notifies (a database-wide
+            lock held through the WAL flush).
         commit_timeout: seconds to wait for a COMMIT's reply (see :meth:`open`).
     """
 
@@ -171,7 +175,8 @@ class PostgresEventStore(EventStore):
         fn = validate_identifier(f"{table}_conflict"[:63], "function name")
         self.channel = f"cqrskit_{schema}_{table}"[:63]
         self._notify = notify
-        self._listener: Any = None
+        self._notifier: Notifier | None = None  # set by open(): NOTIFY after the commit
+        self._listener: Listener | None = None  # opened by wait_for() with notify
         self._sql_commit = (
             f"NOTIFY {validate_identifier(self.channel, 'channel')}; COMMIT" if notify else "COMMIT"
         )
@@ -342,6 +347,13 @@ class PostgresEventStore(EventStore):
             commit_timeout=commit_timeout,
         )
         store.dsn = dsn
+        if notify:
+            # the NOTIFY goes out after the commit, on a connection of its own: inside the
+            # transaction it would make every notifying commit wait for the one before
+            store._notifier = Notifier(
+                dsn, validate_identifier(store.channel, "channel"), commit_timeout
+            )
+            store._sql_commit = "COMMIT"
         store._writers = _WriteConnections(
             dsn, max_size, begin_ahead, store._setup_writer, bound=commit_timeout
         )
@@ -394,10 +406,11 @@ class PostgresEventStore(EventStore):
         """Close the listener connection, the write connections and the pool."""
         if self._writers is not None:
             await self._writers.close()
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
-            self._listener = None
+        if self._notifier is not None:
+            await self._notifier.close()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
         await self.pool.close()
 
     # -- write side ----------------------------------------------------------------------
@@ -776,9 +789,12 @@ class PostgresEventStore(EventStore):
 
     async def wait_for(self, position: int, timeout: float) -> bool:
         """See :meth:`EventStore.wait_for`: also wakes on NOTIFY from other processes."""
-        if self._notify and self._listener is None and self.dsn is not None:
-            self._listener = await asyncpg.connect(self.dsn)
-            await self._listener.add_listener(self.channel, self._on_notify)
+        if self._notify and self.dsn is not None:
+            if self._listener is None:
+                self._listener = Listener(
+                    self.dsn, self.channel, self._on_notify, self._commit_timeout
+                )
+            await self._listener.ready()
         return await super().wait_for(position, timeout)
 
     def _on_notify(self, *args: Any) -> None:
