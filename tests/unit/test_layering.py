@@ -186,6 +186,19 @@ def test_lower_layer_never_imports_upper(lower: str, upper: str) -> None:
     assert wrong == []
 
 
+def test_technologies_pickers_and_kits_use_only_public_modules_of_the_core() -> None:
+    upper = TECHNOLOGIES | PICKERS | KITS
+    private = [
+        str(i)
+        for i in IMPORTS
+        if _layer(i.source) in upper
+        and _room(i.target) not in upper
+        and _room(i.target) != _room(i.source)
+        and any(part.startswith("_") for part in i.target.split(".")[2:])
+    ]
+    assert private == []
+
+
 @pytest.mark.parametrize("owner", ["serialization", "mediator"])
 def test_idempotency_uses_only_public_names_of(owner: str) -> None:
     private = [
