@@ -10,6 +10,7 @@
 
 The conformance kits that every event store and broker adapter passes are submodules,
 imported on their own: :mod:`cqrskit.testing.eventlog` (``EventStoreConformance``),
+:mod:`cqrskit.testing.idempotency` (``IdempotencyConformance``),
 :mod:`cqrskit.testing.transport` (``TransportConformance``) and
 :mod:`cqrskit.testing.source` (``SourceConformance``). See docs/testing.md.
 """
