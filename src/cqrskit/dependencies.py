@@ -14,6 +14,7 @@ yields the value and cleans up after the ``yield``; its own parameters are resol
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import typing
@@ -149,6 +150,14 @@ class Scope(dict[Any, Any]):
                 if first is None:
                     first = exc
         _raise_cleanup_error(first, error)
+
+
+scope_var: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
+    "cqrskit_scope", default=None
+)
+"""The scope of the dispatch running in this context: set by the dispatch plans
+(``cqrskit._dispatch``), read by :func:`cqrskit.mediator.current_scope` and by behaviors
+below the mediator (the authorization behavior notes its principal there)."""
 
 
 def _raise_cleanup_error(first: BaseException | None, error: BaseException | None) -> None:

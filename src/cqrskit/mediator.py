@@ -30,8 +30,8 @@ from cqrskit.registry import Registry
 
 __all__ = ["Mediator", "Receipt", "current_scope"]
 
-# Private names other modules import from here (defined in cqrskit._dispatch): the scope of
-# the running dispatch, and the fast call of a behavior object.
+# Short local names: the scope of the running dispatch (cqrskit.dependencies.scope_var) and
+# the fast call of a behavior object (cqrskit._dispatch).
 _scope_var = scope_var
 _direct = fast_callable
 

@@ -49,7 +49,7 @@ from cqrskit.errors import (
 from cqrskit.eventlog import Appender, EventStore, NewEvent, StoredEvent, UnitOfWork
 from cqrskit.mediator import record_token
 from cqrskit.messages import Event, Metadata
-from cqrskit.pipeline._core import ScopedBehavior, for_commands
+from cqrskit.pipeline import ScopedBehavior, for_commands
 from cqrskit.sync import SyncMediator
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ from cqrskit.pipeline import AuthorizationBehavior, allow_all
 from cqrskit.pipeline.retry import is_transient
 from cqrskit.registry import Registry
 from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork
-from tests.support.idempotency_kit import Deposit, IdempotencyChecks, Probe
+from cqrskit.testing.idempotency import Deposit, IdempotencyConformance, Probe
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -47,7 +47,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.001)
 
 
-class TestInMemoryIdempotency(IdempotencyChecks):
+class TestInMemoryIdempotency(IdempotencyConformance):
     async def make_store(self) -> EventStore:
         return InMemoryEventStore()
 
@@ -66,7 +66,7 @@ class TestInMemoryIdempotency(IdempotencyChecks):
         await until(lambda: idem._backend.waiting >= 1)
 
 
-class TestSqliteIdempotency(IdempotencyChecks):
+class TestSqliteIdempotency(IdempotencyConformance):
     @pytest.fixture(autouse=True)
     def _dir(self, tmp_path: Path) -> None:
         self.tmp = tmp_path

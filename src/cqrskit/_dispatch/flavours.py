@@ -17,7 +17,6 @@ sync flavour returns the result. Two kinds of code depend on that:
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import linecache
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
-from cqrskit.dependencies import ASYNC_EXITS, EXITS, Scope
+from cqrskit.dependencies import ASYNC_EXITS, EXITS, Scope, scope_var
 from cqrskit.errors import PublishError
 from cqrskit.registry import HandlerSpec
 
@@ -37,11 +36,6 @@ ScopedCall = Callable[[Scope, Any], Any]
 """A plan's inner chain once a scope exists: ``call(scope, message)``."""
 Entries = tuple[tuple[object, Plan], ...]
 """The event handlers of one event type, in order: ``(owner, plan)`` pairs."""
-
-scope_var: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
-    "cqrskit_scope", default=None
-)
-"""The scope of the dispatch running in this context (``current_scope()`` reads it)."""
 
 # The source of the waiting wrappers, both flavours. Fixed text: nothing from a message, a
 # registry or a user reaches it.

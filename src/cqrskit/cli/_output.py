@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-__all__ = ["Progress", "Reporter", "has_rich", "render_table"]
+__all__ = ["Progress", "Reporter", "has_rich", "print_partitions", "render_table"]
 
 
 def has_rich() -> bool:
@@ -194,3 +194,14 @@ class Reporter:
         """Detach from the loggers."""
         self.log.removeHandler(self._handler)
         logging.getLogger("cqrskit").removeHandler(self._handler)
+
+
+def print_partitions(rows: list[Any]) -> None:
+    """Print partition rows (``PartitionStatus``) as a table."""
+    for r in rows:
+        lag = "-" if r.lag_events is None else str(r.lag_events)
+        gap = "" if r.gap_sequence is None else f"  GAP at {r.gap_sequence} ({r.gap_seconds:.0f} s)"
+        print(
+            f"  partition {r.partition:>3}/{r.partitions:<3} position {r.position:>12} "
+            f"sequence {r.sequence:>8} lag {lag:>6}  owner {r.owner or '-'}{gap}"
+        )

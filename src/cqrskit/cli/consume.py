@@ -22,6 +22,7 @@ from typing import Any
 from cqrskit.cli._brokers import broker_options
 from cqrskit.cli._keys import verifier_from
 from cqrskit.cli._load import load_object
+from cqrskit.cli._output import print_partitions
 from cqrskit.cli.projections import (
     _close,
     _connection_args,
@@ -197,17 +198,6 @@ async def _run(args: argparse.Namespace) -> int:
         await source.close()
         await read_db.close()
     return 0
-
-
-def print_partitions(rows: list[Any]) -> None:
-    """Print partition rows (``PartitionStatus``) as a table."""
-    for r in rows:
-        lag = "-" if r.lag_events is None else str(r.lag_events)
-        gap = "" if r.gap_sequence is None else f"  GAP at {r.gap_sequence} ({r.gap_seconds:.0f} s)"
-        print(
-            f"  partition {r.partition:>3}/{r.partitions:<3} position {r.position:>12} "
-            f"sequence {r.sequence:>8} lag {lag:>6}  owner {r.owner or '-'}{gap}"
-        )
 
 
 async def _status(args: argparse.Namespace) -> int:

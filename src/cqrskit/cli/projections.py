@@ -37,7 +37,7 @@ from typing import Any
 
 from cqrskit.cli._load import load_object
 from cqrskit.cli._monitor import Monitor
-from cqrskit.cli._output import Progress, Reporter, render_table
+from cqrskit.cli._output import Progress, Reporter, print_partitions, render_table
 from cqrskit.errors import ConfigurationError, CqrsError
 from cqrskit.eventlog import EventStore
 from cqrskit.projections.api import Projection
@@ -54,7 +54,6 @@ from cqrskit.projections.status import (
     request_rebuild,
     request_retry,
 )
-from cqrskit.sqlite import SqliteReadDatabase
 
 __all__ = ["load_object", "main", "open_read_db", "open_store", "register_cli"]
 
@@ -102,6 +101,8 @@ async def open_store(
 def open_read_db(url: str, schema: str | None = None) -> ReadDatabase:
     """A read database from ``sqlite:///path`` or ``postgresql://...``."""
     if url.startswith("sqlite:///"):
+        from cqrskit.sqlite import SqliteReadDatabase
+
         return SqliteReadDatabase(url.removeprefix("sqlite:///"))
     if url.startswith(("postgresql://", "postgres://")):
         from cqrskit.postgres import PostgresReadDatabase
@@ -507,8 +508,6 @@ async def _status(args: argparse.Namespace) -> int:
     sys.stdout.write(render_table(headers, table, right=[2, 3, 4, 5, 6]))
     for r in rows:
         if r.name in parts:
-            from cqrskit.cli.consume import print_partitions
-
             print(f"{r.name} partitions:")
             print_partitions(parts[r.name])
             if building.get(r.name):

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
+from cqrskit.dependencies import scope_var
 from cqrskit.errors import ConfigurationError, NotAuthorizedError
 from cqrskit.messages import Event
 from cqrskit.pipeline._core import Next
@@ -55,16 +56,11 @@ def authenticated(principal: object, message: object) -> bool:
 
 
 _PRINCIPAL_KEY = "cqrskit.authorized_principal"
-_current_scope: Callable[[], Any] | None = None
+_current_scope = scope_var.get
 
 
 def _record(principal: Any) -> None:
     """Note ``principal`` in the running dispatch's scope (read by :func:`authorized_principal`)."""
-    global _current_scope
-    if _current_scope is None:
-        from cqrskit.mediator import current_scope  # the mediator imports this package
-
-        _current_scope = current_scope
     scope = _current_scope()
     if scope is not None:
         scope[_PRINCIPAL_KEY] = principal

@@ -37,8 +37,8 @@ import logging
 import time
 from contextlib import AbstractAsyncContextManager
 
+from cqrskit._partitioning import check_partitions
 from cqrskit.errors import ConfigurationError
-from cqrskit.messaging.partitioning import check_partitions
 from cqrskit.projections import schema
 from cqrskit.projections.api import Projection, physical_table
 from cqrskit.projections.db import Session

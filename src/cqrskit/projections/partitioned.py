@@ -37,9 +37,9 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from cqrskit._partitioning import check_partitions, partition_of
 from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
-from cqrskit.messaging.partitioning import check_partitions, partition_of
 from cqrskit.projections import schema
 from cqrskit.projections.api import Projection
 from cqrskit.projections.apply import Applier, infrastructure_fault

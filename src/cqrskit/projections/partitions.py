@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from cqrskit._partitioning import check_partitions, partition_of
 from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
-from cqrskit.messaging.partitioning import check_partitions, partition_of
 from cqrskit.projections import schema
 from cqrskit.projections.api import Projection
 from cqrskit.projections.db import ReadDatabase, Session

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cqrskit._partitioning import check_partitions
 from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import EventStore
 from cqrskit.projections import schema
@@ -222,7 +223,6 @@ async def request_rebuild(
             ``partitions`` for a projection that is not partitioned; ``partitions``
             other than the pending rebuild's.
     """
-    from cqrskit.messaging.partitioning import check_partitions
     from cqrskit.projections.partition_switch import prepare_build
 
     if partitions is not None:

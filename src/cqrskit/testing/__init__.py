@@ -7,6 +7,12 @@
   every command sent, query asked and event published, answers from per-type stubs or
   delegates to a real mediator, and offers assertion helpers.
   :class:`SyncRecordingMediator` is its twin for :class:`~cqrskit.sync.SyncMediator`.
+
+The conformance kits that every event store and broker adapter passes are submodules,
+imported on their own: :mod:`cqrskit.testing.eventlog` (``EventStoreConformance``),
+:mod:`cqrskit.testing.idempotency` (``IdempotencyConformance``),
+:mod:`cqrskit.testing.transport` (``TransportConformance``) and
+:mod:`cqrskit.testing.source` (``SourceConformance``). See docs/testing.md.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from tests.support.idempotency_kit import Balance, Deposit, IdempotencyChecks, Probe, Withdraw
 from tests.support.proxy import FaultProxy, Mode
 
 from cqrskit.dependencies import Dependencies
@@ -25,11 +24,18 @@ from cqrskit.idempotency import Idempotency, idempotency_key, postgres_idempoten
 from cqrskit.mediator import Mediator, Receipt
 from cqrskit.pipeline.retry import RetryBehavior
 from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
+from cqrskit.testing.idempotency import (
+    Balance,
+    Deposit,
+    IdempotencyConformance,
+    Probe,
+    Withdraw,
+)
 
 pytestmark = pytest.mark.postgres
 
 
-class TestPostgresIdempotency(IdempotencyChecks):
+class TestPostgresIdempotency(IdempotencyConformance):
     @pytest.fixture(autouse=True)
     def _db(self, postgres_dsn: str, pg_schema: str) -> None:
         self.dsn = postgres_dsn

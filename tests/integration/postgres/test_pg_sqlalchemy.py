@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import asyncpg
 import pytest
-from sqlalchemy import String, func, select
+from sqlalchemy import String, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -26,14 +26,14 @@ from cqrskit.errors import (
     ConfigurationError,
     IdempotencyError,
 )
-from cqrskit.eventlog import UnitOfWork
+from cqrskit.eventlog import EventStore, UnitOfWork
 from cqrskit.idempotency import Idempotency, idempotency_key
 from cqrskit.mediator import Mediator
 from cqrskit.messages import Command, Event
 from cqrskit.postgres import PostgresEventStore
 from cqrskit.registry import Registry
 from cqrskit.sqlalchemy import SqlAlchemyEventStore, SqlAlchemyUnitOfWork
-from cqrskit.testing.eventlog import wait_visible
+from cqrskit.testing.eventlog import EventStoreConformance, wait_visible
 
 pytestmark = pytest.mark.postgres
 
@@ -87,6 +87,47 @@ class App:
 
 def _asyncpg_url(dsn: str) -> str:
     return dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+class TestSqlAlchemyEventStore(EventStoreConformance):
+    """The event-store kit every driver passes, on the SQLAlchemy session path (state written
+    through the application's session, events inserted through its connection)."""
+
+    @pytest.fixture(autouse=True)
+    def _db(self, postgres_dsn: str, pg_schema: str) -> None:
+        self.dsn = postgres_dsn
+        self.schema = pg_schema
+        self.engines: dict[int, AsyncEngine] = {}
+
+    async def make_store(self) -> EventStore:
+        log = await PostgresEventStore.open(self.dsn, schema=self.schema, max_size=8)
+        async with log.pool.acquire() as conn:
+            await conn.execute(f'CREATE TABLE IF NOT EXISTS "{self.schema}".state (key text)')
+        engine = create_async_engine(_asyncpg_url(self.dsn), pool_size=8)
+        store = SqlAlchemyEventStore(log, async_sessionmaker(engine, expire_on_commit=False))
+        self.engines[id(store)] = engine
+        return store
+
+    async def close_store(self, store: EventStore) -> None:
+        assert isinstance(store, SqlAlchemyEventStore)
+        await store.events.close()
+        await self.engines.pop(id(store)).dispose()
+
+    async def write_state(self, uow: UnitOfWork, key: str) -> None:
+        assert isinstance(uow, SqlAlchemyUnitOfWork)
+        await uow.session.execute(
+            text(f'INSERT INTO "{self.schema}".state (key) VALUES (:key)'), {"key": key}
+        )
+
+    async def state_keys(self, store: EventStore) -> set[str]:
+        assert isinstance(store, SqlAlchemyEventStore)
+        async with store.events.pool.acquire() as conn:
+            rows = await conn.fetch(f'SELECT key FROM "{self.schema}".state')
+        return {r[0] for r in rows}
+
+    def head_source(self, store: EventStore) -> EventStore:
+        assert isinstance(store, SqlAlchemyEventStore)
+        return store.events  # reads, head and wait_for are the wrapped store's
 
 
 @pytest.fixture
