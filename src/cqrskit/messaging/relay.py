@@ -65,6 +65,7 @@ class _Batch:
     last: int  # position of the batch's last event
     results: asyncio.Future[list[str | None]] | None = None
     acked: int = 0  # events the broker acknowledged
+    size: int = 0  # events read into it (kept once acknowledged: it bounds the backlog)
 
 
 async def relay_status(
@@ -98,7 +99,9 @@ class Relay:
         pipeline: batches on their way at once: the next batch is read and sent while
             the broker acknowledges the previous one and its checkpoint commits (with a
             transport that overlaps sends, see :meth:`Transport.send`). The relay holds
-            at most ``pipeline * batch_size`` events.
+            at most ``pipeline * batch_size`` events, and publishes at most as many
+            acknowledged events ahead of its committed checkpoint (a slow checkpoint
+            commit does not stop the small batches of a steady trickle).
         max_bytes: payloads larger than this are parked without being sent.
         lease_ttl: seconds without a heartbeat before a standby takes over.
         poll_interval: the longest idle wait when no wake-up hint comes.
@@ -180,6 +183,7 @@ class Relay:
         self._acked_seqs: dict[int, int] = {}
         self._acked_blocked: set[str] = set()
         self._acked: list[_Batch] = []  # acknowledged, checkpoint not committed yet
+        self._uncommitted = 0  # events acknowledged whose checkpoint is not committed yet
         self._committing: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -322,6 +326,7 @@ class Relay:
         self.signal.notify()
         inflight: deque[_Batch] = deque()  # sent; acknowledgements outstanding
         self._acked.clear()
+        self._uncommitted = 0
         self._settle()
         next_check = last_beat = time.monotonic()
         backoff: float | None = None
@@ -338,7 +343,15 @@ class Relay:
                             await self._drain(epoch, inflight)
                             await self._retry(epoch, retries)
                             self._settle()
-                    room = len(inflight) < self.pipeline and len(self._acked) < self.pipeline
+                    # acknowledged batches wait for their checkpoint in a background
+                    # commit; bounded in events, not batches, so that a slow commit does not
+                    # stall publishing the small batches of a steady trickle (a relay
+                    # killed now republishes at most pipeline * batch_size events, as when
+                    # every batch is full)
+                    room = (
+                        len(inflight) < self.pipeline
+                        and self._uncommitted < self.pipeline * self.batch_size
+                    )
                     if room:
                         events = await self.store.read_after(self._read_to, self.batch_size)
                         if events:
@@ -363,8 +376,9 @@ class Relay:
                         await asyncio.sleep(0)
                         continue
                     if self._acked and self._committing is not None:
-                        # nothing to read or send: let the checkpoint catch up
-                        await asyncio.wait([self._committing])
+                        # nothing to read or send: wait for the checkpoint to catch up, or
+                        # for new events, which go out without waiting for it
+                        await self._acks_or_events(self._committing, limit)
                         continue
                 except BrokerUnavailableError as exc:
                     await self._abandon(inflight)
@@ -487,7 +501,7 @@ class Relay:
             send.append(self._sign(env.parked()))
         self._read_to = events[-1].position
         self._ahead = seqs
-        return _Batch(events, send, refused, seqs, events[-1].position)
+        return _Batch(events, send, refused, seqs, events[-1].position, size=len(events))
 
     def _sign(self, env: Envelope) -> Envelope:
         signer = self.signer
@@ -524,6 +538,7 @@ class Relay:
         self._acked_blocked.update(stored.stream for stored, _ in batch.refused.values())
         batch.events, batch.sent, batch.results = (), [], None  # only the bookkeeping stays
         self._acked.append(batch)
+        self._uncommitted += batch.size
 
     async def _commit(self, epoch: int) -> None:
         """Commit the checkpoint of every acknowledged batch, oldest first, in one
@@ -552,6 +567,7 @@ class Relay:
                 self._blocked.add(stored.stream)
             self.parked += len(parked)
             self.published += sum(b.acked for b in batches)
+            self._uncommitted -= sum(b.size for b in batches)
             self.checkpoint = last
             self._failures = 0  # a round got all the way to its checkpoint
             self.signal.notify()
@@ -650,9 +666,9 @@ class Relay:
             "relay %s: retried %d parked event(s), %d published", self.name, len(rows), len(ok)
         )
 
-    async def _acks_or_events(self, acks: asyncio.Future[list[str | None]], timeout: float) -> None:
-        """Wait until the acknowledgements are in, new events may be readable, or
-        ``timeout`` passed."""
+    async def _acks_or_events(self, acks: asyncio.Future[Any], timeout: float) -> None:
+        """Wait until ``acks`` (the acknowledgements, or a checkpoint commit) is done, new
+        events may be readable, or ``timeout`` passed."""
         waiter: asyncio.Future[Any] = asyncio.ensure_future(
             self.store.wait_for(self._read_to, timeout)
         )

@@ -342,6 +342,50 @@ async def test_pipeline_sends_ahead_of_acks_and_checkpoints_only_acked_batches(
     check_stream_order(envs)
 
 
+async def test_a_slow_checkpoint_commit_does_not_stall_small_batches(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acknowledged batches wait for their checkpoint in the background, bounded by
+    ``pipeline * batch_size`` events: a steady trickle of one-event batches keeps being
+    published while a checkpoint commit is slow, up to that bound and no further."""
+    log, db = backend
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    original = Relay._commit
+
+    async def slow_commit(self: Relay, epoch: int) -> None:
+        # slow before its transaction opens: SQLite's log shares the file's write lock
+        entered.set()
+        await gate.wait()
+        await original(self, epoch)
+
+    monkeypatch.setattr(Relay, "_commit", slow_commit)
+    t = InMemoryTransport(dedup_window=None)
+    relay = Relay(log, db, t, partitions=2, batch_size=4, pipeline=2, poll_interval=0.05)
+    try:
+        await relay.start()
+        await fill(log, 1)
+        await asyncio.wait_for(entered.wait(), 20)  # the first checkpoint commit hangs
+        # one event at a time: each is a batch of its own; before, the relay stopped
+        # after `pipeline` (2) acknowledged batches waited for their checkpoint
+        for i in range(1, 8):
+            await fill(log, 1, start=i)
+            await until(lambda i=i: sum(len(t.messages(p)) for p in range(2)) == i + 1)
+        # the bound: 8 events (pipeline * batch_size) wait for their checkpoint now
+        last = await fill(log, 4, start=8)
+        await asyncio.sleep(0.2)  # a relay ignoring the bound would publish them now
+        assert sum(len(t.messages(p)) for p in range(2)) == 8
+        assert relay.checkpoint == 0
+        gate.set()
+        assert await relay.wait_published(last, 20)
+    finally:
+        gate.set()
+        await relay.stop()
+    envs = kept(t, 2)
+    assert len(envs) == 12
+    check_stream_order(envs)
+
+
 async def test_lost_acks_with_batches_in_flight_republish_in_order(backend: Backend) -> None:
     log, db = backend
     t = InMemoryTransport(dedup_window=None)
