@@ -295,6 +295,9 @@ class Broker:
 
     async def purge(self) -> None: ...
 
+    async def publish_one(self, p: int, headers: dict[str, str], body: bytes) -> None:
+        """Publish one message with the client alone; return once the broker acked it."""
+
     async def teardown(self) -> None: ...
 
 
@@ -327,6 +330,11 @@ class Nats(Broker):
             futures.append(await js.publish_async(subjects[p], body, headers=h))
         for f in futures:
             await f  # every PubAck, errors raised
+
+    async def publish_one(self, p: int, headers: dict[str, str], body: bytes) -> None:
+        h = dict(headers)
+        h["Nats-Msg-Id"] = h["cqrskit-id"]
+        await self.js.publish(self.subjects[p], body, headers=h)
 
     async def purge(self) -> None:
         for name in (self.base, self.relay):
@@ -368,6 +376,11 @@ class Redis(Broker):
             for reply in await pipe.execute(raise_on_error=False):
                 if isinstance(reply, Exception):
                     raise reply
+
+    async def publish_one(self, p: int, headers: dict[str, str], body: bytes) -> None:
+        fields: dict[str, Any] = dict(headers)
+        fields["body"] = body
+        await self.client.xadd(self.keys[p], fields)
 
     async def purge(self) -> None:
         await self.client.delete(*self.keys, *(f"{self.relay}:{p}" for p in range(PARTITIONS)))
@@ -425,6 +438,21 @@ class Rabbit(Broker):
                 for p, headers, body in msgs[start : start + 1000]
             ]
             await asyncio.gather(*tasks)
+
+    async def publish_one(self, p: int, headers: dict[str, str], body: bytes) -> None:
+        import aio_pika
+
+        await self.exchange.publish(
+            aio_pika.Message(
+                body,
+                headers=headers,  # type: ignore[arg-type]
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=headers["cqrskit-id"],
+                content_type="application/json",
+            ),
+            self.keys[p],
+            mandatory=True,
+        )
 
     async def purge(self) -> None:
         for q in self.queues:
@@ -667,6 +695,75 @@ async def lag(
     )
 
 
+@dataclass
+class ClientLag:
+    """The broker client alone, open loop at the same rate, under the same writer load."""
+
+    broker: str
+    rate: float
+    samples: list[float]  # scheduled send → acked, milliseconds
+
+    def row(self) -> str:
+        s = sorted(self.samples)
+
+        def pct(q: float) -> float:
+            return s[min(len(s) - 1, int(q * len(s)))]
+
+        return (
+            f"| {self.broker} (client alone) | {self.rate:,.0f} | {len(s):,} | {pct(0.5):.1f} | "
+            f"**{pct(0.99):.1f}** | {s[-1]:.1f} |"
+        )
+
+
+CLIENT_LAG_HEADER = (
+    "| broker | messages/s | samples | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|"
+)
+
+
+async def client_lag(
+    b: Broker, dsn: str, rate: float, seconds: float, conns: int, notify: bool
+) -> ClientLag:
+    """The baseline of the lag: the broker's client publishing one message at a time at
+    ``rate`` per second (open loop, each awaited for its ack) while the same writer process
+    commits to PostgreSQL, without a relay. Lag = acked minus the scheduled send time."""
+    log = Log("postgres", dsn)
+    await log.open(notify=notify)
+    msgs = wire(await log.fill(500))
+    tag = uuid.uuid4().hex[:8]
+    await b.setup(tag)
+    out = os.path.join(log.dir, "writer.json")
+    samples: list[tuple[float, float]] = []
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "_writer", dsn, log.schema, str(rate), str(seconds), out,
+            str(conns), "notify" if notify else "poll",
+        )  # fmt: skip
+        total = int(rate * seconds)
+        t0 = time.monotonic() + 0.3
+
+        async def one(i: int) -> None:
+            at = t0 + i / rate
+            delay = at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the open-loop schedule, not synchronization
+            p, headers, body = msgs[i % len(msgs)]
+            headers = dict(headers)
+            headers["cqrskit-id"] = str(uuid.uuid4())
+            await b.publish_one(p, headers, body)
+            samples.append((at, time.monotonic()))
+
+        await asyncio.gather(*(one(i) for i in range(total)))
+        elapsed = time.monotonic() - t0
+        if await proc.wait() != 0:
+            raise RuntimeError("the writer process failed")
+    finally:
+        await b.teardown()
+        await log.close()
+    first = t0 + 1.0  # leave the first second out, as for the relay
+    kept = [(d - at) * 1000 for at, d in samples if at >= first]
+    return ClientLag(b.name, total / elapsed, kept)
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -689,6 +786,12 @@ async def main() -> None:
         help="lag: writers do not NOTIFY; the relay polls every 2 ms when idle",
     )
     parser.add_argument("--no-lag", action="store_true")
+    parser.add_argument(
+        "--client-lag",
+        action="store_true",
+        help="lag: also measure the broker's client alone at the same rate under the same "
+        "writer load (the lag's baseline)",
+    )
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument(
@@ -712,6 +815,7 @@ async def run(args: argparse.Namespace) -> None:
     names = [s for s in args.brokers.split(",") if s]
     cases: list[Case] = []
     lags: list[Lag] = []
+    clients: list[ClientLag] = []
     if not args.no_throughput:
         for name in names:
             n = args.rabbit_events if name == "rabbitmq" else args.events
@@ -725,6 +829,11 @@ async def run(args: argparse.Namespace) -> None:
                 await lag(broker(name, args.batch), args.pg, args.rate, args.lag_seconds,
                           args.batch, args.writer_connections, not args.poll)
             )  # fmt: skip
+            if args.client_lag:
+                clients.append(
+                    await client_lag(broker(name, args.batch), args.pg, args.rate,
+                                     args.lag_seconds, args.writer_connections, not args.poll)
+                )  # fmt: skip
     print(f"\n### Relay (P6)\n\nPython {sys.version.split()[0]} on {sys.platform}\n")
     if cases:
         print(HEADER)
@@ -735,10 +844,17 @@ async def run(args: argparse.Namespace) -> None:
         print(LAG_HEADER)
         for lg in lags:
             print(lg.row())
+    if clients:
+        print("\nThe broker's client alone, one message at a time at the same rate, while the")
+        print("same writer process commits (no relay):\n")
+        print(CLIENT_LAG_HEADER)
+        for cl in clients:
+            print(cl.row())
     if args.json:
         result = {
             "throughput": [asdict(c) | {"ratio": c.ratio} for c in cases],
             "lag": [asdict(lg) for lg in lags],
+            "client_lag": [asdict(cl) for cl in clients],
         }
         _write(args.json, result)
 
