@@ -357,7 +357,7 @@ class Redis(Broker):
         import redis.asyncio as aioredis
 
         self.base, self.relay = f"benchb:{tag}", f"benchr:{tag}"
-        self.client = aioredis.from_url(REDIS_URL)
+        self.client = aioredis.from_url(REDIS_URL, max_connections=4096)
         self.keys = [f"{self.base}:{p}" for p in range(PARTITIONS)]
 
     def transport(self) -> Transport:

@@ -16,6 +16,7 @@ try:
     import aio_pika
     import aiormq.exceptions as amqp_errors
     from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+    from pamqp.commands import Basic
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingExtraError("rabbitmq", "aio-pika") from exc
 
@@ -177,7 +178,7 @@ class RabbitMQTransport(Transport):
             if refused:
                 results = [refused.get(env.partition) for env in messages]
             for start in range(0, len(messages), self.window):
-                await self._publish_window(ex, messages, start, results)
+                await self._publish_window(messages, start, results)
         except _REFUSING as exc:
             # the channel is closed now: everything not confirmed in this call is refused
             await self._drop()
@@ -190,12 +191,17 @@ class RabbitMQTransport(Transport):
 
     async def _publish_window(
         self,
-        ex: AbstractExchange,
         messages: Sequence[Envelope],
         start: int,
         results: list[str | None],
     ) -> None:
         tasks: list[tuple[int, asyncio.Future[Any]]] = []
+        # aio-pika's channel hands the frames to aiormq's; publishing on aiormq's directly
+        # saves building an aio_pika.Message per event (a quarter of the client's CPU per
+        # message) and behaves the same: confirms, returns raised, nacks raised
+        assert self._channel is not None
+        channel = await self._channel.get_underlay_channel()
+        exchange = self.exchange_name
         for i in range(start, min(start + self.window, len(messages))):
             if results[i] is not None:
                 continue  # its partition's queue was refused
@@ -204,16 +210,21 @@ class RabbitMQTransport(Transport):
             if reason is not None:
                 results[i] = reason
                 continue
-            msg = aio_pika.Message(
-                env.payload,
+            properties = Basic.Properties(
                 headers=env.headers(),  # type: ignore[arg-type]
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                delivery_mode=2,  # persistent
                 message_id=env.message_id,
                 content_type="application/json",
             )
             # publishes take the channel lock in creation order: frames go out in order
             task: asyncio.Future[Any] = asyncio.ensure_future(
-                ex.publish(msg, self.destination(env.partition), mandatory=True)
+                channel.basic_publish(
+                    env.payload,
+                    exchange=exchange,
+                    routing_key=self.destination(env.partition),
+                    properties=properties,
+                    mandatory=True,
+                )
             )
             tasks.append((i, task))
         if not tasks:
