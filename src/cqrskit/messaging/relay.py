@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,22 +263,39 @@ class Relay:
             pass
 
     async def _acquire(self) -> int:
+        """Take the lease: at once when free, else once its heartbeat stood still for
+        ``lease_ttl`` (on this process's monotonic clock). A standby looks at the lease
+        row every ``lease_ttl / 4`` without the write lock (on SQLite a write transaction
+        is the file's one write lock, which every writer — the application's commands,
+        the holder's checkpoints — would queue behind); it writes only to take the lease,
+        the take itself checking that the row is still as seen."""
         seen: tuple[int, int] | None = None
         since = time.monotonic()
         while not self._stop.is_set():
-            async with self.state_db.transaction() as s:
-                row = await state.install(s, self.identity)
-                mark = (row.lease_epoch, row.lease_beat)
-                if mark != seen:
-                    seen, since = mark, time.monotonic()
-                free = row.lease_owner is None or row.lease_owner == self.owner
-                if free or time.monotonic() - since >= self.lease_ttl:
+            async with self._look() as s:
+                row = await schema.load(s, self.name)
+            if row is None:  # not set up (start() does it; a tool may have dropped it)
+                async with self.state_db.transaction() as s:
+                    row = await state.install(s, self.identity)
+            mark = (row.lease_epoch, row.lease_beat)
+            if mark != seen:
+                seen, since = mark, time.monotonic()
+            free = row.lease_owner is None or row.lease_owner == self.owner
+            if free or time.monotonic() - since >= self.lease_ttl:
+                async with self.state_db.transaction() as s:
                     epoch = await schema.take_lease(s, self.name, self.owner, row)
-                    if epoch is not None:
-                        log.info("relay %s: lease taken (epoch %d)", self.name, epoch)
-                        return epoch
+                if epoch is not None:
+                    log.info("relay %s: lease taken (epoch %d)", self.name, epoch)
+                    return epoch
             await self._pause(self.lease_ttl / 4)
         raise _Stopped
+
+    def _look(self) -> AbstractAsyncContextManager[Session]:
+        """A read-only session for the standby's looks, except on a state database that
+        routes read-only sessions to other servers (a replica router, whose replicas may
+        lag): there a transaction on the primary, which locks nothing by itself."""
+        db = self.state_db
+        return db.transaction() if db.routes_tokens else db.read_only()
 
     async def _fence(self, s: Session, epoch: int) -> None:
         if not await schema.fence(s, self.name, epoch):
