@@ -114,7 +114,7 @@ class _RoutedSession(PostgresSession):
         router: PostgresReplicaRouter,
         node: Node,
     ) -> None:
-        super().__init__(conn, schema, cache)
+        super().__init__(conn, schema, cache, rollback_timeout=router.query_timeout)
         self._router = router
         self._node = node
 
