@@ -291,7 +291,7 @@ class Relay:
         raise _Stopped
 
     def _look(self) -> AbstractAsyncContextManager[Session]:
-        """A read-only session for the standby's looks, except on a state database that
+        """A read-only session for the looks at the lease, except on a state database that
         routes read-only sessions to other servers (a replica router, whose replicas may
         lag): there a transaction on the primary, which locks nothing by itself."""
         db = self.state_db
@@ -351,7 +351,12 @@ class Relay:
                     self._committing = self._reap(epoch)
                     if time.monotonic() >= next_check:
                         next_check = time.monotonic() + self.state_interval
-                        retries = await self._retry_requests(epoch)
+                        # a look without the write lock, unless a heartbeat is due: an
+                        # idle leader looks every state_interval
+                        beat = time.monotonic() - last_beat >= self.lease_ttl / 3
+                        retries = await self._retry_requests(epoch, beat=beat)
+                        if beat:
+                            last_beat = time.monotonic()
                         if retries:  # retries number on from the committed counters
                             await self._drain(epoch, inflight)
                             await self._retry(epoch, retries)
@@ -590,10 +595,18 @@ class Relay:
 
     # -- state checks and retries --------------------------------------------------------
 
-    async def _retry_requests(self, epoch: int) -> list[tuple[int, str, int]]:
-        """Check the lease (and beat it); return the parked events flagged for a retry."""
-        async with self.state_db.transaction() as s:
-            await self._fence(s, epoch)
+    async def _retry_requests(self, epoch: int, *, beat: bool) -> list[tuple[int, str, int]]:
+        """Check the lease (and with ``beat`` beat it, in a write transaction; else in a
+        read-only look, which takes no write lock); return the parked events flagged for
+        a retry."""
+        session = self.state_db.transaction() if beat else self._look()
+        async with session as s:
+            if beat:
+                await self._fence(s, epoch)
+            else:
+                row = await schema.load(s, self.name)
+                if row is None or row.lease_epoch != epoch:
+                    raise LeaseLostError(f"relay {self.name}: lease epoch {epoch} moved on")
             rows = await s.fetchall(
                 "SELECT position, stream, version FROM cqrskit_dead_letters "
                 "WHERE projection = ? AND generation = ? AND retry = 1 ORDER BY position",

@@ -1,11 +1,12 @@
-"""A standby relay looks at the lease without the write lock: on SQLite a write transaction
-is ``BEGIN IMMEDIATE``, the file's one write lock that every other writer (the
-application's commands, the holder's checkpoints) queues behind; on PostgreSQL setting the
-bookkeeping up takes an advisory lock that a standby has no business waiting for at every
-poll. A standby polls every ``lease_ttl / 4``; it writes only to take the lease.
+"""A relay looks at its lease without the write lock: on SQLite a write transaction is
+``BEGIN IMMEDIATE``, the file's one write lock that every other writer (the application's
+commands, the holder's checkpoints) queues behind; on PostgreSQL setting the bookkeeping
+up takes an advisory lock that a standby has no business waiting for at every poll.
 
-The polls are driven directly: the relay's pause between looks counts them and stops the
-standby after the last one (no sleeps).
+A standby polls every ``lease_ttl / 4`` and writes only to take the lease; an idle leader
+looks for retry requests (and at its lease) every ``state_interval`` and writes only for a
+heartbeat, every ``lease_ttl / 3``. The polls and looks are driven or counted directly
+(no sleeps).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
+from tests.support.bank import Deposited
 
 from cqrskit.eventlog import InMemoryEventStore
 from cqrskit.messaging import InMemoryTransport, Relay
@@ -23,6 +25,7 @@ from cqrskit.messaging import state as relay_state
 from cqrskit.messaging.relay import _Stopped
 from cqrskit.projections import ReadDatabase, Session
 from cqrskit.projections import schema as pschema
+from cqrskit.projections.runner import LeaseLostError
 
 Backend = tuple[Any, ReadDatabase]
 POLLS = 20
@@ -137,3 +140,69 @@ async def test_a_standby_does_not_wait_for_the_bookkeeping_lock(
     finally:
         await conn.close()
     assert polls() == POLLS
+
+
+async def test_an_idle_leader_looks_without_a_write_transaction(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log, db = backend
+    [first] = await log.append("acct-1", Deposited("acct-1", 1))
+    # lease_ttl far beyond the test: no heartbeat is due; a look at every idle poll
+    relay = Relay(
+        log, db, InMemoryTransport(), lease_ttl=300.0, state_interval=0.0, poll_interval=0.01
+    )
+    looks = [0]
+    enough = asyncio.Event()
+    retry_requests = relay._retry_requests
+
+    async def counted(epoch: int, **options: Any) -> list[tuple[int, str, int]]:
+        looks[0] += 1
+        if looks[0] >= POLLS:
+            enough.set()
+        return await retry_requests(epoch, **options)
+
+    relay._retry_requests = counted  # type: ignore[method-assign]
+    async with relay:
+        assert await relay.wait_published(first.position, BOUND)
+        counts = Counts(db, monkeypatch)
+        looks[0] = 0
+        enough.clear()
+        await asyncio.wait_for(enough.wait(), BOUND)
+        assert relay.leading
+        assert counts.writes == 0  # the looks took no write lock
+        assert counts.reads >= POLLS
+        # the work still gets done at once: a new event is published and checkpointed
+        [second] = await log.append("acct-1", Deposited("acct-1", 2))
+        assert await relay.wait_published(second.position, BOUND)
+        assert counts.writes > 0
+
+
+async def test_an_idle_leader_sees_its_lease_taken_in_a_look(backend: Backend) -> None:
+    log, db = backend
+    [first] = await log.append("acct-1", Deposited("acct-1", 1))
+    relay = Relay(
+        log, db, InMemoryTransport(), lease_ttl=300.0, state_interval=0.0, poll_interval=0.01
+    )
+    lost = asyncio.Event()
+    retry_requests = relay._retry_requests
+
+    async def watched(epoch: int, **options: Any) -> list[tuple[int, str, int]]:
+        try:
+            return await retry_requests(epoch, **options)
+        except LeaseLostError:
+            assert options == {"beat": False}  # found by a read-only look
+            lost.set()
+            raise
+
+    relay._retry_requests = watched  # type: ignore[method-assign]
+    async with relay:
+        assert await relay.wait_published(first.position, BOUND)
+        async with db.transaction() as s:  # another relay takes the lease meanwhile
+            row = await pschema.load(s, relay.name)
+            assert row is not None
+            taken = await pschema.take_lease(s, relay.name, "intruder", row)
+        await asyncio.wait_for(lost.wait(), BOUND)
+    async with db.read_only() as s:
+        row = await pschema.load(s, relay.name)
+    assert row is not None
+    assert (row.lease_owner, row.lease_epoch) == ("intruder", taken)
