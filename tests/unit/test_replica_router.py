@@ -245,6 +245,37 @@ async def test_an_unreachable_reason_is_short_and_the_driver_text_goes_to_debug(
     assert await r.probe(5.0) == "unreachable (authentication refused, SQLSTATE 28P01)"
 
 
+async def test_last_error_is_a_failure_kind_and_the_driver_text_goes_to_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed session on the primary keeps, and names in the error a fallback raises, a few
+    fixed words and the SQLSTATE: never the driver's text (users, hosts, databases, data)."""
+    r = router(replicas=[])
+    driver_text = 'password authentication failed for user "canary_user" of "canary_db"'
+
+    async def refused(timeout: float) -> Any:
+        raise asyncpg.InvalidPasswordError(driver_text)
+
+    r._primary.pool.acquire = refused  # type: ignore[method-assign]
+    try:
+        with (
+            caplog.at_level(logging.DEBUG, logger="cqrskit.postgres.replica"),
+            pytest.raises(PersistenceError) as caught,
+        ):
+            async with r.read_only():
+                pass
+        kind = "authentication refused, SQLSTATE 28P01"
+        assert r._primary.last_error == kind
+        assert f"({kind})" in str(caught.value)
+        assert "canary" not in str(caught.value)
+        above_debug = [rec.getMessage() for rec in caplog.records if rec.levelno > logging.DEBUG]
+        assert f"a query session on the primary failed ({kind})" in above_debug
+        assert not [m for m in above_debug if "canary" in m]
+        assert driver_text in caplog.text  # at debug, for whoever debugs the connection
+    finally:
+        await r.close()
+
+
 @pytest.mark.parametrize(
     ("exc", "kind"),
     [

@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import inspect
 import json
+import math
 import os
 import signal
 import sys
@@ -189,6 +190,33 @@ def resolve_locations(args: argparse.Namespace) -> None:
         setattr(args, name, value)
 
 
+def _stop_seconds(text: str) -> float:
+    """``--stop-timeout``'s value: a finite number of seconds >= 0 (0: abandon at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds >= 0 (e.g. 10 or 2.5; 0 abandons the "
+            "batches in flight at once)"
+        )
+    return value
+
+
+def stop_timeout_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """Add ``--stop-timeout SECONDS`` (default: the library's 10 s); ``what`` says what is
+    abandoned when it runs out."""
+    parser.add_argument(
+        "--stop-timeout",
+        type=_stop_seconds,
+        metavar="SECONDS",
+        help=f"on SIGTERM/SIGINT, how long {what} may take to finish before it is "
+        "abandoned (nothing of it is marked done: the next lease holder does it again) "
+        "and the lease released (default: 10)",
+    )
+
+
 async def _close(obj: Any) -> None:
     close = getattr(obj, "close", None)
     if close is not None:
@@ -241,14 +269,7 @@ def _add_commands(sub: Any) -> None:
         metavar="SECONDS",
         help="longest idle wait between reads when no wake-up comes (default: 1)",
     )
-    run.add_argument(
-        "--stop-timeout",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="on SIGTERM/SIGINT, how long the batch in flight may take before it is "
-        "abandoned (default: 10)",
-    )
+    stop_timeout_arg(run, "the batch in flight (one-process projector only)")
     run.add_argument(
         "--listen",
         action="store_true",
@@ -394,6 +415,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.partitions and args.stop_timeout is not None:
+        raise ConfigurationError(
+            "--stop-timeout applies to the one-process projector only: a partitioned "
+            "worker (--partitions) has no stop timeout yet; it finishes its batches in "
+            "flight before it releases its partitions.",
+            hint="leave --stop-timeout out with --partitions.",
+        )
     reporter = Reporter(json_lines=args.json)
     try:
         store = await open_store(
@@ -425,7 +453,7 @@ async def _run(args: argparse.Namespace) -> int:
                 lease_ttl=args.lease_ttl,
                 poll_interval=args.poll_interval,
                 owner=args.owner,
-                stop_timeout=args.stop_timeout,
+                stop_timeout=10.0 if args.stop_timeout is None else args.stop_timeout,
             )
         names = [p.name for p in projections]
         loop = asyncio.get_running_loop()

@@ -19,7 +19,14 @@ from typing import Any
 
 from cqrskit.cli._brokers import broker_options
 from cqrskit.cli._keys import signer_from
-from cqrskit.cli.projections import _close, _connection_args, _runner, open_read_db, open_store
+from cqrskit.cli.projections import (
+    _close,
+    _connection_args,
+    _runner,
+    open_read_db,
+    open_store,
+    stop_timeout_arg,
+)
 from cqrskit.messaging import Relay, Transport, relay_status
 
 __all__ = ["open_transport", "register_cli"]
@@ -92,6 +99,7 @@ def _add_commands(sub: Any) -> None:
     run.add_argument(
         "--owner", help="the lease owner's name (default: host:pid:random, unique per process)"
     )
+    stop_timeout_arg(run, "the batches in flight (publish, acks, checkpoint)")
     keys = run.add_mutually_exclusive_group()
     keys.add_argument(
         "--signing-key-file",
@@ -135,6 +143,7 @@ async def _run(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         owner=args.owner,
         signer=signer,
+        stop_timeout=10.0 if args.stop_timeout is None else args.stop_timeout,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,22 +267,39 @@ class Relay:
             pass
 
     async def _acquire(self) -> int:
+        """Take the lease: at once when free, else once its heartbeat stood still for
+        ``lease_ttl`` (on this process's monotonic clock). A standby looks at the lease
+        row every ``lease_ttl / 4`` without the write lock (on SQLite a write transaction
+        is the file's one write lock, which every writer — the application's commands,
+        the holder's checkpoints — would queue behind); it writes only to take the lease,
+        the take itself checking that the row is still as seen."""
         seen: tuple[int, int] | None = None
         since = time.monotonic()
         while not self._stop.is_set():
-            async with self.state_db.transaction() as s:
-                row = await state.install(s, self.identity)
-                mark = (row.lease_epoch, row.lease_beat)
-                if mark != seen:
-                    seen, since = mark, time.monotonic()
-                free = row.lease_owner is None or row.lease_owner == self.owner
-                if free or time.monotonic() - since >= self.lease_ttl:
+            async with self._look() as s:
+                row = await schema.load(s, self.name)
+            if row is None:  # not set up (start() does it; a tool may have dropped it)
+                async with self.state_db.transaction() as s:
+                    row = await state.install(s, self.identity)
+            mark = (row.lease_epoch, row.lease_beat)
+            if mark != seen:
+                seen, since = mark, time.monotonic()
+            free = row.lease_owner is None or row.lease_owner == self.owner
+            if free or time.monotonic() - since >= self.lease_ttl:
+                async with self.state_db.transaction() as s:
                     epoch = await schema.take_lease(s, self.name, self.owner, row)
-                    if epoch is not None:
-                        log.info("relay %s: lease taken (epoch %d)", self.name, epoch)
-                        return epoch
+                if epoch is not None:
+                    log.info("relay %s: lease taken (epoch %d)", self.name, epoch)
+                    return epoch
             await self._pause(self.lease_ttl / 4)
         raise _Stopped
+
+    def _look(self) -> AbstractAsyncContextManager[Session]:
+        """A read-only session for the looks at the lease, except on a state database that
+        routes read-only sessions to other servers (a replica router, whose replicas may
+        lag): there a transaction on the primary, which locks nothing by itself."""
+        db = self.state_db
+        return db.transaction() if db.routes_tokens else db.read_only()
 
     async def _fence(self, s: Session, epoch: int) -> None:
         if not await schema.fence(s, self.name, epoch):
@@ -338,7 +356,12 @@ class Relay:
                     self._committing = self._reap(epoch)
                     if time.monotonic() >= next_check:
                         next_check = time.monotonic() + self.state_interval
-                        retries = await self._retry_requests(epoch)
+                        # a look without the write lock, unless a heartbeat is due: an
+                        # idle leader looks every state_interval
+                        beat = time.monotonic() - last_beat >= self.lease_ttl / 3
+                        retries = await self._retry_requests(epoch, beat=beat)
+                        if beat:
+                            last_beat = time.monotonic()
                         if retries:  # retries number on from the committed counters
                             await self._drain(epoch, inflight)
                             await self._retry(epoch, retries)
@@ -588,10 +611,18 @@ class Relay:
 
     # -- state checks and retries --------------------------------------------------------
 
-    async def _retry_requests(self, epoch: int) -> list[tuple[int, str, int]]:
-        """Check the lease (and beat it); return the parked events flagged for a retry."""
-        async with self.state_db.transaction() as s:
-            await self._fence(s, epoch)
+    async def _retry_requests(self, epoch: int, *, beat: bool) -> list[tuple[int, str, int]]:
+        """Check the lease (and with ``beat`` beat it, in a write transaction; else in a
+        read-only look, which takes no write lock); return the parked events flagged for
+        a retry."""
+        session = self.state_db.transaction() if beat else self._look()
+        async with session as s:
+            if beat:
+                await self._fence(s, epoch)
+            else:
+                row = await schema.load(s, self.name)
+                if row is None or row.lease_epoch != epoch:
+                    raise LeaseLostError(f"relay {self.name}: lease epoch {epoch} moved on")
             rows = await s.fetchall(
                 "SELECT position, stream, version FROM cqrskit_dead_letters "
                 "WHERE projection = ? AND generation = ? AND retry = 1 ORDER BY position",

@@ -276,7 +276,8 @@ class Node:
         self.streak = 0  # healthy probes in a row while out of rotation
         self.suspect = False  # a query got no answer in time; the next probe decides
         self.queries = 0
-        self.last_error: str | None = None  # of the last failed connect or statement
+        # why the last connect or statement failed, as failure_kind() words (no driver text)
+        self.last_error: str | None = None
         self._probe_conn: Any = None
         self._probed_once = False
 

@@ -31,7 +31,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
-from cqrskit.errors import ConfigurationError, MissingExtraError, UnavailableError
+from cqrskit.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    MissingExtraError,
+    UnavailableError,
+)
 from cqrskit.projections.db import ReadDatabase, Row, Session, check_identifier
 
 try:
@@ -121,6 +126,8 @@ class PostgresSession(Session):
         schema: str,
         cache: dict[str, str],
         literals: dict[str, _Literal | None] | None = None,
+        *,
+        rollback_timeout: float | None = None,
     ) -> None:
         self._conn = conn
         self._schema = schema
@@ -128,6 +135,8 @@ class PostgresSession(Session):
         self._cache = cache
         self._literals: dict[str, _Literal | None] = {} if literals is None else literals
         self._sp = 0
+        # the longest wait for a savepoint's rollback (None: the connection's own timeout)
+        self._rollback_timeout = rollback_timeout
 
     @property
     def connection(self) -> Any:
@@ -270,9 +279,8 @@ class PostgresSession(Session):
         await self._conn.execute(f"SAVEPOINT {name}")
         try:
             yield
-        except Exception:
-            await self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
-            await self._conn.execute(f"RELEASE SAVEPOINT {name}")
+        except Exception as exc:
+            await self._roll_back_to(name, exc)
             raise
         except BaseException:
             # cancelled (a deadline): the whole transaction is rolled back by its owner,
@@ -280,6 +288,27 @@ class PostgresSession(Session):
             # confirm the cancellation, for ever if it stopped answering
             raise
         await self._conn.execute(f"RELEASE SAVEPOINT {name}")
+
+    async def _roll_back_to(self, name: str, exc: Exception) -> None:
+        """Undo a failed savepoint block, within the rollback timeout. After a statement
+        interrupted by the caller's own timeout (``asyncio.wait_for`` inside the block)
+        asyncpg first waits for the server to confirm the cancellation — for ever when it
+        stopped answering. No answer in time: the connection is ended (the server rolls
+        its transaction back) and :class:`ConnectionLostError` replaces ``exc``, so that
+        a caller catching ``exc`` does not go on in a transaction that is gone."""
+        timeout = self._rollback_timeout
+        try:
+            await self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}", timeout=timeout)
+            await self._conn.execute(f"RELEASE SAVEPOINT {name}", timeout=timeout)
+        except TimeoutError as late:
+            _end(self._conn)
+            bound = "in time" if timeout is None else f"within {timeout:g} s"
+            raise ConnectionLostError(
+                f"the database did not roll a savepoint back {bound} (after "
+                f"{type(exc).__name__}); the connection was closed and its transaction "
+                "rolled back, nothing of it was committed.",
+                hint="retry; check the database server and the network to it.",
+            ) from late
 
 
 def _end(conn: Any) -> None:
@@ -309,7 +338,9 @@ class PostgresReadDatabase(ReadDatabase):
         acquire_timeout: seconds a transaction waits for a free pooled connection before
             :class:`~cqrskit.errors.UnavailableError` (default 10; an HTTP app answers it
             503 with ``Retry-After``); also the longest wait for the ROLLBACK of a failed
-            transaction (a server that gives no answer by then has the connection ended).
+            transaction or savepoint (a server that gives no answer by then has the
+            connection ended; for a savepoint the block then raises
+            :class:`~cqrskit.errors.ConnectionLostError`).
     """
 
     dialect = "postgres"
@@ -392,7 +423,13 @@ class PostgresReadDatabase(ReadDatabase):
         try:
             await conn.execute(begin)
             try:
-                yield PostgresSession(conn, self.schema, self._cache, self._literals)
+                yield PostgresSession(
+                    conn,
+                    self.schema,
+                    self._cache,
+                    self._literals,
+                    rollback_timeout=self._acquire_timeout,
+                )
             except BaseException:
                 await self._roll_back(conn)
                 raise
@@ -417,7 +454,13 @@ class PostgresReadDatabase(ReadDatabase):
 
     def inline(self, connection: Any) -> Session:
         """See :meth:`ReadDatabase.inline`."""
-        return PostgresSession(connection, self.schema, self._cache, self._inline_literals)
+        return PostgresSession(
+            connection,
+            self.schema,
+            self._cache,
+            self._inline_literals,
+            rollback_timeout=self._acquire_timeout,
+        )
 
     async def close(self) -> None:
         """See :meth:`ReadDatabase.close`."""

@@ -114,7 +114,7 @@ class _RoutedSession(PostgresSession):
         router: PostgresReplicaRouter,
         node: Node,
     ) -> None:
-        super().__init__(conn, schema, cache)
+        super().__init__(conn, schema, cache, rollback_timeout=router.query_timeout)
         self._router = router
         self._node = node
 
@@ -565,22 +565,24 @@ class PostgresReplicaRouter(ReadDatabase):
     # -- failures ------------------------------------------------------------------------
 
     def _lost(self, node: Node, exc: BaseException) -> None:
-        """A connect, BEGIN or check on ``node`` failed."""
-        text = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
-        node.last_error = text
+        """A connect, BEGIN or check on ``node`` failed. What is kept and logged above
+        debug is :func:`failure_kind` (a few fixed words, an errno or SQLSTATE): the
+        driver's text can name users, hosts, databases and data; it is logged at debug."""
+        kind = failure_kind(exc)
+        node.last_error = kind
+        _log.debug("a query on %s failed: %s: %s", node.name, type(exc).__name__, exc)
         if node.primary:
-            _log.warning("a query session on the primary failed: %s", text)
+            _log.warning("a query session on the primary failed (%s)", kind)
             return
         if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _LOST):
-            _log.warning("a query check on %s failed: %s", node.name, text)
+            _log.warning("a query check on %s failed (%s)", node.name, kind)
             return  # the server answered: an SQL problem, not a sick server
         if isinstance(exc, TimeoutError):
             node.failures += 1
             node.suspect = True  # tried last until a probe says otherwise
             self._wake.set()  # no answer in time: let the probe decide at once
             return
-        _log.debug("a query on %s failed: %s", node.name, text)
-        node.fail(f"query failed ({failure_kind(exc)})")
+        node.fail(f"query failed ({kind})")
         self._wake.set()
         self._note_fallback()
 

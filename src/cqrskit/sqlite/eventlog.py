@@ -4,7 +4,9 @@ Every ``sqlite3`` call runs directly on the event-loop thread: a statement on a 
 takes microseconds, and a thread hop per statement (the aiosqlite way) costs several times
 more than the statement. A transaction holds the store's write lock from ``begin`` to
 ``commit``/``rollback`` (SQLite has one writer anyway), so concurrent commands in one process
-queue on an ``asyncio.Lock`` instead of on SQLite's busy handler.
+queue on it, first come first served, instead of on SQLite's busy handler. It is a small FIFO
+lock of its own (:class:`_WriteLock`), not an ``asyncio.Lock``: taking it free is a flag test
+in ``begin``, without a coroutine.
 
 Commit order: SQLite serializes writers (``BEGIN IMMEDIATE`` takes the write lock up
 front), and ``position`` is an ``INTEGER PRIMARY KEY`` assigned inside that exclusive

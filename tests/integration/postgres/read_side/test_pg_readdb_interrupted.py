@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 import pytest
 from tests.support.proxy import FaultProxy, Mode
 
+from cqrskit.errors import ConnectionLostError
 from cqrskit.postgres import PostgresReadDatabase
+from cqrskit.projections.apply import infrastructure_fault
 
 pytestmark = pytest.mark.postgres
 
@@ -33,7 +35,10 @@ async def proxy() -> AsyncIterator[FaultProxy]:
         await p.close()
 
 
-@pytest.mark.parametrize("kind", ["interrupted", "interrupted in a savepoint", "failed"])
+@pytest.mark.parametrize(
+    "kind",
+    ["interrupted", "interrupted in a savepoint", "timed out inside a savepoint", "failed"],
+)
 async def test_a_transaction_on_a_silent_server_ends_within_the_bound(
     postgres_dsn: str, pg_schema: str, proxy: FaultProxy, kind: str
 ) -> None:
@@ -52,6 +57,12 @@ async def test_a_transaction_on_a_silent_server_ends_within_the_bound(
                     async with asyncio.timeout(0.3), s.savepoint():
                         proxy.mode = Mode.BLACKHOLE
                         await s.fetchval("SELECT 2")
+                if kind == "timed out inside a savepoint":
+                    # the block sees the TimeoutError (not a cancellation): its savepoint
+                    # is rolled back, which first waits for the cancel's confirmation
+                    async with s.savepoint():
+                        proxy.mode = Mode.BLACKHOLE
+                        await asyncio.wait_for(s.fetchval("SELECT 2"), 0.3)
                 proxy.mode = Mode.BLACKHOLE
                 raise ValueError("the caller's own error")
 
@@ -64,6 +75,12 @@ async def test_a_transaction_on_a_silent_server_ends_within_the_bound(
         error = task.exception()
         if kind.startswith("interrupted"):
             assert isinstance(error, TimeoutError)
+        elif kind == "timed out inside a savepoint":
+            # typed, retried like any lost connection; never the TimeoutError a handler may
+            # catch and go on from in a transaction that is gone
+            assert isinstance(error, ConnectionLostError), repr(error)
+            assert "savepoint back within 1 s" in str(error)
+            assert infrastructure_fault(error)
         else:
             assert isinstance(error, ValueError)
 
