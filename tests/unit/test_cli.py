@@ -219,3 +219,25 @@ def test_a_group_whose_extra_is_missing_fails_only_when_used(
         assert "No module named" in capsys.readouterr().err
     finally:
         GROUPS.remove("tests.unit.no_such_group_module")
+
+
+def test_partition_tables_stay_aligned_with_postgresql_sized_positions(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cqrskit.cli.consume import print_partitions
+    from cqrskit.projections.partitions import PartitionStatus
+
+    monkeypatch.setenv("CQRSKIT_PLAIN", "1")
+    big = 3_000_000 << 20  # a PostgreSQL position: transaction id << 20, 16 digits
+    rows = [
+        PartitionStatus("balances", 0, 2, "web-1:42:0badcafe", 1, big, 0, 0, None, None, 0.0),
+        PartitionStatus("balances", 1, 2, None, 1, 7, 12, None, 13, 4.2, 0.0),
+    ]
+    print_partitions(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["partition", "position", "sequence", "lag", "owner", "gap"]
+    first, second = lines[2], lines[3]
+    # right-aligned numbers end in the same column, whatever their width
+    assert first.index(str(big)) + len(str(big)) == second.index(" 7 ") + 2
+    assert first.split()[:5] == ["0/2", str(big), "0", "0", "web-1:42:0badcafe"]
+    assert second.split() == ["1/2", "7", "12", "-", "-", "at", "13", "(4", "s)"]

@@ -17,11 +17,13 @@ import argparse
 import asyncio
 import json
 import signal
+import sys
 from typing import Any
 
 from cqrskit.cli._brokers import broker_options
 from cqrskit.cli._keys import verifier_from
 from cqrskit.cli._load import load_object
+from cqrskit.cli._output import render_table
 from cqrskit.cli.projections import (
     _close,
     _connection_args,
@@ -200,14 +202,22 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def print_partitions(rows: list[Any]) -> None:
-    """Print partition rows (``PartitionStatus``) as a table."""
-    for r in rows:
-        lag = "-" if r.lag_events is None else str(r.lag_events)
-        gap = "" if r.gap_sequence is None else f"  GAP at {r.gap_sequence} ({r.gap_seconds:.0f} s)"
-        print(
-            f"  partition {r.partition:>3}/{r.partitions:<3} position {r.position:>12} "
-            f"sequence {r.sequence:>8} lag {lag:>6}  owner {r.owner or '-'}{gap}"
-        )
+    """Print partition rows (``PartitionStatus``) as an aligned table (rich when
+    installed): partition, position, broker sequence, lag, lease owner, and the broker
+    sequence a partition waits for (``gap``)."""
+    table = [
+        [
+            f"{r.partition}/{r.partitions}",
+            r.position,
+            r.sequence,
+            r.lag_events,
+            r.owner,
+            None if r.gap_sequence is None else f"at {r.gap_sequence} ({r.gap_seconds:.0f} s)",
+        ]
+        for r in rows
+    ]
+    headers = ["partition", "position", "sequence", "lag", "owner", "gap"]
+    sys.stdout.write(render_table(headers, table, right=[1, 2, 3]))
 
 
 async def _status(args: argparse.Namespace) -> int:
