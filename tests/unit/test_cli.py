@@ -65,6 +65,17 @@ def test_plain_is_chosen_without_rich(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "─" not in render_table(["a"], [["x"]])
 
 
+def test_plain_text_when_rich_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from cqrskit.cli._output import has_rich
+
+    monkeypatch.delenv("CQRSKIT_PLAIN", raising=False)
+    monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError
+    assert not has_rich()
+    assert render_table(["a", "n"], [["x", 1]], right=[1]) == "a  n\n-  -\nx  1\n"
+
+
 def test_progress_off_a_terminal_writes_sparse_lines(tmp_path: Path) -> None:
     with (tmp_path / "out.txt").open("w+") as out:
         progress = Progress("rebuilding", out=out, every=3600)
@@ -146,6 +157,18 @@ def test_empty_results_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     code = main(["projections", "status", "--store", store, "--read", empty])
     assert code == 2
     assert "no projection was ever set up" in capsys.readouterr().err
+
+    async def bookkeeping_only() -> None:  # the tables exist, no projection registered yet
+        from cqrskit.projections import schema
+
+        db = SqliteReadDatabase(str(tmp_path / "fresh.db"))
+        async with db.transaction() as session:
+            await schema.install(session)
+        await db.close()
+
+    asyncio.run(bookkeeping_only())
+    assert main(["projections", "status", "--store", store, "--read", empty]) == 0
+    assert capsys.readouterr().out == "no projections are set up in this read database yet\n"
 
 
 def test_unknown_projection_names_are_errors(
