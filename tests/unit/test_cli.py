@@ -264,3 +264,20 @@ def test_partition_tables_stay_aligned_with_postgresql_sized_positions(
     assert first.index(str(big)) + len(str(big)) == second.index(" 7 ") + 2
     assert first.split()[:5] == ["0/2", str(big), "0", "0", "web-1:42:0badcafe"]
     assert second.split() == ["1/2", "7", "12", "-", "-", "at", "13", "(4", "s)"]
+
+
+def test_stop_timeout_with_partitions_is_refused_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a PartitionedProjector takes no stop timeout: the option would be silently dropped
+    store, read = _set_up(tmp_path)
+    args = ["projections", "run", "--store", store, "--read", read, "--partitions", "2"]
+    args += [
+        "--projection",
+        "tests.support.bank:balances",
+        "--decoder",
+        "tests.support.bank:serializer",
+    ]
+    assert main([*args, "--stop-timeout", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "--stop-timeout is not supported with --partitions" in err

@@ -243,10 +243,10 @@ def _add_commands(sub: Any) -> None:
     run.add_argument(
         "--stop-timeout",
         type=float,
-        default=10.0,
+        default=None,
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long the batch in flight may take before it is "
-        "abandoned (default: 10)",
+        "abandoned (default: 10; not with --partitions)",
     )
     run.add_argument(
         "--listen",
@@ -393,6 +393,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.partitions and args.stop_timeout is not None:
+        raise ConfigurationError(
+            "--stop-timeout is not supported with --partitions: a partitioned worker "
+            "finishes the batch in flight before it stops.",
+            hint="leave --stop-timeout out, or run without --partitions.",
+        )
     reporter = Reporter(json_lines=args.json)
     try:
         store = await open_store(
@@ -424,7 +430,7 @@ async def _run(args: argparse.Namespace) -> int:
                 lease_ttl=args.lease_ttl,
                 poll_interval=args.poll_interval,
                 owner=args.owner,
-                stop_timeout=args.stop_timeout,
+                stop_timeout=10.0 if args.stop_timeout is None else args.stop_timeout,
             )
         names = [p.name for p in projections]
         loop = asyncio.get_running_loop()
