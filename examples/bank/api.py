@@ -11,7 +11,7 @@ request and stops it on SIGTERM or Ctrl-C, the projector finishing its batch and
 its lease. Serve it with any ASGI server::
 
     BANK_DIR=data uvicorn --factory examples.bank.api:app_from_env
-    BANK_DIR=data gunicorn -k uvicorn_worker.UvicornWorker 'examples.bank.api:app_from_env()'
+    BANK_DIR=data gunicorn -k cqrskit.gunicorn.UvicornWorker 'examples.bank.api:app_from_env()'
 
 Who is calling comes from the ``X-Customer`` header — a stand-in for real authentication
 (a session or a verified token) that keeps the example short; ``teller`` acts for the bank.

@@ -684,9 +684,20 @@ def install(
             one is answered 413 before it is read in full. ``None`` turns the limit off.
 
     Raises:
-        ConfigurationError: ``install`` was already called on ``app``, or ``mediator`` is
-            neither a Mediator nor a callable.
+        ConfigurationError: ``install`` was already called on ``app``, the app already
+            started (``install`` called in its lifespan), or ``mediator`` is neither a
+            Mediator nor a callable.
     """
+    if app.middleware_stack is not None:
+        # Starlette builds the middleware stack on the app's first call (the lifespan's
+        # startup): it would refuse our middleware with a RuntimeError that does not say
+        # what to do instead
+        raise ConfigurationError(
+            "cqrskit.fastapi.install() was called after the application started (inside "
+            "its lifespan?): middleware can only be added before.",
+            hint="call install(app, services) when building the app; services(app) opens "
+            "the stores at startup and yields the mediator (docs/fastapi.md).",
+        )
     if getattr(app.state, "cqrskit_installed", False):
         raise ConfigurationError(
             "cqrskit.fastapi.install() was called twice on the same application.",

@@ -3,7 +3,10 @@
 The bank opens in the application's lifespan (``install(app, services)``); a signal to the
 server must stop the in-process ``history`` projector (its batch committed or abandoned),
 release its lease at once — not after ``lease_ttl`` — and close the stores, and the server
-must exit cleanly. uvicorn gets SIGTERM and SIGINT; gunicorn (with uvicorn workers) gets SIGTERM.
+must exit cleanly. uvicorn gets SIGTERM and SIGINT. gunicorn's master passes SIGTERM on to
+its workers as SIGTERM, and SIGINT and SIGQUIT (its quick shutdown) as SIGQUIT, which the
+stock ``uvicorn_worker.UvicornWorker`` ignores until the master kills it; with
+``cqrskit.gunicorn.UvicornWorker`` all three stop the application gracefully.
 """
 
 from __future__ import annotations
@@ -153,7 +156,27 @@ def test_uvicorn_stops_on_a_signal_and_releases_the_lease(tmp_path: Path, sig: i
     _exercise_and_stop(proc, port, directory, log, sig)
 
 
-def test_gunicorn_with_uvicorn_workers_stops_on_sigterm(tmp_path: Path) -> None:
+def _no_control_socket() -> list[str]:
+    # gunicorn >= 24 opens a control socket in the home directory by default: not ours to
+    # create, and shared between concurrent test runs
+    from gunicorn.config import Config
+
+    return ["--no-control-socket"] if "control_socket_disable" in Config().settings else []
+
+
+@pytest.mark.parametrize(
+    ("worker", "sig"),
+    [
+        ("uvicorn_worker.UvicornWorker", signal.SIGTERM),
+        ("cqrskit.gunicorn.UvicornWorker", signal.SIGTERM),
+        ("cqrskit.gunicorn.UvicornWorker", signal.SIGINT),
+        ("cqrskit.gunicorn.UvicornWorker", signal.SIGQUIT),
+    ],
+    ids=["stock-SIGTERM", "cqrskit-SIGTERM", "cqrskit-SIGINT", "cqrskit-SIGQUIT"],
+)
+def test_gunicorn_with_uvicorn_workers_stops_on_a_signal(
+    tmp_path: Path, worker: str, sig: int
+) -> None:
     pytest.importorskip("gunicorn", reason="gunicorn is in the dev extra")
     pytest.importorskip("uvicorn_worker", reason="uvicorn-worker is in the dev extra")
     sock = _listening_socket()
@@ -167,13 +190,14 @@ def test_gunicorn_with_uvicorn_workers_stops_on_sigterm(tmp_path: Path) -> None:
                 "-m",
                 "gunicorn",
                 "-k",
-                "uvicorn_worker.UvicornWorker",
+                worker,
                 "--workers",
                 "1",
                 "--bind",
                 f"fd://{sock.fileno()}",
                 "--graceful-timeout",
                 "30",
+                *_no_control_socket(),
                 "examples.bank.api:app_from_env()",
             ],
             cwd=ROOT,
@@ -183,4 +207,4 @@ def test_gunicorn_with_uvicorn_workers_stops_on_sigterm(tmp_path: Path) -> None:
             pass_fds=[sock.fileno()],
         )
     sock.close()
-    _exercise_and_stop(proc, port, directory, log, signal.SIGTERM)
+    _exercise_and_stop(proc, port, directory, log, sig)

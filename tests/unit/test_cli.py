@@ -65,6 +65,17 @@ def test_plain_is_chosen_without_rich(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "─" not in render_table(["a"], [["x"]])
 
 
+def test_plain_text_when_rich_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from cqrskit.cli._output import has_rich
+
+    monkeypatch.delenv("CQRSKIT_PLAIN", raising=False)
+    monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError
+    assert not has_rich()
+    assert render_table(["a", "n"], [["x", 1]], right=[1]) == "a  n\n-  -\nx  1\n"
+
+
 def test_progress_off_a_terminal_writes_sparse_lines(tmp_path: Path) -> None:
     with (tmp_path / "out.txt").open("w+") as out:
         progress = Progress("rebuilding", out=out, every=3600)
@@ -147,6 +158,18 @@ def test_empty_results_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert code == 2
     assert "no projection was ever set up" in capsys.readouterr().err
 
+    async def bookkeeping_only() -> None:  # the tables exist, no projection registered yet
+        from cqrskit.projections import schema
+
+        db = SqliteReadDatabase(str(tmp_path / "fresh.db"))
+        async with db.transaction() as session:
+            await schema.install(session)
+        await db.close()
+
+    asyncio.run(bookkeeping_only())
+    assert main(["projections", "status", "--store", store, "--read", empty]) == 0
+    assert capsys.readouterr().out == "no projections are set up in this read database yet\n"
+
 
 def test_unknown_projection_names_are_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -219,3 +242,42 @@ def test_a_group_whose_extra_is_missing_fails_only_when_used(
         assert "No module named" in capsys.readouterr().err
     finally:
         GROUPS.remove("tests.unit.no_such_group_module")
+
+
+def test_partition_tables_stay_aligned_with_postgresql_sized_positions(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cqrskit.cli.consume import print_partitions
+    from cqrskit.projections.partitions import PartitionStatus
+
+    monkeypatch.setenv("CQRSKIT_PLAIN", "1")
+    big = 3_000_000 << 20  # a PostgreSQL position: transaction id << 20, 16 digits
+    rows = [
+        PartitionStatus("balances", 0, 2, "web-1:42:0badcafe", 1, big, 0, 0, None, None, 0.0),
+        PartitionStatus("balances", 1, 2, None, 1, 7, 12, None, 13, 4.2, 0.0),
+    ]
+    print_partitions(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["partition", "position", "sequence", "lag", "owner", "gap"]
+    first, second = lines[2], lines[3]
+    # right-aligned numbers end in the same column, whatever their width
+    assert first.index(str(big)) + len(str(big)) == second.index(" 7 ") + 2
+    assert first.split()[:5] == ["0/2", str(big), "0", "0", "web-1:42:0badcafe"]
+    assert second.split() == ["1/2", "7", "12", "-", "-", "at", "13", "(4", "s)"]
+
+
+def test_stop_timeout_with_partitions_is_refused_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a PartitionedProjector takes no stop timeout: the option would be silently dropped
+    store, read = _set_up(tmp_path)
+    args = ["projections", "run", "--store", store, "--read", read, "--partitions", "2"]
+    args += [
+        "--projection",
+        "tests.support.bank:balances",
+        "--decoder",
+        "tests.support.bank:serializer",
+    ]
+    assert main([*args, "--stop-timeout", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "--stop-timeout applies to the one-process projector only" in err

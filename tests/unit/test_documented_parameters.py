@@ -12,9 +12,9 @@ import pytest
 from cqrskit import Idempotency
 from cqrskit.fastapi import install
 from cqrskit.pipeline import recommended
-from cqrskit.postgres import PostgresReadDatabase
-from cqrskit.projections import Projector
-from cqrskit.sqlite import SqliteEventStore
+from cqrskit.postgres import PostgresEventStore, PostgresReadDatabase
+from cqrskit.projections import PartitionedProjector, Projector
+from cqrskit.sqlite import SqliteEventStore, SqliteReadDatabase
 
 OPERATIONS = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
 
@@ -24,6 +24,10 @@ CALLABLES: list[tuple[str, Any, Any]] = [
     ("install", install, install),
     ("recommended", recommended, recommended),
     ("PostgresReadDatabase", PostgresReadDatabase, PostgresReadDatabase),
+    ("PostgresEventStore.open", PostgresEventStore.open, PostgresEventStore.open),
+    ("SqliteEventStore", SqliteEventStore, SqliteEventStore),
+    ("SqliteReadDatabase", SqliteReadDatabase, SqliteReadDatabase),
+    ("PartitionedProjector", PartitionedProjector, PartitionedProjector),
 ]
 
 
@@ -33,6 +37,9 @@ def test_every_keyword_parameter_is_documented(name: str, target: Any, doc_of: A
     doc = inspect.getdoc(doc_of) or ""
     if name == "Idempotency.open":
         doc += inspect.getdoc(Idempotency) or ""
+    if name == "PartitionedProjector":  # "Arguments are the Projector's, plus: ..."
+        assert "Arguments are the :class:`~cqrskit.projections.Projector`'s" in doc
+        doc += inspect.getdoc(Projector) or ""
     keywords = [p for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
     assert keywords, name
     for param in keywords:
@@ -56,3 +63,28 @@ def test_the_lease_owner_format_and_leading_are_documented() -> None:
     assert "stands by" in (inspect.getdoc(Projector.leading) or "")
     assert "``None`` when no command" in (inspect.getdoc(Idempotency.lookup) or "")
     assert "outside a command" in (inspect.getdoc(SqliteEventStore.write_connection) or "")
+
+
+def _shown(default: object) -> str:
+    return f'"{default}"' if isinstance(default, str) else repr(default)
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [(n, t) for n, t, _ in CALLABLES if n not in ("Projector", "PartitionedProjector")],
+    ids=[n for n, _, _ in CALLABLES if n not in ("Projector", "PartitionedProjector")],
+)
+def test_signatures_in_the_reference_show_the_real_defaults(name: str, target: Any) -> None:
+    """The reference gives these as signatures, ``name=default``: each default as in the
+    code (a changed default fails here until the reference says so)."""
+    reference = OPERATIONS[OPERATIONS.index("## Parameters and defaults") :]
+    reference = reference[: reference.index("\n## ")]
+    start = reference.index(f"`{name}(")
+    shown = " ".join(reference[start : reference.index(")`", start)].split())
+    for param in inspect.signature(target).parameters.values():
+        if param.kind is not param.KEYWORD_ONLY:
+            continue
+        if param.default is param.empty:
+            assert f" {param.name}," in shown or f" {param.name})" in shown, (name, param.name)
+        elif isinstance(param.default, str | int | float | bool | None):
+            assert f"{param.name}={_shown(param.default)}" in shown, (name, param.name, shown)

@@ -18,7 +18,15 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from cqrskit import Command, Dependencies, Mediator, PersistenceError, Query, Registry
+from cqrskit import (
+    Command,
+    ConfigurationError,
+    Dependencies,
+    Mediator,
+    PersistenceError,
+    Query,
+    Registry,
+)
 from cqrskit.fastapi import CqrsDep, install
 from cqrskit.projections import ReadSession
 from cqrskit.sqlite import SqliteEventStore, SqliteReadDatabase
@@ -164,6 +172,30 @@ async def test_services_must_yield_a_mediator() -> None:
     with pytest.raises(Exception, match="yielded str, not a Mediator"):
         async with app.router.lifespan_context(app):
             pass
+
+
+async def test_install_inside_a_lifespan_says_what_to_do_instead() -> None:
+    """The pattern users tried first: open the store in the lifespan, install there."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install(app, make())
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    sent: list[dict[str, object]] = []
+    incoming = iter([{"type": "lifespan.startup"}])
+
+    async def receive() -> dict[str, object]:
+        return next(incoming)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    with pytest.raises(ConfigurationError, match="after the application started") as caught:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert "install(app, services)" in (caught.value.hint or "")
+    assert sent[-1]["type"] == "lifespan.startup.failed"
 
 
 def test_install_refuses_something_else() -> None:

@@ -101,3 +101,19 @@ async def test_conflicts_are_retried_and_bad_input_is_not() -> None:
     with pytest.raises(NotAuthorizedError):
         await mediator.send(Bump(1))
     assert calls == []
+
+
+@pytest.mark.parametrize("page", ["quickstart.md", "fastapi.md"])
+def test_the_quickstart_and_the_fastapi_guide_build_services_with_it(page: str) -> None:
+    """Every example there that dispatches to a store builds its pipeline with
+    ``recommended(...)``: the pipeline a reader copies retries conflicts."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / page).read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
+    with_store = [b for b in blocks if "store.resolver()" in b]
+    assert with_store, page
+    for block in with_store:
+        assert "behaviors=recommended(" in block, block[:300]
+        assert "store.transaction()" not in block, block[:300]

@@ -121,7 +121,8 @@ class Monitor:
         if checkpoint >= head:
             if not seen.caught_up:
                 if seen.progress is not None:
-                    seen.progress.update(checkpoint - (seen.catching_from or 0), 0)
+                    done = checkpoint - (seen.catching_from or 0)
+                    seen.progress.update(done, done)  # the last line: N/N (100%)
                     seen.progress.finish()
                     seen.progress = None
                 self.reporter.say(

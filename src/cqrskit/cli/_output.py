@@ -197,11 +197,19 @@ class Reporter:
 
 
 def print_partitions(rows: list[Any]) -> None:
-    """Print partition rows (``PartitionStatus``) as a table."""
-    for r in rows:
-        lag = "-" if r.lag_events is None else str(r.lag_events)
-        gap = "" if r.gap_sequence is None else f"  GAP at {r.gap_sequence} ({r.gap_seconds:.0f} s)"
-        print(
-            f"  partition {r.partition:>3}/{r.partitions:<3} position {r.position:>12} "
-            f"sequence {r.sequence:>8} lag {lag:>6}  owner {r.owner or '-'}{gap}"
-        )
+    """Print partition rows (``PartitionStatus``) as an aligned table (rich when
+    installed): partition, position, broker sequence, lag, lease owner, and the broker
+    sequence a partition waits for (``gap``)."""
+    table = [
+        [
+            f"{r.partition}/{r.partitions}",
+            r.position,
+            r.sequence,
+            r.lag_events,
+            r.owner,
+            None if r.gap_sequence is None else f"at {r.gap_sequence} ({r.gap_seconds:.0f} s)",
+        ]
+        for r in rows
+    ]
+    headers = ["partition", "position", "sequence", "lag", "owner", "gap"]
+    sys.stdout.write(render_table(headers, table, right=[1, 2, 3]))

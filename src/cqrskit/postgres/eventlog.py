@@ -299,6 +299,22 @@ class PostgresEventStore(EventStore):
         """Connect a pool to ``dsn`` and prepare (or check) the tables.
 
         Args:
+            dsn: a libpq connection string or URL (``postgresql://user@host/db``).
+            schema: the schema holding the event log (default ``"public"``; validated,
+                quoted).
+            table: the event-log table name (default ``"cqrskit_events"``).
+            create_tables: create the schema's tables when missing (default ``True``);
+                with ``False`` they must exist (print the DDL with ``cqrskit ddl
+                postgres``) and a missing table is a :class:`ConfigurationError`.
+            notify: send ``NOTIFY`` in each commit (default ``False``; see the class).
+            min_size: connections the read pool keeps open (default 1).
+            max_size: the most connections of each of the store's two pools (default 10):
+                the read pool (reads of the log, status queries) and the write
+                connections (one per command in its transaction). A command that finds
+                every write connection busy waits for one; plan for up to twice this
+                many server connections per process (plus one while listening for
+                notifications).
+            encoder: how events become rows (default: JSON).
             commit_timeout: seconds to wait for the reply to a COMMIT. A reply that does
                 not come by then (a frozen server, a black-holed link, a synchronous
                 standby that is down) ends the connection, which is discarded, and the

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -234,3 +235,19 @@ async def test_a_read_database_never_set_up_is_named(
     async with read_db, _app(_mediator(store, read_db, attempts=1)) as c:
         r = await c.get("/missing")
     assert (r.status_code, r.json()["type"]) == (503, "urn:cqrskit:problem:read-model-missing")
+
+
+def test_the_cli_hint_for_a_missing_event_log_names_cli_options(
+    postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cqrskit.cli import main
+
+    schema = f"cqrskit_t_{uuid.uuid4().hex[:16]}"  # never created: no event log there
+    read = f"sqlite:///{tmp_path / 'read.db'}"
+    args = ["projections", "status", "--store", postgres_dsn, "--store-schema", schema]
+    assert main([*args, "--read", read]) == 2
+    err = capsys.readouterr().err
+    assert f"{schema}.cqrskit_events does not exist" in err
+    assert "--create-tables" in err
+    assert "cqrskit ddl postgres" in err
+    assert "create_tables=True" not in err
