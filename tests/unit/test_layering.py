@@ -285,3 +285,26 @@ def test_side_neutral_modules_hold_no_database_specific_sql() -> None:
             and any(token in node.value for token in _DATABASE_ONLY_SQL)
         ]
     assert wrong == []
+
+
+def test_the_sqlalchemy_wrappers_use_only_public_members_of_the_store_they_wrap() -> None:
+    # each wrapper holds its PostgreSQL or SQLite store as ``events``; it writes through the
+    # store's public seam (append_statement / append_through, translate_error,
+    # commit_timeout, encoder, notify_committed), never through its internals
+    path = _PACKAGE / "sqlalchemy.py"
+    tree = ast.parse(path.read_text(), str(path))
+    reached = [
+        f"sqlalchemy.py:{node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and ast.unparse(node.value).split(".")[-1] in {"events", "pg"}
+    ]
+    uses = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value).endswith("events")
+    }
+    assert reached == []
+    assert {"append_statement", "append_through", "translate_error", "notify_committed"} <= uses
