@@ -41,6 +41,7 @@ class SlowCommits(ReadDatabase):
         self.inner = inner
         self.delay = delay
         self.dialect = inner.dialect
+        self.flavor = inner.flavor
 
     def transaction(self) -> AbstractAsyncContextManager[Session]:
         return self._tx()

@@ -494,6 +494,19 @@ class EventStore(ABC):
             self._waiters.discard(fut)
         return True
 
+    @property
+    def encoder(self) -> Encoder:
+        """What turns an event into its stored form (type, schema version, JSON data): the
+        ``encoder`` this store was made with, else cqrskit's. A wrapper that writes this
+        store's events through a connection of its own encodes with it."""
+        return self._encode
+
+    def notify_committed(self) -> None:
+        """Wake every :meth:`wait_for` caller: events were committed. The store's own units
+        of work do it after each commit; a wrapper that inserts events through a connection
+        of its own (``cqrskit.sqlalchemy``) calls it after its COMMIT."""
+        self._wake()
+
     def _wake(self) -> None:
         """Wake every :meth:`wait_for` caller (after a commit)."""
         waiters = self._waiters

@@ -124,7 +124,7 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
             raw = await (await session.connection()).get_raw_connection()
             driver: Any = raw.driver_connection  # the asyncpg connection (checked dialect)
             timer = asyncio.get_running_loop().call_later(
-                store.events._commit_timeout, driver.terminate
+                store.events.commit_timeout, driver.terminate
             )
             committing = True
             try:
@@ -140,8 +140,8 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         self._close()
         await session.close()
         if stored:
-            store.events._wake()
-            store._wake()
+            store.events.notify_committed()
+            store.notify_committed()
         return last
 
     async def rollback(self) -> None:
@@ -184,7 +184,7 @@ class SqlAlchemyEventStore(EventStore):
                 f"SqlAlchemyEventStore needs a PostgresEventStore, got {type(events).__name__}.",
                 hint="open one with: await PostgresEventStore.open(dsn, schema=...)",
             )
-        super().__init__(encoder=events._encode)
+        super().__init__(encoder=events.encoder)
         self.events = events
         self.sessions = sessions
         self._checked = False
@@ -246,10 +246,9 @@ class SqlAlchemyEventStore(EventStore):
         self._checked = True
 
     async def _insert(self, session: AsyncSession, uow: SqlAlchemyUnitOfWork) -> list[StoredEvent]:
-        pg = self.events
-        rows = uow.pending_rows(self._encode)
+        sql, arguments, rows = self.events.append_statement(uow)
         conn = await session.connection()
-        result = await conn.exec_driver_sql(pg._sql_insert_returning, tuple(pg._columns(rows)))
+        result = await conn.exec_driver_sql(sql, tuple(arguments))
         got: list[Any] = list(result.all())
         out: list[StoredEvent] = []
         for r, (position, _stream, version) in zip(rows, got, strict=True):
@@ -287,7 +286,7 @@ class SqlAlchemyEventStore(EventStore):
             if isinstance(cause, asyncpg.PostgresError):
                 # stream conflicts become ConcurrencyError; the application's own errors
                 # (an ORM unique violation, say) stay SQLAlchemy's
-                translated = await self.events._translate(cause, recorded)
+                translated = await self.events.translate_error(cause, recorded)
                 return translated if isinstance(translated, ConcurrencyError) else exc
             cause = cause.__cause__ or cause.__context__
         return exc
@@ -395,7 +394,7 @@ class SyncSqlAlchemyUnitOfWork(UnitOfWork):
                         "SyncSqlAlchemyStore needs an engine on the stdlib sqlite3 driver.",
                         hint="create the engine with create_engine('sqlite:///path.db').",
                     )
-                last = events._append(raw, self)[-1][0]
+                last = events.append_through(raw, self)
             session.commit()
         except BaseException:
             self.rollback_sync()

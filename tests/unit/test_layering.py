@@ -235,3 +235,76 @@ def test_importing_the_read_side_loads_no_messaging_and_no_technology() -> None:
     loaded = set(ast.literal_eval(out))
     assert "projections" in loaded
     assert loaded.isdisjoint(TECHNOLOGIES | PICKERS | KITS | {"messaging"})
+
+
+def _side_neutral_sources() -> list[tuple[str, ast.Module]]:
+    upper = TECHNOLOGIES | PICKERS | KITS
+    found = []
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        if _layer(module) not in upper:
+            found.append((module, ast.parse(path.read_text(), str(path))))
+    return found
+
+
+def test_side_neutral_modules_never_branch_on_the_database_name() -> None:
+    # what differs between databases is the session's SqlFlavor (projections/db.py)
+    wrong = [
+        f"{module}:{node.lineno}"
+        for module, tree in _side_neutral_sources()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        and any(
+            isinstance(side, ast.Attribute | ast.Name)
+            and (side.attr if isinstance(side, ast.Attribute) else side.id) == "dialect"
+            for side in (node.left, *node.comparators)
+        )
+    ]
+    assert wrong == []
+
+
+# SQL one database has and the other lacks: only a technology's SqlFlavor spells it
+_DATABASE_ONLY_SQL = ("pg_", "set_config", "FOR UPDATE", "FOR SHARE", "FOR NO KEY", "SKIP LOCKED")
+
+
+def test_side_neutral_modules_hold_no_database_specific_sql() -> None:
+    wrong = []
+    for module, tree in _side_neutral_sources():
+        # text standing alone (docstrings, attribute docs) is prose, not a statement
+        docstrings = {
+            id(node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        }
+        wrong += [
+            f"{module}:{node.lineno}: {node.value!r}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+            and any(token in node.value for token in _DATABASE_ONLY_SQL)
+        ]
+    assert wrong == []
+
+
+def test_the_sqlalchemy_wrappers_use_only_public_members_of_the_store_they_wrap() -> None:
+    # each wrapper holds its PostgreSQL or SQLite store as ``events``; it writes through the
+    # store's public seam (append_statement / append_through, translate_error,
+    # commit_timeout, encoder, notify_committed), never through its internals
+    path = _PACKAGE / "sqlalchemy.py"
+    tree = ast.parse(path.read_text(), str(path))
+    reached = [
+        f"sqlalchemy.py:{node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and ast.unparse(node.value).split(".")[-1] in {"events", "pg"}
+    ]
+    uses = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value).endswith("events")
+    }
+    assert reached == []
+    assert {"append_statement", "append_through", "translate_error", "notify_committed"} <= uses

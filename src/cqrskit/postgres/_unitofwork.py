@@ -141,7 +141,7 @@ class PostgresUnitOfWork(UnitOfWork):
                 "command can be retried (it will get a new connection).",
             )
         await self._abort()
-        return await self.store._translate(exc, self.recorded)
+        return await self.store.translate_error(exc, self.recorded)
 
     def _failure(self, exc: BaseException) -> BaseException:
         """See :meth:`UnitOfWork._failure`: a statement of the handler (or of the

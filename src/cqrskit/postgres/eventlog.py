@@ -88,6 +88,7 @@ from cqrskit.eventlog import (
     NewEvent,
     PendingRow,
     StoredEvent,
+    UnitOfWork,
     validate_identifier,
 )
 from cqrskit.messages import Metadata
@@ -264,6 +265,28 @@ class PostgresEventStore(EventStore):
             f"SELECT position FROM {s}.{t} WHERE stream = $1 AND message_id = $2 "
             "ORDER BY position DESC LIMIT 1"
         )
+
+    @property
+    def commit_timeout(self) -> float:
+        """Seconds a commit waits for COMMIT's reply before the connection is ended and the
+        outcome reported unknown (see :meth:`open`); a wrapper committing this log's events
+        on a connection of its own bounds its COMMIT with it too."""
+        return self._commit_timeout
+
+    def append_statement(self, uow: UnitOfWork) -> tuple[str, list[list[Any]], list[PendingRow]]:
+        """The statement that appends ``uow``'s events on a connection of the caller's,
+        which must be inside the transaction that commits them and have run
+        :attr:`appender_lock_sql` first (``cqrskit.sqlalchemy`` sends it through the ORM
+        session's connection).
+
+        Returns ``(sql, arguments, rows)``: one ``INSERT ... RETURNING position, stream,
+        version`` in asyncpg's ``$n`` style with positions in commit order and the
+        stream-version checks of every commit; its ten array arguments; and the events,
+        encoded with :attr:`encoder`, in the order of the returned rows. An error the
+        statement raises becomes cqrskit's through :meth:`translate_error`.
+        """
+        rows = uow.pending_rows(self._encode)
+        return self._sql_insert_returning, self._columns(rows), rows
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -652,7 +675,11 @@ class PostgresEventStore(EventStore):
             )
         return out
 
-    async def _translate(self, exc: Exception, recorded: Sequence[NewEvent]) -> Exception:
+    async def translate_error(self, exc: Exception, recorded: Sequence[NewEvent]) -> Exception:
+        """The error to raise for ``exc``, which the driver raised while appending
+        ``recorded`` (a unit of work's events): :class:`~cqrskit.errors.ConcurrencyError`
+        for a stream conflict (an expected version that did not hold, a concurrent or
+        younger writer of the stream), else :class:`~cqrskit.errors.PersistenceError`."""
         state = getattr(exc, "sqlstate", None)
         if state == _CONFLICT_STATE:
             stream, actual, expected = _parse_conflict(exc)

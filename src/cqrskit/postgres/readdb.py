@@ -37,14 +37,14 @@ from cqrskit.errors import (
     MissingExtraError,
     UnavailableError,
 )
-from cqrskit.projections.db import ReadDatabase, Row, Session, check_identifier
+from cqrskit.projections.db import ReadDatabase, Row, Session, SqlFlavor, check_identifier
 
 try:
     import asyncpg
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingExtraError("postgres", "asyncpg") from exc
 
-__all__ = ["PostgresReadDatabase", "PostgresSession"]
+__all__ = ["PostgresFlavor", "PostgresReadDatabase", "PostgresSession"]
 
 _TOKENS = re.compile(
     r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|\bcqrskit_(?:projections|checkpoints|dead_letters|lease_holders)\b"
@@ -115,10 +115,37 @@ _RENDER: dict[str, Render] = {
 _Literal = tuple[list[str], list[int], list[tuple[Render, str]]]
 
 
+class PostgresFlavor(SqlFlavor):
+    """PostgreSQL's spelling of the bookkeeping's SQL (see :class:`SqlFlavor`): row locks,
+    ``SKIP LOCKED``, ``pg_advisory_xact_lock`` and ``idle_in_transaction_session_timeout``."""
+
+    __slots__ = ()
+
+    greatest = "GREATEST"
+    for_share = " FOR SHARE"
+    for_update = " FOR UPDATE"
+    for_no_key_update = " FOR NO KEY UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+    batches_statements = True
+
+    def advisory_lock(self, key: int) -> str:
+        """See :meth:`SqlFlavor.advisory_lock`."""
+        return f"SELECT pg_advisory_xact_lock({int(key)})"
+
+    def idle_limit(self, hold: float) -> tuple[str, str]:
+        """See :meth:`SqlFlavor.idle_limit`: ``set_config`` for this transaction only."""
+        millis = str(max(1, round(hold * 1000)))
+        return "set_config('idle_in_transaction_session_timeout', ?, true)", millis
+
+
+_FLAVOR = PostgresFlavor()
+
+
 class PostgresSession(Session):
     """A :class:`Session` over an ``asyncpg`` connection already inside a transaction."""
 
     dialect = "postgres"
+    flavor = _FLAVOR
 
     def __init__(
         self,
@@ -344,6 +371,7 @@ class PostgresReadDatabase(ReadDatabase):
     """
 
     dialect = "postgres"
+    flavor = _FLAVOR
 
     def __init__(
         self,

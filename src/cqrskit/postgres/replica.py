@@ -197,6 +197,7 @@ class PostgresReplicaRouter(ReadDatabase):
     """
 
     dialect = "postgres"
+    flavor = PostgresSession.flavor
     routes_tokens = True
 
     def __init__(

@@ -25,7 +25,7 @@ from cqrskit.projections.consistency import (
     read_spec,
     reads,
 )
-from cqrskit.projections.db import ReadDatabase, Session
+from cqrskit.projections.db import ReadDatabase, Session, SqlFlavor
 from cqrskit.projections.inline import InlineProjections
 from cqrskit.projections.partitioned import PartitionedProjector
 from cqrskit.projections.partitions import PartitionStatus, partition_status
@@ -67,6 +67,7 @@ __all__ = [
     "RebuildProgress",
     "Session",
     "Signal",
+    "SqlFlavor",
     "TokenRequest",
     "ask_consistent",
     "cancel_rebuild",

@@ -128,11 +128,13 @@ class BatchSession(Session):
         "_failed",
         "unbatched",
         "dialect",
+        "flavor",
     )
 
     def __init__(self, session: Session, unbatched: set[Any] | None = None) -> None:
         self._session = session
         self.dialect = session.dialect
+        self.flavor = session.flavor
         self._pending: list[_Queued] = []
         # index in _pending where the running handler's statements start (-1: none runs)
         self._own = -1

@@ -3,7 +3,10 @@
 Projection handlers, the projector's bookkeeping and query handlers all talk to a read
 database through a :class:`Session`. SQL uses ``?`` placeholders everywhere; the PostgreSQL
 adapter rewrites them to ``$1, $2 ...`` (once per distinct statement), so the same
-projection code runs on SQLite and PostgreSQL.
+projection code runs on SQLite and PostgreSQL. What the bookkeeping needs beyond portable
+SQL (row locks, an advisory lock, the two-argument maximum ...) each database spells in its
+:class:`SqlFlavor`, which its sessions carry (``session.flavor``): the side-neutral code
+asks the flavor, never the database's name.
 """
 
 from __future__ import annotations
@@ -16,9 +19,19 @@ from typing import Any, ClassVar, Literal, Self
 
 from cqrskit.errors import ConfigurationError
 
-__all__ = ["Dialect", "ReadDatabase", "Session", "check_identifier", "quote", "to_dollar"]
+__all__ = [
+    "Dialect",
+    "ReadDatabase",
+    "Session",
+    "SqlFlavor",
+    "check_identifier",
+    "quote",
+    "to_dollar",
+]
 
 Dialect = Literal["sqlite", "postgres"]
+# the built-in databases' names (kept for imports of earlier releases): ``dialect`` is any
+# ``str`` naming the database, for messages; what differs in its SQL is its SqlFlavor
 Row = Sequence[Any]
 
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: "$" accepts a final newline
@@ -66,13 +79,66 @@ def to_dollar(sql: str) -> str:
     return out
 
 
+class SqlFlavor(ABC):
+    """How one database spells what the read side's bookkeeping needs beyond portable SQL.
+
+    A technology package supplies one (``cqrskit.postgres.readdb.PostgresFlavor``,
+    ``cqrskit.sqlite.readdb.SqliteFlavor``) as the ``flavor`` of its :class:`Session` and
+    :class:`ReadDatabase`; the side-neutral modules (checkpoints, leases, partitions, the
+    rebuild's switch) build their statements from it. A row-lock suffix is appended to a
+    ``SELECT``; it is ``""`` on a database whose write transaction already holds every lock
+    a statement could take (SQLite's ``BEGIN IMMEDIATE`` holds the file's write lock).
+    """
+
+    __slots__ = ()
+
+    greatest: ClassVar[str]
+    """The SQL function returning the larger of two values (``GREATEST``, SQLite's ``max``)."""
+
+    for_share: ClassVar[str]
+    """Suffix locking the selected rows against writers until the transaction ends
+    (``" FOR SHARE"``), or ``""``."""
+
+    for_update: ClassVar[str]
+    """Suffix locking the selected rows for an update (``" FOR UPDATE"``), or ``""``."""
+
+    for_no_key_update: ClassVar[str]
+    """Suffix locking the selected rows for an update that changes no key (``" FOR NO KEY
+    UPDATE"``: foreign-key checks of other transactions are not blocked), or ``""``."""
+
+    skip_locked: ClassVar[str | None]
+    """Suffix locking the selected rows for an update and leaving out the rows another
+    transaction holds a lock on (``" FOR UPDATE SKIP LOCKED"``); ``None`` where a row
+    cannot be locked by another transaction while this one writes (the statements are
+    then written without the sub-select it needs)."""
+
+    batches_statements: ClassVar[bool]
+    """Whether sending a transaction's statements together saves round trips (a server):
+    inline projections then queue their handlers' writes (see
+    :mod:`cqrskit.projections.batch`); in-process SQLite runs them as issued."""
+
+    @abstractmethod
+    def advisory_lock(self, key: int) -> str | None:
+        """A statement taking the transaction-scoped lock ``key`` (held until the
+        transaction ends; serializes, say, concurrent installs of the bookkeeping tables),
+        or ``None`` where the write transaction is already exclusive."""
+
+    @abstractmethod
+    def idle_limit(self, hold: float) -> tuple[str, str] | None:
+        """A SQL expression with one ``?`` and its parameter which, evaluated in a
+        transaction, has the server end the session if the transaction then sits idle for
+        ``hold`` seconds (for this transaction only); ``None``: no such setting."""
+
+
 class Session(ABC):
     """One read-database connection inside a transaction.
 
     Statements use ``?`` placeholders. Rows are sequences indexable by column position.
+    A session that wraps another copies its ``dialect`` and ``flavor``.
     """
 
-    dialect: Dialect
+    dialect: str
+    flavor: SqlFlavor
 
     @property
     @abstractmethod
@@ -120,10 +186,12 @@ class ReadDatabase(ABC):
     """A database holding read models, checkpoints, leases and dead letters.
 
     It may be the write database itself (another connection to the same SQLite file or
-    PostgreSQL database) or a separate one.
+    PostgreSQL database) or a separate one. Its sessions have its ``dialect`` and
+    ``flavor``.
     """
 
-    dialect: Dialect
+    dialect: str
+    flavor: SqlFlavor
     routes_tokens: ClassVar[bool] = False
     """``True`` for a database that chooses the server of each read-only session (a
     replica router): the :class:`~cqrskit.projections.ConsistencyGate` then hands it the

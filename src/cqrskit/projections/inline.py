@@ -92,9 +92,10 @@ class InlineProjections:
         if not stored_events:
             return
         session = self.read_db.inline(uow.connection)
-        # on PostgreSQL the events' writes go together (round trips); on SQLite they run as
-        # issued: no round trip to save, and a handler may catch its own statement's error
-        batched = session.dialect == "postgres"
+        # on a server (PostgreSQL) the events' writes go together (round trips); on SQLite
+        # they run as issued: no round trip to save, and a handler may catch its own
+        # statement's error
+        batched = session.flavor.batches_statements
         last = max(e.position for e in stored_events)
         for applier in self._appliers:
             name = applier.projection.name

@@ -223,7 +223,7 @@ class Switcher:
     async def _lock_generations(self, s: Session) -> None:
         row = await s.fetchone(
             "SELECT active_generation, building_generation FROM cqrskit_projections "
-            "WHERE name = ?" + (" FOR UPDATE" if s.dialect == "postgres" else ""),
+            "WHERE name = ?" + s.flavor.for_update,
             self.name,
         )
         if row is None or (int(row[0]), row[1]) != (self.active, self.building):
@@ -290,7 +290,7 @@ class Switcher:
     async def _switch(self) -> bool:
         name, key, n = self.name, self.leases.key, self.leases.partitions
         async with self._tx() as s:
-            lock = " FOR UPDATE" if s.dialect == "postgres" else ""
+            lock = s.flavor.for_update
             await self._lock_generations(s)
             active = await s.fetchall(
                 "SELECT partition, epoch, position, sequence, broker_cursor, partitions "

@@ -242,10 +242,6 @@ async def key_partitions(session: Session, key: str) -> int | None:
     return None if value is None else int(value)
 
 
-def _greatest(session: Session) -> str:
-    return "max" if session.dialect == "sqlite" else "GREATEST"
-
-
 class PartitionLeases:
     """One worker's view of a partitioned projection's leases (see the module docs).
 
@@ -392,7 +388,7 @@ class PartitionLeases:
         sql = (
             "SELECT active_generation, building_generation FROM cqrskit_projections WHERE name = ?"
         )
-        row = await s.fetchone(sql + (" FOR SHARE" if s.dialect == "postgres" else ""), self.name)
+        row = await s.fetchone(sql + s.flavor.for_share, self.name)
         current = None if row is None else row[0] if self.building is None else row[1]
         if current is None or int(current) != self.generation:
             raise GenerationMovedError(
@@ -432,13 +428,14 @@ class PartitionLeases:
             gone = [
                 o for o, (_b, since) in self._members.items() if now - since > 3 * self.lease_ttl
             ]
+            skip_locked = s.flavor.skip_locked
             for o in gone:
-                if s.dialect == "postgres":
+                if skip_locked is not None:
                     # the row of a peer frozen inside its tick is locked: leave it for later
                     await s.execute(
                         "DELETE FROM cqrskit_workers WHERE projection = ? AND owner IN "
-                        "(SELECT owner FROM cqrskit_workers WHERE projection = ? AND owner = ? "
-                        "FOR UPDATE SKIP LOCKED)",
+                        "(SELECT owner FROM cqrskit_workers WHERE projection = ? AND owner = ?"
+                        f"{skip_locked})",
                         self.key,
                         self.key,
                         o,
@@ -484,14 +481,14 @@ class PartitionLeases:
                     orphan = not free and idle >= 2 * self.lease_ttl
                     candidates.append((p, epoch, beat, orphan))
             if candidates and (want > 0 or any(c[3] for c in candidates)):
-                if s.dialect == "postgres":
+                if skip_locked is not None:
                     # skip rows inside a transaction of their (stuck?) owner: not now
                     marks = ", ".join("?" for _ in candidates)
                     unlocked = {
                         int(r[0])
                         for r in await s.fetchall(
                             "SELECT partition FROM cqrskit_partitions WHERE projection = ? "
-                            f"AND partition IN ({marks}) FOR UPDATE SKIP LOCKED",
+                            f"AND partition IN ({marks}){skip_locked}",
                             self.key,
                             *(c[0] for c in candidates),
                         )
@@ -587,7 +584,7 @@ class PartitionLeases:
         Raises:
             PartitionLostError: a partition's epoch moved on (the transaction must roll back).
         """
-        greatest = _greatest(session)
+        greatest = session.flavor.greatest
         match = " OR ".join("(partition = ? AND epoch = ?)" for _ in owned)
         params: list[Any] = [position, position, time.time(), self.key]
         for p, epoch in owned.items():

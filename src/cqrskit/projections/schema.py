@@ -118,11 +118,15 @@ def process_identity(pid: int) -> str:
     return " ".join(parts)
 
 
+_INSTALL_LOCK = 7263541  # the advisory lock key of install()
+
+
 async def install(session: Session) -> None:
     """Create the bookkeeping tables if missing."""
-    if session.dialect == "postgres":
-        # concurrent CREATE TABLE IF NOT EXISTS can collide in the catalog: serialize it
-        await session.execute("SELECT pg_advisory_xact_lock(7263541)")
+    # concurrent CREATE TABLE IF NOT EXISTS can collide in a server's catalog: serialize it
+    lock = session.flavor.advisory_lock(_INSTALL_LOCK)
+    if lock is not None:
+        await session.execute(lock)
     for stmt in DDL:
         await session.execute(stmt)
 
@@ -215,9 +219,9 @@ async def max_parked(session: Session, name: str, generation: int) -> int:
 
 async def set_checkpoint(session: Session, name: str, generation: int, position: int) -> None:
     """Raise the checkpoint to ``position`` (never lowers it)."""
-    greatest = "max" if session.dialect == "sqlite" else "GREATEST"
     await session.execute(
-        f"UPDATE cqrskit_checkpoints SET position = {greatest}(position, ?), updated_at = ? "
+        f"UPDATE cqrskit_checkpoints SET position = {session.flavor.greatest}(position, ?), "
+        "updated_at = ? "
         "WHERE projection = ? AND generation = ?",
         position,
         time.time(),
@@ -244,19 +248,16 @@ async def fence(
     lease row does not pile up dead versions while a long transaction elsewhere holds
     PostgreSQL's xmin back.
     """
-    postgres = session.dialect == "postgres"
+    flavor = session.flavor
+    idle = None if hold is None else flavor.idle_limit(hold)
     if not beat:
-        # SQLite's BEGIN IMMEDIATE already holds the database's write lock
-        lock = " FOR NO KEY UPDATE" if postgres else ""
-        where = f"FROM cqrskit_projections WHERE name = ? AND lease_epoch = ?{lock}"
-        if hold is not None and postgres:
-            millis = str(max(1, round(hold * 1000)))
-            row = await session.fetchone(
-                f"SELECT set_config('idle_in_transaction_session_timeout', ?, true) {where}",
-                millis,
-                name,
-                epoch,
-            )
+        # (SQLite's BEGIN IMMEDIATE already holds the database's write lock: no suffix)
+        where = (
+            f"FROM cqrskit_projections WHERE name = ? AND lease_epoch = ?{flavor.for_no_key_update}"
+        )
+        if idle is not None:
+            limit, value = idle
+            row = await session.fetchone(f"SELECT {limit} {where}", value, name, epoch)
         else:
             row = await session.fetchone(f"SELECT 1 {where}", name, epoch)
         return row is not None
@@ -264,11 +265,10 @@ async def fence(
         "UPDATE cqrskit_projections SET lease_beat = lease_beat + 1 "
         "WHERE name = ? AND lease_epoch = ?"
     )
-    if hold is not None and postgres:
+    if idle is not None:
         # RETURNING runs for the fenced row only: one round trip, nothing set if not ours
-        millis = str(max(1, round(hold * 1000)))
-        sql += " RETURNING set_config('idle_in_transaction_session_timeout', ?, true)"
-        return await session.execute(sql, name, epoch, millis) == 1
+        limit, value = idle
+        return await session.execute(f"{sql} RETURNING {limit}", name, epoch, value) == 1
     return await session.execute(sql, name, epoch) == 1
 
 

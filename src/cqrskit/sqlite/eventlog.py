@@ -443,6 +443,18 @@ class SqliteEventStore(EventStore):
     def _release(self) -> None:
         self._write_lock.release()
 
+    def append_through(self, connection: sqlite3.Connection, uow: UnitOfWork) -> int:
+        """Insert ``uow``'s events through ``connection``, a connection of the caller's to
+        this store's file inside the write transaction that commits them (the one a
+        ``sqlalchemy.orm.Session`` holds after its flush, say); return the last event's
+        position. The same INSERT the store's own commits run, positions allocated under
+        SQLite's write lock, hence in commit order; events encoded with :attr:`encoder`.
+
+        Raises:
+            ConcurrencyError: a stream is not at the version the unit of work expected.
+        """
+        return self._append(connection, uow)[-1][0]
+
     def _append(self, db: sqlite3.Cursor | sqlite3.Connection, uow: UnitOfWork) -> list[_Row]:
         # UnitOfWork.pending_rows without its per-row objects: the row values go straight
         # into the INSERT; metadata dicts are built only for inline hooks (_stored). `db`:

@@ -17,18 +17,44 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from cqrskit.projections.db import ReadDatabase, Row, Session
+from cqrskit.projections.db import ReadDatabase, Row, Session, SqlFlavor
 from cqrskit.projections.schema import process_identity, process_state
 
-__all__ = ["SqliteReadDatabase", "SqliteSession"]
+__all__ = ["SqliteFlavor", "SqliteReadDatabase", "SqliteSession"]
 
 log = logging.getLogger("cqrskit.projections")
+
+
+class SqliteFlavor(SqlFlavor):
+    """SQLite's spelling of the bookkeeping's SQL (see :class:`SqlFlavor`): no row locks
+    (a write transaction, ``BEGIN IMMEDIATE``, holds the file's write lock), ``max`` for
+    the larger of two values, no advisory locks, no idle-transaction setting."""
+
+    __slots__ = ()
+
+    greatest = "max"
+    for_share = ""
+    for_update = ""
+    for_no_key_update = ""
+    skip_locked = None
+    batches_statements = False
+
+    def advisory_lock(self, key: int) -> None:
+        """See :meth:`SqlFlavor.advisory_lock`: none needed, the writer is alone."""
+
+    def idle_limit(self, hold: float) -> None:
+        """See :meth:`SqlFlavor.idle_limit`: SQLite has none (a stopped holder of the
+        write lock is handled by :meth:`SqliteReadDatabase.end_frozen_writer`)."""
+
+
+_FLAVOR = SqliteFlavor()
 
 
 class SqliteSession(Session):
     """A :class:`Session` over a ``sqlite3.Connection``."""
 
     dialect = "sqlite"
+    flavor = _FLAVOR
     __slots__ = ("_conn", "_sp")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -187,6 +213,7 @@ class SqliteReadDatabase(ReadDatabase):
     """
 
     dialect = "sqlite"
+    flavor = _FLAVOR
 
     def __init__(
         self, path: str, *, busy_timeout_ms: int = 10_000, end_stopped_holder: bool = True

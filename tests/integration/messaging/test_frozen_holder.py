@@ -115,6 +115,7 @@ class Freezing(ReadDatabase):
     def __init__(self, db: ReadDatabase) -> None:
         self.db = db
         self.dialect = db.dialect
+        self.flavor = db.flavor
         self.armed = False
         self.frozen = asyncio.Event()
         self.resume = asyncio.Event()
@@ -144,6 +145,7 @@ class _FreezingSession:
         self.s = session
         self.owner = owner
         self.dialect = session.dialect
+        self.flavor = session.flavor
 
     async def execute(self, sql: str, *args: Any) -> int:
         n = await self.s.execute(sql, *args)

@@ -45,6 +45,7 @@ class Recording(Session):
     def __init__(self, inner: Session) -> None:
         self.inner = inner
         self.dialect = inner.dialect
+        self.flavor = inner.flavor
         self.calls: list[tuple[str, str, int]] = []
 
     @staticmethod
