@@ -76,6 +76,7 @@ async def test_notify_comes_after_the_commit_from_another_session(
         assert notifier._conn is not None
         assert pid == notifier._conn.get_server_pid()
         # a rolled-back command sends nothing
+        await _settled(store)  # the NOTIFY may be heard before its reply is read
         sent = notifier.sent
         uow = await store.begin()
         uow.record("b", Opened("b", "x"))
