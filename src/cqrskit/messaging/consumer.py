@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from cqrskit._stopping import check_stop_timeout
 from cqrskit.errors import BrokerUnavailableError, ConfigurationError
 from cqrskit.messaging import intake
 from cqrskit.messaging.envelope import DEFAULT_MAX_BYTES, Envelope
@@ -82,6 +83,16 @@ class Consumer:
         max_backoff: the longest pause between re-reads after a gap or a broker failure.
         max_partitions: hold at most this many partitions per target.
         owner: this worker's lease owner id (default: host, pid and a random suffix).
+        stop_timeout: seconds :meth:`stop` waits for the batches in flight to commit and
+            be acknowledged before abandoning them (cancelled: their transactions roll
+            back, nothing of theirs is acknowledged, so the next holder of the partition
+            gets those messages again from its checkpoint); the partitions are released
+            either way, so another worker takes them at once instead of after
+            ``lease_ttl`` (default 10; a finite number >= 0).
+
+    Raises:
+        ConfigurationError: no target, two targets with one name, ``batch_size`` < 1,
+            ``stop_timeout`` negative or not finite.
     """
 
     def __init__(
@@ -101,11 +112,13 @@ class Consumer:
         max_backoff: float = 2.0,
         max_partitions: int | None = None,
         owner: str | None = None,
+        stop_timeout: float = 10.0,
     ) -> None:
         if not targets:
             raise ConfigurationError("Consumer needs at least one projection or EventHandlers.")
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1.")
+        self.stop_timeout = check_stop_timeout(stop_timeout)
         self.source = source
         self.read_db = read_db
         self.decoder = decoder
@@ -161,12 +174,41 @@ class Consumer:
             asyncio.create_task(g.run(), name=f"consumer:{g.name}") for g in self._groups
         ]
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         """Finish the batches in flight, release the partitions and stop (the source stays
-        open: close it yourself)."""
+        open: close it yourself).
+
+        A partition loop still busy after ``timeout`` seconds (default
+        :attr:`stop_timeout`) — a handler, a database call or a subscription's close
+        that does not return — is abandoned: cancelled, its transaction rolls back and
+        nothing of its batch is acknowledged (the partition's checkpoint did not move:
+        the next holder applies those messages), and the partitions are released all
+        the same, so another worker takes them at once instead of after ``lease_ttl``.
+
+        Raises:
+            ConfigurationError: ``timeout`` is negative or not finite.
+        """
+        limit = self.stop_timeout if timeout is None else check_stop_timeout(timeout, "timeout")
         self._stop.set()
         tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=limit)
+        if not pending:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return
+        log.warning(
+            "consumer %s: %d target(s) still busy after %.1f s; abandoning their batches",
+            self.owner,
+            len(pending),
+            limit,
+        )
+        for task in pending:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for group, task in zip(self._groups, tasks, strict=True):
+            if task in pending:
+                await group.abandon()
 
     async def run(self) -> None:
         """Start, then run until :meth:`request_stop`.
@@ -223,6 +265,8 @@ class _Group:
             max_partitions=max_partitions,
         )
         self.workers: dict[int, _Partition] = {}
+        #: every partition loop still running (those retiring too)
+        self.loops: set[asyncio.Task[None]] = set()
         self.warned: int | None = None
         #: partitions whose loop is stopping (then, if released, whose lease is given up)
         self.leaving: dict[int, asyncio.Task[None]] = {}
@@ -301,6 +345,8 @@ class _Group:
             for p, epoch in tick.gained.items():
                 self.workers[p] = w = _Partition(self, p, epoch)
                 w.task = asyncio.create_task(w.run(), name=f"consumer:{self.name}:{p}")
+                self.loops.add(w.task)
+                w.task.add_done_callback(self.loops.discard)
             for p, w in list(self.workers.items()):
                 if w.task is not None and w.task.done():
                     del self.workers[p]  # ended on a lost lease
@@ -312,6 +358,18 @@ class _Group:
         for p in list(self.workers):  # all at once: a graceful stop lasts the slowest one
             self._retire(p, cancel=False, release=False)
         await asyncio.gather(*self.leaving.values(), return_exceptions=True)
+        await self.leases.release_all()
+
+    async def abandon(self) -> None:
+        """After a stop's timeout cancelled :meth:`run`: cancel the partition loops and
+        their hand-overs still running (their transactions roll back, nothing more is
+        acknowledged), then release every partition still held (the epoch guard makes
+        the release of a partition lost meanwhile a no-op)."""
+        tasks = [*self.loops, *self.leaving.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.workers.clear()
         await self.leases.release_all()
 
     def _retire(self, p: int, *, cancel: bool, release: bool) -> None:

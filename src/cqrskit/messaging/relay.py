@@ -30,6 +30,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from cqrskit._stopping import check_stop_timeout
 from cqrskit.errors import BrokerUnavailableError, ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.messaging import state
@@ -160,7 +161,7 @@ class Relay:
         self.state_interval = state_interval
         self.max_backoff = max_backoff
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.stop_timeout = stop_timeout
+        self.stop_timeout = check_stop_timeout(stop_timeout)
         self.signal = Signal()
         #: last position up to which the broker acknowledged everything (committed)
         self.checkpoint = 0
@@ -217,8 +218,8 @@ class Relay:
         task, self._task = self._task, None
         if task is None:
             return
-        limit = self.stop_timeout if timeout is None else timeout
-        _, pending = await asyncio.wait([task], timeout=max(0.0, limit))
+        limit = self.stop_timeout if timeout is None else check_stop_timeout(timeout, "timeout")
+        _, pending = await asyncio.wait([task], timeout=limit)
         if not pending:
             await asyncio.gather(task, return_exceptions=True)
             return

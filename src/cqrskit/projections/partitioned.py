@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cqrskit._partitioning import check_partitions, partition_of
+from cqrskit._stopping import check_stop_timeout
 from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
@@ -77,6 +78,14 @@ class PartitionedProjector:
             naming both numbers — at :meth:`start`, or when a rebuild switched to another
             number (:meth:`run` then raises it; :attr:`error` holds it).
         max_partitions: hold at most this many partitions per projection (and generation).
+        stop_timeout: seconds :meth:`stop` waits for the batches in flight to commit
+            before abandoning them (cancelled; their transactions roll back and their
+            checkpoints do not move, so whoever takes the partitions next applies those
+            events); the partitions are released either way, so another worker takes them
+            at once instead of after ``lease_ttl`` (default 10; a finite number >= 0).
+
+    Raises:
+        ConfigurationError: ``stop_timeout`` is negative or not finite.
     """
 
     def __init__(
@@ -94,7 +103,9 @@ class PartitionedProjector:
         poll_interval: float = 1.0,
         max_partitions: int | None = None,
         owner: str | None = None,
+        stop_timeout: float = 10.0,
     ) -> None:
+        self.stop_timeout = check_stop_timeout(stop_timeout)
         self.store = store
         self.read_db = read_db
         self.decoder = decoder
@@ -167,11 +178,40 @@ class PartitionedProjector:
             asyncio.create_task(slot.run(), name=f"partitions:{slot.name}") for slot in self._slots
         ]
 
-    async def stop(self) -> None:
-        """Finish the batch in flight, release the partitions and stop."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finish the batches in flight, release the partitions and stop.
+
+        A batch still running after ``timeout`` seconds (default :attr:`stop_timeout`) is
+        abandoned: its loop is cancelled, its transaction rolls back (its partitions'
+        checkpoints do not move: the next holder applies those events), and the
+        partitions are released all the same, so another worker takes them at once
+        instead of after ``lease_ttl``.
+
+        Raises:
+            ConfigurationError: ``timeout`` is negative or not finite.
+        """
+        limit = self.stop_timeout if timeout is None else check_stop_timeout(timeout, "timeout")
         self._stop.set()
         tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=limit)
+        if not pending:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return
+        log.warning(
+            "partitioned projector %s: %d projection(s) still busy after %.1f s; abandoning "
+            "their batches",
+            self.owner,
+            len(pending),
+            limit,
+        )
+        for task in pending:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for slot, task in zip(self._slots, tasks, strict=True):
+            if task in pending:
+                await slot.abandon()
 
     async def run(self) -> None:
         """Start, then run until :meth:`request_stop`.
@@ -403,12 +443,18 @@ class _Slot:
         for g in gone:
             g.stopping.set()
             g.changed.set()
-        tasks = [self.tasks.pop(g) for g in gone]
+        tasks = [self.tasks[g] for g in gone]
         if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=self.p.lease_ttl)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # cancelled meanwhile (a stop's timeout abandons this): so are the loops
+            pending: set[asyncio.Task[None]] = set(tasks)
+            try:
+                _done, pending = await asyncio.wait(tasks, timeout=self.p.lease_ttl)
+            finally:
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        for g in gone:
+            self.tasks.pop(g, None)
         for g in gone:
             await g.leases.release_all()
 
@@ -422,6 +468,21 @@ class _Slot:
         finally:
             await self._stop_loops({g for g in (self.serve, self.build) if g is not None})
         self._start_loops()
+
+    async def abandon(self) -> None:
+        """After a stop's timeout cancelled :meth:`run`: cancel any loop still running
+        (its transaction rolls back), then give back what a switch held and release the
+        partitions (the epoch guard makes a release of a partition lost meanwhile a
+        no-op)."""
+        tasks = list(self.tasks.values())
+        self.tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.switcher is not None:
+            await self.switcher.let_go()
+        for g in self.groups():
+            await g.leases.release_all()
 
     async def _let_go(self) -> None:
         """A graceful stop: give back anything held for a switch, finish the batches in

@@ -27,6 +27,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from cqrskit import _failpoints
+from cqrskit._stopping import check_stop_timeout
 from cqrskit.errors import ConcurrencyError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
@@ -445,7 +446,7 @@ class Projector:
         self.state_interval = state_interval
         self.poll_interval = poll_interval
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.stop_timeout = stop_timeout
+        self.stop_timeout = check_stop_timeout(stop_timeout)
         self.signal = Signal()
         self._workers = [_Worker(self, p) for p in projections]
         self._stop = asyncio.Event()
@@ -503,8 +504,8 @@ class Projector:
         if not tasks:
             return
         held = {w.name: w.epoch for w in self._workers if w.epoch is not None}
-        limit = self.stop_timeout if timeout is None else timeout
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, limit))
+        limit = self.stop_timeout if timeout is None else check_stop_timeout(timeout, "timeout")
+        _, pending = await asyncio.wait(tasks, timeout=limit)
         if not pending:
             await asyncio.gather(*tasks, return_exceptions=True)
             return
