@@ -13,7 +13,7 @@ import pytest
 
 from cqrskit.cli import GROUPS, build_parser, main, register_group
 from cqrskit.cli._output import Progress, Reporter, render_table
-from cqrskit.projections import Projector
+from cqrskit.projections import PartitionedProjector, Projector
 from cqrskit.sqlite import SqliteReadDatabase
 from tests.support.bank import Deposited, balances, serializer
 from tests.support.sqlite_log import SqliteTestLog
@@ -266,10 +266,18 @@ def test_partition_tables_stay_aligned_with_postgresql_sized_positions(
     assert second.split() == ["1/2", "7", "12", "-", "-", "at", "13", "(4", "s)"]
 
 
-def test_stop_timeout_with_partitions_is_refused_not_ignored(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_stop_timeout_with_partitions_reaches_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # a PartitionedProjector takes no stop timeout: the option would be silently dropped
+    # a PartitionedProjector takes a stop timeout too: the option is handed over, not
+    # refused (as it was before the worker had one) nor silently dropped
+    seen: list[float] = []
+
+    class Recording(PartitionedProjector):
+        async def run(self) -> None:
+            seen.append(self.stop_timeout)
+
+    monkeypatch.setattr("cqrskit.cli.projections.PartitionedProjector", Recording)
     store, read = _set_up(tmp_path)
     args = ["projections", "run", "--store", store, "--read", read, "--partitions", "2"]
     args += [
@@ -278,6 +286,5 @@ def test_stop_timeout_with_partitions_is_refused_not_ignored(
         "--decoder",
         "tests.support.bank:serializer",
     ]
-    assert main([*args, "--stop-timeout", "30"]) == 2
-    err = capsys.readouterr().err
-    assert "--stop-timeout applies to the one-process projector only" in err
+    assert main([*args, "--stop-timeout", "30"]) == 0
+    assert seen == [30.0]

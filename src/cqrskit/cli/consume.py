@@ -30,6 +30,7 @@ from cqrskit.cli.projections import (
     load_projections,
     open_read_db,
     open_store,
+    stop_timeout_arg,
 )
 from cqrskit.errors import ConfigurationError
 from cqrskit.messaging import Consumer, EventHandlers, Source
@@ -134,6 +135,7 @@ def _add_commands(sub: Any) -> None:
         metavar="ID",
         help="lease owner id shown by status (default: <hostname>:<pid>:<random hex>)",
     )
+    stop_timeout_arg(run, "the batches in flight (apply, checkpoint, acknowledge)")
     run.add_argument(
         "--verify-key-file",
         action="append",
@@ -188,6 +190,7 @@ async def _run(args: argparse.Namespace) -> int:
         lease_ttl=args.lease_ttl,
         max_partitions=args.max_partitions,
         owner=args.owner,
+        stop_timeout=10.0 if args.stop_timeout is None else args.stop_timeout,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

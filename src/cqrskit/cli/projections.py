@@ -229,8 +229,8 @@ def _add_commands(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="run projectors until SIGTERM/SIGINT",
-        description="Run projectors until SIGTERM or SIGINT (the batch in flight commits, "
-        "or is abandoned after --stop-timeout; the leases are released). Prints one line "
+        description="Run projectors until SIGTERM or SIGINT (the batches in flight commit, "
+        "or are abandoned after --stop-timeout; the leases are released). Prints one line "
         "per change: lease taken or waiting, caught up, lag.",
     )
     run.set_defaults(run=_runner(_run))
@@ -269,7 +269,7 @@ def _add_commands(sub: Any) -> None:
         metavar="SECONDS",
         help="longest idle wait between reads when no wake-up comes (default: 1)",
     )
-    stop_timeout_arg(run, "the batch in flight (one-process projector only)")
+    stop_timeout_arg(run, "the batches in flight")
     run.add_argument(
         "--listen",
         action="store_true",
@@ -415,13 +415,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    if args.partitions and args.stop_timeout is not None:
-        raise ConfigurationError(
-            "--stop-timeout applies to the one-process projector only: a partitioned "
-            "worker (--partitions) has no stop timeout yet; it finishes its batches in "
-            "flight before it releases its partitions.",
-            hint="leave --stop-timeout out with --partitions.",
-        )
     reporter = Reporter(json_lines=args.json)
     try:
         store = await open_store(
@@ -442,6 +435,7 @@ async def _run(args: argparse.Namespace) -> int:
                 lease_ttl=args.lease_ttl,
                 poll_interval=args.poll_interval,
                 owner=args.owner,
+                stop_timeout=10.0 if args.stop_timeout is None else args.stop_timeout,
             )
         else:
             projector = Projector(
