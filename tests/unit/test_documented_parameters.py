@@ -11,6 +11,7 @@ import pytest
 
 from cqrskit import Idempotency
 from cqrskit.fastapi import install
+from cqrskit.messaging import Consumer
 from cqrskit.pipeline import recommended
 from cqrskit.postgres import PostgresEventStore, PostgresReadDatabase
 from cqrskit.projections import PartitionedProjector, Projector
@@ -28,6 +29,7 @@ CALLABLES: list[tuple[str, Any, Any]] = [
     ("SqliteEventStore", SqliteEventStore, SqliteEventStore),
     ("SqliteReadDatabase", SqliteReadDatabase, SqliteReadDatabase),
     ("PartitionedProjector", PartitionedProjector, PartitionedProjector),
+    ("Consumer", Consumer, Consumer),
 ]
 
 
@@ -55,6 +57,23 @@ def test_projector_defaults_in_the_reference_match_the_code() -> None:
         shown = f"{default:g}" if isinstance(default, float) else str(default)
         row = next(line for line in OPERATIONS.splitlines() if line.startswith(f"| `{param.name}`"))
         assert shown in row, (param.name, row)
+
+
+@pytest.mark.parametrize("cls", [PartitionedProjector, Consumer], ids=lambda c: c.__name__)
+def test_the_stop_timeout_of_the_partitioned_workers_is_documented(cls: Any) -> None:
+    """Their own docstring and the reference's paragraph on them give ``stop_timeout``
+    with the code's default, and ``stop(timeout=None)``."""
+    default = inspect.signature(cls).parameters["stop_timeout"].default
+    assert default == 10.0
+    assert "stop_timeout:" in (inspect.getdoc(cls) or "")
+    assert "default 10" in (inspect.getdoc(cls) or "")
+    assert list(inspect.signature(cls.stop).parameters) == ["self", "timeout"]
+    reference = OPERATIONS[OPERATIONS.index("## Parameters and defaults") :]
+    start = reference.index(f"`{cls.__name__}(")
+    paragraph = reference[start : reference.index("\n\n", start)]
+    assert "stop_timeout" in paragraph, paragraph
+    assert f"{default:g}" in paragraph, paragraph
+    assert "stop(timeout=None)" in paragraph, paragraph
 
 
 def test_the_lease_owner_format_and_leading_are_documented() -> None:
