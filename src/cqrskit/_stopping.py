@@ -8,11 +8,14 @@ finish on stop before they are abandoned (cancelled, rolled back) and the leases
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Iterable
+from typing import Any
 
 from cqrskit.errors import ConfigurationError
 
-__all__ = ["check_stop_timeout"]
+__all__ = ["cancel_and_wait", "check_stop_timeout"]
 
 
 def check_stop_timeout(value: float, name: str = "stop_timeout") -> float:
@@ -31,3 +34,26 @@ def check_stop_timeout(value: float, name: str = "stop_timeout") -> float:
             f"flight at once), not {value!r}."
         )
     return seconds
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], grace: float = 1.0) -> set[Any]:
+    """Cancel ``tasks`` and wait until they end, for at most ``grace`` seconds, cancelling
+    again those that go on: a cancelled task may await again while it unwinds (a rollback,
+    a subscription's close in a ``finally``), and that await may hang too. Returns the
+    tasks still running then (left to themselves: whatever they commit later is fenced by
+    the lease epoch the release raises)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    tasks = list(tasks)
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(0.05, left))
+    for task in tasks:  # retrieve what they raised (CancelledError, or a failure)
+        if task.done() and not task.cancelled():
+            task.exception()
+    return pending

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from cqrskit._stopping import check_stop_timeout
+from cqrskit._stopping import cancel_and_wait, check_stop_timeout
 from cqrskit.errors import BrokerUnavailableError, ConfigurationError
 from cqrskit.messaging import intake
 from cqrskit.messaging.envelope import DEFAULT_MAX_BYTES, Envelope
@@ -178,12 +178,14 @@ class Consumer:
         """Finish the batches in flight, release the partitions and stop (the source stays
         open: close it yourself).
 
-        A partition loop still busy after ``timeout`` seconds (default
-        :attr:`stop_timeout`) — a handler, a database call or a subscription's close
-        that does not return — is abandoned: cancelled, its transaction rolls back and
-        nothing of its batch is acknowledged (the partition's checkpoint did not move:
-        the next holder applies those messages), and the partitions are released all
-        the same, so another worker takes them at once instead of after ``lease_ttl``.
+        A partition loop still busy after ``timeout`` seconds (default :attr:`stop_timeout`)
+        — a handler, a database call or a subscription's close that does not return — is
+        abandoned: cancelled, its transaction rolls back and nothing of its batch is
+        acknowledged (the partition's checkpoint did not move: the next holder applies those
+        messages), and the partitions are released all the same, so another worker takes
+        them at once instead of after ``lease_ttl``. It returns within about ``timeout``
+        plus a second and the releases: a loop whose unwinding hangs as well (a rollback, a
+        subscription's close) is cancelled again, then left behind (fenced).
 
         Raises:
             ConfigurationError: ``timeout`` is negative or not finite.
@@ -203,9 +205,7 @@ class Consumer:
             len(pending),
             limit,
         )
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)  # the pending ones; the others are done
         for group, task in zip(self._groups, tasks, strict=True):
             if task in pending:
                 await group.abandon()
@@ -366,9 +366,7 @@ class _Group:
         acknowledged), then release every partition still held (the epoch guard makes
         the release of a partition lost meanwhile a no-op)."""
         tasks = [*self.loops, *self.leaving.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         self.workers.clear()
         await self.leases.release_all()
 

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cqrskit._partitioning import check_partitions, partition_of
-from cqrskit._stopping import check_stop_timeout
+from cqrskit._stopping import cancel_and_wait, check_stop_timeout
 from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
@@ -183,9 +183,11 @@ class PartitionedProjector:
 
         A batch still running after ``timeout`` seconds (default :attr:`stop_timeout`) is
         abandoned: its loop is cancelled, its transaction rolls back (its partitions'
-        checkpoints do not move: the next holder applies those events), and the
-        partitions are released all the same, so another worker takes them at once
-        instead of after ``lease_ttl``.
+        checkpoints do not move: the next holder applies those events), and the partitions
+        are released all the same, so another worker takes them at once instead of after
+        ``lease_ttl``. It returns within about ``timeout`` plus a second and the releases: a
+        loop whose unwinding hangs as well (a rollback, a subscription's close) is cancelled
+        again, then left behind (fenced).
 
         Raises:
             ConfigurationError: ``timeout`` is negative or not finite.
@@ -206,9 +208,7 @@ class PartitionedProjector:
             len(pending),
             limit,
         )
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)  # the pending ones; the others are done
         for slot, task in zip(self._slots, tasks, strict=True):
             if task in pending:
                 await slot.abandon()
@@ -476,9 +476,7 @@ class _Slot:
         no-op)."""
         tasks = list(self.tasks.values())
         self.tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         if self.switcher is not None:
             await self.switcher.let_go()
         for g in self.groups():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -16,7 +17,14 @@ from tests.support.bank import Deposited, serializer
 
 from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import StoredEvent
-from cqrskit.messaging import Consumer, InMemoryTransport, Relay
+from cqrskit.messaging import (
+    Consumer,
+    Delivery,
+    InMemorySource,
+    InMemoryTransport,
+    Relay,
+    Subscription,
+)
 from cqrskit.projections import (
     PartitionedProjector,
     Projection,
@@ -217,6 +225,59 @@ async def test_consumer_abandons_a_hung_batch_and_releases_at_once(backend: Any)
     finally:
         gate.release.set()
         await a.stop()
+
+
+class StuckClose(InMemorySource):
+    """The in-memory broker, whose subscriptions' close never returns (as a broker
+    connection that hangs): the partition loop awaits it again while it unwinds."""
+
+    def __init__(self, broker: InMemoryTransport) -> None:
+        super().__init__(broker)
+        self.closing = 0
+
+    async def subscribe(self, group: str, partition: int, cursor: str) -> Subscription:
+        return _Stuck(self, await super().subscribe(group, partition, cursor))
+
+
+class _Stuck(Subscription):
+    def __init__(self, source: StuckClose, inner: Subscription) -> None:
+        self.source = source
+        self.inner = inner
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        return await self.inner.fetch(max_messages, timeout)
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        await self.inner.ack(deliveries)
+
+    async def close(self) -> None:
+        self.source.closing += 1
+        await asyncio.Event().wait()
+
+
+async def test_consumer_abandons_a_loop_whose_unwinding_hangs_too(backend: Any) -> None:
+    # cancelled in its hung handler, the loop awaits its subscription's close (a finally),
+    # which hangs as well: the stop cancels it again and still returns, partitions free
+    log, db = backend
+    transport, events = await published(log, db, 20)
+    gate = use(Gate(hang=True))
+    source = StuckClose(transport)
+    a = Consumer(source, db, [ledger], serializer, owner="a", partitions=N, lease_ttl=TTL)
+    await a.start()
+    try:
+        await asyncio.wait_for(gate.entered.wait(), 30)
+        started = time.monotonic()
+        await asyncio.wait_for(a.stop(timeout=0.2), 20)
+        assert time.monotonic() - started < 5
+        assert source.closing >= 1  # the loops did reach the hanging close
+        assert all(owner is None for owner, _pos in (await leases(db)).values())
+        gate.hang = False
+        async with consumer(transport, db, "b") as b:
+            await takes_all(b)
+            await until(lambda: equal(db, expected(events)), what="b applied the messages")
+        assert await totals(db) == expected(events)
+    finally:
+        gate.release.set()
 
 
 async def test_consumer_context_exit_is_bounded_by_stop_timeout(backend: Any) -> None:
