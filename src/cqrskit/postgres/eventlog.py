@@ -94,6 +94,7 @@ from cqrskit.messages import Metadata
 from cqrskit.postgres._connections import (
     _CONNECTION_LOST,
     _check_connection,
+    _CommitClock,
     _lost,
     _no_reset,
     _Retry,
@@ -165,6 +166,7 @@ class PostgresEventStore(EventStore):
     ) -> None:
         super().__init__(encoder=encoder)
         self._commit_timeout = self._check_commit_timeout(commit_timeout)
+        self._commit_clock = _CommitClock(self._commit_timeout)
         self.pool = pool
         self.dsn: str | None = None
         self._writers: _WriteConnections | None = None
@@ -404,6 +406,7 @@ class PostgresEventStore(EventStore):
 
     async def close(self) -> None:
         """Close the listener connection, the write connections and the pool."""
+        self._commit_clock.close()
         if self._writers is not None:
             await self._writers.close()
         if self._notifier is not None:
