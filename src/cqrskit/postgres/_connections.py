@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import select
 import time
 import types
 from collections import deque
@@ -233,6 +234,7 @@ class _WriteConnections:
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._ending: set[asyncio.Task[None]] = set()
+        self._polls: dict[Any, Any] = {}  # connection -> select.poll() of its socket
 
     async def acquire(self) -> tuple[Any, bool]:
         """A connection, and whether it is inside a transaction begun less than
@@ -256,6 +258,9 @@ class _WriteConnections:
             except BaseException:
                 self._opened -= 1
                 raise
+            poller = _poller(conn)
+            if poller is not None:
+                self._polls[conn] = poller
             return conn, False
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -269,8 +274,22 @@ class _WriteConnections:
             raise
         return conn, conn.is_in_transaction()  # handed over the moment it was released
 
+    def quiet(self, conn: Any) -> bool:
+        """Whether nothing arrived on ``conn``'s socket since the connection was last read:
+        no data and no end of stream that the event loop has yet to hand to asyncpg (a
+        server that ended the session while the connection was idle). ``False`` when it
+        cannot tell (no ``select.poll``, a transport without a socket)."""
+        poller = self._polls.get(conn)
+        if poller is None:
+            return False
+        try:
+            return not poller.poll(0)
+        except OSError:
+            return False
+
     def release(self, conn: Any, broken: bool = False) -> None:
         if broken or self._closed or conn.is_closed():
+            self._polls.pop(conn, None)
             conn.terminate()
             self._forget()
             return
@@ -292,6 +311,7 @@ class _WriteConnections:
         the server to cancel that statement; the connection is closed in the background
         once the server confirmed (then nothing of it keeps running or holds locks there;
         the server rolls its transaction back), or after ``bound`` seconds at most."""
+        self._polls.pop(conn, None)
         self._forget()
         task = asyncio.get_running_loop().create_task(
             self._close_one(conn), context=contextvars.Context()
@@ -367,6 +387,7 @@ class _WriteConnections:
             await asyncio.gather(*self._ending, return_exceptions=True)
         for conn, _since in idle:
             self._opened -= 1
+            self._polls.pop(conn, None)
             await self._close_one(conn)
         if self._ending:  # connections given up meanwhile (retire)
             await asyncio.gather(*self._ending, return_exceptions=True)
@@ -374,6 +395,25 @@ class _WriteConnections:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(PersistenceError("the PostgreSQL event store is closed."))
+
+
+def _poller(conn: Any) -> Any:
+    """A ``select.poll()`` object watching ``conn``'s socket for input, or ``None`` (no
+    ``poll`` on this platform, a transport without a socket). The socket is asyncpg's (the
+    transport is not public API; without it the check falls back to passes of the loop)."""
+    make = getattr(select, "poll", None)
+    transport = getattr(conn, "_transport", None)
+    if make is None or transport is None:
+        return None
+    try:
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        poller = make()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return poller
 
 
 class _Retry(Exception):

@@ -436,10 +436,21 @@ class PostgresEventStore(EventStore):
         for _ in range(100):  # each pass drops one dead connection; fresh ones are not begun
             conn, begun = await self._acquire_writer()
             if begun:
-                # one pass of the event loop first: a connection that died while idle
-                # (server restart) is then seen closed instead of failing mid-command
+                # A connection that died while idle (server restart, idle timeout) must be
+                # seen closed here, not fail mid-command. If anything arrived on its socket
+                # that the event loop has not handed to asyncpg yet (the server's goodbye,
+                # the end of the stream), a few passes of the loop let asyncpg read it and
+                # close (the pass that sees the socket ready runs its reader after this
+                # task; the close comes a pass later; three for a server's goodbye). With
+                # nothing pending there is nothing to wait for: no pass at all.
+                writers = self._writers
+                if writers is not None and writers.quiet(conn):
+                    return PostgresUnitOfWork(self, metadata, conn, positions)
                 try:
-                    await asyncio.sleep(0)
+                    for _ in range(8):
+                        await asyncio.sleep(0)
+                        if conn.is_closed() or (writers is not None and writers.quiet(conn)):
+                            break
                 except BaseException:
                     await self._release(conn)
                     raise
