@@ -53,9 +53,9 @@ breaks **I**: run ``store.appender_lock_sql`` first.
 
 **One round trip for events + COMMIT.** asyncpg has no pipeline API, but a simple-protocol
 query string with several statements is one round trip: the events are rendered as SQL
-literals (escape-string literals, E'...', with backslashes and quotes doubled: safe whatever
-``standard_conforming_strings`` a session sets;
-NUL refused) and sent as ``INSERT ...; COMMIT; BEGIN; SELECT <K>`` (the next command's
+literals (escape-string literals, E'...', with backslashes and quotes doubled, or plain ones
+for values with nothing to escape: safe whatever ``standard_conforming_strings`` a session
+sets; NUL refused) and sent as ``INSERT ...; COMMIT; BEGIN; SELECT <K>`` (the next command's
 transaction begins with this one's commit: ``begin_ahead``). An error from that string may
 come after its COMMIT, so a lack of resources or a cancellation there is reported as an
 unknown outcome; the reply is awaited at most ``commit_timeout`` seconds. When the caller
@@ -560,19 +560,44 @@ class PostgresEventStore(EventStore):
         # per-row objects); the metadata literals are the same for every row.
         prefix, correlation, causation, timestamp = uow._lineage()
         uow._prefix = prefix
-        lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
         events = uow._events
         if len(events) == 1 and self._writers is not None:
             # the statement prepared on every write connection (see _setup_writer)
             stream_id, event = events[0]
             first = uow._base.get(stream_id)
             enc = self._encode(event)
+            kind = enc.type
+            data = enc.data
+            if (
+                type(stream_id) is str
+                and type(kind) is str
+                and type(data) is str
+                and type(prefix) is str
+                and type(timestamp) is str
+                and (correlation is None or type(correlation) is str)
+                and (causation is None or type(causation) is str)
+            ):
+                # the commonest case in one check over all the values (see _sql._literal):
+                # nothing to escape, so plain literals, the same under either setting of
+                # standard_conforming_strings
+                text = f"{stream_id}{kind}{data}{prefix}{correlation}{causation}{timestamp}"
+                if text.isascii() and "'" not in text and "\\" not in text and "\x00" not in text:
+                    return (
+                        f"EXECUTE cqrskit_append1('{stream_id}', "
+                        f"{'NULL' if first is None else int(first)}, '{kind}', "
+                        f"{int(enc.schema_version)}, '{data}', '{prefix}-0', "
+                        + ("NULL, " if correlation is None else f"'{correlation}', ")
+                        + ("NULL, " if causation is None else f"'{causation}', ")
+                        + f"'{timestamp}'); "
+                    )
+            lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
             return (
                 f"EXECUTE cqrskit_append1({_literal(stream_id)}, "
                 f"{'NULL' if first is None else int(first)}, {_literal(enc.type)}, "
                 f"{int(enc.schema_version)}, {_literal(enc.data)}, {_literal(prefix + '-0')}, "
                 f"{lineage}; "
             )
+        lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
         prefix = _literal(prefix)[:-1]  # the message id literal without its closing quote
         base = "(pg_current_xact_id()::text::bigint << 20)"
         nv = self._next_version
