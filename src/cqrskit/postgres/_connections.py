@@ -47,17 +47,15 @@ class _Outcome:
     cancelled, so asyncpg does not cancel the statement. The task is woken by the future
     directly: no extra task, no extra pass of the event loop."""
 
-    __slots__ = ("_fut", "_asyncio_future_blocking")
+    # asyncio's task reads ``_loop`` (there is no get_loop()) and calls add_done_callback,
+    # here the future's own bound method: no Python call on the way
+    __slots__ = ("_fut", "_asyncio_future_blocking", "_loop", "add_done_callback")
 
     def __init__(self, fut: Any) -> None:
         self._fut = fut
         self._asyncio_future_blocking = True
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._fut.get_loop()  # type: ignore[no-any-return]
-
-    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
-        self._fut.add_done_callback(fn, context=context)
+        self._loop = fut.get_loop()
+        self.add_done_callback = fut.add_done_callback
 
     def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
         return self._fut.remove_done_callback(fn)  # type: ignore[no-any-return]
@@ -273,6 +271,26 @@ class _WriteConnections:
                 self.release(fut.result())
             raise
         return conn, conn.is_in_transaction()  # handed over the moment it was released
+
+    def take(self) -> Any | None:
+        """The most recently released connection if it can run a command right away: open,
+        inside a transaction begun less than ``begin_ahead`` seconds ago, and nothing
+        arrived on its socket while it sat idle (see :meth:`quiet`); else ``None`` (the
+        caller then goes through :meth:`acquire`). No await: the common case of a command
+        costs no pass of the event loop and no coroutine here."""
+        idle = self._idle
+        if not idle or self._closed:
+            return None
+        conn, since = idle[-1]
+        if (
+            time.monotonic() - since < self._ahead
+            and conn.is_in_transaction()
+            and not conn.is_closed()
+            and self.quiet(conn)
+        ):
+            idle.pop()
+            return conn
+        return None
 
     def quiet(self, conn: Any) -> bool:
         """Whether nothing arrived on ``conn``'s socket since the connection was last read:

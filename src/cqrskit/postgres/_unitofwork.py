@@ -109,7 +109,11 @@ class PostgresUnitOfWork(UnitOfWork):
             await self._abort()
             raise
         self._close()
-        await store._release(conn)
+        writers = store._writers
+        if writers is not None:
+            writers.release(conn)
+        else:
+            await store._release(conn)
         if self._events:
             store._wake()
             if store._notifier is not None:

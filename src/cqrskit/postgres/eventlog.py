@@ -432,6 +432,11 @@ class PostgresEventStore(EventStore):
         # has run yet, so the command takes another one. A connection found dead before
         # anything was sent on it (closed, or refusing the statement unsent) is simply
         # dropped; a BEGIN lost on the wire is retried once on a fresh connection.
+        writers = self._writers
+        if writers is not None:
+            conn = writers.take()
+            if conn is not None:
+                return PostgresUnitOfWork(self, metadata, conn, positions)
         lost = 0
         for _ in range(100):  # each pass drops one dead connection; fresh ones are not begun
             conn, begun = await self._acquire_writer()
@@ -443,7 +448,6 @@ class PostgresEventStore(EventStore):
                 # close (the pass that sees the socket ready runs its reader after this
                 # task; the close comes a pass later; three for a server's goodbye). With
                 # nothing pending there is nothing to wait for: no pass at all.
-                writers = self._writers
                 if writers is not None and writers.quiet(conn):
                     return PostgresUnitOfWork(self, metadata, conn, positions)
                 try:
