@@ -292,14 +292,14 @@ class _WriteConnections:
             return conn
         return None
 
-    def quiet(self, conn: Any) -> bool:
+    def quiet(self, conn: Any) -> bool | None:
         """Whether nothing arrived on ``conn``'s socket since the connection was last read:
         no data and no end of stream that the event loop has yet to hand to asyncpg (a
-        server that ended the session while the connection was idle). ``False`` when it
-        cannot tell (no ``select.poll``, a transport without a socket)."""
+        server that ended the session while the connection was idle). ``None`` when it
+        cannot tell (no ``select.poll`` on this platform, a transport without a socket)."""
         poller = self._polls.get(conn)
         if poller is None:
-            return False
+            return None
         try:
             return not poller.poll(0)
         except OSError:

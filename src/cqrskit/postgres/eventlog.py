@@ -448,10 +448,12 @@ class PostgresEventStore(EventStore):
                 # close (the pass that sees the socket ready runs its reader after this
                 # task; the close comes a pass later; three for a server's goodbye). With
                 # nothing pending there is nothing to wait for: no pass at all.
-                if writers is not None and writers.quiet(conn):
+                quiet = None if writers is None else writers.quiet(conn)
+                if quiet:
                     return PostgresUnitOfWork(self, metadata, conn, positions)
                 try:
-                    for _ in range(8):
+                    # without a poll (another platform) one pass, as a best effort
+                    for _ in range(1 if quiet is None else 8):
                         await asyncio.sleep(0)
                         if conn.is_closed() or (writers is not None and writers.quiet(conn)):
                             break
