@@ -75,7 +75,9 @@ async def test_notify_comes_after_the_commit_from_another_session(
         assert notifier is not None
         assert notifier._conn is not None
         assert pid == notifier._conn.get_server_pid()
-        # a rolled-back command sends nothing
+        # a rolled-back command sends nothing (counted once the first NOTIFY's reply is in:
+        # the listener may hear it before the notifier has read that reply)
+        await _settled(store)
         sent = notifier.sent
         uow = await store.begin()
         uow.record("b", Opened("b", "x"))
