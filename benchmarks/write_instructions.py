@@ -13,7 +13,15 @@ Python and SQLite together, independent of the machine's load.
   row with ``uow.connection.execute`` and recording one event into a new stream; and the
   same with the connection replaced by a no-op object (the Python side alone).
 
-Run: ``python benchmarks/write_instructions.py [--n 3000]`` (needs valgrind).
+``--pg`` counts P2b's twin instead: the client process of ``mediator.send`` with
+``PostgresEventStore`` (the docs' handler: the state row with ``uow.connection.execute``,
+one event into a new stream; one write connection, the store's defaults) against raw
+asyncpg in the same two round trips (the state INSERT; the event INSERT with literal values
+and ``COMMIT; BEGIN`` in one string). The server's work is not counted; the round trips
+are equal, so the difference is the client's Python.
+
+Run: ``python benchmarks/write_instructions.py [--n 3000] [--pg [--dsn ...]]`` (needs
+valgrind; ``--pg`` a PostgreSQL server).
 """
 
 from __future__ import annotations
@@ -39,6 +47,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from cqrskit import Command, Event, Mediator, Registry
 from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork
+
+try:
+    import asyncpg
+
+    from cqrskit.postgres import PostgresEventStore, PostgresUnitOfWork
+except ImportError:  # the SQLite cases still run
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +142,10 @@ CQRSKIT = {
     "cqrskit": "cqrskit: mediator.send, the docs' handler (v2 layout)",
     "cqrskit_python": "cqrskit: the same, the connection a no-op (Python side alone)",
 }
+PG = {
+    "pg_twin": "raw asyncpg, cqrskit's 2 round trips (state INSERT; event INSERT + COMMIT; BEGIN)",
+    "pg_send": "cqrskit: mediator.send with PostgresEventStore, the docs' handler",
+}
 
 
 class _NoOpConnection:
@@ -143,7 +162,75 @@ class _NoOpConnection:
         return (1, 1)
 
 
+def _pg_child(case: str, n: int, dsn: str) -> None:
+    keys = (f"k{i}" for i in itertools.count())
+    schema = f"cqrskit_instr_{uuid.uuid4().hex[:12]}"
+
+    async def run() -> None:
+        admin = await asyncpg.connect(dsn)
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            if case == "pg_twin":
+                await twin(admin)
+            else:
+                await send()
+        finally:
+            await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            await admin.close()
+
+    async def twin(admin: Any) -> None:
+        state = f'"{schema}".state'
+        events = f'"{schema}".events'
+        await admin.execute(
+            f"CREATE TABLE {state} (key text PRIMARY KEY, amount int); "
+            f"CREATE TABLE {events} (position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+            "stream text NOT NULL, version integer NOT NULL, type text NOT NULL, "
+            "schema_version integer NOT NULL, data text NOT NULL, message_id text NOT NULL, "
+            "correlation_id text, causation_id text, recorded_at timestamptz NOT NULL); "
+            f"CREATE UNIQUE INDEX ON {events} (stream, version)"
+        )
+        insert_state = f"INSERT INTO {state} VALUES ($1, $2)"
+        insert_event = (
+            f"INSERT INTO {events} (stream, version, type, schema_version, data, message_id, "
+            "correlation_id, causation_id, recorded_at) VALUES ('{key}', 1, 'Deposited', 1, "
+            "'{data}', '{mid}', NULL, NULL, now()); COMMIT; BEGIN"
+        )
+        conn = await asyncpg.connect(dsn)
+        for _ in range(n):  # as benchmarks/write_path.py's raw_twin
+            if not conn.is_in_transaction():
+                await conn.execute("BEGIN")
+            key = next(keys)
+            await conn.execute(insert_state, key, 5)
+            data = json.dumps({"key": key, "amount": 5}).replace("'", "''")
+            await conn.execute(insert_event.format(key=key, data=data, mid=uuid.uuid4().hex))
+        await conn.close()
+
+    async def send() -> None:
+        store = await PostgresEventStore.open(dsn, schema=schema, min_size=1, max_size=1)
+        state = f'"{schema}".state'
+        await store.pool.execute(f"CREATE TABLE {state} (key text PRIMARY KEY, amount int)")
+        registry = Registry()
+
+        @registry.handler
+        async def deposit(cmd: Deposit, uow: PostgresUnitOfWork) -> None:
+            await uow.connection.execute(
+                f"INSERT INTO {state} VALUES ($1, $2)", cmd.key, cmd.amount
+            )
+            uow.record(cmd.key, Deposited(cmd.key, cmd.amount), expected_version=0)
+
+        mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+        send = mediator.send
+        for _ in range(n):
+            await send(Deposit(next(keys), 5))
+        await store.close()
+
+    asyncio.run(run())
+
+
 def _child(case: str, n: int, directory: str) -> None:
+    if case in PG:
+        _pg_child(case, n, directory)
+        return
     keys = (f"k{i}" for i in itertools.count())
     if case in RAW:
         _, ddl, insert, values = RAW[case]
@@ -188,9 +275,9 @@ def _child(case: str, n: int, directory: str) -> None:
     asyncio.run(run())
 
 
-def _count(case: str, n: int) -> int:
+def _count(case: str, n: int, dsn: str = "") -> int:
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
-        child = [os.path.abspath(__file__), "--child", case, str(n), d]
+        child = [os.path.abspath(__file__), "--child", case, str(n), dsn if case in PG else d]
         proc = subprocess.run(
             [
                 "valgrind",
@@ -202,6 +289,9 @@ def _count(case: str, n: int) -> int:
             capture_output=True,
             text=True,
             check=True,
+            env={**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+            if case in PG
+            else None,
         )
     match = re.search(r"Collected : (\d+)", proc.stderr)
     if match is None:
@@ -215,11 +305,27 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3000)
+    parser.add_argument("--pg", action="store_true", help="P2b's twin on PostgreSQL instead")
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind is not installed; skipping the instruction counts")
         return
     small = args.n // 10
+    if args.pg:
+        pg = {
+            c: (_count(c, args.n, args.dsn) - _count(c, small, args.dsn)) / (args.n - small)
+            for c in PG
+        }
+        print(
+            f"\n### P2b twin in client instructions per command (callgrind), {args.n:,} "
+            "commands, 1 connection\n"
+        )
+        print("| case | instructions / command | twin ÷ case |")
+        print("|---|---|---|")
+        for case, value in pg.items():
+            print(f"| {PG[case]} | {value:,.0f} | {pg['pg_twin'] / value:.2f}× |")
+        return
     per: dict[str, float] = {}
     for case in [*RAW, *CQRSKIT]:
         per[case] = (_count(case, args.n) - _count(case, small)) / (args.n - small)

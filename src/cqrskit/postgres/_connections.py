@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import select
 import time
+import types
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 from cqrskit.errors import (
@@ -34,65 +36,165 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 _log = logging.getLogger("cqrskit.postgres")
 
 
-class _CommitTask(asyncio.Task[Any]):
-    """A task running the round trip that ends in COMMIT; it cannot be cancelled."""
+class _Outcome:
+    """What a task waits on while its COMMIT is on the wire: asyncpg's own future, seen
+    through a view that refuses cancellation.
 
-    expired = False  # set when the commit timeout ended the connection
+    ``Task.cancel()`` asks the future it waits on to cancel; this view says no, so asyncio
+    marks the cancellation as pending and delivers it when the future is done, at this
+    same await (then the outcome is in: :func:`_commit_round_trip` keeps it and delivers
+    the cancellation again at the caller's next await). The future itself is never
+    cancelled, so asyncpg does not cancel the statement. The task is woken by the future
+    directly: no extra task, no extra pass of the event loop."""
+
+    # asyncio's task reads ``_loop`` (there is no get_loop()) and calls add_done_callback,
+    # here the future's own bound method: no Python call on the way
+    __slots__ = ("_fut", "_asyncio_future_blocking", "_loop", "add_done_callback")
+
+    def __init__(self, fut: Any) -> None:
+        self._fut = fut
+        self._asyncio_future_blocking = True
+        self._loop = fut.get_loop()
+        self.add_done_callback = fut.add_done_callback
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        return self._fut.remove_done_callback(fn)  # type: ignore[no-any-return]
 
     def cancel(self, msg: Any | None = None) -> bool:
         """Refuse: the outcome of a COMMIT on the wire cannot be recalled."""
         return False
 
+    def cancelled(self) -> bool:
+        return self._fut.cancelled()  # type: ignore[no-any-return]
 
-def _expire(task: _CommitTask, conn: Any) -> None:
-    """The commit timeout: end the connection; the round trip then fails at once."""
-    task.expired = True
-    conn.terminate()
+    def done(self) -> bool:
+        return self._fut.done()  # type: ignore[no-any-return]
+
+    def result(self) -> Any:
+        return self._fut.result()
+
+    def exception(self) -> BaseException | None:
+        return self._fut.exception()  # type: ignore[no-any-return]
 
 
-async def _commit_round_trip(conn: Any, sql: str, timeout: float) -> None:
+class _CommitClock:
+    """The bound on COMMIT replies, ``timeout`` seconds, for every commit of one store in
+    flight: one timer for all of them, armed for the earliest deadline, instead of a timer
+    armed and cancelled per commit. A commit past its deadline has its connection ended;
+    :meth:`stop` then says so."""
+
+    __slots__ = ("_timeout", "_due", "_timer", "_loop")
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._due: dict[Any, float] = {}  # connection -> time.monotonic() deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, conn: Any) -> None:
+        self._due[conn] = time.monotonic() + self._timeout
+        if self._timer is None or self._loop is not asyncio.get_running_loop():
+            self._arm(self._timeout)
+
+    def stop(self, conn: Any) -> bool:
+        """Forget ``conn``'s deadline; ``False`` when the timeout ended the connection."""
+        return self._due.pop(conn, None) is not None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self._loop = asyncio.get_running_loop()
+        # a fresh context: the timer must not keep the committing command's context alive
+        self._timer = loop.call_later(delay, self._check, context=contextvars.Context())
+
+    def _check(self) -> None:
+        self._timer = None
+        due = self._due
+        if not due:
+            return
+        now = time.monotonic()
+        for conn, deadline in list(due.items()):
+            if deadline <= now:
+                del due[conn]
+                conn.terminate()  # the round trip then fails at once
+        if due:
+            self._arm(max(min(due.values()) - now, 0.001))
+
+
+@types.coroutine
+def _commit_round_trip(conn: Any, sql: str, clock: _CommitClock) -> Generator[Any, Any, None]:
     """Send the round trip that ends in COMMIT so that a cancellation cannot cut it in half,
-    and wait at most ``timeout`` seconds for its reply.
+    and wait at most the clock's timeout for its reply.
 
     Once COMMIT is on the wire its outcome cannot be recalled: a cancellation that arrives
     meanwhile waits for the outcome (the commit then completes, its token is reported) and
-    is delivered again at the caller's next await. A reply that does not come within
-    ``timeout`` (a frozen server, a black-holed link, a synchronous standby gone) ends the
+    is delivered again at the caller's next await. A reply that does not come within the
+    timeout (a frozen server, a black-holed link, a synchronous standby gone) ends the
     connection, which the caller then discards, and raises
     :class:`~cqrskit.errors.CommitOutcomeUnknownError`.
+
+    asyncpg's coroutine runs in the caller's task (no task of its own, no extra pass of
+    the event loop): each future it waits on is handed to the task as an :class:`_Outcome`.
     """
-    # The task refuses cancellation itself, so this coroutine can await it directly: a
-    # cancellation of the caller then arrives once the outcome is in, with no shield's
-    # extra future and event-loop hop per commit. The timeout is one timer handle.
-    task = _CommitTask(conn.execute(sql))
-    timer = asyncio.get_running_loop().call_later(timeout, _expire, task, conn)
-    interrupted = False
+    coro = conn.execute(sql)
+    interrupted: asyncio.CancelledError | None = None
+    value: Any = None
+    error: BaseException | None = None
+    clock.start(conn)
     try:
-        while True:
-            try:
-                await task
-                return
-            except asyncio.CancelledError:
-                if task.cancelled():
-                    raise
-                interrupted = True
-            except Exception as exc:
-                if task.expired:
-                    raise CommitOutcomeUnknownError(
-                        f"no reply to COMMIT from PostgreSQL within {timeout:g} s; the "
-                        "connection was closed and the command may or may not have "
-                        "committed.",
-                        hint="retry with the same idempotency key (cqrskit.idempotency); "
-                        "raise commit_timeout in PostgresEventStore.open() if commits are "
-                        "legitimately that slow (a synchronous standby far away).",
-                    ) from exc
-                raise
+        try:
+            while True:
+                try:
+                    waiting = coro.send(value) if error is None else coro.throw(error)
+                except StopIteration:
+                    return
+                value = error = None
+                view = None if waiting is None else _Outcome(waiting)  # None: a bare yield
+                while True:
+                    try:
+                        value = yield view
+                    except asyncio.CancelledError as exc:
+                        if view is not None and waiting.cancelled():
+                            error = exc  # the future itself was cancelled, not the task
+                        elif view is not None and not waiting.done():  # pragma: no cover
+                            interrupted = exc  # another task class: wait for the outcome
+                            continue
+                        else:
+                            # the task's cancellation, delivered by asyncio once the
+                            # future is done (_Outcome refused it): the coroutine reads
+                            # the outcome, the cancellation comes again after
+                            interrupted = exc
+                    except GeneratorExit:
+                        coro.close()
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 - the future's error: to asyncpg
+                        error = exc
+                    break
+        finally:
+            expired = not clock.stop(conn)
+    except Exception as exc:
+        if expired:
+            raise CommitOutcomeUnknownError(
+                f"no reply to COMMIT from PostgreSQL within {clock._timeout:g} s; the "
+                "connection was closed and the command may or may not have committed.",
+                hint="retry with the same idempotency key (cqrskit.idempotency); "
+                "raise commit_timeout in PostgresEventStore.open() if commits are "
+                "legitimately that slow (a synchronous standby far away).",
+            ) from exc
+        raise
     finally:
-        timer.cancel()
-        if interrupted:
+        if interrupted is not None:
             current = asyncio.current_task()
             if current is not None:
-                current.cancel()
+                # the cancellation consumed here is delivered again at the next await
+                # (uncancel first: asyncio.timeout() counts the requests)
+                current.uncancel()
+                current.cancel(interrupted.args[0] if interrupted.args else None)
 
 
 class _WriteConnections:
@@ -130,6 +232,7 @@ class _WriteConnections:
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._ending: set[asyncio.Task[None]] = set()
+        self._polls: dict[Any, Any] = {}  # connection -> select.poll() of its socket
 
     async def acquire(self) -> tuple[Any, bool]:
         """A connection, and whether it is inside a transaction begun less than
@@ -153,6 +256,9 @@ class _WriteConnections:
             except BaseException:
                 self._opened -= 1
                 raise
+            poller = _poller(conn)
+            if poller is not None:
+                self._polls[conn] = poller
             return conn, False
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -166,8 +272,42 @@ class _WriteConnections:
             raise
         return conn, conn.is_in_transaction()  # handed over the moment it was released
 
+    def take(self) -> Any | None:
+        """The most recently released connection if it can run a command right away: open,
+        inside a transaction begun less than ``begin_ahead`` seconds ago, and nothing
+        arrived on its socket while it sat idle (see :meth:`quiet`); else ``None`` (the
+        caller then goes through :meth:`acquire`). No await: the common case of a command
+        costs no pass of the event loop and no coroutine here."""
+        idle = self._idle
+        if not idle or self._closed:
+            return None
+        conn, since = idle[-1]
+        if (
+            time.monotonic() - since < self._ahead
+            and conn.is_in_transaction()
+            and not conn.is_closed()
+            and self.quiet(conn)
+        ):
+            idle.pop()
+            return conn
+        return None
+
+    def quiet(self, conn: Any) -> bool | None:
+        """Whether nothing arrived on ``conn``'s socket since the connection was last read:
+        no data and no end of stream that the event loop has yet to hand to asyncpg (a
+        server that ended the session while the connection was idle). ``None`` when it
+        cannot tell (no ``select.poll`` on this platform, a transport without a socket)."""
+        poller = self._polls.get(conn)
+        if poller is None:
+            return None
+        try:
+            return not poller.poll(0)
+        except OSError:
+            return False
+
     def release(self, conn: Any, broken: bool = False) -> None:
         if broken or self._closed or conn.is_closed():
+            self._polls.pop(conn, None)
             conn.terminate()
             self._forget()
             return
@@ -189,6 +329,7 @@ class _WriteConnections:
         the server to cancel that statement; the connection is closed in the background
         once the server confirmed (then nothing of it keeps running or holds locks there;
         the server rolls its transaction back), or after ``bound`` seconds at most."""
+        self._polls.pop(conn, None)
         self._forget()
         task = asyncio.get_running_loop().create_task(
             self._close_one(conn), context=contextvars.Context()
@@ -264,6 +405,7 @@ class _WriteConnections:
             await asyncio.gather(*self._ending, return_exceptions=True)
         for conn, _since in idle:
             self._opened -= 1
+            self._polls.pop(conn, None)
             await self._close_one(conn)
         if self._ending:  # connections given up meanwhile (retire)
             await asyncio.gather(*self._ending, return_exceptions=True)
@@ -271,6 +413,25 @@ class _WriteConnections:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(PersistenceError("the PostgreSQL event store is closed."))
+
+
+def _poller(conn: Any) -> Any:
+    """A ``select.poll()`` object watching ``conn``'s socket for input, or ``None`` (no
+    ``poll`` on this platform, a transport without a socket). The socket is asyncpg's (the
+    transport is not public API; without it the check falls back to passes of the loop)."""
+    make = getattr(select, "poll", None)
+    transport = getattr(conn, "_transport", None)
+    if make is None or transport is None:
+        return None
+    try:
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        poller = make()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return poller
 
 
 class _Retry(Exception):

@@ -2,7 +2,9 @@
 
 Events ride in the COMMIT's query string as SQL literals (see :mod:`cqrskit.postgres.eventlog`),
 so rendering them safely is this module's whole job: escape-string literals with backslashes
-and quotes doubled mean the same whatever ``standard_conforming_strings`` a session sets.
+and quotes doubled mean the same whatever ``standard_conforming_strings`` a session sets, and
+so does a plain literal of a value with nothing to escape (ASCII, no quote, no backslash,
+no NUL), the commonest case.
 """
 
 from __future__ import annotations
@@ -82,8 +84,24 @@ INSERT INTO {s}."cqrskit_schema" (name, version) VALUES ('{table}', {SCHEMA_VERS
 
 
 def _literal(value: str) -> str:
-    """``value`` as an escape-string literal: ``E'...'`` with backslashes and quotes doubled
-    means the same whatever ``standard_conforming_strings`` a session has set."""
+    """``value`` as a string literal that means the same whatever
+    ``standard_conforming_strings`` a session has set: plain ``'...'`` when there is nothing
+    to escape (ASCII, no quote, no backslash: read the same under either setting), else an
+    escape-string literal, ``E'...'`` with backslashes and quotes doubled."""
+    if (
+        type(value) is str
+        and value.isascii()
+        and "'" not in value
+        and "\\" not in value
+        and "\x00" not in value
+    ):
+        return "'" + value + "'"
+    return _escaped(value)
+
+
+def _escaped(value: str) -> str:
+    """``value`` as an escape-string literal (see :func:`_literal`), or the error that
+    says why it cannot be stored."""
     if type(value) is not str:
         raise PersistenceError(
             f"cannot store a {type(value).__name__} in a text column of the event log.",

@@ -65,7 +65,7 @@ class PostgresUnitOfWork(UnitOfWork):
         try:
             if not self._events:
                 committing = True
-                await _commit_round_trip(conn, store._sql_end, store._commit_timeout)
+                await _commit_round_trip(conn, store._sql_end, store._commit_clock)
             else:
                 if len(self._events) >= _MAX_PER_TX:
                     raise PersistenceError(
@@ -78,7 +78,7 @@ class PostgresUnitOfWork(UnitOfWork):
                     for hook in store._hooks:
                         await hook(self, stored)
                     committing = True
-                    await _commit_round_trip(conn, store._sql_commit, store._commit_timeout)
+                    await _commit_round_trip(conn, store._sql_commit, store._commit_clock)
                     last = stored[-1].position
                 elif self._want_positions:
                     # the transaction id comes back as a NOTICE in the same round trip
@@ -87,7 +87,7 @@ class PostgresUnitOfWork(UnitOfWork):
                     xids.pop(id(conn), None)
                     sql = store._render_insert(self) + _SQL_REPORT_XID + store._sql_commit
                     committing = True
-                    await _commit_round_trip(conn, sql, store._commit_timeout)
+                    await _commit_round_trip(conn, sql, store._commit_clock)
                     xid = xids.pop(id(conn), None)
                     if xid is None:  # pragma: no cover - the notice is always sent
                         last = await store._find_last(conn, self)
@@ -96,7 +96,7 @@ class PostgresUnitOfWork(UnitOfWork):
                 else:
                     sql = store._render_insert(self) + store._sql_commit
                     committing = True
-                    await _commit_round_trip(conn, sql, store._commit_timeout)
+                    await _commit_round_trip(conn, sql, store._commit_clock)
         except Exception as exc:
             if _lost(exc, conn):
                 await self._abort()
@@ -109,7 +109,11 @@ class PostgresUnitOfWork(UnitOfWork):
             await self._abort()
             raise
         self._close()
-        await store._release(conn)
+        writers = store._writers
+        if writers is not None:
+            writers.release(conn)
+        else:
+            await store._release(conn)
         if self._events:
             store._wake()
             if store._notifier is not None:

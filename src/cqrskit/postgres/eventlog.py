@@ -53,9 +53,9 @@ breaks **I**: run ``store.appender_lock_sql`` first.
 
 **One round trip for events + COMMIT.** asyncpg has no pipeline API, but a simple-protocol
 query string with several statements is one round trip: the events are rendered as SQL
-literals (escape-string literals, E'...', with backslashes and quotes doubled: safe whatever
-``standard_conforming_strings`` a session sets;
-NUL refused) and sent as ``INSERT ...; COMMIT; BEGIN; SELECT <K>`` (the next command's
+literals (escape-string literals, E'...', with backslashes and quotes doubled, or plain ones
+for values with nothing to escape: safe whatever ``standard_conforming_strings`` a session
+sets; NUL refused) and sent as ``INSERT ...; COMMIT; BEGIN; SELECT <K>`` (the next command's
 transaction begins with this one's commit: ``begin_ahead``). An error from that string may
 come after its COMMIT, so a lack of resources or a cancellation there is reported as an
 unknown outcome; the reply is awaited at most ``commit_timeout`` seconds. When the caller
@@ -95,6 +95,7 @@ from cqrskit.messages import Metadata
 from cqrskit.postgres._connections import (
     _CONNECTION_LOST,
     _check_connection,
+    _CommitClock,
     _lost,
     _no_reset,
     _Retry,
@@ -166,6 +167,7 @@ class PostgresEventStore(EventStore):
     ) -> None:
         super().__init__(encoder=encoder)
         self._commit_timeout = self._check_commit_timeout(commit_timeout)
+        self._commit_clock = _CommitClock(self._commit_timeout)
         self.pool = pool
         self.dsn: str | None = None
         self._writers: _WriteConnections | None = None
@@ -443,6 +445,7 @@ class PostgresEventStore(EventStore):
 
     async def close(self) -> None:
         """Close the listener connection, the write connections and the pool."""
+        self._commit_clock.close()
         if self._writers is not None:
             await self._writers.close()
         if self._notifier is not None:
@@ -468,14 +471,31 @@ class PostgresEventStore(EventStore):
         # has run yet, so the command takes another one. A connection found dead before
         # anything was sent on it (closed, or refusing the statement unsent) is simply
         # dropped; a BEGIN lost on the wire is retried once on a fresh connection.
+        writers = self._writers
+        if writers is not None:
+            conn = writers.take()
+            if conn is not None:
+                return PostgresUnitOfWork(self, metadata, conn, positions)
         lost = 0
         for _ in range(100):  # each pass drops one dead connection; fresh ones are not begun
             conn, begun = await self._acquire_writer()
             if begun:
-                # one pass of the event loop first: a connection that died while idle
-                # (server restart) is then seen closed instead of failing mid-command
+                # A connection that died while idle (server restart, idle timeout) must be
+                # seen closed here, not fail mid-command. If anything arrived on its socket
+                # that the event loop has not handed to asyncpg yet (the server's goodbye,
+                # the end of the stream), a few passes of the loop let asyncpg read it and
+                # close (the pass that sees the socket ready runs its reader after this
+                # task; the close comes a pass later; three for a server's goodbye). With
+                # nothing pending there is nothing to wait for: no pass at all.
+                quiet = None if writers is None else writers.quiet(conn)
+                if quiet:
+                    return PostgresUnitOfWork(self, metadata, conn, positions)
                 try:
-                    await asyncio.sleep(0)
+                    # without a poll (another platform) one pass, as a best effort
+                    for _ in range(1 if quiet is None else 8):
+                        await asyncio.sleep(0)
+                        if conn.is_closed() or (writers is not None and writers.quiet(conn)):
+                            break
                 except BaseException:
                     await self._release(conn)
                     raise
@@ -585,19 +605,44 @@ class PostgresEventStore(EventStore):
         # per-row objects); the metadata literals are the same for every row.
         prefix, correlation, causation, timestamp = uow._lineage()
         uow._prefix = prefix
-        lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
         events = uow._events
         if len(events) == 1 and self._writers is not None:
             # the statement prepared on every write connection (see _setup_writer)
             stream_id, event = events[0]
             first = uow._base.get(stream_id)
             enc = self._encode(event)
+            kind = enc.type
+            data = enc.data
+            if (
+                type(stream_id) is str
+                and type(kind) is str
+                and type(data) is str
+                and type(prefix) is str
+                and type(timestamp) is str
+                and (correlation is None or type(correlation) is str)
+                and (causation is None or type(causation) is str)
+            ):
+                # the commonest case in one check over all the values (see _sql._literal):
+                # nothing to escape, so plain literals, the same under either setting of
+                # standard_conforming_strings
+                text = f"{stream_id}{kind}{data}{prefix}{correlation}{causation}{timestamp}"
+                if text.isascii() and "'" not in text and "\\" not in text and "\x00" not in text:
+                    return (
+                        f"EXECUTE cqrskit_append1('{stream_id}', "
+                        f"{'NULL' if first is None else int(first)}, '{kind}', "
+                        f"{int(enc.schema_version)}, '{data}', '{prefix}-0', "
+                        + ("NULL, " if correlation is None else f"'{correlation}', ")
+                        + ("NULL, " if causation is None else f"'{causation}', ")
+                        + f"'{timestamp}'); "
+                    )
+            lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
             return (
                 f"EXECUTE cqrskit_append1({_literal(stream_id)}, "
                 f"{'NULL' if first is None else int(first)}, {_literal(enc.type)}, "
                 f"{int(enc.schema_version)}, {_literal(enc.data)}, {_literal(prefix + '-0')}, "
                 f"{lineage}; "
             )
+        lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
         prefix = _literal(prefix)[:-1]  # the message id literal without its closing quote
         base = "(pg_current_xact_id()::text::bigint << 20)"
         nv = self._next_version

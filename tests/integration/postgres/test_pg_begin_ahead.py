@@ -164,6 +164,25 @@ async def test_within_the_window_the_next_command_reuses_the_begun_transaction(
         assert started == begun  # no BEGIN was sent: the transaction began at a's COMMIT
 
 
+async def test_without_a_socket_poll_the_begun_transaction_is_still_reused(
+    postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a platform without select.poll: the store cannot see whether anything arrived on an
+    # idle connection's socket, lets the event loop run once instead and goes on
+    monkeypatch.setattr(pg, "select", types.SimpleNamespace())
+    async with _opened(postgres_dsn, pg_schema, 60) as (store, mediator, admin):
+        await mediator.send(Open("a"))
+        assert store._writers is not None
+        assert store._writers._polls == {}
+        [conn] = _idle(store)
+        begun: datetime = await admin.fetchval(
+            "SELECT xact_start FROM pg_stat_activity WHERE pid = $1", conn.get_server_pid()
+        )
+        started = await mediator.send(Open("b"))
+        assert started == begun
+        assert _idle(store) == [conn]
+
+
 async def test_a_failed_command_rolls_back_and_begins_the_next(
     postgres_dsn: str, pg_schema: str
 ) -> None:

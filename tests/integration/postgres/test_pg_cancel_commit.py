@@ -76,6 +76,52 @@ async def test_cancel_during_commit_keeps_the_commit_and_its_token(
         await store.close()
 
 
+async def test_a_timeout_during_commit_raises_timeout_error_and_keeps_the_commit(
+    postgres_dsn: str, pg_schema: str, proxy: FaultProxy
+) -> None:
+    # The timeout's cancellation is held back until the COMMIT's outcome is in, then
+    # delivered at the next await inside the scope; asyncio.timeout() turns it into
+    # TimeoutError only if the task's cancellation requests balance: counted once.
+    store = await PostgresEventStore.open(
+        proxy.dsn(postgres_dsn), schema=pg_schema, min_size=1, max_size=1, notify=False
+    )
+    registry = Registry()
+
+    @registry.handler
+    async def open_(cmd: Open, uow: PostgresUnitOfWork) -> None:
+        uow.record(cmd.name, Opened(cmd.name), expected_version=0)
+
+    mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+    receipt = Receipt()
+    scopes: list[asyncio.Timeout] = []
+
+    async def send() -> None:
+        _receipt_var.set(receipt)
+        async with asyncio.timeout(None) as scope:
+            scopes.append(scope)
+            await mediator.send(Open("a"))
+            await asyncio.sleep(0)  # the next await: the cancellation arrives here
+
+    try:
+        proxy.mode = Mode.HOLD_COMMIT_REPLY
+        task = asyncio.create_task(send())
+        await asyncio.wait_for(proxy.commit_seen.wait(), 10)
+        [scope] = scopes
+        scope.reschedule(asyncio.get_running_loop().time())  # expires while the reply is held
+        await _until(scope.expired)
+        assert not task.done()  # the COMMIT's outcome is awaited
+        proxy.release_replies.set()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(task, 10)
+        proxy.mode = Mode.FORWARD
+        last = await store.last_position()
+        assert last > 0
+        assert receipt.token == last
+        assert task.cancelling() == 0  # no cancellation request left over
+    finally:
+        await store.close()
+
+
 async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until ``predicate()`` holds: the event loop must process the connections' EOF."""
     deadline = asyncio.get_running_loop().time() + timeout

@@ -109,6 +109,58 @@ async def test_literals_stay_literal_when_a_session_turns_off_standard_strings(
         await store.close()
 
 
+class Sneaky(str):
+    """A str subclass: its text could differ from what formatting it produces."""
+
+
+def test_a_literal_is_plain_only_when_nothing_needs_escaping() -> None:
+    assert _literal("acc-1") == "'acc-1'"
+    assert _literal('{"a": [1, "$$ ; --"]}') == """'{"a": [1, "$$ ; --"]}'"""
+    assert _literal("o'brien") == "E'o''brien'"
+    assert _literal("a\\b") == "E'a\\\\b'"
+    assert _literal("caf\u00e9") == "E'caf\u00e9'"
+    with pytest.raises(PersistenceError, match="NUL"):
+        _literal("a\x00b")
+    with pytest.raises(PersistenceError, match="cannot store a Sneaky"):
+        _literal(Sneaky("plain"))
+
+
+TRICKY = ["plain", "o'brien", "back\\slash", "caf\u00e9 \u2603", "x'); DROP TABLE t; --", "\\'"]
+
+
+@pytest.mark.parametrize("where", ["stream", "data", "ids"])
+async def test_a_one_event_commit_stores_every_value_exactly(
+    postgres_dsn: str, pg_schema: str, where: str
+) -> None:
+    # one event takes the prepared statement's path, with its own rendering of the values;
+    # every other command turns standard_conforming_strings off in its session
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
+    try:
+        for i, value in enumerate(TRICKY):
+            stream = value if where == "stream" else f"s{i}"
+            ids = Metadata(message_id=value, correlation_id=value + "!") if where == "ids" else None
+            uow = await store.begin(ids, positions=False)
+            assert isinstance(uow, PostgresUnitOfWork)
+            if i % 2:
+                await uow.connection.execute("SET LOCAL standard_conforming_strings = off")
+            uow.record(stream, Opened(value if where == "data" else "a", "o"), expected_version=0)
+            assert await uow.commit() is None
+            [event] = await store.read_stream(stream)
+            assert event.stream == stream
+            assert json.loads(event.data)["account"] == (value if where == "data" else "a")
+            if where == "ids":
+                assert event.metadata["message_id"] == value + "-0"
+                assert event.metadata["correlation_id"] == value + "!"
+                assert event.metadata["causation_id"] == value
+        refused = await store.begin(positions=False)
+        refused.record(Sneaky("s-sneaky"), Opened("a", "o"), expected_version=0)
+        with pytest.raises(PersistenceError, match="cannot store a Sneaky"):
+            await refused.commit()
+        assert await store.read_stream("s-sneaky") == []
+    finally:
+        await store.close()
+
+
 async def test_positions_derive_from_the_transaction_id(postgres_dsn: str, pg_schema: str) -> None:
     store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema)
     try:

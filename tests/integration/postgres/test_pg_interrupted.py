@@ -20,6 +20,8 @@ session's client side open or swallows every byte. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import select
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -163,6 +165,46 @@ async def test_a_session_the_server_ended_while_idle_is_not_used_again(
         third = await asyncio.wait_for(mediator.send(Put("c")), BOUND)
         assert third != first
         assert await logged(postgres_dsn, pg_schema) == expected
+    finally:
+        await asyncio.wait_for(store.close(), BOUND)
+
+
+@pytest.mark.parametrize("statement", [True, False], ids=["statement", "commit-only"])
+async def test_a_session_ended_while_idle_is_replaced_before_the_loop_read_its_end(
+    postgres_dsn: str, pg_schema: str, statement: bool
+) -> None:
+    # The server ends the idle, begun-ahead session and the end of the stream is in the
+    # client's socket, but the event loop has not run since: the next command must see it
+    # before using the connection (asyncpg does not know yet) and take a fresh one.
+    store = await open_store(postgres_dsn, pg_schema, begin_ahead=30.0)
+    try:
+        plan = Plan(statement=statement)
+        mediator = build(store, pg_schema, plan)
+        first = await asyncio.wait_for(mediator.send(Put("a")), BOUND)
+        assert store._writers is not None
+        [(conn, _)] = store._writers._idle
+        fd = conn._transport.get_extra_info("socket").fileno()
+
+        async def terminate() -> None:
+            other = await asyncpg.connect(postgres_dsn)
+            try:
+                await other.execute("SELECT pg_terminate_backend($1)", first)
+            finally:
+                await other.close()
+
+        # from another thread, with a loop of its own: this loop does not run meanwhile
+        ender = threading.Thread(target=asyncio.run, args=(terminate(),))
+        ender.start()
+        ender.join(BOUND)
+        assert not ender.is_alive()
+        waiting = select.poll()  # until the server's end of the stream is in the socket
+        waiting.register(fd, select.POLLRDHUP)
+        assert waiting.poll(BOUND * 1000), "the server did not end the session"
+        assert not conn.is_closed()  # asyncpg has not seen it
+        second = await asyncio.wait_for(mediator.send(Put("b")), BOUND)
+        assert second != first
+        assert conn.is_closed()
+        assert await logged(postgres_dsn, pg_schema) == ["s-a", "s-b"]
     finally:
         await asyncio.wait_for(store.close(), BOUND)
 
