@@ -70,13 +70,11 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from cqrskit._encoding import Encoder
 from cqrskit.errors import (
-    ConcurrencyError,
     ConfigurationError,
     ConnectionLostError,
     MissingExtraError,
@@ -85,13 +83,13 @@ from cqrskit.errors import (
 from cqrskit.eventlog import (
     Appender,
     EventStore,
-    NewEvent,
     PendingRow,
     StoredEvent,
     UnitOfWork,
     validate_identifier,
 )
 from cqrskit.messages import Metadata
+from cqrskit.postgres._append import columns, render_insert, translate_error
 from cqrskit.postgres._connections import (
     _CONNECTION_LOST,
     _check_connection,
@@ -105,13 +103,8 @@ from cqrskit.postgres._connections import (
 from cqrskit.postgres._horizon import appenders_sql, horizon_cte, lock_key, lock_sql
 from cqrskit.postgres._notify import Listener, Notifier
 from cqrskit.postgres._sql import (
-    _CONFLICT_STATE,
     _XID_NOTICE,
     SCHEMA_VERSION,
-    _literal,
-    _nullable,
-    _parse_conflict,
-    _stream_from_detail,
     postgres_ddl,
 )
 from cqrskit.postgres._unitofwork import PostgresUnitOfWork
@@ -571,101 +564,9 @@ class PostgresEventStore(EventStore):
             return
         await self._release(conn, broken=True)
 
-    @staticmethod
-    def _columns(rows: list[PendingRow]) -> list[list[Any]]:
-        cols: list[list[Any]] = [[] for _ in range(10)]
-        for r in rows:
-            enc = r.encoded
-            md = r.metadata
-            for col, value in zip(
-                cols,
-                (
-                    r.stream,
-                    r.index + 1,
-                    r.expected_version,
-                    enc.type,
-                    enc.schema_version,
-                    enc.data,
-                    md["message_id"],
-                    md["correlation_id"],
-                    md["causation_id"],
-                    md["timestamp"],
-                ),
-                strict=True,
-            ):
-                col.append(value)
-        return cols
-
-    def _render_insert(self, uow: PostgresUnitOfWork) -> str:
-        # A plain multi-row VALUES insert, cheap to plan: a new stream (expected version
-        # 0) needs no check (the unique index refuses version 1 if the stream exists);
-        # any other stream gets its next version from the next_version function, which
-        # also checks the expected version and that no younger transaction appended.
-        # Rendered straight from the unit of work (UnitOfWork.pending_rows without its
-        # per-row objects); the metadata literals are the same for every row.
-        prefix, correlation, causation, timestamp = uow._lineage()
-        uow._prefix = prefix
-        events = uow._events
-        if len(events) == 1 and self._writers is not None:
-            # the statement prepared on every write connection (see _setup_writer)
-            stream_id, event = events[0]
-            first = uow._base.get(stream_id)
-            enc = self._encode(event)
-            kind = enc.type
-            data = enc.data
-            if (
-                type(stream_id) is str
-                and type(kind) is str
-                and type(data) is str
-                and type(prefix) is str
-                and type(timestamp) is str
-                and (correlation is None or type(correlation) is str)
-                and (causation is None or type(causation) is str)
-            ):
-                # the commonest case in one check over all the values (see _sql._literal):
-                # nothing to escape, so plain literals, the same under either setting of
-                # standard_conforming_strings
-                text = f"{stream_id}{kind}{data}{prefix}{correlation}{causation}{timestamp}"
-                if text.isascii() and "'" not in text and "\\" not in text and "\x00" not in text:
-                    return (
-                        f"EXECUTE cqrskit_append1('{stream_id}', "
-                        f"{'NULL' if first is None else int(first)}, '{kind}', "
-                        f"{int(enc.schema_version)}, '{data}', '{prefix}-0', "
-                        + ("NULL, " if correlation is None else f"'{correlation}', ")
-                        + ("NULL, " if causation is None else f"'{causation}', ")
-                        + f"'{timestamp}'); "
-                    )
-            lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
-            return (
-                f"EXECUTE cqrskit_append1({_literal(stream_id)}, "
-                f"{'NULL' if first is None else int(first)}, {_literal(enc.type)}, "
-                f"{int(enc.schema_version)}, {_literal(enc.data)}, {_literal(prefix + '-0')}, "
-                f"{lineage}; "
-            )
-        lineage = f"{_nullable(correlation)}, {_nullable(causation)}, {_literal(timestamp)})"
-        prefix = _literal(prefix)[:-1]  # the message id literal without its closing quote
-        base = "(pg_current_xact_id()::text::bigint << 20)"
-        nv = self._next_version
-        encode = self._encode
-        bases = uow._base
-        seen: dict[str, int] = {}
-        values: list[str] = []
-        for n, (stream_id, event) in enumerate(uow._events):
-            i = seen.get(stream_id, 0)
-            seen[stream_id] = i + 1
-            first = bases.get(stream_id)  # the expected version before the stream's first
-            enc = encode(event)
-            stream = _literal(stream_id)
-            if first == 0:
-                version = str(i + 1)
-            else:
-                expected = "NULL" if first is None else str(int(first))
-                version = f"{nv}({stream}, {expected}, {base}) + {i}"
-            values.append(
-                f"({base} + {n}, {stream}, {version}, {_literal(enc.type)}, "
-                f"{int(enc.schema_version)}, {_literal(enc.data)}, {prefix}-{n}', {lineage}"
-            )
-        return self._sql_values + ", ".join(values) + "; "
+    _columns = staticmethod(columns)
+    _render_insert = render_insert  # hot path: a method, not a call through one
+    translate_error = translate_error
 
     async def _setup_writer(self, conn: Any) -> None:
         """A new write connection: listen for transaction-id notices; prepare the event
@@ -719,50 +620,6 @@ class PostgresEventStore(EventStore):
                 )
             )
         return out
-
-    async def translate_error(self, exc: Exception, recorded: Sequence[NewEvent]) -> Exception:
-        """The error to raise for ``exc``, which the driver raised while appending
-        ``recorded`` (a unit of work's events): :class:`~cqrskit.errors.ConcurrencyError`
-        for a stream conflict (an expected version that did not hold, a concurrent or
-        younger writer of the stream), else :class:`~cqrskit.errors.PersistenceError`."""
-        state = getattr(exc, "sqlstate", None)
-        if state == _CONFLICT_STATE:
-            stream, actual, expected = _parse_conflict(exc)
-            if getattr(exc, "hint", None) == "younger":
-                return ConcurrencyError(
-                    f"stream {stream!r}: a transaction that started later appended version "
-                    f"{actual} first; this one must retry so that the stream's versions "
-                    "keep position order.",
-                    stream=stream,
-                    expected_version=expected,
-                    actual_version=actual,
-                    hint="retry the command (the retry behavior does it).",
-                )
-            return ConcurrencyError(
-                f"stream {stream!r} is at version {actual}, expected {expected}.",
-                stream=stream,
-                expected_version=expected,
-                actual_version=actual,
-                hint="reload the stream and retry the command.",
-            )
-        if state == "23505" and "stream_version" in str(getattr(exc, "constraint_name", "")):
-            dup = _stream_from_detail(getattr(exc, "detail", "") or "")
-            now = None if dup is None else await self.stream_version(dup)
-            expected = next((n.expected_version for n in recorded if n.stream == dup), None)
-            text = (
-                f"stream {dup!r} is at version {now}, expected {expected}."
-                if expected is not None
-                else f"another writer appended to stream {dup!r} concurrently; it is now at "
-                f"version {now}."
-            )
-            return ConcurrencyError(
-                text,
-                stream=dup,
-                expected_version=expected,
-                actual_version=now,
-                hint="reload the stream and retry the command.",
-            )
-        return PersistenceError(f"PostgreSQL refused the commit: {exc}")
 
     # -- read side -----------------------------------------------------------------------
 
