@@ -308,3 +308,14 @@ def test_the_sqlalchemy_wrappers_use_only_public_members_of_the_store_they_wrap(
     }
     assert reached == []
     assert {"append_statement", "append_through", "translate_error", "notify_committed"} <= uses
+
+
+def test_no_source_module_is_over_800_lines() -> None:
+    """The layout's size rule (#9): a module past 800 lines is split by concern."""
+    root = Path(__file__).resolve().parents[2] / "src" / "cqrskit"
+    sizes = {
+        str(p.relative_to(root)): len(p.read_text(encoding="utf-8").splitlines())
+        for p in root.rglob("*.py")
+    }
+    assert len(sizes) > 50
+    assert {name: n for name, n in sizes.items() if n > 800} == {}
