@@ -26,6 +26,7 @@ from cqrskit.errors import (
     CqrsError,
     MissingExtraError,
     PersistenceError,
+    UnavailableError,
 )
 
 try:
@@ -220,8 +221,10 @@ class _WriteConnections:
         begin_ahead: float = 0.0,
         on_connect: Callable[[Any], Awaitable[None]] | None = None,
         bound: float = 5.0,
+        acquire_timeout: float | None = None,
     ) -> None:
         self._dsn = dsn
+        self._acquire_timeout = acquire_timeout  # the longest wait for a busy pool
         self._on_connect = on_connect
         self._size = size
         self._ahead = begin_ahead
@@ -263,13 +266,24 @@ class _WriteConnections:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            conn = await fut
-        except asyncio.CancelledError:
-            # a connection handed over just before the cancellation goes back; a _Retry
-            # handed over must not turn the cancellation into a retry
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(fut.result())
-            raise
+            async with asyncio.timeout(self._acquire_timeout):
+                try:
+                    conn = await fut
+                except asyncio.CancelledError:
+                    # a connection handed over just before the cancellation (or the
+                    # timeout) goes back; a _Retry handed over must not turn the
+                    # cancellation into a retry
+                    if fut.done() and not fut.cancelled() and fut.exception() is None:
+                        self.release(fut.result())
+                    raise
+        except TimeoutError:
+            raise UnavailableError(
+                f"every one of the {self._size} PostgreSQL write connections stayed busy "
+                f"for {self._acquire_timeout:g} s (pool exhausted); nothing was written.",
+                hint="retry later; or raise max_size or acquire_timeout in "
+                "PostgresEventStore.open, or look for commands that hold their "
+                "transaction long.",
+            ) from None
         return conn, conn.is_in_transaction()  # handed over the moment it was released
 
     def take(self) -> Any | None:

@@ -313,6 +313,7 @@ class PostgresEventStore(EventStore):
         encoder: Encoder | None = None,
         begin_ahead: float = 0.05,
         commit_timeout: float = 5.0,
+        acquire_timeout: float = 10.0,
     ) -> PostgresEventStore:
         """Connect a pool to ``dsn`` and prepare (or check) the tables.
 
@@ -324,14 +325,14 @@ class PostgresEventStore(EventStore):
             create_tables: create the schema's tables when missing (default ``True``);
                 with ``False`` they must exist (print the DDL with ``cqrskit ddl
                 postgres``) and a missing table is a :class:`ConfigurationError`.
-            notify: send ``NOTIFY`` in each commit (default ``False``; see the class).
+            notify: send ``NOTIFY`` after commits (default ``False``; see the class).
             min_size: connections the read pool keeps open (default 1).
             max_size: the most connections of each of the store's two pools (default 10):
                 the read pool (reads of the log, status queries) and the write
                 connections (one per command in its transaction). A command that finds
-                every write connection busy waits for one; plan for up to twice this
-                many server connections per process (plus one while listening for
-                notifications).
+                every write connection busy waits for one, at most ``acquire_timeout``;
+                plan for up to twice this many server connections per process (plus one
+                while listening for notifications, and one sending them).
             encoder: how events become rows (default: JSON).
             commit_timeout: seconds to wait for the reply to a COMMIT. A reply that does
                 not come by then (a frozen server, a black-holed link, a synchronous
@@ -350,16 +351,26 @@ class PostgresEventStore(EventStore):
                 ``now()`` (the transaction's start) may be up to this much older than the
                 command; use ``statement_timestamp()`` or ``clock_timestamp()`` for the
                 exact time. ``0`` sends BEGIN with every command instead.
+            acquire_timeout: seconds a command waits for a free write connection when all
+                ``max_size`` are busy (default 10). Past it the command fails with
+                :class:`~cqrskit.errors.UnavailableError` (the pool is exhausted, nothing
+                was written; ``cqrskit.fastapi`` answers 503 with ``Retry-After``).
 
         Raises:
             ConfigurationError: bad names, a negative ``begin_ahead``, a ``commit_timeout``
-                that is not a finite number > 0,
+                or ``acquire_timeout`` that is not a finite number > 0,
                 ``standard_conforming_strings`` off, tables missing with
                 ``create_tables=False``, or a schema version mismatch.
         """
         validate_identifier(schema, "schema name")
         validate_identifier(table, "table name")
         cls._check_commit_timeout(commit_timeout)
+        if not (isinstance(acquire_timeout, int | float) and 0 < acquire_timeout < math.inf):
+            raise ConfigurationError(
+                f"acquire_timeout must be a finite number of seconds > 0, got {acquire_timeout!r}.",
+                hint="the default is 10: how long a command waits for a free write "
+                "connection before it fails with UnavailableError.",
+            )
         if not begin_ahead >= 0:  # also refuses NaN
             raise ConfigurationError(
                 f"begin_ahead must be a number of seconds >= 0, got {begin_ahead!r}.",
@@ -389,7 +400,12 @@ class PostgresEventStore(EventStore):
             )
             store._sql_commit = "COMMIT"
         store._writers = _WriteConnections(
-            dsn, max_size, begin_ahead, store._setup_writer, bound=commit_timeout
+            dsn,
+            max_size,
+            begin_ahead,
+            store._setup_writer,
+            bound=commit_timeout,
+            acquire_timeout=float(acquire_timeout),
         )
         if begin_ahead > 0:
             store._sql_commit += "; " + store._sql_begin

@@ -23,6 +23,7 @@ from cqrskit import (
     Query,
     Registry,
 )
+from cqrskit.errors import ConfigurationError, UnavailableError
 from cqrskit.eventlog import UnitOfWork
 from cqrskit.fastapi import CqrsDep, install
 from cqrskit.pipeline import recommended
@@ -251,3 +252,47 @@ def test_the_cli_hint_for_a_missing_event_log_names_cli_options(
     assert "--create-tables" in err
     assert "cqrskit ddl postgres" in err
     assert "create_tables=True" not in err
+
+
+async def test_an_exhausted_write_pool_is_unavailable_then_recovers(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """Every write connection busy: a command waits at most acquire_timeout, then fails
+    with UnavailableError (503 over HTTP); nothing of it is written, and the next command
+    after a release runs."""
+    serializer = JsonSerializer(event_types)
+    store = await PostgresEventStore.open(
+        postgres_dsn, schema=pg_schema, encoder=serializer.encode, max_size=1, acquire_timeout=0.3
+    )
+    async with store, PostgresReadDatabase(postgres_dsn, schema=pg_schema) as read_db:
+        app = FastAPI()
+        install(app, _mediator(store, read_db, attempts=1))
+
+        @app.post("/stock/{sku}")
+        async def add(sku: str, cqrs: CqrsDep) -> None:
+            await cqrs.send(AddStock(sku, 5))
+
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        holder = await store.begin()  # the only write connection
+        try:
+            with pytest.raises(UnavailableError, match="pool exhausted"):
+                await asyncio.wait_for(store.begin(), 10)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+                r = await c.post("/stock/blocked")
+            assert (r.status_code, r.json()["type"]) == (503, "urn:cqrskit:problem:unavailable")
+            assert r.headers["Retry-After"] == "2"
+        finally:
+            await holder.rollback()
+        assert await store.stream_version("blocked") == 0
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+            r = await c.post("/stock/after")
+        assert r.status_code < 300, r.text
+        assert await store.stream_version("after") == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+async def test_a_bad_acquire_timeout_is_refused(
+    postgres_dsn: str, pg_schema: str, bad: float
+) -> None:
+    with pytest.raises(ConfigurationError, match="acquire_timeout"):
+        await PostgresEventStore.open(postgres_dsn, schema=pg_schema, acquire_timeout=bad)
