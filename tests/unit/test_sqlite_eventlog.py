@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cqrskit.errors import ConfigurationError
+from cqrskit.errors import ConfigurationError, UnavailableError
 from cqrskit.eventlog import EventStore, UnitOfWork
 from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork, sqlite_ddl
 from cqrskit.testing.eventlog import EventStoreConformance, Opened
@@ -133,4 +133,31 @@ async def test_serializer_from_cqrskit_serialization_plugs_in(tmp_path: Path) ->
         assert (stored.type, stored.schema_version) == ("account.opened", 2)
         assert serializer.decode_stored(stored) == Opened("s", "ada")
     finally:
+        store.close()
+
+
+async def test_a_write_lock_held_elsewhere_past_lock_timeout_is_unavailable(
+    tmp_path: Path,
+) -> None:
+    """Another process's write transaction past ``lock_timeout``: the command fails with
+    UnavailableError (503 over HTTP, retry later) and writes nothing."""
+    path = tmp_path / "log.db"
+    store = SqliteEventStore(path, lock_timeout=0.2)
+
+    async def commit_one() -> None:
+        uow = await store.begin()
+        uow.record("s", Opened("s", "x"))
+        await uow.commit()
+
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(UnavailableError, match="holds the write lock"):
+            await commit_one()
+        other.execute("ROLLBACK")
+        assert await store.read_stream("s") == []
+        await commit_one()
+        assert len(await store.read_stream("s")) == 1
+    finally:
+        other.close()
         store.close()

@@ -33,7 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cqrskit._encoding import Encoded, Encoder
-from cqrskit.errors import ConcurrencyError, ConfigurationError, PersistenceError
+from cqrskit.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    PersistenceError,
+    UnavailableError,
+)
 from cqrskit.eventlog import (
     EventStore,
     StoredEvent,
@@ -431,7 +436,7 @@ class SqliteEventStore(EventStore):
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise PersistenceError(f"BEGIN IMMEDIATE failed: {exc}") from exc
                 if time.monotonic() >= deadline:
-                    raise PersistenceError(
+                    raise UnavailableError(
                         f"another process holds the write lock on {self.path} for more than "
                         f"{self._lock_timeout} s.",
                         hint="raise lock_timeout, or keep write transactions short.",
