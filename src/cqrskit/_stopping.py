@@ -9,13 +9,14 @@ finish on stop before they are abandoned (cancelled, rolled back) and the leases
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from cqrskit.errors import ConfigurationError
 
-__all__ = ["cancel_and_wait", "check_stop_timeout"]
+__all__ = ["cancel_and_wait", "check_stop_timeout", "finish_or_abandon"]
 
 
 def check_stop_timeout(value: float, name: str = "stop_timeout") -> float:
@@ -57,3 +58,26 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], grace: float = 1.0
         if task.done() and not task.cancelled():
             task.exception()
     return pending
+
+
+async def finish_or_abandon(
+    tasks: Sequence[asyncio.Task[Any]],
+    abandons: Sequence[Callable[[], Awaitable[None]]],
+    limit: float,
+    log: logging.Logger,
+    what: str,
+) -> None:
+    """Wait up to ``limit`` seconds for ``tasks`` (a worker's loops) to end; then cancel
+    those still running (see :func:`cancel_and_wait`) and call the matching ``abandons``
+    entry of each (which releases its leases). ``what`` names the worker in the warning."""
+    _, pending = await asyncio.wait(tasks, timeout=limit)
+    if not pending:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return
+    log.warning(
+        "%s: %d still busy after %.1f s; abandoning their batches", what, len(pending), limit
+    )
+    await cancel_and_wait(tasks)  # the pending ones; the others are done
+    for abandon, task in zip(abandons, tasks, strict=True):
+        if task in pending:
+            await abandon()

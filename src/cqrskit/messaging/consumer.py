@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from cqrskit._stopping import cancel_and_wait, check_stop_timeout
+from cqrskit._stopping import cancel_and_wait, check_stop_timeout, finish_or_abandon
 from cqrskit.errors import BrokerUnavailableError, ConfigurationError
 from cqrskit.messaging import intake
 from cqrskit.messaging.envelope import DEFAULT_MAX_BYTES, Envelope
@@ -195,20 +195,9 @@ class Consumer:
         tasks, self._tasks = self._tasks, []
         if not tasks:
             return
-        _, pending = await asyncio.wait(tasks, timeout=limit)
-        if not pending:
-            await asyncio.gather(*tasks, return_exceptions=True)
-            return
-        log.warning(
-            "consumer %s: %d target(s) still busy after %.1f s; abandoning their batches",
-            self.owner,
-            len(pending),
-            limit,
+        await finish_or_abandon(
+            tasks, [g.abandon for g in self._groups], limit, log, f"consumer {self.owner}"
         )
-        await cancel_and_wait(tasks)  # the pending ones; the others are done
-        for group, task in zip(self._groups, tasks, strict=True):
-            if task in pending:
-                await group.abandon()
 
     async def run(self) -> None:
         """Start, then run until :meth:`request_stop`.

@@ -26,6 +26,13 @@ import asyncpg
 _log = logging.getLogger("cqrskit.postgres")
 
 
+async def _close(conn: Any, timeout: float) -> None:
+    """Close ``conn`` (if any) politely within ``timeout``, never raising."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), timeout)
+
+
 class Notifier:
     """Sends ``NOTIFY <channel>`` after commits, coalescing the pokes that arrive while one
     is on its way.
@@ -99,9 +106,7 @@ class Notifier:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), self._timeout)
+        await _close(conn, self._timeout)
 
 
 class Listener:
@@ -169,6 +174,4 @@ class Listener:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), self._timeout)
+        await _close(conn, self._timeout)

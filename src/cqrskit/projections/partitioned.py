@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cqrskit._partitioning import check_partitions, partition_of
-from cqrskit._stopping import cancel_and_wait, check_stop_timeout
+from cqrskit._stopping import cancel_and_wait, check_stop_timeout, finish_or_abandon
 from cqrskit.errors import ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
@@ -197,21 +197,13 @@ class PartitionedProjector:
         tasks, self._tasks = self._tasks, []
         if not tasks:
             return
-        _, pending = await asyncio.wait(tasks, timeout=limit)
-        if not pending:
-            await asyncio.gather(*tasks, return_exceptions=True)
-            return
-        log.warning(
-            "partitioned projector %s: %d projection(s) still busy after %.1f s; abandoning "
-            "their batches",
-            self.owner,
-            len(pending),
+        await finish_or_abandon(
+            tasks,
+            [slot.abandon for slot in self._slots],
             limit,
+            log,
+            f"partitioned projector {self.owner}",
         )
-        await cancel_and_wait(tasks)  # the pending ones; the others are done
-        for slot, task in zip(self._slots, tasks, strict=True):
-            if task in pending:
-                await slot.abandon()
 
     async def run(self) -> None:
         """Start, then run until :meth:`request_stop`.
