@@ -76,6 +76,43 @@ async def test_a_hung_batch_is_abandoned_and_the_lease_released(tmp_path: Path) 
         store.close()
 
 
+async def test_a_batch_whose_unwinding_hangs_too_is_left_behind_fenced(
+    tmp_path: Path,
+) -> None:
+    """A handler that swallows the first cancellation and hangs again: stop() cancels it
+    again, then leaves it behind, and still releases the lease within a bound (before,
+    one cancellation was sent and stop() waited for ever)."""
+    serializer = JsonSerializer(types)
+    store = SqliteEventStore(tmp_path / "w.db", encoder=serializer.encode)
+    read_path = tmp_path / "r.db"
+    read_db = SqliteReadDatabase(str(read_path))
+    entered = asyncio.Event()
+    ticks = Projection("ticks", tables={"t": ("CREATE TABLE {t} (n INTEGER)",)})
+
+    @ticks.on
+    async def on_tick(e: Tick, ctx: ProjectionContext) -> None:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.Event().wait()  # its clean-up hangs as well
+
+    projector = Projector(store, read_db, [ticks], serializer, lease_ttl=30.0)
+    await projector.start()
+    try:
+        await _write(store, 3)
+        await asyncio.wait_for(entered.wait(), 20)
+        started = time.monotonic()
+        await asyncio.wait_for(projector.stop(timeout=0.2), 20)
+        assert time.monotonic() - started < 15
+        owner, checkpoint = _lease(read_path)
+        assert owner is None
+        assert checkpoint == 0
+    finally:
+        await read_db.close()
+        store.close()
+
+
 async def test_a_batch_that_finishes_in_time_commits(tmp_path: Path) -> None:
     serializer = JsonSerializer(types)
     read_path = tmp_path / "r.db"

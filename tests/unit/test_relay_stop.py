@@ -35,6 +35,19 @@ class HungTransport(Transport):
         raise AssertionError("unreachable")
 
 
+class StubbornTransport(HungTransport):
+    """``publish`` never returns, and swallows the first cancellation to hang again (a
+    client whose clean-up waits on a dead broker)."""
+
+    async def publish(self, messages: Sequence[Envelope]) -> list[str | None]:
+        self.entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
 def lease(path: Path) -> tuple[str | None, int]:
     conn = sqlite3.connect(path)
     try:
@@ -124,5 +137,30 @@ async def test_a_batch_acknowledged_within_the_timeout_is_committed(tmp_path: Pa
         assert relay.published == last
     finally:
         await relay.stop()
+        await db.close()
+        log.close()
+
+
+async def test_a_publish_whose_unwinding_hangs_is_left_behind_and_the_lease_released(
+    tmp_path: Path,
+) -> None:
+    """stop() cancels again, then leaves the relay's task behind (fenced) and releases the
+    lease within a bound; before, it waited for ever on the second hang."""
+    path = tmp_path / "w.db"
+    log = SqliteTestLog(path)
+    db = SqliteReadDatabase(str(path))
+    await log.append("acct-1", Deposited("acct-1", 1))
+    hung = StubbornTransport()
+    relay = Relay(log, db, hung, partitions=2, lease_ttl=30.0, stop_timeout=0.2)
+    try:
+        await relay.start()
+        await until(hung.entered, None)
+        started = time.monotonic()
+        await asyncio.wait_for(relay.stop(), 20)
+        assert time.monotonic() - started < 15
+        owner, checkpoint = lease(path)
+        assert owner is None
+        assert checkpoint == 0
+    finally:
         await db.close()
         log.close()

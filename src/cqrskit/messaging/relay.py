@@ -30,7 +30,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from cqrskit._stopping import check_stop_timeout
+from cqrskit._stopping import cancel_and_wait, check_stop_timeout
 from cqrskit.errors import BrokerUnavailableError, ConfigurationError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.messaging import state
@@ -225,8 +225,9 @@ class Relay:
             return
         epoch = self.epoch
         log.warning("relay %s: still busy after %.1f s; abandoning its batches", self.name, limit)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        # cancelled again if its unwinding hangs too, then left behind: the release below
+        # fences whatever it would commit later
+        await cancel_and_wait([task])
         if epoch is not None:
             # the epoch guard makes this a no-op for a lease released or taken over since
             await self._release(epoch)

@@ -27,7 +27,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from cqrskit import _failpoints
-from cqrskit._stopping import check_stop_timeout
+from cqrskit._stopping import cancel_and_wait, check_stop_timeout
 from cqrskit.errors import ConcurrencyError
 from cqrskit.eventlog import EventStore, StoredEvent
 from cqrskit.projections import schema
@@ -515,9 +515,9 @@ class Projector:
             len(pending),
             limit,
         )
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # cancelled again if its unwinding hangs too (a rollback on a silent server), then
+        # left behind: the release below fences whatever it would commit later
+        await cancel_and_wait(tasks)
         await self._release_abandoned(held)
 
     async def _release_abandoned(self, held: dict[str, int]) -> None:
