@@ -144,7 +144,11 @@ async def test_the_reply_and_its_error_reach_the_caller(kind: str) -> None:
     clock = _CommitClock(BOUND)
     loop = asyncio.get_running_loop()
     wire = Wire()
-    task = TASKS[kind](_commit_round_trip(wire, "COMMIT", clock), loop=loop)
+
+    async def command() -> None:  # a Task takes a coroutine (3.12+), not a generator
+        await _commit_round_trip(wire, "COMMIT", clock)
+
+    task = TASKS[kind](command(), loop=loop)
     await asyncio.sleep(0)
     wire.reply.set_exception(ValueError("refused"))
     with pytest.raises(ValueError, match="refused"):
