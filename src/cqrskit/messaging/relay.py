@@ -400,6 +400,11 @@ class Relay:
                         backoff = None
                         await asyncio.sleep(0)
                         continue
+                    if self._committing is not None and not room:
+                        # at the bound of acknowledged events awaiting their checkpoint:
+                        # only the commit makes room (new events could not be read yet)
+                        await asyncio.wait([self._committing], timeout=limit)
+                        continue
                     if self._acked and self._committing is not None:
                         # nothing to read or send: wait for the checkpoint to catch up, or
                         # for new events, which go out without waiting for it

@@ -372,9 +372,21 @@ async def test_a_slow_checkpoint_commit_does_not_stall_small_batches(
             await fill(log, 1, start=i)
             await until(lambda i=i: sum(len(t.messages(p)) for p in range(2)) == i + 1)
         # the bound: 8 events (pipeline * batch_size) wait for their checkpoint now
+        heads = 0
+        head = log.head
+
+        async def counted_head() -> int:
+            nonlocal heads
+            heads += 1
+            return int(await head())
+
+        monkeypatch.setattr(log, "head", counted_head)
         last = await fill(log, 4, start=8)
         await asyncio.sleep(0.2)  # a relay ignoring the bound would publish them now
         assert sum(len(t.messages(p)) for p in range(2)) == 8
+        # waiting at the bound, it waits for the commit, not in a loop of wake-up checks
+        # (it spun on head() while new events were pending: ~20,000 calls in 0.5 s)
+        assert heads < 20
         assert relay.checkpoint == 0
         gate.set()
         assert await relay.wait_published(last, 20)
