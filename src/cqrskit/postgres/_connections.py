@@ -273,8 +273,11 @@ class _WriteConnections:
                     # a connection handed over just before the cancellation (or the
                     # timeout) goes back; a _Retry handed over must not turn the
                     # cancellation into a retry
-                    if fut.done() and not fut.cancelled() and fut.exception() is None:
-                        self.release(fut.result())
+                    if fut.done() and not fut.cancelled():
+                        if fut.exception() is None:
+                            self.release(fut.result())
+                        else:  # a _Retry (a slot freed): the next queued caller takes it
+                            self._pass_retry()
                     raise
         except TimeoutError:
             raise UnavailableError(
@@ -355,6 +358,10 @@ class _WriteConnections:
         """A connection of this pool is gone: free its slot; a queued caller may open a
         fresh connection now."""
         self._opened -= 1
+        self._pass_retry()
+
+    def _pass_retry(self) -> None:
+        """Tell the first queued caller still waiting that a slot is free."""
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
