@@ -595,6 +595,13 @@ class _TransactionBehavior:
             receipt = _receipt_var.get()  # record_token(position), inline
             if receipt is not None:
                 receipt.record(position)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # a cancellation (a timeout) that came while COMMIT was on the wire was held
+            # until the outcome was in: deliver it here, inside the caller's await of
+            # send(), so that an asyncio.timeout() around it sees its own cancellation
+            # (after its block it would hit an unrelated await)
+            await asyncio.sleep(0)
         if recorded:
             events = uow._events
             if len(events) != recorded:

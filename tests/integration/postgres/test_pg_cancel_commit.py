@@ -122,6 +122,52 @@ async def test_a_timeout_during_commit_raises_timeout_error_and_keeps_the_commit
         await store.close()
 
 
+async def test_a_timeout_during_commit_is_raised_inside_its_block(
+    postgres_dsn: str, pg_schema: str, proxy: FaultProxy
+) -> None:
+    """With nothing to await after send() in the block, the held cancellation still comes
+    out of send() (so asyncio.timeout() raises TimeoutError), not at an unrelated await
+    after the block, where it would look like a stop request (found in review)."""
+    store = await PostgresEventStore.open(
+        proxy.dsn(postgres_dsn), schema=pg_schema, min_size=1, max_size=1, notify=False
+    )
+    registry = Registry()
+
+    @registry.handler
+    async def open_(cmd: Open, uow: PostgresUnitOfWork) -> None:
+        uow.record(cmd.name, Opened(cmd.name), expected_version=0)
+
+    mediator = Mediator(registry, behaviors=[store.transaction()], resolver=store.resolver())
+    scopes: list[asyncio.Timeout] = []
+    after: list[str] = []
+
+    async def send() -> None:
+        try:
+            async with asyncio.timeout(None) as scope:
+                scopes.append(scope)
+                await mediator.send(Open("a"))
+        except TimeoutError:
+            after.append("timeout")
+        await asyncio.sleep(0)  # an unrelated await after the block
+        after.append("went on")
+
+    try:
+        proxy.mode = Mode.HOLD_COMMIT_REPLY
+        task = asyncio.create_task(send())
+        await asyncio.wait_for(proxy.commit_seen.wait(), 10)
+        [scope] = scopes
+        scope.reschedule(asyncio.get_running_loop().time())
+        await _until(scope.expired)
+        proxy.release_replies.set()
+        await asyncio.wait_for(task, 10)
+        assert after == ["timeout", "went on"]
+        assert task.cancelling() == 0
+        proxy.mode = Mode.FORWARD
+        assert len(await store.read_stream("a")) == 1  # committed all the same
+    finally:
+        await store.close()
+
+
 async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until ``predicate()`` holds: the event loop must process the connections' EOF."""
     deadline = asyncio.get_running_loop().time() + timeout
