@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -63,7 +64,10 @@ class Notifier:
         if self._task is not None:
             self._again = True
             return
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        # a fresh context: the task must not keep the first poking command's alive
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), context=contextvars.Context()
+        )
 
     async def _run(self) -> None:
         try:
@@ -150,7 +154,9 @@ class Listener:
         task = self._task
         if task is None or task.done():
             self._conn = None
-            task = self._task = asyncio.get_running_loop().create_task(self._open())
+            task = self._task = asyncio.get_running_loop().create_task(
+                self._open(), context=contextvars.Context()
+            )
         try:
             await asyncio.shield(task)
         finally:
