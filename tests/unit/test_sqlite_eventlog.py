@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from pathlib import Path
 
@@ -161,3 +162,23 @@ async def test_a_write_lock_held_elsewhere_past_lock_timeout_is_unavailable(
     finally:
         other.close()
         store.close()
+
+
+def _open_fds_on(path: Path) -> int:
+    fd_dir = Path("/proc/self/fd")
+    count = 0
+    for fd in fd_dir.iterdir():
+        try:
+            if Path(os.readlink(fd)) == path:
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_a_refused_store_leaves_no_connection_open(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    with pytest.raises(ConfigurationError):
+        SqliteEventStore(path, create_tables=False)  # no event log there
+    assert _open_fds_on(path.resolve()) == 0

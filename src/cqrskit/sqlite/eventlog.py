@@ -261,12 +261,21 @@ class SqliteEventStore(EventStore):
         self._lock_timeout = lock_timeout
         self._write_lock = _WriteLock()
         self._writer = self._connect(busy_ms=0)
-        # the store's own statements (BEGIN, the event INSERT, COMMIT) run on one cursor:
-        # Connection.execute makes a cursor per call (~1.3k instructions each)
-        self._cursor = self._writer.cursor()
-        self._reader = self._connect(busy_ms=int(lock_timeout * 1000))
-        self._check_durability(self._writer)
-        self._prepare_tables(create_tables)
+        try:
+            # the store's own statements (BEGIN, the event INSERT, COMMIT) run on one
+            # cursor: Connection.execute makes a cursor per call (~1.3k instructions each)
+            self._cursor = self._writer.cursor()
+            self._reader = self._connect(busy_ms=int(lock_timeout * 1000))
+        except BaseException:
+            self._writer.close()
+            raise
+        try:
+            self._check_durability(self._writer)
+            self._prepare_tables(create_tables)
+        except BaseException:  # a refused store leaves no connection open
+            self._reader.close()
+            self._writer.close()
+            raise
         t = self._t
         insert = (
             f"INSERT INTO {t} (stream, version, type, schema_version, data, message_id, "
