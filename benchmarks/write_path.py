@@ -9,6 +9,9 @@ Each operation writes 1 state row and 1 event row in one transaction.
   all WAL with the same ``synchronous`` setting. Two baselines: plain two rows (the state
   row and an outbox-like row: integer id, type, JSON payload) and rows of the event table's
   own shape (``sqlite_ddl``: its columns and indexes, a fresh uuid and timestamp per row).
+  The store checkpoints its WAL on a thread of its own (``background_checkpoints``), the
+  raw loops in the commit that fills the WAL (SQLite's default); a third baseline gives the
+  plain two rows the store's checkpointer too, which leaves the library's own cost.
 * P2b (PostgreSQL): the same with ``PostgresEventStore`` vs raw asyncpg doing BEGIN, two
   INSERTs, COMMIT statement by statement, on 1 connection and on 8 concurrent ones. Also
   measured: ``send_tracked`` (positions read back: one more round trip), and raw psycopg 3
@@ -48,7 +51,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cqrskit import Command, Event, Mediator, Registry
-from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork, sqlite_ddl
+from cqrskit.sqlite import SqliteEventStore, SqliteUnitOfWork, WalCheckpointer, sqlite_ddl
+from cqrskit.sqlite._checkpoint import WRITER_AUTOCHECKPOINT
 
 try:
     import asyncpg
@@ -152,6 +156,27 @@ async def p2a(n: int, rounds: int, synchronous: str) -> list[Case]:
     plain.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, type TEXT NOT NULL, payload TEXT)")
     raw = _raw_sqlite(tmp / "raw.db", synchronous)
     raw.executescript(sqlite_ddl("events"))
+    # plain two rows, the WAL checkpointed as the store does it
+    same = _raw_sqlite(tmp / "same.db", synchronous)
+    same.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, type TEXT NOT NULL, payload TEXT)")
+    same.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT}")
+    checkpointer = WalCheckpointer(str(tmp / "same.db"), synchronous=synchronous, busy_ms=5000)
+    left = [checkpointer.every]
+
+    async def plain_rows_same_checkpoints(count: int) -> None:
+        for _ in range(count):
+            key = _key()
+            same.execute("BEGIN IMMEDIATE")
+            same.execute("INSERT INTO state VALUES (?, ?)", (key, 5))
+            same.execute(
+                "INSERT INTO outbox (type, payload) VALUES (?, ?)",
+                ("Deposited", json.dumps({"key": key, "amount": 5})),
+            )
+            same.execute("COMMIT")
+            left[0] -= 1
+            if not left[0]:
+                left[0] = checkpointer.every
+                checkpointer.poke()
 
     async def plain_rows(count: int) -> None:
         # the least one writes by hand: a state row and an outbox-like row
@@ -219,10 +244,23 @@ async def p2a(n: int, rounds: int, synchronous: str) -> list[Case]:
                 n,
                 rounds,
             ),
+            await measure(
+                Case(
+                    "P2a-u",
+                    f"{what}; baseline: plain two rows, WAL checkpointed as the store does",
+                    "(the library's own cost)",
+                ),
+                plain_rows_same_checkpoints,
+                candidate,
+                n,
+                rounds,
+            ),
         ]
     finally:
+        checkpointer.close()
         plain.close()
         raw.close()
+        same.close()
         store.close()
 
 

@@ -46,6 +46,7 @@ from cqrskit.eventlog import (
     validate_identifier,
 )
 from cqrskit.messages import Metadata
+from cqrskit.sqlite._checkpoint import WRITER_AUTOCHECKPOINT, WalCheckpointer
 
 if TYPE_CHECKING:
     from cqrskit.idempotency import IdempotencyBackend
@@ -181,6 +182,11 @@ class SqliteUnitOfWork(UnitOfWork):
             self._finish_rollback()
             raise
         self._active = False
+        left = store._until_checkpoint - 1
+        if left:
+            store._until_checkpoint = left
+        else:  # every `every` commits: the WAL checkpoint, on its own thread
+            store._checkpoint()
         lock = store._write_lock
         if lock._waiters:
             lock.release()
@@ -224,6 +230,13 @@ class SqliteEventStore(EventStore):
             with :func:`sqlite_ddl`).
         lock_timeout: seconds to wait for another process's write transaction.
         encoder: how events become rows (default: JSON).
+        background_checkpoints: copy the WAL into the database file on a thread of the
+            store's own (every 256 commits; a passive checkpoint that blocks no reader or
+            writer) instead of in the commit that fills the WAL, which stalls the event
+            loop for the checkpoint's ``fsync`` calls; the write connection still
+            checkpoints by itself when the WAL reaches 4,000 pages (~16 MB), which bounds
+            it. ``False``: SQLite's default, the committing connection checkpoints at
+            1,000 pages.
     """
 
     unit_of_work_type = SqliteUnitOfWork
@@ -237,6 +250,7 @@ class SqliteEventStore(EventStore):
         create_tables: bool = True,
         lock_timeout: float = 5.0,
         encoder: Encoder | None = None,
+        background_checkpoints: bool = True,
     ) -> None:
         super().__init__(encoder=encoder)
         if sqlite3.sqlite_version_info < (3, 35):
@@ -270,8 +284,19 @@ class SqliteEventStore(EventStore):
             self._writer.close()
             raise
         try:
-            self._check_durability(self._writer)
+            wal = self._check_durability(self._writer)
             self._prepare_tables(create_tables)
+            self._checkpointer: WalCheckpointer | None = None
+            # commits left until the next background checkpoint (never 0 without one)
+            self._until_checkpoint = -1
+            if background_checkpoints and wal:
+                self._writer.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT}")
+                self._checkpointer = WalCheckpointer(
+                    self.path,
+                    synchronous=synchronous,
+                    busy_ms=int(lock_timeout * 1000),
+                )
+                self._until_checkpoint = self._checkpointer.every
         except BaseException:  # a refused store leaves no connection open
             self._reader.close()
             self._writer.close()
@@ -334,7 +359,9 @@ class SqliteEventStore(EventStore):
             time.sleep(delay)  # in the constructor, before any event loop work
             delay = min(delay * 2, 0.1)
 
-    def _check_durability(self, conn: sqlite3.Connection) -> None:
+    def _check_durability(self, conn: sqlite3.Connection) -> bool:
+        """Warn when the journal mode or synchronous setting did not take; return whether
+        the database runs in WAL mode."""
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         sync = conn.execute("PRAGMA synchronous").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -351,6 +378,7 @@ class SqliteEventStore(EventStore):
                 sync,
                 self._synchronous,
             )
+        return str(mode).lower() == "wal"
 
     def _prepare_tables(self, create: bool) -> None:
         conn = self._writer
@@ -376,8 +404,24 @@ class SqliteEventStore(EventStore):
                 hint="run the DDL from cqrskit.sqlite.sqlite_ddl(), or upgrade cqrskit.",
             )
 
+    @property
+    def checkpointer(self) -> WalCheckpointer | None:
+        """The background WAL checkpointer (its counters tell how it fares), or ``None``
+        when the store was opened with ``background_checkpoints=False`` or the database
+        does not run in WAL mode."""
+        return self._checkpointer
+
+    def _checkpoint(self) -> None:
+        checkpointer = self._checkpointer
+        if checkpointer is not None:
+            self._until_checkpoint = checkpointer.every
+            checkpointer.poke()
+
     def close(self) -> None:
-        """Close both connections (an open unit of work is rolled back by SQLite)."""
+        """Stop the checkpoint thread and close both connections (an open unit of work
+        is rolled back by SQLite)."""
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._writer.close()
         self._reader.close()
 
@@ -408,6 +452,11 @@ class SqliteEventStore(EventStore):
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            left = self._until_checkpoint - 1
+            if left:
+                self._until_checkpoint = left
+            else:
+                self._checkpoint()
         finally:
             self._write_lock.release()
 

@@ -1,0 +1,227 @@
+"""SqliteEventStore copies its WAL into the database file on a thread of its own.
+
+The commit that fills SQLite's WAL to 1,000 pages runs the checkpoint itself by default,
+with two ``fsync`` calls on the event loop's thread. The store instead runs passive
+checkpoints on a daemon thread every 256 commits and lets the writer checkpoint by itself
+only at 4,000 pages, which bounds the WAL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tests.support.bank import Deposited, serializer
+from tests.support.faults import check_invariants, send_signal
+
+from cqrskit.sqlite import SqliteEventStore, WalCheckpointer
+from cqrskit.sqlite._checkpoint import WRITER_AUTOCHECKPOINT
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+async def _commit(store: SqliteEventStore, count: int, prefix: str = "s") -> None:
+    for i in range(count):
+        uow = await store.begin()
+        uow.connection.execute("INSERT INTO state VALUES (?, ?)", (f"{prefix}{i}", i))
+        uow.record(f"{prefix}{i}", Deposited(f"{prefix}{i}", i), expected_version=0)
+        await uow.commit()
+
+
+def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.005)
+
+
+def _store(path: Path, **kwargs: object) -> SqliteEventStore:
+    store = SqliteEventStore(path, encoder=serializer.encode, **kwargs)  # type: ignore[arg-type]
+    store._writer.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, n INTEGER)")
+    return store
+
+
+def _checkpoint_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("cqrskit-sqlite-checkpoint")]
+
+
+async def test_the_wal_is_copied_by_a_thread_of_the_stores_own(tmp_path: Path) -> None:
+    before = set(_checkpoint_threads())
+    store = _store(tmp_path / "log.db")
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (
+            WRITER_AUTOCHECKPOINT
+        )
+        await _commit(store, checkpointer.every - 1)
+        assert not checkpointer.running  # started by the first poke only
+        await _commit(store, 2 * checkpointer.every + 1, prefix="t")
+        _until(lambda: checkpointer.checkpoints >= 1)
+        assert checkpointer.running
+        assert checkpointer.failures == 0
+        assert checkpointer.last_result is not None
+        _busy, frames, copied = checkpointer.last_result
+        assert frames > 0, checkpointer.last_result
+        assert copied > 0, checkpointer.last_result
+        # nothing lost: every command is there, read through a fresh connection
+        fresh = sqlite3.connect(store.path)
+        try:
+            assert fresh.execute("SELECT count(*) FROM cqrskit_events").fetchone()[0] == (
+                3 * checkpointer.every
+            )
+            assert fresh.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finally:
+            fresh.close()
+    finally:
+        store.close()
+    assert not checkpointer.running
+    assert set(_checkpoint_threads()) <= before
+
+
+async def test_the_wal_stays_bounded_under_a_steady_stream_of_commits(tmp_path: Path) -> None:
+    # a passive checkpoint cannot copy what is committed while it runs, so the WAL only
+    # starts over because the writer still checkpoints at WRITER_AUTOCHECKPOINT pages;
+    # without that bound these commits (~4 pages each) would grow it to ~20,000 pages
+    store = _store(tmp_path / "log.db")
+    try:
+        await _commit(store, 5000)
+        page = store._writer.execute("PRAGMA page_size").fetchone()[0]
+        frames = (os.path.getsize(store.path + "-wal") - 32) // (page + 24)
+        assert store.checkpointer is not None
+        assert store.checkpointer.checkpoints >= 1
+        assert frames <= WRITER_AUTOCHECKPOINT + 2000, frames
+    finally:
+        store.close()
+
+
+async def test_background_checkpoints_false_keeps_sqlites_default(tmp_path: Path) -> None:
+    before = set(_checkpoint_threads())
+    store = _store(tmp_path / "log.db", background_checkpoints=False)
+    try:
+        assert store.checkpointer is None
+        assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+        await _commit(store, 600)
+        assert set(_checkpoint_threads()) <= before
+    finally:
+        store.close()
+
+
+async def test_write_connection_blocks_count_as_commits(tmp_path: Path) -> None:
+    store = _store(tmp_path / "log.db")
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        for i in range(checkpointer.every):
+            async with store.write_connection() as conn:
+                conn.execute("INSERT INTO state VALUES (?, ?)", (f"w{i}", i))
+        _until(lambda: checkpointer.checkpoints >= 1)
+    finally:
+        store.close()
+
+
+def test_a_checkpointer_that_cannot_open_the_file_says_so_once_and_gives_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a directory is no database file: the thread's connection fails
+    checkpointer = WalCheckpointer(str(tmp_path), synchronous="NORMAL", busy_ms=100, every=1)
+    with caplog.at_level(logging.WARNING, logger="cqrskit.sqlite"):
+        checkpointer.poke()
+        _until(lambda: not checkpointer.running)
+        checkpointer.poke()  # no new thread, no new warning
+        assert not checkpointer.running
+    assert isinstance(checkpointer.last_error, sqlite3.Error)
+    assert checkpointer.checkpoints == 0
+    warnings = [r for r in caplog.records if "background WAL checkpoints" in r.getMessage()]
+    assert len(warnings) == 1, caplog.records
+    checkpointer.close()
+
+
+def test_every_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        WalCheckpointer(str(tmp_path / "x.db"), synchronous="NORMAL", busy_ms=100, every=0)
+
+
+WRITER = """
+import asyncio, sys
+from cqrskit.sqlite import SqliteEventStore
+from tests.support.bank import Deposited, serializer
+
+async def main():
+    store = SqliteEventStore(sys.argv[1], encoder=serializer.encode)
+    store.checkpointer.every = 16  # checkpoints all the time: a kill lands inside some
+    store._writer.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, n INTEGER)")
+    start = int(sys.argv[2])
+    for i in range(start, start + 1_000_000):
+        uow = await store.begin()
+        uow.connection.execute("INSERT INTO state VALUES (?, ?)", (f"k{i}", i))
+        uow.record(f"k{i}", Deposited(f"k{i}", i), expected_version=0)
+        await uow.commit()
+        print(i, flush=True)  # acknowledged: committed
+
+asyncio.run(main())
+"""
+
+
+def test_sigkill_while_checkpointing_in_the_background_loses_no_commit(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.db")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    rng = random.Random(12)
+    acknowledged: list[int] = []
+    for round_ in range(6):
+        start = round_ * 1_000_000  # a commit in flight at the kill may have landed
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, path, str(start)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        try:
+            target = rng.randrange(300, 1500)  # acknowledged commits before the kill
+            got = 0
+            while got < target:
+                line = proc.stdout.readline()
+                assert line, "the writer ended early"
+                acknowledged.append(int(line))
+                got += 1
+            assert send_signal(proc, 9)
+            proc.wait(10)
+            rest = proc.stdout.read()  # acknowledged before the kill landed
+            acknowledged += [int(x) for x in rest.split()]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stdout.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        keys = {k for (k,) in conn.execute("SELECT key FROM state")}
+        streams = [
+            s for (s,) in conn.execute("SELECT stream FROM cqrskit_events ORDER BY position")
+        ]
+    finally:
+        conn.close()
+    logged = set(streams)
+    lost = sum(1 for i in acknowledged if f"k{i}" not in keys or f"k{i}" not in logged)
+    double = len(streams) - len(set(streams))
+    order = [int(s[1:]) for s in streams]
+    reordered = sum(1 for a, b in itertools.pairwise(order) if b <= a)
+    result = check_invariants(
+        "sqlite background checkpoints", {"lost": lost, "double": double, "reordered": reordered}
+    )
+    assert result == {"lost": 0, "double": 0, "reordered": 0}
+    assert len(acknowledged) >= 6 * 300
