@@ -332,6 +332,10 @@ class EventStore(ABC):
 
     #: The driver's unit-of-work class; handlers may ask for it or for :class:`UnitOfWork`.
     unit_of_work_type: ClassVar[type[UnitOfWork]]
+    # whether commit() may hold back a cancellation until the COMMIT's outcome is in (and
+    # request it again afterwards): the transaction behavior then delivers it inside
+    # send(); a driver whose commit awaits nothing that refuses cancellation says False
+    _commit_holds_cancellation: ClassVar[bool] = True
 
     def __init__(self, *, encoder: Encoder | None = None) -> None:
         self._hooks: list[InlineHook] = []
@@ -595,7 +599,7 @@ class _TransactionBehavior:
             receipt = _receipt_var.get()  # record_token(position), inline
             if receipt is not None:
                 receipt.record(position)
-        task = asyncio.current_task()
+        task = asyncio.current_task() if store._commit_holds_cancellation else None
         if task is not None and task.cancelling():
             # a cancellation (a timeout) that came while COMMIT was on the wire was held
             # until the outcome was in: deliver it here, inside the caller's await of
@@ -715,6 +719,7 @@ class InMemoryEventStore(EventStore):
     """
 
     unit_of_work_type = InMemoryUnitOfWork
+    _commit_holds_cancellation = False  # commit awaits only inline hooks
 
     def __init__(self, *, encoder: Encoder | None = None) -> None:
         super().__init__(encoder=encoder)

@@ -214,8 +214,9 @@ class Metadata:
         if mid is None:
             mid = self._message_id = _new_id()
         cid = self._correlation_id
-        if cid is None:
-            cid = self.correlation_id
+        if cid is None:  # the correlation_id property, inline
+            parent = self.parent
+            cid = self._correlation_id = mid if parent is None else parent.correlation_id
         ts = self._timestamp
         if ts is not None:
             return mid, cid, mid, ts.isoformat()

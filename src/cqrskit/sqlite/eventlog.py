@@ -240,6 +240,7 @@ class SqliteEventStore(EventStore):
     """
 
     unit_of_work_type = SqliteUnitOfWork
+    _commit_holds_cancellation = False  # COMMIT is a synchronous call
 
     def __init__(
         self,
