@@ -21,7 +21,10 @@ over only when every frame has been copied; under a steady stream of commits tha
 happens by itself. The writer therefore keeps its own automatic checkpoint, at
 :data:`WRITER_AUTOCHECKPOINT` pages instead of 1,000: it bounds the WAL (about 16 MB with
 4 KiB pages), and as the background thread has already copied and synced most pages by
-then, the writer's checkpoint is rarer and has less to do.
+then, the writer's checkpoint is rarer and has less to do. Once a checkpoint finds the WAL
+at that size, the thread skips its next turn, so that the writer's checkpoint does not find
+the checkpoint lock taken. The bound is soft, as SQLite's own is: on a loaded machine the
+WAL peaked at 4,700–9,400 pages in runs of 40,000 back-to-back commits.
 """
 
 from __future__ import annotations
@@ -134,12 +137,18 @@ class WalCheckpointer:
                 exc,
             )
             return
+        stand_aside = False
         try:
             while True:
                 wake.wait()
                 wake.clear()
                 if self._closed:
                     return
+                if stand_aside:
+                    # the WAL had reached the writer's own threshold: its checkpoint (and
+                    # the restart of the WAL after it) finds the checkpoint lock free
+                    stand_aside = False
+                    continue
                 try:
                     busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:
@@ -150,5 +159,6 @@ class WalCheckpointer:
                     continue
                 self.last_result = (busy, frames, copied)
                 self.checkpoints += 1
+                stand_aside = frames >= WRITER_AUTOCHECKPOINT
         finally:
             conn.close()

@@ -19,6 +19,7 @@ from typing import Any
 
 from cqrskit.projections.db import ReadDatabase, Row, Session, SqlFlavor
 from cqrskit.projections.schema import process_identity, process_state
+from cqrskit.sqlite._checkpoint import WRITER_AUTOCHECKPOINT
 
 __all__ = ["SqliteFlavor", "SqliteReadDatabase", "SqliteSession"]
 
@@ -120,6 +121,10 @@ def _connect(path: str, *, read_only: bool, busy_timeout_ms: int) -> sqlite3.Con
     if not read_only and path != ":memory:":
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        # the event store's write connection checkpoints at this WAL size (its own thread
+        # checkpoints more often): a projector writing to the same file at SQLite's default
+        # of 1,000 pages would run a checkpoint, fsyncs included, in most of its commits
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT}")
     if read_only:
         conn.execute("PRAGMA query_only = ON")
     return conn
