@@ -173,6 +173,7 @@ class PostgresEventStore(EventStore):
         self._notify = notify
         self._notifier: Notifier | None = None  # set by open(): NOTIFY after the commit
         self._listener: Listener | None = None  # opened by wait_for() with notify
+        self._closed = False
         self._sql_commit = (
             f"NOTIFY {validate_identifier(self.channel, 'channel')}; COMMIT" if notify else "COMMIT"
         )
@@ -454,6 +455,7 @@ class PostgresEventStore(EventStore):
 
     async def close(self) -> None:
         """Close the listener connection, the write connections and the pool."""
+        self._closed = True
         self._commit_clock.close()
         if self._writers is not None:
             await self._writers.close()
@@ -749,7 +751,16 @@ class PostgresEventStore(EventStore):
             return int(await conn.fetchval(self._sql_version, stream))
 
     async def wait_for(self, position: int, timeout: float) -> bool:
-        """See :meth:`EventStore.wait_for`: also wakes on NOTIFY from other processes."""
+        """See :meth:`EventStore.wait_for`: also wakes on NOTIFY from other processes.
+
+        Raises:
+            PersistenceError: the store was closed (a listener opened now would never be).
+        """
+        if self._closed:
+            raise PersistenceError(
+                "wait_for() on a closed PostgresEventStore.",
+                hint="stop the readers (projectors, relays) before closing the store.",
+            )
         if self._notify and self.dsn is not None:
             if self._listener is None:
                 self._listener = Listener(

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from cqrskit.errors import PersistenceError
 from cqrskit.postgres import PostgresEventStore
 from cqrskit.testing.eventlog import Opened
 
@@ -229,3 +230,11 @@ async def test_a_listener_the_server_ended_is_opened_again(
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_wait_for_after_close_opens_no_listener(postgres_dsn: str, pg_schema: str) -> None:
+    store = await PostgresEventStore.open(postgres_dsn, schema=pg_schema, notify=True)
+    await store.close()
+    with pytest.raises(PersistenceError, match="closed PostgresEventStore"):
+        await store.wait_for(0, 0.01)
+    assert store._listener is None  # no connection left behind, never closed
