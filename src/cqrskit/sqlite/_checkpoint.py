@@ -4,7 +4,7 @@ In WAL mode SQLite appends each commit to the ``-wal`` file; a *checkpoint* copi
 pages back into the database file and, with ``synchronous=NORMAL`` or ``FULL``, calls
 ``fsync`` on both files. By default the connection that commits runs a checkpoint itself
 whenever the WAL has reached 1,000 pages (``wal_autocheckpoint``): with a few pages per
-command, one command in ~250 stalls for the two ``fsync`` calls — milliseconds on a real
+command, one command in ~250 stalls for the ``fsync`` calls — milliseconds on a real
 disk, on the event loop's thread, where nothing else runs meanwhile. Measured here (raw
 ``sqlite3``, two rows per transaction, ``synchronous=NORMAL``, ext4 on a virtual disk)
 those checkpoints were 37–51 % of a command loop's wall time.
@@ -32,6 +32,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import urllib.parse
+from pathlib import Path
 
 __all__ = ["WRITER_AUTOCHECKPOINT", "WalCheckpointer"]
 
@@ -41,51 +43,71 @@ WRITER_AUTOCHECKPOINT = 4000
 """``PRAGMA wal_autocheckpoint`` of a write connection whose store checkpoints in the
 background: the WAL's bound in pages (SQLite's default is 1,000)."""
 
+_SYNC_LEVELS = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
+
 
 class WalCheckpointer:
     """Runs passive WAL checkpoints of one database file on a daemon thread.
 
     The writer calls :meth:`poke` every :attr:`every` commits; the thread starts at the
     first poke (a store that commits little never starts one) and stops in :meth:`close`.
+    A thread that could not open the file (or start) ends; the next poke tries again.
 
     Attributes:
         every: commits between two checkpoints.
-        checkpoints: passive checkpoints run so far.
-        failures: checkpoints that raised (logged; the writer's own automatic checkpoint
-            still bounds the WAL).
+        checkpoints: passive checkpoints that ran (not counting busy ones).
+        busy: checkpoints that found another one under way (another connection's).
+        failures: checkpoints, connections or thread starts that failed (logged: the first
+            after a success, then every 100th; the writer's own automatic checkpoint still
+            bounds the WAL).
         last_result: the last checkpoint's ``(busy, WAL frames, frames copied)``.
+        last_error: the last failure, or ``None``.
+        synchronous: the checkpoint connection's ``PRAGMA synchronous`` as read back
+            (``1`` NORMAL, ``2`` FULL), or ``None`` before it opened.
     """
 
     __slots__ = (
         "every",
         "checkpoints",
+        "busy",
         "failures",
         "last_result",
         "last_error",
+        "synchronous",
+        "_uri",
         "_path",
-        "_synchronous",
+        "_want",
         "_busy_ms",
         "_wake",
         "_closed",
         "_thread",
-        "_gave_up",
+        "_failing",
     )
 
-    def __init__(self, path: str, *, synchronous: str, busy_ms: int, every: int = 256) -> None:
+    def __init__(
+        self, path: str | Path, *, synchronous: str, busy_ms: int, every: int = 256
+    ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if synchronous not in _SYNC_LEVELS:
+            raise ValueError(f"synchronous must be one of {sorted(_SYNC_LEVELS)}")
         self.every = every
         self.checkpoints = 0
+        self.busy = 0
         self.failures = 0
         self.last_result: tuple[int, int, int] | None = None
         self.last_error: BaseException | None = None
-        self._path = path
-        self._synchronous = synchronous
+        self.synchronous: int | None = None
+        # resolved now: a later chdir must not point the thread at another file, and
+        # mode=rw never creates one
+        self._path = str(Path(path).absolute())
+        self._uri = "file:" + urllib.parse.quote(self._path) + "?mode=rw"
+        self._want = synchronous
         self._busy_ms = busy_ms
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._gave_up = False
+        self._failing = 0  # failures since the last success
 
     @property
     def running(self) -> bool:
@@ -94,71 +116,102 @@ class WalCheckpointer:
         return thread is not None and thread.is_alive()
 
     def poke(self) -> None:
-        """Ask for a checkpoint soon (starts the thread the first time)."""
-        if self._closed or self._gave_up:
+        """Ask for a checkpoint soon (starts the thread if none runs). Never raises."""
+        if self._closed:
             return
         thread = self._thread
-        if thread is None or not thread.is_alive():  # the first poke, or a forked child
-            self._wake = threading.Event()
-            thread = self._thread = threading.Thread(
+        if thread is None or not thread.is_alive():  # the first poke, a failure, a fork
+            wake = threading.Event()
+            thread = threading.Thread(
                 target=self._run,
-                args=(self._wake,),
+                args=(wake,),
                 name=f"cqrskit-sqlite-checkpoint:{self._path}",
                 daemon=True,
             )
-            thread.start()
+            try:
+                thread.start()
+            except Exception as exc:  # noqa: BLE001 - e.g. a thread limit: checkpoint inline
+                self._failed(exc, "cannot start the background WAL checkpoint thread")
+                return
+            self._wake = wake
+            self._thread = thread
         self._wake.set()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread, waiting up to ``timeout`` seconds for a checkpoint under way."""
+    def stop(self) -> None:
+        """Ask the thread to end after the checkpoint under way, without waiting."""
         self._closed = True
         self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread, waiting up to ``timeout`` seconds for a checkpoint under way
+        (after that it ends, and closes its connection, on its own)."""
+        self.stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def _failed(self, exc: BaseException, what: str) -> None:
+        self.failures += 1
+        self._failing += 1
+        self.last_error = exc
+        if self._failing % 100 == 1:  # the first after a success, then every 100th
+            _log.warning(
+                "%s for %s (%s); the write connection still checkpoints by itself",
+                what,
+                self._path,
+                exc,
+            )
+
     def _run(self, wake: threading.Event) -> None:
         try:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                self._uri, uri=True, isolation_level=None, check_same_thread=False
+            )
             try:
-                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
                 # the checkpoint syncs as this connection's setting says: the store's own
-                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                conn.execute(f"PRAGMA synchronous = {self._want}")
+                self.synchronous = conn.execute("PRAGMA synchronous").fetchone()[0]
             except BaseException:
                 conn.close()
                 raise
         except sqlite3.Error as exc:
-            self._gave_up = True
-            self.last_error = exc
-            _log.warning(
-                "cannot open %s for background WAL checkpoints (%s); the write connection "
-                "checkpoints by itself",
-                self._path,
-                exc,
-            )
+            self._failed(exc, "cannot open the database for background WAL checkpoints")
             return
+        if self.synchronous != _SYNC_LEVELS[self._want]:
+            _log.warning(
+                "background WAL checkpoints of %s run with synchronous=%s, not %s",
+                self._path,
+                self.synchronous,
+                self._want,
+            )
         stand_aside = False
         try:
-            while True:
+            while not self._closed:  # stop() sets it before it wakes the thread
                 wake.wait()
-                wake.clear()
                 if self._closed:
                     return
                 if stand_aside:
-                    # the WAL had reached the writer's own threshold: its checkpoint (and
-                    # the restart of the WAL after it) finds the checkpoint lock free
+                    # the WAL had reached the writer's own threshold: leave the checkpoint
+                    # lock to the writer's checkpoint (and the WAL's restart after it)
                     stand_aside = False
+                    wake.clear()
                     continue
                 try:
                     busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:
-                    self.failures += 1
-                    if self.last_error is None or self.failures % 100 == 1:
-                        _log.warning("background WAL checkpoint of %s failed: %s", self._path, exc)
-                    self.last_error = exc
+                    self._failed(exc, "a background WAL checkpoint failed")
                     continue
+                finally:
+                    # requests that came meanwhile are dropped: a thread that checkpoints
+                    # back to back would hold the lock the writer's checkpoint needs
+                    wake.clear()
+                self._failing = 0
                 self.last_result = (busy, frames, copied)
-                self.checkpoints += 1
+                if busy:
+                    self.busy += 1
+                else:
+                    self.checkpoints += 1
                 stand_aside = frames >= WRITER_AUTOCHECKPOINT
         finally:
             conn.close()

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -182,16 +183,16 @@ class SqliteUnitOfWork(UnitOfWork):
             self._finish_rollback()
             raise
         self._active = False
-        left = store._until_checkpoint - 1
-        if left:
-            store._until_checkpoint = left
-        else:  # every `every` commits: the WAL checkpoint, on its own thread
-            store._checkpoint()
         lock = store._write_lock
         if lock._waiters:
             lock.release()
         else:  # nobody waits: release() would only clear the flag
             lock.held = False
+        left = store._until_checkpoint - 1
+        if left:
+            store._until_checkpoint = left
+        else:  # every `every` commits: the WAL checkpoint, on its own thread
+            store._checkpoint()
         if stored is None:
             return None
         if store._waiters:
@@ -232,11 +233,11 @@ class SqliteEventStore(EventStore):
         encoder: how events become rows (default: JSON).
         background_checkpoints: copy the WAL into the database file on a thread of the
             store's own (every 256 commits; a passive checkpoint that blocks no reader or
-            writer) instead of in the commit that fills the WAL, which stalls the event
-            loop for the checkpoint's ``fsync`` calls; the write connection still
-            checkpoints by itself when the WAL reaches 4,000 pages (~16 MB), which bounds
-            it. ``False``: SQLite's default, the committing connection checkpoints at
-            1,000 pages.
+            writer), so that most checkpoints' ``fsync`` calls no longer stall the event
+            loop in the commit that fills the WAL; the write connection still checkpoints
+            by itself when the WAL reaches 4,000 pages (~16 MB; a soft bound, like
+            SQLite's own). ``False``: SQLite's default, the committing connection
+            checkpoints at 1,000 pages.
     """
 
     unit_of_work_type = SqliteUnitOfWork
@@ -298,6 +299,8 @@ class SqliteEventStore(EventStore):
                     busy_ms=int(lock_timeout * 1000),
                 )
                 self._until_checkpoint = self._checkpointer.every
+                # a store dropped without close() does not leave the thread behind
+                weakref.finalize(self, self._checkpointer.stop)
         except BaseException:  # a refused store leaves no connection open
             self._reader.close()
             self._writer.close()
@@ -421,10 +424,12 @@ class SqliteEventStore(EventStore):
     def close(self) -> None:
         """Stop the checkpoint thread and close both connections (an open unit of work
         is rolled back by SQLite)."""
-        if self._checkpointer is not None:
-            self._checkpointer.close()
-        self._writer.close()
-        self._reader.close()
+        try:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+        finally:
+            self._writer.close()
+            self._reader.close()
 
     @asynccontextmanager
     async def write_connection(self) -> AsyncIterator[sqlite3.Connection]:
@@ -453,13 +458,13 @@ class SqliteEventStore(EventStore):
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-            left = self._until_checkpoint - 1
-            if left:
-                self._until_checkpoint = left
-            else:
-                self._checkpoint()
         finally:
             self._write_lock.release()
+        left = self._until_checkpoint - 1
+        if left:
+            self._until_checkpoint = left
+        else:
+            self._checkpoint()
 
     # -- write side ----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ only at 4,000 pages, which bounds the WAL.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -133,21 +134,96 @@ async def test_write_connection_blocks_count_as_commits(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_checkpointer_that_cannot_open_the_file_says_so_once_and_gives_up(
+def test_a_checkpointer_that_cannot_open_the_file_says_so_and_tries_again_later(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # a directory is no database file: the thread's connection fails
-    checkpointer = WalCheckpointer(str(tmp_path), synchronous="NORMAL", busy_ms=100, every=1)
+    missing = tmp_path / "missing.db"  # opened with mode=rw: never created
+    checkpointer = WalCheckpointer(missing, synchronous="NORMAL", busy_ms=100, every=1)
     with caplog.at_level(logging.WARNING, logger="cqrskit.sqlite"):
         checkpointer.poke()
-        _until(lambda: not checkpointer.running)
-        checkpointer.poke()  # no new thread, no new warning
-        assert not checkpointer.running
+        _until(lambda: checkpointer.failures == 1 and not checkpointer.running)
+        checkpointer.poke()  # a new thread tries again; no second warning
+        _until(lambda: checkpointer.failures == 2 and not checkpointer.running)
     assert isinstance(checkpointer.last_error, sqlite3.Error)
     assert checkpointer.checkpoints == 0
+    assert not missing.exists()
     warnings = [r for r in caplog.records if "background WAL checkpoints" in r.getMessage()]
     assert len(warnings) == 1, caplog.records
     checkpointer.close()
+
+
+async def test_a_thread_that_cannot_start_fails_no_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("cqrskit-sqlite-checkpoint"):
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    store = _store(tmp_path / "log.db")
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        await _commit(store, checkpointer.every + 1)  # the poke's failure stays inside
+        assert checkpointer.failures == 1
+        assert isinstance(checkpointer.last_error, RuntimeError)
+        assert not store._write_lock.held
+        uow = await store.begin()  # the write lock was released
+        await uow.rollback()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("synchronous", "level"), [("NORMAL", 1), ("FULL", 2)])
+async def test_the_checkpoint_syncs_as_the_store_does(
+    tmp_path: Path, synchronous: str, level: int
+) -> None:
+    # the thread's checkpoint decides the fsyncs of what it copies: with OFF the WAL
+    # could start over before the database file's new pages reached the disk
+    store = _store(tmp_path / "log.db", synchronous=synchronous)
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        await _commit(store, checkpointer.every)
+        _until(lambda: checkpointer.synchronous is not None)
+        assert checkpointer.synchronous == level
+    finally:
+        store.close()
+
+
+async def test_a_relative_path_stays_the_stores_file_after_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    store = _store(Path("log.db"))
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        await _commit(store, checkpointer.every)
+        _until(lambda: checkpointer.checkpoints >= 1)
+        assert checkpointer.last_result is not None
+        assert checkpointer.last_result[1] > 0  # frames of the store's own WAL
+        assert not (tmp_path / "elsewhere" / "log.db").exists()
+    finally:
+        store.close()
+
+
+async def test_a_store_dropped_without_close_does_not_leave_its_thread(tmp_path: Path) -> None:
+    store = _store(tmp_path / "log.db")
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    await _commit(store, checkpointer.every)
+    _until(lambda: checkpointer.running)
+    store._writer.close()
+    store._reader.close()
+    del store
+    gc.collect()
+    _until(lambda: not checkpointer.running)
 
 
 def test_every_must_be_positive(tmp_path: Path) -> None:
