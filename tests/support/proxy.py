@@ -21,8 +21,10 @@ The two COMMIT modes parse the PostgreSQL frontend protocol in the client-to-ser
 direction: a simple-protocol ``Query`` ('Q') or an extended-protocol ``Parse`` ('P') whose
 SQL contains the keyword ``COMMIT`` (``INSERT ...; COMMIT`` sent as one query counts) is the
 trigger. :attr:`FaultProxy.commit_faults` counts triggers and :meth:`FaultProxy.wait_fault`
-waits (bounded) for the next one; in ``DROP_COMMIT_REPLY`` a fault is counted only after the
-server's first reply bytes arrived, i.e. after the server executed the COMMIT.
+waits (bounded) for the next one; in ``DROP_COMMIT_REPLY`` a fault is counted only once the
+server's replies carry the COMMIT's CommandComplete tag (``COMMIT``, or ``ROLLBACK`` for a
+failed transaction), i.e. after the server executed the COMMIT; replies to statements sent
+with it, which may come first, are dropped too.
 
 ``FaultProxy(host, port, protocol="raw")`` forwards any TCP protocol (a broker's) without
 parsing it; the COMMIT modes then do nothing, the others work the same. With
@@ -137,6 +139,7 @@ class _Link:
         self.server_r, self.server_w = server_r, server_w
         self.parser = _FrontendParser()
         self.commit_sent = False  # DROP_COMMIT_REPLY armed on this link
+        self.reply_tail = b""  # the last bytes of the replies dropped since (a tag split)
         self.hold = False  # HOLD_COMMIT_REPLY armed on this link
         self.server_gone = False  # the server ended the connection; the client's side held
         self.closed = False
@@ -201,9 +204,16 @@ class _Link:
                     await proxy.release_close.wait()  # released by the test, bounded there
                 break
             if self.commit_sent:
-                # the server answered the COMMIT: it has committed; lose the answer
-                proxy._fault()
-                break
+                # lose every reply from here on; the fault is counted (and the link cut)
+                # at the COMMIT's own CommandComplete: the statements sent with it in one
+                # round trip (a Sync after each, as asyncpg's fetch sends) may answer
+                # first, while the server has not executed the COMMIT yet
+                seen = self.reply_tail + data
+                if b"COMMIT\x00" in seen or b"ROLLBACK\x00" in seen:
+                    proxy._fault()
+                    break
+                self.reply_tail = seen[-16:]
+                continue
             mode = proxy.mode
             if mode is Mode.RESET:
                 break
