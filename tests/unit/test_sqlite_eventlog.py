@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ class TestSqliteEventStore(EventStoreConformance):
 
     async def state_keys(self, store: EventStore) -> set[str]:
         assert isinstance(store, SqliteEventStore)
-        with sqlite3.connect(store.path) as conn:
+        with closing(sqlite3.connect(store.path)) as conn:
             return {r[0] for r in conn.execute("SELECT key FROM state")}
 
 
@@ -57,8 +58,9 @@ def test_missing_table_without_create_names_the_ddl(tmp_path: Path) -> None:
 
 def test_schema_version_mismatch_is_refused(tmp_path: Path) -> None:
     SqliteEventStore(tmp_path / "v.db").close()
-    with sqlite3.connect(tmp_path / "v.db") as conn:
+    with closing(sqlite3.connect(tmp_path / "v.db")) as conn:
         conn.execute("UPDATE cqrskit_schema SET version = 99")
+        conn.commit()
     with pytest.raises(ConfigurationError, match="version 99"):
         SqliteEventStore(tmp_path / "v.db")
 
