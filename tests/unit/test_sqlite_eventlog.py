@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -38,6 +39,17 @@ class TestSqliteEventStore(EventStoreConformance):
         assert isinstance(store, SqliteEventStore)
         with closing(sqlite3.connect(store.path)) as conn:
             return {r[0] for r in conn.execute("SELECT key FROM state")}
+
+
+def test_inserts_use_nameless_placeholders(tmp_path: Path) -> None:
+    """The INSERTs are bound from tuples: "?1" is a named placeholder to Python
+    3.12.0-3.12.3, which warn about binding it from a sequence (CPython gh-117995)."""
+    store = SqliteEventStore(tmp_path / "q.db")
+    try:
+        for sql in (store._sql_insert_first, store._sql_insert_after, store._sql_insert_next):
+            assert re.search(r"[?:@$]\w", sql) is None, sql
+    finally:
+        store.close()
 
 
 def test_ddl_is_printable_and_creates_the_tables(tmp_path: Path) -> None:
