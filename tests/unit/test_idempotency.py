@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,7 +87,7 @@ class TestSqliteIdempotency(IdempotencyConformance):
 
     async def state_keys(self, store: EventStore) -> list[str]:
         assert isinstance(store, SqliteEventStore)
-        with sqlite3.connect(store.path) as conn:
+        with closing(sqlite3.connect(store.path)) as conn:
             return sorted(r[0] for r in conn.execute("SELECT key FROM state"))
 
     async def wait_blocked(self, idem: Idempotency, store: EventStore) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class App:
             return list(s.scalars(select(Account.owner).order_by(Account.owner)).all())
 
     def events(self) -> list[tuple[int, str, int, str]]:
-        with sqlite3.connect(self.path) as conn:
+        with closing(sqlite3.connect(self.path)) as conn:
             return conn.execute(
                 "SELECT position, stream, version, type FROM cqrskit_events ORDER BY position"
             ).fetchall()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,19 @@ class TestSqliteEventStore(EventStoreConformance):
 
     async def state_keys(self, store: EventStore) -> set[str]:
         assert isinstance(store, SqliteEventStore)
-        with sqlite3.connect(store.path) as conn:
+        with closing(sqlite3.connect(store.path)) as conn:
             return {r[0] for r in conn.execute("SELECT key FROM state")}
+
+
+def test_inserts_use_nameless_placeholders(tmp_path: Path) -> None:
+    """The INSERTs are bound from tuples: "?1" is a named placeholder to Python
+    3.12.0-3.12.3, which warn about binding it from a sequence (CPython gh-117995)."""
+    store = SqliteEventStore(tmp_path / "q.db")
+    try:
+        for sql in (store._sql_insert_first, store._sql_insert_after, store._sql_insert_next):
+            assert re.search(r"[?:@$]\w", sql) is None, sql
+    finally:
+        store.close()
 
 
 def test_ddl_is_printable_and_creates_the_tables(tmp_path: Path) -> None:
@@ -57,8 +70,9 @@ def test_missing_table_without_create_names_the_ddl(tmp_path: Path) -> None:
 
 def test_schema_version_mismatch_is_refused(tmp_path: Path) -> None:
     SqliteEventStore(tmp_path / "v.db").close()
-    with sqlite3.connect(tmp_path / "v.db") as conn:
+    with closing(sqlite3.connect(tmp_path / "v.db")) as conn:
         conn.execute("UPDATE cqrskit_schema SET version = 99")
+        conn.commit()
     with pytest.raises(ConfigurationError, match="version 99"):
         SqliteEventStore(tmp_path / "v.db")
 

@@ -310,14 +310,18 @@ class SqliteEventStore(EventStore):
             f"INSERT INTO {t} (stream, version, type, schema_version, data, message_id, "
             "correlation_id, causation_id, recorded_at) "
         )
+        # plain "?" placeholders only: Python 3.12.0-3.12.3 take "?1" for a named
+        # placeholder and warn (DeprecationWarning) when it is bound from a sequence
+        # (CPython gh-117995); the stream is bound a second time instead
         self._sql_insert_next = (
-            insert + "SELECT ?1, coalesce(max(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
-            f"FROM {t} WHERE stream = ?1 RETURNING position, version"
+            insert + "SELECT ?, coalesce(max(version), 0) + 1, ?, ?, ?, ?, ?, ?, ? "
+            f"FROM {t} WHERE stream = ? RETURNING position, version"
         )
-        self._sql_insert_first = insert + "VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        self._sql_insert_first = insert + "VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)"
+        # the row of version `expected`, if the stream has one, gives the new version
         self._sql_insert_after = (
-            insert + "SELECT ?1, ?9 + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
-            f"WHERE EXISTS (SELECT 1 FROM {t} WHERE stream = ?1 AND version = ?9)"
+            insert + "SELECT ?, version + 1, ?, ?, ?, ?, ?, ?, ? "
+            f"FROM {t} WHERE stream = ? AND version = ?"
         )
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {t} WHERE stream = ?"
         cols = (
@@ -590,7 +594,7 @@ class SqliteEventStore(EventStore):
         or after the stream's last version when ``expected`` is ``None``."""
         try:
             if expected is None:
-                got = db.execute(self._sql_insert_next, values).fetchone()
+                got = db.execute(self._sql_insert_next, (*values, stream)).fetchone()
                 if got is None:  # pragma: no cover - the HAVING clause always holds
                     raise self._conflict(db, stream, expected)
                 position, version = got
@@ -601,7 +605,7 @@ class SqliteEventStore(EventStore):
                 if expected == 0:  # a new stream: the commonest case
                     cur = db.execute(self._sql_insert_first, values)
                 else:
-                    cur = db.execute(self._sql_insert_after, (*values, expected))
+                    cur = db.execute(self._sql_insert_after, (*values, stream, expected))
                 if cur.rowcount != 1:
                     raise self._conflict(db, stream, expected)
                 position, version = cur.lastrowid, expected + 1
