@@ -599,7 +599,8 @@ class _TransactionBehavior:
             receipt = _receipt_var.get()  # record_token(position), inline
             if receipt is not None:
                 receipt.record(position)
-        task = asyncio.current_task() if store._commit_holds_cancellation else None
+        # a driver's COMMIT, or an inline hook of the user's, may hold one back
+        task = asyncio.current_task() if store._commit_holds_cancellation or store._hooks else None
         if task is not None and task.cancelling():
             # a cancellation (a timeout) that came while COMMIT was on the wire was held
             # until the outcome was in: deliver it here, inside the caller's await of

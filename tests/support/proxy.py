@@ -22,9 +22,10 @@ direction: a simple-protocol ``Query`` ('Q') or an extended-protocol ``Parse`` (
 SQL contains the keyword ``COMMIT`` (``INSERT ...; COMMIT`` sent as one query counts) is the
 trigger. :attr:`FaultProxy.commit_faults` counts triggers and :meth:`FaultProxy.wait_fault`
 waits (bounded) for the next one; in ``DROP_COMMIT_REPLY`` a fault is counted only once the
-server's replies carry the COMMIT's CommandComplete tag (``COMMIT``, or ``ROLLBACK`` for a
-failed transaction), i.e. after the server executed the COMMIT; replies to statements sent
-with it, which may come first, are dropped too.
+server has answered the COMMIT — its CommandComplete (``COMMIT``, or ``ROLLBACK`` for a
+failed transaction), or the ReadyForQuery after an ErrorResponse (the COMMIT failed or an
+earlier statement of its round trip did) — i.e. after the server executed it; replies to
+statements sent with it, which may come first, are dropped too.
 
 ``FaultProxy(host, port, protocol="raw")`` forwards any TCP protocol (a broker's) without
 parsing it; the COMMIT modes then do nothing, the others work the same. With
@@ -139,7 +140,8 @@ class _Link:
         self.server_r, self.server_w = server_r, server_w
         self.parser = _FrontendParser()
         self.commit_sent = False  # DROP_COMMIT_REPLY armed on this link
-        self.reply_tail = b""  # the last bytes of the replies dropped since (a tag split)
+        self.replies = bytearray()  # replies since the COMMIT went out, not yet parsed
+        self.reply_error = False  # an ErrorResponse came since
         self.hold = False  # HOLD_COMMIT_REPLY armed on this link
         self.server_gone = False  # the server ended the connection; the client's side held
         self.closed = False
@@ -191,6 +193,34 @@ class _Link:
             await self.server_w.drain()
         self.abort()
 
+    def _commit_answered(self, data: bytes) -> bool:
+        """Feed replies that came after the COMMIT went out; ``True`` once the server has
+        answered the COMMIT: its CommandComplete (``COMMIT``, or ``ROLLBACK`` for a failed
+        transaction), or the ReadyForQuery after an ErrorResponse (an earlier statement
+        of the round trip failed and the COMMIT was skipped, or the COMMIT itself
+        failed). The server is between messages when the COMMIT goes out (the client
+        waited for the previous answer), so parsing starts at a message boundary."""
+        buf = self.replies
+        buf += data
+        pos = 0
+        while len(buf) - pos >= 5:
+            kind = buf[pos]
+            (length,) = struct.unpack_from("!i", buf, pos + 1)
+            if length < 4:  # not a message boundary after all: cut now, as before
+                return True
+            end = pos + 1 + length
+            if len(buf) < end:
+                break
+            if kind == ord("C") and bytes(buf[pos + 5 : end]).startswith((b"COMMIT", b"ROLLBACK")):
+                return True
+            if kind == ord("E"):
+                self.reply_error = True
+            elif kind == ord("Z") and self.reply_error:
+                return True
+            pos = end
+        del buf[:pos]
+        return False
+
     async def server_to_client(self) -> None:
         proxy = self.proxy
         while not self.closed:
@@ -208,11 +238,9 @@ class _Link:
                 # at the COMMIT's own CommandComplete: the statements sent with it in one
                 # round trip (a Sync after each, as asyncpg's fetch sends) may answer
                 # first, while the server has not executed the COMMIT yet
-                seen = self.reply_tail + data
-                if b"COMMIT\x00" in seen or b"ROLLBACK\x00" in seen:
+                if self._commit_answered(data):
                     proxy._fault()
                     break
-                self.reply_tail = seen[-16:]
                 continue
             mode = proxy.mode
             if mode is Mode.RESET:

@@ -30,6 +30,7 @@ WAL peaked at 4,700–9,400 pages in runs of 40,000 back-to-back commits.
 from __future__ import annotations
 
 import logging
+import queue
 import sqlite3
 import threading
 import urllib.parse
@@ -104,7 +105,7 @@ class WalCheckpointer:
         self._uri = "file:" + urllib.parse.quote(self._path) + "?mode=rw"
         self._want = synchronous
         self._busy_ms = busy_ms
-        self._wake = threading.Event()
+        self._wake: queue.SimpleQueue[bool] = queue.SimpleQueue()  # True: a checkpoint
         self._closed = False
         self._thread: threading.Thread | None = None
         self._failing = 0  # failures since the last success
@@ -121,7 +122,7 @@ class WalCheckpointer:
             return
         thread = self._thread
         if thread is None or not thread.is_alive():  # the first poke, a failure, a fork
-            wake = threading.Event()
+            wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
             thread = threading.Thread(
                 target=self._run,
                 args=(wake,),
@@ -135,12 +136,14 @@ class WalCheckpointer:
                 return
             self._wake = wake
             self._thread = thread
-        self._wake.set()
+        self._wake.put(True)
 
     def stop(self) -> None:
-        """Ask the thread to end after the checkpoint under way, without waiting."""
+        """Ask the thread to end after the checkpoint under way, without waiting. Safe in a
+        garbage collector's callback (a store dropped without ``close()``): a
+        ``SimpleQueue.put`` takes no lock the thread may hold."""
         self._closed = True
-        self._wake.set()
+        self._wake.put(False)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread, waiting up to ``timeout`` seconds for a checkpoint under way
@@ -162,7 +165,7 @@ class WalCheckpointer:
                 exc,
             )
 
-    def _run(self, wake: threading.Event) -> None:
+    def _run(self, wake: queue.SimpleQueue[bool]) -> None:
         try:
             conn = sqlite3.connect(
                 self._uri, uri=True, isolation_level=None, check_same_thread=False
@@ -188,14 +191,14 @@ class WalCheckpointer:
         stand_aside = False
         try:
             while not self._closed:  # stop() sets it before it wakes the thread
-                wake.wait()
+                wake.get()
                 if self._closed:
                     return
                 if stand_aside:
                     # the WAL had reached the writer's own threshold: leave the checkpoint
                     # lock to the writer's checkpoint (and the WAL's restart after it)
                     stand_aside = False
-                    wake.clear()
+                    _drain(wake)
                     continue
                 try:
                     busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -205,7 +208,7 @@ class WalCheckpointer:
                 finally:
                     # requests that came meanwhile are dropped: a thread that checkpoints
                     # back to back would hold the lock the writer's checkpoint needs
-                    wake.clear()
+                    _drain(wake)
                 self._failing = 0
                 self.last_result = (busy, frames, copied)
                 if busy:
@@ -215,3 +218,12 @@ class WalCheckpointer:
                 stand_aside = frames >= WRITER_AUTOCHECKPOINT
         finally:
             conn.close()
+
+
+def _drain(wake: queue.SimpleQueue[bool]) -> None:
+    """Drop the requests queued so far."""
+    try:
+        while True:
+            wake.get_nowait()
+    except queue.Empty:
+        pass

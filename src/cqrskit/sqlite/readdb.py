@@ -121,10 +121,14 @@ def _connect(path: str, *, read_only: bool, busy_timeout_ms: int) -> sqlite3.Con
     if not read_only and path != ":memory:":
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        # the event store's write connection checkpoints at this WAL size (its own thread
-        # checkpoints more often): a projector writing to the same file at SQLite's default
-        # of 1,000 pages would run a checkpoint, fsyncs included, in most of its commits
-        conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT}")
+        if conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cqrskit_schema'"
+        ).fetchone():
+            # the event log's file: its store's write connection checkpoints at this WAL
+            # size (its own thread more often); a projector writing here at SQLite's
+            # default of 1,000 pages would run a checkpoint, fsyncs included, in most of
+            # its commits. A read database in a file of its own keeps the default.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT}")
     if read_only:
         conn.execute("PRAGMA query_only = ON")
     return conn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -113,3 +114,46 @@ def test_parser_finds_commit_whatever_the_length_byte() -> None:
     parser = _FrontendParser()
     parser.feed(b"\x00\x00\x00\x08\x00\x03\x00\x00")  # a startup message
     assert parser.feed(q) == [(q, True)]
+
+
+def _msg(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+async def test_drop_commit_reply_cuts_the_link_when_the_commit_fails() -> None:
+    # a fake server: the round trip "INSERT ...; COMMIT" fails at the INSERT, so no
+    # COMMIT tag ever comes; the ReadyForQuery after the error ends the wait
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)  # the startup message
+        writer.write(_msg(b"R", struct.pack("!I", 0)) + _msg(b"Z", b"I"))
+        await writer.drain()
+        await reader.read(1 << 16)  # the query
+        error = b"SERROR\x00C23505\x00Mduplicate key\x00\x00"
+        writer.write(_msg(b"E", error) + _msg(b"Z", b"E"))
+        await writer.drain()
+        await reader.read(1 << 16)  # until the proxy cuts the link
+        writer.close()
+
+    fake = await asyncio.start_server(server, "127.0.0.1", 0)
+    port = fake.sockets[0].getsockname()[1]
+    proxy = FaultProxy("127.0.0.1", port)
+    await proxy.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        params = b"\x00\x03\x00\x00user\x00u\x00\x00"
+        writer.write(struct.pack("!I", len(params) + 4) + params)
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.read(100), 5)).endswith(b"Z\x00\x00\x00\x05I")
+        proxy.mode = Mode.DROP_COMMIT_REPLY
+        writer.write(_msg(b"Q", b"INSERT INTO t VALUES (1); COMMIT\x00"))
+        await writer.drain()
+        await proxy.wait_fault(1)
+        try:  # cut (EOF or a reset), the error's reply not forwarded
+            assert await asyncio.wait_for(reader.read(100), 5) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+    finally:
+        await proxy.close()
+        fake.close()
+        await fake.wait_closed()

@@ -321,3 +321,17 @@ async def test_a_read_database_on_the_stores_file_does_not_checkpoint_at_1000_pa
     finally:
         await db.close()
         store.close()
+
+
+async def test_a_read_database_in_a_file_of_its_own_keeps_sqlites_default(
+    tmp_path: Path,
+) -> None:
+    db = SqliteReadDatabase(str(tmp_path / "read.db"))
+    try:
+        async with db.transaction() as session:
+            await session.execute("CREATE TABLE IF NOT EXISTS balances (k TEXT PRIMARY KEY)")
+        writer = db._writer
+        assert writer is not None
+        assert writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    finally:
+        await db.close()
