@@ -1,4 +1,4 @@
-"""WAL checkpoints on a thread of their own, so that commands do not wait for them.
+"""WAL checkpoints on a thread of their own, so that the event loop does not wait for them.
 
 In WAL mode SQLite appends each commit to the ``-wal`` file; a *checkpoint* copies those
 pages back into the database file and, with ``synchronous=NORMAL`` or ``FULL``, calls
@@ -7,7 +7,8 @@ whenever the WAL has reached 1,000 pages (``wal_autocheckpoint``): with a few pa
 command, one command in ~250 stalls for the ``fsync`` calls — milliseconds on a real
 disk, on the event loop's thread, where nothing else runs meanwhile. Measured here (raw
 ``sqlite3``, two rows per transaction, ``synchronous=NORMAL``, ext4 on a virtual disk)
-those checkpoints were 37–51 % of a command loop's wall time.
+those checkpoints were 45–52 % of a command loop's wall time
+(``benchmarks/sqlite_checkpoints.py``).
 
 :class:`WalCheckpointer` runs ``PRAGMA wal_checkpoint(PASSIVE)`` on a connection of its
 own, in a daemon thread, each time the writer has committed ``every`` transactions. A
@@ -17,18 +18,26 @@ store's ``synchronous`` setting: the checkpoint syncs what it copies exactly as 
 writer's own checkpoint would, so durability is unchanged.
 
 A passive checkpoint cannot copy frames committed while it runs, and SQLite starts the WAL
-over only when every frame has been copied; under a steady stream of commits that never
-happens by itself. The writer therefore keeps its own automatic checkpoint, at
-:data:`WRITER_AUTOCHECKPOINT` pages instead of 1,000: it bounds the WAL (about 16 MB with
-4 KiB pages), and as the background thread has already copied and synced most pages by
-then, the writer's checkpoint is rarer and has less to do. Once a checkpoint finds the WAL
-at that size, the thread skips its next turn, so that the writer's checkpoint does not find
-the checkpoint lock taken. The bound is soft, as SQLite's own is: on a loaded machine the
-WAL peaked at 4,700–9,400 pages in runs of 40,000 back-to-back commits.
+over only after a checkpoint that copied every frame; under a steady stream of commits that
+never happens by itself. So once the WAL has reached :data:`RESTART_AT` pages, the thread
+asks the store's writers to pause: the next command awaits :meth:`WalCheckpointer.park`
+(the event loop runs other tasks meanwhile; later commands queue on the store's write lock)
+while the thread runs ``PRAGMA wal_checkpoint(RESTART)``, which copies the rest and lets the
+next commit start the WAL from its first page. Its wait for readers and other processes is
+short (200 ms); if they hold on, the restart gives up and is tried again later.
+
+The write connection keeps an automatic checkpoint of its own as the bound, at
+:data:`WRITER_AUTOCHECKPOINT` pages instead of 1,000 (about 24 MB with 4 KiB pages): it
+runs only when the thread is not there (no event loop to park, a failure, a reader holding
+the WAL). The thread drops the requests that came while it worked, and skips a turn when
+it finds the WAL at that size, so that the writer's checkpoint finds the checkpoint lock
+free. The bound is soft, as SQLite's own is (a long reader holds the WAL). One ``fsync``
+stays with the writer: the first commit after the WAL starts over syncs its header.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import sqlite3
@@ -40,9 +49,18 @@ __all__ = ["WRITER_AUTOCHECKPOINT", "WalCheckpointer"]
 
 _log = logging.getLogger("cqrskit.sqlite")
 
-WRITER_AUTOCHECKPOINT = 4000
+WRITER_AUTOCHECKPOINT = 6000
 """``PRAGMA wal_autocheckpoint`` of a write connection whose store checkpoints in the
 background: the WAL's bound in pages (SQLite's default is 1,000)."""
+
+RESTART_AT = 3000
+"""WAL size in pages at which the thread starts the WAL over: it asks the store's writers
+to pause (:meth:`WalCheckpointer.park`, awaited by the next command without blocking the
+event loop) and runs ``PRAGMA wal_checkpoint(RESTART)`` meanwhile."""
+
+_RESTART_BUSY_MS = 200  # how long the restart waits for readers and other processes
+_PARK_WAIT = 1.0  # how long the thread waits for a command to park
+_PARK_TIMEOUT = 5.0  # how long a parked command waits at most
 
 _SYNC_LEVELS = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
 
@@ -83,6 +101,10 @@ class WalCheckpointer:
         "_closed",
         "_thread",
         "_failing",
+        "restarts",
+        "pause",
+        "_resume",
+        "_loop",
     )
 
     def __init__(
@@ -109,6 +131,11 @@ class WalCheckpointer:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._failing = 0  # failures since the last success
+        self.restarts = 0
+        # set by the thread while it wants the writers parked (see park())
+        self.pause: threading.Event | None = None
+        self._resume: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the writers' event loop
 
     @property
     def running(self) -> bool:
@@ -120,6 +147,11 @@ class WalCheckpointer:
         """Ask for a checkpoint soon (starts the thread if none runs). Never raises."""
         if self._closed:
             return
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop: no parking, the writer's own checkpoint
+                pass
         thread = self._thread
         if thread is None or not thread.is_alive():  # the first poke, a failure, a fork
             wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
@@ -152,6 +184,59 @@ class WalCheckpointer:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    async def park(self) -> None:
+        """Called by the store's writer, holding its write lock, when :attr:`pause` is set:
+        wait (at most 5 s, without blocking the event loop) while the thread starts the WAL
+        over. Commands queue on the store's write lock meanwhile."""
+        pause = self.pause
+        if pause is None:
+            return
+        fut = self._resume = asyncio.get_running_loop().create_future()
+        pause.set()
+        try:
+            async with asyncio.timeout(_PARK_TIMEOUT):
+                await fut
+        except TimeoutError:
+            pass  # the thread is late: go on (BEGIN IMMEDIATE waits for its lock if held)
+        finally:
+            if self._resume is fut:
+                self._resume = None
+
+    def _resume_writers(self) -> None:  # on the event loop, scheduled by the thread
+        fut, self._resume = self._resume, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _restart(self, conn: sqlite3.Connection) -> bool:
+        """Start the WAL over with the store's writers parked; ``True`` if it was."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return False
+        parked = threading.Event()
+        self.pause = parked  # the next command parks (see park())
+        try:
+            if not parked.wait(_PARK_WAIT) or self._closed:
+                return False  # no command came: nothing is writing, nothing to hurry
+            conn.execute(f"PRAGMA busy_timeout = {_RESTART_BUSY_MS}")
+            try:
+                busy, _frames, _copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
+            if busy:  # a reader or another process held on past the busy timeout
+                self.busy += 1
+                return False
+            self.restarts += 1
+            return True
+        except sqlite3.Error as exc:
+            self._failed(exc, "restarting the WAL failed")
+            return False
+        finally:
+            self.pause = None
+            try:
+                loop.call_soon_threadsafe(self._resume_writers)
+            except RuntimeError:  # the event loop closed meanwhile
+                pass
 
     def _failed(self, exc: BaseException, what: str) -> None:
         self.failures += 1
@@ -215,7 +300,10 @@ class WalCheckpointer:
                     self.busy += 1
                 else:
                     self.checkpoints += 1
-                stand_aside = frames >= WRITER_AUTOCHECKPOINT
+                restarted = frames >= RESTART_AT and self._restart(conn)
+                # the WAL at the writer's own threshold and not started over: leave the
+                # checkpoint lock to the writer's checkpoint for a turn
+                stand_aside = not restarted and frames >= WRITER_AUTOCHECKPOINT
         finally:
             conn.close()
 

@@ -232,12 +232,13 @@ class SqliteEventStore(EventStore):
         lock_timeout: seconds to wait for another process's write transaction.
         encoder: how events become rows (default: JSON).
         background_checkpoints: copy the WAL into the database file on a thread of the
-            store's own (every 256 commits; a passive checkpoint that blocks no reader or
-            writer), so that most checkpoints' ``fsync`` calls no longer stall the event
-            loop in the commit that fills the WAL; the write connection still checkpoints
-            by itself when the WAL reaches 4,000 pages (~16 MB; a soft bound, like
-            SQLite's own). ``False``: SQLite's default, the committing connection
-            checkpoints at 1,000 pages.
+            store's own (a passive checkpoint every 256 commits, which blocks no reader or
+            writer; at 3,000 pages the next command awaits, without blocking the event
+            loop, while the thread starts the WAL over), so that checkpoints' ``fsync``
+            calls no longer stall the event loop in the commit that fills the WAL. The
+            write connection checkpoints by itself only when the WAL reaches 6,000 pages
+            (~24 MB; a soft bound, like SQLite's own). ``False``: SQLite's default, the
+            committing connection checkpoints at 1,000 pages.
     """
 
     unit_of_work_type = SqliteUnitOfWork
@@ -451,6 +452,9 @@ class SqliteEventStore(EventStore):
         await self._write_lock.acquire()
         conn = self._writer
         try:
+            checkpointer = self._checkpointer
+            if checkpointer is not None and checkpointer.pause is not None:
+                await checkpointer.park()
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError:
@@ -482,6 +486,9 @@ class SqliteEventStore(EventStore):
         else:
             lock.held = True
         try:
+            checkpointer = self._checkpointer
+            if checkpointer is not None and checkpointer.pause is not None:
+                await checkpointer.park()  # the WAL starts over meanwhile
             try:
                 self._cursor.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError:

@@ -2,12 +2,14 @@
 
 The commit that fills SQLite's WAL to 1,000 pages runs the checkpoint itself by default,
 with two ``fsync`` calls on the event loop's thread. The store instead runs passive
-checkpoints on a daemon thread every 256 commits and lets the writer checkpoint by itself
-only at 4,000 pages, which bounds the WAL.
+checkpoints on a daemon thread every 256 commits, starts the WAL over at RESTART_AT pages
+while the next command awaits (parked, the loop free), and lets the writer checkpoint by
+itself only at WRITER_AUTOCHECKPOINT pages, which bounds the WAL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import logging
@@ -26,6 +28,7 @@ from tests.support.bank import Deposited, serializer
 from tests.support.faults import check_invariants, send_signal
 
 from cqrskit.sqlite import SqliteEventStore, SqliteReadDatabase, WalCheckpointer
+from cqrskit.sqlite import _checkpoint as checkpoint_module
 from cqrskit.sqlite._checkpoint import WRITER_AUTOCHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -93,10 +96,9 @@ async def test_the_wal_is_copied_by_a_thread_of_the_stores_own(tmp_path: Path) -
 
 async def test_the_wal_stays_bounded_under_a_steady_stream_of_commits(tmp_path: Path) -> None:
     # a passive checkpoint cannot copy what is committed while it runs, so the WAL only
-    # starts over because the writer still checkpoints at WRITER_AUTOCHECKPOINT pages (the
-    # thread stands aside for it); without that these commits (~4 pages each) would grow
-    # it to ~44,000 pages. The bound is soft: under load the writer's checkpoint may find
-    # the thread's under way and try again at its next commits (peaks of ~2.4x were seen).
+    # starts over because the thread restarts it (writers parked) or the writer still
+    # checkpoints at WRITER_AUTOCHECKPOINT pages; without both these commits (~4 pages
+    # each) would grow it to ~44,000 pages. The bound is soft (a reader holds the WAL).
     store = _store(tmp_path / "log.db")
     try:
         await _commit(store, 10_000)
@@ -335,3 +337,96 @@ async def test_a_read_database_in_a_file_of_its_own_keeps_sqlites_default(
         assert writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
     finally:
         await db.close()
+
+
+async def test_the_thread_starts_the_wal_over_while_the_writers_wait_on_the_loop(
+    tmp_path: Path,
+) -> None:
+    # at RESTART_AT pages the thread parks the next command (an await, not a blocked
+    # loop) and runs wal_checkpoint(RESTART); the WAL then starts over from its first
+    # page instead of waiting for the writer's own checkpoint at WRITER_AUTOCHECKPOINT
+    store = _store(tmp_path / "log.db")
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:  # another task: it runs while a command is parked
+        nonlocal ticks
+        while not done:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.ensure_future(ticker())
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        await _commit(store, 3000)
+        assert checkpointer.restarts >= 1, (checkpointer.restarts, checkpointer.last_result)
+        assert checkpointer.pause is None
+        assert not store._write_lock.held
+    finally:
+        done = True
+        await task
+        store.close()
+    assert ticks > 0
+
+
+async def test_a_parked_command_goes_on_when_the_thread_never_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpoint_module, "_PARK_TIMEOUT", 0.05)
+    store = _store(tmp_path / "log.db")
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        checkpointer.pause = threading.Event()  # as if the thread asked, then hung
+        await _commit(store, 1)  # parks 0.05 s, then commits
+        assert checkpointer.pause.is_set()
+        fresh = sqlite3.connect(store.path)
+        try:
+            assert fresh.execute("SELECT count(*) FROM cqrskit_events").fetchone()[0] == 1
+        finally:
+            fresh.close()
+    finally:
+        store.close()
+
+
+async def test_a_parked_command_cancelled_releases_the_write_lock(tmp_path: Path) -> None:
+    store = _store(tmp_path / "log.db")
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        checkpointer.pause = threading.Event()
+        parked = asyncio.ensure_future(store.begin())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert checkpointer.pause.is_set()  # it is parked
+        parked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await parked
+        assert not store._write_lock.held
+        checkpointer.pause = None
+        await _commit(store, 1)
+    finally:
+        store.close()
+
+
+async def test_a_reader_holding_the_wal_makes_the_restart_give_up_not_hang(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path / "log.db")
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        await _commit(store, 100, prefix="a")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM cqrskit_events").fetchone()  # a snapshot
+        await _commit(store, 1500, prefix="b")  # past RESTART_AT while the reader holds on
+        _until(lambda: checkpointer.busy >= 1 or checkpointer.restarts >= 1)
+        assert checkpointer.pause is None or checkpointer.pause.is_set()
+        reader.execute("COMMIT")
+        await _commit(store, 10, prefix="c")  # nothing stuck
+        assert not store._write_lock.held
+    finally:
+        reader.close()
+        store.close()
