@@ -75,7 +75,10 @@ class WalCheckpointer:
     Attributes:
         every: commits between two checkpoints.
         checkpoints: passive checkpoints that ran (not counting busy ones).
-        busy: checkpoints that found another one under way (another connection's).
+        busy: checkpoints that found another one under way (another connection's), and
+            restarts that gave up (a reader or another process held on).
+        restarts: times the thread started the WAL over with the writers parked.
+        late: parked commands that went on after 5 s without the thread's answer.
         failures: checkpoints, connections or thread starts that failed (logged: the first
             after a success, then every 100th; the writer's own automatic checkpoint still
             bounds the WAL).
@@ -102,6 +105,7 @@ class WalCheckpointer:
         "_thread",
         "_failing",
         "restarts",
+        "late",
         "pause",
         "_resume",
         "_loop",
@@ -132,10 +136,12 @@ class WalCheckpointer:
         self._thread: threading.Thread | None = None
         self._failing = 0  # failures since the last success
         self.restarts = 0
+        self.late = 0
         # set by the thread while it wants the writers parked (see park())
         self.pause: threading.Event | None = None
-        self._resume: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the writers' event loop
+        # the parked command's loop and future, which the thread resolves
+        self._resume: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the last poke's event loop
 
     @property
     def running(self) -> bool:
@@ -147,11 +153,10 @@ class WalCheckpointer:
         """Ask for a checkpoint soon (starts the thread if none runs). Never raises."""
         if self._closed:
             return
-        if self._loop is None:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError:  # no event loop: no parking, the writer's own checkpoint
-                pass
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: no parking, the writer's own checkpoint
+            self._loop = None
         thread = self._thread
         if thread is None or not thread.is_alive():  # the first poke, a failure, a fork
             wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
@@ -192,20 +197,28 @@ class WalCheckpointer:
         pause = self.pause
         if pause is None:
             return
-        fut = self._resume = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        resume = self._resume = (loop, fut)  # before the thread can see the pause taken
         pause.set()
+        if self.pause is not pause:
+            # the thread gave up waiting meanwhile; it either saw `resume` (and resolves
+            # the future) or had already looked: nothing to wait for either way
+            if self._resume is resume:
+                self._resume = None
+            return
         try:
             async with asyncio.timeout(_PARK_TIMEOUT):
                 await fut
-        except TimeoutError:
-            pass  # the thread is late: go on (BEGIN IMMEDIATE waits for its lock if held)
+        except TimeoutError:  # the thread is late: go on (BEGIN IMMEDIATE waits if needed)
+            self.late += 1
         finally:
-            if self._resume is fut:
+            if self._resume is resume:
                 self._resume = None
 
-    def _resume_writers(self) -> None:  # on the event loop, scheduled by the thread
-        fut, self._resume = self._resume, None
-        if fut is not None and not fut.done():
+    @staticmethod
+    def _resume_writers(fut: asyncio.Future[None]) -> None:  # on the parked command's loop
+        if not fut.done():
             fut.set_result(None)
 
     def _restart(self, conn: sqlite3.Connection) -> bool:
@@ -232,11 +245,13 @@ class WalCheckpointer:
             self._failed(exc, "restarting the WAL failed")
             return False
         finally:
-            self.pause = None
-            try:
-                loop.call_soon_threadsafe(self._resume_writers)
-            except RuntimeError:  # the event loop closed meanwhile
-                pass
+            self.pause = None  # before reading _resume: see park()
+            resume, self._resume = self._resume, None
+            if resume is not None:
+                try:
+                    resume[0].call_soon_threadsafe(self._resume_writers, resume[1])
+                except RuntimeError:  # that event loop closed meanwhile
+                    pass
 
     def _failed(self, exc: BaseException, what: str) -> None:
         self.failures += 1

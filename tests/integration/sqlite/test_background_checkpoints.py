@@ -361,6 +361,7 @@ async def test_the_thread_starts_the_wal_over_while_the_writers_wait_on_the_loop
         assert checkpointer is not None
         await _commit(store, 3000)
         assert checkpointer.restarts >= 1, (checkpointer.restarts, checkpointer.last_result)
+        assert checkpointer.late == 0
         assert checkpointer.pause is None
         assert not store._write_lock.held
     finally:
@@ -429,4 +430,20 @@ async def test_a_reader_holding_the_wal_makes_the_restart_give_up_not_hang(
         assert not store._write_lock.held
     finally:
         reader.close()
+        store.close()
+
+
+def test_a_store_used_from_one_event_loop_after_another_parks_on_the_right_one(
+    tmp_path: Path,
+) -> None:
+    # the thread resolves the parked command's future on that command's own loop
+    store = _store(tmp_path / "log.db")
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        asyncio.run(_commit(store, 600, prefix="first"))
+        asyncio.run(_commit(store, 3000, prefix="second"))
+        assert checkpointer.restarts >= 1
+        assert checkpointer.late == 0
+    finally:
         store.close()
