@@ -186,6 +186,9 @@ class WalCheckpointer:
         """Stop the thread, waiting up to ``timeout`` seconds for a checkpoint under way
         (after that it ends, and closes its connection, on its own)."""
         self.stop()
+        pause = self.pause
+        if pause is not None:  # the thread waits for a command to park: wake it now
+            pause.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -196,6 +199,10 @@ class WalCheckpointer:
         over. Commands queue on the store's write lock meanwhile."""
         pause = self.pause
         if pause is None:
+            return
+        thread = self._thread
+        if thread is None or not thread.is_alive():  # e.g. a forked child: nobody answers
+            self.pause = None
             return
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -289,6 +296,7 @@ class WalCheckpointer:
                 self._want,
             )
         stand_aside = False
+        restart_at = RESTART_AT
         try:
             while not self._closed:  # stop() sets it before it wakes the thread
                 wake.get()
@@ -315,7 +323,15 @@ class WalCheckpointer:
                     self.busy += 1
                 else:
                     self.checkpoints += 1
-                restarted = frames >= RESTART_AT and self._restart(conn)
+                # a restart only when this checkpoint copied every frame (a reader holding
+                # an older snapshot would make it wait its 200 ms for nothing, every
+                # turn), and after one that gave up only once the WAL grew by RESTART_AT
+                if frames < RESTART_AT:  # the WAL started over (here or in the writer)
+                    restart_at = RESTART_AT
+                restarted = False
+                if frames >= restart_at and copied == frames:
+                    restarted = self._restart(conn)
+                    restart_at = RESTART_AT if restarted else frames + RESTART_AT
                 # the WAL at the writer's own threshold and not started over: leave the
                 # checkpoint lock to the writer's checkpoint for a turn
                 stand_aside = not restarted and frames >= WRITER_AUTOCHECKPOINT

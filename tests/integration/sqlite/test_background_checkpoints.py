@@ -235,8 +235,16 @@ def test_every_must_be_positive(tmp_path: Path) -> None:
 
 WRITER = """
 import asyncio, sys
-from cqrskit.sqlite import SqliteEventStore
+from cqrskit.sqlite import SqliteEventStore, WalCheckpointer
 from tests.support.bank import Deposited, serializer
+
+real_park = WalCheckpointer.park
+
+async def park(self):
+    print("parked", flush=True)  # the thread starts the WAL over now
+    await real_park(self)
+
+WalCheckpointer.park = park
 
 async def main():
     store = SqliteEventStore(sys.argv[1], encoder=serializer.encode)
@@ -260,6 +268,7 @@ def test_sigkill_while_checkpointing_in_the_background_loses_no_commit(tmp_path:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
     rng = random.Random(12)
     acknowledged: list[int] = []
+    at_restart = 0
     for round_ in range(6):
         start = round_ * 1_000_000  # a commit in flight at the kill may have landed
         proc = subprocess.Popen(
@@ -270,17 +279,26 @@ def test_sigkill_while_checkpointing_in_the_background_loses_no_commit(tmp_path:
         )
         assert proc.stdout is not None
         try:
-            target = rng.randrange(300, 1500)  # acknowledged commits before the kill
+            # even rounds: after a random number of acknowledged commits; odd rounds: at
+            # a command parked for a WAL restart (the thread's RESTART under way)
+            target = rng.randrange(300, 1500)
             got = 0
-            while got < target:
-                line = proc.stdout.readline()
+            while True:
+                line = proc.stdout.readline().strip()
                 assert line, "the writer ended early"
+                if line == b"parked":
+                    if round_ % 2 and got >= 100:
+                        at_restart += 1
+                        break
+                    continue
                 acknowledged.append(int(line))
                 got += 1
+                if round_ % 2 == 0 and got >= target:
+                    break
             assert send_signal(proc, 9)
             proc.wait(10)
             rest = proc.stdout.read()  # acknowledged before the kill landed
-            acknowledged += [int(x) for x in rest.split()]
+            acknowledged += [int(x) for x in rest.split() if x != b"parked"]
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -304,7 +322,8 @@ def test_sigkill_while_checkpointing_in_the_background_loses_no_commit(tmp_path:
         "sqlite background checkpoints", {"lost": lost, "double": double, "reordered": reordered}
     )
     assert result == {"lost": 0, "double": 0, "reordered": 0}
-    assert len(acknowledged) >= 6 * 300
+    assert len(acknowledged) >= 3 * 300 + 3 * 100
+    assert at_restart == 3
 
 
 async def test_a_read_database_on_the_stores_file_does_not_checkpoint_at_1000_pages(
@@ -379,12 +398,16 @@ async def test_a_parked_command_goes_on_when_the_thread_never_answers(
     try:
         checkpointer = store.checkpointer
         assert checkpointer is not None
+        await _commit(store, checkpointer.every, prefix="a")  # the thread runs
+        _until(lambda: checkpointer.running)
         checkpointer.pause = threading.Event()  # as if the thread asked, then hung
         await _commit(store, 1)  # parks 0.05 s, then commits
         assert checkpointer.pause.is_set()
+        assert checkpointer.late == 1
         fresh = sqlite3.connect(store.path)
         try:
-            assert fresh.execute("SELECT count(*) FROM cqrskit_events").fetchone()[0] == 1
+            count = fresh.execute("SELECT count(*) FROM cqrskit_events").fetchone()[0]
+            assert count == checkpointer.every + 1
         finally:
             fresh.close()
     finally:
@@ -396,6 +419,8 @@ async def test_a_parked_command_cancelled_releases_the_write_lock(tmp_path: Path
     try:
         checkpointer = store.checkpointer
         assert checkpointer is not None
+        await _commit(store, checkpointer.every, prefix="a")  # the thread runs
+        _until(lambda: checkpointer.running)
         checkpointer.pause = threading.Event()
         parked = asyncio.ensure_future(store.begin())
         await asyncio.sleep(0)
@@ -411,9 +436,17 @@ async def test_a_parked_command_cancelled_releases_the_write_lock(tmp_path: Path
         store.close()
 
 
-async def test_a_reader_holding_the_wal_makes_the_restart_give_up_not_hang(
-    tmp_path: Path,
+async def test_a_reader_holding_the_wal_is_not_waited_for_every_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    attempts: list[int] = []
+    real_restart = WalCheckpointer._restart
+
+    def counted(self: WalCheckpointer, conn: sqlite3.Connection) -> bool:
+        attempts.append(1)
+        return real_restart(self, conn)
+
+    monkeypatch.setattr(WalCheckpointer, "_restart", counted)
     store = _store(tmp_path / "log.db")
     reader = sqlite3.connect(store.path, isolation_level=None)
     try:
@@ -423,8 +456,13 @@ async def test_a_reader_holding_the_wal_makes_the_restart_give_up_not_hang(
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM cqrskit_events").fetchone()  # a snapshot
         await _commit(store, 1500, prefix="b")  # past RESTART_AT while the reader holds on
-        _until(lambda: checkpointer.busy >= 1 or checkpointer.restarts >= 1)
-        assert checkpointer.pause is None or checkpointer.pause.is_set()
+        _until(lambda: checkpointer.checkpoints >= 4)
+        # the passive checkpoints cannot copy past the reader's snapshot: no restart is
+        # tried (each would park a command and wait 200 ms for the reader, every turn)
+        assert checkpointer.last_result is not None
+        assert checkpointer.last_result[2] < checkpointer.last_result[1]
+        assert attempts == []
+        assert checkpointer.late == 0
         reader.execute("COMMIT")
         await _commit(store, 10, prefix="c")  # nothing stuck
         assert not store._write_lock.held
@@ -447,3 +485,29 @@ def test_a_store_used_from_one_event_loop_after_another_parks_on_the_right_one(
         assert checkpointer.late == 0
     finally:
         store.close()
+
+
+async def test_a_command_parks_only_while_the_thread_lives(tmp_path: Path) -> None:
+    # a forked child inherits a pause its parent's thread set, and no thread to lift it
+    store = _store(tmp_path / "log.db")
+    try:
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        assert not checkpointer.running
+        checkpointer.pause = threading.Event()
+        await _commit(store, 1)  # does not wait 5 s for nobody
+        assert checkpointer.pause is None
+        assert checkpointer.late == 0
+    finally:
+        store.close()
+
+
+async def test_close_wakes_a_thread_that_waits_for_a_command_to_park(tmp_path: Path) -> None:
+    store = _store(tmp_path / "log.db")
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    await _commit(store, checkpointer.every)
+    _until(lambda: checkpointer.running)
+    pause = checkpointer.pause = threading.Event()  # as while the thread waits (1 s)
+    store.close()
+    assert pause.is_set()  # its wait ends now, not after a second on the event loop
