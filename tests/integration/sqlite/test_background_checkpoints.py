@@ -56,6 +56,16 @@ def _store(path: Path, **kwargs: object) -> SqliteEventStore:
     return store
 
 
+async def _started(path: Path) -> tuple[SqliteEventStore, WalCheckpointer]:
+    """A store whose checkpoint thread runs (started by its first ``every`` commits)."""
+    store = _store(path)
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    await _commit(store, checkpointer.every, prefix="warm")
+    _until(lambda: checkpointer.running)
+    return store, checkpointer
+
+
 def _checkpoint_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("cqrskit-sqlite-checkpoint")]
 
@@ -216,11 +226,7 @@ async def test_a_relative_path_stays_the_stores_file_after_chdir(
 
 
 async def test_a_store_dropped_without_close_does_not_leave_its_thread(tmp_path: Path) -> None:
-    store = _store(tmp_path / "log.db")
-    checkpointer = store.checkpointer
-    assert checkpointer is not None
-    await _commit(store, checkpointer.every)
-    _until(lambda: checkpointer.running)
+    store, checkpointer = await _started(tmp_path / "log.db")
     store._writer.close()
     store._reader.close()
     del store
@@ -394,12 +400,8 @@ async def test_a_parked_command_goes_on_when_the_thread_never_answers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(checkpoint_module, "_PARK_TIMEOUT", 0.05)
-    store = _store(tmp_path / "log.db")
+    store, checkpointer = await _started(tmp_path / "log.db")
     try:
-        checkpointer = store.checkpointer
-        assert checkpointer is not None
-        await _commit(store, checkpointer.every, prefix="a")  # the thread runs
-        _until(lambda: checkpointer.running)
         checkpointer.pause = threading.Event()  # as if the thread asked, then hung
         await _commit(store, 1)  # parks 0.05 s, then commits
         assert checkpointer.pause.is_set()
@@ -415,12 +417,8 @@ async def test_a_parked_command_goes_on_when_the_thread_never_answers(
 
 
 async def test_a_parked_command_cancelled_releases_the_write_lock(tmp_path: Path) -> None:
-    store = _store(tmp_path / "log.db")
+    store, checkpointer = await _started(tmp_path / "log.db")
     try:
-        checkpointer = store.checkpointer
-        assert checkpointer is not None
-        await _commit(store, checkpointer.every, prefix="a")  # the thread runs
-        _until(lambda: checkpointer.running)
         checkpointer.pause = threading.Event()
         parked = asyncio.ensure_future(store.begin())
         await asyncio.sleep(0)
@@ -503,11 +501,7 @@ async def test_a_command_parks_only_while_the_thread_lives(tmp_path: Path) -> No
 
 
 async def test_close_wakes_a_thread_that_waits_for_a_command_to_park(tmp_path: Path) -> None:
-    store = _store(tmp_path / "log.db")
-    checkpointer = store.checkpointer
-    assert checkpointer is not None
-    await _commit(store, checkpointer.every)
-    _until(lambda: checkpointer.running)
+    store, checkpointer = await _started(tmp_path / "log.db")
     pause = checkpointer.pause = threading.Event()  # as while the thread waits (1 s)
     store.close()
     assert pause.is_set()  # its wait ends now, not after a second on the event loop
