@@ -47,7 +47,7 @@ from cqrskit.eventlog import (
     validate_identifier,
 )
 from cqrskit.messages import Metadata
-from cqrskit.sqlite._checkpoint import WRITER_AUTOCHECKPOINT, WalCheckpointer
+from cqrskit.sqlite._checkpoint import _SYNC_LEVELS, WRITER_AUTOCHECKPOINT, WalCheckpointer
 
 if TYPE_CHECKING:
     from cqrskit.idempotency import IdempotencyBackend
@@ -62,7 +62,6 @@ SCHEMA_VERSION = 2
 _KNOWN_VERSIONS = (1, 2)
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
-_SYNC_LEVELS = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
 
 
 def sqlite_ddl(table: str = "cqrskit_events") -> str:
@@ -188,10 +187,10 @@ class SqliteUnitOfWork(UnitOfWork):
             lock.release()
         else:  # nobody waits: release() would only clear the flag
             lock.held = False
-        left = store._until_checkpoint - 1
+        left = store._until_checkpoint - 1  # store._count_commit(), inline (a frame less)
         if left:
             store._until_checkpoint = left
-        else:  # every `every` commits: the WAL checkpoint, on its own thread
+        else:
             store._checkpoint()
         if stored is None:
             return None
@@ -420,6 +419,14 @@ class SqliteEventStore(EventStore):
         does not run in WAL mode."""
         return self._checkpointer
 
+    def _count_commit(self) -> None:
+        """Count a commit; every ``checkpointer.every`` commits, poke the checkpointer."""
+        left = self._until_checkpoint - 1
+        if left:
+            self._until_checkpoint = left
+        else:
+            self._checkpoint()
+
     def _checkpoint(self) -> None:
         checkpointer = self._checkpointer
         if checkpointer is not None:
@@ -468,11 +475,7 @@ class SqliteEventStore(EventStore):
             conn.execute("COMMIT")
         finally:
             self._write_lock.release()
-        left = self._until_checkpoint - 1
-        if left:
-            self._until_checkpoint = left
-        else:
-            self._checkpoint()
+        self._count_commit()
 
     # -- write side ----------------------------------------------------------------------
 
